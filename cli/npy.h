@@ -1,0 +1,24 @@
+// Reading and writing NumPy .npy files (format versions 1-3), for the CLI.
+// Supported element types: <f4 <f2 <f8 <i4 <i8 |b1 and big-endian forms are rejected; C or
+// Fortran order. Bad files give a flexjit::Error naming the file and the problem.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "score_mods/registry.h"
+
+namespace flexjit::cli {
+
+// Loads `path` into a contiguous OwnedTensor named `name` (Fortran-order files are copied to C
+// order). Rank 0..4.
+OwnedTensor load_npy(const std::string& path, const std::string& name);
+
+// Writes a contiguous fp32 tensor. The file is written to a temporary name and renamed, so a
+// failure never leaves a half-written file behind.
+void save_npy_f32(const std::string& path, const std::vector<float>& data, const std::vector<int64_t>& shape);
+
+// Converts any float view (fp32/fp16/bf16/fp64) to a contiguous tensor of `dtype` (fp32/bf16/fp16).
+OwnedTensor convert(const OwnedTensor& t, DType dtype);
+
+}  // namespace flexjit::cli

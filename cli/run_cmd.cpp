@@ -1,0 +1,196 @@
+// `flexjit run`: one attention call on .npy files. The flags spelled out in issue #2 are a
+// public contract: add new ones, never rename these.
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.h"
+#include "cli/mods_from_args.h"
+#include "cli/npy.h"
+#include "runtime/attention.h"
+#include "runtime/reference.h"
+
+namespace flexjit::cli {
+namespace {
+
+struct RunArgs {
+  std::string q, k, v, out, lse_out, report;
+  ModArgs mods;
+  std::string scale;
+  bool enable_gqa = false;
+  std::string dtype = "fp32";
+  std::string device = "cpu";
+  std::string block_size;
+  std::vector<std::string> kernel_options;
+  int threads = 0;
+  bool check = false;
+};
+
+DType parse_dtype(const std::string& s) {
+  if (s == "fp32" || s == "float32") return DType::F32;
+  if (s == "bf16" || s == "bfloat16") return DType::BF16;
+  if (s == "fp16" || s == "float16") return DType::F16;
+  throw Error("--dtype " + s + " is not supported; use fp32, bf16 or fp16");
+}
+
+int64_t parse_positive(const std::string& what, const std::string& s) {
+  try {
+    size_t used = 0;
+    long long v = std::stoll(s, &used);
+    if (used == s.size() && v > 0 && v <= (1 << 20)) return v;
+  } catch (const std::logic_error&) {
+  }
+  throw Error(what + ": '" + s + "' is not a positive integer (<= 1048576)");
+}
+
+void parse_block_size(const std::string& s, int64_t* q, int64_t* kv) {
+  auto x = s.find('x');
+  if (x == std::string::npos) {
+    *q = *kv = parse_positive("--block-size", s);
+  } else {
+    *q = parse_positive("--block-size", s.substr(0, x));
+    *kv = parse_positive("--block-size", s.substr(x + 1));
+  }
+}
+
+std::vector<float> to_f32(const TensorView& t) {
+  std::vector<float> out(size_t(t.numel()));
+  for (int64_t i = 0; i < t.numel(); ++i) out[size_t(i)] = float(read_element_f64(t, i));
+  return out;
+}
+
+void run(const RunArgs& a) {
+  if (a.device != "cpu")
+    throw Error("--device " + a.device + " is not available in this build; only --device cpu runs so far");
+  DType dtype = parse_dtype(a.dtype);
+  OwnedTensor q = convert(load_npy(a.q, "q"), dtype);
+  OwnedTensor k = convert(load_npy(a.k, "k"), dtype);
+  OwnedTensor v = convert(load_npy(a.v, "v"), dtype);
+  for (auto* t : {&q, &k, &v})
+    if (t->view.rank != 4)
+      throw Error("--" + t->name + " must hold a 4-D array [B, H, L, D], got shape " + t->view.shape_str());
+  ShapeInfo shape{q.view.sizes[0], q.view.sizes[1], k.view.sizes[1], q.view.sizes[2], k.view.sizes[2]};
+  ResolvedMods rm = resolve_mods(a.mods, shape);
+
+  AttentionOptions opt;
+  opt.enable_gqa = a.enable_gqa;
+  opt.num_threads = a.threads;
+  if (!a.scale.empty()) {
+    try {
+      opt.scale = std::stod(a.scale);
+    } catch (const std::logic_error&) {
+      throw Error("--scale '" + a.scale + "' is not a number");
+    }
+  }
+  for (const auto& ko : a.kernel_options) {
+    auto [name, value] = split_assignment(ko, "--kernel-option");
+    if (name == "BLOCK_M") opt.block_m = int(parse_positive("--kernel-option BLOCK_M", value));
+    else if (name == "BLOCK_N") opt.block_n = int(parse_positive("--kernel-option BLOCK_N", value));
+    else throw Error("unknown --kernel-option " + name + "; known: BLOCK_M, BLOCK_N");
+  }
+
+  runtime::BlockMask mask;
+  runtime::BlockMaskBuildStats mstats;
+  bool have_mask = false;
+  if (rm.mods.has_mask_mod()) {
+    int64_t qbs = 128, kvbs = 128;
+    if (!a.block_size.empty()) parse_block_size(a.block_size, &qbs, &kvbs);
+    mask = runtime::create_block_mask(rm.mods, rm.bind, shape.B, shape.Hq, shape.Lq, shape.Lkv, qbs, kvbs, &mstats);
+    have_mask = true;
+  }
+
+  const int64_t B = shape.B, Hq = shape.Hq, Lq = shape.Lq, Dv = v.view.sizes[3];
+  OwnedTensor out = OwnedTensor::make("out", dtype, {B, Hq, Lq, Dv});
+  OwnedTensor lse = OwnedTensor::make("lse", DType::F32, {B, Hq, Lq});
+  AttentionReport rep;
+  flex_attention(q.view, k.view, v.view, out.view, a.lse_out.empty() && !a.check ? nullptr : &lse.view, rm.mods,
+                 rm.bind, have_mask ? &mask : nullptr, opt, &rep);
+  save_npy_f32(a.out, to_f32(out.view), {B, Hq, Lq, Dv});
+  if (!a.lse_out.empty()) save_npy_f32(a.lse_out, to_f32(lse.view), {B, Hq, Lq});
+
+  double max_err = -1;
+  if (a.check) {  // spot-check up to 64 rows per head against the float64 reference
+    std::vector<int64_t> rows;
+    for (int64_t i = 0; i < Lq; i += std::max<int64_t>(1, Lq / 64)) rows.push_back(i);
+    if (rows.back() != Lq - 1) rows.push_back(Lq - 1);
+    double scale = opt.scale ? *opt.scale : 1.0 / std::sqrt(double(q.view.sizes[3]));
+    RefResult ref = reference_attention(q.view, k.view, v.view, rm.mods, rm.bind, scale, false, rows);
+    max_err = 0;
+    for (int64_t bh = 0; bh < B * Hq; ++bh)
+      for (int64_t i : rows)
+        for (int64_t d = 0; d < Dv; ++d) {
+          size_t idx = size_t((bh * Lq + i) * Dv + d);
+          max_err = std::max(max_err, std::fabs(read_element_f64(out.view, int64_t(idx)) - ref.out[idx]));
+        }
+  }
+
+  std::printf("flexjit run: %s, q %s k %s v %s %s -> %s\n", rm.describe.c_str(), q.view.shape_str().c_str(),
+              k.view.shape_str().c_str(), v.view.shape_str().c_str(), rep.dtype.c_str(), a.out.c_str());
+  std::printf("  kernel %s: cache %s, compile %.1f ms, run %.2f ms%s\n", rep.symbol.c_str(), rep.cache.c_str(),
+              rep.compile_ms, rep.kernel_ms, have_mask ? (", " + mask.describe()).c_str() : "");
+  if (a.check) std::printf("  check vs float64 reference (sampled rows): max abs error %.3g\n", max_err);
+
+  if (!a.report.empty()) {
+    nlohmann::json j;
+    j["backend"] = rep.backend;
+    j["path"] = rep.path;
+    j["compile_ms"] = rep.compile_ms;
+    j["load_ms"] = rep.load_ms;
+    j["lookup_us"] = rep.lookup_us;
+    j["cache"] = rep.cache;
+    j["kernel_ms"] = rep.kernel_ms;
+    j["dtype"] = rep.dtype;
+    j["symbol"] = rep.symbol;
+    j["key"] = rep.key;
+    j["knobs"] = {{"BLOCK_M", rep.block_m}, {"BLOCK_N", rep.block_n}, {"GQA_GROUP", rep.gqa_group},
+                  {"HEAD_DIM", q.view.sizes[3]}, {"HEAD_DIM_V", Dv}};
+    j["shape"] = {{"B", B}, {"Hq", Hq}, {"Hkv", shape.Hkv}, {"Lq", Lq}, {"Lkv", shape.Lkv}};
+    j["mods"] = rm.describe;
+    if (have_mask) {
+      j["block_mask"] = {{"q_block_size", mask.q_block_size}, {"kv_block_size", mask.kv_block_size},
+                         {"partial_blocks", mask.partial_blocks()}, {"full_blocks", mask.full_blocks()},
+                         {"density", mask.density()}, {"bytes", mask.bytes()}, {"build_ms", mstats.ms},
+                         {"decided_by_interval", mstats.decided_by_interval}, {"evaluated", mstats.evaluated}};
+    }
+    if (a.check) j["check_max_abs_error"] = max_err;
+    std::string tmp = a.report + ".tmp";
+    {
+      std::ofstream f(tmp);
+      if (!f) throw Error("cannot write --report " + a.report);
+      f << j.dump(2) << "\n";
+    }
+    if (std::rename(tmp.c_str(), a.report.c_str()) != 0) throw Error("cannot write --report " + a.report);
+  }
+}
+
+}  // namespace
+
+void add_run_command(CLI::App& app) {
+  auto a = std::make_shared<RunArgs>();
+  auto* cmd = app.add_subcommand("run", "Run one flex_attention call on .npy inputs");
+  cmd->add_option("--q", a->q, "queries [B, Hq, Lq, D] (.npy, float32/float16/float64)")->required();
+  cmd->add_option("--k", a->k, "keys [Bkv, Hkv, Lkv, D]")->required();
+  cmd->add_option("--v", a->v, "values [Bkv, Hkv, Lkv, Dv]")->required();
+  cmd->add_option("--out", a->out, "output .npy (float32 [B, Hq, Lq, Dv])")->required();
+  cmd->add_option("--lse-out", a->lse_out, "log-sum-exp output .npy (float32 [B, Hq, Lq], natural log)");
+  cmd->add_option("--score-mod", a->mods.score_mod, "a registered score_mod name or an expression over "
+                                                    "score, b, h, q_idx, kv_idx, buffers and params");
+  cmd->add_option("--mask-mod", a->mods.mask_mod, "a registered mask_mod name or a bool expression");
+  cmd->add_option("--buffer", a->mods.buffer_specs, "NAME=FILE.npy: a tensor the mods read (repeatable)");
+  cmd->add_option("--param", a->mods.param_specs, "NAME=VALUE: a runtime scalar (repeatable; no recompile)");
+  cmd->add_option("--scale", a->scale, "score scale (default 1/sqrt(D))");
+  cmd->add_flag("--enable-gqa", a->enable_gqa, "allow Hq to be a multiple of Hkv");
+  cmd->add_option("--dtype", a->dtype, "compute dtype: fp32 | bf16 | fp16");
+  cmd->add_option("--device", a->device, "cpu");
+  cmd->add_option("--block-size", a->block_size, "BlockMask block size: N or QxKV (default 128)");
+  cmd->add_option("--kernel-option", a->kernel_options, "NAME=VALUE kernel knob: BLOCK_M, BLOCK_N");
+  cmd->add_option("--report", a->report, "write a JSON report of what ran");
+  cmd->add_option("--threads", a->threads, "worker threads (default: all cores)");
+  cmd->add_flag("--check", a->check, "spot-check the result against a float64 reference");
+  cmd->callback([a] { run(*a); });
+}
+
+}  // namespace flexjit::cli

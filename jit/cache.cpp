@@ -1,0 +1,458 @@
+// Kernel cache: memory slots with one owner per key, disk entries written atomically and checked
+// by length + SHA-256 before they are handed to the JIT, and an flock per key across processes.
+#include "jit/cache.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <exception>
+#include <filesystem>
+#include <optional>
+#include <sstream>
+
+#include "jit/compile.h"
+#include "jit/types.h"
+#include "llvm/ADT/ArrayRef.h"
+#include "llvm/Support/SHA256.h"
+
+#ifndef FLEXJIT_VERSION
+#define FLEXJIT_VERSION "0.0.0-dev"
+#endif
+
+namespace flexjit::jit {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+constexpr const char* kManifestMagic = "flexjit-kernel-cache 1";
+constexpr size_t kMaxObjectBytes = size_t{1} << 30;
+
+bool valid_key(const std::string& key) {
+  if (key.empty() || key.size() > 128) return false;
+  return std::all_of(key.begin(), key.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           c == '_' || c == '-';
+  });
+}
+
+bool valid_symbol(const std::string& s) {
+  if (s.empty() || (s[0] >= '0' && s[0] <= '9')) return false;
+  return std::all_of(s.begin(), s.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           c == '_' || c == '$' || c == '.';
+  });
+}
+
+bool dump_sources() {
+  const char* d = std::getenv("FLEXJIT_DUMP");
+  return d && std::string(d).find("src") != std::string::npos;
+}
+
+// Reads a whole regular file; nullopt if it is missing, unreadable or larger than max_bytes.
+std::optional<std::string> read_file(const std::string& path, size_t max_bytes) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return std::nullopt;
+  struct stat st;
+  std::optional<std::string> out;
+  if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && size_t(st.st_size) <= max_bytes) {
+    std::string data(size_t(st.st_size), '\0');
+    size_t done = 0;
+    while (done < data.size()) {
+      ssize_t n = ::read(fd, &data[done], data.size() - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      done += size_t(n);
+    }
+    if (done == data.size()) out = std::move(data);
+  }
+  ::close(fd);
+  return out;
+}
+
+// Writes `data` to a temporary name in `dir`, then renames it onto `dir/name`: readers see the
+// old file or the complete new one, never a partial write. No fsync: after a crash an entry may be
+// empty or stale, which the manifest's length and checksum turn into a miss.
+bool write_file_atomic(const std::string& dir, const std::string& name, const std::string& data) {
+  static std::atomic<unsigned long> counter{0};
+  std::string tmp = dir + "/.tmp-" + name + "." + std::to_string(::getpid()) + "." +
+                    std::to_string(++counter);
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd < 0) return false;
+  size_t done = 0;
+  bool ok = true;
+  while (done < data.size()) {
+    ssize_t n = ::write(fd, data.data() + done, data.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      ok = false;
+      break;
+    }
+    done += size_t(n);
+  }
+  ok = (::close(fd) == 0) && ok;
+  if (ok) ok = ::rename(tmp.c_str(), (dir + "/" + name).c_str()) == 0;
+  if (!ok) ::unlink(tmp.c_str());
+  return ok;
+}
+
+// An exclusive flock on `path` for the lifetime of the object; held() is false (and nothing is
+// locked) if the file cannot be created, e.g. on a read-only cache dir.
+class FileLock {
+ public:
+  explicit FileLock(const std::string& path) {
+    if (path.empty()) return;
+    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd_ < 0) return;
+    int rc;
+    do {
+      rc = ::flock(fd_, LOCK_EX);  // blocks while another process compiles this key
+    } while (rc != 0 && errno == EINTR);
+    if (rc != 0) {
+      ::close(fd_);
+      fd_ = -1;
+    }
+  }
+  ~FileLock() {
+    if (fd_ >= 0) ::close(fd_);  // closing the last descriptor releases the flock
+  }
+  FileLock(const FileLock&) = delete;
+  FileLock& operator=(const FileLock&) = delete;
+  bool held() const { return fd_ >= 0; }
+
+ private:
+  int fd_ = -1;
+};
+
+std::string make_manifest(const std::string& key, const std::string& symbol,
+                          const std::string& object) {
+  std::string m = kManifestMagic;
+  m += "\nkey " + key;
+  m += "\nsymbol " + symbol;
+  m += "\nbytes " + std::to_string(object.size());
+  m += "\nsha256 " + sha256_hex(object);
+  m += "\n";
+  return m;
+}
+
+enum class DiskState { Absent, Valid, Corrupt };
+
+// Reads <key>.meta and <key>.o and checks them against each other and against what is asked for.
+DiskState read_entry(const std::string& dir, const std::string& key, const std::string& symbol,
+                     std::string& object) {
+  std::string base = dir + "/" + key;
+  std::optional<std::string> manifest = read_file(base + ".meta", 4096);
+  std::optional<std::string> obj = read_file(base + ".o", kMaxObjectBytes);
+  if (!manifest && !obj) {
+    // Both missing is a plain miss; an unreadable-but-present file is corruption.
+    std::error_code ec;
+    bool present = fs::exists(base + ".meta", ec) || fs::exists(base + ".o", ec);
+    return present ? DiskState::Corrupt : DiskState::Absent;
+  }
+  if (!manifest || !obj) return DiskState::Corrupt;
+  // Exact text comparison: a truncated, edited or foreign manifest differs somewhere.
+  if (*manifest != make_manifest(key, symbol, *obj)) return DiskState::Corrupt;
+  object = std::move(*obj);
+  return DiskState::Valid;
+}
+
+std::string default_cache_dir() {
+  if (const char* d = std::getenv("FLEXJIT_CACHE_DIR"); d && *d) return d;
+  if (const char* x = std::getenv("XDG_CACHE_HOME"); x && *x) return std::string(x) + "/flexjit";
+  if (const char* h = std::getenv("HOME"); h && *h) return std::string(h) + "/.cache/flexjit";
+  return "/tmp/flexjit-cache-" + std::to_string(::getuid());
+}
+
+}  // namespace
+
+std::string sha256_hex(const std::string& data) {
+  auto digest = llvm::SHA256::hash(llvm::ArrayRef<uint8_t>(
+      reinterpret_cast<const uint8_t*>(data.data()), data.size()));
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  out.reserve(64);
+  for (uint8_t b : digest) {
+    out += hex[b >> 4];
+    out += hex[b & 15];
+  }
+  return out;
+}
+
+std::string make_key(std::vector<std::pair<std::string, std::string>> fields) {
+  fields.emplace_back("flexjit.compiler", compiler_identity());
+  fields.emplace_back("flexjit.version", FLEXJIT_VERSION);
+  std::sort(fields.begin(), fields.end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::string text;
+  for (size_t i = 0; i < fields.size(); ++i) {
+    const std::string& name = fields[i].first;
+    FLEXJIT_CHECK(!name.empty() && name.find_first_of("=\n") == std::string::npos,
+                  "cache key field names are non-empty and contain no '=' or newline: '" +
+                      name + "'");
+    FLEXJIT_CHECK(i == 0 || fields[i - 1].first != name,
+                  "cache key field names are unique: '" + name + "' appears twice");
+    text += name;
+    text += '=';
+    for (char c : fields[i].second) {
+      if (c == '\\') {
+        text += "\\\\";
+      } else if (c == '\n') {
+        text += "\\n";
+      } else {
+        text += c;
+      }
+    }
+    text += '\n';
+  }
+  return sha256_hex(text);
+}
+
+const char* cache_hit_name(CacheHit h) {
+  switch (h) {
+    case CacheHit::Miss: return "miss";
+    case CacheHit::Memory: return "memory";
+    case CacheHit::Disk: return "disk";
+  }
+  return "?";
+}
+
+// One per key in memory. The first thread to ask owns it and fills it; later threads wait on cv
+// (under KernelCache::mu_) until done.
+struct KernelCache::Slot {
+  std::condition_variable cv;
+  bool done = false;
+  std::string symbol;
+  CachedKernel result;
+  std::exception_ptr error;  // the owner's exception, rethrown to the threads that waited
+};
+
+KernelCache& KernelCache::global() {
+  // Never destroyed: kernels handed out stay callable until exit.
+  static KernelCache* cache = new KernelCache(default_cache_dir());
+  return *cache;
+}
+
+KernelCache::KernelCache(std::string dir) : dir_(std::move(dir)) {
+  while (dir_.size() > 1 && dir_.back() == '/') dir_.pop_back();
+  std::error_code ec;
+  fs::create_directories(dir_, ec);
+  disk_writable_ = fs::is_directory(dir_, ec) && ::access(dir_.c_str(), W_OK | X_OK) == 0;
+  if (disk_writable_) {
+    fs::create_directories(dir_ + "/locks", ec);
+    if (ec) disk_writable_ = false;
+  }
+}
+
+KernelCache::~KernelCache() = default;
+
+CachedKernel KernelCache::get_or_compile(const std::string& key, const std::string& symbol,
+                                         const std::function<std::string()>& make_source) {
+  FLEXJIT_CHECK(valid_key(key), "a cache key is 1-128 characters of [A-Za-z0-9_-]: '" + key + "'");
+  FLEXJIT_CHECK(valid_symbol(symbol), "a kernel symbol is a C identifier: '" + symbol + "'");
+  std::shared_ptr<Slot> slot;
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    auto it = slots_.find(key);
+    if (it != slots_.end()) {
+      slot = it->second;
+      slot->cv.wait(lock, [&] { return slot->done; });
+      if (slot->error) std::rethrow_exception(slot->error);
+      FLEXJIT_CHECK(slot->symbol == symbol, "cache key " + key + " was used for two symbols ('" +
+                                                slot->symbol + "' and '" + symbol +
+                                                "'): the key must cover the symbol name");
+      ++stats_.memory_hits;
+      CachedKernel r = slot->result;
+      r.hit = CacheHit::Memory;
+      r.compile_ms = 0;
+      r.load_ms = 0;
+      r.log.clear();
+      return r;
+    }
+    slot = std::make_shared<Slot>();
+    slot->symbol = symbol;
+    slots_.emplace(key, slot);
+  }
+
+  // This thread owns the slot: load or compile without holding mu_.
+  CachedKernel result;
+  std::exception_ptr error;
+  try {
+    result = load_or_compile(key, symbol, make_source);
+  } catch (...) {
+    error = std::current_exception();
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    slot->done = true;
+    if (error) {
+      slot->error = error;
+      // Forget the failure, so a later call tries again (e.g. after the user fixes the mod).
+      auto it = slots_.find(key);
+      if (it != slots_.end() && it->second == slot) slots_.erase(it);
+    } else {
+      slot->result = result;
+    }
+  }
+  slot->cv.notify_all();
+  if (error) std::rethrow_exception(error);
+  return result;
+}
+
+bool KernelCache::try_disk(const std::string& key, const std::string& symbol,
+                           bool& corrupt_counted, CachedKernel& out) {
+  auto t0 = Clock::now();
+  std::string object;
+  DiskState state = read_entry(dir_, key, symbol, object);
+  void* fn = nullptr;
+  if (state == DiskState::Valid) {
+    try {
+      fn = load_object(object, symbol);
+    } catch (const flexjit::Error&) {
+      // The checksum matched but the JIT rejected it (e.g. written by a build whose key did not
+      // cover a change): recompile over it.
+      state = DiskState::Corrupt;
+    }
+  }
+  if (state == DiskState::Corrupt && !corrupt_counted) {
+    corrupt_counted = true;
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.disk_corrupt;
+  }
+  if (state != DiskState::Valid) return false;
+  out.fn = fn;
+  out.hit = CacheHit::Disk;
+  out.load_ms = ms_since(t0);
+  std::string src = dir_ + "/" + key + ".cpp";
+  std::error_code ec;
+  if (dump_sources() && fs::exists(src, ec)) out.source_path = src;
+  std::lock_guard<std::mutex> lock(mu_);
+  ++stats_.disk_hits;
+  return true;
+}
+
+CachedKernel KernelCache::load_or_compile(const std::string& key, const std::string& symbol,
+                                          const std::function<std::string()>& make_source) {
+  CachedKernel out;
+  bool corrupt_counted = false;
+  if (try_disk(key, symbol, corrupt_counted, out)) return out;
+
+  // One compile per key across processes: whoever takes the lock first compiles; the others
+  // block here and then find its entry on disk.
+  std::error_code ec;
+  if (disk_writable_) fs::create_directories(dir_ + "/locks", ec);  // clear_disk may remove it
+  FileLock lock(disk_writable_ ? dir_ + "/locks/" + key + ".lock" : std::string());
+  if (lock.held() && try_disk(key, symbol, corrupt_counted, out)) return out;
+
+  auto t0 = Clock::now();
+  std::string source = make_source();
+  const bool dump = dump_sources() && disk_writable_;
+  // The name Clang's diagnostics use: the dump path when the source is kept there.
+  std::string source_name = dump ? dir_ + "/" + key + ".cpp" : key + ".cpp";
+  if (dump && write_file_atomic(dir_, key + ".cpp", source)) out.source_path = source_name;
+
+  CompileResult compiled;
+  try {
+    compiled = compile_cpp_to_object(source, source_name);
+  } catch (const flexjit::Error& e) {
+    std::string failed_dir = dir_ + "/failed";
+    fs::create_directories(failed_dir, ec);
+    if (ec || !write_file_atomic(failed_dir, key + ".cpp", source)) {
+      // The cache dir is not writable: keep the source somewhere the user can read it.
+      failed_dir = fs::temp_directory_path(ec).string() + "/flexjit-failed";
+      fs::create_directories(failed_dir, ec);
+      if (ec || !write_file_atomic(failed_dir, key + ".cpp", source)) failed_dir.clear();
+    }
+    std::string where = failed_dir.empty()
+                            ? "(the source could not be written to " + dir_ + "/failed or /tmp)"
+                            : "the generated source is at " + failed_dir + "/" + key + ".cpp";
+    throw flexjit::Error("flexjit: kernel '" + symbol + "' (cache key " + key +
+                         ") failed to compile; " + where + ".\n" + e.what());
+  }
+  out.compile_ms = ms_since(t0);
+  out.log = std::move(compiled.log);
+
+  // Load before writing to disk, so an object the JIT rejects never becomes a cache entry.
+  t0 = Clock::now();
+  out.fn = load_object(compiled.object, symbol);
+  out.load_ms = ms_since(t0);
+  out.hit = CacheHit::Miss;
+
+  if (disk_writable_) {
+    // Object first, manifest second: a reader that sees the new manifest with the old object (or
+    // the reverse) gets a checksum mismatch, i.e. a miss.
+    if (write_file_atomic(dir_, key + ".o", compiled.object)) {
+      write_file_atomic(dir_, key + ".meta", make_manifest(key, symbol, compiled.object));
+    }
+  }
+  std::lock_guard<std::mutex> guard(mu_);
+  ++stats_.compiles;
+  return out;
+}
+
+CacheStats KernelCache::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+void KernelCache::clear_memory() {
+  // Slots being filled stay alive through their owner's shared_ptr; only the map forgets them.
+  std::lock_guard<std::mutex> lock(mu_);
+  slots_.clear();
+}
+
+std::vector<KernelCache::Entry> KernelCache::list() const {
+  std::vector<Entry> entries;
+  std::error_code ec;
+  for (fs::directory_iterator it(dir_, ec), end; !ec && it != end; it.increment(ec)) {
+    const fs::path& p = it->path();
+    if (p.extension() != ".o" || !valid_key(p.stem().string())) continue;
+    struct stat st;
+    if (::stat(p.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+    entries.push_back(Entry{p.stem().string(), long(st.st_size), long(st.st_mtime)});
+  }
+  std::sort(entries.begin(), entries.end(),
+            [](const Entry& a, const Entry& b) { return a.key < b.key; });
+  return entries;
+}
+
+size_t KernelCache::clear_disk() {
+  // Only names this cache writes are removed: FLEXJIT_CACHE_DIR may point somewhere shared.
+  size_t entries = 0;
+  auto sweep = [&](const std::string& dir, std::initializer_list<const char*> exts) {
+    std::error_code ec;
+    std::vector<fs::path> doomed;
+    for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+      const fs::path& p = it->path();
+      std::string name = p.filename().string();
+      bool ours = name.rfind(".tmp-", 0) == 0;
+      for (const char* ext : exts) {
+        ours = ours || (p.extension() == ext && valid_key(p.stem().string()));
+      }
+      if (ours) doomed.push_back(p);
+    }
+    for (const auto& p : doomed) {
+      if (fs::remove(p, ec) && p.extension() == ".o" && dir == dir_) ++entries;
+    }
+    if (dir != dir_) fs::remove(dir, ec);  // only succeeds when empty
+  };
+  sweep(dir_, {".o", ".meta", ".cpp"});
+  sweep(dir_ + "/failed", {".cpp"});
+  sweep(dir_ + "/locks", {".lock"});
+  std::error_code ec;
+  if (disk_writable_) fs::create_directories(dir_ + "/locks", ec);  // get_or_compile needs it
+  return entries;
+}
+
+}  // namespace flexjit::jit

@@ -1,0 +1,100 @@
+// The kernel cache: memory (one compile per key in a process, also under many threads) and disk
+// (content-hashed keys, atomic writes, one compile per key across processes under a file lock; a
+// bad entry is a miss, never a crash).
+//
+// Disk layout under dir():
+//   <key>.o          the ELF object, byte for byte what compile_cpp_to_object produced
+//   <key>.meta       manifest: key, symbol, byte length and SHA-256 of <key>.o
+//   <key>.cpp        the generated source, when FLEXJIT_DUMP contains "src"
+//   failed/<key>.cpp the source of a kernel that did not compile
+//   locks/<key>.lock the per-key lock file (flock)
+//   .tmp-*           files being written (renamed into place when complete)
+#pragma once
+
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace flexjit::jit {
+
+// Lower-case hex SHA-256 of `data` (64 characters).
+std::string sha256_hex(const std::string& data);
+
+// Key = SHA-256 over the fields sorted by name, each as "name=value\n" (a '\' or newline inside a
+// value is escaped, so distinct field lists never collide), with compiler_identity() and
+// FLEXJIT_VERSION added as the fields "flexjit.compiler" and "flexjit.version". Field names must
+// be unique, non-empty and free of '=' and newlines. Returns 64 hex digits.
+std::string make_key(std::vector<std::pair<std::string, std::string>> fields);
+
+enum class CacheHit { Miss, Memory, Disk };
+const char* cache_hit_name(CacheHit h);  // "miss", "memory", "disk"
+
+struct CachedKernel {
+  void* fn = nullptr;
+  CacheHit hit = CacheHit::Miss;
+  double compile_ms = 0;    // make_source + Clang + LLVM; 0 unless compiled now
+  double load_ms = 0;       // disk read + checksum + JIT link; 0 on a memory hit
+  std::string source_path;  // set when the source was dumped (FLEXJIT_DUMP=src)
+  std::string log;          // Clang warnings, when compiled now
+};
+
+struct CacheStats {
+  long compiles = 0, memory_hits = 0, disk_hits = 0, disk_corrupt = 0;
+};
+
+class KernelCache {
+ public:
+  // dir from env FLEXJIT_CACHE_DIR, else $XDG_CACHE_HOME/flexjit, else ~/.cache/flexjit.
+  // Created on first use, never destroyed (loaded kernels live for the whole process).
+  static KernelCache& global();
+  explicit KernelCache(std::string dir);  // for tests and tools
+  ~KernelCache();
+  KernelCache(const KernelCache&) = delete;
+  KernelCache& operator=(const KernelCache&) = delete;
+
+  // Memory -> disk -> compile. `make_source` is called only when compiling. Exactly one compile
+  // per key in this process even when many threads ask at once (the others wait, then get
+  // hit=Memory), and across processes (an exclusive lock file per key; the disk is checked again
+  // after taking it). A missing, truncated, mismatching or corrupt disk entry is a miss (counted
+  // in disk_corrupt) that recompiles and overwrites. If the directory is not writable the cache
+  // works from memory (and reads the disk if it can). On a compile error the source is written to
+  // <dir>/failed/<key>.cpp and the thrown flexjit::Error names that path.
+  // `key`: 1-128 characters from [A-Za-z0-9_-] (make_key gives 64 hex digits). `symbol`: the
+  // extern "C" entry point the source defines. A key always means the same symbol.
+  CachedKernel get_or_compile(const std::string& key, const std::string& symbol,
+                              const std::function<std::string()>& make_source);
+
+  CacheStats stats() const;
+  void clear_memory();  // drop the memory cache (loaded code stays mapped); for tests
+  const std::string& dir() const { return dir_; }
+  bool disk_writable() const { return disk_writable_; }
+
+  // For the CLI's `cache` command.
+  struct Entry {
+    std::string key;
+    long bytes;  // size of the object file
+    long mtime;  // seconds since the epoch
+  };
+  std::vector<Entry> list() const;  // entries with an object file, sorted by key
+  size_t clear_disk();  // removes only files this cache writes; returns the number of entries
+
+ private:
+  struct Slot;
+  CachedKernel load_or_compile(const std::string& key, const std::string& symbol,
+                               const std::function<std::string()>& make_source);
+  bool try_disk(const std::string& key, const std::string& symbol, bool& corrupt_counted,
+                CachedKernel& out);
+
+  std::string dir_;
+  bool disk_writable_ = false;
+  mutable std::mutex mu_;  // guards slots_, stats_ and every Slot
+  std::unordered_map<std::string, std::shared_ptr<Slot>> slots_;
+  CacheStats stats_;
+};
+
+}  // namespace flexjit::jit

@@ -1,0 +1,196 @@
+#include "jit/codegen.h"
+
+#include <cmath>
+#include <cstdio>
+#include <sstream>
+
+namespace flexjit::jit {
+namespace {
+
+using ir::Expr;
+using ir::Op;
+using ir::Type;
+
+// Helpers every mod body may use. Integer arithmetic goes through unsigned math (signed
+// overflow is UB in C++ and the optimiser exploits it); division by zero and INT64_MIN / -1
+// would trap (SIGFPE) and take the user's process down, so they set the error flag and give 0;
+// float -> int of an out-of-range value is UB, so it is clamped to INT64_MIN like x86 does.
+constexpr const char* kCpuHelpers = R"(
+static inline void fj_flag(const struct FlexModArgs* m) { __atomic_store_n(m->error_flag, 1, __ATOMIC_RELAXED); }
+static inline fj_i64 fj_iadd(fj_i64 a, fj_i64 b) { return (fj_i64)((unsigned long long)a + (unsigned long long)b); }
+static inline fj_i64 fj_isub(fj_i64 a, fj_i64 b) { return (fj_i64)((unsigned long long)a - (unsigned long long)b); }
+static inline fj_i64 fj_imul(fj_i64 a, fj_i64 b) { return (fj_i64)((unsigned long long)a * (unsigned long long)b); }
+static inline fj_i64 fj_ineg(fj_i64 a) { return (fj_i64)(0ull - (unsigned long long)a); }
+static inline fj_i64 fj_iabs(fj_i64 a) { return a < 0 ? fj_ineg(a) : a; }
+static inline fj_i64 fj_imin(fj_i64 a, fj_i64 b) { return b < a ? b : a; }
+static inline fj_i64 fj_imax(fj_i64 a, fj_i64 b) { return a < b ? b : a; }
+static inline float fj_fmin(float a, float b) { return b < a ? b : a; }
+static inline float fj_fmax(float a, float b) { return a < b ? b : a; }
+static inline fj_i64 fj_idiv(fj_i64 a, fj_i64 b, const struct FlexModArgs* m) {
+  if (b == 0) { fj_flag(m); return 0; }
+  return b == -1 ? fj_ineg(a) : a / b;
+}
+static inline fj_i64 fj_imod(fj_i64 a, fj_i64 b, const struct FlexModArgs* m) {
+  if (b == 0) { fj_flag(m); return 0; }
+  return b == -1 ? 0 : a % b;
+}
+static inline fj_i64 fj_f2i(float x) {
+  return (x > -9.2233720368547758e18f && x < 9.2233720368547758e18f) ? (fj_i64)x : (fj_i64)(1ull << 63);
+}
+static inline float fj_bf16_to_f32(unsigned short x) { return __builtin_bit_cast(float, (unsigned)x << 16); }
+)";
+
+std::string float_literal(double v) {
+  if (std::isnan(v)) return "__builtin_nanf(\"\")";
+  if (std::isinf(v)) return v > 0 ? "__builtin_inff()" : "(-__builtin_inff())";
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.9g", v);
+  std::string s = buf;
+  if (s.find_first_of(".e") == std::string::npos) s += ".0";
+  s += "f";
+  return v < 0 ? "(" + s + ")" : s;
+}
+
+class CpuEmitter {
+ public:
+  explicit CpuEmitter(const ModSet& mods) : mods_(mods) {}
+
+  std::string emit(const Expr& e) {
+    switch (e->op) {
+      case Op::ConstFloat: return float_literal(e->fval);
+      case Op::ConstInt: return e->ival < 0 ? "(" + std::to_string(e->ival) + "LL)" : std::to_string(e->ival) + "LL";
+      case Op::ConstBool: return e->ival ? "true" : "false";
+      case Op::Variable: return ir::var_name(e->var);
+      case Op::Param: return "fj_mod->params[" + std::to_string(slot_of_param(e->name)) + "]";
+      case Op::Load: {
+        std::string s = "fj_buf" + std::to_string(slot_of_buffer(e->name)) + "(";
+        for (const auto& i : e->args) s += emit(i) + ", ";
+        return s + "fj_mod)";
+      }
+      case Op::Select:
+        return "(" + emit(e->args[0]) + " ? " + emit(e->args[1]) + " : " + emit(e->args[2]) + ")";
+      default: break;
+    }
+    if (ir::is_unary(e->op)) return emit_unary(e);
+    return emit_binary(e);
+  }
+
+ private:
+  std::string emit_unary(const Expr& e) {
+    const Expr& a = e->args[0];
+    std::string x = emit(a);
+    bool is_int = e->type == Type::Int;
+    switch (e->op) {
+      case Op::Neg: return is_int ? "fj_ineg(" + x + ")" : "(-" + x + ")";
+      case Op::Not: return "(!" + x + ")";
+      case Op::Abs: return is_int ? "fj_iabs(" + x + ")" : "__builtin_fabsf(" + x + ")";
+      case Op::Exp: return "__builtin_expf(" + x + ")";
+      case Op::Exp2: return "__builtin_exp2f(" + x + ")";
+      case Op::Log: return "__builtin_logf(" + x + ")";
+      case Op::Log2: return "__builtin_log2f(" + x + ")";
+      case Op::Tanh: return "__builtin_tanhf(" + x + ")";
+      case Op::Sin: return "__builtin_sinf(" + x + ")";
+      case Op::Cos: return "__builtin_cosf(" + x + ")";
+      case Op::Tan: return "__builtin_tanf(" + x + ")";
+      case Op::Sqrt: return "__builtin_sqrtf(" + x + ")";
+      case Op::Rsqrt: return "(1.0f / __builtin_sqrtf(" + x + "))";
+      case Op::Sigmoid: return "(1.0f / (1.0f + __builtin_expf(-" + x + ")))";
+      case Op::Floor: return "__builtin_floorf(" + x + ")";
+      case Op::Ceil: return "__builtin_ceilf(" + x + ")";
+      case Op::ToFloat: return "((float)" + x + ")";
+      case Op::ToInt: return a->type == Type::Float ? "fj_f2i(" + x + ")" : "((fj_i64)" + x + ")";
+      case Op::ToBool: return "(" + x + " != 0)";
+      default: break;
+    }
+    internal_error(__FILE__, __LINE__, std::string("codegen: unary op ") + ir::op_name(e->op));
+  }
+
+  std::string emit_binary(const Expr& e) {
+    std::string x = emit(e->args[0]), y = emit(e->args[1]);
+    bool int_operands = e->args[0]->type != Type::Float;
+    auto call = [&](const char* f) { return std::string(f) + "(" + x + ", " + y + ")"; };
+    switch (e->op) {
+      case Op::Add: return int_operands ? call("fj_iadd") : "(" + x + " + " + y + ")";
+      case Op::Sub: return int_operands ? call("fj_isub") : "(" + x + " - " + y + ")";
+      case Op::Mul: return int_operands ? call("fj_imul") : "(" + x + " * " + y + ")";
+      case Op::Div: return int_operands ? "fj_idiv(" + x + ", " + y + ", fj_mod)" : "(" + x + " / " + y + ")";
+      case Op::Mod: return "fj_imod(" + x + ", " + y + ", fj_mod)";
+      case Op::Min: return call(int_operands ? "fj_imin" : "fj_fmin");
+      case Op::Max: return call(int_operands ? "fj_imax" : "fj_fmax");
+      default: break;
+    }
+    return "(" + x + " " + ir::op_name(e->op) + " " + y + ")";
+  }
+
+  int slot_of_buffer(const std::string& n) {
+    int s = mods_.buffer_slot(n);
+    FLEXJIT_CHECK(s >= 0, "validated ModSet declares every buffer it reads");
+    return s;
+  }
+  int slot_of_param(const std::string& n) {
+    int s = mods_.param_slot(n);
+    FLEXJIT_CHECK(s >= 0, "validated ModSet declares every param it reads");
+    return s;
+  }
+
+  const ModSet& mods_;
+};
+
+// A bounds-checked reader for buffer slot `slot`: an index outside the tensor sets the error
+// flag (the runtime turns it into an error naming the buffer) and reads element 0 instead.
+std::string emit_buffer_reader(int slot, const ir::BufferDecl& d) {
+  std::ostringstream os;
+  const char* ret = d.elem_type() == Type::Float ? "float" : "fj_i64";
+  os << "static inline " << ret << " fj_buf" << slot << "(";
+  for (int i = 0; i < d.rank; ++i) os << "fj_i64 i" << i << ", ";
+  os << "const struct FlexModArgs* fj_mod) {\n";
+  os << "  const struct FlexBuffer* t = &fj_mod->buffers[" << slot << "];\n";
+  os << "  fj_i64 off = 0;\n";
+  for (int i = 0; i < d.rank; ++i) {
+    os << "  if ((unsigned long long)i" << i << " >= (unsigned long long)t->sizes[" << i
+       << "]) { fj_flag(fj_mod); return 0; }\n";
+    os << "  off += i" << i << " * t->strides[" << i << "];\n";
+  }
+  switch (d.dtype) {
+    case DType::F32: os << "  return ((const float*)t->data)[off];\n"; break;
+    case DType::F64: os << "  return (float)((const double*)t->data)[off];\n"; break;
+    case DType::F16: os << "  return (float)((const _Float16*)t->data)[off];\n"; break;
+    case DType::BF16: os << "  return fj_bf16_to_f32(((const unsigned short*)t->data)[off]);\n"; break;
+    case DType::I32: os << "  return (fj_i64)((const int*)t->data)[off];\n"; break;
+    case DType::I64: os << "  return ((const fj_i64*)t->data)[off];\n"; break;
+    case DType::Bool: internal_error(__FILE__, __LINE__, "bool buffers are rejected at capture");
+  }
+  os << "}\n";
+  return os.str();
+}
+
+}  // namespace
+
+std::string emit_mod_body(const ModSet& mods, Backend backend) {
+  FLEXJIT_CHECK(backend == Backend::Cpu, "only the CPU backend exists so far");
+  validate(mods);
+  std::ostringstream os;
+  os << "// ---- generated by flexjit jit/codegen ----\n";
+  os << "#define FLEXJIT_HAS_SCORE_MOD " << (mods.has_score_mod() ? 1 : 0) << "\n";
+  os << "#define FLEXJIT_HAS_MASK_MOD " << (mods.has_mask_mod() ? 1 : 0) << "\n";
+  os << kCpuHelpers;
+  for (size_t i = 0; i < mods.buffers.size(); ++i)
+    os << emit_buffer_reader(static_cast<int>(i), mods.buffers[i]);
+  CpuEmitter em(mods);
+  os << "static inline float flexjit_score_mod(float score, fj_i64 b, fj_i64 h, fj_i64 q_idx, "
+        "fj_i64 kv_idx, const struct FlexModArgs* fj_mod) {\n"
+     << "  (void)b; (void)h; (void)q_idx; (void)kv_idx; (void)fj_mod;\n"
+     << "  return " << (mods.score_mod ? em.emit(mods.score_mod) : "score") << ";\n}\n";
+  os << "static inline bool flexjit_mask_mod(fj_i64 b, fj_i64 h, fj_i64 q_idx, fj_i64 kv_idx, "
+        "const struct FlexModArgs* fj_mod) {\n"
+     << "  (void)b; (void)h; (void)q_idx; (void)kv_idx; (void)fj_mod;\n"
+     << "  return " << (mods.mask_mod ? em.emit(mods.mask_mod) : "true") << ";\n}\n";
+  os << "// ---- end of generated mod ----\n";
+  std::string s = os.str();
+  if (s.size() > (1u << 20))
+    throw Error("the mods expand to " + std::to_string(s.size()) +
+                " bytes of code (limit 1 MiB); simplify the expression");
+  return s;
+}
+
+}  // namespace flexjit::jit

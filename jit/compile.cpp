@@ -1,0 +1,412 @@
+// C++ text -> ELF object with the Clang 19 libraries, in process; object -> function pointer with
+// ORC LLJIT. Every LLVM/Clang-version-sensitive call in flexjit lives in this file (it includes
+// Clang's headers and takes ~30 s to compile; keep other files free of them).
+//
+// The pipeline mirrors what `clang++ -c -O3` does inside cc1, split in three timed steps:
+//   1. frontend: clang::EmitLLVMOnlyAction with CodeGenOpts.DisableLLVMPasses, i.e. O3-ready IR
+//      (no optnone, TBAA, lifetime markers) without running the pass pipeline;
+//   2. optimize: PassBuilder::buildPerModuleDefaultPipeline(O3) with clang's O3 tuning options;
+//   3. codegen: the legacy codegen pass manager emitting an object file.
+// The host CPU name and its full feature list are set explicitly on both the Clang invocation and
+// the TargetMachine (not `-march=native`), so what we compile for is exactly what
+// compiler_identity() reports and what the cache keys on.
+#include "jit/compile.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <optional>
+
+#include "clang/Basic/Diagnostic.h"
+#include "clang/Basic/DiagnosticOptions.h"
+#include "clang/Basic/Version.h"
+#include "clang/CodeGen/CodeGenAction.h"
+#include "clang/Frontend/CompilerInstance.h"
+#include "clang/Frontend/CompilerInvocation.h"
+#include "clang/Frontend/TextDiagnosticPrinter.h"
+#include "clang/Frontend/Utils.h"
+#include "jit/types.h"
+#include "llvm/Analysis/TargetLibraryInfo.h"
+#include "llvm/Analysis/TargetTransformInfo.h"
+#include "llvm/Config/llvm-config.h"
+#include "llvm/ExecutionEngine/Orc/ExecutionUtils.h"
+#include "llvm/ExecutionEngine/Orc/LLJIT.h"
+#include "llvm/IR/LLVMContext.h"
+#include "llvm/IR/LegacyPassManager.h"
+#include "llvm/IR/Module.h"
+#include "llvm/MC/TargetRegistry.h"
+#include "llvm/Passes/PassBuilder.h"
+#include "llvm/Support/Error.h"
+#include "llvm/Support/MemoryBuffer.h"
+#include "llvm/Support/TargetSelect.h"
+#include "llvm/Support/VirtualFileSystem.h"
+#include "llvm/Support/raw_ostream.h"
+#include "llvm/Target/TargetMachine.h"
+#include "llvm/Target/TargetOptions.h"
+#include "llvm/TargetParser/Host.h"
+#include "llvm/TargetParser/Triple.h"
+
+#ifndef FLEXJIT_CLANG_EXE
+#define FLEXJIT_CLANG_EXE "/usr/lib/llvm-19/bin/clang++"
+#endif
+
+namespace flexjit::jit {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+std::string to_string(llvm::Error err) { return llvm::toString(std::move(err)); }
+
+// Bump when the way objects are produced changes without a flag change (pass pipeline, target
+// options): it is part of compiler_identity(), hence of every cache key.
+constexpr const char* kPipelineVersion = "flexjit-cpu-pipeline-1";
+
+void init_llvm_once() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    llvm::InitializeNativeTarget();
+    llvm::InitializeNativeTargetAsmPrinter();
+    llvm::InitializeNativeTargetAsmParser();  // kernels may contain inline asm
+  });
+}
+
+// The host as LLVM sees it. The CPU name alone is not enough: under the hypervisor it reads
+// `rocketlake` while the feature list has AVX512-FP16/BF16 and AMX (TOOLCHAIN.md).
+struct HostTarget {
+  std::string triple;
+  std::string cpu;
+  std::vector<std::string> features;  // "+avx512f", "-amx-int8", ... sorted by name
+  std::string feature_string;         // the same, comma-separated
+};
+
+const HostTarget& host_target() {
+  static const HostTarget host = [] {
+    HostTarget h;
+    // The default target triple is the one Clang's driver uses; we also pass it as --target, so
+    // the driver, the IR module and the TargetMachine agree by construction.
+    h.triple = llvm::Triple::normalize(llvm::sys::getDefaultTargetTriple());
+    h.cpu = llvm::sys::getHostCPUName().str();
+    // LLVM 19: getHostCPUFeatures() returns the map (LLVM <= 18 filled an out-parameter).
+    llvm::StringMap<bool> map = llvm::sys::getHostCPUFeatures();
+    std::vector<std::string> names;
+    for (const auto& kv : map) names.push_back(kv.getKey().str());
+    std::sort(names.begin(), names.end());
+    for (const auto& n : names) {
+      h.features.push_back((map.lookup(n) ? "+" : "-") + n);
+      if (!h.feature_string.empty()) h.feature_string += ',';
+      h.feature_string += h.features.back();
+    }
+    return h;
+  }();
+  return host;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Frontend
+
+// Runs Clang on `source` (served from memory as `path`) and returns the unoptimized O3 IR.
+// Diagnostics (warnings and errors) go to `diag_text`.
+std::unique_ptr<llvm::Module> run_frontend(const std::string& source, const std::string& path,
+                                           llvm::LLVMContext& ctx, std::string& diag_text,
+                                           bool& ok) {
+  ok = false;
+  llvm::raw_string_ostream diag_os(diag_text);
+
+  // The source lives only in memory, layered over the real file system (the driver still needs
+  // the real one to find the resource dir from argv0).
+  auto mem_fs = llvm::makeIntrusiveRefCnt<llvm::vfs::InMemoryFileSystem>();
+  // Trap: calling setCurrentWorkingDirectory on the overlay would chdir() the whole process,
+  // because getRealFileSystem() is linked to the process cwd. Set it on the in-memory layer only,
+  // so a relative `path` resolves there exactly as the real layer would resolve it.
+  char cwd[4096];
+  mem_fs->setCurrentWorkingDirectory(getcwd(cwd, sizeof(cwd)) ? cwd : "/");
+  mem_fs->addFile(path, 0, llvm::MemoryBuffer::getMemBufferCopy(source, path));
+  auto overlay =
+      llvm::makeIntrusiveRefCnt<llvm::vfs::OverlayFileSystem>(llvm::vfs::getRealFileSystem());
+  overlay->pushOverlay(mem_fs);
+
+  // Driver-stage diagnostics (bad flags) would go to stderr without a DiagnosticsEngine of ours.
+  auto driver_diag_opts = llvm::makeIntrusiveRefCnt<clang::DiagnosticOptions>();
+  clang::TextDiagnosticPrinter driver_printer(diag_os, driver_diag_opts.get());
+  clang::CreateInvocationOptions cio;
+  cio.Diags = clang::CompilerInstance::createDiagnostics(driver_diag_opts.get(), &driver_printer,
+                                                         /*ShouldOwnClient=*/false);
+  cio.VFS = overlay;
+  cio.RecoverOnError = false;
+
+  std::vector<const char*> argv;
+  // argv0 must be the real clang++ of LLVM 19: the driver derives the resource dir (builtin
+  // headers such as <stddef.h>) and the GCC installation from it.
+  argv.push_back(FLEXJIT_CLANG_EXE);
+  for (const auto& f : compile_flags()) argv.push_back(f.c_str());
+  argv.push_back(path.c_str());
+  std::shared_ptr<clang::CompilerInvocation> inv = clang::createInvocation(argv, cio);
+  if (!inv) {
+    diag_os.flush();
+    if (diag_text.empty()) diag_text = "the Clang driver could not build a compiler invocation";
+    return nullptr;
+  }
+
+  // Explicit host CPU + features instead of -march=native (see the file comment).
+  const HostTarget& host = host_target();
+  inv->getTargetOpts().CPU = host.cpu;
+  inv->getTargetOpts().TuneCPU = host.cpu;
+  inv->getTargetOpts().Features = host.features;
+  // Trap: DisableFree defaults to true under the driver (cc1 exits right after), which leaks the
+  // AST, Sema and the IR of every compile in a long-lived process.
+  inv->getFrontendOpts().DisableFree = false;
+  inv->getCodeGenOpts().DisableFree = false;
+  // O3-ready IR, but the pass pipeline runs in step 2 so it can be timed on its own.
+  inv->getCodeGenOpts().DisableLLVMPasses = true;
+
+  clang::CompilerInstance ci;
+  ci.setInvocation(std::move(inv));
+  clang::TextDiagnosticPrinter printer(diag_os, &ci.getDiagnosticOpts());
+  ci.createDiagnostics(&printer, /*ShouldOwnClient=*/false);
+  ci.createFileManager(overlay);
+  // "N errors generated." is printed to the verbose stream, which defaults to llvm::errs().
+  ci.setVerboseOutputStream(diag_os);
+
+  clang::EmitLLVMOnlyAction action(&ctx);
+  bool success = ci.ExecuteAction(action);
+  std::unique_ptr<llvm::Module> module = action.takeModule();
+  ci.getDiagnostics().getClient()->finish();
+  diag_os.flush();
+  ok = success && module && !ci.getDiagnostics().hasErrorOccurred();
+  return ok ? std::move(module) : nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. + 3. Optimize and codegen
+
+std::unique_ptr<llvm::TargetMachine> make_target_machine(std::string& err) {
+  const HostTarget& host = host_target();
+  const llvm::Target* target = llvm::TargetRegistry::lookupTarget(host.triple, err);
+  if (!target) return nullptr;
+  llvm::TargetOptions opts;
+  // What clang's initTargetOptions derives from our flags: -ffp-contract=fast,
+  // -fno-signed-zeros, -fno-trapping-math. (Fast-math flags on instructions and the function
+  // attributes written by the frontend carry the rest; there is no -ffinite-math-only on purpose:
+  // -inf is how masked scores are spelled.)
+  opts.AllowFPOpFusion = llvm::FPOpFusion::Fast;
+  opts.NoSignedZerosFPMath = true;
+  opts.NoTrappingFPMath = true;
+  opts.UseInitArray = true;
+  // PIC + small code model: every reference inside the object is PC-relative and every external
+  // goes through the GOT/PLT, which JITLink builds; absolute 32-bit relocations (non-PIC code)
+  // fail to link once JIT memory is mapped above 2 GiB.
+  return std::unique_ptr<llvm::TargetMachine>(target->createTargetMachine(
+      host.triple, host.cpu, host.feature_string, opts, llvm::Reloc::PIC_,
+      llvm::CodeModel::Small, llvm::CodeGenOptLevel::Aggressive));
+}
+
+void optimize_module(llvm::Module& m, llvm::TargetMachine& tm) {
+  // Clang's O3 tuning (BackendUtil.cpp: -funroll-loops, -vectorize-loops, -vectorize-slp are on
+  // at O2 and above).
+  llvm::PipelineTuningOptions pto;
+  pto.LoopUnrolling = true;
+  pto.LoopInterleaving = true;
+  pto.LoopVectorization = true;
+  pto.SLPVectorization = true;
+
+  llvm::LoopAnalysisManager lam;
+  llvm::FunctionAnalysisManager fam;
+  llvm::CGSCCAnalysisManager cgam;
+  llvm::ModuleAnalysisManager mam;
+  llvm::PassBuilder pb(&tm, pto);
+  llvm::TargetLibraryInfoImpl tlii(llvm::Triple(m.getTargetTriple()));
+  fam.registerPass([&] { return llvm::TargetLibraryAnalysis(tlii); });
+  pb.registerModuleAnalyses(mam);
+  pb.registerCGSCCAnalyses(cgam);
+  pb.registerFunctionAnalyses(fam);
+  pb.registerLoopAnalyses(lam);
+  pb.crossRegisterProxies(lam, fam, cgam, mam);
+  llvm::ModulePassManager mpm = pb.buildPerModuleDefaultPipeline(llvm::OptimizationLevel::O3);
+  mpm.run(m, mam);
+}
+
+bool emit_object(llvm::Module& m, llvm::TargetMachine& tm, std::string& out) {
+  llvm::SmallVector<char, 0> buffer;
+  llvm::raw_svector_ostream os(buffer);
+  llvm::legacy::PassManager pm;
+  llvm::TargetLibraryInfoImpl tlii(llvm::Triple(m.getTargetTriple()));
+  pm.add(llvm::createTargetTransformInfoWrapperPass(tm.getTargetIRAnalysis()));
+  pm.add(new llvm::TargetLibraryInfoWrapperPass(tlii));
+  // LLVM 18+: CodeGenFileType is an enum class (was CGFT_ObjectFile).
+  if (tm.addPassesToEmitFile(pm, os, nullptr, llvm::CodeGenFileType::ObjectFile)) return false;
+  pm.run(m);
+  out.assign(buffer.data(), buffer.size());
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The JIT
+
+struct Jit {
+  std::unique_ptr<llvm::orc::LLJIT> lljit;
+  std::atomic<unsigned long> next_id{0};
+};
+
+// ORC reports materialization failures (e.g. "Symbols not found: [ foo ]") through the session's
+// error reporter, which by default prints them to stderr, while lookup() itself only returns
+// "Failed to materialize symbols". Without a compile thread pool the reporter runs on the thread
+// doing the lookup, so a thread_local buffer gives load_object the real reason.
+thread_local std::string t_session_errors;
+
+Jit& the_jit() {
+  // Created once and deliberately never destroyed: loaded kernels are plain function pointers
+  // that may be called until the process exits (also from TBB workers during static teardown).
+  static Jit* jit = [] {
+    init_llvm_once();
+    // Keep LLJIT's default process-symbols JITDylib: LLVM 19 refuses to build the JIT without
+    // it ("Native platforms require a process symbols JITDylib") when
+    // setLinkProcessSymbolsByDefault(false) is used with the default platform setup.
+    auto j = llvm::orc::LLJITBuilder().create();
+    if (!j) {
+      throw flexjit::Error("flexjit: could not create the LLVM ORC JIT for the host: " +
+                           to_string(j.takeError()));
+    }
+    (*j)->getExecutionSession().setErrorReporter([](llvm::Error err) {
+      t_session_errors += to_string(std::move(err));
+      t_session_errors += '\n';
+    });
+    auto* result = new Jit;
+    result->lljit = std::move(*j);
+    return result;
+  }();
+  return *jit;
+}
+
+}  // namespace
+
+const std::vector<std::string>& compile_flags() {
+  static const std::vector<std::string> flags = [] {
+    return std::vector<std::string>{
+        "--target=" + host_target().triple,
+        "-march=" + host_target().cpu,  // the feature list is then set in full on the invocation
+        "-x", "c++", "-std=c++17", "-O3",
+        // Position-independent code: see make_target_machine.
+        "-fPIC",
+        // Kernels are leaf extern "C" code: no unwinding into them, no typeinfo, no
+        // __gxx_personality_v0 to resolve.
+        "-fno-exceptions", "-fno-rtti",
+        // Lets reductions vectorise; deliberately not -ffast-math (finite-math breaks -inf
+        // masking).
+        "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
+        "-ffp-contract=fast",
+        // Without it LLVM vectorises at 256 bits even with AVX-512.
+        "-mprefer-vector-width=512",
+        // Distribution defaults that would add calls/instructions to every kernel.
+        "-fno-stack-protector", "-fcf-protection=none",
+        // The driver turns colour on when stderr is a terminal; the text ends up in exceptions.
+        "-fno-color-diagnostics", "-ferror-limit=30",
+        "-c"};
+  }();
+  return flags;
+}
+
+const std::string& compiler_identity() {
+  static const std::string identity = [] {
+    const HostTarget& host = host_target();
+    std::string s = kPipelineVersion;
+    s += ";clang=" + clang::getClangFullVersion();
+    s += ";llvm=" LLVM_VERSION_STRING;
+    s += ";triple=" + host.triple;
+    s += ";cpu=" + host.cpu;
+    s += ";features=" + host.feature_string;
+    s += ";flags=";
+    for (const auto& f : compile_flags()) s += f + ' ';
+    return s;
+  }();
+  return identity;
+}
+
+CompileResult compile_cpp_to_object(const std::string& source, const std::string& source_name) {
+  init_llvm_once();
+  // The name goes on the driver's command line: keep it from being read as an option.
+  std::string path = source_name.empty() ? std::string("kernel.cpp") : source_name;
+  if (path[0] == '-') path = "./" + path;
+
+  CompileResult result;
+  llvm::LLVMContext ctx;  // declared before the module: the module must die first
+  std::string diags;
+  bool ok = false;
+  auto t0 = Clock::now();
+  std::unique_ptr<llvm::Module> module = run_frontend(source, path, ctx, diags, ok);
+  result.frontend_ms = ms_since(t0);
+  if (!ok) {
+    throw flexjit::Error("flexjit: Clang could not compile the generated kernel source " +
+                         source_name + ":\n" + diags);
+  }
+  result.log = diags;
+
+  std::string err;
+  std::unique_ptr<llvm::TargetMachine> tm = make_target_machine(err);
+  if (!tm) throw flexjit::Error("flexjit: no LLVM target for the host (" + err + ")");
+  module->setDataLayout(tm->createDataLayout());
+
+  t0 = Clock::now();
+  optimize_module(*module, *tm);
+  result.optimize_ms = ms_since(t0);
+
+  // Nothing runs an object's static constructors in this JIT (no ORC platform runtime), so a
+  // dynamic initializer that survived O3 would silently leave a global uninitialized.
+  if (module->getNamedGlobal("llvm.global_ctors")) {
+    throw flexjit::Error("flexjit: " + source_name +
+                         " has global objects with dynamic initialization, which the JIT does "
+                         "not run; make them constexpr or move them into the kernel function");
+  }
+
+  t0 = Clock::now();
+  bool emitted = emit_object(*module, *tm, result.object);
+  result.codegen_ms = ms_since(t0);
+  FLEXJIT_CHECK(emitted, "the host TargetMachine can emit object files");
+  return result;
+}
+
+void* load_object(const std::string& object, const std::string& symbol) {
+  Jit& jit = the_jit();
+  llvm::orc::LLJIT& j = *jit.lljit;
+  // Unique JITDylib per object: objects from different kernels may define the same helper
+  // symbols, and a kernel's code must never be replaced while it may be running.
+  std::string name = "flexjit." + std::to_string(++jit.next_id) + "." + symbol;
+
+  auto fail = [&](llvm::orc::JITDylib* jd, const std::string& what, llvm::Error err) -> void* {
+    std::string msg = to_string(std::move(err));
+    if (!t_session_errors.empty()) msg += "\n" + t_session_errors;
+    t_session_errors.clear();
+    if (jd) llvm::consumeError(j.getExecutionSession().removeJITDylib(*jd));
+    throw flexjit::Error("flexjit: could not " + what + " for kernel symbol '" + symbol +
+                         "' (" + std::to_string(object.size()) + "-byte object): " + msg);
+  };
+
+  t_session_errors.clear();
+  auto jd = j.createJITDylib(name);
+  if (!jd) return fail(nullptr, "create a JITDylib", jd.takeError());
+  // expf, tanhf, memcpy, ...: resolved from the libraries already loaded in this process. LLVM 19
+  // also links its process-symbols JITDylib into every createJITDylib(); the generator on the
+  // kernel's own JITDylib keeps this independent of that default (older LLVMs lack it).
+  auto gen = llvm::orc::DynamicLibrarySearchGenerator::GetForCurrentProcess(
+      j.getDataLayout().getGlobalPrefix());
+  if (!gen) return fail(&*jd, "open the process's symbol table", gen.takeError());
+  jd->addGenerator(std::move(*gen));
+
+  auto buffer = llvm::MemoryBuffer::getMemBufferCopy(object, name);
+  if (auto err = j.addObjectFile(*jd, std::move(buffer))) {
+    return fail(&*jd, "load the object file", std::move(err));
+  }
+  auto addr = j.lookup(*jd, symbol);
+  if (!addr) return fail(&*jd, "link the object file", addr.takeError());
+  if (!t_session_errors.empty()) t_session_errors.clear();
+  return addr->toPtr<void*>();
+}
+
+}  // namespace flexjit::jit

@@ -1,0 +1,40 @@
+// CPU compilation: one C++17 translation unit (text) -> an ELF object file, in process, with the
+// Clang 19 libraries; and loading object files into one process-wide ORC LLJIT.
+//
+// No LLVM or Clang header appears here: every version-sensitive call lives in compile.cpp.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace flexjit::jit {
+
+struct CompileResult {
+  std::string object;  // ELF relocatable object file bytes
+  std::string log;     // Clang's warnings (empty when clean)
+  double frontend_ms = 0;  // parse + Sema + IR generation
+  double optimize_ms = 0;  // the LLVM O3 module pipeline
+  double codegen_ms = 0;   // instruction selection ... object emission
+};
+
+// Compiles one C++17 translation unit given as text (it includes no system headers) for the host
+// CPU. `source_name` is used in diagnostics (e.g. the dump path). On a compile error throws
+// flexjit::Error whose message contains the Clang diagnostics (with line:col) and `source_name`.
+// Thread-safe: concurrent calls compile independently.
+CompileResult compile_cpp_to_object(const std::string& source, const std::string& source_name);
+
+// Identity of the compiler, flags and target CPU (name + sorted feature list) as one string: part
+// of every cache key. Computed once per process.
+const std::string& compiler_identity();
+
+// The Clang driver arguments every compile uses (after argv0 and before the file name), for logs
+// and for reproducing a kernel by hand with clang++-19.
+const std::vector<std::string>& compile_flags();
+
+// A process-wide LLJIT (created once, thread-safe, never destroyed: kernels are plain function
+// pointers). Each loaded object goes in its own JITDylib (unique name), with the current process's
+// symbols visible so kernels can call expf/tanhf etc. Returns the address of `symbol`; throws
+// flexjit::Error if the object is invalid or the symbol is missing (the JITDylib is then removed).
+void* load_object(const std::string& object, const std::string& symbol);
+
+}  // namespace flexjit::jit

@@ -1,0 +1,115 @@
+#include "jit/instantiate.h"
+
+#include <sstream>
+
+#include "jit/cache.h"
+#include "jit/codegen.h"
+#include "jit/compile.h"
+
+namespace flexjit::jit {
+
+const std::vector<std::pair<std::string, std::string>>& embedded_templates();  // generated
+
+namespace {
+
+const char* kind_name(KernelKind k) { return k == KernelKind::Prefill ? "prefill" : "classify"; }
+
+// The template files a kind's translation unit is made of, in order (mod body goes before
+// the last one).
+std::vector<std::string> template_files(KernelKind k) {
+  return {"templates/mod_abi.h", "templates/cpu/common.h",
+          k == KernelKind::Prefill ? "templates/cpu/flash_prefill.h" : "templates/cpu/classify.h"};
+}
+
+int dtype_code(DType t) {
+  switch (t) {
+    case DType::F32: return 0;
+    case DType::BF16: return 1;
+    case DType::F16: return 2;
+    default: break;
+  }
+  throw Error(std::string("kernel dtype ") + dtype_name(t) + " is not supported; use fp32, bf16 or fp16");
+}
+
+// The classify kernel only depends on the mask_mod; dropping score_mod from its ModSet keeps
+// its key independent of score_mod (slots stay the same, so bindings are shared).
+ModSet effective_mods(const KernelSpec& spec, const ModSet& mods) {
+  if (spec.kind == KernelKind::Prefill) return mods;
+  ModSet m = mods;
+  m.score_mod = nullptr;
+  return m;
+}
+
+std::string spec_defines(const KernelSpec& s, const std::string& symbol) {
+  std::ostringstream os;
+  os << "// flexjit kernel: " << s.str() << "\n";
+  if (s.kind == KernelKind::Prefill) {
+    os << "#define FLEXJIT_DTYPE " << dtype_code(s.dtype) << "\n"
+       << "#define HEAD_DIM " << s.head_dim << "\n"
+       << "#define HEAD_DIM_V " << s.head_dim_v << "\n"
+       << "#define BLOCK_M " << s.block_m << "\n"
+       << "#define BLOCK_N " << s.block_n << "\n"
+       << "#define GQA_GROUP " << s.gqa_group << "\n";
+  }
+  os << "#define FLEXJIT_ENTRY " << symbol << "\n";
+  return os.str();
+}
+
+}  // namespace
+
+std::string KernelSpec::str() const {
+  std::ostringstream os;
+  os << kind_name(kind);
+  if (kind == KernelKind::Prefill)
+    os << " " << dtype_name(dtype) << " HEAD_DIM=" << head_dim << " HEAD_DIM_V=" << head_dim_v
+       << " BLOCK_M=" << block_m << " BLOCK_N=" << block_n << " GQA_GROUP=" << gqa_group;
+  return os.str();
+}
+
+const std::string& template_text(const std::string& path) {
+  for (const auto& [p, text] : embedded_templates())
+    if (p == path) return text;
+  internal_error(__FILE__, __LINE__, "embedded template exists: " + path);
+}
+
+Instantiation plan(const KernelSpec& spec, const ModSet& mods) {
+  if (spec.kind == KernelKind::Prefill) {
+    dtype_code(spec.dtype);
+    if (spec.head_dim < 1 || spec.head_dim > 256 || spec.head_dim_v < 1 || spec.head_dim_v > 256)
+      throw Error("head dims D=" + std::to_string(spec.head_dim) + ", Dv=" + std::to_string(spec.head_dim_v) +
+                  " are not supported on CPU; D and Dv must be in 1..256");
+  }
+  // Hash each template file once per process: they are fixed for the life of the binary.
+  static const std::string templates_hash = [] {
+    std::string all;
+    for (const auto& [p, text] : embedded_templates()) all += p + "\n" + sha256_hex(text) + "\n";
+    return sha256_hex(all);
+  }();
+  ModSet eff = effective_mods(spec, mods);
+  Instantiation inst;
+  inst.key = make_key({{"templates", templates_hash},
+                       {"spec", spec.str()},
+                       {"mods", eff.signature()},
+                       {"codegen", "cpu-v1"}});
+  std::ostringstream sym;
+  sym << "flexjit_" << kind_name(spec.kind);
+  if (spec.kind == KernelKind::Prefill)
+    sym << "_" << dtype_name(spec.dtype) << "_d" << spec.head_dim
+        << (spec.head_dim_v != spec.head_dim ? "_dv" + std::to_string(spec.head_dim_v) : "") << "_m"
+        << spec.block_m << "_n" << spec.block_n << "_g" << spec.gqa_group;
+  sym << "_" << inst.key.substr(0, 8);
+  inst.symbol = sym.str();
+  return inst;
+}
+
+std::string make_source(const KernelSpec& spec, const ModSet& mods, const std::string& symbol) {
+  std::vector<std::string> files = template_files(spec.kind);
+  std::string src = spec_defines(spec, symbol);
+  for (size_t i = 0; i < files.size(); ++i) {
+    if (i + 1 == files.size()) src += emit_mod_body(effective_mods(spec, mods), Backend::Cpu);
+    src += "// ---- " + files[i] + " ----\n" + template_text(files[i]) + "\n";
+  }
+  return src;
+}
+
+}  // namespace flexjit::jit

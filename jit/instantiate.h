@@ -1,0 +1,41 @@
+// Template instantiation: kernel template text + generated mod body + spec -> one translation
+// unit with one extern "C" entry, plus the content key that names it in the cache.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "jit/mods.h"
+
+namespace flexjit::jit {
+
+enum class KernelKind { Prefill, Classify };
+
+// Everything a kernel is specialised on at compile time. Sizes and strides are runtime values.
+struct KernelSpec {
+  KernelKind kind = KernelKind::Prefill;
+  DType dtype = DType::F32;  // q/k/v/out element type (Prefill)
+  int head_dim = 64;         // HEAD_DIM
+  int head_dim_v = 64;       // HEAD_DIM_V
+  int block_m = 32;          // BLOCK_M
+  int block_n = 64;          // BLOCK_N
+  int gqa_group = 1;         // GQA_GROUP = Hq / Hkv
+  // "prefill fp32 HEAD_DIM=64 HEAD_DIM_V=64 BLOCK_M=32 BLOCK_N=64 GQA_GROUP=1"
+  std::string str() const;
+};
+
+struct Instantiation {
+  std::string key;     // hex content hash of everything that affects the binary
+  std::string symbol;  // readable prefix + short hash: flexjit_prefill_fp32_d128_m32_n64_g1_3fa9c1e2
+};
+
+// Computes key and symbol without building the source (cheap enough for every call's slow path).
+Instantiation plan(const KernelSpec& spec, const ModSet& mods);
+
+// The full translation unit for `spec` and `mods`, defining `symbol`.
+std::string make_source(const KernelSpec& spec, const ModSet& mods, const std::string& symbol);
+
+// Text of an embedded template file, by path relative to the repository ("templates/cpu/...").
+const std::string& template_text(const std::string& path);
+
+}  // namespace flexjit::jit

@@ -1,0 +1,220 @@
+#include "runtime/attention.h"
+
+#include <tbb/global_control.h>
+#include <tbb/parallel_for.h>
+#include <tbb/task_arena.h>
+
+#include <chrono>
+#include <cmath>
+#include <numeric>
+
+#include "jit/pipeline.h"
+#include "runtime/bound_mods.h"
+
+namespace flexjit {
+namespace {
+
+using runtime::BlockMask;
+
+std::string dims(const TensorView& t) { return t.shape_str(); }
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) throw Error("flex_attention: " + msg);
+}
+
+void check_inputs(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                  const TensorView* lse, const AttentionOptions& opt) {
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}}) {
+    require(t->rank == 4, std::string(name) + " must be 4-D [B, H, L, D], got shape " + dims(*t));
+    require(t->data != nullptr || t->numel() == 0, std::string(name) + " has no data");
+    for (int i = 0; i < 4; ++i) require(t->sizes[i] >= 1, std::string(name) + " has an empty dim: " + dims(*t));
+  }
+  require(q.dtype == DType::F32 || q.dtype == DType::BF16 || q.dtype == DType::F16,
+          std::string("q has dtype ") + dtype_name(q.dtype) + "; supported: fp32, bf16, fp16");
+  require(k.dtype == q.dtype && v.dtype == q.dtype,
+          std::string("q, k, v must share a dtype, got ") + dtype_name(q.dtype) + ", " + dtype_name(k.dtype) +
+              ", " + dtype_name(v.dtype));
+  require(out.dtype == q.dtype, std::string("out must have q's dtype ") + dtype_name(q.dtype));
+  require(k.sizes[3] == q.sizes[3], "q and k head dims differ: q " + dims(q) + ", k " + dims(k));
+  require(k.sizes[0] == v.sizes[0] && k.sizes[1] == v.sizes[1] && k.sizes[2] == v.sizes[2],
+          "k and v must agree on [B, H, L]: k " + dims(k) + ", v " + dims(v));
+  require(k.sizes[0] == 1 || k.sizes[0] == q.sizes[0],
+          "k/v batch must be 1 (broadcast) or q's batch " + std::to_string(q.sizes[0]) + ", got " + dims(k));
+  int64_t Hq = q.sizes[1], Hkv = k.sizes[1];
+  require(Hq % Hkv == 0, "query heads (" + std::to_string(Hq) + ") must be a multiple of KV heads (" +
+                             std::to_string(Hkv) + ")");
+  require(Hq == Hkv || opt.enable_gqa, "q has " + std::to_string(Hq) + " heads but k/v have " +
+                                           std::to_string(Hkv) + "; pass enable_gqa=true for GQA/MQA");
+  require(out.sizes[0] == q.sizes[0] && out.sizes[1] == Hq && out.sizes[2] == q.sizes[2] &&
+              out.sizes[3] == v.sizes[3],
+          "out must be [B, Hq, Lq, Dv] = [" + std::to_string(q.sizes[0]) + ", " + std::to_string(Hq) + ", " +
+              std::to_string(q.sizes[2]) + ", " + std::to_string(v.sizes[3]) + "], got " + dims(out));
+  require(q.sizes[3] <= 256 && v.sizes[3] <= 256,
+          "head dims up to 256 are supported on CPU, got D=" + std::to_string(q.sizes[3]) +
+              " Dv=" + std::to_string(v.sizes[3]));
+  if (lse) {
+    require(lse->rank == 3 && lse->dtype == DType::F32 && lse->sizes[0] == q.sizes[0] &&
+                lse->sizes[1] == Hq && lse->sizes[2] == q.sizes[2],
+            "lse must be fp32 [B, Hq, Lq], got " + std::string(dtype_name(lse->dtype)) + " " + dims(*lse));
+  }
+  if (opt.scale) require(std::isfinite(*opt.scale), "scale must be finite");
+}
+
+void check_block_mask(const BlockMask& m, const TensorView& q, const TensorView& k, int block_m, int block_n) {
+  require(m.B == 1 || m.B == q.sizes[0], "block_mask has B=" + std::to_string(m.B) + " but q has batch " +
+                                             std::to_string(q.sizes[0]) + " (use 1 to broadcast)");
+  require(m.H == 1 || m.H == q.sizes[1], "block_mask has H=" + std::to_string(m.H) + " but q has " +
+                                             std::to_string(q.sizes[1]) + " heads (use 1 to broadcast)");
+  require(m.num_q_blocks * m.q_block_size >= q.sizes[2] && m.num_kv_blocks * m.kv_block_size >= k.sizes[2],
+          "block_mask was built for Lq=" + std::to_string(m.Lq) + ", Lkv=" + std::to_string(m.Lkv) +
+              " but the call has Lq=" + std::to_string(q.sizes[2]) + ", Lkv=" + std::to_string(k.sizes[2]) +
+              "; rebuild it for these lengths");
+  require(m.q_block_size % block_m == 0 && m.kv_block_size % block_n == 0,
+          "block_mask block size " + std::to_string(m.q_block_size) + "x" + std::to_string(m.kv_block_size) +
+              " must be a multiple of the kernel's BLOCK_M x BLOCK_N = " + std::to_string(block_m) + "x" +
+              std::to_string(block_n));
+  int64_t rows = m.B * m.H * m.num_q_blocks;
+  require(int64_t(m.kv_num_blocks.size()) == rows && int64_t(m.kv_indices.size()) == rows * m.kv_stride,
+          "block_mask arrays have inconsistent sizes");
+  require(m.full_kv_num_blocks.empty() ||
+              (int64_t(m.full_kv_num_blocks.size()) == rows &&
+               int64_t(m.full_kv_indices.size()) == rows * m.full_kv_stride),
+          "block_mask full-block arrays have inconsistent sizes");
+  // Indices are trusted by the kernel: check them once here so bad input cannot read out of bounds.
+  auto check_rows = [&](const std::vector<int32_t>& num, const std::vector<int32_t>& idx, int64_t stride) {
+    for (int64_t r = 0; r < rows; ++r) {
+      require(num[r] >= 0 && num[r] <= stride, "block_mask row " + std::to_string(r) + " lists " +
+                                                   std::to_string(num[r]) + " blocks, more than its width");
+      for (int32_t j = 0; j < num[r]; ++j) {
+        int32_t kb = idx[r * stride + j];
+        require(kb >= 0 && kb < m.num_kv_blocks, "block_mask index " + std::to_string(kb) + " out of range");
+      }
+    }
+  };
+  check_rows(m.kv_num_blocks, m.kv_indices, m.kv_stride);
+  if (!m.full_kv_num_blocks.empty()) check_rows(m.full_kv_num_blocks, m.full_kv_indices, m.full_kv_stride);
+}
+
+void copy_dims(fj_i64* dst, const TensorView& t, int n) {
+  for (int i = 0; i < n; ++i) dst[i] = t.strides[i];
+}
+
+}  // namespace
+
+void default_blocks(int head_dim, DType dtype, int* block_m, int* block_n) {
+  (void)head_dim;
+  (void)dtype;
+  *block_m = 32;
+  *block_n = 64;
+}
+
+void flex_attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                    const TensorView* lse, const ModSet& mods, const ModBindings& bind,
+                    const BlockMask* block_mask, const AttentionOptions& opt, AttentionReport* report) {
+  check_inputs(q, k, v, out, lse, opt);
+  validate(mods);
+  AttentionReport rep;
+  int bm = 0, bn = 0;
+  default_blocks(int(q.sizes[3]), q.dtype, &bm, &bn);
+  if (opt.block_m) bm = opt.block_m;
+  if (opt.block_n) bn = opt.block_n;
+  require(bm >= 1 && bm <= 256 && bn >= 1 && bn <= 512,
+          "BLOCK_M must be in 1..256 and BLOCK_N in 1..512, got " + std::to_string(bm) + "x" + std::to_string(bn));
+
+  const int64_t B = q.sizes[0], Hq = q.sizes[1], Lq = q.sizes[2], Hkv = k.sizes[1], Lkv = k.sizes[2];
+  BlockMask built;
+  if (!block_mask && mods.has_mask_mod()) {
+    int64_t qbs = ((128 + bm - 1) / bm) * bm, kvbs = ((128 + bn - 1) / bn) * bn;
+    runtime::BlockMaskBuildStats st;
+    built = runtime::create_block_mask(mods, bind, B, Hq, Lq, Lkv, qbs, kvbs, &st);
+    rep.block_mask_ms = st.ms;
+    block_mask = &built;
+  }
+  if (block_mask) {
+    // Kernel blocks must tile the mask's blocks; defaults adapt, explicit choices are checked.
+    if (!opt.block_m && block_mask->q_block_size % bm) bm = int(std::gcd(int64_t(bm), block_mask->q_block_size));
+    if (!opt.block_n && block_mask->kv_block_size % bn) bn = int(std::gcd(int64_t(bn), block_mask->kv_block_size));
+    check_block_mask(*block_mask, q, k, bm, bn);
+    rep.block_mask = block_mask->describe();
+  }
+
+  jit::KernelSpec spec;
+  spec.kind = jit::KernelKind::Prefill;
+  spec.dtype = q.dtype;
+  spec.head_dim = int(q.sizes[3]);
+  spec.head_dim_v = int(v.sizes[3]);
+  spec.block_m = bm;
+  spec.block_n = bn;
+  spec.gqa_group = int(Hq / Hkv);
+  jit::KernelHandle kh = jit::get_kernel(spec, mods);
+  runtime::BoundMods bound(mods, bind);
+
+  FlexPrefillArgs a{};
+  a.q = q.data;
+  a.k = k.data;
+  a.v = v.data;
+  a.out = out.data;
+  a.lse = lse ? static_cast<float*>(lse->data) : nullptr;
+  a.B = B;
+  a.Hq = Hq;
+  a.Hkv = Hkv;
+  a.Lq = Lq;
+  a.Lkv = Lkv;
+  a.Bkv = k.sizes[0];
+  copy_dims(a.q_strides, q, 4);
+  copy_dims(a.k_strides, k, 4);
+  copy_dims(a.v_strides, v, 4);
+  copy_dims(a.out_strides, out, 4);
+  if (lse) copy_dims(a.lse_strides, *lse, 3);
+  a.scale = float(opt.scale ? *opt.scale : 1.0 / std::sqrt(double(q.sizes[3])));
+  if (block_mask) {
+    const BlockMask& m = *block_mask;
+    a.kv_num_blocks = m.kv_num_blocks.data();
+    a.kv_indices = m.kv_indices.data();
+    a.full_kv_num_blocks = m.full_kv_num_blocks.empty() ? nullptr : m.full_kv_num_blocks.data();
+    a.full_kv_indices = m.full_kv_indices.empty() ? nullptr : m.full_kv_indices.data();
+    a.mask_B = m.B;
+    a.mask_H = m.H;
+    a.mask_q_blocks = m.num_q_blocks;
+    a.mask_kv_blocks = m.num_kv_blocks;
+    a.mask_q_block_size = m.q_block_size;
+    a.mask_kv_block_size = m.kv_block_size;
+    a.kv_indices_stride = m.kv_stride;
+    a.full_kv_indices_stride = m.full_kv_stride;
+  }
+  a.mod = bound.args();
+
+  auto fn = reinterpret_cast<FlexPrefillFn>(kh.fn);
+  const int64_t m_blocks = (Lq + bm - 1) / bm, items = B * Hq * m_blocks;
+  auto t0 = std::chrono::steady_clock::now();
+  auto run = [&] {
+    tbb::parallel_for(tbb::blocked_range<int64_t>(0, items, 1),
+                      [&](const tbb::blocked_range<int64_t>& r) { fn(&a, r.begin(), r.end()); },
+                      tbb::simple_partitioner());
+  };
+  if (opt.num_threads > 0) {
+    tbb::task_arena arena(opt.num_threads);
+    arena.execute(run);
+  } else {
+    run();
+  }
+  rep.kernel_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  bound.check_error_flag("flex_attention");
+
+  if (report) {
+    rep.cache = kh.cache;
+    rep.compile_ms = kh.compile_ms;
+    rep.load_ms = kh.load_ms;
+    rep.lookup_us = kh.lookup_us;
+    rep.block_m = bm;
+    rep.block_n = bn;
+    rep.gqa_group = int(Hq / Hkv);
+    rep.dtype = dtype_name(q.dtype);
+    rep.symbol = kh.symbol;
+    rep.key = kh.key;
+    rep.source_path = kh.source_path;
+    *report = rep;
+  }
+}
+
+}  // namespace flexjit

@@ -1,0 +1,49 @@
+// The CPU runtime entry: validates a call, picks a kernel (JIT, cached), binds mods, and runs
+// it in parallel with TBB. Works on plain strided views; runtime/torch wraps it for at::Tensor.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include "jit/mods.h"
+#include "runtime/block_mask.h"
+
+namespace flexjit {
+
+struct AttentionOptions {
+  std::optional<double> scale;  // default 1/sqrt(D)
+  bool enable_gqa = false;      // allow Hq != Hkv (Hq must be a multiple of Hkv)
+  int block_m = 0;              // BLOCK_M; 0 = default
+  int block_n = 0;              // BLOCK_N; 0 = default
+  int num_threads = 0;          // 0 = all cores (TBB default)
+};
+
+// What a call did, for --report and the demo.
+struct AttentionReport {
+  std::string backend = "cpu";
+  std::string path = "prefill";
+  std::string cache;         // miss / memory / disk
+  double compile_ms = 0;     // when cache == miss
+  double load_ms = 0;        // when cache == disk
+  double lookup_us = 0;      // kernel lookup overhead of this call
+  double kernel_ms = 0;      // the parallel kernel run
+  double block_mask_ms = 0;  // when a BlockMask was built for this call
+  int block_m = 0, block_n = 0, gqa_group = 1;
+  std::string dtype;
+  std::string symbol, key, source_path;
+  std::string block_mask;    // BlockMask::describe() of the mask used, if any
+};
+
+// q [B, Hq, Lq, D], k [Bkv, Hkv, Lkv, D], v [Bkv, Hkv, Lkv, Dv], out [B, Hq, Lq, Dv] (same dtype
+// as q), lse [B, Hq, Lq] fp32 or null. Bkv is 1 or B. If mods has a mask_mod and block_mask is
+// null, a BlockMask is built for this call (pass one in to reuse it across calls).
+// Throws flexjit::Error on bad input, naming the problem and the fix.
+void flex_attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                    const TensorView* lse, const ModSet& mods, const ModBindings& bind,
+                    const runtime::BlockMask* block_mask = nullptr, const AttentionOptions& opt = {},
+                    AttentionReport* report = nullptr);
+
+// The default kernel block sizes for a head dim and dtype.
+void default_blocks(int head_dim, DType dtype, int* block_m, int* block_n);
+
+}  // namespace flexjit

@@ -1,0 +1,48 @@
+#include "runtime/bound_mods.h"
+
+namespace flexjit::runtime {
+
+BoundMods::BoundMods(const ModSet& mods, const ModBindings& bind) {
+  for (const auto& d : mods.buffers) {
+    const TensorView* view = nullptr;
+    for (const auto& [n, v] : bind.buffers)
+      if (n == d.name) view = &v;
+    if (!view)
+      throw Error("the mods read buffer '" + d.name + "' but no tensor is bound to it; capture one " +
+                  "(C++: flexjit::capture, CLI: --buffer " + d.name + "=FILE.npy)");
+    if (view->dtype != d.dtype || view->rank != d.rank)
+      throw Error("buffer '" + d.name + "' is bound to a " + dtype_name(view->dtype) + " tensor of rank " +
+                  std::to_string(view->rank) + " but the mod was built for " + dtype_name(d.dtype) +
+                  " rank " + std::to_string(d.rank));
+    if (!view->data && view->numel() > 0) throw Error("buffer '" + d.name + "' has no data pointer");
+    FlexBuffer fb{};
+    fb.data = view->data;
+    for (int i = 0; i < 4; ++i) {
+      fb.sizes[i] = i < view->rank ? view->sizes[i] : 1;
+      fb.strides[i] = i < view->rank ? view->strides[i] : 0;
+    }
+    buffers_.push_back(fb);
+    buffer_list_ += (buffer_list_.empty() ? "" : ", ") + d.name + " " + view->shape_str();
+  }
+  for (const auto& p : mods.params) {
+    const double* value = nullptr;
+    for (const auto& [n, v] : bind.params)
+      if (n == p.name) value = &v;
+    if (!value)
+      throw Error("param '" + p.name + "' has no value; give one (C++: ModBindings::params, CLI: --param " +
+                  p.name + "=VALUE)");
+    params_.push_back(static_cast<float>(*value));
+  }
+  args_.buffers = buffers_.data();
+  args_.params = params_.data();
+  args_.error_flag = &error_flag_;
+}
+
+void BoundMods::check_error_flag(const std::string& what) const {
+  if (__atomic_load_n(&error_flag_, __ATOMIC_RELAXED) == 0) return;
+  throw Error(what + ": a mod indexed a captured buffer out of range or divided an int by zero, so the "
+              "result is invalid. Check the index expressions against the buffer shapes (" +
+              (buffer_list_.empty() ? std::string("no buffers") : buffer_list_) + ").");
+}
+
+}  // namespace flexjit::runtime

@@ -1,0 +1,129 @@
+#include "runtime/reference.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "jit/ir.h"
+
+namespace flexjit {
+namespace {
+
+double at(const TensorView& t, int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+  return read_element_f64(t, i0 * t.strides[0] + i1 * t.strides[1] + i2 * t.strides[2] + i3 * t.strides[3]);
+}
+
+uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7fff + ((u >> 16) & 1);  // round to nearest even
+  return uint16_t(u >> 16);
+}
+
+uint16_t f32_to_f16(float f) {
+  _Float16 h = static_cast<_Float16>(f);
+  uint16_t u;
+  std::memcpy(&u, &h, 2);
+  return u;
+}
+
+}  // namespace
+
+std::vector<double> to_doubles(const TensorView& t) {
+  std::vector<double> out;
+  out.reserve(size_t(t.numel()));
+  int64_t s[4] = {1, 1, 1, 1}, st[4] = {0, 0, 0, 0};
+  for (int i = 0; i < t.rank; ++i) {
+    s[4 - t.rank + i] = t.sizes[i];
+    st[4 - t.rank + i] = t.strides[i];
+  }
+  for (int64_t a = 0; a < s[0]; ++a)
+    for (int64_t b = 0; b < s[1]; ++b)
+      for (int64_t c = 0; c < s[2]; ++c)
+        for (int64_t d = 0; d < s[3]; ++d)
+          out.push_back(read_element_f64(t, a * st[0] + b * st[1] + c * st[2] + d * st[3]));
+  return out;
+}
+
+void fill_random(TensorView t, uint64_t seed) {
+  uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
+  int64_t n = t.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    float f = float(double(x >> 11) / double(1ull << 53) * 2.0 - 1.0);
+    char* p = static_cast<char*>(t.data) + i * dtype_size(t.dtype);
+    switch (t.dtype) {
+      case DType::F32: std::memcpy(p, &f, 4); break;
+      case DType::BF16: { uint16_t u = f32_to_bf16(f); std::memcpy(p, &u, 2); break; }
+      case DType::F16: { uint16_t u = f32_to_f16(f); std::memcpy(p, &u, 2); break; }
+      case DType::F64: { double d = f; std::memcpy(p, &d, 8); break; }
+      default: break;
+    }
+  }
+}
+
+RefResult reference_attention(const TensorView& q, const TensorView& k, const TensorView& v, const ModSet& mods,
+                              const ModBindings& bind, double scale, bool fp32,
+                              const std::vector<int64_t>& rows) {
+  const int64_t B = q.sizes[0], Hq = q.sizes[1], Lq = q.sizes[2], D = q.sizes[3];
+  const int64_t Bkv = k.sizes[0], Hkv = k.sizes[1], Lkv = k.sizes[2], Dv = v.sizes[3];
+  const int64_t group = Hq / Hkv;
+  const double ninf = -std::numeric_limits<double>::infinity();
+  RefResult r;
+  r.out.assign(size_t(B * Hq * Lq * Dv), 0.0);
+  r.lse.assign(size_t(B * Hq * Lq), ninf);
+  ir::EvalEnv env;
+  env.params = bind.params;
+  for (const auto& [n, view] : bind.buffers) env.buffers.push_back({n, view});
+  std::vector<double> s(static_cast<size_t>(Lkv));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hq; ++h) {
+      int64_t bk = Bkv == 1 ? 0 : b, hk = h / group;
+      for (int64_t ri = 0; ri < (rows.empty() ? Lq : int64_t(rows.size())); ++ri) {
+        const int64_t i = rows.empty() ? ri : rows[size_t(ri)];
+        if (i < 0 || i >= Lq) continue;
+        double mx = ninf;
+        for (int64_t j = 0; j < Lkv; ++j) {
+          double dot = 0;
+          float dotf = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            double x = at(q, b, h, i, d) * at(k, bk, hk, j, d);
+            dot += x;
+            dotf += float(x);
+          }
+          double sc = fp32 ? double(float(dotf * float(scale))) : dot * scale;
+          env.score = sc;
+          env.b = b;
+          env.h = h;
+          env.q_idx = i;
+          env.kv_idx = j;
+          if (mods.score_mod) sc = ir::eval(mods.score_mod, env).as_float();
+          if (fp32) sc = double(float(sc));
+          if (mods.mask_mod && !ir::eval(mods.mask_mod, env).as_bool()) sc = ninf;
+          s[j] = sc;
+          mx = std::max(mx, sc);
+        }
+        if (mx == ninf) continue;  // fully masked row: out 0, lse -inf
+        double sum = 0;
+        for (int64_t j = 0; j < Lkv; ++j) {
+          s[j] = fp32 ? double(std::exp(float(s[j] - mx))) : std::exp(s[j] - mx);
+          sum += s[j];
+        }
+        double* o = &r.out[size_t(((b * Hq + h) * Lq + i) * Dv)];
+        for (int64_t j = 0; j < Lkv; ++j) {
+          if (s[j] == 0) continue;
+          double p = s[j] / sum;
+          if (fp32) p = double(float(p));
+          for (int64_t d = 0; d < Dv; ++d) o[d] += p * at(v, bk, hk, j, d);
+        }
+        if (fp32)
+          for (int64_t d = 0; d < Dv; ++d) o[d] = double(float(o[d]));
+        r.lse[size_t((b * Hq + h) * Lq + i)] = mx + std::log(sum);
+      }
+    }
+  return r;
+}
+
+}  // namespace flexjit

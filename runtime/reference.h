@@ -1,0 +1,31 @@
+// A float64 reference attention (used by the tests, the demo and `flexjit run --check`). It reads the kernel's
+// inputs as stored (already rounded to the kernel dtype), computes in double, and evaluates
+// mods with ir::eval, independently of codegen and templates. A plain fp32 version gives the
+// "low-precision baseline" error that tolerances are scaled by.
+#pragma once
+
+#include <vector>
+
+#include "jit/mods.h"
+
+namespace flexjit {
+
+struct RefResult {
+  std::vector<double> out;  // [B, Hq, Lq, Dv] contiguous
+  std::vector<double> lse;  // [B, Hq, Lq], natural log; -inf for fully masked rows
+};
+
+// q [B,Hq,Lq,D], k/v [Bkv,Hkv,Lkv,D/Dv] strided views. `fp32` = compute in float instead.
+// `rows`, if non-empty, limits the work to those query rows (others stay 0 / -inf), so large
+// shapes can be spot-checked.
+RefResult reference_attention(const TensorView& q, const TensorView& k, const TensorView& v, const ModSet& mods,
+                              const ModBindings& bind, double scale, bool fp32 = false,
+                              const std::vector<int64_t>& rows = {});
+
+// Deterministic pseudo-random fill (uniform in [-1, 1)) of a contiguous tensor of any float dtype.
+void fill_random(TensorView t, uint64_t seed);
+
+// Converts any view to a contiguous vector of doubles.
+std::vector<double> to_doubles(const TensorView& t);
+
+}  // namespace flexjit

@@ -1,0 +1,89 @@
+// Named mods: the built-ins (score_mods/builtin.cpp) and whatever users register, by C++
+// functor (traced) or by expression text (parsed). The CLI and config files refer to mods by
+// name; each built-in also knows how to make example buffers for a shape, which the demo,
+// the CLI and the tests use (so every new built-in is tested automatically).
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "jit/trace.h"
+
+namespace flexjit {
+
+enum class ModKind { Score, Mask };
+
+// A tensor that owns its bytes (contiguous), for default buffers and file-loaded data.
+struct OwnedTensor {
+  std::string name;
+  std::shared_ptr<std::vector<unsigned char>> bytes;
+  TensorView view;
+  static OwnedTensor make(std::string name, DType dtype, std::vector<int64_t> sizes);
+  template <typename T>
+  T* data() { return static_cast<T*>(view.data); }
+};
+
+struct ShapeInfo {
+  int64_t B = 1, Hq = 1, Hkv = 1, Lq = 1, Lkv = 1;
+};
+
+struct RegisteredMod {
+  std::string name;
+  ModKind kind = ModKind::Score;
+  std::string doc;
+  std::string text;  // the expression, as text (printed from the IR for traced mods)
+  TracedMod mod;     // IR, buffer/param decls, default bindings (param defaults, traced buffers)
+  // Example buffers for a call shape (built-ins); null when the mod's bindings are fixed.
+  std::function<std::vector<OwnedTensor>(const ShapeInfo&)> make_buffers;
+};
+
+void register_mod(RegisteredMod m);  // replaces an existing mod of the same name
+template <typename F>
+void register_score_mod(const std::string& name, F&& f, std::string doc = "") {
+  RegisteredMod m;
+  m.name = name;
+  m.kind = ModKind::Score;
+  m.doc = std::move(doc);
+  m.mod = trace_score_mod(std::forward<F>(f));
+  m.text = ir::to_string(m.mod.expr);
+  register_mod(std::move(m));
+}
+template <typename F>
+void register_mask_mod(const std::string& name, F&& f, std::string doc = "") {
+  RegisteredMod m;
+  m.name = name;
+  m.kind = ModKind::Mask;
+  m.doc = std::move(doc);
+  m.mod = trace_mask_mod(std::forward<F>(f));
+  m.text = ir::to_string(m.mod.expr);
+  register_mod(std::move(m));
+}
+// Registers expression text; `buffers` declares the tensors it reads, `params` its scalars
+// with default values. Throws ParseError for bad text.
+void register_mod_text(const std::string& name, ModKind kind, const std::string& text,
+                       std::vector<ir::BufferDecl> buffers,
+                       std::vector<std::pair<std::string, double>> params, std::string doc = "",
+                       std::function<std::vector<OwnedTensor>(const ShapeInfo&)> make_buffers = {});
+
+// Throws flexjit::Error listing the known names when `name` is not registered.
+const RegisteredMod& find_mod(const std::string& name);
+bool has_mod(const std::string& name);
+std::vector<std::string> mod_names(ModKind kind);
+std::vector<std::string> builtin_mod_names();  // registered by flexjit itself
+
+// Parses text into a TracedMod with the given buffers (views bound) and params (values).
+TracedMod parse_mod(const std::string& text, ModKind kind, const std::vector<OwnedTensor>& buffers,
+                    const std::vector<std::pair<std::string, double>>& params);
+
+// Binds a registered mod to example buffers for a shape: its TracedMod with bindings that
+// point into `storage` (which the caller keeps alive).
+TracedMod instantiate_example(const RegisteredMod& m, const ShapeInfo& shape,
+                              std::vector<OwnedTensor>* storage);
+
+namespace detail {
+void register_builtins();  // score_mods/builtin.cpp; called once by the registry
+}
+
+}  // namespace flexjit

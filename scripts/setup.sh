@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs everything flexjit needs to build, test and benchmark, idempotently: a second run
+# on a set-up machine does nothing but check. Debian 12 + PyPI only.
+set -euo pipefail
+
+APT_PACKAGES=(
+  cmake g++ ccache                               # build
+  llvm-19-dev libclang-19-dev libclang-cpp19-dev clang-19   # in-process C++ JIT (Clang + ORC)
+  libtbb-dev                                     # CPU parallelism
+  libgtest-dev libbenchmark-dev                  # tests and benchmarks
+  nlohmann-json3-dev libcli11-dev                # JSON reports, the command line
+  python3-venv
+)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# libtorch (C++ entry point, benchmark baselines) and Python torch (comparisons) come from the
+# torch wheel on PyPI; numpy for .npy files in scripts and tests; pytest for the Python tests.
+PY=${PYTHON:-python3}
+if ! $PY -c "import torch, numpy, pytest" >/dev/null 2>&1; then
+  echo "setup: pip installing torch numpy pytest"
+  $PY -m pip install -q torch numpy pytest
+fi
+echo "setup: ok (LLVM $(/usr/lib/llvm-19/bin/llvm-config --version), torch $($PY -c 'import torch; print(torch.__version__)'))"

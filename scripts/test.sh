@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Runs the whole test suite from a built tree (scripts/build.sh first).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export FLEXJIT_CACHE_DIR=${FLEXJIT_CACHE_DIR:-$PWD/build/test-cache}
+ctest --test-dir build --output-on-failure -j 2 "$@"

@@ -1,0 +1,119 @@
+// Shared helpers for the CPU kernel templates: 16-lane fp32 vectors, element conversion,
+// exp2 and log2. Included after mod_abi.h and before the generated mod body, so it must
+// not depend on the spec macros (the classify TU defines only FLEXJIT_ENTRY) and must not
+// use the generated mod's helper names (fj_flag, fj_iadd, ..., fj_bf16_to_f32): every
+// function here is spelled fjk_*.
+//
+// No system headers (each costs 150-500 ms of compile time): Clang vector extensions and
+// builtins only. The TU is built without -ffast-math, so +-inf and NaN behave per IEEE;
+// -fassociative-math is on, so no "magic constant" rounding tricks ((x + C) - C may fold).
+#ifndef FLEXJIT_CPU_COMMON_H
+#define FLEXJIT_CPU_COMMON_H
+
+typedef float fj_v16f __attribute__((vector_size(64)));                  // 16 x fp32
+typedef int fj_v16i __attribute__((vector_size(64)));                    // 16 x i32 / masks
+typedef unsigned fj_v16u __attribute__((vector_size(64)));               // 16 x u32
+typedef unsigned short fj_v16h __attribute__((vector_size(32)));         // 16 x bf16 bits
+typedef _Float16 fj_v16e __attribute__((vector_size(32)));               // 16 x fp16
+// Unaligned views (alignment 1 element) for loads/stores from user tensors.
+typedef float fj_v16f_u __attribute__((vector_size(64), aligned(4)));
+typedef unsigned short fj_v16h_u __attribute__((vector_size(32), aligned(2)));
+typedef _Float16 fj_v16e_u __attribute__((vector_size(32), aligned(2)));
+
+#define FJK_NEG_INF (-__builtin_inff())
+#define FJK_LOG2E 1.44269504088896340736f
+#define FJK_LN2 0.693147180559945309417
+
+static inline fj_v16f fjk_splat(float x) { return (fj_v16f){} + x; }
+static inline fj_v16f fjk_load(const float* p) { return *(const fj_v16f*)p; }  // 64-B aligned
+static inline void fjk_store(float* p, fj_v16f v) { *(fj_v16f*)p = v; }         // 64-B aligned
+static inline fj_v16f fjk_max(fj_v16f a, fj_v16f b) { return a > b ? a : b; }  // vmaxps
+static inline fj_v16f fjk_iota() {
+  return (fj_v16f){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+}
+static inline bool fjk_any(fj_v16i m) { return __builtin_reduce_or(m) != 0; }
+
+// ---- element conversion: fp32 (float), bf16 (unsigned short bits), fp16 (_Float16) ----
+static inline float fjk_to_f32(float x) { return x; }
+static inline float fjk_to_f32(unsigned short x) {  // bf16 is the high half of an fp32
+  return __builtin_bit_cast(float, (unsigned)x << 16);
+}
+static inline float fjk_to_f32(_Float16 x) { return (float)x; }
+
+static inline void fjk_from_f32(float x, float* dst) { *dst = x; }
+static inline void fjk_from_f32(float x, _Float16* dst) { *dst = (_Float16)x; }  // RNE
+static inline void fjk_from_f32(float x, unsigned short* dst) {
+  // bf16 = fp32 rounded to nearest-even at bit 16. Adding 0x7fff + lsb rounds; a NaN could
+  // round into an infinity's bit pattern, so it is written as a quiet NaN instead.
+  unsigned u = __builtin_bit_cast(unsigned, x);
+  unsigned r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  *dst = (unsigned short)(x != x ? 0x7fc0u : r);
+}
+
+// 16 contiguous elements -> fp32 lanes.
+static inline fj_v16f fjk_load16(const float* p) { return *(const fj_v16f_u*)p; }
+static inline fj_v16f fjk_load16(const unsigned short* p) {
+  fj_v16u u = __builtin_convertvector(*(const fj_v16h_u*)p, fj_v16u);
+  return __builtin_bit_cast(fj_v16f, u << 16);
+}
+static inline fj_v16f fjk_load16(const _Float16* p) {
+  return __builtin_convertvector(*(const fj_v16e_u*)p, fj_v16f);
+}
+
+// ---- 2^x for 16 lanes ----
+// 2^x = 2^n * 2^f with n = round(x), f = x - n in [-1/2, 1/2]; 2^f is Cephes' degree-6
+// polynomial (relative error ~2e-7, i.e. 1-2 ulp). Guards:
+//  - x = -inf (a masked score minus a finite max) must give exactly 0, and results that
+//    would be denormal are flushed to 0 too: x < -125.5 gives 0. Denormal P values would cost
+//    microcode assists in every FMA that reads them (long ALiBi rows reach them), and next to
+//    the row max's 2^0 = 1 they are far below fp32 resolution anyway;
+//  - x >= 128 gives +inf; NaN stays NaN (the compares are false for NaN).
+static inline fj_v16f fjk_exp2(fj_v16f x) {
+  const fj_v16i tiny = x < -125.5f;
+  x = x < -125.5f ? fjk_splat(-125.5f) : x;  // keeps n and f finite for x = -inf
+  x = x > 128.0f ? fjk_splat(128.0f) : x;
+  fj_v16f n = __builtin_elementwise_roundeven(x);
+  fj_v16f f = x - n;
+  fj_v16f p = fjk_splat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+#if defined(__AVX512F__)
+  // vscalefps: p * 2^n with correct overflow to inf, one instruction.
+  fj_v16f r = __builtin_ia32_scalefps512_mask(p, n, p, (unsigned short)0xffff, 4);
+#else
+  // 2^n built in the exponent field (n in [-126, 128]; 128 gives the +inf pattern).
+  fj_v16i e = (__builtin_convertvector(n, fj_v16i) + 127) << 23;
+  fj_v16f r = p * __builtin_bit_cast(fj_v16f, e);
+#endif
+  return tiny ? fjk_splat(0.0f) : r;
+}
+
+// ---- log2 for one positive finite fp32 (per-row LSE; computed in double) ----
+// x = 2^e * m with m in [sqrt(1/2), sqrt(2)); ln m = 2 atanh(t), t = (m-1)/(m+1), |t| < 0.172,
+// whose odd series to t^13 is exact to ~1e-12 relative. Callers guard x <= 0 (-> -inf).
+static inline double fjk_log2(float x) {
+  unsigned u = __builtin_bit_cast(unsigned, x);
+  int e = (int)((u >> 23) & 0xffu) - 127;
+  if (e == -127) {  // denormal: scale into the normal range first
+    x *= 8388608.0f;  // 2^23
+    u = __builtin_bit_cast(unsigned, x);
+    e = (int)((u >> 23) & 0xffu) - 127 - 23;
+  }
+  double m = (double)__builtin_bit_cast(float, (u & 0x007fffffu) | 0x3f800000u);  // [1, 2)
+  if (m > 1.4142135623730951) { m *= 0.5; e += 1; }
+  double t = (m - 1.0) / (m + 1.0), t2 = t * t;
+  double s = 1.0 / 13;
+  s = s * t2 + 1.0 / 11;
+  s = s * t2 + 1.0 / 9;
+  s = s * t2 + 1.0 / 7;
+  s = s * t2 + 1.0 / 5;
+  s = s * t2 + 1.0 / 3;
+  s = s * t2 + 1.0;
+  return (double)e + 2.0 * t * s * 1.4426950408889634;  // log2(m) = ln(m) / ln 2
+}
+
+#endif  // FLEXJIT_CPU_COMMON_H

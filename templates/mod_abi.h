@@ -1,0 +1,87 @@
+// The ABI between the runtime (ordinary C++) and generated kernels (JIT-compiled C++).
+// This header is included by both, so it uses no system headers and only C-layout structs.
+// Any change here changes every kernel's cache key (the template text is hashed).
+#ifndef FLEXJIT_MOD_ABI_H
+#define FLEXJIT_MOD_ABI_H
+
+typedef long long fj_i64;
+
+// A captured tensor read by a mod: `name[i]` or `name(i, j, ...)`. Strides in elements.
+// Element dtype and rank are compile-time facts of the generated mod code.
+struct FlexBuffer {
+  const void* data;
+  fj_i64 sizes[4];
+  fj_i64 strides[4];
+};
+
+// What generated mod code may read besides its own arguments.
+struct FlexModArgs {
+  const struct FlexBuffer* buffers;  // in ModSet order (sorted by name)
+  const float* params;               // runtime scalars, in ModSet order (sorted by name)
+  int* error_flag;                   // set to 1 by a mod that indexed a buffer out of range
+};
+
+// One forward prefill launch. Layouts (strides in elements, any values allowed):
+//   q   [B,   Hq,  Lq,  D ]      k [Bkv, Hkv, Lkv, D]      v [Bkv, Hkv, Lkv, Dv]
+//   out [B,   Hq,  Lq,  Dv]    lse [B,   Hq,  Lq]   (fp32, natural log; null = not wanted)
+// Bkv is 1 (broadcast) or B. Query head h reads KV head h / (Hq / Hkv).
+// q/k/v/out element type is the kernel's dtype; accumulation is fp32.
+struct FlexPrefillArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;
+  fj_i64 B, Hq, Hkv, Lq, Lkv, Bkv;
+  fj_i64 q_strides[4];
+  fj_i64 k_strides[4];
+  fj_i64 v_strides[4];
+  fj_i64 out_strides[4];
+  fj_i64 lse_strides[3];
+  float scale;  // multiplies q.k before score_mod
+
+  // Block-sparse mask in PyTorch's BlockMask layout (int32, contiguous):
+  //   kv_num_blocks      [mask_B, mask_H, mask_q_blocks]
+  //   kv_indices         [mask_B, mask_H, mask_q_blocks, mask_kv_blocks]
+  //   full_kv_num_blocks, full_kv_indices: same shapes (may be null: no full blocks)
+  // A mask dim of size 1 broadcasts over B or Hq. Listed blocks are in units of
+  // mask_q_block_size x mask_kv_block_size; the kernel's BLOCK_M divides mask_q_block_size
+  // and BLOCK_N divides mask_kv_block_size (the runtime checks). "Partial" blocks evaluate
+  // mask_mod per element; "full" blocks skip it. kv_num_blocks == null means no block mask:
+  // every KV block is visited, as partial if the kernel has a mask_mod.
+  const int* kv_num_blocks;
+  const int* kv_indices;
+  const int* full_kv_num_blocks;
+  const int* full_kv_indices;
+  fj_i64 mask_B, mask_H, mask_q_blocks, mask_kv_blocks;
+  fj_i64 mask_q_block_size, mask_kv_block_size;
+  // Row strides (last-dim sizes) of kv_indices and full_kv_indices. PyTorch's layout uses
+  // mask_kv_blocks for both; flexjit's own BlockMask stores only as many columns as the
+  // fullest row needs (a 128k causal mask then takes ~4 MB, not 8), so each has its own.
+  fj_i64 kv_indices_stride, full_kv_indices_stride;
+
+  struct FlexModArgs mod;
+};
+
+// Kernel entry (one per translation unit, name chosen by jit/instantiate):
+//   extern "C" void ENTRY(const FlexPrefillArgs* args, fj_i64 begin, fj_i64 end);
+// processes work items [begin, end) of the linearised (b, hq, m_block) space,
+//   item = (b * Hq + hq) * num_m_blocks + m_block,  num_m_blocks = ceil(Lq / BLOCK_M).
+// The runtime splits the item space across threads.
+typedef void (*FlexPrefillFn)(const struct FlexPrefillArgs*, fj_i64, fj_i64);
+
+// Block classification entry for building a BlockMask from a mask_mod without a dense mask:
+//   extern "C" void ENTRY(const FlexClassifyArgs* args, fj_i64 begin, fj_i64 end);
+// For each item in [begin, end) (an index into the blocks array) it evaluates mask_mod over
+// the block's elements (clipped to Lq x Lkv) and writes out[i] = 0 (empty), 1 (partial) or
+// 2 (full). Each block is (b, h, q_block, kv_block).
+struct FlexClassifyArgs {
+  const int* blocks;  // [n][4] = b, h, q_block, kv_block
+  signed char* out;   // [n]
+  fj_i64 Lq, Lkv;
+  fj_i64 q_block_size, kv_block_size;
+  struct FlexModArgs mod;
+};
+typedef void (*FlexClassifyFn)(const struct FlexClassifyArgs*, fj_i64, fj_i64);
+
+#endif  // FLEXJIT_MOD_ABI_H

@@ -1,0 +1,194 @@
+// LABELS: unit
+// jit/compile: C++ text -> object (Clang libraries in process) -> function pointer (ORC LLJIT).
+#include "jit/compile.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "jit/types.h"
+
+namespace flexjit::jit {
+namespace {
+
+// A header-free kernel in the style of the templates: 64-byte Clang vectors, builtins only.
+constexpr const char* kSumExpSource = R"(
+typedef float f32x16 __attribute__((vector_size(64)));
+extern "C" float flexjit_test_sum_exp(const float* x, int n) {
+  f32x16 acc = {};
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    f32x16 v;
+    __builtin_memcpy(&v, x + i, sizeof(v));
+    for (int k = 0; k < 16; ++k) acc[k] += __builtin_expf(v[k]);
+  }
+  float s = 0.0f;
+  for (int k = 0; k < 16; ++k) s += acc[k];
+  for (; i < n; ++i) s += __builtin_expf(x[i]);
+  return s;
+}
+)";
+
+using SumExpFn = float (*)(const float*, int);
+
+std::vector<float> test_input(int n) {
+  std::vector<float> x(n);
+  for (int i = 0; i < n; ++i) x[i] = std::sin(0.37f * float(i)) * 3.0f;
+  return x;
+}
+
+double sum_exp_reference(const std::vector<float>& x) {
+  double s = 0;
+  for (float v : x) s += std::exp(double(v));
+  return s;
+}
+
+std::string error_message(const std::string& source, const std::string& name) {
+  try {
+    compile_cpp_to_object(source, name);
+  } catch (const flexjit::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(Compile, VectorKernelCompilesLoadsAndRuns) {
+  CompileResult r = compile_cpp_to_object(kSumExpSource, "sum_exp.cpp");
+  ASSERT_GT(r.object.size(), 64u);
+  EXPECT_EQ(r.object.compare(0, 4, "\x7f" "ELF"), 0) << "not an ELF object";
+  EXPECT_TRUE(r.log.empty()) << r.log;
+  EXPECT_GT(r.frontend_ms, 0);
+  EXPECT_GT(r.optimize_ms, 0);
+  EXPECT_GT(r.codegen_ms, 0);
+  std::printf("[ timing ] frontend %.1f ms, optimize %.1f ms, codegen %.1f ms, object %zu bytes\n",
+              r.frontend_ms, r.optimize_ms, r.codegen_ms, r.object.size());
+
+  auto fn = reinterpret_cast<SumExpFn>(load_object(r.object, "flexjit_test_sum_exp"));
+  ASSERT_NE(fn, nullptr);
+  for (int n : {0, 1, 17, 97, 129}) {
+    std::vector<float> x = test_input(n);
+    double ref = sum_exp_reference(x);
+    EXPECT_NEAR(fn(x.data(), n), ref, 1e-5 * std::max(1.0, ref)) << "n=" << n;
+  }
+}
+
+TEST(Compile, SameObjectLoadsTwiceIndependently) {
+  CompileResult r = compile_cpp_to_object(kSumExpSource, "sum_exp.cpp");
+  void* a = load_object(r.object, "flexjit_test_sum_exp");
+  void* b = load_object(r.object, "flexjit_test_sum_exp");
+  EXPECT_NE(a, b);  // each object gets its own JITDylib
+  std::vector<float> x = test_input(33);
+  EXPECT_EQ(reinterpret_cast<SumExpFn>(a)(x.data(), 33), reinterpret_cast<SumExpFn>(b)(x.data(), 33));
+}
+
+TEST(Compile, KernelCallsProcessLibm) {
+  // tanhf has no inline expansion: it must resolve from libm through the process symbols.
+  const char* src = R"(
+extern "C" float tanhf(float);
+extern "C" float flexjit_test_softcap(float s, float c) { return c * tanhf(s / c); }
+)";
+  CompileResult r = compile_cpp_to_object(src, "softcap.cpp");
+  auto fn = reinterpret_cast<float (*)(float, float)>(load_object(r.object, "flexjit_test_softcap"));
+  EXPECT_NEAR(fn(3.0f, 2.0f), 2.0f * std::tanh(1.5f), 1e-6);
+}
+
+TEST(Compile, SyntaxErrorHasLineColumnAndNameThenNextCompileWorks) {
+  const std::string bad = "extern \"C\" int flexjit_test_bad(int x) {\n  return x +\n}\n";
+  std::string msg = error_message(bad, "broken_kernel.cpp");
+  ASSERT_FALSE(msg.empty()) << "a syntax error must throw flexjit::Error";
+  EXPECT_NE(msg.find("broken_kernel.cpp:3:1: error"), std::string::npos) << msg;
+  EXPECT_EQ(msg.find("\x1b["), std::string::npos) << "no terminal colour codes: " << msg;
+
+  // An undeclared identifier (Sema, not the parser) also reports line:col.
+  std::string sema = error_message("extern \"C\" int f() {\n  return y;\n}\n", "/tmp/k/sema.cpp");
+  EXPECT_NE(sema.find("/tmp/k/sema.cpp:2:10: error: use of undeclared identifier 'y'"),
+            std::string::npos)
+      << sema;
+
+  CompileResult r = compile_cpp_to_object(kSumExpSource, "after_error.cpp");
+  auto fn = reinterpret_cast<SumExpFn>(load_object(r.object, "flexjit_test_sum_exp"));
+  std::vector<float> x = test_input(20);
+  EXPECT_NEAR(fn(x.data(), 20), sum_exp_reference(x), 1e-4);
+}
+
+TEST(Compile, WarningsGoToTheLog) {
+  CompileResult r = compile_cpp_to_object(
+      "extern \"C\" int flexjit_test_warn(int x) { int a[2] = {1, 2}; return a[x] + a[5]; }\n",
+      "warn.cpp");
+  EXPECT_NE(r.log.find("warn.cpp:1:"), std::string::npos) << r.log;
+  EXPECT_NE(r.log.find("warning"), std::string::npos) << r.log;
+}
+
+TEST(Compile, DynamicInitializerIsRejected) {
+  // Nothing runs static constructors in the JIT: the global would stay zero.
+  std::string msg = error_message(
+      "extern \"C\" float flexjit_ext(); float g = flexjit_ext();\n"
+      "extern \"C\" float flexjit_test_g() { return g; }\n",
+      "ctor.cpp");
+  EXPECT_NE(msg.find("dynamic initialization"), std::string::npos) << msg;
+}
+
+TEST(Compile, LoadErrorsThrow) {
+  EXPECT_THROW(load_object("definitely not an object file", "f"), flexjit::Error);
+
+  CompileResult r = compile_cpp_to_object(kSumExpSource, "sum_exp.cpp");
+  try {
+    load_object(r.object, "no_such_symbol");
+    ADD_FAILURE() << "a missing symbol must throw";
+  } catch (const flexjit::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("no_such_symbol"), std::string::npos) << e.what();
+  }
+
+  // An external that the process does not define fails at link time, with its name.
+  CompileResult u = compile_cpp_to_object(
+      "extern \"C\" int flexjit_undefined_helper_xyz(int);\n"
+      "extern \"C\" int flexjit_test_u(int x) { return flexjit_undefined_helper_xyz(x); }\n",
+      "undef.cpp");
+  try {
+    load_object(u.object, "flexjit_test_u");
+    ADD_FAILURE() << "an unresolved external must throw";
+  } catch (const flexjit::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("flexjit_undefined_helper_xyz"), std::string::npos)
+        << e.what();
+  }
+  // The JIT still works afterwards.
+  auto fn = reinterpret_cast<SumExpFn>(load_object(r.object, "flexjit_test_sum_exp"));
+  std::vector<float> x = test_input(5);
+  EXPECT_NEAR(fn(x.data(), 5), sum_exp_reference(x), 1e-4);
+}
+
+TEST(Compile, ConcurrentCompilesAreIndependent) {
+  std::vector<std::thread> threads;
+  std::vector<int> results(2, -1);
+  for (int t = 0; t < 2; ++t) {
+    threads.emplace_back([t, &results] {
+      std::string sym = "flexjit_test_mul" + std::to_string(t);
+      std::string src = "extern \"C\" int " + sym + "(int x) { return x * " +
+                        std::to_string(t + 2) + "; }\n";
+      CompileResult r = compile_cpp_to_object(src, sym + ".cpp");
+      results[t] = reinterpret_cast<int (*)(int)>(load_object(r.object, sym))(10);
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(results[0], 20);
+  EXPECT_EQ(results[1], 30);
+}
+
+TEST(Compile, CompilerIdentityIsStableAndNamesTheTarget) {
+  const std::string& a = compiler_identity();
+  const std::string& b = compiler_identity();
+  EXPECT_FALSE(a.empty());
+  EXPECT_EQ(&a, &b);
+  EXPECT_EQ(a, b);
+  EXPECT_NE(a.find("cpu="), std::string::npos) << a;
+  EXPECT_NE(a.find("features="), std::string::npos) << a;
+  EXPECT_NE(a.find("-mprefer-vector-width=512"), std::string::npos) << a;
+  EXPECT_NE(a.find("clang"), std::string::npos) << a;
+}
+
+}  // namespace
+}  // namespace flexjit::jit

@@ -1,0 +1,279 @@
+// LABELS: numerics
+// flex_attention against the float64 reference: odd lengths, D not a power of two, GQA group 3,
+// KV broadcast, strided inputs, Dv != D, fully masked rows, every built-in mod, fp32/bf16/fp16.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "jit/cache.h"
+#include "runtime/attention.h"
+#include "runtime/reference.h"
+#include "score_mods/registry.h"
+#include "tests/tolerances.h"
+
+namespace flexjit {
+namespace {
+
+struct Case {
+  DType dtype = DType::F32;
+  int D = 64, Dv = 64;
+  int64_t Lq = 17, Lkv = 17;
+  int B = 1, Bkv = 1, Hq = 1, Hkv = 1;
+  std::string score_mod, mask_mod;  // registered names or expression text
+  bool strided = false;             // memory laid out [B, L, H, D], viewed as [B, H, L, D]
+  int block_m = 0, block_n = 0;     // kernel options (0 = default)
+  int64_t mask_block = 0;           // BlockMask block size (0 = default)
+};
+
+std::string name_of(const Case& c) {
+  std::string n = std::string(dtype_name(c.dtype)) + "_D" + std::to_string(c.D);
+  if (c.Dv != c.D) n += "_Dv" + std::to_string(c.Dv);
+  n += "_Lq" + std::to_string(c.Lq) + "_Lkv" + std::to_string(c.Lkv);
+  n += "_B" + std::to_string(c.B) + (c.Bkv != c.B ? "x" + std::to_string(c.Bkv) : "");
+  n += "_H" + std::to_string(c.Hq) + "x" + std::to_string(c.Hkv);
+  auto clean = [](std::string s) {
+    std::string o;
+    for (char ch : s) o += std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';
+    return o.substr(0, 24);
+  };
+  if (!c.score_mod.empty()) n += "_s_" + clean(c.score_mod);
+  if (!c.mask_mod.empty()) n += "_m_" + clean(c.mask_mod);
+  if (c.strided) n += "_strided";
+  if (c.block_m) n += "_bm" + std::to_string(c.block_m) + "x" + std::to_string(c.block_n);
+  if (c.mask_block) n += "_mb" + std::to_string(c.mask_block);
+  return n;
+}
+
+// A 4-D tensor [d0, d1, d2, d3]; when `strided`, memory is [d0, d2, d1, d3] (BLHD) instead.
+OwnedTensor make_tensor(DType dt, int64_t d0, int64_t d1, int64_t d2, int64_t d3, bool strided, uint64_t seed) {
+  OwnedTensor t = OwnedTensor::make("t", dt, strided ? std::vector<int64_t>{d0, d2, d1, d3}
+                                                      : std::vector<int64_t>{d0, d1, d2, d3});
+  fill_random(t.view, seed);
+  if (strided) {
+    std::swap(t.view.sizes[1], t.view.sizes[2]);
+    std::swap(t.view.strides[1], t.view.strides[2]);
+  }
+  return t;
+}
+
+double round_to(DType dt, double x) {
+  if (dt == DType::BF16) {
+    float f = float(x);
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    u += 0x7fff + ((u >> 16) & 1);
+    u &= 0xffff0000u;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  if (dt == DType::F16) return double(static_cast<_Float16>(float(x)));
+  return double(float(x));
+}
+
+TracedMod resolve(const std::string& s, ModKind kind, const ShapeInfo& shape, std::vector<OwnedTensor>* storage) {
+  if (has_mod(s)) return instantiate_example(find_mod(s), shape, storage);
+  return parse_mod(s, kind, {}, {});
+}
+
+void run_case(const Case& c) {
+  SCOPED_TRACE(name_of(c));
+  OwnedTensor q = make_tensor(c.dtype, c.B, c.Hq, c.Lq, c.D, c.strided, 11);
+  OwnedTensor k = make_tensor(c.dtype, c.Bkv, c.Hkv, c.Lkv, c.D, c.strided, 22);
+  OwnedTensor v = make_tensor(c.dtype, c.Bkv, c.Hkv, c.Lkv, c.Dv, c.strided, 33);
+  OwnedTensor out = OwnedTensor::make("out", c.dtype, {c.B, c.Hq, c.Lq, c.Dv});
+  OwnedTensor lse = OwnedTensor::make("lse", DType::F32, {c.B, c.Hq, c.Lq});
+  std::memset(out.bytes->data(), 0x7f, out.bytes->size());  // garbage: every element must be written
+  ShapeInfo shape{c.B, c.Hq, c.Hkv, c.Lq, c.Lkv};
+  std::vector<OwnedTensor> storage;
+  TracedMod sm, mm;
+  if (!c.score_mod.empty()) sm = resolve(c.score_mod, ModKind::Score, shape, &storage);
+  if (!c.mask_mod.empty()) mm = resolve(c.mask_mod, ModKind::Mask, shape, &storage);
+  auto [mods, bind] = combine(c.score_mod.empty() ? nullptr : &sm, c.mask_mod.empty() ? nullptr : &mm);
+
+  AttentionOptions opt;
+  opt.enable_gqa = c.Hq != c.Hkv;
+  opt.block_m = c.block_m;
+  opt.block_n = c.block_n;
+  runtime::BlockMask mask;
+  const runtime::BlockMask* mp = nullptr;
+  if (c.mask_block && mods.has_mask_mod()) {
+    mask = runtime::create_block_mask(mods, bind, c.B, c.Hq, c.Lq, c.Lkv, c.mask_block, c.mask_block);
+    mp = &mask;
+  }
+  flex_attention(q.view, k.view, v.view, out.view, &lse.view, mods, bind, mp, opt);
+
+  double scale = 1.0 / std::sqrt(double(c.D));
+  RefResult gold = reference_attention(q.view, k.view, v.view, mods, bind, scale);
+  RefResult base = reference_attention(q.view, k.view, v.view, mods, bind, scale, /*fp32=*/true);
+  std::vector<double> got = to_doubles(out.view), got_lse = to_doubles(lse.view);
+  auto tol = testing::output_tolerance(c.dtype);
+  double err_sum = 0, base_sum = 0;
+  int bad = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    double g = gold.out[i], e = std::fabs(got[i] - g);
+    ASSERT_FALSE(std::isnan(got[i])) << "NaN in output at " << i;
+    err_sum += e;
+    base_sum += std::fabs(round_to(c.dtype, base.out[i]) - g);
+    if (e > tol.atol + tol.rtol * std::fabs(g) && ++bad <= 5)
+      ADD_FAILURE() << "out[" << i << "] = " << got[i] << ", reference " << g;
+  }
+  EXPECT_EQ(bad, 0) << "elements out of tolerance";
+  double n = double(std::max<size_t>(1, got.size()));
+  EXPECT_LE(err_sum / n, testing::kBaselineFactor * base_sum / n + testing::kMeanFloor)
+      << "mean error vs the fp32 baseline's";
+  for (size_t i = 0; i < got_lse.size(); ++i) {
+    double g = gold.lse[i];
+    if (std::isinf(g)) {
+      EXPECT_TRUE(std::isinf(got_lse[i]) && got_lse[i] < 0) << "lse[" << i << "] of a fully masked row";
+    } else {
+      EXPECT_NEAR(got_lse[i], g, testing::kLseTolerance.atol + testing::kLseTolerance.rtol * std::fabs(g) +
+                                     (c.dtype == DType::F32 ? 0 : 1e-4))
+          << "lse[" << i << "]";
+    }
+  }
+}
+
+class Numerics : public ::testing::TestWithParam<Case> {};
+TEST_P(Numerics, MatchesFloat64Reference) { run_case(GetParam()); }
+
+std::vector<Case> shape_cases() {
+  std::vector<Case> out;
+  for (DType dt : {DType::F32, DType::BF16})
+    for (int D : {48, 64, 80, 128})
+      for (int64_t L : {1, 17, 97, 129, 1000}) {
+        if (dt == DType::BF16 && L == 1000 && D != 128) continue;  // keep the suite quick
+        Case c;
+        c.dtype = dt;
+        c.D = c.Dv = D;
+        c.Lq = c.Lkv = L;
+        c.Hq = 3;
+        c.Hkv = 1;  // GQA group 3
+        out.push_back(c);
+      }
+  return out;
+}
+INSTANTIATE_TEST_SUITE_P(Shapes, Numerics, ::testing::ValuesIn(shape_cases()),
+                         [](const auto& info) { return name_of(info.param); });
+
+// Every registered built-in, alone, in fp32 and bf16, with GQA and batch 2.
+std::vector<Case> builtin_cases() {
+  std::vector<Case> out;
+  for (const std::string& name : builtin_mod_names()) {
+    for (DType dt : {DType::F32, DType::BF16}) {
+      Case c;
+      c.dtype = dt;
+      c.D = c.Dv = 80;
+      c.Lq = 129;
+      c.Lkv = 300;
+      c.B = c.Bkv = 2;
+      c.Hq = 6;
+      c.Hkv = 2;
+      (find_mod(name).kind == ModKind::Score ? c.score_mod : c.mask_mod) = name;
+      out.push_back(c);
+    }
+  }
+  return out;
+}
+INSTANTIATE_TEST_SUITE_P(Builtins, Numerics, ::testing::ValuesIn(builtin_cases()),
+                         [](const auto& info) { return name_of(info.param); });
+
+std::vector<Case> special_cases() {
+  std::vector<Case> out;
+  Case c;
+  c.Hq = 3;
+  c.Hkv = 3;
+  // Lq != Lkv, both directions, and a single query (decode-like).
+  for (auto [lq, lkv] : {std::pair<int64_t, int64_t>{17, 97}, {97, 1}, {1, 1000}, {129, 4097}}) {
+    Case x = c;
+    x.Lq = lq;
+    x.Lkv = lkv;
+    out.push_back(x);
+  }
+  // Combinations of score and mask mods, with a block mask of 64 and kernel blocks that divide it.
+  for (auto [s, m] : {std::pair<std::string, std::string>{"alibi", "causal"}, {"softcap", "sliding_window"},
+                      {"rel_pos", "document"}, {"alibi", "prefix_lm"}}) {
+    Case x = c;
+    x.Lq = x.Lkv = 333;
+    x.score_mod = s;
+    x.mask_mod = m;
+    x.mask_block = 64;
+    out.push_back(x);
+  }
+  // Fully masked rows: every third query row, and a whole leading q-block.
+  {
+    Case x = c;
+    x.Lq = x.Lkv = 97;
+    x.mask_mod = "q_idx % 3 != 1";
+    out.push_back(x);
+    x.mask_mod = "q_idx >= 70 && kv_idx <= q_idx";
+    x.mask_block = 32;
+    out.push_back(x);
+    x.dtype = DType::BF16;
+    out.push_back(x);
+  }
+  // Strided inputs, KV batch broadcast, Dv != D, fp16, other kernel blocks.
+  {
+    Case x = c;
+    x.Lq = 65;
+    x.Lkv = 130;
+    x.strided = true;
+    x.score_mod = "alibi";
+    out.push_back(x);
+    x.strided = false;
+    x.B = 3;
+    x.Bkv = 1;
+    out.push_back(x);
+    Case y = c;
+    y.D = 64;
+    y.Dv = 80;
+    y.Lq = y.Lkv = 97;
+    out.push_back(y);
+    y.D = 256;
+    y.Dv = 24;
+    out.push_back(y);
+    Case z = c;
+    z.dtype = DType::F16;
+    z.Lq = z.Lkv = 129;
+    z.score_mod = "softcap";
+    out.push_back(z);
+    Case w = c;
+    w.Lq = w.Lkv = 200;
+    w.mask_mod = "causal";
+    w.block_m = 16;
+    w.block_n = 32;
+    w.mask_block = 64;
+    out.push_back(w);
+    w.block_m = 64;
+    w.block_n = 128;
+    w.mask_block = 128;
+    out.push_back(w);
+  }
+  return out;
+}
+INSTANTIATE_TEST_SUITE_P(Special, Numerics, ::testing::ValuesIn(special_cases()),
+                         [](const auto& info) { return name_of(info.param); });
+
+// Changing a param value or the sequence length reuses the compiled kernel.
+TEST(Recompile, ParamValuesAndLengthsNeverRecompile) {
+  std::vector<OwnedTensor> storage;
+  const RegisteredMod& m = find_mod("softcap");
+  auto first = [&](int64_t L, double cap) {
+    OwnedTensor q = make_tensor(DType::F32, 1, 2, L, 32, false, 1);
+    OwnedTensor out = OwnedTensor::make("o", DType::F32, {1, 2, L, 32});
+    TracedMod t = m.mod;
+    t.bindings.params = {{"cap", cap}};
+    auto [mods, bind] = combine(&t, nullptr);
+    AttentionReport rep;
+    flex_attention(q.view, q.view, q.view, out.view, nullptr, mods, bind, nullptr, {}, &rep);
+    return rep.cache;
+  };
+  first(40, 20.0);  // may compile (or hit the disk cache)
+  EXPECT_EQ(first(41, 20.0), "memory");
+  EXPECT_EQ(first(40, 5.0), "memory");
+  EXPECT_EQ(first(1000, 1.5), "memory");
+}
+
+}  // namespace
+}  // namespace flexjit
