@@ -16,7 +16,6 @@
 #include <exception>
 #include <filesystem>
 #include <optional>
-#include <sstream>
 
 #include "jit/compile.h"
 #include "jit/types.h"
@@ -43,16 +42,16 @@ constexpr size_t kMaxObjectBytes = size_t{1} << 30;
 bool valid_key(const std::string& key) {
   if (key.empty() || key.size() > 128) return false;
   return std::all_of(key.begin(), key.end(), [](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           c == '_' || c == '-';
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+           c == '-';
   });
 }
 
 bool valid_symbol(const std::string& s) {
   if (s.empty() || (s[0] >= '0' && s[0] <= '9')) return false;
   return std::all_of(s.begin(), s.end(), [](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           c == '_' || c == '$' || c == '.';
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+           c == '$' || c == '.';
   });
 }
 
@@ -87,8 +86,8 @@ std::optional<std::string> read_file(const std::string& path, size_t max_bytes) 
 // empty or stale, which the manifest's length and checksum turn into a miss.
 bool write_file_atomic(const std::string& dir, const std::string& name, const std::string& data) {
   static std::atomic<unsigned long> counter{0};
-  std::string tmp = dir + "/.tmp-" + name + "." + std::to_string(::getpid()) + "." +
-                    std::to_string(++counter);
+  std::string tmp =
+      dir + "/.tmp-" + name + "." + std::to_string(::getpid()) + "." + std::to_string(++counter);
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd < 0) return false;
   size_t done = 0;
@@ -178,8 +177,8 @@ std::string default_cache_dir() {
 }  // namespace
 
 std::string sha256_hex(const std::string& data) {
-  auto digest = llvm::SHA256::hash(llvm::ArrayRef<uint8_t>(
-      reinterpret_cast<const uint8_t*>(data.data()), data.size()));
+  auto digest = llvm::SHA256::hash(
+      llvm::ArrayRef<uint8_t>(reinterpret_cast<const uint8_t*>(data.data()), data.size()));
   static const char* hex = "0123456789abcdef";
   std::string out;
   out.reserve(64);
@@ -198,9 +197,9 @@ std::string make_key(std::vector<std::pair<std::string, std::string>> fields) {
   std::string text;
   for (size_t i = 0; i < fields.size(); ++i) {
     const std::string& name = fields[i].first;
-    FLEXJIT_CHECK(!name.empty() && name.find_first_of("=\n") == std::string::npos,
-                  "cache key field names are non-empty and contain no '=' or newline: '" +
-                      name + "'");
+    FLEXJIT_CHECK(
+        !name.empty() && name.find_first_of("=\n") == std::string::npos,
+        "cache key field names are non-empty and contain no '=' or newline: '" + name + "'");
     FLEXJIT_CHECK(i == 0 || fields[i - 1].first != name,
                   "cache key field names are unique: '" + name + "' appears twice");
     text += name;
@@ -221,9 +220,12 @@ std::string make_key(std::vector<std::pair<std::string, std::string>> fields) {
 
 const char* cache_hit_name(CacheHit h) {
   switch (h) {
-    case CacheHit::Miss: return "miss";
-    case CacheHit::Memory: return "memory";
-    case CacheHit::Disk: return "disk";
+    case CacheHit::Miss:
+      return "miss";
+    case CacheHit::Memory:
+      return "memory";
+    case CacheHit::Disk:
+      return "disk";
   }
   return "?";
 }
@@ -310,8 +312,8 @@ CachedKernel KernelCache::get_or_compile(const std::string& key, const std::stri
   return result;
 }
 
-bool KernelCache::try_disk(const std::string& key, const std::string& symbol,
-                           bool& corrupt_counted, CachedKernel& out) {
+bool KernelCache::try_disk(const std::string& key, const std::string& symbol, bool& corrupt_counted,
+                           CachedKernel& out) {
   auto t0 = Clock::now();
   std::string object;
   DiskState state = read_entry(dir_, key, symbol, object);

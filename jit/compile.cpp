@@ -19,7 +19,6 @@
 #include <chrono>
 #include <memory>
 #include <mutex>
-#include <optional>
 
 #include "clang/Basic/Diagnostic.h"
 #include "clang/Basic/DiagnosticOptions.h"
@@ -178,7 +177,6 @@ std::unique_ptr<llvm::Module> run_frontend(const std::string& source, const std:
   clang::EmitLLVMOnlyAction action(&ctx);
   bool success = ci.ExecuteAction(action);
   std::unique_ptr<llvm::Module> module = action.takeModule();
-  ci.getDiagnostics().getClient()->finish();
   diag_os.flush();
   ok = success && module && !ci.getDiagnostics().hasErrorOccurred();
   return ok ? std::move(module) : nullptr;
@@ -204,8 +202,8 @@ std::unique_ptr<llvm::TargetMachine> make_target_machine(std::string& err) {
   // goes through the GOT/PLT, which JITLink builds; absolute 32-bit relocations (non-PIC code)
   // fail to link once JIT memory is mapped above 2 GiB.
   return std::unique_ptr<llvm::TargetMachine>(target->createTargetMachine(
-      host.triple, host.cpu, host.feature_string, opts, llvm::Reloc::PIC_,
-      llvm::CodeModel::Small, llvm::CodeGenOptLevel::Aggressive));
+      host.triple, host.cpu, host.feature_string, opts, llvm::Reloc::PIC_, llvm::CodeModel::Small,
+      llvm::CodeGenOptLevel::Aggressive));
 }
 
 void optimize_module(llvm::Module& m, llvm::TargetMachine& tm) {
@@ -307,8 +305,7 @@ const std::vector<std::string>& compile_flags() {
         // Distribution defaults that would add calls/instructions to every kernel.
         "-fno-stack-protector", "-fcf-protection=none",
         // The driver turns colour on when stderr is a terminal; the text ends up in exceptions.
-        "-fno-color-diagnostics", "-ferror-limit=30",
-        "-c"};
+        "-fno-color-diagnostics", "-ferror-limit=30", "-c"};
   }();
   return flags;
 }
@@ -383,9 +380,10 @@ void* load_object(const std::string& object, const std::string& symbol) {
     std::string msg = to_string(std::move(err));
     if (!t_session_errors.empty()) msg += "\n" + t_session_errors;
     t_session_errors.clear();
+    while (!msg.empty() && msg.back() == '\n') msg.pop_back();
     if (jd) llvm::consumeError(j.getExecutionSession().removeJITDylib(*jd));
-    throw flexjit::Error("flexjit: could not " + what + " for kernel symbol '" + symbol +
-                         "' (" + std::to_string(object.size()) + "-byte object): " + msg);
+    throw flexjit::Error("flexjit: could not " + what + " for kernel symbol '" + symbol + "' (" +
+                         std::to_string(object.size()) + "-byte object): " + msg);
   };
 
   t_session_errors.clear();

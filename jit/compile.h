@@ -10,8 +10,8 @@
 namespace flexjit::jit {
 
 struct CompileResult {
-  std::string object;  // ELF relocatable object file bytes
-  std::string log;     // Clang's warnings (empty when clean)
+  std::string object;      // ELF relocatable object file bytes
+  std::string log;         // Clang's warnings (empty when clean)
   double frontend_ms = 0;  // parse + Sema + IR generation
   double optimize_ms = 0;  // the LLVM O3 module pipeline
   double codegen_ms = 0;   // instruction selection ... object emission

@@ -44,12 +44,16 @@ class CacheTest : public ::testing::Test {
 
 // f(x) = x * mul + 1, through a vector loop and expf so the object has real code in it.
 std::string kernel_source(const std::string& symbol, int mul) {
-  return "typedef float f32x16 __attribute__((vector_size(64)));\n"
-         "extern \"C\" float " + symbol + "(float x) {\n"
-         "  f32x16 v = {};\n"
-         "  for (int k = 0; k < 16; ++k) v[k] = x * " + std::to_string(mul) + ".0f;\n"
-         "  return v[3] + __builtin_expf(0.0f);\n"
-         "}\n";
+  std::string src = R"(typedef float f32x16 __attribute__((vector_size(64)));
+extern "C" float SYMBOL(float x) {
+  f32x16 v = {};
+  for (int k = 0; k < 16; ++k) v[k] = x * MUL;
+  return v[3] + __builtin_expf(0.0f);
+}
+)";
+  src.replace(src.find("SYMBOL"), 6, symbol);
+  src.replace(src.find("MUL"), 3, std::to_string(mul) + ".0f");
+  return src;
 }
 
 using KernelFn = float (*)(float);
@@ -166,10 +170,8 @@ struct Damage {
 };
 
 const Damage kDamages[] = {
-    {"TruncatedObject",
-     [](const std::string& obj, const std::string&, const std::string&) {
-       fs::resize_file(obj, fs::file_size(obj) / 2);
-     }},
+    {"TruncatedObject", [](const std::string& obj, const std::string&,
+                           const std::string&) { fs::resize_file(obj, fs::file_size(obj) / 2); }},
     {"EmptyObject",
      [](const std::string& obj, const std::string&, const std::string&) { write_all(obj, ""); }},
     {"FlippedByteInObject",
@@ -195,7 +197,7 @@ const Damage kDamages[] = {
     {"GarbageObjectWithMatchingManifest",
      [](const std::string& obj, const std::string& meta, const std::string& key) {
        // The checksum passes, so the JIT itself must reject the bytes without crashing.
-       std::string junk = "\x7f" "ELF this is not really an object file";
+       std::string junk = "\177ELF this is not really an object file";
        write_all(obj, junk);
        write_all(meta, "flexjit-kernel-cache 1\nkey " + key + "\nsymbol k_dmg\nbytes " +
                            std::to_string(junk.size()) + "\nsha256 " + sha256_hex(junk) + "\n");
@@ -224,7 +226,8 @@ TEST_P(CacheDamageTest, DamagedEntryRecompiles) {
   EXPECT_EQ(s.disk_corrupt, 1);
   EXPECT_EQ(s.compiles, 1);
 
-  CachedKernel healed = KernelCache(dir_).get_or_compile(key, "k_dmg", [] { return std::string(); });
+  CachedKernel healed =
+      KernelCache(dir_).get_or_compile(key, "k_dmg", [] { return std::string(); });
   EXPECT_EQ(healed.hit, CacheHit::Disk);
   EXPECT_FLOAT_EQ(call(healed, 2.0f), 15.0f);
 }
@@ -234,8 +237,10 @@ INSTANTIATE_TEST_SUITE_P(Cache, CacheDamageTest, ::testing::ValuesIn(kDamages),
 
 TEST_F(CacheTest, DifferentKeysCompileSeparately) {
   KernelCache cache(dir_);
-  CachedKernel a = cache.get_or_compile(key_for("a"), "k_ab", [] { return kernel_source("k_ab", 2); });
-  CachedKernel b = cache.get_or_compile(key_for("b"), "k_ab", [] { return kernel_source("k_ab", 3); });
+  CachedKernel a =
+      cache.get_or_compile(key_for("a"), "k_ab", [] { return kernel_source("k_ab", 2); });
+  CachedKernel b =
+      cache.get_or_compile(key_for("b"), "k_ab", [] { return kernel_source("k_ab", 3); });
   EXPECT_EQ(a.hit, CacheHit::Miss);
   EXPECT_EQ(b.hit, CacheHit::Miss);
   EXPECT_NE(a.fn, b.fn);

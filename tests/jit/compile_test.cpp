@@ -59,7 +59,7 @@ std::string error_message(const std::string& source, const std::string& name) {
 TEST(Compile, VectorKernelCompilesLoadsAndRuns) {
   CompileResult r = compile_cpp_to_object(kSumExpSource, "sum_exp.cpp");
   ASSERT_GT(r.object.size(), 64u);
-  EXPECT_EQ(r.object.compare(0, 4, "\x7f" "ELF"), 0) << "not an ELF object";
+  EXPECT_EQ(r.object.compare(0, 4, "\177ELF"), 0) << "not an ELF object";
   EXPECT_TRUE(r.log.empty()) << r.log;
   EXPECT_GT(r.frontend_ms, 0);
   EXPECT_GT(r.optimize_ms, 0);
@@ -82,7 +82,8 @@ TEST(Compile, SameObjectLoadsTwiceIndependently) {
   void* b = load_object(r.object, "flexjit_test_sum_exp");
   EXPECT_NE(a, b);  // each object gets its own JITDylib
   std::vector<float> x = test_input(33);
-  EXPECT_EQ(reinterpret_cast<SumExpFn>(a)(x.data(), 33), reinterpret_cast<SumExpFn>(b)(x.data(), 33));
+  EXPECT_EQ(reinterpret_cast<SumExpFn>(a)(x.data(), 33),
+            reinterpret_cast<SumExpFn>(b)(x.data(), 33));
 }
 
 TEST(Compile, KernelCallsProcessLibm) {
@@ -92,7 +93,8 @@ extern "C" float tanhf(float);
 extern "C" float flexjit_test_softcap(float s, float c) { return c * tanhf(s / c); }
 )";
   CompileResult r = compile_cpp_to_object(src, "softcap.cpp");
-  auto fn = reinterpret_cast<float (*)(float, float)>(load_object(r.object, "flexjit_test_softcap"));
+  auto fn =
+      reinterpret_cast<float (*)(float, float)>(load_object(r.object, "flexjit_test_softcap"));
   EXPECT_NEAR(fn(3.0f, 2.0f), 2.0f * std::tanh(1.5f), 1e-6);
 }
 
@@ -167,8 +169,8 @@ TEST(Compile, ConcurrentCompilesAreIndependent) {
   for (int t = 0; t < 2; ++t) {
     threads.emplace_back([t, &results] {
       std::string sym = "flexjit_test_mul" + std::to_string(t);
-      std::string src = "extern \"C\" int " + sym + "(int x) { return x * " +
-                        std::to_string(t + 2) + "; }\n";
+      std::string src =
+          "extern \"C\" int " + sym + "(int x) { return x * " + std::to_string(t + 2) + "; }\n";
       CompileResult r = compile_cpp_to_object(src, sym + ".cpp");
       results[t] = reinterpret_cast<int (*)(int)>(load_object(r.object, sym))(10);
     });
