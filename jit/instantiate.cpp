@@ -8,8 +8,6 @@
 
 namespace flexjit::jit {
 
-const std::vector<std::pair<std::string, std::string>>& embedded_templates();  // generated
-
 namespace {
 
 const char* kind_name(KernelKind k) { return k == KernelKind::Prefill ? "prefill" : "classify"; }
@@ -72,19 +70,25 @@ const std::string& template_text(const std::string& path) {
   internal_error(__FILE__, __LINE__, "embedded template exists: " + path);
 }
 
+std::string templates_digest(const std::vector<std::pair<std::string, std::string>>& files) {
+  std::string all;
+  for (const auto& [p, text] : files) all += p + "\n" + sha256_hex(text) + "\n";
+  return sha256_hex(all);
+}
+
 Instantiation plan(const KernelSpec& spec, const ModSet& mods) {
+  // The templates are fixed for the life of the binary: hash them once per process.
+  static const std::string digest = templates_digest(embedded_templates());
+  return plan(spec, mods, digest);
+}
+
+Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string& templates_hash) {
   if (spec.kind == KernelKind::Prefill) {
     dtype_code(spec.dtype);
     if (spec.head_dim < 1 || spec.head_dim > 256 || spec.head_dim_v < 1 || spec.head_dim_v > 256)
       throw Error("head dims D=" + std::to_string(spec.head_dim) + ", Dv=" + std::to_string(spec.head_dim_v) +
                   " are not supported on CPU; D and Dv must be in 1..256");
   }
-  // Hash each template file once per process: they are fixed for the life of the binary.
-  static const std::string templates_hash = [] {
-    std::string all;
-    for (const auto& [p, text] : embedded_templates()) all += p + "\n" + sha256_hex(text) + "\n";
-    return sha256_hex(all);
-  }();
   ModSet eff = effective_mods(spec, mods);
   Instantiation inst;
   inst.key = make_key({{"templates", templates_hash},

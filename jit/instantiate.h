@@ -31,6 +31,13 @@ struct Instantiation {
 
 // Computes key and symbol without building the source (cheap enough for every call's slow path).
 Instantiation plan(const KernelSpec& spec, const ModSet& mods);
+// The same with an explicit digest of the template files (tests use it to show that editing a
+// template changes every key).
+Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string& templates_digest);
+
+// SHA-256 over (path, text) pairs: what plan() folds into keys for the embedded templates.
+std::string templates_digest(const std::vector<std::pair<std::string, std::string>>& files);
+const std::vector<std::pair<std::string, std::string>>& embedded_templates();
 
 // The full translation unit for `spec` and `mods`, defining `symbol`.
 std::string make_source(const KernelSpec& spec, const ModSet& mods, const std::string& symbol);

@@ -1,0 +1,125 @@
+// LABELS: unit compile_only
+// Template instantiation: keys cover everything that affects the binary (a template edit, the
+// spec, the mods), symbols are readable, and every template compiles with the identity mod for
+// each dtype and a spread of head dims, so template errors show up here and not at a user's
+// first call.
+#include <gtest/gtest.h>
+
+#include "jit/compile.h"
+#include "jit/instantiate.h"
+#include "jit/parser.h"
+
+namespace flexjit::jit {
+namespace {
+
+ModSet mods_of(const std::string& score, const std::string& mask) {
+  ModSet m;
+  if (!score.empty()) m.score_mod = ir::cast(parse_expr(score, ParseScope{}), ir::Type::Float);
+  ParseScope ms;
+  ms.allow_score = false;
+  if (!mask.empty()) m.mask_mod = ir::cast(parse_expr(mask, ms), ir::Type::Bool);
+  return m;
+}
+
+TEST(Instantiate, KeyIsStableAndCoversSpecModsAndTemplates) {
+  KernelSpec s;
+  ModSet m = mods_of("score * 2.0", "q_idx >= kv_idx");
+  Instantiation a = plan(s, m), b = plan(s, m);
+  EXPECT_EQ(a.key, b.key);
+  EXPECT_EQ(a.symbol, b.symbol);
+  EXPECT_EQ(a.key.size(), 64u);
+
+  auto differs = [&](const KernelSpec& s2, const ModSet& m2) { return plan(s2, m2).key != a.key; };
+  KernelSpec t = s;
+  t.head_dim = 80;
+  EXPECT_TRUE(differs(t, m));
+  t = s;
+  t.block_n = 32;
+  EXPECT_TRUE(differs(t, m));
+  t = s;
+  t.gqa_group = 3;
+  EXPECT_TRUE(differs(t, m));
+  t = s;
+  t.dtype = DType::BF16;
+  EXPECT_TRUE(differs(t, m));
+  EXPECT_TRUE(differs(s, mods_of("score * 3.0", "q_idx >= kv_idx")));
+  EXPECT_TRUE(differs(s, mods_of("score * 2.0", "")));
+
+  // One character changed in one template file changes the key.
+  auto files = embedded_templates();
+  ASSERT_FALSE(files.empty());
+  std::string base = templates_digest(files);
+  EXPECT_EQ(plan(s, m, base).key, a.key);
+  files.back().second += " ";
+  EXPECT_NE(plan(s, m, templates_digest(files)).key, a.key);
+}
+
+TEST(Instantiate, ClassifyKeyIgnoresScoreMod) {
+  KernelSpec c;
+  c.kind = KernelKind::Classify;
+  EXPECT_EQ(plan(c, mods_of("score * 2.0", "q_idx >= kv_idx")).key,
+            plan(c, mods_of("score * 5.0", "q_idx >= kv_idx")).key);
+}
+
+TEST(Instantiate, SymbolIsReadable) {
+  KernelSpec s;
+  s.dtype = DType::BF16;
+  s.head_dim = 128;
+  s.head_dim_v = 128;
+  s.block_m = 32;
+  s.block_n = 64;
+  s.gqa_group = 3;
+  Instantiation i = plan(s, ModSet{});
+  EXPECT_EQ(i.symbol.rfind("flexjit_prefill_bf16_d128_m32_n64_g3_", 0), 0u) << i.symbol;
+  EXPECT_EQ(i.symbol.substr(i.symbol.size() - 8), i.key.substr(0, 8));
+}
+
+TEST(Instantiate, RejectsUnsupportedSpecs) {
+  KernelSpec s;
+  s.head_dim = 300;
+  EXPECT_THROW(plan(s, ModSet{}), Error);
+  s.head_dim = 64;
+  s.dtype = DType::F64;
+  EXPECT_THROW(plan(s, ModSet{}), Error);
+}
+
+struct CompileCase {
+  KernelKind kind;
+  DType dtype;
+  int d, dv;
+};
+
+class TemplateCompiles : public ::testing::TestWithParam<CompileCase> {};
+
+TEST_P(TemplateCompiles, WithIdentityMod) {
+  const CompileCase& c = GetParam();
+  KernelSpec s;
+  s.kind = c.kind;
+  s.dtype = c.dtype;
+  s.head_dim = c.d;
+  s.head_dim_v = c.dv;
+  ModSet identity;
+  if (c.kind == KernelKind::Classify) identity = mods_of("", "true");
+  Instantiation i = plan(s, identity);
+  std::string src = make_source(s, identity, i.symbol);
+  EXPECT_EQ(src.find("#include"), std::string::npos) << "generated code must include no headers";
+  CompileResult r = compile_cpp_to_object(src, i.symbol + ".cpp");
+  EXPECT_NE(load_object(r.object, i.symbol), nullptr);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    All, TemplateCompiles,
+    ::testing::Values(CompileCase{KernelKind::Prefill, DType::F32, 64, 64},
+                      CompileCase{KernelKind::Prefill, DType::F32, 1, 1},
+                      CompileCase{KernelKind::Prefill, DType::BF16, 128, 128},
+                      CompileCase{KernelKind::Prefill, DType::F16, 80, 48},
+                      CompileCase{KernelKind::Prefill, DType::F32, 256, 256},
+                      CompileCase{KernelKind::Classify, DType::F32, 64, 64}),
+    [](const auto& info) {
+      const CompileCase& c = info.param;
+      return std::string(c.kind == KernelKind::Prefill ? "prefill_" : "classify_") + dtype_name(c.dtype) + "_d" +
+             std::to_string(c.d) + "_dv" + std::to_string(c.dv);
+    });
+
+}  // namespace
+}  // namespace flexjit::jit
