@@ -71,17 +71,21 @@ Interval IntervalEvaluator::load_range(const Node& n) {
   // Out-of-range reads are the exact evaluator's business (it flags them): stay unknown.
   for (int d = 0; d < t.rank; ++d)
     if (idx[d].lo < 0 || idx[d].hi >= double(t.sizes[d]) || std::isinf(idx[d].lo)) return Interval::any();
+  // A value a double cannot hold exactly (int64 beyond 2^53) or a NaN has no sound bound here:
+  // report it as NaN and let the caller give up on the whole load.
   auto read = [&](const std::vector<int64_t>& at) {
     int64_t off = 0;
     for (int d = 0; d < t.rank; ++d) off += at[d] * t.strides[d];
-    return read_element_f64(t, off);
+    double v = read_element_f64(t, off);
+    return std::fabs(v) > 9007199254740992.0 && t.dtype == DType::I64 ? std::nan("") : v;
   };
   bool all_points = true;
   for (auto& i : idx) all_points &= i.is_point();
   if (all_points) {
     std::vector<int64_t> at;
     for (auto& i : idx) at.push_back(int64_t(i.lo));
-    return Interval::point(read(at));
+    double v = read(at);
+    return std::isnan(v) ? Interval::any() : Interval::point(v);
   }
   if (t.rank != 1) return Interval::any();
   int64_t lo = int64_t(idx[0].lo), hi = int64_t(idx[0].hi);
@@ -92,6 +96,10 @@ Interval IntervalEvaluator::load_range(const Node& n) {
   Interval r{kInf, -kInf};
   for (int64_t i = lo; i <= hi; ++i) {
     double v = read({i});
+    if (std::isnan(v)) {
+      r = Interval::any();
+      break;
+    }
     r.lo = std::min(r.lo, v);
     r.hi = std::max(r.hi, v);
   }
@@ -134,7 +142,9 @@ Interval IntervalEvaluator::eval(const Expr& e) {
       case Op::Floor: return monotone(a, [](double x) { return std::floor(x); });
       case Op::Ceil: return monotone(a, [](double x) { return std::ceil(x); });
       case Op::ToFloat: return a;
-      case Op::ToInt: return monotone(a, [](double x) { return std::trunc(x); });
+      case Op::ToInt:  // out of int64 range the conversion gives INT64_MIN: no monotone bound
+        if (!(a.lo > -9.2233720368547758e18 && a.hi < 9.2233720368547758e18)) return Interval::any();
+        return monotone(a, [](double x) { return std::trunc(x); });
       case Op::ToBool: return as_bool(a);
       case Op::Log: case Op::Log2: case Op::Sqrt: case Op::Rsqrt:
         if (a.lo <= 0) return Interval::any();  // domain edge: leave it to exact evaluation

@@ -223,7 +223,7 @@ std::string float_literal(double v) {
   std::snprintf(buf, sizeof buf, "%.17g", v);
   std::string s = buf;
   if (s.find_first_of(".en") == std::string::npos) s += ".0";
-  if (v < 0) s = "(" + s + ")";
+  if (std::signbit(v)) s = "(" + s + ")";  // -0.0 too: "-" + "-0.0" would read as "--"
   return s;
 }
 
@@ -462,6 +462,8 @@ Value eval(const Expr& e, const EvalEnv& env) {
       case Op::Div:
       case Op::Mod:
         if (y == 0) throw Error("integer division by zero in " + to_string(e));
+        // INT64_MIN / -1 traps (SIGFPE) on x86; generated code wraps, and so does the reference.
+        if (y == -1) return ival(e->op == Op::Div ? int64_t(0ull - uint64_t(x)) : 0);
         return ival(e->op == Op::Div ? x / y : x % y);
       case Op::Min: return ival(y < x ? y : x);
       case Op::Max: return ival(x < y ? y : x);

@@ -125,12 +125,20 @@ std::pair<ModSet, ModBindings> combine(const TracedMod* score_mod, const TracedM
   std::map<std::string, double> params;
   for (const TracedMod* t : {score_mod, mask_mod}) {
     if (!t) continue;
-    for (size_t i = 0; i < t->buffers.size(); ++i) {
-      const auto& d = t->buffers[i];
+    for (const auto& d : t->buffers) {
       auto it = bufs.find(d.name);
       if (it != bufs.end() && (it->second.first.dtype != d.dtype || it->second.first.rank != d.rank))
         throw Error("buffer '" + d.name + "' is captured by score_mod and mask_mod with different dtype or rank");
-      bufs[d.name] = {d, t->bindings.buffers[i].second};
+      bufs.emplace(d.name, std::make_pair(d, TensorView{}));
+    }
+    // Bindings are matched by name: a mod may carry bindings it does not read, in any order.
+    for (const auto& [n, view] : t->bindings.buffers) {
+      auto it = bufs.find(n);
+      if (it == bufs.end()) continue;
+      if (it->second.second.data && view.data && it->second.second.data != view.data)
+        throw Error("score_mod and mask_mod bind different tensors to buffer '" + n +
+                    "'; give them different names or share one tensor");
+      if (view.data) it->second.second = view;
     }
     for (const auto& [n, v] : t->bindings.params) params[n] = v;
   }
@@ -138,7 +146,7 @@ std::pair<ModSet, ModBindings> combine(const TracedMod* score_mod, const TracedM
   if (mask_mod) set.mask_mod = mask_mod->expr;
   for (auto& [n, bv] : bufs) {
     set.buffers.push_back(bv.first);
-    bind.buffers.push_back({n, bv.second});
+    if (bv.second.data) bind.buffers.push_back({n, bv.second});  // unbound: BoundMods says so
   }
   for (auto& [n, v] : params) {
     set.params.push_back({n});

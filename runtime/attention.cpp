@@ -65,7 +65,10 @@ void check_block_mask(const BlockMask& m, const TensorView& q, const TensorView&
                                              std::to_string(q.sizes[0]) + " (use 1 to broadcast)");
   require(m.H == 1 || m.H == q.sizes[1], "block_mask has H=" + std::to_string(m.H) + " but q has " +
                                              std::to_string(q.sizes[1]) + " heads (use 1 to broadcast)");
-  require(m.num_q_blocks * m.q_block_size >= q.sizes[2] && m.num_kv_blocks * m.kv_block_size >= k.sizes[2],
+  // Blocks were classified over [0, m.Lq) x [0, m.Lkv): a mask for shorter lengths is wrong for
+  // the extra positions even when its blocks happen to cover them.
+  require(m.Lq >= q.sizes[2] && m.Lkv >= k.sizes[2] && m.num_q_blocks * m.q_block_size >= q.sizes[2] &&
+              m.num_kv_blocks * m.kv_block_size >= k.sizes[2],
           "block_mask was built for Lq=" + std::to_string(m.Lq) + ", Lkv=" + std::to_string(m.Lkv) +
               " but the call has Lq=" + std::to_string(q.sizes[2]) + ", Lkv=" + std::to_string(k.sizes[2]) +
               "; rebuild it for these lengths");
