@@ -1,5 +1,6 @@
 #include "cli/mods_from_args.h"
 
+#include <cctype>
 #include <map>
 
 #include "cli/npy.h"
@@ -49,6 +50,21 @@ TracedMod resolve_one(const std::string& arg, ModKind kind, const std::vector<Ow
     }
     *describe += std::string(what) + "=" + arg + " (" + m.text + ") ";
     return t;
+  }
+  // A bare word that names nothing in scope is most likely a misspelt mod name: say so, with
+  // the registered names, rather than a parse error about an unknown variable.
+  bool bare_word = !arg.empty() && (std::isalpha(static_cast<unsigned char>(arg[0])) || arg[0] == '_');
+  for (char ch : arg) bare_word &= std::isalnum(static_cast<unsigned char>(ch)) || ch == '_' || ch == '-';
+  if (bare_word) {
+    bool known = params.count(arg) > 0;
+    for (const char* v : {"score", "b", "h", "q_idx", "kv_idx", "true", "false", "inf", "INFINITY"}) known |= arg == v;
+    for (const auto& f : files) known |= f.name == arg;
+    if (!known) {
+      std::string names;
+      for (const auto& n : mod_names(kind)) names += (names.empty() ? "" : ", ") + n;
+      throw Error(std::string("unknown ") + what + " '" + arg + "': not a registered " + what + " (" + names +
+                  ") nor an expression over known names");
+    }
   }
   std::vector<std::pair<std::string, double>> plist(params.begin(), params.end());
   TracedMod t = parse_mod(arg, kind, files, plist);

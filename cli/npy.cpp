@@ -107,32 +107,45 @@ OwnedTensor load_npy(const std::string& path, const std::string& name) {
   return t;
 }
 
-void save_npy_f32(const std::string& path, const std::vector<float>& data, const std::vector<int64_t>& shape) {
+void OutputFiles::add_bytes(const std::string& flag, const std::string& path, const std::string& bytes) {
+  std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+  if (!f) throw Error("cannot write " + flag + " '" + path + "': the directory does not exist or is not writable");
+  pending_.push_back({tmp, path});
+  f.write(bytes.data(), std::streamsize(bytes.size()));
+  f.flush();
+  if (!f) throw Error("writing " + flag + " '" + path + "' failed (disk full?)");
+}
+
+void OutputFiles::add_npy_f32(const std::string& flag, const std::string& path, const std::vector<float>& data,
+                              const std::vector<int64_t>& shape) {
   std::string shp = "(";
   for (size_t i = 0; i < shape.size(); ++i) shp += std::to_string(shape[i]) + (shape.size() == 1 ? "," : i + 1 < shape.size() ? ", " : "");
   shp += ")";
   std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': " + shp + ", }";
   size_t total = 10 + header.size() + 1;
   header += std::string((64 - total % 64) % 64, ' ') + "\n";
-  std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) throw Error("cannot write '" + path + "': the directory does not exist or is not writable");
-    char pre[10] = {'\x93', 'N', 'U', 'M', 'P', 'Y', 1, 0, char(header.size() & 0xff), char(header.size() >> 8)};
-    f.write(pre, 10);
-    f.write(header.data(), std::streamsize(header.size()));
-    f.write(reinterpret_cast<const char*>(data.data()), std::streamsize(data.size() * 4));
-    f.flush();
-    if (!f) {
-      f.close();
-      std::remove(tmp.c_str());
-      throw Error("writing '" + path + "' failed (disk full?)");
+  std::string bytes = {'\x93', 'N', 'U', 'M', 'P', 'Y', 1, 0, char(header.size() & 0xff), char(header.size() >> 8)};
+  bytes += header;
+  bytes.append(reinterpret_cast<const char*>(data.data()), data.size() * 4);
+  add_bytes(flag, path, bytes);
+}
+
+void OutputFiles::add_text(const std::string& flag, const std::string& path, const std::string& text) {
+  add_bytes(flag, path, text);
+}
+
+void OutputFiles::commit() {
+  for (size_t i = 0; i < pending_.size(); ++i)
+    if (std::rename(pending_[i].first.c_str(), pending_[i].second.c_str()) != 0) {
+      for (size_t j = 0; j < i; ++j) std::remove(pending_[j].second.c_str());
+      throw Error("cannot write '" + pending_[i].second + "': rename failed");
     }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    throw Error("cannot write '" + path + "': rename failed");
-  }
+  pending_.clear();
+}
+
+OutputFiles::~OutputFiles() {
+  for (const auto& [tmp, final_path] : pending_) std::remove(tmp.c_str());
 }
 
 OwnedTensor convert(const OwnedTensor& t, DType dtype) {
