@@ -1,0 +1,572 @@
+// LABELS: errors slow
+// The `flexjit run` command end to end: .npy files in, .npy files and a JSON report out, the
+// output checked against flexjit's float64 reference on the same inputs; and bad input, which
+// must exit non-zero (never by a signal) with a `flexjit: error: ...` line naming the problem,
+// leaving no partial output behind.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "jit/parser.h"
+#include "runtime/reference.h"
+#include "score_mods/registry.h"
+#include "tests/tolerances.h"
+
+extern char** environ;
+
+namespace flexjit {
+namespace {
+
+namespace fs = std::filesystem;
+
+// ---------------------------------------------------------------- .npy files
+
+void write_npy(const fs::path& path, const std::string& descr, const std::vector<int64_t>& shape,
+               const void* data, size_t bytes, bool fortran = false) {
+  std::string shp = "(";
+  for (size_t i = 0; i < shape.size(); ++i)
+    shp += std::to_string(shape[i]) + (shape.size() == 1 || i + 1 < shape.size() ? "," : "");
+  shp += ")";
+  std::string header = "{'descr': '" + descr +
+                       "', 'fortran_order': " + std::string(fortran ? "True" : "False") +
+                       ", 'shape': " + shp + ", }";
+  header += std::string(63 - (10 + header.size()) % 64, ' ') + "\n";
+  std::ofstream f(path, std::ios::binary);
+  const char pre[8] = {'\x93', 'N', 'U', 'M', 'P', 'Y', 1, 0};
+  f.write(pre, 8);
+  uint16_t n = uint16_t(header.size());
+  f.write(reinterpret_cast<const char*>(&n), 2);
+  f << header;
+  f.write(static_cast<const char*>(data), std::streamsize(bytes));
+}
+
+void write_f32(const fs::path& path, const OwnedTensor& t) {
+  ASSERT_EQ(t.view.dtype, DType::F32);
+  write_npy(path, "<f4", std::vector<int64_t>(t.view.sizes, t.view.sizes + t.view.rank),
+            t.bytes->data(), t.bytes->size());
+}
+
+struct Npy {
+  std::string descr;
+  std::vector<int64_t> shape;
+  std::vector<float> data;  // when descr is <f4
+};
+
+Npy read_npy(const fs::path& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  Npy r;
+  if (all.size() < 10 || all.compare(0, 6, "\x93NUMPY") != 0) return r;
+  size_t hlen = uint8_t(all[8]) | (uint8_t(all[9]) << 8);
+  std::string h = all.substr(10, hlen);
+  size_t d = h.find("'descr': '");
+  r.descr = h.substr(d + 10, h.find('\'', d + 10) - d - 10);
+  size_t s = h.find("'shape': (") + 10;
+  std::stringstream ss(h.substr(s, h.find(')', s) - s));
+  std::string item;
+  while (std::getline(ss, item, ','))
+    if (item.find_first_not_of(' ') != std::string::npos) r.shape.push_back(std::stoll(item));
+  if (r.descr == "<f4") {
+    r.data.resize((all.size() - 10 - hlen) / 4);
+    std::memcpy(r.data.data(), all.data() + 10 + hlen, r.data.size() * 4);
+  }
+  return r;
+}
+
+OwnedTensor random_f32(const std::string& name, std::vector<int64_t> sizes, uint64_t seed) {
+  OwnedTensor t = OwnedTensor::make(name, DType::F32, std::move(sizes));
+  fill_random(t.view, seed);
+  return t;
+}
+
+// ---------------------------------------------------------------- running the binary
+
+fs::path find_flexjit() {
+  std::vector<fs::path> candidates;
+  std::error_code ec;
+  fs::path self = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec)
+    candidates.push_back(self.parent_path().parent_path() /
+                         "flexjit");                     // build/tests/x -> build/flexjit
+  candidates.push_back(fs::current_path() / "flexjit");  // ctest runs in the build dir
+  candidates.push_back(fs::current_path() / "build" / "flexjit");
+  for (const auto& c : candidates)
+    if (fs::exists(c) && ::access(c.c_str(), X_OK) == 0) return c;
+  return {};
+}
+
+struct Result {
+  bool exited = false;  // false: killed by a signal
+  int code = -1;
+  int signal = 0;
+  std::string out, err;
+};
+
+std::string slurp(const fs::path& p) {
+  std::ifstream f(p);
+  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+class Cli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    exe_ = find_flexjit();
+    if (exe_.empty()) GTEST_SKIP() << "build/flexjit not found (build the `flexjit` target)";
+    dir_ = fs::temp_directory_path() /
+           ("flexjit_cli_test_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    if (!std::getenv("FLEXJIT_CACHE_DIR"))
+      ::setenv("FLEXJIT_CACHE_DIR", (fs::temp_directory_path() / "fj-tests-cache").c_str(), 0);
+  }
+  void TearDown() override {
+    if (!dir_.empty() && !std::getenv("FLEXJIT_KEEP_TEST_FILES")) fs::remove_all(dir_);
+  }
+
+  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+
+  Result run(const std::vector<std::string>& args) {
+    std::vector<std::string> argv_s = {exe_.string(), "run"};
+    argv_s.insert(argv_s.end(), args.begin(), args.end());
+    std::vector<char*> argv;
+    for (auto& a : argv_s) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    std::string out = path("stdout.txt"), err = path("stderr.txt");
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_addopen(&fa, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_addchdir_np(&fa, dir_.c_str());
+    pid_t pid = 0;
+    Result r;
+    int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&fa);
+    if (rc != 0) {
+      ADD_FAILURE() << "posix_spawn failed: " << std::strerror(rc);
+      return r;
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    r.exited = WIFEXITED(status);
+    r.code = r.exited ? WEXITSTATUS(status) : -1;
+    r.signal = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+    r.out = slurp(out);
+    r.err = slurp(err);
+    fs::remove(out);
+    fs::remove(err);
+    return r;
+  }
+
+  // Writes q, k, v as float32 .npy files in the temp dir.
+  void write_qkv(const OwnedTensor& q, const OwnedTensor& k, const OwnedTensor& v) {
+    write_f32(dir_ / "q.npy", q);
+    write_f32(dir_ / "k.npy", k);
+    write_f32(dir_ / "v.npy", v);
+  }
+  std::vector<std::string> qkv_args(const std::string& out = "O.npy") {
+    return {"--q", path("q.npy"), "--k", path("k.npy"), "--v", path("v.npy"), "--out", path(out)};
+  }
+
+  // Every file in the temp dir other than the inputs.
+  std::vector<std::string> outputs() const {
+    std::vector<std::string> r;
+    for (const auto& e : fs::directory_iterator(dir_)) {
+      std::string n = e.path().filename().string();
+      if (n != "q.npy" && n != "k.npy" && n != "v.npy" && n.rfind("in_", 0) != 0) r.push_back(n);
+    }
+    return r;
+  }
+
+  fs::path exe_, dir_;
+};
+
+std::vector<std::string> operator+(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+// Rounds an fp32 tensor to bf16 (round to nearest even), as `--dtype bf16` does.
+OwnedTensor to_bf16(const OwnedTensor& t) {
+  OwnedTensor o = OwnedTensor::make(t.name, DType::BF16,
+                                    std::vector<int64_t>(t.view.sizes, t.view.sizes + t.view.rank));
+  for (int64_t i = 0; i < t.view.numel(); ++i) {
+    uint32_t u;
+    std::memcpy(&u, &static_cast<const float*>(t.view.data)[i], 4);
+    u += 0x7fff + ((u >> 16) & 1);
+    o.data<uint16_t>()[i] = uint16_t(u >> 16);
+  }
+  return o;
+}
+
+// Compares a CLI output file with the float64 reference, elementwise and in the mean.
+void expect_matches(const Npy& got, const RefResult& ref, DType dtype, const std::string& what) {
+  ASSERT_EQ(got.data.size(), ref.out.size()) << what;
+  auto tol = testing::output_tolerance(dtype);
+  int bad = 0;
+  for (size_t i = 0; i < got.data.size(); ++i) {
+    double g = ref.out[i];
+    if (std::fabs(got.data[i] - g) > tol.atol + tol.rtol * std::fabs(g) && ++bad <= 5)
+      ADD_FAILURE() << what << ": out[" << i << "] = " << got.data[i] << ", reference " << g;
+  }
+  EXPECT_EQ(bad, 0) << what;
+}
+
+// A failed run: exited (no signal) non-zero, stderr one line starting "flexjit: error: " (a
+// parse error may add its text and caret lines), the first line containing every substring.
+void expect_error_line(const Result& r, const std::vector<std::string>& substrings,
+                       bool multi_line_ok = false) {
+  EXPECT_TRUE(r.exited) << "killed by signal " << r.signal << "\n" << r.err;
+  EXPECT_NE(r.code, 0) << r.out;
+  EXPECT_EQ(r.err.rfind("flexjit: error: ", 0), 0u) << r.err;
+  std::string first = r.err.substr(0, r.err.find('\n'));
+  if (!multi_line_ok) {
+    EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << "want one line:\n" << r.err;
+  }
+  for (const auto& s : substrings)
+    EXPECT_NE(first.find(s), std::string::npos) << "want '" << s << "' in: " << first;
+}
+
+// ---------------------------------------------------------------- runs
+
+TEST_F(Cli, AlibiCausalWithReportAndCheck) {
+  OwnedTensor q = random_f32("q", {2, 3, 37, 40}, 1), k = random_f32("k", {2, 3, 45, 40}, 2),
+              v = random_f32("v", {2, 3, 45, 24}, 3);
+  write_qkv(q, k, v);
+  Result r = run(qkv_args() + std::vector<std::string>{"--lse-out", path("L.npy"), "--score-mod",
+                                                       "alibi", "--mask-mod", "causal", "--report",
+                                                       path("r.json"), "--check"});
+  ASSERT_TRUE(r.exited) << "signal " << r.signal << "\n" << r.err;
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("check vs float64 reference"), std::string::npos) << r.out;
+
+  Npy o = read_npy(dir_ / "O.npy"), l = read_npy(dir_ / "L.npy");
+  EXPECT_EQ(o.descr, "<f4");
+  EXPECT_EQ(o.shape, (std::vector<int64_t>{2, 3, 37, 24}));
+  EXPECT_EQ(l.descr, "<f4");
+  EXPECT_EQ(l.shape, (std::vector<int64_t>{2, 3, 37}));
+
+  nlohmann::json j = nlohmann::json::parse(slurp(dir_ / "r.json"));
+  for (const char* field : {"backend", "path", "compile_ms", "cache", "kernel_ms", "knobs"})
+    EXPECT_TRUE(j.contains(field)) << field << " missing from\n" << j.dump(2);
+  EXPECT_EQ(j.value("backend", ""), "cpu");
+  EXPECT_EQ(j.value("path", ""), "prefill");
+  EXPECT_TRUE(j["compile_ms"].is_number());
+  EXPECT_TRUE(j["kernel_ms"].is_number());
+  std::string cache = j.value("cache", "");
+  EXPECT_TRUE(cache == "miss" || cache == "memory" || cache == "disk") << cache;
+  EXPECT_EQ(j["knobs"]["HEAD_DIM"], 40);
+  EXPECT_EQ(j["knobs"]["HEAD_DIM_V"], 24);
+  EXPECT_TRUE(j["knobs"].contains("BLOCK_M"));
+  EXPECT_TRUE(j["knobs"].contains("BLOCK_N"));
+  EXPECT_LT(j.value("check_max_abs_error", 1.0), 1e-4);
+  EXPECT_TRUE(j.contains("block_mask"));
+
+  // The same call through the float64 reference, with the same example slopes the CLI makes.
+  ShapeInfo shape{2, 3, 3, 37, 45};
+  std::vector<OwnedTensor> storage;
+  TracedMod sm = instantiate_example(find_mod("alibi"), shape, &storage);
+  TracedMod mm = instantiate_example(find_mod("causal"), shape, &storage);
+  auto [mods, bind] = combine(&sm, &mm);
+  RefResult ref = reference_attention(q.view, k.view, v.view, mods, bind, 1.0 / std::sqrt(40.0));
+  expect_matches(o, ref, DType::F32, "alibi+causal");
+  ASSERT_EQ(l.data.size(), ref.lse.size());
+  for (size_t i = 0; i < ref.lse.size(); ++i)
+    ASSERT_NEAR(l.data[i], ref.lse[i],
+                testing::kLseTolerance.atol + testing::kLseTolerance.rtol * std::fabs(ref.lse[i]))
+        << "lse[" << i << "]";
+}
+
+TEST_F(Cli, ExpressionModsWithBuffersAndParams) {
+  const int64_t L = 50;
+  OwnedTensor q = random_f32("q", {1, 2, L, 32}, 4), k = random_f32("k", {1, 2, L, 32}, 5),
+              v = random_f32("v", {1, 2, L, 32}, 6);
+  write_qkv(q, k, v);
+  OwnedTensor bias = random_f32("bias", {L}, 7);
+  write_f32(dir_ / "in_bias.npy", bias);
+  OwnedTensor doc = OwnedTensor::make("doc", DType::I32, {L});
+  for (int64_t i = 0; i < L; ++i) doc.data<int32_t>()[i] = int32_t(i / 13);
+  write_npy(dir_ / "in_doc.npy", "<i4", {L}, doc.bytes->data(), doc.bytes->size());
+  const std::string score = "score * w + bias[kv_idx] - float(abs(q_idx - kv_idx) % 3)";
+  const std::string mask = "doc[q_idx] == doc[kv_idx] && kv_idx <= q_idx + lead";
+  Result r =
+      run(qkv_args() + std::vector<std::string>{"--score-mod", score, "--mask-mod", mask,
+                                                "--buffer", "bias=" + path("in_bias.npy"),
+                                                "--buffer", "doc=" + path("in_doc.npy"), "--param",
+                                                "w=0.75", "--param", "lead=2", "--scale", "0.3"});
+  ASSERT_TRUE(r.exited) << r.err;
+  ASSERT_EQ(r.code, 0) << r.err;
+  TracedMod sm = parse_mod(score, ModKind::Score, {bias, doc}, {{"w", 0.75}, {"lead", 2}});
+  TracedMod mm = parse_mod(mask, ModKind::Mask, {bias, doc}, {{"w", 0.75}, {"lead", 2}});
+  auto [mods, bind] = combine(&sm, &mm);
+  RefResult ref = reference_attention(q.view, k.view, v.view, mods, bind, 0.3);
+  expect_matches(read_npy(dir_ / "O.npy"), ref, DType::F32, "expression mods");
+
+  // A different param value is a different result, from the same kernel.
+  Result r2 =
+      run(qkv_args("O2.npy") +
+          std::vector<std::string>{"--score-mod", score, "--mask-mod", mask, "--buffer",
+                                   "bias=" + path("in_bias.npy"), "--buffer",
+                                   "doc=" + path("in_doc.npy"), "--param", "w=-1", "--param",
+                                   "lead=0", "--scale", "0.3", "--report", path("r2.json")});
+  ASSERT_EQ(r2.code, 0) << r2.err;
+  EXPECT_NE(nlohmann::json::parse(slurp(dir_ / "r2.json")).value("cache", ""), "miss");
+  TracedMod sm2 = parse_mod(score, ModKind::Score, {bias, doc}, {{"w", -1}, {"lead", 0}});
+  TracedMod mm2 = parse_mod(mask, ModKind::Mask, {bias, doc}, {{"w", -1}, {"lead", 0}});
+  auto [mods2, bind2] = combine(&sm2, &mm2);
+  expect_matches(read_npy(dir_ / "O2.npy"),
+                 reference_attention(q.view, k.view, v.view, mods2, bind2, 0.3), DType::F32,
+                 "w=-1");
+}
+
+TEST_F(Cli, Bf16) {
+  OwnedTensor q = random_f32("q", {1, 2, 33, 64}, 8), k = random_f32("k", {1, 2, 33, 64}, 9),
+              v = random_f32("v", {1, 2, 33, 64}, 10);
+  write_qkv(q, k, v);
+  Result r =
+      run(qkv_args() + std::vector<std::string>{"--dtype", "bf16", "--score-mod", "softcap",
+                                                "--param", "cap=3", "--report", path("r.json")});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(slurp(dir_ / "r.json")).value("dtype", ""), "bf16");
+  Npy o = read_npy(dir_ / "O.npy");
+  EXPECT_EQ(o.descr, "<f4");  // output files are float32 whatever the compute dtype
+  OwnedTensor qb = to_bf16(q), kb = to_bf16(k), vb = to_bf16(v);
+  TracedMod sm = find_mod("softcap").mod;
+  sm.bindings.params = {{"cap", 3.0}};
+  auto [mods, bind] = combine(&sm, nullptr);
+  expect_matches(o, reference_attention(qb.view, kb.view, vb.view, mods, bind, 1.0 / 8.0),
+                 DType::BF16, "bf16");
+}
+
+TEST_F(Cli, EnableGqa) {
+  OwnedTensor q = random_f32("q", {1, 6, 20, 32}, 11), k = random_f32("k", {1, 2, 29, 32}, 12),
+              v = random_f32("v", {1, 2, 29, 32}, 13);
+  write_qkv(q, k, v);
+  Result bad = run(qkv_args());
+  expect_error_line(bad, {"6 heads", "enable_gqa"});
+  EXPECT_FALSE(fs::exists(dir_ / "O.npy"));
+  Result r = run(qkv_args() + std::vector<std::string>{"--enable-gqa", "--mask-mod", "causal",
+                                                       "--report", path("r.json")});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(slurp(dir_ / "r.json"))["knobs"]["GQA_GROUP"], 3);
+  TracedMod mm = find_mod("causal").mod;
+  auto [mods, bind] = combine(nullptr, &mm);
+  expect_matches(read_npy(dir_ / "O.npy"),
+                 reference_attention(q.view, k.view, v.view, mods, bind, 1.0 / std::sqrt(32.0)),
+                 DType::F32, "gqa");
+}
+
+TEST_F(Cli, BlockSizesAndKernelOptions) {
+  OwnedTensor q = random_f32("q", {1, 2, 150, 32}, 14), k = random_f32("k", {1, 2, 150, 32}, 15),
+              v = random_f32("v", {1, 2, 150, 32}, 16);
+  write_qkv(q, k, v);
+  TracedMod mm = find_mod("causal").mod;
+  auto [mods, bind] = combine(nullptr, &mm);
+  RefResult ref = reference_attention(q.view, k.view, v.view, mods, bind, 1.0 / std::sqrt(32.0));
+  struct Want {
+    std::vector<std::string> args;
+    int64_t qbs, kvbs;
+    int block_m;  // 0: don't care
+  };
+  for (const Want& w :
+       {Want{{"--block-size", "64"}, 64, 64, 0}, Want{{"--block-size", "64x128"}, 64, 128, 0},
+        Want{{"--kernel-option", "BLOCK_M=16"}, 128, 128, 16},
+        Want{{"--block-size", "32", "--kernel-option", "BLOCK_M=16", "--kernel-option",
+              "BLOCK_N=32"},
+             32,
+             32,
+             16}}) {
+    std::string label = w.args[0] + " " + w.args[1];
+    Result r =
+        run(qkv_args() +
+            std::vector<std::string>{"--mask-mod", "causal", "--report", path("r.json")} + w.args);
+    ASSERT_EQ(r.code, 0) << label << "\n" << r.err;
+    nlohmann::json j = nlohmann::json::parse(slurp(dir_ / "r.json"));
+    EXPECT_EQ(j["block_mask"]["q_block_size"], w.qbs) << label;
+    EXPECT_EQ(j["block_mask"]["kv_block_size"], w.kvbs) << label;
+    if (w.block_m) EXPECT_EQ(j["knobs"]["BLOCK_M"], w.block_m) << label;
+    expect_matches(read_npy(dir_ / "O.npy"), ref, DType::F32, label);
+  }
+}
+
+// q as float64, k in Fortran order, v as float16: all read as the same values.
+TEST_F(Cli, OtherFileLayouts) {
+  const std::vector<int64_t> shape = {1, 2, 19, 16};
+  OwnedTensor q = random_f32("q", shape, 21), k = random_f32("k", shape, 22),
+              v = random_f32("v", shape, 23);
+  write_qkv(q, k, v);
+  ASSERT_EQ(run(qkv_args("O_ref.npy")).code, 0);
+  const int64_t n = q.view.numel();
+  std::vector<double> q64(static_cast<const float*>(q.view.data),
+                          static_cast<const float*>(q.view.data) + n);
+  write_npy(dir_ / "q.npy", "<f8", shape, q64.data(), q64.size() * 8);
+  std::vector<float> kf(static_cast<size_t>(n));  // column-major: the first index varies fastest
+  for (int64_t a = 0; a < 1; ++a)
+    for (int64_t b = 0; b < 2; ++b)
+      for (int64_t c = 0; c < 19; ++c)
+        for (int64_t d = 0; d < 16; ++d)
+          kf[size_t(a + 1 * (b + 2 * (c + 19 * d)))] =
+              k.data<float>()[((a * 2 + b) * 19 + c) * 16 + d];
+  write_npy(dir_ / "k.npy", "<f4", shape, kf.data(), kf.size() * 4, /*fortran=*/true);
+  std::vector<_Float16> vh(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) vh[size_t(i)] = static_cast<_Float16>(v.data<float>()[i]);
+  write_npy(dir_ / "v.npy", "<f2", shape, vh.data(), vh.size() * 2);
+  Result r = run(qkv_args());
+  ASSERT_EQ(r.code, 0) << r.err;
+  // v went through fp16: compare with the reference on the fp16-rounded v.
+  OwnedTensor vr = OwnedTensor::make("v", DType::F32, shape);
+  for (int64_t i = 0; i < n; ++i) vr.data<float>()[i] = float(vh[size_t(i)]);
+  expect_matches(read_npy(dir_ / "O.npy"),
+                 reference_attention(q.view, k.view, vr.view, ModSet{}, {}, 0.25), DType::F32,
+                 "f8 / fortran / f2 inputs");
+}
+
+// ---------------------------------------------------------------- bad input
+
+TEST_F(Cli, MissingFile) {
+  OwnedTensor t = random_f32("t", {1, 1, 4, 8}, 1);
+  write_qkv(t, t, t);
+  Result r = run({"--q", path("nope.npy"), "--k", path("k.npy"), "--v", path("v.npy"), "--out",
+                  path("O.npy")});
+  expect_error_line(r, {"nope.npy", "does not exist"});
+  EXPECT_TRUE(outputs().empty());
+}
+
+TEST_F(Cli, NotAnNpyFile) {
+  OwnedTensor t = random_f32("t", {1, 1, 4, 8}, 1);
+  write_qkv(t, t, t);
+  std::ofstream(dir_ / "k.npy") << "k,v\n1,2\n";
+  Result r = run(qkv_args());
+  expect_error_line(r, {"k.npy", "NUMPY magic"});
+  EXPECT_TRUE(outputs().empty());
+}
+
+TEST_F(Cli, TruncatedNpy) {
+  OwnedTensor t = random_f32("t", {1, 1, 4, 8}, 1);
+  write_qkv(t, t, t);
+  fs::resize_file(dir_ / "v.npy", fs::file_size(dir_ / "v.npy") - 10);
+  Result r = run(qkv_args());
+  expect_error_line(r, {"v.npy", "bytes but shape [1, 1, 4, 8]"});
+  EXPECT_TRUE(outputs().empty());
+  // Cut inside the header too.
+  fs::resize_file(dir_ / "v.npy", 40);
+  r = run(qkv_args());
+  expect_error_line(r, {"v.npy", "truncated header"});
+  EXPECT_TRUE(outputs().empty());
+}
+
+TEST_F(Cli, WrongRankAndDtype) {
+  OwnedTensor t = random_f32("t", {1, 1, 4, 8}, 1);
+  write_qkv(t, t, t);
+  OwnedTensor three = random_f32("q", {1, 4, 8}, 1);
+  write_f32(dir_ / "q.npy", three);
+  expect_error_line(run(qkv_args()), {"--q must hold a 4-D array", "[1, 4, 8]"});
+  OwnedTensor ints = OwnedTensor::make("q", DType::I32, {1, 1, 4, 8});
+  write_npy(dir_ / "q.npy", "<i4", {1, 1, 4, 8}, ints.bytes->data(), ints.bytes->size());
+  expect_error_line(run(qkv_args()), {"'q' has dtype int32", "floating point"});
+  write_npy(dir_ / "q.npy", ">f4", {1, 1, 4, 8}, t.bytes->data(), t.bytes->size());
+  expect_error_line(run(qkv_args()), {"'>f4' is not supported"});
+  EXPECT_TRUE(outputs().empty());
+}
+
+TEST_F(Cli, BadExpressionShowsTheColumn) {
+  OwnedTensor t = random_f32("t", {1, 1, 4, 8}, 1);
+  write_qkv(t, t, t);
+  Result r = run(qkv_args() + std::vector<std::string>{"--score-mod", "score + * 2"});
+  expect_error_line(r, {"score_mod", "expected an operand", "column 9"}, /*multi_line_ok=*/true);
+  EXPECT_NE(r.err.find("  score + * 2\n          ^"), std::string::npos)
+      << r.err;  // text and caret
+  r = run(qkv_args() + std::vector<std::string>{"--mask-mod", "q_idx >= kv_idx && score > 0"});
+  expect_error_line(r, {"mask_mod cannot read score"}, true);
+  r = run(qkv_args() + std::vector<std::string>{"--score-mod", "score + bias[kv_idx]"});
+  expect_error_line(r, {"unknown name 'bias'"}, true);
+  EXPECT_TRUE(outputs().empty());
+}
+
+TEST_F(Cli, UnknownModName) {
+  OwnedTensor t = random_f32("t", {1, 1, 4, 8}, 1);
+  write_qkv(t, t, t);
+  // A typo of a registered name: the message must name it and point at the registered mods.
+  Result r = run(qkv_args() + std::vector<std::string>{"--mask-mod", "causl"});
+  expect_error_line(r, {"causl"}, true);
+  EXPECT_NE(r.err.find("causal"), std::string::npos)
+      << "the registered mask_mods are not mentioned:\n"
+      << r.err;
+  r = run(qkv_args() + std::vector<std::string>{"--mask-mod", "alibi"});
+  expect_error_line(r, {"'alibi' is a score_mod, not a mask_mod", "--score-mod"});
+  EXPECT_TRUE(outputs().empty());
+}
+
+TEST_F(Cli, BadOptions) {
+  OwnedTensor t = random_f32("t", {1, 1, 4, 8}, 1);
+  write_qkv(t, t, t);
+  expect_error_line(run(qkv_args() + std::vector<std::string>{"--kernel-option", "BLOCK_K=3"}),
+                    {"unknown --kernel-option BLOCK_K", "known: BLOCK_M, BLOCK_N"});
+  expect_error_line(run(qkv_args() + std::vector<std::string>{"--kernel-option", "BLOCK_M=zero"}),
+                    {"BLOCK_M", "'zero' is not a positive integer"});
+  expect_error_line(run(qkv_args() + std::vector<std::string>{"--device", "cuda"}),
+                    {"--device cuda is not available", "--device cpu"});
+  expect_error_line(
+      run(qkv_args() + std::vector<std::string>{"--score-mod", "softcap", "--param", "cap=abc"}),
+      {"--param cap=abc", "'abc' is not a number"});
+  expect_error_line(
+      run(qkv_args() + std::vector<std::string>{"--score-mod", "softcap", "--param", "cap"}),
+      {"--param expects NAME=VALUE", "'cap'"});
+  expect_error_line(run(qkv_args() + std::vector<std::string>{"--dtype", "fp8"}),
+                    {"--dtype fp8 is not supported"});
+  expect_error_line(
+      run(qkv_args() + std::vector<std::string>{"--mask-mod", "causal", "--block-size", "64x"}),
+      {"--block-size", "not a positive integer"});
+  expect_error_line(run(qkv_args() + std::vector<std::string>{"--scale", "big"}),
+                    {"--scale 'big' is not a number"});
+  expect_error_line(
+      run(qkv_args() + std::vector<std::string>{"--score-mod", "score + b[h]", "--buffer",
+                                                "b=" + path("missing.npy")}),
+      {"missing.npy", "does not exist"});
+  EXPECT_TRUE(outputs().empty());
+}
+
+TEST_F(Cli, RuntimeModErrorsExitCleanly) {
+  OwnedTensor t = random_f32("t", {1, 1, 16, 8}, 1);
+  write_qkv(t, t, t);
+  OwnedTensor bias = random_f32("bias", {16}, 2);
+  write_f32(dir_ / "in_bias.npy", bias);
+  expect_error_line(
+      run(qkv_args() + std::vector<std::string>{"--score-mod", "score + bias[kv_idx + 1000]",
+                                                "--buffer", "bias=" + path("in_bias.npy")}),
+      {"out of range", "bias [16]"});
+  expect_error_line(
+      run(qkv_args() +
+          std::vector<std::string>{"--score-mod", "score + float(q_idx / (kv_idx - 3))"}),
+      {"divided an int by zero"});
+  EXPECT_TRUE(outputs().empty());
+}
+
+// An error after the output was computed (an unwritable --lse-out or --report) must not leave
+// a finished-looking --out file behind.
+TEST_F(Cli, LateErrorsLeaveNoPartialOutput) {
+  OwnedTensor t = random_f32("t", {1, 1, 4, 8}, 1);
+  write_qkv(t, t, t);
+  Result r = run(qkv_args() + std::vector<std::string>{"--lse-out", path("no_such_dir/L.npy")});
+  expect_error_line(r, {"no_such_dir/L.npy"});
+  EXPECT_TRUE(outputs().empty()) << "left behind: " << ::testing::PrintToString(outputs());
+  fs::remove(dir_ / "O.npy");
+  r = run(qkv_args() + std::vector<std::string>{"--lse-out", path("L.npy"), "--report",
+                                                path("no_such_dir/r.json")});
+  expect_error_line(r, {"--report", "no_such_dir/r.json"});
+  EXPECT_TRUE(outputs().empty()) << "left behind: " << ::testing::PrintToString(outputs());
+}
+
+}  // namespace
+}  // namespace flexjit
