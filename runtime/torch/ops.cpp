@@ -1,0 +1,292 @@
+// The torch op library: torch.ops.flexjit.flex_attention and torch.ops.flexjit.create_block_mask,
+// loaded from Python with torch.ops.load_library(<build>/libflexjit_torch_ops.so).
+//
+// Mods travel as strings (a registered name or expression text), their tensors as a list with a
+// parallel list of names, their scalars as parallel name / value lists, and a block mask as
+// PyTorch's BlockMask tensors. flex_attention has a CPU kernel and a Meta kernel; the Meta
+// kernel gives torch.compile the output shapes, so a compiled graph keeps the op in it
+// (no graph break). flexjit::Error (a user problem) becomes a Python ValueError with flexjit's
+// message; anything else stays a RuntimeError.
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cctype>
+#include <map>
+#include <set>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "jit/parser.h"
+#include "runtime/torch/block_mask_interop.h"
+#include "runtime/torch/flex_attention.h"
+
+namespace flexjit {
+namespace {
+
+// The mods' captured tensors and scalars, by name, from the op's parallel lists.
+struct ModArgs {
+  std::map<std::string, at::Tensor> buffers;
+  std::map<std::string, double> params;
+};
+
+// A schema cannot default a list of tensors or strings to [], so those are optional (None =
+// empty).
+using Tensors = std::optional<std::vector<at::Tensor>>;
+using Names = std::optional<std::vector<std::string>>;
+
+ModArgs collect(const Tensors& buffers_opt, const Names& buffer_names_opt,
+                const Names& param_names_opt, at::ArrayRef<double> param_values) {
+  const std::vector<std::string> none, &buffer_names = buffer_names_opt ? *buffer_names_opt : none,
+                                       &param_names = param_names_opt ? *param_names_opt : none;
+  const at::TensorList buffers = buffers_opt ? at::TensorList(*buffers_opt) : at::TensorList();
+  if (buffers.size() != buffer_names.size())
+    throw Error("got " + std::to_string(buffers.size()) + " buffers but " +
+                std::to_string(buffer_names.size()) + " buffer names; pass one name per tensor");
+  if (param_names.size() != param_values.size())
+    throw Error("got " + std::to_string(param_names.size()) + " param names but " +
+                std::to_string(param_values.size()) + " values; pass one value per name");
+  ModArgs a;
+  for (size_t i = 0; i < buffers.size(); ++i)
+    if (!a.buffers.emplace(buffer_names[i], buffers[i]).second)
+      throw Error("buffer '" + buffer_names[i] + "' is given twice");
+  for (size_t i = 0; i < param_names.size(); ++i)
+    if (!a.params.emplace(param_names[i], param_values[i]).second)
+      throw Error("param '" + param_names[i] + "' is given twice");
+  return a;
+}
+
+// One mod from text or a registered name. A registered mod gets only the buffers it declares
+// (the others belong to the other mod); expression text keeps only what it reads (parse_mod).
+ModRef make(const std::string& text, ModKind kind, const ModArgs& a) {
+  if (text.empty()) return {};
+  std::map<std::string, at::Tensor> buffers = a.buffers;
+  if (has_mod(text)) {
+    const RegisteredMod& m = find_mod(text);
+    std::erase_if(buffers, [&](const auto& kv) {
+      for (const auto& d : m.mod.buffers)
+        if (d.name == kv.first) return false;
+      return true;
+    });
+  }
+  try {
+    return kind == ModKind::Score ? score_mod(text, buffers, a.params)
+                                  : mask_mod(text, buffers, a.params);
+  } catch (const ParseError&) {
+    // A lone unknown word was most likely meant as a mod name: list the registered ones.
+    bool word = std::all_of(text.begin(), text.end(),
+                            [](unsigned char c) { return std::isalnum(c) || c == '_'; });
+    if (word && !std::isdigit(static_cast<unsigned char>(text[0])))
+      find_mod(text);  // throws "unknown mod '...'; registered mods: ..."
+    throw;
+  }
+}
+
+// A buffer or param that no mod reads is almost always a typo (or a registered mod's param
+// spelled differently); say so instead of silently running with the default.
+void check_all_used(const ModArgs& a, const std::vector<const ModRef*>& mods) {
+  std::set<std::string> buffers, params;
+  for (const ModRef* m : mods) {
+    for (const auto& d : m->traced.buffers) buffers.insert(d.name);
+    for (const auto& [n, v] : m->traced.bindings.params) params.insert(n);
+  }
+  for (const auto& [n, t] : a.buffers)
+    if (!buffers.count(n))
+      throw Error("buffer '" + n + "' is given but neither score_mod nor mask_mod reads it");
+  for (const auto& [n, v] : a.params)
+    if (!params.count(n))
+      throw Error("param '" + n + "' is given but neither score_mod nor mask_mod reads it");
+}
+
+int64_t round_up(int64_t x, int64_t m) { return m > 0 ? (x + m - 1) / m * m : x; }
+
+// Runs `f`, turning flexjit's user errors into c10::ValueError (Python ValueError) that carry
+// flexjit's message unchanged.
+template <typename F>
+auto surface_errors(const char* op, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const ParseError& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  } catch (const Error& e) {
+    // The runtime's own messages already start with the function's name.
+    std::string msg = e.what(), name = std::string(op).substr(sizeof("flexjit.") - 1);
+    TORCH_CHECK_VALUE(false, msg.rfind(name, 0) == 0 ? msg : std::string(op) + ": " + msg);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> flex_attention_cpu(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::string& score_mod_text, const std::string& mask_mod_text, const Tensors& buffers,
+    const Names& buffer_names, const Names& param_names, at::ArrayRef<double> param_values,
+    std::optional<double> scale, bool enable_gqa, bool return_lse,
+    const std::optional<at::Tensor>& kv_num_blocks, const std::optional<at::Tensor>& kv_indices,
+    const std::optional<at::Tensor>& full_kv_num_blocks,
+    const std::optional<at::Tensor>& full_kv_indices, int64_t q_block_size, int64_t kv_block_size,
+    int64_t BLOCK_M, int64_t BLOCK_N) {
+  return surface_errors("flexjit.flex_attention", [&] {
+    for (auto [t, name] : {std::pair{&query, "query"}, {&key, "key"}, {&value, "value"}})
+      if (t->dim() != 4)
+        throw Error(std::string(name) + " must be 4-D [B, H, L, D], got " +
+                    std::to_string(t->dim()) + "-D");
+    ModArgs args = collect(buffers, buffer_names, param_names, param_values);
+    ModRef sm = make(score_mod_text, ModKind::Score, args),
+           mm = make(mask_mod_text, ModKind::Mask, args);
+    check_all_used(args, {&sm, &mm});
+
+    FlexOptions opt;
+    opt.scale = scale;
+    opt.enable_gqa = enable_gqa;
+    opt.return_lse = return_lse;
+    if (BLOCK_M) opt.kernel_options["BLOCK_M"] = BLOCK_M;
+    if (BLOCK_N) opt.kernel_options["BLOCK_N"] = BLOCK_N;
+
+    const int64_t B = query.size(0), Hq = query.size(1), Lq = query.size(2), Lkv = key.size(2);
+    std::optional<TorchBlockMask> mask;
+    if (kv_num_blocks || kv_indices || full_kv_num_blocks || full_kv_indices) {
+      if (!kv_num_blocks || !kv_indices)
+        throw Error("a block mask needs kv_num_blocks and kv_indices (full_kv_* are optional)");
+      TorchBlockMaskTensors t{*kv_num_blocks,
+                              *kv_indices,
+                              full_kv_num_blocks.value_or(at::Tensor()),
+                              full_kv_indices.value_or(at::Tensor()),
+                              q_block_size,
+                              kv_block_size};
+      // Without a mask_mod, partial blocks are attended in full, as with PyTorch's noop_mask.
+      mask = TorchBlockMask{from_torch_block_mask(t, Lq, Lkv), mm};
+    } else if (!mm.empty()) {
+      // No BlockMask given: build one for this call (Python users should build it once with
+      // flexjit.create_block_mask and pass it in). Explicit kernel tiles must tile its blocks.
+      mask = create_block_mask(mm, B, Hq, Lq, Lkv, round_up(q_block_size, BLOCK_M),
+                               round_up(kv_block_size, BLOCK_N));
+    }
+    FlexResult r = flex_attention(query, key, value, sm, mask ? &*mask : nullptr, opt);
+    at::Tensor lse = r.lse.defined() ? r.lse : at::empty({0}, query.options().dtype(at::kFloat));
+    return std::make_tuple(r.out, lse);
+  });
+}
+
+// Shapes only: out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] fp32 (or [0]). Checks what
+// can be checked without data, so torch.compile reports bad ranks and dtypes at trace time.
+std::tuple<at::Tensor, at::Tensor> flex_attention_meta(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const std::string&,
+    const std::string&, const Tensors&, const Names&, const Names&, at::ArrayRef<double>,
+    std::optional<double>, bool, bool return_lse, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, int64_t) {
+  for (auto [t, name] : {std::pair{&query, "query"}, {&key, "key"}, {&value, "value"}})
+    TORCH_CHECK_VALUE(t->dim() == 4, "flexjit.flex_attention: ", name,
+                      " must be 4-D [B, H, L, D], got ", t->dim(), "-D");
+  auto st = query.scalar_type();
+  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+                    "flexjit.flex_attention: query has dtype ", st,
+                    "; supported: float32, bfloat16, float16");
+  TORCH_CHECK_VALUE(key.scalar_type() == st && value.scalar_type() == st,
+                    "flexjit.flex_attention: query, key, value must share a dtype, got ", st, ", ",
+                    key.scalar_type(), ", ", value.scalar_type());
+  at::Tensor out =
+      at::empty_symint({query.sym_size(0), query.sym_size(1), query.sym_size(2), value.sym_size(3)},
+                       query.options());
+  at::Tensor lse = return_lse
+                       ? at::empty_symint({query.sym_size(0), query.sym_size(1), query.sym_size(2)},
+                                          query.options().dtype(at::kFloat))
+                       : at::empty({0}, query.options().dtype(at::kFloat));
+  return std::make_tuple(out, lse);
+}
+
+// Autograd: flexjit has no backward yet. Without this kernel PyTorch's fallback would let
+// backward() run and leave the inputs' .grad silently unset; with it, forward works as usual
+// (also on tensors that require grad) and backward() raises, saying so.
+struct FlexAttentionNoBackward : torch::autograd::Function<FlexAttentionNoBackward> {
+  template <typename... Args>
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                Args&&... args) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("flexjit::flex_attention", "")
+                         .typed<decltype(flex_attention_cpu)>();
+    auto [out, lse] = op.call(std::forward<Args>(args)...);
+    ctx->mark_non_differentiable({lse});
+    return {out, lse};
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
+                                                 torch::autograd::variable_list) {
+    TORCH_CHECK(
+        false,
+        "flexjit.flex_attention has no backward pass yet (CPU forward only); run it under "
+        "torch.no_grad() or torch.inference_mode(), or use PyTorch's flex_attention to train");
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> flex_attention_autograd(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::string& score_mod_text, const std::string& mask_mod_text, const Tensors& buffers,
+    const Names& buffer_names, const Names& param_names, at::ArrayRef<double> param_values,
+    std::optional<double> scale, bool enable_gqa, bool return_lse,
+    const std::optional<at::Tensor>& kv_num_blocks, const std::optional<at::Tensor>& kv_indices,
+    const std::optional<at::Tensor>& full_kv_num_blocks,
+    const std::optional<at::Tensor>& full_kv_indices, int64_t q_block_size, int64_t kv_block_size,
+    int64_t BLOCK_M, int64_t BLOCK_N) {
+  auto r = FlexAttentionNoBackward::apply(
+      query, key, value, score_mod_text, mask_mod_text, buffers, buffer_names, param_names,
+      param_values, scale, enable_gqa, return_lse, kv_num_blocks, kv_indices, full_kv_num_blocks,
+      full_kv_indices, q_block_size, kv_block_size, BLOCK_M, BLOCK_N);
+  return std::make_tuple(r[0], r[1]);
+}
+
+// Our BlockMask builder (interval analysis + exact JIT'd classification, no dense mask) with
+// its result in PyTorch's layout, for BlockMask.from_kv_blocks. B or H come back as 1 when
+// the mask_mod does not read b or h. Data-dependent shapes, so CPU only (build masks outside
+// compiled regions, as with PyTorch's create_block_mask).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> create_block_mask_cpu(
+    const std::string& mask_mod_text, int64_t B, int64_t H, int64_t Q_LEN, int64_t KV_LEN,
+    const Tensors& buffers, const Names& buffer_names, const Names& param_names,
+    at::ArrayRef<double> param_values, int64_t q_block_size, int64_t kv_block_size) {
+  return surface_errors("flexjit.create_block_mask", [&] {
+    if (mask_mod_text.empty())
+      throw Error("create_block_mask needs a mask_mod (a registered name or expression)");
+    ModArgs args = collect(buffers, buffer_names, param_names, param_values);
+    ModRef mm = make(mask_mod_text, ModKind::Mask, args);
+    check_all_used(args, {&mm});
+    TorchBlockMask m = create_block_mask(mm, B, H, Q_LEN, KV_LEN, q_block_size, kv_block_size);
+    TorchBlockMaskTensors t = to_torch_block_mask(m.mask);
+    return std::make_tuple(t.kv_num_blocks, t.kv_indices, t.full_kv_num_blocks, t.full_kv_indices);
+  });
+}
+
+}  // namespace
+}  // namespace flexjit
+
+// clang-format off
+TORCH_LIBRARY(flexjit, m) {
+  m.def("flex_attention(Tensor query, Tensor key, Tensor value, str score_mod=\"\", "
+        "str mask_mod=\"\", Tensor[]? buffers=None, str[]? buffer_names=None, "
+        "str[]? param_names=None, float[] param_values=[], float? scale=None, "
+        "bool enable_gqa=False, bool return_lse=False, Tensor? kv_num_blocks=None, "
+        "Tensor? kv_indices=None, Tensor? full_kv_num_blocks=None, Tensor? full_kv_indices=None, "
+        "int q_block_size=128, int kv_block_size=128, int BLOCK_M=0, int BLOCK_N=0) "
+        "-> (Tensor out, Tensor lse)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("create_block_mask(str mask_mod, int B, int H, int Q_LEN, int KV_LEN, "
+        "Tensor[]? buffers=None, str[]? buffer_names=None, str[]? param_names=None, "
+        "float[] param_values=[], int q_block_size=128, int kv_block_size=128) "
+        "-> (Tensor kv_num_blocks, Tensor kv_indices, Tensor full_kv_num_blocks, "
+        "Tensor full_kv_indices)");
+}
+// clang-format on
+
+TORCH_LIBRARY_IMPL(flexjit, CPU, m) { m.impl("flex_attention", &flexjit::flex_attention_cpu); }
+
+TORCH_LIBRARY_IMPL(flexjit, Meta, m) { m.impl("flex_attention", &flexjit::flex_attention_meta); }
+
+TORCH_LIBRARY_IMPL(flexjit, Autograd, m) {
+  m.impl("flex_attention", &flexjit::flex_attention_autograd);
+}
+
+// create_block_mask reads no tensors (only optional buffers), so it cannot dispatch on them:
+// CompositeExplicitAutograd makes it callable with an empty buffer list.
+TORCH_LIBRARY_IMPL(flexjit, CompositeExplicitAutograd, m) {
+  m.impl("create_block_mask", &flexjit::create_block_mask_cpu);
+}
