@@ -10,6 +10,10 @@
 #ifndef FLEXJIT_CPU_COMMON_H
 #define FLEXJIT_CPU_COMMON_H
 
+// 16-lane vectors are passed between (always inlined) helpers; on a host without AVX-512 Clang
+// warns that this would change a call ABI, which cannot matter for static inline code.
+#pragma clang diagnostic ignored "-Wpsabi"
+
 typedef float fj_v16f __attribute__((vector_size(64)));                  // 16 x fp32
 typedef int fj_v16i __attribute__((vector_size(64)));                    // 16 x i32 / masks
 typedef unsigned fj_v16u __attribute__((vector_size(64)));               // 16 x u32
@@ -21,6 +25,11 @@ typedef unsigned short fj_v16h_u __attribute__((vector_size(32), aligned(2)));
 typedef _Float16 fj_v16e_u __attribute__((vector_size(32), aligned(2)));
 
 #define FJK_NEG_INF (-__builtin_inff())
+// Loop hints that keep compile time down (every kernel is compiled at first use): a loop that
+// gains nothing from the vectoriser or unroller (strided scalar copies done once per work
+// item, loops around an already register-blocked body) says so.
+#define FJK_SCALAR_LOOP _Pragma("clang loop vectorize(disable) interleave(disable) unroll(disable)")
+#define FJK_ROLLED_LOOP _Pragma("clang loop unroll(disable)")
 #define FJK_LOG2E 1.44269504088896340736f
 #define FJK_LN2 0.693147180559945309417
 
@@ -61,51 +70,55 @@ static inline fj_v16f fjk_load16(const _Float16* p) {
 }
 
 // ---- 2^x for 16 lanes ----
-// 2^x = 2^n * 2^f with n = round(x), f = x - n in [-1/2, 1/2]; 2^f is Cephes' degree-6
-// polynomial (relative error ~2e-7, i.e. 1-2 ulp). Guards:
+// 2^x = 2^n * 2^f with n = floor(x), f = x - n in [0, 1). 2^f = 1 + f q(f), q of degree 5
+// fitted for minimax relative error on [0, 1] (2e-9 in exact arithmetic; 1.6 ulp as evaluated
+// in fp32). Guards:
 //  - x = -inf (a masked score minus a finite max) must give exactly 0, and results that
-//    would be denormal are flushed to 0 too: x < -125.5 gives 0. Denormal P values would cost
-//    microcode assists in every FMA that reads them (long ALiBi rows reach them), and next to
+//    would be denormal are flushed to 0 too: x < -125 gives 0. Denormal P values would cost
+//    microcode assists in the FMAs that read them (long ALiBi rows reach them), and next to
 //    the row max's 2^0 = 1 they are far below fp32 resolution anyway;
 //  - x >= 128 gives +inf; NaN stays NaN (the compares are false for NaN).
+static inline fj_v16f fjk_exp2_poly(fj_v16f f) {
+  fj_v16f p = fjk_splat(2.1612939599435776e-4f);
+  p = p * f + 1.2467838823795319e-3f;
+  p = p * f + 9.6754524856805801e-3f;
+  p = p * f + 5.5485278367996216e-2f;
+  p = p * f + 2.4022930860519409e-1f;
+  p = p * f + 6.9314706325531006e-1f;
+  return p * f + 1.0f;
+}
 static inline fj_v16f fjk_exp2(fj_v16f x) {
-  const fj_v16i tiny = x < -125.5f;
-  x = x < -125.5f ? fjk_splat(-125.5f) : x;  // keeps n and f finite for x = -inf
-  x = x > 128.0f ? fjk_splat(128.0f) : x;
-  fj_v16f n = __builtin_elementwise_roundeven(x);
-  fj_v16f f = x - n;
-  fj_v16f p = fjk_splat(1.535336188319500e-4f);
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-#if defined(__AVX512F__)
-  // vscalefps: p * 2^n with correct overflow to inf, one instruction.
-  fj_v16f r = __builtin_ia32_scalefps512_mask(p, n, p, (unsigned short)0xffff, 4);
+  fj_v16f xc = x < -125.0f ? fjk_splat(-125.0f) : x;  // finite f for x = -inf
+  xc = xc > 128.0f ? fjk_splat(128.0f) : xc;
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  // vreduceps (imm 9: round down, no precision exception) gives f = x - floor(x) in one
+  // instruction; vscalefps multiplies by 2^floor(x) with correct overflow, and its zero mask
+  // writes the flushed lanes (not x < -125; NaN lanes stay set and propagate).
+  const unsigned short keep = __builtin_ia32_cmpps512_mask(x, fjk_splat(-125.0f), 5 /*NLT_UQ*/,
+                                                           (unsigned short)0xffff, 4);
+  const fj_v16f f = __builtin_ia32_reduceps512_mask(xc, 9, xc, (unsigned short)0xffff, 4);
+  return __builtin_ia32_scalefps512_mask(fjk_exp2_poly(f), xc, fjk_splat(0.0f), keep, 4);
 #else
-  // 2^n built in the exponent field (n in [-126, 128]; 128 gives the +inf pattern).
-  fj_v16i e = (__builtin_convertvector(n, fj_v16i) + 127) << 23;
-  fj_v16f r = p * __builtin_bit_cast(fj_v16f, e);
+  xc = xc == xc ? xc : fjk_splat(0.0f);  // float -> int of NaN is undefined: keep n finite
+  const fj_v16f n = __builtin_elementwise_floor(xc);
+  // 2^n built in the exponent field (n in [-125, 128]; 128 gives the +inf pattern).
+  const fj_v16i e = (__builtin_convertvector(n, fj_v16i) + 127) << 23;
+  const fj_v16f r = fjk_exp2_poly(xc - n) * __builtin_bit_cast(fj_v16f, e);
+  return x < -125.0f ? fjk_splat(0.0f) : (x == x ? r : x);
 #endif
-  return tiny ? fjk_splat(0.0f) : r;
 }
 
-// ---- log2 for one positive finite fp32 (per-row LSE; computed in double) ----
+// ---- log2 for one normal, positive, finite fp32 (per-row LSE; computed in double) ----
 // x = 2^e * m with m in [sqrt(1/2), sqrt(2)); ln m = 2 atanh(t), t = (m-1)/(m+1), |t| < 0.172,
-// whose odd series to t^13 is exact to ~1e-12 relative. Callers guard x <= 0 (-> -inf).
+// whose odd series to t^13 is exact to ~1e-12 relative. The softmax sum it is used on is >= 1
+// (the row max contributes 2^0), so zero, denormal, inf and NaN inputs are not handled.
 static inline double fjk_log2(float x) {
-  unsigned u = __builtin_bit_cast(unsigned, x);
-  int e = (int)((u >> 23) & 0xffu) - 127;
-  if (e == -127) {  // denormal: scale into the normal range first
-    x *= 8388608.0f;  // 2^23
-    u = __builtin_bit_cast(unsigned, x);
-    e = (int)((u >> 23) & 0xffu) - 127 - 23;
-  }
-  double m = (double)__builtin_bit_cast(float, (u & 0x007fffffu) | 0x3f800000u);  // [1, 2)
-  if (m > 1.4142135623730951) { m *= 0.5; e += 1; }
-  double t = (m - 1.0) / (m + 1.0), t2 = t * t;
+  const unsigned u = __builtin_bit_cast(unsigned, x);
+  const int big = (u & 0x007fffffu) > 0x3504f3u;  // mantissa above sqrt(2): use m / 2
+  const int e = (int)(u >> 23) - 127 + big;
+  const unsigned exp_bits = big ? 0x3f000000u : 0x3f800000u;  // m in [sqrt(1/2), sqrt(2))
+  const double m = (double)__builtin_bit_cast(float, (u & 0x007fffffu) | exp_bits);
+  const double t = (m - 1.0) / (m + 1.0), t2 = t * t;
   double s = 1.0 / 13;
   s = s * t2 + 1.0 / 11;
   s = s * t2 + 1.0 / 9;

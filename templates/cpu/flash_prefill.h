@@ -20,7 +20,8 @@
 // no horizontal reductions. Both matmuls are register-blocked outer products: a vector of
 // 16 query rows times a broadcast K (or V) element. K and V are read as broadcasts, so they
 // are packed per block only to convert the dtype and gather the strides into fp32 rows
-// (no transposes), and HEAD_DIM / HEAD_DIM_V need no padding.
+// (no transposes), and HEAD_DIM needs no vector tail. The next block's K and V are
+// prefetched while the current one is computed.
 
 #if !defined(FLEXJIT_DTYPE) || !defined(HEAD_DIM) || !defined(HEAD_DIM_V) || \
     !defined(BLOCK_M) || !defined(BLOCK_N) || !defined(GQA_GROUP) || !defined(FLEXJIT_ENTRY)
@@ -40,23 +41,51 @@ typedef _Float16 fjk_elem;
 // ---- tile geometry (all compile time) ----
 static constexpr int kMP = (BLOCK_M + 15) / 16 * 16;  // query rows padded to whole vectors
 static constexpr int kMV = kMP / 16;                  // vectors per transposed row
-// Register blocking: the QK^T kernel keeps kMV x kNG accumulators (kNG KV columns), the PV
-// kernel kMV x kDG (kDG output features); ~24 of the 32 zmm registers, leaving room for
-// the kMV operand vectors. Per step it issues kMV vector loads and kNG broadcasts for
-// kMV * kNG FMAs.
-static constexpr int kNG = kMV <= 4 ? 24 / kMV : (16 / kMV > 0 ? 16 / kMV : 1);
-static constexpr int kDG = kNG;
+
+// Register blocking. The query vectors are taken kMVC at a time (a chunk: up to 4 vectors,
+// 64 rows); the Q K^T kernel keeps kMVC x kNG accumulators (kNG KV rows), the P V kernel
+// kMVC x kDG (kDG output features): ~20-24 of the 32 zmm registers, leaving room for the
+// kMVC operand vectors. Per step each issues kMVC vector loads and kNG (kDG) broadcasts for
+// kMVC * kNG FMAs. The group size is picked near the register limit so that it (nearly)
+// divides the width it tiles; the width is then padded to whole groups (zero rows/columns
+// computed and ignored, at most a few percent) so no tail kernel is instantiated, which
+// would cost compile time.
+static constexpr int kMVC = kMV <= 4 ? kMV
+                           : kMV % 4 == 0 ? 4
+                           : kMV % 3 == 0 ? 3
+                           : kMV % 2 == 0 ? 2 : 1;
+static constexpr int kMaxGroup = 24 / kMVC;
+static constexpr int fjk_round_up(int x, int g) { return (x + g - 1) / g * g; }
+static constexpr int fjk_pick_group(int width) {
+  int best = kMaxGroup;
+  for (int g = kMaxGroup; g >= 1 && 4 * g >= 3 * kMaxGroup; --g)
+    if (fjk_round_up(width, g) < fjk_round_up(width, best)) best = g;
+  return best;
+}
+static constexpr int kNG = fjk_pick_group(BLOCK_N);
+static constexpr int kNP = fjk_round_up(BLOCK_N, kNG);      // KV rows computed per block
+static constexpr int kDG = fjk_pick_group(HEAD_DIM_V);
+static constexpr int kDVP = fjk_round_up(HEAD_DIM_V, kDG);  // output features computed
+
+// Row strides of the packed K and V blocks in floats: whole vectors (aligned 16-lane stores
+// when packing), plus one cache line when that is a multiple of 64 floats (D = 64, 128, 256),
+// which would otherwise put a column's rows into a few L1 sets.
+static constexpr int fjk_row_stride(int width) {
+  return fjk_round_up(width, 16) + (fjk_round_up(width, 16) % 64 == 0 ? 16 : 0);
+}
+static constexpr int kKS = fjk_row_stride(HEAD_DIM);
+static constexpr int kVS = fjk_row_stride(kDVP);
 
 static_assert(HEAD_DIM >= 1 && HEAD_DIM_V >= 1 && BLOCK_M >= 1 && BLOCK_N >= 1, "bad spec");
 static_assert(GQA_GROUP >= 1, "bad GQA_GROUP");
 
 // Per-thread scratch, on the stack of the entry (no heap, no statics).
 struct FjkTile {
-  alignas(64) float qt[HEAD_DIM * kMP];       // Q^T [d][m], pre-scaled; rows m >= Lq are 0
-  alignas(64) float st[BLOCK_N * kMP];        // S^T then P^T [n][m]
-  alignas(64) float ot[HEAD_DIM_V * kMP];     // O^T [dv][m], unnormalised
-  alignas(64) float kp[BLOCK_N * HEAD_DIM];   // K block in fp32 [n][d]
-  alignas(64) float vp[BLOCK_N * HEAD_DIM_V]; // V block in fp32 [n][dv]
+  alignas(64) float qt[HEAD_DIM * kMP];  // Q^T [d][m], pre-scaled; rows m >= Lq are 0
+  alignas(64) float st[kNP * kMP];       // S^T then P^T [n][m]
+  alignas(64) float ot[kDVP * kMP];      // O^T [dv][m], unnormalised
+  alignas(64) float kp[kNP * kKS];       // K block in fp32 [n][d]; rows >= BLOCK_N stay 0
+  alignas(64) float vp[BLOCK_N * kVS];   // V block in fp32 [n][dv]; columns >= Dv stay 0
   fj_v16f m[kMV];      // running row max of the base-2 scores (-inf: nothing seen yet)
   fj_v16f l[kMV];      // running row sum of 2^(s - m)
   fj_v16i valid[kMV];  // lane is a real query row (q_idx < Lq)
@@ -71,80 +100,131 @@ struct FjkItem {
   const fjk_elem* v; // v[bk, hkv, 0, 0]
 };
 
+// ---- prefetching the next block ----
+// K and V stream from L3 (a head's K and V outgrow L2 at a few thousand rows) once per work
+// item, and a plain pack loop would wait on every line. While one block is computed, each
+// micro-kernel call prefetches (into L2) a share of the next block's rows, one cache line per
+// inner step: K during Q K^T, V during P V. The next pack then reads from L2.
+struct FjkPrefetch {
+  const char* base;  // first row of the next block
+  fj_i64 stride;     // row stride in bytes
+  int rows;          // rows to prefetch (0: none)
+};
+static inline struct FjkPrefetch fjk_prefetch_plan(const fjk_elem* rows, fj_i64 s_row,
+                                                   fj_i64 s_col, fj_i64 first, fj_i64 Lkv) {
+  struct FjkPrefetch pf = {nullptr, 0, 0};
+  if (first < 0 || first >= Lkv || s_col != 1) return pf;  // no next block / not row-contiguous
+  pf.base = (const char*)(rows + first * s_row);
+  pf.stride = s_row * (fj_i64)sizeof(fjk_elem);
+  pf.rows = Lkv - first < BLOCK_N ? (int)(Lkv - first) : BLOCK_N;
+  return pf;
+}
+// The share of one micro-kernel call: rows [r0, r0 + n) of the plan, kWidth elements each,
+// one line per step i < lines.
+template <int kWidth>
+struct FjkPrefetchShare {
+  static constexpr int kLinesPerRow = (kWidth * (int)sizeof(fjk_elem) + 63) / 64;
+  const char* base;
+  fj_i64 stride;
+  int lines;
+  FjkPrefetchShare(const struct FjkPrefetch* pf, int r0, int n)
+      : base(pf->base), stride(pf->stride) {
+    const int rows = pf->rows - r0 < n ? pf->rows - r0 : n;
+    lines = rows > 0 ? rows * kLinesPerRow : 0;
+    base += r0 * stride;
+  }
+  void step(int i) const {
+    if (i < lines)
+      __builtin_prefetch(base + (i / kLinesPerRow) * stride + (i % kLinesPerRow) * 64, 0, 2);
+  }
+};
+
 // ---- packing ----
 
 // Q^T[d][m] = q[q0 + m][d] * c for the valid rows, 0 for the padding rows (which then score
-// a finite 0 and are never written out).
+// a finite 0 and are never written out). Once per work item, so a plain scalar transpose.
 static inline void fjk_pack_q(const fjk_elem* q, fj_i64 s_row, fj_i64 s_col, int mvalid,
                               float c, float* __restrict qt) {
-  for (int m = 0; m < kMP; ++m) {
+  if (mvalid < kMP) __builtin_memset(qt, 0, sizeof(float) * HEAD_DIM * kMP);
+  FJK_SCALAR_LOOP
+  for (int m = 0; m < mvalid; ++m) {
     const fjk_elem* row = q + m * s_row;
-    if (m < mvalid) {
-      for (int d = 0; d < HEAD_DIM; ++d) qt[d * kMP + m] = fjk_to_f32(row[d * s_col]) * c;
-    } else {
-      for (int d = 0; d < HEAD_DIM; ++d) qt[d * kMP + m] = 0.0f;
-    }
+    FJK_SCALAR_LOOP
+    for (int d = 0; d < HEAD_DIM; ++d) qt[d * kMP + m] = fjk_to_f32(row[d * s_col]) * c;
   }
 }
 
-// dst[r][c] = fp32(src[r * s_row + c * s_col]) for r < rows; rows up to BLOCK_N are zeroed
-// so the register-blocked kernels may read a whole group past the end of Lkv.
-template <int W>
-static inline void fjk_pack_rows(const fjk_elem* src, fj_i64 s_row, fj_i64 s_col, int rows,
-                                 float* __restrict dst) {
-  if (s_col == 1) {  // the usual case: contiguous feature dim, vectorised convert-copy
+// dst[r][c] = fp32(src[r * s_row + c * s_col]) for r < rows, c < width, row stride
+// dst_stride; rows up to BLOCK_N are zeroed so the register-blocked kernels may read a whole
+// group past the end of Lkv. One out-of-line copy serves K and V (compile time); it is
+// bound by memory, not by loop overhead.
+__attribute__((noinline)) static void fjk_pack_rows(const fjk_elem* src, fj_i64 s_row,
+                                                    fj_i64 s_col, int rows, int width,
+                                                    int dst_stride, float* __restrict dst) {
+  const int vec_width = width / 16 * 16;
+  if (s_col == 1) {  // the usual case: contiguous feature dim, 16-lane convert-copy
+    FJK_ROLLED_LOOP
     for (int r = 0; r < rows; ++r) {
       const fjk_elem* s = src + r * s_row;
-      float* d = dst + r * W;
-      for (int c = 0; c < W; ++c) d[c] = fjk_to_f32(s[c]);
+      float* d = dst + r * dst_stride;
+      FJK_ROLLED_LOOP
+      for (int c = 0; c < vec_width; c += 16) fjk_store(d + c, fjk_load16(s + c));
+      FJK_SCALAR_LOOP
+      for (int c = vec_width; c < width; ++c) d[c] = fjk_to_f32(s[c]);
     }
   } else {
+    FJK_SCALAR_LOOP
     for (int r = 0; r < rows; ++r) {
-      const fjk_elem* s = src + r * s_row;
-      float* d = dst + r * W;
-      for (int c = 0; c < W; ++c) d[c] = fjk_to_f32(s[c * s_col]);
+      FJK_SCALAR_LOOP
+      for (int c = 0; c < width; ++c)
+        dst[r * dst_stride + c] = fjk_to_f32(src[r * s_row + c * s_col]);
     }
   }
-  for (int i = rows * W; i < BLOCK_N * W; ++i) dst[i] = 0.0f;
+  if (rows < BLOCK_N)
+    __builtin_memset(dst + rows * dst_stride, 0, sizeof(float) * (BLOCK_N - rows) * dst_stride);
 }
 
 // ---- S^T = K Q^T, register-blocked ----
-// NG KV columns x kMV query vectors: per d, kMV vector loads of Q^T[d], NG broadcasts of
-// K[n][d], NG * kMV FMAs.
-template <int NG>
+// kNG KV rows x kMVC query vectors: per d, kMVC vector loads of Q^T[d], kNG broadcasts of
+// K[n][d], kNG * kMVC FMAs; the accumulators stay in registers over all of d.
 static inline void fjk_qk_group(const float* __restrict qt, const float* __restrict kp,
-                                float* __restrict st) {
-  fj_v16f acc[NG][kMV];
+                                float* __restrict st, const FjkPrefetchShare<HEAD_DIM>& pf) {
+  FJK_ROLLED_LOOP
+  for (int c = 0; c < kMV; c += kMVC) {  // one pass for BLOCK_M <= 64
+    fj_v16f acc[kNG][kMVC];
 #pragma clang loop unroll(full)
-  for (int j = 0; j < NG; ++j)
+    for (int j = 0; j < kNG; ++j)
 #pragma clang loop unroll(full)
-    for (int i = 0; i < kMV; ++i) acc[j][i] = fjk_splat(0.0f);
-  for (int d = 0; d < HEAD_DIM; ++d) {
-    fj_v16f q[kMV];
+      for (int i = 0; i < kMVC; ++i) acc[j][i] = fjk_splat(0.0f);
+    const float* qd = qt + 16 * c;  // Q^T[d][c..], K[0][d]: advanced one d per step
+    const float* kd = kp;
+    FJK_ROLLED_LOOP
+    for (int d = 0; d < HEAD_DIM; ++d, qd += kMP, ++kd) {
+      pf.step(c / kMVC * HEAD_DIM + d);
+      fj_v16f q[kMVC];
 #pragma clang loop unroll(full)
-    for (int i = 0; i < kMV; ++i) q[i] = fjk_load(qt + d * kMP + 16 * i);
+      for (int i = 0; i < kMVC; ++i) q[i] = fjk_load(qd + 16 * i);
 #pragma clang loop unroll(full)
-    for (int j = 0; j < NG; ++j) {
-      float k = kp[j * HEAD_DIM + d];
+      for (int j = 0; j < kNG; ++j) {
+        const float k = kd[j * kKS];
 #pragma clang loop unroll(full)
-      for (int i = 0; i < kMV; ++i) acc[j][i] += k * q[i];
+        for (int i = 0; i < kMVC; ++i) acc[j][i] += k * q[i];
+      }
     }
+#pragma clang loop unroll(full)
+    for (int j = 0; j < kNG; ++j)
+#pragma clang loop unroll(full)
+      for (int i = 0; i < kMVC; ++i) fjk_store(st + j * kMP + 16 * (c + i), acc[j][i]);
   }
-#pragma clang loop unroll(full)
-  for (int j = 0; j < NG; ++j)
-#pragma clang loop unroll(full)
-    for (int i = 0; i < kMV; ++i) fjk_store(st + j * kMP + 16 * i, acc[j][i]);
 }
 
-// Scores for columns [0, nvalid) (rounded up to whole groups; kp is zero past nvalid).
-static inline void fjk_scores(const float* qt, const float* kp, float* st, int nvalid) {
-  constexpr int kFull = BLOCK_N / kNG, kTail = BLOCK_N % kNG;
-  int g = 0;
-  for (; g < kFull && g * kNG < nvalid; ++g)
-    fjk_qk_group<kNG>(qt, kp + g * kNG * HEAD_DIM, st + g * kNG * kMP);
-  if constexpr (kTail != 0) {
-    if (g == kFull && g * kNG < nvalid)
-      fjk_qk_group<kTail>(qt, kp + g * kNG * HEAD_DIM, st + g * kNG * kMP);
+// Scores for KV rows [0, nvalid), in whole groups (rows past nvalid are computed from zeroed K
+// rows and never read). Group g also prefetches rows [g kNG, (g+1) kNG) of the next K.
+static inline void fjk_scores(struct FjkTile* t, int nvalid, const struct FjkPrefetch* pf) {
+  FJK_ROLLED_LOOP
+  for (int g = 0; g * kNG < nvalid; ++g) {
+    const FjkPrefetchShare<HEAD_DIM> share(pf, g * kNG, kNG);
+    fjk_qk_group(t->qt, t->kp + g * kNG * kKS, t->st + g * kNG * kMP, share);
   }
 }
 
@@ -158,9 +238,11 @@ static inline void fjk_apply_mods(float* __restrict st, const struct FlexPrefill
   const struct FlexModArgs* mod = &a->mod;
   const fj_i64 b = it->b, h = it->hq, q0 = it->q0;
   const int mvalid = it->mvalid;
+  FJK_ROLLED_LOOP
   for (int n = 0; n < nvalid; ++n) {
     float* row = st + n * kMP;
     const fj_i64 kv_idx = kv0 + n;
+#pragma clang loop interleave(disable) unroll(disable)
     for (int m = 0; m < mvalid; ++m) {
       float s = row[m];
 #if FLEXJIT_HAS_SCORE_MOD
@@ -180,6 +262,7 @@ static inline void fjk_apply_mods(float* __restrict st, const struct FlexPrefill
 static inline bool fjk_softmax_block(struct FjkTile* t, int nvalid, fj_v16f* alpha) {
   fj_v16f mx[kMV];
   for (int i = 0; i < kMV; ++i) mx[i] = fjk_splat(FJK_NEG_INF);
+  FJK_ROLLED_LOOP
   for (int n = 0; n < nvalid; ++n)
     for (int i = 0; i < kMV; ++i) mx[i] = fjk_max(mx[i], fjk_load(t->st + n * kMP + 16 * i));
   bool any = false;
@@ -198,6 +281,7 @@ static inline bool fjk_softmax_block(struct FjkTile* t, int nvalid, fj_v16f* alp
   }
   fj_v16f sum[kMV];
   for (int i = 0; i < kMV; ++i) sum[i] = fjk_splat(0.0f);
+  FJK_ROLLED_LOOP
   for (int n = 0; n < nvalid; ++n) {
     for (int i = 0; i < kMV; ++i) {
       float* p = t->st + n * kMP + 16 * i;
@@ -211,53 +295,70 @@ static inline bool fjk_softmax_block(struct FjkTile* t, int nvalid, fj_v16f* alp
 }
 
 // ---- O^T = O^T * alpha + V^T P^T, register-blocked ----
-// DG output features x kMV query vectors: per KV column n, kMV vector loads of P^T[n], DG
-// broadcasts of V[n][dv], DG * kMV FMAs. The accumulators stay in registers over the block.
-template <int DG>
+// kDG output features x kMVC query vectors: per KV row n, kMVC vector loads of P^T[n], kDG
+// broadcasts of V[n][dv], kDG * kMVC FMAs; the accumulators stay in registers over the block.
 static inline void fjk_pv_group(const float* __restrict pt, const float* __restrict vp,
-                                float* __restrict ot, const fj_v16f* alpha, int nvalid) {
-  fj_v16f acc[DG][kMV];
+                                float* __restrict ot, const fj_v16f* alpha, int nvalid,
+                                const FjkPrefetchShare<HEAD_DIM_V>& pf) {
+  FJK_ROLLED_LOOP
+  for (int c = 0; c < kMV; c += kMVC) {  // one pass for BLOCK_M <= 64
+    fj_v16f acc[kDG][kMVC];
 #pragma clang loop unroll(full)
-  for (int j = 0; j < DG; ++j)
+    for (int j = 0; j < kDG; ++j)
 #pragma clang loop unroll(full)
-    for (int i = 0; i < kMV; ++i) acc[j][i] = fjk_load(ot + j * kMP + 16 * i) * alpha[i];
-  for (int n = 0; n < nvalid; ++n) {
-    fj_v16f p[kMV];
+      for (int i = 0; i < kMVC; ++i)
+        acc[j][i] = fjk_load(ot + j * kMP + 16 * (c + i)) * alpha[c + i];
+    const float* pn = pt + 16 * c;  // P^T[n][c..], V[n][0]: advanced one n per step
+    const float* vn = vp;
+    FJK_ROLLED_LOOP
+    for (int n = 0; n < nvalid; ++n, pn += kMP, vn += kVS) {
+      pf.step(c / kMVC * nvalid + n);
+      fj_v16f p[kMVC];
 #pragma clang loop unroll(full)
-    for (int i = 0; i < kMV; ++i) p[i] = fjk_load(pt + n * kMP + 16 * i);
+      for (int i = 0; i < kMVC; ++i) p[i] = fjk_load(pn + 16 * i);
 #pragma clang loop unroll(full)
-    for (int j = 0; j < DG; ++j) {
-      float v = vp[n * HEAD_DIM_V + j];
+      for (int j = 0; j < kDG; ++j) {
+        const float v = vn[j];
 #pragma clang loop unroll(full)
-      for (int i = 0; i < kMV; ++i) acc[j][i] += v * p[i];
+        for (int i = 0; i < kMVC; ++i) acc[j][i] += v * p[i];
+      }
     }
+#pragma clang loop unroll(full)
+    for (int j = 0; j < kDG; ++j)
+#pragma clang loop unroll(full)
+      for (int i = 0; i < kMVC; ++i) fjk_store(ot + j * kMP + 16 * (c + i), acc[j][i]);
   }
-#pragma clang loop unroll(full)
-  for (int j = 0; j < DG; ++j)
-#pragma clang loop unroll(full)
-    for (int i = 0; i < kMV; ++i) fjk_store(ot + j * kMP + 16 * i, acc[j][i]);
 }
 
-static inline void fjk_pv(struct FjkTile* t, const fj_v16f* alpha, int nvalid) {
-  constexpr int kFull = HEAD_DIM_V / kDG, kTail = HEAD_DIM_V % kDG;
-  for (int g = 0; g < kFull; ++g)
-    fjk_pv_group<kDG>(t->st, t->vp + g * kDG, t->ot + g * kDG * kMP, alpha, nvalid);
-  if constexpr (kTail != 0)
-    fjk_pv_group<kTail>(t->st, t->vp + kFull * kDG, t->ot + kFull * kDG * kMP, alpha, nvalid);
+// All kDVP features in groups of kDG (the padding features have V = 0). Group g also
+// prefetches its share of the next block's V rows.
+static inline void fjk_pv(struct FjkTile* t, const fj_v16f* alpha, int nvalid,
+                          const struct FjkPrefetch* pf) {
+  constexpr int kGroups = kDVP / kDG, kRowsPerGroup = (BLOCK_N + kGroups - 1) / kGroups;
+  FJK_ROLLED_LOOP
+  for (int g = 0; g < kGroups; ++g) {
+    const FjkPrefetchShare<HEAD_DIM_V> share(pf, g * kRowsPerGroup, kRowsPerGroup);
+    fjk_pv_group(t->st, t->vp + g * kDG, t->ot + g * kDG * kMP, alpha, nvalid, share);
+  }
 }
 
 // ---- one KV block of BLOCK_N columns starting at kv0 ----
 // partial: evaluate mask_mod per element (full blocks skip it). Columns >= Lkv are never
-// scored: the loops stop at nvalid.
-static inline void fjk_visit_block(const struct FlexPrefillArgs* a, const struct FjkItem* it,
-                                   struct FjkTile* t, fj_i64 kv0, bool partial) {
+// scored: the softmax and P V loops stop at nvalid. next_kv0: the block visited next (-1:
+// none), prefetched meanwhile. Not inlined: its two call sites would double the compile time.
+__attribute__((noinline)) static void fjk_visit_block(const struct FlexPrefillArgs* a,
+                                                      const struct FjkItem* it,
+                                                      struct FjkTile* t, fj_i64 kv0,
+                                                      bool partial, fj_i64 next_kv0) {
   const fj_i64 left = a->Lkv - kv0;
   if (left <= 0) return;
   const int nvalid = left < BLOCK_N ? (int)left : BLOCK_N;
 
-  fjk_pack_rows<HEAD_DIM>(it->k + kv0 * a->k_strides[2], a->k_strides[2], a->k_strides[3],
-                          nvalid, t->kp);
-  fjk_scores(t->qt, t->kp, t->st, nvalid);
+  fjk_pack_rows(it->k + kv0 * a->k_strides[2], a->k_strides[2], a->k_strides[3], nvalid,
+                HEAD_DIM, kKS, t->kp);
+  const struct FjkPrefetch pf_k =
+      fjk_prefetch_plan(it->k, a->k_strides[2], a->k_strides[3], next_kv0, a->Lkv);
+  fjk_scores(t, nvalid, &pf_k);
 #if FLEXJIT_HAS_MASK_MOD
   if (partial)
     fjk_apply_mods<true>(t->st, a, it, kv0, nvalid);
@@ -269,29 +370,49 @@ static inline void fjk_visit_block(const struct FlexPrefillArgs* a, const struct
 
   fj_v16f alpha[kMV];
   if (!fjk_softmax_block(t, nvalid, alpha)) return;
-  fjk_pack_rows<HEAD_DIM_V>(it->v + kv0 * a->v_strides[2], a->v_strides[2], a->v_strides[3],
-                            nvalid, t->vp);
-  fjk_pv(t, alpha, nvalid);
+  fjk_pack_rows(it->v + kv0 * a->v_strides[2], a->v_strides[2], a->v_strides[3], nvalid,
+                HEAD_DIM_V, kVS, t->vp);
+  const struct FjkPrefetch pf_v =
+      fjk_prefetch_plan(it->v, a->v_strides[2], a->v_strides[3], next_kv0, a->Lkv);
+  fjk_pv(t, alpha, nvalid, &pf_v);
 }
 
-// Visits the blocks listed for this tile's mask q-block: `count` mask KV blocks from `idx`,
-// each split into mask_kv_block_size / BLOCK_N sub-blocks.
-static inline void fjk_visit_listed(const struct FlexPrefillArgs* a, const struct FjkItem* it,
-                                    struct FjkTile* t, const int* idx, int count, bool partial) {
+// The walk over visited blocks runs one block ahead of the computation, so each visit knows
+// which block comes next and can prefetch it.
+struct FjkWalk {
+  fj_i64 kv0;    // pending block
+  bool partial;  // pending block evaluates mask_mod
+  bool pending;
+};
+static inline void fjk_walk_to(const struct FlexPrefillArgs* a, const struct FjkItem* it,
+                               struct FjkTile* t, struct FjkWalk* w, fj_i64 kv0, bool partial) {
+  if (w->pending) fjk_visit_block(a, it, t, w->kv0, w->partial, kv0);
+  w->kv0 = kv0;
+  w->partial = partial;
+  w->pending = true;
+}
+
+// Walks the blocks listed for this tile's mask q-block: `count` mask KV blocks from `idx`,
+// each split into mask_kv_block_size / BLOCK_N sub-blocks; those past Lkv are skipped.
+// (Not inlined into its two call sites: compile time.)
+__attribute__((noinline)) static void fjk_walk_listed(const struct FlexPrefillArgs* a,
+                                                      const struct FjkItem* it,
+                                                      struct FjkTile* t, struct FjkWalk* w,
+                                                      const int* idx, int count, bool partial) {
   const fj_i64 sub = a->mask_kv_block_size / BLOCK_N;
   for (int j = 0; j < count; ++j) {
     const fj_i64 base = (fj_i64)idx[j] * a->mask_kv_block_size;
-    for (fj_i64 s = 0; s < sub; ++s) {
-      const fj_i64 kv0 = base + s * BLOCK_N;
-      if (kv0 >= a->Lkv) break;
-      fjk_visit_block(a, it, t, kv0, partial);
-    }
+    for (fj_i64 s = 0; s < sub && base + s * BLOCK_N < a->Lkv; ++s)
+      fjk_walk_to(a, it, t, w, base + s * BLOCK_N, partial);
   }
 }
 
 // ---- one work item (b, hq, m_block) ----
-static inline void fjk_run_item(const struct FlexPrefillArgs* a, struct FjkTile* t, fj_i64 b,
-                                fj_i64 hq, fj_i64 m_block) {
+// Not inlined into the item loop: there its branches on launch constants (lse wanted, block
+// mask present) would be unswitched, duplicating the whole body (compile time).
+__attribute__((noinline)) static void fjk_run_item(const struct FlexPrefillArgs* a,
+                                                   struct FjkTile* t, fj_i64 b, fj_i64 hq,
+                                                   fj_i64 m_block) {
   struct FjkItem it;
   it.b = b;
   it.hq = hq;
@@ -312,59 +433,71 @@ static inline void fjk_run_item(const struct FlexPrefillArgs* a, struct FjkTile*
   const fjk_elem* q = (const fjk_elem*)a->q + b * a->q_strides[0] + hq * a->q_strides[1] +
                       it.q0 * a->q_strides[2];
   fjk_pack_q(q, a->q_strides[2], a->q_strides[3], it.mvalid, qscale, t->qt);
-  for (int i = 0; i < HEAD_DIM_V * kMP; ++i) t->ot[i] = 0.0f;
+  __builtin_memset(t->ot, 0, sizeof(t->ot));
   for (int i = 0; i < kMV; ++i) {
     t->m[i] = fjk_splat(FJK_NEG_INF);
     t->l[i] = fjk_splat(0.0f);
     t->valid[i] = fjk_iota() + (float)(16 * i) < (float)it.mvalid;
   }
 
+  struct FjkWalk walk = {0, false, false};
   if (a->kv_num_blocks == nullptr) {  // no block mask: every block, partial if masked
     for (fj_i64 kv0 = 0; kv0 < a->Lkv; kv0 += BLOCK_N)
-      fjk_visit_block(a, &it, t, kv0, FLEXJIT_HAS_MASK_MOD != 0);
+      fjk_walk_to(a, &it, t, &walk, kv0, FLEXJIT_HAS_MASK_MOD != 0);
   } else {
     // BLOCK_M divides mask_q_block_size, so the tile lies in one mask q-block.
     const fj_i64 mb = a->mask_B == 1 ? 0 : b, mh = a->mask_H == 1 ? 0 : hq;
     const fj_i64 qb = it.q0 / a->mask_q_block_size;
     const fj_i64 row = (mb * a->mask_H + mh) * a->mask_q_blocks + qb;
-    fjk_visit_listed(a, &it, t, a->kv_indices + row * a->kv_indices_stride, a->kv_num_blocks[row],
-                     true);
+    fjk_walk_listed(a, &it, t, &walk, a->kv_indices + row * a->kv_indices_stride,
+                    a->kv_num_blocks[row], true);
     if (a->full_kv_num_blocks != nullptr)
-      fjk_visit_listed(a, &it, t, a->full_kv_indices + row * a->full_kv_indices_stride,
-                       a->full_kv_num_blocks[row], false);
+      fjk_walk_listed(a, &it, t, &walk, a->full_kv_indices + row * a->full_kv_indices_stride,
+                      a->full_kv_num_blocks[row], false);
   }
+  if (walk.pending) fjk_visit_block(a, &it, t, walk.kv0, walk.partial, -1);
 
   // out = O / l. A fully masked row (l = 0: no finite score, or no block visited) writes 0
   // and lse = -inf instead of 0/0 = NaN.
-  alignas(64) float inv_l[kMP];
+  alignas(64) float inv_l[kMP], l[kMP], m2[kMP];
   for (int i = 0; i < kMV; ++i) {
-    const fj_v16f l = t->l[i];
-    const fj_v16f inv = l > 0.0f ? 1.0f / l : fjk_splat(0.0f);
-    fjk_store(inv_l + 16 * i, inv);
+    fjk_store(inv_l + 16 * i, t->l[i] > 0.0f ? 1.0f / t->l[i] : fjk_splat(0.0f));
+    fjk_store(l + 16 * i, t->l[i]);
+    fjk_store(m2 + 16 * i, t->m[i]);
   }
   fjk_elem* out = (fjk_elem*)a->out + b * a->out_strides[0] + hq * a->out_strides[1] +
                   it.q0 * a->out_strides[2];
   const fj_i64 os_row = a->out_strides[2], os_col = a->out_strides[3];
+  FJK_SCALAR_LOOP
   for (int m = 0; m < it.mvalid; ++m) {
     fjk_elem* orow = out + m * os_row;
-    const float s = inv_l[m];
+    FJK_SCALAR_LOOP
     for (int dv = 0; dv < HEAD_DIM_V; ++dv)
-      fjk_from_f32(t->ot[dv * kMP + m] * s, orow + dv * os_col);
+      fjk_from_f32(t->ot[dv * kMP + m] * inv_l[m], orow + dv * os_col);
   }
   if (a->lse != nullptr) {
     float* lse = a->lse + b * a->lse_strides[0] + hq * a->lse_strides[1];
+    FJK_SCALAR_LOOP
     for (int m = 0; m < it.mvalid; ++m) {
-      const float l = t->l[m / 16][m % 16], m2 = t->m[m / 16][m % 16];
       // lse = ln(sum_n e^s) = ln 2 * (m2 + log2 l), m2 the base-2 row max; l = 0 -> -inf.
       lse[(it.q0 + m) * a->lse_strides[2]] =
-          l > 0.0f ? (float)(FJK_LN2 * ((double)m2 + fjk_log2(l))) : FJK_NEG_INF;
+          l[m] > 0.0f ? (float)(FJK_LN2 * ((double)m2[m] + fjk_log2(l[m]))) : FJK_NEG_INF;
     }
   }
 }
 
 extern "C" void FLEXJIT_ENTRY(const struct FlexPrefillArgs* a, fj_i64 begin, fj_i64 end) {
   struct FjkTile t;
+  // Padding the kernels compute with but packing never writes: K rows [BLOCK_N, kNP) and V
+  // columns [Dv, kVS) must hold finite values (zeros), or NaN garbage could reach P V.
+  __builtin_memset(t.kp + BLOCK_N * kKS, 0, sizeof(float) * (kNP - BLOCK_N) * kKS);
+  if (kVS > HEAD_DIM_V) {
+    FJK_SCALAR_LOOP
+    for (int n = 0; n < BLOCK_N; ++n)
+      __builtin_memset(t.vp + n * kVS + HEAD_DIM_V, 0, sizeof(float) * (kVS - HEAD_DIM_V));
+  }
   const fj_i64 n_m_blocks = (a->Lq + BLOCK_M - 1) / BLOCK_M;
+  if (n_m_blocks <= 0 || a->Hq <= 0) return;  // no work items exist
   for (fj_i64 item = begin; item < end; ++item) {
     const fj_i64 m_block = item % n_m_blocks, bh = item / n_m_blocks;
     fjk_run_item(a, &t, bh / a->Hq, bh % a->Hq, m_block);
