@@ -85,15 +85,25 @@ std::string BlockMask::describe() const {
   return os.str();
 }
 
-BlockMask dense_block_mask(int64_t Lq, int64_t Lkv, int64_t qbs, int64_t kvbs) {
-  check_sizes(1, 1, Lq, Lkv, qbs, kvbs);
+namespace {
+// An empty mask of the given geometry (sizes checked); the caller fills the index arrays.
+BlockMask make_geometry(int64_t B, int64_t H, int64_t Lq, int64_t Lkv, int64_t qbs, int64_t kvbs) {
+  check_sizes(B, H, Lq, Lkv, qbs, kvbs);
   BlockMask m;
+  m.B = B;
+  m.H = H;
   m.Lq = Lq;
   m.Lkv = Lkv;
   m.q_block_size = qbs;
   m.kv_block_size = kvbs;
   m.num_q_blocks = ceil_div(Lq, qbs);
   m.num_kv_blocks = ceil_div(Lkv, kvbs);
+  return m;
+}
+}  // namespace
+
+BlockMask dense_block_mask(int64_t Lq, int64_t Lkv, int64_t qbs, int64_t kvbs) {
+  BlockMask m = make_geometry(1, 1, Lq, Lkv, qbs, kvbs);
   assemble(m, std::vector<int8_t>(m.num_q_blocks * m.num_kv_blocks, kFull));
   return m;
 }
@@ -106,15 +116,8 @@ BlockMask create_block_mask(const ModSet& mods, const ModBindings& bind, int64_t
   check_sizes(B, H, Lq, Lkv, qbs, kvbs);
   BoundMods bound(mods, bind);  // checks every binding up front
 
-  BlockMask m;
-  m.B = ir::uses_var(mods.mask_mod, ir::Var::B) ? B : 1;
-  m.H = ir::uses_var(mods.mask_mod, ir::Var::H) ? H : 1;
-  m.Lq = Lq;
-  m.Lkv = Lkv;
-  m.q_block_size = qbs;
-  m.kv_block_size = kvbs;
-  m.num_q_blocks = ceil_div(Lq, qbs);
-  m.num_kv_blocks = ceil_div(Lkv, kvbs);
+  BlockMask m = make_geometry(ir::uses_var(mods.mask_mod, ir::Var::B) ? B : 1,
+                              ir::uses_var(mods.mask_mod, ir::Var::H) ? H : 1, Lq, Lkv, qbs, kvbs);
   const int64_t QB = m.num_q_blocks, KVB = m.num_kv_blocks, rows = m.B * m.H * QB;
 
   // Pass 1: interval analysis per block, one evaluator per row of blocks (it memoises slices).
