@@ -85,8 +85,6 @@ std::string BlockMask::describe() const {
   return os.str();
 }
 
-namespace {
-// An empty mask of the given geometry (sizes checked); the caller fills the index arrays.
 BlockMask make_geometry(int64_t B, int64_t H, int64_t Lq, int64_t Lkv, int64_t qbs, int64_t kvbs) {
   check_sizes(B, H, Lq, Lkv, qbs, kvbs);
   BlockMask m;
@@ -100,7 +98,6 @@ BlockMask make_geometry(int64_t B, int64_t H, int64_t Lq, int64_t Lkv, int64_t q
   m.num_kv_blocks = ceil_div(Lkv, kvbs);
   return m;
 }
-}  // namespace
 
 BlockMask dense_block_mask(int64_t Lq, int64_t Lkv, int64_t qbs, int64_t kvbs) {
   BlockMask m = make_geometry(1, 1, Lq, Lkv, qbs, kvbs);

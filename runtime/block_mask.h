@@ -45,6 +45,11 @@ BlockMask create_block_mask(const ModSet& mods, const ModBindings& bind, int64_t
                             int64_t Lq, int64_t Lkv, int64_t q_block_size = 128,
                             int64_t kv_block_size = 128, BlockMaskBuildStats* stats = nullptr);
 
+// A mask of this geometry with no index arrays yet (sizes checked, throws flexjit::Error):
+// the common start of every builder, including conversions from PyTorch's layout.
+BlockMask make_geometry(int64_t B, int64_t H, int64_t Lq, int64_t Lkv, int64_t q_block_size,
+                        int64_t kv_block_size);
+
 // Every block full: what a call with no mask_mod visits (mostly for tests and comparisons).
 BlockMask dense_block_mask(int64_t Lq, int64_t Lkv, int64_t q_block_size = 128,
                            int64_t kv_block_size = 128);

@@ -73,15 +73,7 @@ runtime::BlockMask from_torch_block_mask(const TorchBlockMaskTensors& t, int64_t
          std::to_string(ceil_div(Lq, qbs)) + "x" + std::to_string(ceil_div(Lkv, kvbs)) +
          "; create the BlockMask for these lengths (and this BLOCK_SIZE)");
 
-  runtime::BlockMask m;
-  m.B = B;
-  m.H = H;
-  m.Lq = Lq;
-  m.Lkv = Lkv;
-  m.q_block_size = qbs;
-  m.kv_block_size = kvbs;
-  m.num_q_blocks = QB;
-  m.num_kv_blocks = KVB;
+  runtime::BlockMask m = runtime::make_geometry(B, H, Lq, Lkv, qbs, kvbs);
   const int64_t rows = B * H * QB;
   const int64_t* pn = num.data_ptr<int64_t>();
   const int64_t* pi = idx.data_ptr<int64_t>();
