@@ -43,8 +43,14 @@ ModRef make_mod(const std::string& text_or_name, ModKind kind, const std::map<st
     r.traced = m.mod;
     for (auto& [n, v] : r.traced.bindings.params)
       if (params.count(n)) v = params.at(n);
-    r.traced.bindings.buffers.clear();
-    for (const auto& o : views) r.traced.bindings.buffers.push_back({o.name, o.view});
+    // Keep what the mod was registered with (a traced mod's captured tensors); tensors given
+    // here replace those of the same name.
+    for (const auto& o : views) {
+      bool replaced = false;
+      for (auto& [n, v] : r.traced.bindings.buffers)
+        if (n == o.name) v = o.view, replaced = true;
+      if (!replaced) r.traced.bindings.buffers.push_back({o.name, o.view});
+    }
     return r;
   }
   r.traced = parse_mod(text_or_name, kind, views, plist);

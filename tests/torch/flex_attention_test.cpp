@@ -308,5 +308,20 @@ TEST(Torch, Errors) {
       close(flex_attention(q, k, v).out, sdpa(q, k, v), testing::output_tolerance(DType::F32)));
 }
 
+// A mod registered from a traced lambda keeps its captured tensor when looked up by name
+// (score_mod("name") once dropped the traced bindings and failed with "no tensor is bound").
+TEST(Torch, RegisteredTracedModKeepsItsCapturedTensor) {
+  at::Tensor q = at::randn({1, 2, 33, 32}), k = at::randn({1, 2, 33, 32}), v = at::randn({1, 2, 33, 32});
+  at::Tensor slopes = at::tensor({0.5f, 0.25f});
+  auto bias = capture_tensor("slopes", slopes);
+  register_score_mod("test_traced_alibi", [&](auto score, auto b, auto h, auto q_idx, auto kv_idx) {
+    return score + bias[h] * (kv_idx - q_idx);
+  });
+  at::Tensor out = flex_attention(q, k, v, score_mod("test_traced_alibi")).out;
+  at::Tensor pos = at::arange(33, at::kFloat);
+  at::Tensor mask = slopes.view({2, 1, 1}) * (pos.view({1, 33}) - pos.view({33, 1}));
+  EXPECT_TRUE(close(out, at::scaled_dot_product_attention(q, k, v, mask), testing::output_tolerance(DType::F32)));
+}
+
 }  // namespace
 }  // namespace flexjit
