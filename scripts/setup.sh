@@ -9,7 +9,6 @@ APT_PACKAGES=(
   libtbb-dev                                     # CPU parallelism
   libgtest-dev libbenchmark-dev                  # tests and benchmarks
   nlohmann-json3-dev libcli11-dev                # JSON reports, the command line
-  python3-venv
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
