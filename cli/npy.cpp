@@ -26,14 +26,6 @@ DType parse_descr(const std::string& path, const std::string& d) {
             "little-endian)");
 }
 
-uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffff) > 0x7f800000) return uint16_t((u >> 16) | 0x40);  // keep NaN a NaN
-  u += 0x7fff + ((u >> 16) & 1);
-  return uint16_t(u >> 16);
-}
-
 }  // namespace
 
 OwnedTensor load_npy(const std::string& path, const std::string& name) {
@@ -153,16 +145,9 @@ OwnedTensor convert(const OwnedTensor& t, DType dtype) {
     throw Error("'" + t.name + "' has dtype " + dtype_name(t.view.dtype) + "; q, k and v must be floating point");
   std::vector<int64_t> shape(t.view.sizes, t.view.sizes + t.view.rank);
   OwnedTensor o = OwnedTensor::make(t.name, dtype, shape);
-  int64_t n = t.view.numel();
-  for (int64_t i = 0; i < n; ++i) {
-    float f = float(read_element_f64(t.view, i));
-    switch (dtype) {
-      case DType::F32: o.data<float>()[i] = f; break;
-      case DType::BF16: o.data<uint16_t>()[i] = f32_to_bf16(f); break;
-      case DType::F16: o.data<_Float16>()[i] = static_cast<_Float16>(f); break;
-      default: throw Error(std::string("--dtype ") + dtype_name(dtype) + " is not supported; use fp32, bf16 or fp16");
-    }
-  }
+  if (dtype != DType::F32 && dtype != DType::BF16 && dtype != DType::F16)
+    throw Error(std::string("--dtype ") + dtype_name(dtype) + " is not supported; use fp32, bf16 or fp16");
+  for (int64_t i = 0; i < t.view.numel(); ++i) write_element_f64(o.view, i, read_element_f64(t.view, i));
   return o;
 }
 

@@ -119,13 +119,7 @@ void run(const RunArgs& a) {
     if (rows.back() != Lq - 1) rows.push_back(Lq - 1);
     double scale = opt.scale ? *opt.scale : 1.0 / std::sqrt(double(q.view.sizes[3]));
     RefResult ref = reference_attention(q.view, k.view, v.view, rm.mods, rm.bind, scale, false, rows);
-    max_err = 0;
-    for (int64_t bh = 0; bh < B * Hq; ++bh)
-      for (int64_t i : rows)
-        for (int64_t d = 0; d < Dv; ++d) {
-          size_t idx = size_t((bh * Lq + i) * Dv + d);
-          max_err = std::max(max_err, std::fabs(read_element_f64(out.view, int64_t(idx)) - ref.out[idx]));
-        }
+    max_err = max_abs_error(out.view, ref, rows);
   }
 
   std::printf("flexjit run: %s, q %s k %s v %s %s -> %s\n", rm.describe.c_str(), q.view.shape_str().c_str(),

@@ -87,6 +87,28 @@ double read_element_f64(const TensorView& t, int64_t offset) {
   return 0;
 }
 
+void write_element_f64(const TensorView& t, int64_t offset, double v) {
+  char* p = static_cast<char*>(t.data) + offset * dtype_size(t.dtype);
+  float f = float(v);
+  switch (t.dtype) {
+    case DType::F32: std::memcpy(p, &f, 4); return;
+    case DType::F64: std::memcpy(p, &v, 8); return;
+    case DType::BF16: {
+      uint32_t u;
+      std::memcpy(&u, &f, 4);
+      if ((u & 0x7fffffffu) > 0x7f800000u) u |= 0x400000u;  // keep a NaN a NaN (quiet bit)
+      else u += 0x7fffu + ((u >> 16) & 1u);                  // round to nearest even
+      uint16_t h = uint16_t(u >> 16);
+      std::memcpy(p, &h, 2);
+      return;
+    }
+    case DType::F16: { _Float16 h = static_cast<_Float16>(f); std::memcpy(p, &h, 2); return; }
+    case DType::I32: { int32_t x = int32_t(v); std::memcpy(p, &x, 4); return; }
+    case DType::I64: { int64_t x = int64_t(v); std::memcpy(p, &x, 8); return; }
+    case DType::Bool: *p = v != 0; return;
+  }
+}
+
 void internal_error(const char* file, int line, const std::string& what) {
   std::ostringstream os;
   os << "flexjit internal error (" << file << ":" << line << "): invariant violated: " << what

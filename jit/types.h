@@ -29,6 +29,9 @@ struct TensorView {
 
 // Reads element `offset` (in elements) of any dtype as a double (int64 exact below 2^53).
 double read_element_f64(const TensorView& t, int64_t offset);
+// Stores `v` at element `offset`: floats round through fp32 (bf16 to nearest even, NaN kept a
+// NaN), ints truncate. The one place host code narrows to a kernel dtype.
+void write_element_f64(const TensorView& t, int64_t offset, double v);
 
 // Makes a contiguous (row-major) view.
 TensorView contiguous_view(void* data, DType dtype, std::initializer_list<int64_t> sizes);

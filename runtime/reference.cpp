@@ -1,7 +1,6 @@
 #include "runtime/reference.h"
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 
 #include "jit/ir.h"
@@ -11,20 +10,6 @@ namespace {
 
 double at(const TensorView& t, int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
   return read_element_f64(t, i0 * t.strides[0] + i1 * t.strides[1] + i2 * t.strides[2] + i3 * t.strides[3]);
-}
-
-uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7fff + ((u >> 16) & 1);  // round to nearest even
-  return uint16_t(u >> 16);
-}
-
-uint16_t f32_to_f16(float f) {
-  _Float16 h = static_cast<_Float16>(f);
-  uint16_t u;
-  std::memcpy(&u, &h, 2);
-  return u;
 }
 
 }  // namespace
@@ -53,14 +38,7 @@ void fill_random(TensorView t, uint64_t seed) {
     x ^= x >> 7;
     x ^= x << 17;
     float f = float(double(x >> 11) / double(1ull << 53) * 2.0 - 1.0);
-    char* p = static_cast<char*>(t.data) + i * dtype_size(t.dtype);
-    switch (t.dtype) {
-      case DType::F32: std::memcpy(p, &f, 4); break;
-      case DType::BF16: { uint16_t u = f32_to_bf16(f); std::memcpy(p, &u, 2); break; }
-      case DType::F16: { uint16_t u = f32_to_f16(f); std::memcpy(p, &u, 2); break; }
-      case DType::F64: { double d = f; std::memcpy(p, &d, 8); break; }
-      default: break;
-    }
+    if (dtype_is_float(t.dtype)) write_element_f64(t, i, f);
   }
 }
 
@@ -124,6 +102,18 @@ RefResult reference_attention(const TensorView& q, const TensorView& k, const Te
       }
     }
   return r;
+}
+
+double max_abs_error(const TensorView& out, const RefResult& ref, const std::vector<int64_t>& rows) {
+  const int64_t BH = out.sizes[0] * out.sizes[1], H = out.sizes[1], Lq = out.sizes[2], Dv = out.sizes[3];
+  double e = 0;
+  for (int64_t bh = 0; bh < BH; ++bh)
+    for (int64_t i : rows)
+      for (int64_t d = 0; d < Dv; ++d) {
+        int64_t off = (bh / H) * out.strides[0] + (bh % H) * out.strides[1] + i * out.strides[2] + d * out.strides[3];
+        e = std::max(e, std::fabs(read_element_f64(out, off) - ref.out[size_t((bh * Lq + i) * Dv + d)]));
+      }
+  return e;
 }
 
 }  // namespace flexjit

@@ -22,6 +22,9 @@ RefResult reference_attention(const TensorView& q, const TensorView& k, const Te
                               const ModBindings& bind, double scale, bool fp32 = false,
                               const std::vector<int64_t>& rows = {});
 
+// Max |out - ref.out| over query rows `rows` of every (b, h); out is [B, Hq, Lq, Dv], any strides.
+double max_abs_error(const TensorView& out, const RefResult& ref, const std::vector<int64_t>& rows);
+
 // Deterministic pseudo-random fill (uniform in [-1, 1)) of a contiguous tensor of any float dtype.
 void fill_random(TensorView t, uint64_t seed);
 
