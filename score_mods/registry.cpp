@@ -54,6 +54,16 @@ OwnedTensor OwnedTensor::make(std::string name, DType dtype, std::vector<int64_t
   return t;
 }
 
+void detail::register_traced(const std::string& name, ModKind kind, TracedMod traced, std::string doc) {
+  RegisteredMod m;
+  m.name = name;
+  m.kind = kind;
+  m.doc = std::move(doc);
+  m.mod = std::move(traced);
+  m.text = ir::to_string(m.mod.expr);
+  register_mod(std::move(m));
+}
+
 void register_mod(RegisteredMod m) {
   if (m.name.empty()) throw Error("register_mod: a mod needs a name");
   for (char c : m.name)
@@ -66,18 +76,23 @@ void register_mod(RegisteredMod m) {
   r.mods[m.name] = std::move(m);
 }
 
-TracedMod parse_mod(const std::string& text, ModKind kind, const std::vector<OwnedTensor>& buffers,
-                    const std::vector<std::pair<std::string, double>>& params) {
+// Parses mod text in the scope of the given buffers and params, typed as its kind requires.
+static ir::Expr parse_as(const std::string& text, ModKind kind, std::vector<ir::BufferDecl> buffers,
+                  const std::vector<std::pair<std::string, double>>& params) {
   ParseScope scope;
   scope.allow_score = kind == ModKind::Score;
-  TracedMod t;
-  for (const auto& b : buffers) {
-    ir::BufferDecl d{b.name, b.view.dtype, b.view.rank};
-    scope.buffers.push_back(d);
-  }
+  scope.buffers = std::move(buffers);
   for (const auto& [n, v] : params) scope.params.push_back({n});
-  t.expr = parse_expr(text, scope, kind == ModKind::Score ? "score_mod" : "mask_mod");
-  t.expr = ir::cast(t.expr, kind == ModKind::Score ? ir::Type::Float : ir::Type::Bool);
+  return ir::cast(parse_expr(text, scope, kind == ModKind::Score ? "score_mod" : "mask_mod"),
+                  kind == ModKind::Score ? ir::Type::Float : ir::Type::Bool);
+}
+
+TracedMod parse_mod(const std::string& text, ModKind kind, const std::vector<OwnedTensor>& buffers,
+                    const std::vector<std::pair<std::string, double>>& params) {
+  std::vector<ir::BufferDecl> decls;
+  for (const auto& b : buffers) decls.push_back({b.name, b.view.dtype, b.view.rank});
+  TracedMod t;
+  t.expr = parse_as(text, kind, decls, params);
   // Keep only what the expression reads, so unrelated buffers do not enter the cache key.
   auto used_b = ir::buffers_used(t.expr);
   auto used_p = ir::params_used(t.expr);
@@ -97,17 +112,12 @@ TracedMod parse_mod(const std::string& text, ModKind kind, const std::vector<Own
 void register_mod_text(const std::string& name, ModKind kind, const std::string& text,
                        std::vector<ir::BufferDecl> buffers, std::vector<std::pair<std::string, double>> params,
                        std::string doc, std::function<std::vector<OwnedTensor>(const ShapeInfo&)> make_buffers) {
-  ParseScope scope;
-  scope.allow_score = kind == ModKind::Score;
-  scope.buffers = buffers;
-  for (const auto& [n, v] : params) scope.params.push_back({n});
   RegisteredMod m;
   m.name = name;
   m.kind = kind;
   m.doc = std::move(doc);
   m.text = text;
-  m.mod.expr = ir::cast(parse_expr(text, scope, kind == ModKind::Score ? "score_mod" : "mask_mod"),
-                        kind == ModKind::Score ? ir::Type::Float : ir::Type::Bool);
+  m.mod.expr = parse_as(text, kind, buffers, params);
   m.mod.buffers = std::move(buffers);
   std::sort(m.mod.buffers.begin(), m.mod.buffers.end(), [](auto& a, auto& b) { return a.name < b.name; });
   for (const auto& [n, v] : params) {

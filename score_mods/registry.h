@@ -40,25 +40,16 @@ struct RegisteredMod {
 };
 
 void register_mod(RegisteredMod m);  // replaces an existing mod of the same name
+namespace detail {
+void register_traced(const std::string& name, ModKind kind, TracedMod traced, std::string doc);
+}
 template <typename F>
 void register_score_mod(const std::string& name, F&& f, std::string doc = "") {
-  RegisteredMod m;
-  m.name = name;
-  m.kind = ModKind::Score;
-  m.doc = std::move(doc);
-  m.mod = trace_score_mod(std::forward<F>(f));
-  m.text = ir::to_string(m.mod.expr);
-  register_mod(std::move(m));
+  detail::register_traced(name, ModKind::Score, trace_score_mod(std::forward<F>(f)), std::move(doc));
 }
 template <typename F>
 void register_mask_mod(const std::string& name, F&& f, std::string doc = "") {
-  RegisteredMod m;
-  m.name = name;
-  m.kind = ModKind::Mask;
-  m.doc = std::move(doc);
-  m.mod = trace_mask_mod(std::forward<F>(f));
-  m.text = ir::to_string(m.mod.expr);
-  register_mod(std::move(m));
+  detail::register_traced(name, ModKind::Mask, trace_mask_mod(std::forward<F>(f)), std::move(doc));
 }
 // Registers expression text; `buffers` declares the tensors it reads, `params` its scalars
 // with default values. Throws ParseError for bad text.
