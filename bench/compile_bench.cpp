@@ -1,18 +1,23 @@
 // JIT compile latency, benchmarked like a kernel: what a first call, a repeat call and a first
-// call in a new process cost for a prefill kernel with a score_mod (fp32, HEAD_DIM=128, ALiBi),
-// and what building a long-context BlockMask costs.
+// call in a new process cost for a prefill call with a score_mod (fp32, HEAD_DIM=128, ALiBi),
+// and what building a long-context BlockMask costs. A call needs two kernels: the attention
+// kernel (compiled once per shape, for every mod) and the mod set's kernels (compiled once per
+// mod set, for every shape); both new, they compile in parallel.
 //
-//   compile/fp32/D128/alibi/cold               jit::get_kernel on a key never seen (in-process
-//                                              Clang -> object -> ORC load, written to disk)
-//   compile/fp32/D128/alibi/cold_stages        the same work stage by stage (make_source,
-//                                              Clang frontend / O3 / codegen, load_object)
-//   compile/fp32/D128/alibi/memory_hit         a repeat jit::get_kernel (front memo)
+//   compile/fp32/D128/alibi/cold_new_mod       a mod never seen, on a shape already compiled:
+//                                              jit::get_kernels compiles the mods kernel only
+//   compile/fp32/D128/alibi/cold_new_shape     a shape and a mod never seen: both kernels
+//                                              compile, side by side
+//   compile/fp32/D128/alibi/cold_stages_mods   the mods kernel's compile stage by stage
+//   compile/fp32/D128/alibi/cold_stages_attention  the attention kernel's, stage by stage
+//                                              (make_source, Clang frontend / O3 / codegen, load)
+//   compile/fp32/D128/alibi/memory_hit         a repeat jit::get_kernels (front memo)
 //   compile/fp32/D128/alibi/memory_hit_call_L1 a whole flex_attention call at L=1: validation,
 //                                              kernel lookup, mod binding and TBB dispatch
 //   compile/fp32/D128/alibi/disk_hit_load      a fresh jit::KernelCache on the warm directory:
-//                                              read + checksum + JIT link of the cached object
+//                                              read + checksum + JIT link of both cached objects
 //   compile/fp32/D128/alibi/disk_hit_process   a new process (this binary, --disk-hit-child)
-//                                              from spawn to a callable kernel from the warm disk
+//                                              from spawn to callable kernels from the warm disk
 //                                              cache; counters split it into exec + dynamic
 //                                              loading and main() -> kernel
 //   compile/fp32/D128/alibi/disk_hit_process_cli  the same through `flexjit run` (no libtorch),
@@ -62,13 +67,27 @@ double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
 }
 
-jit::KernelSpec prefill_spec() {
+// gqa_group only changes `hq / GQA_GROUP` in the kernel: a distinct value is a new shape key
+// that costs what any new shape costs to compile.
+jit::KernelSpec prefill_spec(int gqa_group = 1) {
   jit::KernelSpec spec;
   spec.kind = jit::KernelKind::Prefill;
   spec.dtype = DType::F32;
   spec.head_dim = spec.head_dim_v = kHeadDim;
+  spec.gqa_group = gqa_group;
   default_blocks(kHeadDim, spec.dtype, &spec.block_m, &spec.block_n);
   return spec;
+}
+
+jit::KernelSpec mods_spec() {
+  jit::KernelSpec spec;
+  spec.kind = jit::KernelKind::Mods;
+  return spec;
+}
+
+// What flex_attention asks the pipeline for: the attention kernel and the mods kernel.
+std::vector<jit::KernelHandle> get_call_kernels(const ModSet& mods, int gqa_group = 1) {
+  return jit::get_kernels({{prefill_spec(gqa_group), &mods}, {mods_spec(), &mods}});
 }
 
 // The ALiBi score_mod as user text (parsed, with its slopes buffer), optionally plus a constant
@@ -99,47 +118,52 @@ long next_unique() {
   return ++n;
 }
 
-// ---- cold: a key never seen, through the pipeline the runtime calls ----
+// ---- cold: keys never seen, through the pipeline the runtime calls ----
 
-void bm_cold(benchmark::State& state) {
+// new_shape: each iteration also asks for an attention kernel never seen (a new GQA group).
+void bm_cold(benchmark::State& state, bool new_shape) {
   try {
-    const jit::KernelSpec spec = prefill_spec();
     // The first compile of a process also pays one-time set-up (LLVM target init, the LLJIT;
     // host detection already ran for the context): measured once, reported apart, and the timed
     // compiles are the steady state.
     static const double first_ms = [&] {
       AlibiMod first(next_unique());
       auto t0 = Clock::now();
-      jit::KernelHandle h = jit::get_kernel(spec, first.mods);
-      if (h.cache != "miss") throw Error("the first compile was not a cache miss: " + h.cache);
+      std::vector<jit::KernelHandle> h = get_call_kernels(first.mods);
+      if (h[1].cache != "miss") throw Error("the first compile was not a cache miss: " + h[1].cache);
       return ms_since(t0);
     }();
     state.counters["first_in_process_ms"] = first_ms;
-    double compile_ms = 0;
+    static int next_group = 1000;
+    double mods_ms = 0, attention_ms = 0;
     for (auto _ : state) {
       AlibiMod mod(next_unique());  // parse: not timed
+      const int group = new_shape ? ++next_group : 1;
       auto t0 = Clock::now();
-      jit::KernelHandle h = jit::get_kernel(spec, mod.mods);
+      std::vector<jit::KernelHandle> h = get_call_kernels(mod.mods, group);
       state.SetIterationTime(ms_since(t0) / 1e3);
-      if (h.cache != "miss") {
-        state.SkipWithError(("expected a miss, got " + h.cache).c_str());
+      if (h[1].cache != "miss" || (h[0].cache == "miss") != new_shape) {
+        state.SkipWithError(("unexpected cache states: attention " + h[0].cache + ", mods " + h[1].cache).c_str());
         return;
       }
-      compile_ms += h.compile_ms;
+      mods_ms += h[1].compile_ms;
+      attention_ms += h[0].compile_ms;
     }
-    state.counters["compile_ms"] =
-        benchmark::Counter(compile_ms, benchmark::Counter::kAvgIterations);
+    using benchmark::Counter;
+    state.counters["mods_compile_ms"] = Counter(mods_ms, Counter::kAvgIterations);
+    if (new_shape) state.counters["attention_compile_ms"] = Counter(attention_ms, Counter::kAvgIterations);
   } catch (const std::exception& e) {
     state.SkipWithError(e.what());
   }
 }
 
-void bm_cold_stages(benchmark::State& state) {
+void bm_cold_stages(benchmark::State& state, jit::KernelKind kind) {
   try {
-    const jit::KernelSpec spec = prefill_spec();
+    static int next_group = 5000;
     double source = 0, frontend = 0, optimize = 0, codegen = 0, load = 0, object_kb = 0;
     for (auto _ : state) {
       AlibiMod mod(next_unique());
+      const jit::KernelSpec spec = kind == jit::KernelKind::Mods ? mods_spec() : prefill_spec(++next_group);
       auto t0 = Clock::now();
       jit::Instantiation inst = jit::plan(spec, mod.mods);
       std::string src = jit::make_source(spec, mod.mods, inst.symbol);
@@ -171,14 +195,13 @@ void bm_cold_stages(benchmark::State& state) {
 
 void bm_memory_hit(benchmark::State& state) {
   try {
-    const jit::KernelSpec spec = prefill_spec();
     AlibiMod mod;
-    jit::get_kernel(spec, mod.mods);  // compile (or load) once
+    get_call_kernels(mod.mods);  // compile (or load) once
     double lookup_us = 0;
     for (auto _ : state) {
-      jit::KernelHandle h = jit::get_kernel(spec, mod.mods);
-      benchmark::DoNotOptimize(h.fn);
-      lookup_us += h.lookup_us;
+      std::vector<jit::KernelHandle> h = get_call_kernels(mod.mods);
+      benchmark::DoNotOptimize(h[1].fn);
+      lookup_us += h[1].lookup_us;
     }
     state.counters["lookup_us"] = benchmark::Counter(lookup_us, benchmark::Counter::kAvgIterations);
     state.counters["target_us"] = 20;
@@ -213,10 +236,9 @@ void bm_memory_hit_call(benchmark::State& state) {
 
 void bm_disk_hit_load(benchmark::State& state) {
   try {
-    const jit::KernelSpec spec = prefill_spec();
     AlibiMod mod;
-    jit::get_kernel(spec, mod.mods);  // makes sure the entry is on disk
-    jit::Instantiation inst = jit::plan(spec, mod.mods);
+    get_call_kernels(mod.mods);  // makes sure both entries are on disk
+    const jit::Instantiation insts[2] = {jit::plan(prefill_spec(), mod.mods), jit::plan(mods_spec(), mod.mods)};
     const std::string dir = jit::KernelCache::global().dir();
     double load_ms = 0;
     for (auto _ : state) {
@@ -224,15 +246,17 @@ void bm_disk_hit_load(benchmark::State& state) {
       // JITDylib to the process-wide LLJIT (~25 KB); a few dozen are harmless.
       jit::KernelCache cache(dir);
       auto t0 = Clock::now();
-      jit::CachedKernel ck = cache.get_or_compile(inst.key, inst.symbol, [&]() -> std::string {
-        throw Error("disk_hit_load: the warm cache entry was not found; nothing should compile");
-      });
-      state.SetIterationTime(ms_since(t0) / 1e3);
-      if (ck.hit != jit::CacheHit::Disk) {
-        state.SkipWithError("expected a disk hit");
-        return;
+      for (const jit::Instantiation& inst : insts) {
+        jit::CachedKernel ck = cache.get_or_compile(inst.key, inst.symbol, [&]() -> std::string {
+          throw Error("disk_hit_load: the warm cache entry was not found; nothing should compile");
+        });
+        if (ck.hit != jit::CacheHit::Disk) {
+          state.SkipWithError("expected a disk hit");
+          return;
+        }
+        load_ms += ck.load_ms;
       }
-      load_ms += ck.load_ms;
+      state.SetIterationTime(ms_since(t0) / 1e3);
     }
     state.counters["load_ms"] = benchmark::Counter(load_ms, benchmark::Counter::kAvgIterations);
     state.counters["target_ms"] = 30;
@@ -247,11 +271,12 @@ int disk_hit_child() {
   auto t0 = Clock::now();
   try {
     AlibiMod mod;
-    jit::KernelHandle h = jit::get_kernel(prefill_spec(), mod.mods);
-    std::printf("cache=%s load_ms=%.4f main_to_kernel_ms=%.4f\n", h.cache.c_str(), h.load_ms,
-                ms_since(t0));
+    std::vector<jit::KernelHandle> h = get_call_kernels(mod.mods);
+    const bool disk = h[0].cache == "disk" && h[1].cache == "disk";
+    std::printf("cache=%s load_ms=%.4f main_to_kernel_ms=%.4f\n", disk ? "disk" : "not-disk",
+                h[0].load_ms + h[1].load_ms, ms_since(t0));
     std::fflush(stdout);
-    return h.cache == "disk" ? 0 : 1;
+    return disk ? 0 : 1;
   } catch (const std::exception& e) {
     std::printf("error=%s\n", e.what());
     return 2;
@@ -313,7 +338,7 @@ std::string self_exe() {
 void bm_disk_hit_process(benchmark::State& state) {
   try {
     AlibiMod mod;
-    jit::get_kernel(prefill_spec(), mod.mods);  // the entry the children load
+    get_call_kernels(mod.mods);  // the entries the children load
     const std::vector<std::string> args = {self_exe(), "--disk-hit-child"};
     double load = 0, main_to_kernel = 0, exec_to_main = 0;
     for (auto _ : state) {
@@ -421,7 +446,7 @@ void bm_block_mask_causal_128k(benchmark::State& state) {
     constexpr int64_t kL = 131072;
     TracedMod causal = find_mod("causal").mod;
     auto [mods, bind] = combine(nullptr, &causal);
-    runtime::create_block_mask(mods, bind, 1, 1, kL, kL);  // any classify kernel: compiled here
+    runtime::create_block_mask(mods, bind, 1, 1, kL, kL);  // the mods kernel: compiled here
     runtime::BlockMask m;
     runtime::BlockMaskBuildStats st;
     for (auto _ : state) m = runtime::create_block_mask(mods, bind, 1, 1, kL, kL, 128, 128, &st);
@@ -438,11 +463,19 @@ void bm_block_mask_causal_128k(benchmark::State& state) {
 void register_all() {
   const std::string p = "compile/fp32/D" + std::to_string(kHeadDim) + "/alibi/";
   using benchmark::RegisterBenchmark;
-  RegisterBenchmark((p + "cold").c_str(), bm_cold)
+  RegisterBenchmark((p + "cold_new_mod").c_str(), bm_cold, false)
       ->Unit(benchmark::kMillisecond)
       ->UseManualTime()
       ->Iterations(10);
-  RegisterBenchmark((p + "cold_stages").c_str(), bm_cold_stages)
+  RegisterBenchmark((p + "cold_new_shape").c_str(), bm_cold, true)
+      ->Unit(benchmark::kMillisecond)
+      ->UseManualTime()
+      ->Iterations(5);
+  RegisterBenchmark((p + "cold_stages_mods").c_str(), bm_cold_stages, jit::KernelKind::Mods)
+      ->Unit(benchmark::kMillisecond)
+      ->UseManualTime()
+      ->Iterations(10);
+  RegisterBenchmark((p + "cold_stages_attention").c_str(), bm_cold_stages, jit::KernelKind::Prefill)
       ->Unit(benchmark::kMillisecond)
       ->UseManualTime()
       ->Iterations(5);

@@ -16,6 +16,12 @@
 namespace flexjit::cli {
 namespace {
 
+std::string fmt_ms(double ms) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f ms", ms);
+  return buf;
+}
+
 struct RunArgs {
   std::string q, k, v, out, lse_out, report;
   ModArgs mods;
@@ -124,8 +130,11 @@ void run(const RunArgs& a) {
 
   std::printf("flexjit run: %s, q %s k %s v %s %s -> %s\n", rm.describe.c_str(), q.view.shape_str().c_str(),
               k.view.shape_str().c_str(), v.view.shape_str().c_str(), rep.dtype.c_str(), a.out.c_str());
-  std::printf("  kernel %s: cache %s, compile %.1f ms, run %.2f ms%s\n", rep.symbol.c_str(), rep.cache.c_str(),
-              rep.compile_ms, rep.kernel_ms, have_mask ? (", " + mask.describe()).c_str() : "");
+  for (const KernelUse& k : rep.kernels)
+    std::printf("  %s kernel %s: cache %s%s\n", k.role.c_str(), k.symbol.c_str(), k.cache.c_str(),
+                k.cache == "miss" ? (", compile " + fmt_ms(k.compile_ms)).c_str() : "");
+  std::printf("  compile %.1f ms (wall), run %.2f ms%s\n", rep.compile_ms, rep.kernel_ms,
+              have_mask ? (", " + mask.describe()).c_str() : "");
   if (a.check) std::printf("  check vs float64 reference (sampled rows): max abs error %.3g\n", max_err);
 
   if (!a.report.empty()) {
@@ -140,6 +149,10 @@ void run(const RunArgs& a) {
     j["dtype"] = rep.dtype;
     j["symbol"] = rep.symbol;
     j["key"] = rep.key;
+    j["kernels"] = nlohmann::json::array();
+    for (const KernelUse& k : rep.kernels)
+      j["kernels"].push_back({{"role", k.role}, {"symbol", k.symbol}, {"key", k.key}, {"cache", k.cache},
+                              {"compile_ms", k.compile_ms}, {"load_ms", k.load_ms}});
     j["knobs"] = {{"BLOCK_M", rep.block_m}, {"BLOCK_N", rep.block_n}, {"GQA_GROUP", rep.gqa_group},
                   {"HEAD_DIM", q.view.sizes[3]}, {"HEAD_DIM_V", Dv}};
     j["shape"] = {{"B", B}, {"Hq", Hq}, {"Hkv", shape.Hkv}, {"Lq", Lq}, {"Lkv", shape.Lkv}};

@@ -10,13 +10,13 @@ namespace flexjit::jit {
 
 namespace {
 
-const char* kind_name(KernelKind k) { return k == KernelKind::Prefill ? "prefill" : "classify"; }
+const char* kind_name(KernelKind k) { return k == KernelKind::Prefill ? "prefill" : "mods"; }
 
-// The template files a kind's translation unit is made of, in order (mod body goes before
-// the last one).
+// The template files a kind's translation unit is made of, in order (a Mods TU has the
+// generated mod body before the last one).
 std::vector<std::string> template_files(KernelKind k) {
   return {"templates/mod_abi.h", "templates/cpu/common.h",
-          k == KernelKind::Prefill ? "templates/cpu/flash_prefill.h" : "templates/cpu/classify.h"};
+          k == KernelKind::Prefill ? "templates/cpu/flash_prefill.h" : "templates/cpu/mods.h"};
 }
 
 int dtype_code(DType t) {
@@ -29,13 +29,9 @@ int dtype_code(DType t) {
   throw Error(std::string("kernel dtype ") + dtype_name(t) + " is not supported; use fp32, bf16 or fp16");
 }
 
-// The classify kernel only depends on the mask_mod; dropping score_mod from its ModSet keeps
-// its key independent of score_mod (slots stay the same, so bindings are shared).
+// What of the ModSet a kind's binary depends on: all of it for Mods, none of it for Prefill.
 ModSet effective_mods(const KernelSpec& spec, const ModSet& mods) {
-  if (spec.kind == KernelKind::Prefill) return mods;
-  ModSet m = mods;
-  m.score_mod = nullptr;
-  return m;
+  return spec.kind == KernelKind::Mods ? mods : ModSet{};
 }
 
 std::string spec_defines(const KernelSpec& s, const std::string& symbol) {
@@ -94,7 +90,7 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
   inst.key = make_key({{"templates", templates_hash},
                        {"spec", spec.str()},
                        {"mods", eff.signature()},
-                       {"codegen", "cpu-v1"}});
+                       {"codegen", "cpu-v2"}});
   std::ostringstream sym;
   sym << "flexjit_" << kind_name(spec.kind);
   if (spec.kind == KernelKind::Prefill)
@@ -110,7 +106,7 @@ std::string make_source(const KernelSpec& spec, const ModSet& mods, const std::s
   std::vector<std::string> files = template_files(spec.kind);
   std::string src = spec_defines(spec, symbol);
   for (size_t i = 0; i < files.size(); ++i) {
-    if (i + 1 == files.size()) src += emit_mod_body(effective_mods(spec, mods), Backend::Cpu);
+    if (i + 1 == files.size() && spec.kind == KernelKind::Mods) src += emit_mod_body(mods, Backend::Cpu);
     src += "// ---- " + files[i] + " ----\n" + template_text(files[i]) + "\n";
   }
   return src;

@@ -9,12 +9,16 @@
 
 namespace flexjit::jit {
 
-enum class KernelKind { Prefill, Classify };
+// Prefill: flash attention specialised on dtype, head dims, blocks and GQA group; mod-free (it
+//          calls the mods through FlexPrefillArgs.apply_mods), so its key ignores the ModSet.
+// Mods:    a mod set's FlexModKernels (apply + classify); its key ignores every shape field.
+enum class KernelKind { Prefill, Mods };
 
 // Everything a kernel is specialised on at compile time. Sizes and strides are runtime values.
+// The fields below `kind` describe Prefill kernels; Mods kernels ignore them.
 struct KernelSpec {
   KernelKind kind = KernelKind::Prefill;
-  DType dtype = DType::F32;  // q/k/v/out element type (Prefill)
+  DType dtype = DType::F32;  // q/k/v/out element type
   int head_dim = 64;         // HEAD_DIM
   int head_dim_v = 64;       // HEAD_DIM_V
   int block_m = 32;          // BLOCK_M

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <mutex>
 #include <shared_mutex>
+#include <thread>
 #include <unordered_map>
 
 #include "jit/cache.h"
@@ -27,22 +28,30 @@ double us_since(std::chrono::steady_clock::time_point t0) {
 
 }  // namespace
 
-KernelHandle get_kernel(const KernelSpec& spec, const ModSet& mods) {
-  auto t0 = std::chrono::steady_clock::now();
-  std::string memo_key = spec.str();
-  memo_key += '\n';
-  memo_key += mods.signature();
-  {
-    std::shared_lock lock(memo().mu);
-    auto it = memo().map.find(memo_key);
-    if (it != memo().map.end()) {
-      KernelHandle h = it->second;
-      h.cache = "memory";
-      h.compile_ms = h.load_ms = 0;
-      h.lookup_us = us_since(t0);
-      return h;
-    }
+namespace {
+
+std::string memo_key_of(const KernelSpec& spec, const ModSet& mods) {
+  std::string key = spec.str();
+  if (spec.kind == KernelKind::Mods) {  // a Prefill kernel does not depend on the mods
+    key += '\n';
+    key += mods.signature();
   }
+  return key;
+}
+
+bool memo_lookup(const std::string& memo_key, std::chrono::steady_clock::time_point t0, KernelHandle* out) {
+  std::shared_lock lock(memo().mu);
+  auto it = memo().map.find(memo_key);
+  if (it == memo().map.end()) return false;
+  *out = it->second;
+  out->cache = "memory";
+  out->compile_ms = out->load_ms = 0;
+  out->lookup_us = us_since(t0);
+  return true;
+}
+
+KernelHandle get_kernel_slow(const KernelSpec& spec, const ModSet& mods, const std::string& memo_key,
+                             std::chrono::steady_clock::time_point t0) {
   Instantiation inst = plan(spec, mods);
   CachedKernel ck = KernelCache::global().get_or_compile(
       inst.key, inst.symbol, [&] { return make_source(spec, mods, inst.symbol); });
@@ -60,6 +69,45 @@ KernelHandle get_kernel(const KernelSpec& spec, const ModSet& mods) {
   }
   h.lookup_us = us_since(t0);
   return h;
+}
+
+}  // namespace
+
+KernelHandle get_kernel(const KernelSpec& spec, const ModSet& mods) {
+  auto t0 = std::chrono::steady_clock::now();
+  std::string memo_key = memo_key_of(spec, mods);
+  KernelHandle h;
+  if (memo_lookup(memo_key, t0, &h)) return h;
+  return get_kernel_slow(spec, mods, memo_key, t0);
+}
+
+std::vector<KernelHandle> get_kernels(const std::vector<KernelRequest>& requests) {
+  auto t0 = std::chrono::steady_clock::now();
+  std::vector<KernelHandle> out(requests.size());
+  std::vector<size_t> misses;
+  std::vector<std::string> keys(requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) {
+    keys[i] = memo_key_of(requests[i].spec, *requests[i].mods);
+    if (!memo_lookup(keys[i], t0, &out[i])) misses.push_back(i);
+  }
+  // Misses (say a new shape's attention kernel and a new mod set) compile side by side: the
+  // first here, the others on threads of their own.
+  std::exception_ptr error;
+  std::mutex error_mu;
+  auto fetch = [&](size_t i) {
+    try {
+      out[i] = get_kernel_slow(requests[i].spec, *requests[i].mods, keys[i], t0);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mu);
+      if (!error) error = std::current_exception();
+    }
+  };
+  std::vector<std::thread> helpers;
+  for (size_t j = 1; j < misses.size(); ++j) helpers.emplace_back(fetch, misses[j]);
+  if (!misses.empty()) fetch(misses[0]);
+  for (auto& t : helpers) t.join();
+  if (error) std::rethrow_exception(error);
+  return out;
 }
 
 }  // namespace flexjit::jit

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "jit/instantiate.h"
 
@@ -26,5 +27,12 @@ struct KernelHandle {
 // Thread-safe. One compile per key per process (and per cache dir across processes).
 // Throws flexjit::Error when the mods do not compile, with the generated source's path.
 KernelHandle get_kernel(const KernelSpec& spec, const ModSet& mods);
+
+// Several kernels at once, misses compiled in parallel; throws the first error after all finish.
+struct KernelRequest {
+  KernelSpec spec;
+  const ModSet* mods;
+};
+std::vector<KernelHandle> get_kernels(const std::vector<KernelRequest>& requests);
 
 }  // namespace flexjit::jit

@@ -4,6 +4,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "jit/mods.h"
 #include "runtime/block_mask.h"
@@ -18,7 +19,19 @@ struct AttentionOptions {
   int num_threads = 0;          // 0 = all cores (TBB default)
 };
 
-// What a call did, for --report and the demo.
+// One JIT kernel a call used.
+struct KernelUse {
+  std::string role;        // "attention" (shape-specialised) or "mods" (the mod set's kernels)
+  std::string cache;       // miss / memory / disk
+  double compile_ms = 0;   // when cache == miss
+  double load_ms = 0;      // when cache == disk
+  std::string symbol, key, source_path;
+};
+
+// What a call did, for --report and the demo. cache / compile_ms / load_ms / lookup_us sum up
+// all kernels of the call (cache: miss if any compiled, else disk if any loaded, else memory;
+// compile_ms: wall time, the kernels compile in parallel); symbol / key / source_path are the
+// attention kernel's; `kernels` has each one.
 struct AttentionReport {
   std::string backend = "cpu";
   std::string path = "prefill";
@@ -32,6 +45,7 @@ struct AttentionReport {
   std::string dtype;
   std::string symbol, key, source_path;
   std::string block_mask;    // BlockMask::describe() of the mask used, if any
+  std::vector<KernelUse> kernels;
 };
 
 // q [B, Hq, Lq, D], k [Bkv, Hkv, Lkv, D], v [Bkv, Hkv, Lkv, Dv], out [B, Hq, Lq, Dv] (same dtype

@@ -147,10 +147,12 @@ BlockMask create_block_mask(const ModSet& mods, const ModBindings& bind, int64_t
   std::string classify_cache;
   if (!todo_pos.empty()) {
     jit::KernelSpec spec;
-    spec.kind = jit::KernelKind::Classify;
+    spec.kind = jit::KernelKind::Mods;  // the same binary flex_attention uses for these mods
     jit::KernelHandle k = jit::get_kernel(spec, mods);
     classify_cache = k.cache;
-    auto fn = reinterpret_cast<FlexClassifyFn>(k.fn);
+    FlexModKernels mk{};
+    reinterpret_cast<FlexModKernelsFn>(k.fn)(&mk);
+    FlexClassifyFn fn = mk.classify;
     std::vector<signed char> out(todo_pos.size());
     FlexClassifyArgs a{};
     a.blocks = todo.data();

@@ -21,6 +21,20 @@ struct FlexModArgs {
   int* error_flag;                   // set to 1 by a mod that indexed a buffer out of range
 };
 
+// One tile of scores for the mods, S^T layout: the score of (q_idx, kv_idx) =
+// (q0 + m, kv0 + n) is s[n * ld + m], for m < mvalid and n < nvalid (nothing else is read or
+// written; q_idx < Lq and kv_idx < Lkv always hold).
+struct FlexModTile {
+  float* s;
+  fj_i64 ld;
+  fj_i64 b, h, q0, kv0;
+  int mvalid, nvalid;
+  int mask;  // 1: a partial block, evaluate mask_mod (masked -> -inf); 0: score_mod only
+};
+// Applies score_mod (then scales by log2 e: the kernels' softmax is base 2) and, when
+// tile->mask, mask_mod to a tile in place.
+typedef void (*FlexApplyModsFn)(const struct FlexModTile* tile, const struct FlexModArgs* mod);
+
 // One forward prefill launch. Layouts (strides in elements, any values allowed):
 //   q   [B,   Hq,  Lq,  D ]      k [Bkv, Hkv, Lkv, D]      v [Bkv, Hkv, Lkv, Dv]
 //   out [B,   Hq,  Lq,  Dv]    lse [B,   Hq,  Lq]   (fp32, natural log; null = not wanted)
@@ -60,6 +74,12 @@ struct FlexPrefillArgs {
   // fullest row needs (a 128k causal mask then takes ~4 MB, not 8), so each has its own.
   fj_i64 kv_indices_stride, full_kv_indices_stride;
 
+  // The mods, compiled apart from this kernel (see FlexModKernels): null = no score_mod and
+  // no mask_mod. With a score_mod the kernel hands apply_mods natural-scale scores
+  // (scale * q.k) and gets base-2 ones back; without one it hands base-2 scores.
+  FlexApplyModsFn apply_mods;
+  int has_score_mod;
+  int has_mask_mod;  // with no block mask, every KV block is then partial
   struct FlexModArgs mod;
 };
 
@@ -70,9 +90,8 @@ struct FlexPrefillArgs {
 // The runtime splits the item space across threads.
 typedef void (*FlexPrefillFn)(const struct FlexPrefillArgs*, fj_i64, fj_i64);
 
-// Block classification entry for building a BlockMask from a mask_mod without a dense mask:
-//   extern "C" void ENTRY(const FlexClassifyArgs* args, fj_i64 begin, fj_i64 end);
-// For each item in [begin, end) (an index into the blocks array) it evaluates mask_mod over
+// Block classification for building a BlockMask from a mask_mod without a dense mask:
+// classify(args, begin, end): for each item in [begin, end) (an index into the blocks array) it evaluates mask_mod over
 // the block's elements (clipped to Lq x Lkv) and writes out[i] = 0 (empty), 1 (partial) or
 // 2 (full). Each block is (b, h, q_block, kv_block).
 struct FlexClassifyArgs {
@@ -83,5 +102,17 @@ struct FlexClassifyArgs {
   struct FlexModArgs mod;
 };
 typedef void (*FlexClassifyFn)(const struct FlexClassifyArgs*, fj_i64, fj_i64);
+
+// A mod set's kernels: one small translation unit per mod set (compiled in tens of ms), apart
+// from the shape-specialised attention kernels (compiled once per shape and reused by every
+// mod). Its one entry fills the table:
+//   extern "C" void ENTRY(struct FlexModKernels* out);
+struct FlexModKernels {
+  FlexApplyModsFn apply;     // for FlexPrefillArgs.apply_mods
+  FlexClassifyFn classify;   // BlockMask building (every block full when there is no mask_mod)
+  int has_score_mod;
+  int has_mask_mod;
+};
+typedef void (*FlexModKernelsFn)(struct FlexModKernels*);
 
 #endif  // FLEXJIT_MOD_ABI_H

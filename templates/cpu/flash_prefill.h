@@ -1,8 +1,9 @@
 // CPU forward (prefill) flash attention with FlexAttention score_mod / mask_mod.
 //
 // Preceded in the TU by the spec macros (FLEXJIT_DTYPE, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
-// GQA_GROUP, FLEXJIT_ENTRY), mod_abi.h, cpu/common.h and the generated mod body
-// (FLEXJIT_HAS_SCORE_MOD, FLEXJIT_HAS_MASK_MOD, flexjit_score_mod, flexjit_mask_mod).
+// GQA_GROUP, FLEXJIT_ENTRY), mod_abi.h and cpu/common.h. No mod code is compiled in: the mods
+// are a separately compiled FlexApplyModsFn (templates/cpu/mods.h) called once per KV block,
+// so this kernel is compiled once per shape and serves every mod set.
 //
 // One work item = BLOCK_M query rows of one (b, hq). For each visited KV block of BLOCK_N
 // columns:
@@ -230,29 +231,24 @@ static inline void fjk_scores(struct FjkTile* t, int nvalid, const struct FjkPre
 
 // ---- score_mod and mask_mod on S^T[n][m] (valid rows and columns only) ----
 // The mods are only ever called with q_idx < Lq and kv_idx < Lkv (a mod may index a captured
-// buffer by them). With a score_mod Q^T is scaled by `scale` only, so here
-// s2 = score_mod(s * 1) * log2(e); without one Q^T already carries scale * log2(e).
-template <bool kMask>
-static inline void fjk_apply_mods(float* __restrict st, const struct FlexPrefillArgs* a,
-                                  const struct FjkItem* it, fj_i64 kv0, int nvalid) {
-  const struct FlexModArgs* mod = &a->mod;
-  const fj_i64 b = it->b, h = it->hq, q0 = it->q0;
-  const int mvalid = it->mvalid;
-  FJK_ROLLED_LOOP
-  for (int n = 0; n < nvalid; ++n) {
-    float* row = st + n * kMP;
-    const fj_i64 kv_idx = kv0 + n;
-#pragma clang loop interleave(disable) unroll(disable)
-    for (int m = 0; m < mvalid; ++m) {
-      float s = row[m];
-#if FLEXJIT_HAS_SCORE_MOD
-      s = flexjit_score_mod(s, b, h, q0 + m, kv_idx, mod) * FJK_LOG2E;
-#endif
-      if (kMask) s = flexjit_mask_mod(b, h, q0 + m, kv_idx, mod) ? s : FJK_NEG_INF;
-      row[m] = s;
-    }
-  }
-  (void)mod; (void)b; (void)h; (void)q0; (void)kv0;
+// buffer by them). With a score_mod Q^T is scaled by `scale` only and apply_mods returns
+// score_mod(s) * log2(e); without one Q^T already carries scale * log2(e).
+static inline void fjk_apply_mods(float* st, const struct FlexPrefillArgs* a,
+                                  const struct FjkItem* it, fj_i64 kv0, int nvalid,
+                                  bool partial) {
+  const bool mask = partial && a->has_mask_mod;
+  if (a->apply_mods == nullptr || !(mask || a->has_score_mod)) return;
+  struct FlexModTile tile;
+  tile.s = st;
+  tile.ld = kMP;
+  tile.b = it->b;
+  tile.h = it->hq;
+  tile.q0 = it->q0;
+  tile.kv0 = kv0;
+  tile.mvalid = it->mvalid;
+  tile.nvalid = nvalid;
+  tile.mask = mask ? 1 : 0;
+  a->apply_mods(&tile, &a->mod);
 }
 
 // ---- online softmax over one block ----
@@ -359,14 +355,7 @@ __attribute__((noinline)) static void fjk_visit_block(const struct FlexPrefillAr
   const struct FjkPrefetch pf_k =
       fjk_prefetch_plan(it->k, a->k_strides[2], a->k_strides[3], next_kv0, a->Lkv);
   fjk_scores(t, nvalid, &pf_k);
-#if FLEXJIT_HAS_MASK_MOD
-  if (partial)
-    fjk_apply_mods<true>(t->st, a, it, kv0, nvalid);
-  else
-#endif
-  if (FLEXJIT_HAS_SCORE_MOD)
-    fjk_apply_mods<false>(t->st, a, it, kv0, nvalid);
-  (void)partial;
+  fjk_apply_mods(t->st, a, it, kv0, nvalid, partial);
 
   fj_v16f alpha[kMV];
   if (!fjk_softmax_block(t, nvalid, alpha)) return;
@@ -425,11 +414,8 @@ __attribute__((noinline)) static void fjk_run_item(const struct FlexPrefillArgs*
   it.v = (const fjk_elem*)a->v + bk * a->v_strides[0] + hkv * a->v_strides[1];
 
   // Q^T carries scale (and log2 e when no score_mod sees the natural-scale score).
-#if FLEXJIT_HAS_SCORE_MOD
-  const float qscale = a->scale;
-#else
-  const float qscale = a->scale * FJK_LOG2E;
-#endif
+  const bool score_mod = a->apply_mods != nullptr && a->has_score_mod;
+  const float qscale = score_mod ? a->scale : a->scale * FJK_LOG2E;
   const fjk_elem* q = (const fjk_elem*)a->q + b * a->q_strides[0] + hq * a->q_strides[1] +
                       it.q0 * a->q_strides[2];
   fjk_pack_q(q, a->q_strides[2], a->q_strides[3], it.mvalid, qscale, t->qt);
@@ -443,7 +429,7 @@ __attribute__((noinline)) static void fjk_run_item(const struct FlexPrefillArgs*
   struct FjkWalk walk = {0, false, false};
   if (a->kv_num_blocks == nullptr) {  // no block mask: every block, partial if masked
     for (fj_i64 kv0 = 0; kv0 < a->Lkv; kv0 += BLOCK_N)
-      fjk_walk_to(a, &it, t, &walk, kv0, FLEXJIT_HAS_MASK_MOD != 0);
+      fjk_walk_to(a, &it, t, &walk, kv0, a->has_mask_mod != 0);
   } else {
     // BLOCK_M divides mask_q_block_size, so the tile lies in one mask q-block.
     const fj_i64 mb = a->mask_B == 1 ? 0 : b, mh = a->mask_H == 1 ? 0 : hq;

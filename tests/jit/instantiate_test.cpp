@@ -21,7 +21,7 @@ ModSet mods_of(const std::string& score, const std::string& mask) {
   return m;
 }
 
-TEST(Instantiate, KeyIsStableAndCoversSpecModsAndTemplates) {
+TEST(Instantiate, KeyIsStableAndCoversSpecAndTemplates) {
   KernelSpec s;
   ModSet m = mods_of("score * 2.0", "q_idx >= kv_idx");
   Instantiation a = plan(s, m), b = plan(s, m);
@@ -34,6 +34,12 @@ TEST(Instantiate, KeyIsStableAndCoversSpecModsAndTemplates) {
   t.head_dim = 80;
   EXPECT_TRUE(differs(t, m));
   t = s;
+  t.head_dim_v = 80;
+  EXPECT_TRUE(differs(t, m));
+  t = s;
+  t.block_m = 16;
+  EXPECT_TRUE(differs(t, m));
+  t = s;
   t.block_n = 32;
   EXPECT_TRUE(differs(t, m));
   t = s;
@@ -42,8 +48,9 @@ TEST(Instantiate, KeyIsStableAndCoversSpecModsAndTemplates) {
   t = s;
   t.dtype = DType::BF16;
   EXPECT_TRUE(differs(t, m));
-  EXPECT_TRUE(differs(s, mods_of("score * 3.0", "q_idx >= kv_idx")));
-  EXPECT_TRUE(differs(s, mods_of("score * 2.0", "")));
+  // The attention kernel is mod-free: one binary per shape serves every mod set.
+  EXPECT_FALSE(differs(s, mods_of("score * 3.0", "q_idx >= kv_idx")));
+  EXPECT_FALSE(differs(s, ModSet{}));
 
   // One character changed in one template file changes the key.
   auto files = embedded_templates();
@@ -54,11 +61,25 @@ TEST(Instantiate, KeyIsStableAndCoversSpecModsAndTemplates) {
   EXPECT_NE(plan(s, m, templates_digest(files)).key, a.key);
 }
 
-TEST(Instantiate, ClassifyKeyIgnoresScoreMod) {
+TEST(Instantiate, ModsKeyCoversModsAndIgnoresShapes) {
   KernelSpec c;
-  c.kind = KernelKind::Classify;
-  EXPECT_EQ(plan(c, mods_of("score * 2.0", "q_idx >= kv_idx")).key,
-            plan(c, mods_of("score * 5.0", "q_idx >= kv_idx")).key);
+  c.kind = KernelKind::Mods;
+  ModSet m = mods_of("score * 2.0", "q_idx >= kv_idx");
+  const std::string key = plan(c, m).key;
+  EXPECT_NE(plan(c, mods_of("score * 5.0", "q_idx >= kv_idx")).key, key);
+  EXPECT_NE(plan(c, mods_of("score * 2.0", "q_idx > kv_idx")).key, key);
+  EXPECT_NE(plan(c, mods_of("score * 2.0", "")).key, key);
+  KernelSpec other = c;
+  other.head_dim = 80;
+  other.dtype = DType::BF16;
+  other.block_m = 16;
+  EXPECT_EQ(plan(other, m).key, key);
+  KernelSpec prefill;
+  EXPECT_NE(plan(prefill, m).key, key);
+  EXPECT_EQ(plan(c, m).symbol.rfind("flexjit_mods_", 0), 0u);
+  // The Mods source holds the mod body; the attention source holds none.
+  EXPECT_NE(make_source(c, m, "f").find("flexjit_score_mod"), std::string::npos);
+  EXPECT_EQ(make_source(prefill, m, "f").find("flexjit_score_mod"), std::string::npos);
 }
 
 TEST(Instantiate, SymbolIsReadable) {
@@ -99,7 +120,7 @@ TEST_P(TemplateCompiles, WithIdentityMod) {
   s.head_dim = c.d;
   s.head_dim_v = c.dv;
   ModSet identity;
-  if (c.kind == KernelKind::Classify) identity = mods_of("", "true");
+  if (c.kind == KernelKind::Mods) identity = mods_of("", "true");
   Instantiation i = plan(s, identity);
   std::string src = make_source(s, identity, i.symbol);
   EXPECT_EQ(src.find("#include"), std::string::npos) << "generated code must include no headers";
@@ -114,10 +135,10 @@ INSTANTIATE_TEST_SUITE_P(
                       CompileCase{KernelKind::Prefill, DType::BF16, 128, 128},
                       CompileCase{KernelKind::Prefill, DType::F16, 80, 48},
                       CompileCase{KernelKind::Prefill, DType::F32, 256, 256},
-                      CompileCase{KernelKind::Classify, DType::F32, 64, 64}),
+                      CompileCase{KernelKind::Mods, DType::F32, 64, 64}),
     [](const auto& info) {
       const CompileCase& c = info.param;
-      return std::string(c.kind == KernelKind::Prefill ? "prefill_" : "classify_") + dtype_name(c.dtype) + "_d" +
+      return std::string(c.kind == KernelKind::Prefill ? "prefill_" : "mods_") + dtype_name(c.dtype) + "_d" +
              std::to_string(c.d) + "_dv" + std::to_string(c.dv);
     });
 

@@ -3,6 +3,7 @@
 // KV broadcast, strided inputs, Dv != D, fully masked rows, every built-in mod, fp32/bf16/fp16.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -273,6 +274,46 @@ TEST(Recompile, ParamValuesAndLengthsNeverRecompile) {
   EXPECT_EQ(first(41, 20.0), "memory");
   EXPECT_EQ(first(40, 5.0), "memory");
   EXPECT_EQ(first(1000, 1.5), "memory");
+}
+
+// The attention kernel is compiled per shape and the mods per mod set: a new mod on a shape
+// already run compiles only the mods kernel, and one mod set serves every shape.
+TEST(Recompile, AttentionKernelIsSharedAcrossModsAndModsAcrossShapes) {
+  auto call = [&](const std::string& score, int64_t D) {
+    OwnedTensor q = make_tensor(DType::F32, 1, 2, 33, D, false, 7);
+    OwnedTensor out = OwnedTensor::make("o", DType::F32, {1, 2, 33, D});
+    TracedMod t = parse_mod(score, ModKind::Score, {}, {});
+    TracedMod c = find_mod("causal").mod;
+    auto [mods, bind] = combine(&t, &c);
+    AttentionReport rep;
+    flex_attention(q.view, q.view, q.view, out.view, nullptr, mods, bind, nullptr, {}, &rep);
+    EXPECT_EQ(rep.kernels.size(), 2u);
+    return rep;
+  };
+  // Mods unique to this process run, so the mods kernels are never on disk yet.
+  const std::string salt =
+      "0.000001 * " + std::to_string(std::chrono::steady_clock::now().time_since_epoch().count() % 1000000007);
+  AttentionReport a = call("score * 0.5 + " + salt, 40);
+  AttentionReport b = call("score * 0.25 + " + salt, 40);
+  ASSERT_EQ(b.kernels.size(), 2u);
+  EXPECT_EQ(b.kernels[0].role, "attention");
+  EXPECT_EQ(b.kernels[0].cache, "memory");
+  EXPECT_EQ(b.kernels[0].key, a.kernels[0].key);
+  EXPECT_EQ(b.kernels[1].role, "mods");
+  EXPECT_EQ(b.kernels[1].cache, "miss");
+  EXPECT_NE(b.kernels[1].key, a.kernels[1].key);
+  EXPECT_EQ(b.cache, "miss");
+  AttentionReport c = call("score * 0.25 + " + salt, 24);  // same mods, another head dim
+  EXPECT_EQ(c.kernels[1].cache, "memory");
+  EXPECT_NE(c.kernels[0].key, b.kernels[0].key);
+  // No mods at all: only the attention kernel.
+  OwnedTensor q = make_tensor(DType::F32, 1, 2, 33, 40, false, 7);
+  OwnedTensor out = OwnedTensor::make("o", DType::F32, {1, 2, 33, 40});
+  AttentionReport none;
+  flex_attention(q.view, q.view, q.view, out.view, nullptr, ModSet{}, ModBindings{}, nullptr, {}, &none);
+  ASSERT_EQ(none.kernels.size(), 1u);
+  EXPECT_EQ(none.kernels[0].key, a.kernels[0].key);
+  EXPECT_EQ(none.cache, "memory");
 }
 
 }  // namespace

@@ -1,0 +1,85 @@
+// A mod set's kernels (FlexModKernels): score_mod / mask_mod over one tile of scores, called
+// by the attention kernels once per visited KV block, and block classification for building a
+// BlockMask from a mask_mod (no dense mask needed).
+//
+// Preceded in the TU by FLEXJIT_ENTRY, mod_abi.h, cpu/common.h and the generated mod body.
+// Nothing here depends on shapes, dtypes or block sizes, so one compile of a mod set serves
+// every attention kernel; the attention kernels in turn are compiled once per shape, for all
+// mod sets.
+
+#if !defined(FLEXJIT_ENTRY)
+#error "mods.h needs FLEXJIT_ENTRY defined before it"
+#endif
+
+// ---- apply: s = score_mod(s) * log2 e, then mask_mod on partial blocks ----
+template <bool kMask>
+static void fjk_apply_tile(const struct FlexModTile* t, const struct FlexModArgs* mod) {
+  const fj_i64 b = t->b, h = t->h, q0 = t->q0;
+  const int mvalid = t->mvalid;
+  FJK_ROLLED_LOOP
+  for (int n = 0; n < t->nvalid; ++n) {
+    float* __restrict row = t->s + n * t->ld;
+    const fj_i64 kv_idx = t->kv0 + n;
+#pragma clang loop interleave(disable) unroll(disable)
+    for (int m = 0; m < mvalid; ++m) {
+      float s = row[m];
+#if FLEXJIT_HAS_SCORE_MOD
+      s = flexjit_score_mod(s, b, h, q0 + m, kv_idx, mod) * FJK_LOG2E;
+#endif
+#if FLEXJIT_HAS_MASK_MOD
+      if (kMask) s = flexjit_mask_mod(b, h, q0 + m, kv_idx, mod) ? s : FJK_NEG_INF;
+#endif
+      row[m] = s;
+    }
+  }
+  (void)mod; (void)b; (void)h; (void)q0;
+}
+
+static void fjk_apply(const struct FlexModTile* t, const struct FlexModArgs* mod) {
+  if (FLEXJIT_HAS_MASK_MOD && t->mask)
+    fjk_apply_tile<true>(t, mod);
+  else if (FLEXJIT_HAS_SCORE_MOD)
+    fjk_apply_tile<false>(t, mod);
+}
+
+// ---- classify ----
+// 0 / 1 / 2 for one block. Rows are counted in full (a branch-free, vectorisable loop over
+// kv_idx); the scan stops after the first row at which both a kept and a masked element
+// have been seen, since the block is then partial whatever the rest holds.
+static inline signed char fjk_classify_block(const struct FlexClassifyArgs* a, fj_i64 b,
+                                             fj_i64 h, fj_i64 qb, fj_i64 kb) {
+  const fj_i64 q0 = qb * a->q_block_size, kv0 = kb * a->kv_block_size;
+  const fj_i64 q1 = q0 + a->q_block_size < a->Lq ? q0 + a->q_block_size : a->Lq;
+  const fj_i64 kv1 = kv0 + a->kv_block_size < a->Lkv ? kv0 + a->kv_block_size : a->Lkv;
+  if (q0 >= q1 || kv0 >= kv1) return 0;  // clipped block is empty
+#if FLEXJIT_HAS_MASK_MOD
+  const struct FlexModArgs* mod = &a->mod;
+  const fj_i64 width = kv1 - kv0;
+  bool any_kept = false, any_masked = false;
+  for (fj_i64 q = q0; q < q1; ++q) {
+    fj_i64 kept = 0;
+    for (fj_i64 kv = kv0; kv < kv1; ++kv) kept += flexjit_mask_mod(b, h, q, kv, mod) ? 1 : 0;
+    any_kept |= kept > 0;
+    any_masked |= kept < width;
+    if (any_kept && any_masked) return 1;
+  }
+  return any_kept ? 2 : 0;
+#else
+  (void)b; (void)h;
+  return 2;  // no mask_mod: every element is kept
+#endif
+}
+
+static void fjk_classify(const struct FlexClassifyArgs* a, fj_i64 begin, fj_i64 end) {
+  for (fj_i64 i = begin; i < end; ++i) {
+    const int* blk = a->blocks + 4 * i;
+    a->out[i] = fjk_classify_block(a, blk[0], blk[1], blk[2], blk[3]);
+  }
+}
+
+extern "C" void FLEXJIT_ENTRY(struct FlexModKernels* out) {
+  out->apply = fjk_apply;
+  out->classify = fjk_classify;
+  out->has_score_mod = FLEXJIT_HAS_SCORE_MOD;
+  out->has_mask_mod = FLEXJIT_HAS_MASK_MOD;
+}
