@@ -75,7 +75,7 @@ jit::KernelSpec prefill_spec(int gqa_group = 1) {
   spec.dtype = DType::F32;
   spec.head_dim = spec.head_dim_v = kHeadDim;
   spec.gqa_group = gqa_group;
-  default_blocks(kHeadDim, spec.dtype, &spec.block_m, &spec.block_n);
+  default_blocks(kHeadDim, spec.dtype, /*q_len=*/4096, &spec.block_m, &spec.block_n);
   return spec;
 }
 

@@ -105,12 +105,15 @@ void copy_dims(fj_i64* dst, const TensorView& t, int n) {
 }  // namespace
 
 // 64 x 64 measured ~20% faster than 32 x 64 at long sequences on this CPU (fp32 and bf16,
-// D 64 and 128); the autotuner will replace this table.
-void default_blocks(int head_dim, DType dtype, int* block_m, int* block_n) {
+// D 64 and 128). Query rows are padded to BLOCK_M, so short queries (decode: Lq = 1) take the
+// smallest tile of one 16-lane vector, with longer KV blocks to amortise the per-block work:
+// B=4 Hq=8 Hkv=2 Lkv=8192 D=64 decode went from 39 ms (64x64) to 16 ms (16x128) in fp32 and
+// to 12.6 ms in bf16. The autotuner will replace this table.
+void default_blocks(int head_dim, DType dtype, int64_t q_len, int* block_m, int* block_n) {
   (void)head_dim;
   (void)dtype;
-  *block_m = 64;
-  *block_n = 64;
+  *block_m = q_len <= 16 ? 16 : q_len <= 32 ? 32 : 64;
+  *block_n = q_len <= 16 ? 128 : 64;
 }
 
 void flex_attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
@@ -120,7 +123,7 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   validate(mods);
   AttentionReport rep;
   int bm = 0, bn = 0;
-  default_blocks(int(q.sizes[3]), q.dtype, &bm, &bn);
+  default_blocks(int(q.sizes[3]), q.dtype, q.sizes[2], &bm, &bn);
   if (opt.block_m) bm = opt.block_m;
   if (opt.block_n) bn = opt.block_n;
   require(bm >= 1 && bm <= 256 && bn >= 1 && bn <= 512,

@@ -57,7 +57,7 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
                     const runtime::BlockMask* block_mask = nullptr, const AttentionOptions& opt = {},
                     AttentionReport* report = nullptr);
 
-// The default kernel block sizes for a head dim and dtype.
-void default_blocks(int head_dim, DType dtype, int* block_m, int* block_n);
+// The default kernel block sizes for a head dim, dtype and query length.
+void default_blocks(int head_dim, DType dtype, int64_t q_len, int* block_m, int* block_n);
 
 }  // namespace flexjit
