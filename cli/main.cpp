@@ -2,6 +2,7 @@
 //   flexjit run   --q Q.npy --k K.npy --v V.npy --out O.npy [...]   one call, .npy in and out
 //   flexjit demo                                                   a tour with checks and timings
 //   flexjit cache [list|clear|dir]                                 the on-disk kernel cache
+//   flexjit bench [--quick] [--filter S] [--json F]                the compare_torch suite, C++ side
 #include <cstdio>
 #include <exception>
 
@@ -14,6 +15,7 @@ int main(int argc, char** argv) {
   flexjit::cli::add_run_command(app);
   flexjit::cli::add_demo_command(app);
   flexjit::cli::add_cache_command(app);
+  flexjit::cli::add_bench_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

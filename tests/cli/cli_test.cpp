@@ -5,6 +5,8 @@
 // leaving no partial output behind.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+
+#include <algorithm>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -137,8 +139,10 @@ class Cli : public ::testing::Test {
 
   std::string path(const std::string& name) const { return (dir_ / name).string(); }
 
-  Result run(const std::vector<std::string>& args) {
-    std::vector<std::string> argv_s = {exe_.string(), "run"};
+  Result run(const std::vector<std::string>& args) { return run_sub("run", args); }
+
+  Result run_sub(const std::string& subcommand, const std::vector<std::string>& args) {
+    std::vector<std::string> argv_s = {exe_.string(), subcommand};
     argv_s.insert(argv_s.end(), args.begin(), args.end());
     std::vector<char*> argv;
     for (auto& a : argv_s) argv.push_back(a.data());
@@ -239,6 +243,36 @@ void expect_error_line(const Result& r, const std::vector<std::string>& substrin
 }
 
 // ---------------------------------------------------------------- runs
+
+// `flexjit bench`: the compare_torch suite's C++ side; a quick two-case run checked end to end.
+TEST_F(Cli, BenchQuickWritesJsonAndChecksResults) {
+  Result list = run_sub("bench", {"--list"});
+  ASSERT_EQ(list.code, 0) << list.err;
+  EXPECT_NE(list.out.find("prefill/fp32/noop\n"), std::string::npos) << list.out;
+  EXPECT_NE(list.out.find("decode/bf16/prefix_lm\n"), std::string::npos) << list.out;
+  EXPECT_EQ(std::count(list.out.begin(), list.out.end(), '\n'), 28) << list.out;
+
+  Result r = run_sub("bench", {"--quick", "--reps", "1", "--filter", "prefill/fp32/alibi,decode/bf16/document",
+                               "--json", path("b.json")});
+  ASSERT_TRUE(r.exited) << "signal " << r.signal << "\n" << r.err;
+  ASSERT_EQ(r.code, 0) << r.out << r.err;
+  nlohmann::json j = nlohmann::json::parse(slurp(dir_ / "b.json"));
+  ASSERT_EQ(j["cases"].size(), 2u) << j.dump(2);
+  for (const auto& c : j["cases"]) {
+    for (const char* field : {"name", "first_call_ms", "first_call_cache", "median_ms", "samples_ms", "gflops",
+                              "gbps", "max_abs_err", "ok", "knobs"})
+      EXPECT_TRUE(c.contains(field)) << field << " missing from\n" << c.dump(2);
+    EXPECT_TRUE(c.value("ok", false)) << c.dump(2);
+    EXPECT_GT(c.value("median_ms", 0.0), 0.0);
+    EXPECT_LT(c.value("max_abs_err", 1.0), c.value("tolerance", 0.0));
+  }
+  EXPECT_EQ(j["cases"][0]["name"], "prefill/fp32/alibi");
+  EXPECT_EQ(j["cases"][1]["knobs"]["GQA_GROUP"], 2);
+
+  Result bad = run_sub("bench", {"--filter", "nothing-matches"});
+  EXPECT_EQ(bad.code, 2);
+  EXPECT_NE(bad.err.find("matches no case"), std::string::npos) << bad.err;
+}
 
 TEST_F(Cli, AlibiCausalWithReportAndCheck) {
   OwnedTensor q = random_f32("q", {2, 3, 37, 40}, 1), k = random_f32("k", {2, 3, 45, 40}, 2),
