@@ -24,8 +24,8 @@ fi
 # libtorch (C++ entry point, benchmark baselines) and Python torch (comparisons) come from the
 # torch wheel on PyPI; numpy for .npy files in scripts and tests; pytest for the Python tests.
 PY=${PYTHON:-python3}
-if ! $PY -c "import torch, numpy, pytest" >/dev/null 2>&1; then
-  echo "setup: pip installing torch numpy pytest"
-  $PY -m pip install -q torch numpy pytest
+if ! $PY -c "import torch, numpy, pytest, matplotlib" >/dev/null 2>&1; then
+  echo "setup: pip installing torch numpy pytest matplotlib"
+  $PY -m pip install -q torch numpy pytest matplotlib
 fi
 echo "setup: ok (LLVM $(/usr/lib/llvm-19/bin/llvm-config --version), torch $($PY -c 'import torch; print(torch.__version__)'))"
