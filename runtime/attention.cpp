@@ -102,6 +102,17 @@ void copy_dims(fj_i64* dst, const TensorView& t, int n) {
   for (int i = 0; i < n; ++i) dst[i] = t.strides[i];
 }
 
+// An upper bound on the attention kernel's per-thread stack scratch (FjkTile in
+// templates/cpu/flash_prefill.h): query rows padded to 16, KV rows and output features padded
+// to a register group of at most 24, packed rows padded to 16 plus one cache line. The
+// template static_asserts 1 MiB; checking here turns a compile error into a plain message.
+int64_t tile_scratch_bound(int64_t D, int64_t Dv, int64_t bm, int64_t bn) {
+  auto up16 = [](int64_t x) { return (x + 15) / 16 * 16; };
+  const int64_t mp = up16(bm), np = bn + 23, dvp = Dv + 23;
+  const int64_t floats = D * mp + np * mp + dvp * mp + np * (up16(D) + 16) + bn * (up16(dvp) + 16);
+  return floats * 4 + 4096;  // + the softmax state vectors and alignment
+}
+
 }  // namespace
 
 // 64 x 64 measured ~20% faster than 32 x 64 at long sequences on this CPU (fp32 and bf16,
@@ -136,6 +147,12 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
     if (!opt.block_n && block_mask->kv_block_size % bn) bn = int(std::gcd(int64_t(bn), block_mask->kv_block_size));
     check_block_mask(*block_mask, q, k, bm, bn);  // before anything compiles
   }
+  const int64_t scratch = tile_scratch_bound(q.sizes[3], v.sizes[3], bm, bn);
+  require(scratch <= (int64_t(1) << 20),
+          "BLOCK_M x BLOCK_N = " + std::to_string(bm) + "x" + std::to_string(bn) + " with D=" +
+              std::to_string(q.sizes[3]) + ", Dv=" + std::to_string(v.sizes[3]) + " needs up to " +
+              std::to_string(scratch / 1024) + " KiB of per-thread scratch, over the kernel's 1 MiB; use smaller "
+              "blocks (the defaults are 64x64)");
 
   // The attention kernel (per shape) and the mod set's kernels (per mod set) are separate
   // binaries: a new mod on a known shape compiles only the small one, and when both are new

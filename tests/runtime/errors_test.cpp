@@ -195,6 +195,16 @@ TEST(Errors, Options) {
   Call e;
   e.opt.block_n = -4;
   expect_error([&] { e.run(); }, {"BLOCK_N in 1..512"});
+  // Blocks in range whose stack scratch would not fit: a message, not a compile error.
+  Call f;
+  f.q = tensor(DType::F32, {1, 1, 4, 256}, 1);
+  f.k = tensor(DType::F32, {1, 1, 4, 256}, 2);
+  f.v = tensor(DType::F32, {1, 1, 4, 256}, 3);
+  f.out = tensor(DType::F32, {1, 1, 4, 256});
+  f.with_lse = false;
+  f.opt.block_m = 256;
+  f.opt.block_n = 512;
+  expect_error([&] { f.run(); }, {"256x512", "D=256", "over the kernel's 1 MiB", "use smaller blocks"});
 }
 
 TEST(Errors, BlockMaskForOtherLengths) {
