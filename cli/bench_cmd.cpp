@@ -14,12 +14,12 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/npy.h"
 #include "jit/cache.h"
 #include "runtime/attention.h"
 #include "runtime/reference.h"
@@ -278,13 +278,9 @@ void run_bench(const BenchArgs& a) {
   if (!a.json.empty()) {
     nlohmann::json doc = {{"suite", a.quick ? "quick" : "full"}, {"reps", a.reps}, {"threads", a.threads},
                           {"cold_first_calls", !a.warm_cache}, {"cases", results}};
-    const std::string part = a.json + ".part";
-    {
-      std::ofstream f(part);
-      f << doc.dump(2) << "\n";
-      if (!f) throw Error("bench: cannot write " + a.json);
-    }
-    std::filesystem::rename(part, a.json);
+    OutputFiles files;  // temp + rename: a failed write leaves nothing behind
+    files.add_text("--json", a.json, doc.dump(2) + "\n");
+    files.commit();
   }
   if (!all_ok) throw Error("bench: a case failed or differed from the float64 reference beyond tolerance");
 }
