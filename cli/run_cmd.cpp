@@ -153,7 +153,7 @@ void run(const RunArgs& a) {
     for (const KernelUse& k : rep.kernels)
       j["kernels"].push_back({{"role", k.role}, {"symbol", k.symbol}, {"key", k.key}, {"cache", k.cache},
                               {"compile_ms", k.compile_ms}, {"load_ms", k.load_ms}});
-    j["knobs"] = {{"BLOCK_M", rep.block_m}, {"BLOCK_N", rep.block_n}, {"GQA_GROUP", rep.gqa_group},
+    j["knobs"] = {{"BLOCK_M", rep.block_m}, {"BLOCK_N", rep.block_n}, {"GQA_GROUP", rep.gqa_group}, {"PACK_GQA", rep.pack_gqa},
                   {"HEAD_DIM", q.view.sizes[3]}, {"HEAD_DIM_V", Dv}};
     j["shape"] = {{"B", B}, {"Hq", Hq}, {"Hkv", shape.Hkv}, {"Lq", Lq}, {"Lkv", shape.Lkv}};
     j["mods"] = rm.describe;

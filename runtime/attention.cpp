@@ -141,6 +141,20 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
           "BLOCK_M must be in 1..256 and BLOCK_N in 1..512, got " + std::to_string(bm) + "x" + std::to_string(bn));
 
   const int64_t B = q.sizes[0], Hq = q.sizes[1], Lq = q.sizes[2], Hkv = k.sizes[1], Lkv = k.sizes[2];
+  // A mask built for this call broadcasts over batch / heads its mask_mod does not read.
+  const bool mask_reads_b = mods.has_mask_mod() && ir::uses_var(mods.mask_mod, ir::Var::B);
+  const bool mask_reads_h = mods.has_mask_mod() && ir::uses_var(mods.mask_mod, ir::Var::H);
+  // Decode-like calls (a few query rows) with GQA pack the group's query heads into one tile,
+  // so K and V stream once per KV head instead of once per query head. The tile's rows then
+  // span heads, so the mask must not differ by head, and its first q-block must hold every row.
+  const int64_t group = Hq / Hkv;
+  const bool pack_gqa =
+      group > 1 && Lq <= 16 &&
+      (block_mask ? block_mask->H == 1 && Lq <= block_mask->q_block_size : !mask_reads_h);
+  if (pack_gqa && !opt.block_m) {
+    const int64_t rows = group * Lq;
+    bm = rows <= 16 ? 16 : rows <= 32 ? 32 : 64;
+  }
   if (block_mask) {
     // Kernel blocks must tile the mask's blocks; defaults adapt, explicit choices are checked.
     if (!opt.block_m && block_mask->q_block_size % bm) bm = int(std::gcd(int64_t(bm), block_mask->q_block_size));
@@ -182,7 +196,8 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   if (!block_mask && mods.has_mask_mod()) {
     int64_t qbs = ((128 + bm - 1) / bm) * bm, kvbs = ((128 + bn - 1) / bn) * bn;
     runtime::BlockMaskBuildStats st;
-    built = runtime::create_block_mask(mods, bind, B, Hq, Lq, Lkv, qbs, kvbs, &st);
+    built = runtime::create_block_mask(mods, bind, mask_reads_b ? B : 1, mask_reads_h ? Hq : 1, Lq, Lkv, qbs, kvbs,
+                                       &st);
     rep.block_mask_ms = st.ms;
     check_block_mask(built, q, k, bm, bn);
     block_mask = &built;
@@ -226,10 +241,12 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   a.apply_mods = any_mod ? mk.apply : nullptr;
   a.has_score_mod = mk.has_score_mod;
   a.has_mask_mod = mk.has_mask_mod;
+  a.pack_gqa = pack_gqa ? 1 : 0;
   a.mod = bound.args();
 
   auto fn = reinterpret_cast<FlexPrefillFn>(kh.fn);
-  const int64_t m_blocks = (Lq + bm - 1) / bm, items = B * Hq * m_blocks;
+  const int64_t m_blocks = ((pack_gqa ? group * Lq : Lq) + bm - 1) / bm;
+  const int64_t items = B * (pack_gqa ? Hkv : Hq) * m_blocks;
   auto t0 = std::chrono::steady_clock::now();
   auto run = [&] {
     tbb::parallel_for(tbb::blocked_range<int64_t>(0, items, 1),
@@ -259,6 +276,7 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
     rep.block_m = bm;
     rep.block_n = bn;
     rep.gqa_group = int(Hq / Hkv);
+    rep.pack_gqa = pack_gqa;
     rep.dtype = dtype_name(q.dtype);
     rep.symbol = kh.symbol;
     rep.key = kh.key;

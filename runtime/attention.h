@@ -42,6 +42,7 @@ struct AttentionReport {
   double kernel_ms = 0;      // the parallel kernel run
   double block_mask_ms = 0;  // when a BlockMask was built for this call
   int block_m = 0, block_n = 0, gqa_group = 1;
+  bool pack_gqa = false;     // a tile held a GQA group's query heads (decode-like calls)
   std::string dtype;
   std::string symbol, key, source_path;
   std::string block_mask;    // BlockMask::describe() of the mask used, if any

@@ -80,13 +80,17 @@ struct FlexPrefillArgs {
   FlexApplyModsFn apply_mods;
   int has_score_mod;
   int has_mask_mod;  // with no block mask, every KV block is then partial
+  // 1: a tile's rows are (query head, query row) pairs of one KV head's GQA group (decode: K and
+  // V stream once per group). Needs no block mask, or mask_H == 1 and Lq <= mask_q_block_size.
+  int pack_gqa;
   struct FlexModArgs mod;
 };
 
 // Kernel entry (one per translation unit, name chosen by jit/instantiate):
 //   extern "C" void ENTRY(const FlexPrefillArgs* args, fj_i64 begin, fj_i64 end);
-// processes work items [begin, end) of the linearised (b, hq, m_block) space,
-//   item = (b * Hq + hq) * num_m_blocks + m_block,  num_m_blocks = ceil(Lq / BLOCK_M).
+// processes work items [begin, end) of the linearised (b, h, m_block) space,
+//   item = (b * H + h) * num_m_blocks + m_block,  num_m_blocks = ceil(rows / BLOCK_M),
+// with H = Hq and rows = Lq, or with pack_gqa H = Hkv and rows = GQA_GROUP * Lq.
 // The runtime splits the item space across threads.
 typedef void (*FlexPrefillFn)(const struct FlexPrefillArgs*, fj_i64, fj_i64);
 

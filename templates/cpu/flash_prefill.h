@@ -93,13 +93,24 @@ struct FjkTile {
 };
 static_assert(sizeof(struct FjkTile) <= (1 << 20), "tile scratch exceeds 1 MiB of stack");
 
-// One work item's coordinates and base pointers.
+// One work item's coordinates and base pointers. Without pack_gqa the tile's rows are query
+// rows q0.. of head hq. With pack_gqa (decode: a few query rows, GQA) they are the GQA_GROUP * Lq
+// (head, query) pairs of one KV head, so K and V are streamed once per group, not once per
+// query head: row r of the pairs is head hq + r / Lq, query r % Lq, and the tile holds pairs
+// q0.. (hq is then the group's first head).
 struct FjkItem {
-  fj_i64 b, hq, q0;  // batch, query head, first query row
-  int mvalid;        // rows of this tile inside Lq
+  fj_i64 b, hq, q0;  // batch, query head (first of the group if packed), first row
+  fj_i64 packed_lq;  // 0: not packed; else Lq
+  int mvalid;        // rows of this tile that exist
   const fjk_elem* k; // k[bk, hkv, 0, 0]
   const fjk_elem* v; // v[bk, hkv, 0, 0]
 };
+static inline fj_i64 fjk_row_head(const struct FjkItem* it, int m) {
+  return it->packed_lq ? it->hq + (it->q0 + m) / it->packed_lq : it->hq;
+}
+static inline fj_i64 fjk_row_q(const struct FjkItem* it, int m) {
+  return it->packed_lq ? (it->q0 + m) % it->packed_lq : it->q0 + m;
+}
 
 // ---- prefetching the next block ----
 // K and V stream from L3 (a head's K and V outgrow L2 at a few thousand rows) once per work
@@ -142,14 +153,17 @@ struct FjkPrefetchShare {
 
 // ---- packing ----
 
-// Q^T[d][m] = q[q0 + m][d] * c for the valid rows, 0 for the padding rows (which then score
+// Q^T[d][m] = q[row m][d] * c for the valid rows, 0 for the padding rows (which then score
 // a finite 0 and are never written out). Once per work item, so a plain scalar transpose.
-static inline void fjk_pack_q(const fjk_elem* q, fj_i64 s_row, fj_i64 s_col, int mvalid,
+static inline void fjk_pack_q(const struct FlexPrefillArgs* a, const struct FjkItem* it,
                               float c, float* __restrict qt) {
+  const int mvalid = it->mvalid;
+  const fj_i64 s_col = a->q_strides[3];
   if (mvalid < kMP) __builtin_memset(qt, 0, sizeof(float) * HEAD_DIM * kMP);
   FJK_SCALAR_LOOP
   for (int m = 0; m < mvalid; ++m) {
-    const fjk_elem* row = q + m * s_row;
+    const fjk_elem* row = (const fjk_elem*)a->q + it->b * a->q_strides[0] +
+                          fjk_row_head(it, m) * a->q_strides[1] + fjk_row_q(it, m) * a->q_strides[2];
     FJK_SCALAR_LOOP
     for (int d = 0; d < HEAD_DIM; ++d) qt[d * kMP + m] = fjk_to_f32(row[d * s_col]) * c;
   }
@@ -239,16 +253,23 @@ static inline void fjk_apply_mods(float* st, const struct FlexPrefillArgs* a,
   const bool mask = partial && a->has_mask_mod;
   if (a->apply_mods == nullptr || !(mask || a->has_score_mod)) return;
   struct FlexModTile tile;
-  tile.s = st;
   tile.ld = kMP;
   tile.b = it->b;
-  tile.h = it->hq;
-  tile.q0 = it->q0;
   tile.kv0 = kv0;
-  tile.mvalid = it->mvalid;
   tile.nvalid = nvalid;
   tile.mask = mask ? 1 : 0;
-  a->apply_mods(&tile, &a->mod);
+  // One call per run of rows of one head (the whole tile unless GQA heads are packed).
+  for (int m = 0; m < it->mvalid;) {
+    const fj_i64 q = fjk_row_q(it, m);
+    const fj_i64 left = it->packed_lq ? it->packed_lq - q : it->mvalid;
+    const int run = left < it->mvalid - m ? (int)left : it->mvalid - m;
+    tile.s = st + m;
+    tile.h = fjk_row_head(it, m);
+    tile.q0 = q;
+    tile.mvalid = run;
+    a->apply_mods(&tile, &a->mod);
+    m += run;
+  }
 }
 
 // ---- online softmax over one block ----
@@ -399,16 +420,18 @@ __attribute__((noinline)) static void fjk_walk_listed(const struct FlexPrefillAr
 // ---- one work item (b, hq, m_block) ----
 // Not inlined into the item loop: there its branches on launch constants (lse wanted, block
 // mask present) would be unswitched, duplicating the whole body (compile time).
+// h: the query head, or with pack_gqa the KV head.
 __attribute__((noinline)) static void fjk_run_item(const struct FlexPrefillArgs* a,
-                                                   struct FjkTile* t, fj_i64 b, fj_i64 hq,
+                                                   struct FjkTile* t, fj_i64 b, fj_i64 h,
                                                    fj_i64 m_block) {
   struct FjkItem it;
   it.b = b;
-  it.hq = hq;
+  it.packed_lq = a->pack_gqa ? a->Lq : 0;
+  it.hq = a->pack_gqa ? h * GQA_GROUP : h;
   it.q0 = m_block * BLOCK_M;
-  const fj_i64 rows = a->Lq - it.q0;
+  const fj_i64 rows = (a->pack_gqa ? GQA_GROUP * a->Lq : a->Lq) - it.q0;
   it.mvalid = rows < BLOCK_M ? (int)rows : BLOCK_M;
-  const fj_i64 hkv = hq / GQA_GROUP;
+  const fj_i64 hkv = a->pack_gqa ? h : h / GQA_GROUP;
   const fj_i64 bk = a->Bkv == 1 ? 0 : b;
   it.k = (const fjk_elem*)a->k + bk * a->k_strides[0] + hkv * a->k_strides[1];
   it.v = (const fjk_elem*)a->v + bk * a->v_strides[0] + hkv * a->v_strides[1];
@@ -416,9 +439,7 @@ __attribute__((noinline)) static void fjk_run_item(const struct FlexPrefillArgs*
   // Q^T carries scale (and log2 e when no score_mod sees the natural-scale score).
   const bool score_mod = a->apply_mods != nullptr && a->has_score_mod;
   const float qscale = score_mod ? a->scale : a->scale * FJK_LOG2E;
-  const fjk_elem* q = (const fjk_elem*)a->q + b * a->q_strides[0] + hq * a->q_strides[1] +
-                      it.q0 * a->q_strides[2];
-  fjk_pack_q(q, a->q_strides[2], a->q_strides[3], it.mvalid, qscale, t->qt);
+  fjk_pack_q(a, &it, qscale, t->qt);
   __builtin_memset(t->ot, 0, sizeof(t->ot));
   for (int i = 0; i < kMV; ++i) {
     t->m[i] = fjk_splat(FJK_NEG_INF);
@@ -431,9 +452,10 @@ __attribute__((noinline)) static void fjk_run_item(const struct FlexPrefillArgs*
     for (fj_i64 kv0 = 0; kv0 < a->Lkv; kv0 += BLOCK_N)
       fjk_walk_to(a, &it, t, &walk, kv0, a->has_mask_mod != 0);
   } else {
-    // BLOCK_M divides mask_q_block_size, so the tile lies in one mask q-block.
-    const fj_i64 mb = a->mask_B == 1 ? 0 : b, mh = a->mask_H == 1 ? 0 : hq;
-    const fj_i64 qb = it.q0 / a->mask_q_block_size;
+    // BLOCK_M divides mask_q_block_size, so the tile lies in one mask q-block. Packed tiles
+    // need mask_H == 1 and Lq <= mask_q_block_size (the runtime checks): q-block 0, any head.
+    const fj_i64 mb = a->mask_B == 1 ? 0 : b, mh = a->mask_H == 1 ? 0 : it.hq;
+    const fj_i64 qb = a->pack_gqa ? 0 : it.q0 / a->mask_q_block_size;
     const fj_i64 row = (mb * a->mask_H + mh) * a->mask_q_blocks + qb;
     fjk_walk_listed(a, &it, t, &walk, a->kv_indices + row * a->kv_indices_stride,
                     a->kv_num_blocks[row], true);
@@ -451,22 +473,21 @@ __attribute__((noinline)) static void fjk_run_item(const struct FlexPrefillArgs*
     fjk_store(l + 16 * i, t->l[i]);
     fjk_store(m2 + 16 * i, t->m[i]);
   }
-  fjk_elem* out = (fjk_elem*)a->out + b * a->out_strides[0] + hq * a->out_strides[1] +
-                  it.q0 * a->out_strides[2];
-  const fj_i64 os_row = a->out_strides[2], os_col = a->out_strides[3];
+  const fj_i64 os_col = a->out_strides[3];
   FJK_SCALAR_LOOP
   for (int m = 0; m < it.mvalid; ++m) {
-    fjk_elem* orow = out + m * os_row;
+    fjk_elem* orow = (fjk_elem*)a->out + b * a->out_strides[0] + fjk_row_head(&it, m) * a->out_strides[1] +
+                     fjk_row_q(&it, m) * a->out_strides[2];
     FJK_SCALAR_LOOP
     for (int dv = 0; dv < HEAD_DIM_V; ++dv)
       fjk_from_f32(t->ot[dv * kMP + m] * inv_l[m], orow + dv * os_col);
   }
   if (a->lse != nullptr) {
-    float* lse = a->lse + b * a->lse_strides[0] + hq * a->lse_strides[1];
     FJK_SCALAR_LOOP
     for (int m = 0; m < it.mvalid; ++m) {
       // lse = ln(sum_n e^s) = ln 2 * (m2 + log2 l), m2 the base-2 row max; l = 0 -> -inf.
-      lse[(it.q0 + m) * a->lse_strides[2]] =
+      a->lse[b * a->lse_strides[0] + fjk_row_head(&it, m) * a->lse_strides[1] +
+             fjk_row_q(&it, m) * a->lse_strides[2]] =
           l[m] > 0.0f ? (float)(FJK_LN2 * ((double)m2[m] + fjk_log2(l[m]))) : FJK_NEG_INF;
     }
   }
@@ -482,10 +503,12 @@ extern "C" void FLEXJIT_ENTRY(const struct FlexPrefillArgs* a, fj_i64 begin, fj_
     for (int n = 0; n < BLOCK_N; ++n)
       __builtin_memset(t.vp + n * kVS + HEAD_DIM_V, 0, sizeof(float) * (kVS - HEAD_DIM_V));
   }
-  const fj_i64 n_m_blocks = (a->Lq + BLOCK_M - 1) / BLOCK_M;
-  if (n_m_blocks <= 0 || a->Hq <= 0) return;  // no work items exist
+  const fj_i64 rows = a->pack_gqa ? GQA_GROUP * a->Lq : a->Lq;
+  const fj_i64 heads = a->pack_gqa ? a->Hkv : a->Hq;
+  const fj_i64 n_m_blocks = (rows + BLOCK_M - 1) / BLOCK_M;
+  if (n_m_blocks <= 0 || heads <= 0) return;  // no work items exist
   for (fj_i64 item = begin; item < end; ++item) {
     const fj_i64 m_block = item % n_m_blocks, bh = item / n_m_blocks;
-    fjk_run_item(a, &t, bh / a->Hq, bh % a->Hq, m_block);
+    fjk_run_item(a, &t, bh / heads, bh % heads, m_block);
   }
 }

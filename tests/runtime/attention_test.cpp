@@ -251,6 +251,42 @@ std::vector<Case> special_cases() {
     w.mask_block = 128;
     out.push_back(w);
   }
+  // Decode-like GQA calls (Lq <= 16, group 3): the group's query heads share one tile (pack_gqa).
+  // Row counts that fill a tile partly (1 x 3), cross tiles mid-head (7 x 3 rows in 16-row
+  // tiles), mods that read h and q_idx, masks (built per call, broadcast over heads), a mask
+  // that reads h (no packing), and a per-head BlockMask passed in (no packing).
+  {
+    Case d = c;
+    d.B = d.Bkv = 2;
+    d.Hq = 6;
+    d.Hkv = 2;
+    d.Lkv = 300;
+    for (int64_t lq : {1, 5, 7, 16}) {
+      d.Lq = lq;
+      d.score_mod = "alibi";
+      d.mask_mod = "kv_idx <= q_idx + 290";
+      out.push_back(d);
+      d.score_mod = "rel_pos";
+      d.mask_mod = "document";
+      out.push_back(d);
+    }
+    d.Lq = 7;
+    d.block_m = 16;
+    d.score_mod = "softcap";
+    d.mask_mod = "";
+    out.push_back(d);
+    d.dtype = DType::BF16;
+    d.score_mod = "alibi";
+    out.push_back(d);
+    d.dtype = DType::F32;
+    d.block_m = 0;
+    d.score_mod = "";
+    d.mask_mod = "h % 2 == 0 || kv_idx < 100";
+    out.push_back(d);
+    d.mask_mod = "sliding_window";
+    d.mask_block = 64;
+    out.push_back(d);
+  }
   return out;
 }
 INSTANTIATE_TEST_SUITE_P(Special, Numerics, ::testing::ValuesIn(special_cases()),
@@ -274,6 +310,27 @@ TEST(Recompile, ParamValuesAndLengthsNeverRecompile) {
   EXPECT_EQ(first(41, 20.0), "memory");
   EXPECT_EQ(first(40, 5.0), "memory");
   EXPECT_EQ(first(1000, 1.5), "memory");
+}
+
+// Decode-like GQA calls pack each KV head's query heads into one tile; a mask that differs by
+// head, or a longer query, keeps one head per tile. (Numerics of both: Special/Numerics.)
+TEST(Decode, PacksGqaGroupsOnlyWhereRowsMayShareATile) {
+  auto packed = [](int64_t Lq, const std::string& mask) {
+    OwnedTensor q = make_tensor(DType::F32, 1, 6, Lq, 32, false, 1);
+    OwnedTensor kv = make_tensor(DType::F32, 1, 2, 70, 32, false, 2);
+    OwnedTensor out = OwnedTensor::make("o", DType::F32, {1, 6, Lq, 32});
+    TracedMod m = parse_mod(mask.empty() ? "true" : mask, ModKind::Mask, {}, {});
+    auto [mods, bind] = combine(nullptr, mask.empty() ? nullptr : &m);
+    AttentionOptions opt;
+    opt.enable_gqa = true;
+    AttentionReport rep;
+    flex_attention(q.view, kv.view, kv.view, out.view, nullptr, mods, bind, nullptr, opt, &rep);
+    return rep.pack_gqa;
+  };
+  EXPECT_TRUE(packed(1, ""));
+  EXPECT_TRUE(packed(16, "kv_idx <= q_idx + 50"));
+  EXPECT_FALSE(packed(17, ""));
+  EXPECT_FALSE(packed(1, "h != 2"));
 }
 
 // The attention kernel is compiled per shape and the mods per mod set: a new mod on a shape
