@@ -166,7 +166,7 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
           "BLOCK_M x BLOCK_N = " + std::to_string(bm) + "x" + std::to_string(bn) + " with D=" +
               std::to_string(q.sizes[3]) + ", Dv=" + std::to_string(v.sizes[3]) + " needs up to " +
               std::to_string(scratch / 1024) + " KiB of per-thread scratch, over the kernel's 1 MiB; use smaller "
-              "blocks (the defaults are 64x64)");
+              "blocks, or leave BLOCK_M / BLOCK_N to the defaults");
 
   // The attention kernel (per shape) and the mod set's kernels (per mod set) are separate
   // binaries: a new mod on a known shape compiles only the small one, and when both are new
@@ -178,7 +178,7 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   spec.head_dim_v = int(v.sizes[3]);
   spec.block_m = bm;
   spec.block_n = bn;
-  spec.gqa_group = int(Hq / Hkv);
+  spec.gqa_group = int(group);
   const bool any_mod = mods.has_score_mod() || mods.has_mask_mod();
   jit::KernelSpec mods_spec;
   mods_spec.kind = jit::KernelKind::Mods;
@@ -275,7 +275,7 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
     rep.lookup_us = kernels_ms * 1000;
     rep.block_m = bm;
     rep.block_n = bn;
-    rep.gqa_group = int(Hq / Hkv);
+    rep.gqa_group = int(group);
     rep.pack_gqa = pack_gqa;
     rep.dtype = dtype_name(q.dtype);
     rep.symbol = kh.symbol;
