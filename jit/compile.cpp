@@ -66,7 +66,7 @@ std::string to_string(llvm::Error err) { return llvm::toString(std::move(err)); 
 
 // Bump when the way objects are produced changes without a flag change (pass pipeline, target
 // options): it is part of compiler_identity(), hence of every cache key.
-constexpr const char* kPipelineVersion = "flexjit-cpu-pipeline-1";
+constexpr const char* kPipelineVersion = "flexjit-cpu-pipeline-2";  // 2: host features reach the frontend
 
 void init_llvm_once() {
   static std::once_flag once;
@@ -107,6 +107,15 @@ const HostTarget& host_target() {
   }();
   return host;
 }
+
+}  // namespace
+
+bool host_has_feature(const std::string& name) {
+  const std::vector<std::string>& f = host_target().features;
+  return std::find(f.begin(), f.end(), "+" + name) != f.end();
+}
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // 1. Frontend
@@ -158,6 +167,10 @@ std::unique_ptr<llvm::Module> run_frontend(const std::string& source, const std:
   const HostTarget& host = host_target();
   inv->getTargetOpts().CPU = host.cpu;
   inv->getTargetOpts().TuneCPU = host.cpu;
+  // Trap: clang::TargetInfo::CreateTargetInfo rebuilds Features from FeaturesAsWritten (the
+  // driver's, i.e. -march's), so setting Features alone is silently undone: the functions then
+  // carry the CPU name's features (no AMX, AVX512-BF16 or -FP16 under this hypervisor's name).
+  inv->getTargetOpts().FeaturesAsWritten = host.features;
   inv->getTargetOpts().Features = host.features;
   // Trap: DisableFree defaults to true under the driver (cc1 exits right after), which leaks the
   // AST, Sema and the IR of every compile in a long-lived process.

@@ -27,6 +27,10 @@ CompileResult compile_cpp_to_object(const std::string& source, const std::string
 // of every cache key. Computed once per process.
 const std::string& compiler_identity();
 
+// Whether the host CPU has an LLVM target feature ("amx-bf16", "avx512bf16", ...): what every
+// kernel is compiled for, so a template may use the feature exactly when this says so.
+bool host_has_feature(const std::string& name);
+
 // The Clang driver arguments every compile uses (after argv0 and before the file name), for logs
 // and for reproducing a kernel by hand with clang++-19.
 const std::vector<std::string>& compile_flags();
