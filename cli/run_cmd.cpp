@@ -95,7 +95,10 @@ void run(const RunArgs& a) {
     auto [name, value] = split_assignment(ko, "--kernel-option");
     if (name == "BLOCK_M") opt.block_m = int(parse_positive("--kernel-option BLOCK_M", value));
     else if (name == "BLOCK_N") opt.block_n = int(parse_positive("--kernel-option BLOCK_N", value));
-    else throw Error("unknown --kernel-option " + name + "; known: BLOCK_M, BLOCK_N");
+    else if (name == "USE_AMX") {
+      if (value != "0" && value != "1") throw Error("--kernel-option USE_AMX must be 0 or 1, got '" + value + "'");
+      opt.use_amx = value == "1" ? 1 : 0;
+    } else throw Error("unknown --kernel-option " + name + "; known: BLOCK_M, BLOCK_N, USE_AMX");
   }
 
   runtime::BlockMask mask;
@@ -153,7 +156,7 @@ void run(const RunArgs& a) {
     for (const KernelUse& k : rep.kernels)
       j["kernels"].push_back({{"role", k.role}, {"symbol", k.symbol}, {"key", k.key}, {"cache", k.cache},
                               {"compile_ms", k.compile_ms}, {"load_ms", k.load_ms}});
-    j["knobs"] = {{"BLOCK_M", rep.block_m}, {"BLOCK_N", rep.block_n}, {"GQA_GROUP", rep.gqa_group}, {"PACK_GQA", rep.pack_gqa},
+    j["knobs"] = {{"BLOCK_M", rep.block_m}, {"BLOCK_N", rep.block_n}, {"GQA_GROUP", rep.gqa_group}, {"PACK_GQA", rep.pack_gqa}, {"AMX", rep.amx},
                   {"HEAD_DIM", q.view.sizes[3]}, {"HEAD_DIM_V", Dv}};
     j["shape"] = {{"B", B}, {"Hq", Hq}, {"Hkv", shape.Hkv}, {"Lq", Lq}, {"Lkv", shape.Lkv}};
     j["mods"] = rm.describe;
@@ -193,7 +196,7 @@ void add_run_command(CLI::App& app) {
   cmd->add_option("--dtype", a->dtype, "compute dtype: fp32 | bf16 | fp16");
   cmd->add_option("--device", a->device, "cpu");
   cmd->add_option("--block-size", a->block_size, "BlockMask block size: N or QxKV (default 128)");
-  cmd->add_option("--kernel-option", a->kernel_options, "NAME=VALUE kernel knob: BLOCK_M, BLOCK_N");
+  cmd->add_option("--kernel-option", a->kernel_options, "NAME=VALUE kernel knob: BLOCK_M, BLOCK_N, USE_AMX (0/1)");
   cmd->add_option("--report", a->report, "write a JSON report of what ran");
   cmd->add_option("--threads", a->threads, "worker threads (default: all cores)");
   cmd->add_flag("--check", a->check, "spot-check the result against a float64 reference");

@@ -12,11 +12,13 @@ namespace {
 
 const char* kind_name(KernelKind k) { return k == KernelKind::Prefill ? "prefill" : "mods"; }
 
-// The template files a kind's translation unit is made of, in order (a Mods TU has the
-// generated mod body before the last one).
-std::vector<std::string> template_files(KernelKind k) {
-  return {"templates/mod_abi.h", "templates/cpu/common.h",
-          k == KernelKind::Prefill ? "templates/cpu/flash_prefill.h" : "templates/cpu/mods.h"};
+// The template files a kernel's translation unit is made of, in order (a Mods TU has the
+// generated mod body before the last one). A Prefill TU is the shared item code, one engine
+// (the tile scratch and the matmuls) and the driver.
+std::vector<std::string> template_files(const KernelSpec& s) {
+  if (s.kind == KernelKind::Mods) return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/mods.h"};
+  return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/prefill_item.h",
+          s.amx ? "templates/cpu/prefill_amx.h" : "templates/cpu/prefill_fma.h", "templates/cpu/flash_prefill.h"};
 }
 
 int dtype_code(DType t) {
@@ -43,7 +45,8 @@ std::string spec_defines(const KernelSpec& s, const std::string& symbol) {
        << "#define HEAD_DIM_V " << s.head_dim_v << "\n"
        << "#define BLOCK_M " << s.block_m << "\n"
        << "#define BLOCK_N " << s.block_n << "\n"
-       << "#define GQA_GROUP " << s.gqa_group << "\n";
+       << "#define GQA_GROUP " << s.gqa_group << "\n"
+       << "#define FLEXJIT_AMX " << (s.amx ? 1 : 0) << "\n";
   }
   os << "#define FLEXJIT_ENTRY " << symbol << "\n";
   return os.str();
@@ -56,7 +59,8 @@ std::string KernelSpec::str() const {
   os << kind_name(kind);
   if (kind == KernelKind::Prefill)
     os << " " << dtype_name(dtype) << " HEAD_DIM=" << head_dim << " HEAD_DIM_V=" << head_dim_v
-       << " BLOCK_M=" << block_m << " BLOCK_N=" << block_n << " GQA_GROUP=" << gqa_group;
+       << " BLOCK_M=" << block_m << " BLOCK_N=" << block_n << " GQA_GROUP=" << gqa_group
+       << " ENGINE=" << (amx ? "amx" : "fma");
   return os.str();
 }
 
@@ -81,6 +85,8 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods) {
 Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string& templates_hash) {
   if (spec.kind == KernelKind::Prefill) {
     dtype_code(spec.dtype);
+    if (spec.amx && (spec.dtype != DType::BF16 || spec.block_n % 32 != 0))
+      throw Error("the AMX engine needs bf16 and BLOCK_N a multiple of 32, got " + spec.str());
     if (spec.head_dim < 1 || spec.head_dim > 256 || spec.head_dim_v < 1 || spec.head_dim_v > 256)
       throw Error("head dims D=" + std::to_string(spec.head_dim) + ", Dv=" + std::to_string(spec.head_dim_v) +
                   " are not supported on CPU; D and Dv must be in 1..256");
@@ -96,14 +102,14 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
   if (spec.kind == KernelKind::Prefill)
     sym << "_" << dtype_name(spec.dtype) << "_d" << spec.head_dim
         << (spec.head_dim_v != spec.head_dim ? "_dv" + std::to_string(spec.head_dim_v) : "") << "_m"
-        << spec.block_m << "_n" << spec.block_n << "_g" << spec.gqa_group;
+        << spec.block_m << "_n" << spec.block_n << "_g" << spec.gqa_group << (spec.amx ? "_amx" : "");
   sym << "_" << inst.key.substr(0, 8);
   inst.symbol = sym.str();
   return inst;
 }
 
 std::string make_source(const KernelSpec& spec, const ModSet& mods, const std::string& symbol) {
-  std::vector<std::string> files = template_files(spec.kind);
+  std::vector<std::string> files = template_files(spec);
   std::string src = spec_defines(spec, symbol);
   for (size_t i = 0; i < files.size(); ++i) {
     if (i + 1 == files.size() && spec.kind == KernelKind::Mods) src += emit_mod_body(mods, Backend::Cpu);

@@ -24,7 +24,8 @@ struct KernelSpec {
   int block_m = 32;          // BLOCK_M
   int block_n = 64;          // BLOCK_N
   int gqa_group = 1;         // GQA_GROUP = Hq / Hkv
-  // "prefill fp32 HEAD_DIM=64 HEAD_DIM_V=64 BLOCK_M=32 BLOCK_N=64 GQA_GROUP=1"
+  bool amx = false;          // bf16 matmuls on AMX tiles (templates/cpu/prefill_amx.h)
+  // "prefill fp32 HEAD_DIM=64 HEAD_DIM_V=64 BLOCK_M=32 BLOCK_N=64 GQA_GROUP=1 ENGINE=fma"
   std::string str() const;
 };
 

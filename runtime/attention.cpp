@@ -4,10 +4,15 @@
 #include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <numeric>
 
+#include "jit/compile.h"
 #include "jit/pipeline.h"
 #include "runtime/bound_mods.h"
 
@@ -115,16 +120,39 @@ int64_t tile_scratch_bound(int64_t D, int64_t Dv, int64_t bm, int64_t bn) {
 
 }  // namespace
 
-// 64 x 64 measured ~20% faster than 32 x 64 at long sequences on this CPU (fp32 and bf16,
-// D 64 and 128). Query rows are padded to BLOCK_M, so short queries (decode: Lq = 1) take the
-// smallest tile of one 16-lane vector, with longer KV blocks to amortise the per-block work:
-// B=4 Hq=8 Hkv=2 Lkv=8192 D=64 decode went from 39 ms (64x64) to 16 ms (16x128) in fp32 and
-// to 12.6 ms in bf16. The autotuner will replace this table.
-void default_blocks(int head_dim, DType dtype, int64_t q_len, int* block_m, int* block_n) {
+bool amx_available(std::string* why) {
+  static const std::string reason = [] {
+    const char* env = std::getenv("FLEXJIT_AMX");
+    if (env && std::string(env) == "0") return std::string("FLEXJIT_AMX=0 is set");
+    for (const char* f : {"amx-tile", "amx-bf16", "avx512bf16", "avx512bw"})
+      if (!jit::host_has_feature(f)) return std::string("the CPU lacks ") + f;
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    // Linux keeps the 8 KB tile data state off until a process asks (kernel 5.16+); the first
+    // tile instruction of a process that did not ask faults. Granted per process, for every thread.
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0)
+      return std::string("Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)");
+    return std::string();
+#else
+    return std::string("AMX is only enabled on Linux");
+#endif
+  }();
+  if (why) *why = reason;
+  return reason.empty();
+}
+
+// FMA engine: 64 x 64 measured ~20% faster than 32 x 64 at long sequences on this CPU (fp32 and
+// bf16, D 64 and 128). Query rows are padded to BLOCK_M, so short queries (decode: Lq = 1) take
+// the smallest tile of one 16-lane vector, with longer KV blocks to amortise the per-block work:
+// B=4 Hq=8 Hkv=2 Lkv=8192 D=64 decode went from 39 ms (64x64) to 16 ms (16x128) in fp32.
+// AMX engine (bf16): each block's accumulator tiles go through memory once, and K and V stream
+// once per query block, so larger blocks pay: 128 x 128 ran 0.74x the time of 64 x 64 at
+// D=128 L=4096 (256 x 128 and 128 x 256 gained nothing more). The autotuner will replace this.
+void default_blocks(int head_dim, DType dtype, int64_t q_len, int* block_m, int* block_n, bool amx) {
   (void)head_dim;
   (void)dtype;
-  *block_m = q_len <= 16 ? 16 : q_len <= 32 ? 32 : 64;
-  *block_n = q_len <= 16 ? 128 : 64;
+  *block_m = q_len <= 16 ? 16 : q_len <= 32 ? 32 : q_len <= 64 || !amx ? 64 : 128;
+  *block_n = q_len <= 16 || amx ? 128 : 64;
 }
 
 void flex_attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
@@ -133,8 +161,14 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   check_inputs(q, k, v, out, lse, opt);
   validate(mods);
   AttentionReport rep;
+  // bf16 runs its matmuls on AMX tiles where it can (see amx_available).
+  std::string no_amx_why;
+  const bool amx_ok = q.dtype == DType::BF16 && opt.use_amx != 0 && amx_available(&no_amx_why);
+  require(opt.use_amx != 1 || q.dtype == DType::BF16,
+          std::string("USE_AMX=1 needs bf16 inputs, got ") + dtype_name(q.dtype));
+  require(opt.use_amx != 1 || amx_ok, "USE_AMX=1 but " + no_amx_why);
   int bm = 0, bn = 0;
-  default_blocks(int(q.sizes[3]), q.dtype, q.sizes[2], &bm, &bn);
+  default_blocks(int(q.sizes[3]), q.dtype, q.sizes[2], &bm, &bn, amx_ok);
   if (opt.block_m) bm = opt.block_m;
   if (opt.block_n) bn = opt.block_n;
   require(bm >= 1 && bm <= 256 && bn >= 1 && bn <= 512,
@@ -161,6 +195,9 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
     if (!opt.block_n && block_mask->kv_block_size % bn) bn = int(std::gcd(int64_t(bn), block_mask->kv_block_size));
     check_block_mask(*block_mask, q, k, bm, bn);  // before anything compiles
   }
+  // The AMX engine pairs KV rows by 32 (P V's left operand).
+  const bool amx = amx_ok && bn % 32 == 0;
+  require(amx || opt.use_amx != 1, "USE_AMX=1 needs BLOCK_N to be a multiple of 32, got " + std::to_string(bn));
   const int64_t scratch = tile_scratch_bound(q.sizes[3], v.sizes[3], bm, bn);
   require(scratch <= (int64_t(1) << 20),
           "BLOCK_M x BLOCK_N = " + std::to_string(bm) + "x" + std::to_string(bn) + " with D=" +
@@ -179,6 +216,7 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   spec.block_m = bm;
   spec.block_n = bn;
   spec.gqa_group = int(group);
+  spec.amx = amx;
   const bool any_mod = mods.has_score_mod() || mods.has_mask_mod();
   jit::KernelSpec mods_spec;
   mods_spec.kind = jit::KernelKind::Mods;
@@ -277,6 +315,7 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
     rep.block_n = bn;
     rep.gqa_group = int(group);
     rep.pack_gqa = pack_gqa;
+    rep.amx = amx;
     rep.dtype = dtype_name(q.dtype);
     rep.symbol = kh.symbol;
     rep.key = kh.key;

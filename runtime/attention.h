@@ -17,6 +17,10 @@ struct AttentionOptions {
   int block_m = 0;              // BLOCK_M; 0 = default
   int block_n = 0;              // BLOCK_N; 0 = default
   int num_threads = 0;          // 0 = all cores (TBB default)
+  // bf16 matmuls on AMX tiles: -1 = when the host has AMX-BF16 and the OS grants the tile
+  // state (and FLEXJIT_AMX is not 0), 0 = never, 1 = required (an error where unavailable).
+  // Needs BLOCK_N a multiple of 32; other dtypes always use the FMA engine.
+  int use_amx = -1;
 };
 
 // One JIT kernel a call used.
@@ -43,6 +47,7 @@ struct AttentionReport {
   double block_mask_ms = 0;  // when a BlockMask was built for this call
   int block_m = 0, block_n = 0, gqa_group = 1;
   bool pack_gqa = false;     // a tile held a GQA group's query heads (decode-like calls)
+  bool amx = false;          // the attention kernel ran its matmuls on AMX tiles
   std::string dtype;
   std::string symbol, key, source_path;
   std::string block_mask;    // BlockMask::describe() of the mask used, if any
@@ -58,7 +63,13 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
                     const runtime::BlockMask* block_mask = nullptr, const AttentionOptions& opt = {},
                     AttentionReport* report = nullptr);
 
-// The default kernel block sizes for a head dim, dtype and query length.
-void default_blocks(int head_dim, DType dtype, int64_t q_len, int* block_m, int* block_n);
+// Whether bf16 kernels can use AMX tiles in this process: the host CPU has AMX-TILE, AMX-BF16 and
+// AVX512-BF16, Linux granted the tile data state (arch_prctl, asked once), and the environment
+// does not say FLEXJIT_AMX=0. `why` (optional) gets the reason when it cannot.
+bool amx_available(std::string* why = nullptr);
+
+// The default kernel block sizes for a head dim, dtype and query length, for the FMA engine or
+// (amx) the AMX one.
+void default_blocks(int head_dim, DType dtype, int64_t q_len, int* block_m, int* block_n, bool amx = false);
 
 }  // namespace flexjit

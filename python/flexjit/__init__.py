@@ -19,7 +19,7 @@ from torch.nn.attention.flex_attention import BlockMask, noop_mask
 __all__ = ["flex_attention", "create_block_mask", "load_library", "library_path"]
 
 _LIB_NAME = "libflexjit_torch_ops.so"
-_KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N")
+_KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "USE_AMX")
 _loaded = None
 
 
@@ -71,7 +71,8 @@ def flex_attention(query, key, value, score_mod=None, mask_mod=None, buffers=Non
     flexjit.create_block_mask). Its partial blocks are masked by `mask_mod`, which must be flexjit
     text: a BlockMask made by PyTorch from a Python mask_mod needs the same mask as mask_mod=.
     Without a block_mask, a mask_mod builds one for the call (reuse one across calls instead).
-    kernel_options: BLOCK_M / BLOCK_N kernel tiles (they must divide the BlockMask's blocks).
+    kernel_options: BLOCK_M / BLOCK_N kernel tiles (they must divide the BlockMask's blocks);
+        USE_AMX 0 / 1 forbids / requires bf16 matmuls on AMX tiles (default: where available).
     """
     _check_mod("score_mod", score_mod)
     _check_mod("mask_mod", mask_mod)
@@ -101,7 +102,8 @@ def flex_attention(query, key, value, score_mod=None, mask_mod=None, buffers=Non
     out, lse = torch.ops.flexjit.flex_attention(
         query, key, value, score_mod or "", mask_mod or "", buf, buf_names, par_names, par_values,
         scale=scale, enable_gqa=enable_gqa, return_lse=return_lse,
-        BLOCK_M=options.get("BLOCK_M", 0), BLOCK_N=options.get("BLOCK_N", 0), **mask)
+        BLOCK_M=options.get("BLOCK_M", 0), BLOCK_N=options.get("BLOCK_N", 0),
+        USE_AMX=int(options.get("USE_AMX", -1)), **mask)
     return (out, lse) if return_lse else out
 
 

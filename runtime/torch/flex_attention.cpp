@@ -162,7 +162,10 @@ FlexResult flex_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   for (const auto& [n, val] : o.kernel_options) {
     if (n == "BLOCK_M") opt.block_m = int(val);
     else if (n == "BLOCK_N") opt.block_n = int(val);
-    else throw Error("unknown kernel option '" + n + "'; known: BLOCK_M, BLOCK_N");
+    else if (n == "USE_AMX") {
+      if (val != 0 && val != 1) throw Error("kernel option USE_AMX must be 0 or 1, got " + std::to_string(val));
+      opt.use_amx = int(val);
+    } else throw Error("unknown kernel option '" + n + "'; known: BLOCK_M, BLOCK_N, USE_AMX");
   }
   flexjit::flex_attention(qv, kv, vv, out, o.return_lse ? &lse : nullptr, mods, bind,
                           block_mask ? &block_mask->mask : nullptr, opt, o.report);

@@ -52,7 +52,7 @@ struct FlexOptions {
   std::optional<double> scale;       // default 1/sqrt(D)
   bool enable_gqa = false;
   bool return_lse = false;
-  std::map<std::string, int64_t> kernel_options;  // BLOCK_M, BLOCK_N
+  std::map<std::string, int64_t> kernel_options;  // BLOCK_M, BLOCK_N, USE_AMX (0 / 1; unset: auto)
   AttentionReport* report = nullptr;              // filled when set
 };
 

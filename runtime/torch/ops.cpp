@@ -125,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_cpu(
     const std::optional<at::Tensor>& kv_num_blocks, const std::optional<at::Tensor>& kv_indices,
     const std::optional<at::Tensor>& full_kv_num_blocks,
     const std::optional<at::Tensor>& full_kv_indices, int64_t q_block_size, int64_t kv_block_size,
-    int64_t BLOCK_M, int64_t BLOCK_N) {
+    int64_t BLOCK_M, int64_t BLOCK_N, int64_t USE_AMX) {
   return surface_errors("flexjit.flex_attention", [&] {
     for (auto [t, name] : {std::pair{&query, "query"}, {&key, "key"}, {&value, "value"}})
       if (t->dim() != 4)
@@ -142,6 +142,7 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_cpu(
     opt.return_lse = return_lse;
     if (BLOCK_M) opt.kernel_options["BLOCK_M"] = BLOCK_M;
     if (BLOCK_N) opt.kernel_options["BLOCK_N"] = BLOCK_N;
+    if (USE_AMX >= 0) opt.kernel_options["USE_AMX"] = USE_AMX;
 
     const int64_t B = query.size(0), Hq = query.size(1), Lq = query.size(2), Lkv = key.size(2);
     std::optional<TorchBlockMask> mask;
@@ -175,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_meta(
     const std::string&, const Tensors&, const Names&, const Names&, at::ArrayRef<double>,
     std::optional<double>, bool, bool return_lse, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, int64_t) {
+    const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, int64_t, int64_t) {
   for (auto [t, name] : {std::pair{&query, "query"}, {&key, "key"}, {&value, "value"}})
     TORCH_CHECK_VALUE(t->dim() == 4, "flexjit.flex_attention: ", name,
                       " must be 4-D [B, H, L, D], got ", t->dim(), "-D");
@@ -228,11 +229,11 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_autograd(
     const std::optional<at::Tensor>& kv_num_blocks, const std::optional<at::Tensor>& kv_indices,
     const std::optional<at::Tensor>& full_kv_num_blocks,
     const std::optional<at::Tensor>& full_kv_indices, int64_t q_block_size, int64_t kv_block_size,
-    int64_t BLOCK_M, int64_t BLOCK_N) {
+    int64_t BLOCK_M, int64_t BLOCK_N, int64_t USE_AMX) {
   auto r = FlexAttentionNoBackward::apply(
       query, key, value, score_mod_text, mask_mod_text, buffers, buffer_names, param_names,
       param_values, scale, enable_gqa, return_lse, kv_num_blocks, kv_indices, full_kv_num_blocks,
-      full_kv_indices, q_block_size, kv_block_size, BLOCK_M, BLOCK_N);
+      full_kv_indices, q_block_size, kv_block_size, BLOCK_M, BLOCK_N, USE_AMX);
   return std::make_tuple(r[0], r[1]);
 }
 
@@ -266,7 +267,7 @@ TORCH_LIBRARY(flexjit, m) {
         "str[]? param_names=None, float[] param_values=[], float? scale=None, "
         "bool enable_gqa=False, bool return_lse=False, Tensor? kv_num_blocks=None, "
         "Tensor? kv_indices=None, Tensor? full_kv_num_blocks=None, Tensor? full_kv_indices=None, "
-        "int q_block_size=128, int kv_block_size=128, int BLOCK_M=0, int BLOCK_N=0) "
+        "int q_block_size=128, int kv_block_size=128, int BLOCK_M=0, int BLOCK_N=0, int USE_AMX=-1) "
         "-> (Tensor out, Tensor lse)",
         {at::Tag::pt2_compliant_tag});
   m.def("create_block_mask(str mask_mod, int B, int H, int Q_LEN, int KV_LEN, "

@@ -26,6 +26,8 @@ struct Case {
   bool strided = false;             // memory laid out [B, L, H, D], viewed as [B, H, L, D]
   int block_m = 0, block_n = 0;     // kernel options (0 = default)
   int64_t mask_block = 0;           // BlockMask block size (0 = default)
+  int use_amx = -1;                 // AttentionOptions::use_amx (1: skipped where AMX is unavailable)
+  double scale = 0;                 // 0 = the default 1/sqrt(D)
 };
 
 std::string name_of(const Case& c) {
@@ -44,6 +46,8 @@ std::string name_of(const Case& c) {
   if (c.strided) n += "_strided";
   if (c.block_m) n += "_bm" + std::to_string(c.block_m) + "x" + std::to_string(c.block_n);
   if (c.mask_block) n += "_mb" + std::to_string(c.mask_block);
+  if (c.use_amx >= 0) n += "_amx" + std::to_string(c.use_amx);
+  if (c.scale != 0) n += c.scale < 0 ? "_negscale" : "_scale";
   return n;
 }
 
@@ -80,6 +84,8 @@ TracedMod resolve(const std::string& s, ModKind kind, const ShapeInfo& shape, st
 
 void run_case(const Case& c) {
   SCOPED_TRACE(name_of(c));
+  std::string no_amx;
+  if (c.use_amx == 1 && !amx_available(&no_amx)) GTEST_SKIP() << "AMX engine not testable here: " << no_amx;
   OwnedTensor q = make_tensor(c.dtype, c.B, c.Hq, c.Lq, c.D, c.strided, 11);
   OwnedTensor k = make_tensor(c.dtype, c.Bkv, c.Hkv, c.Lkv, c.D, c.strided, 22);
   OwnedTensor v = make_tensor(c.dtype, c.Bkv, c.Hkv, c.Lkv, c.Dv, c.strided, 33);
@@ -97,15 +103,19 @@ void run_case(const Case& c) {
   opt.enable_gqa = c.Hq != c.Hkv;
   opt.block_m = c.block_m;
   opt.block_n = c.block_n;
+  opt.use_amx = c.use_amx;
+  if (c.scale != 0) opt.scale = c.scale;
   runtime::BlockMask mask;
   const runtime::BlockMask* mp = nullptr;
   if (c.mask_block && mods.has_mask_mod()) {
     mask = runtime::create_block_mask(mods, bind, c.B, c.Hq, c.Lq, c.Lkv, c.mask_block, c.mask_block);
     mp = &mask;
   }
-  flex_attention(q.view, k.view, v.view, out.view, &lse.view, mods, bind, mp, opt);
+  AttentionReport rep;
+  flex_attention(q.view, k.view, v.view, out.view, &lse.view, mods, bind, mp, opt, &rep);
+  if (c.use_amx >= 0) EXPECT_EQ(rep.amx, c.use_amx == 1) << "engine";
 
-  double scale = 1.0 / std::sqrt(double(c.D));
+  double scale = c.scale != 0 ? c.scale : 1.0 / std::sqrt(double(c.D));
   RefResult gold = reference_attention(q.view, k.view, v.view, mods, bind, scale);
   RefResult base = reference_attention(q.view, k.view, v.view, mods, bind, scale, /*fp32=*/true);
   std::vector<double> got = to_doubles(out.view), got_lse = to_doubles(lse.view);
@@ -291,6 +301,106 @@ std::vector<Case> special_cases() {
 }
 INSTANTIATE_TEST_SUITE_P(Special, Numerics, ::testing::ValuesIn(special_cases()),
                          [](const auto& info) { return name_of(info.param); });
+
+// The bf16 engines side by side: AMX tiles (use_amx 1, skipped visibly on hosts without AMX) and
+// the FMA engine (0). Shapes that hit the AMX engine's padding and fallbacks: D and Dv not
+// multiples of 32 (K packed, not read in place), strided K/V (scalar packing), an odd number of
+// 16-row query tiles (BLOCK_M 48), BLOCK_N 32, KV tails, long decode with GQA packing, fully
+// masked rows, D 256, a negative scale (scores scaled before the softmax) and buffer-reading mods.
+std::vector<Case> amx_cases() {
+  std::vector<Case> out;
+  for (int amx : {1, 0}) {
+    Case c;
+    c.dtype = DType::BF16;
+    c.use_amx = amx;
+    c.Hq = c.Hkv = 2;
+    Case x = c;
+    x.D = x.Dv = 128;
+    x.Lq = x.Lkv = 300;
+    x.score_mod = "alibi";
+    x.mask_mod = "causal";
+    out.push_back(x);
+    x = c;
+    x.D = 80;
+    x.Dv = 48;
+    x.Lq = 97;
+    x.Lkv = 129;
+    x.strided = true;
+    x.score_mod = "softcap";
+    out.push_back(x);
+    x = c;
+    x.D = x.Dv = 64;
+    x.Hq = 6;
+    x.Lq = 1;
+    x.Lkv = 4097;
+    out.push_back(x);
+    x.Lq = 5;
+    x.mask_mod = "sliding_window";
+    out.push_back(x);
+    x = c;
+    x.D = x.Dv = 64;
+    x.Lq = x.Lkv = 200;
+    x.block_m = 48;
+    x.block_n = 32;
+    x.mask_mod = "q_idx % 3 != 1";
+    out.push_back(x);
+    x = c;
+    x.D = x.Dv = 256;
+    x.Lq = 129;
+    x.Lkv = 17;
+    out.push_back(x);
+    x = c;
+    x.D = x.Dv = 32;
+    x.Lq = 129;
+    x.Lkv = 1000;
+    x.scale = -0.2;
+    out.push_back(x);
+    x.scale = 0.3;
+    x.mask_mod = "document";
+    out.push_back(x);
+  }
+  return out;
+}
+INSTANTIATE_TEST_SUITE_P(Amx, Numerics, ::testing::ValuesIn(amx_cases()),
+                         [](const auto& info) { return name_of(info.param); });
+
+// bf16 takes the AMX engine wherever the host allows it, other dtypes never; USE_AMX=1 says
+// plainly why it cannot be honoured.
+TEST(Amx, EngineChoiceAndErrors) {
+  auto call = [](DType dt, int use_amx, int block_n) {
+    OwnedTensor q = make_tensor(dt, 1, 2, 40, 32, false, 1);
+    OwnedTensor out = OwnedTensor::make("o", dt, {1, 2, 40, 32});
+    auto [mods, bind] = combine(nullptr, nullptr);
+    AttentionOptions opt;
+    opt.use_amx = use_amx;
+    opt.block_n = block_n;
+    AttentionReport rep;
+    flex_attention(q.view, q.view, q.view, out.view, nullptr, mods, bind, nullptr, opt, &rep);
+    return rep.amx;
+  };
+  std::string why;
+  const bool avail = amx_available(&why);
+  EXPECT_EQ(avail, why.empty());
+  EXPECT_EQ(call(DType::BF16, -1, 0), avail);
+  EXPECT_FALSE(call(DType::BF16, 0, 0));
+  EXPECT_FALSE(call(DType::F32, -1, 0));
+  EXPECT_FALSE(call(DType::BF16, -1, 48));  // BLOCK_N not a multiple of 32: the FMA engine
+  auto error_of = [&](DType dt, int use_amx, int block_n) {
+    try {
+      call(dt, use_amx, block_n);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(error_of(DType::F32, 1, 0).find("USE_AMX=1 needs bf16 inputs"), std::string::npos);
+  if (avail) {
+    EXPECT_TRUE(call(DType::BF16, 1, 0));
+    EXPECT_NE(error_of(DType::BF16, 1, 48).find("multiple of 32"), std::string::npos);
+  } else {
+    EXPECT_NE(error_of(DType::BF16, 1, 0).find(why), std::string::npos);
+  }
+}
 
 // Changing a param value or the sequence length reuses the compiled kernel.
 TEST(Recompile, ParamValuesAndLengthsNeverRecompile) {

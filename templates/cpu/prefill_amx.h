@@ -1,0 +1,363 @@
+// The AMX engine of the CPU prefill kernel: bf16 Q K^T and P V on AMX tiles (tdpbf16ps,
+// fp32 accumulation). Preceded by cpu/prefill_item.h, followed by the driver
+// cpu/flash_prefill.h, which calls the engine interface at the end. The runtime picks it for
+// bf16 on hosts with AMX-BF16 once the process may use the tile data state (Linux
+// arch_prctl(ARCH_REQ_XCOMP_PERM)); without that permission the first tile instruction faults.
+//
+// Layouts (m: query row of the tile, n: KV row of the block, d / dv: features):
+//   qv  Q in VNNI pairs [d/2][m]: the dword (Q[m][2p], Q[m][2p+1]); packed once per item,
+//       unscaled (bf16 inputs are multiplied exactly; the scale is applied to fp32 scores)
+//   kb  K [n][d] bf16, zero padded; or K read in place when its rows are contiguous
+//   st  S^T then P^T [n][m] fp32: the driver's layout (mods, softmax)
+//   pb  P [m][n] bf16: P^T transposed in 16 x 16 blocks and rounded to bf16
+//   vb  V in VNNI pairs [n/2][dv]: the dword (V[2p][dv], V[2p+1][dv])
+//   ob  O [m][dv] fp32, unnormalised
+// so that
+//   S^T tile (16 n x 16 m) += K tile (16 n x 32 d) * qv tile (16 d-pairs x 16 m)
+//   O tile   (16 m x 16 dv) += P tile (16 m x 32 n) * vb tile (16 n-pairs x 16 dv)
+// with one tile configuration for both: eight 16-row x 64-byte tiles, 0-3 accumulators,
+// 4-5 the left operands, 6-7 the right ones, used as 2 x 2 blocks of accumulators.
+//
+// P is rounded to bf16 for P V, as every bf16 flash attention does; the row sums l use the
+// fp32 P. The output is rounded to bf16 anyway.
+
+#if FLEXJIT_DTYPE != 1
+#error "the AMX engine is bf16 only"
+#endif
+#if !defined(__AMX_TILE__) || !defined(__AMX_BF16__) || !defined(__AVX512BF16__) || !defined(__AVX512BW__)
+#error "the AMX engine needs a host with AMX-TILE, AMX-BF16, AVX512-BF16 and AVX512-BW"
+#endif
+static_assert(BLOCK_N % 32 == 0, "the AMX engine needs BLOCK_N to be a multiple of 32");
+
+typedef unsigned fjk_u32;
+typedef unsigned short fj_v32h __attribute__((vector_size(64)));              // 32 x bf16 bits
+typedef unsigned short fj_v32h_u __attribute__((vector_size(64), aligned(2)));
+typedef __bf16 fj_v32bf __attribute__((vector_size(64)));
+
+static constexpr int kMP = (BLOCK_M + 15) / 16 * 16;  // query rows padded to whole tiles
+static constexpr int kMV = kMP / 16;
+static constexpr int kNP = BLOCK_N;                       // whole 32-row pairs of tiles
+static constexpr int kDP = fjk_round_up(HEAD_DIM, 32);    // d padded to whole tile columns
+static constexpr int kDVP = fjk_round_up(HEAD_DIM_V, 32); // dv padded to a pair of tiles
+
+// Per-thread scratch, on the stack of the entry (no heap, no statics).
+struct FjkTile {
+  alignas(64) fjk_u32 qv[kDP / 2 * kMP];
+  alignas(64) float st[kNP * kMP];
+  alignas(64) unsigned short kb[kNP * kDP];
+  alignas(64) unsigned short pb[kMP * kNP];
+  alignas(64) fjk_u32 vb[kNP / 2 * kDVP];
+  alignas(64) float ob[kMP * kDVP];
+  fj_v16f m[kMV];      // running row max of the base-2 scores (-inf: nothing seen yet)
+  fj_v16f l[kMV];      // running row sum of 2^(s - m)
+  fj_v16i valid[kMV];  // lane is a real query row
+};
+static_assert(sizeof(struct FjkTile) <= (1 << 20), "tile scratch exceeds 1 MiB of stack");
+
+// ---- tiles ----
+struct FjkTileConfig {
+  unsigned char palette, start_row, reserved[14];
+  unsigned short colsb[16];
+  unsigned char rows[16];
+};
+static_assert(sizeof(struct FjkTileConfig) == 64, "tile configuration is 64 bytes");
+
+#define FJK_TLOAD(tile, ptr, stride_bytes) __builtin_ia32_tileloadd64(tile, (const void*)(ptr), (fj_i64)(stride_bytes))
+#define FJK_TSTORE(tile, ptr, stride_bytes) __builtin_ia32_tilestored64(tile, (void*)(ptr), (fj_i64)(stride_bytes))
+#define FJK_TDP(c, a, b) __builtin_ia32_tdpbf16ps(c, a, b)
+
+// ---- packing ----
+
+// qv[p][m] = (Q[m][2p], Q[m][2p + 1]) for the valid rows; padding rows and features are 0.
+static inline void fjk_pack_q_vnni(const struct FlexPrefillArgs* a, const struct FjkItem* it,
+                                   fjk_u32* __restrict qv) {
+  const int mvalid = it->mvalid;
+  const fj_i64 s_col = a->q_strides[3];
+  if (mvalid < kMP || HEAD_DIM < kDP) __builtin_memset(qv, 0, sizeof(fjk_u32) * kDP / 2 * kMP);
+  FJK_SCALAR_LOOP
+  for (int m = 0; m < mvalid; ++m) {
+    const fjk_elem* row = (const fjk_elem*)a->q + it->b * a->q_strides[0] +
+                          fjk_row_head(it, m) * a->q_strides[1] + fjk_row_q(it, m) * a->q_strides[2];
+    FJK_SCALAR_LOOP
+    for (int d = 0; d < HEAD_DIM; d += 2) {
+      const fjk_u32 hi = d + 1 < HEAD_DIM ? row[(d + 1) * s_col] : 0;
+      qv[d / 2 * kMP + m] = row[d * s_col] | hi << 16;
+    }
+  }
+}
+
+// kb[n][d] = K[n][d] for n < nvalid, zero for the padding rows up to whole 32-row pairs and for
+// d >= HEAD_DIM.
+static inline void fjk_pack_k(const fjk_elem* src, fj_i64 s_row, fj_i64 s_col, int nvalid,
+                              int npad, unsigned short* __restrict kb) {
+  FJK_SCALAR_LOOP
+  for (int n = 0; n < nvalid; ++n) {
+    unsigned short* d = kb + n * kDP;
+    const fjk_elem* s = src + n * s_row;
+    if (s_col == 1) {
+      FJK_ROLLED_LOOP
+      for (int c = 0; c + 32 <= HEAD_DIM; c += 32) *(fj_v32h*)(d + c) = *(const fj_v32h_u*)(s + c);
+      FJK_SCALAR_LOOP
+      for (int c = HEAD_DIM / 32 * 32; c < HEAD_DIM; ++c) d[c] = s[c];
+    } else {
+      FJK_SCALAR_LOOP
+      for (int c = 0; c < HEAD_DIM; ++c) d[c] = s[c * s_col];
+    }
+    if (HEAD_DIM < kDP) __builtin_memset(d + HEAD_DIM, 0, 2 * (kDP - HEAD_DIM));
+  }
+  if (nvalid < npad) __builtin_memset(kb + nvalid * kDP, 0, 2 * kDP * (npad - nvalid));
+}
+
+// vb[p][dv] = (V[2p][dv], V[2p + 1][dv]); rows >= nvalid and features >= Dv are 0 (P is 0
+// there too, but 0 * garbage could be NaN).
+static inline void fjk_pack_v_vnni(const fjk_elem* src, fj_i64 s_row, fj_i64 s_col, int nvalid,
+                                   int npad, fjk_u32* __restrict vb) {
+  if (s_col == 1 && HEAD_DIM_V % 32 == 0) {
+    // Two rows of 32 features interleave into 32 dwords (two vectors): one shuffle each.
+    const fj_v32h zero = {};
+    FJK_ROLLED_LOOP
+    for (int p = 0; p < npad / 2; ++p) {
+      const fjk_elem* r0 = src + (2 * p) * s_row;
+      const fjk_elem* r1 = r0 + s_row;
+      const bool has0 = 2 * p < nvalid, has1 = 2 * p + 1 < nvalid;
+      FJK_ROLLED_LOOP
+      for (int c = 0; c < HEAD_DIM_V; c += 32) {
+        const fj_v32h x = has0 ? *(const fj_v32h_u*)(r0 + c) : zero;
+        const fj_v32h y = has1 ? *(const fj_v32h_u*)(r1 + c) : zero;
+        *(fj_v32h*)(vb + p * kDVP + c) = __builtin_shufflevector(
+            x, y, 0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11,
+            43, 12, 44, 13, 45, 14, 46, 15, 47);
+        *(fj_v32h*)(vb + p * kDVP + c + 16) = __builtin_shufflevector(
+            x, y, 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55, 24, 56, 25, 57,
+            26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63);
+      }
+    }
+    return;
+  }
+  __builtin_memset(vb, 0, sizeof(fjk_u32) * (npad / 2) * kDVP);
+  FJK_SCALAR_LOOP
+  for (int n = 0; n < nvalid; ++n) {
+    const fjk_elem* r = src + n * s_row;
+    const int shift = 16 * (n & 1);
+    FJK_SCALAR_LOOP
+    for (int dv = 0; dv < HEAD_DIM_V; ++dv) vb[(n / 2) * kDVP + dv] |= (fjk_u32)r[dv * s_col] << shift;
+  }
+}
+
+// 16 x 16 fp32 transpose in four rounds of interleaving row i with row i + 8.
+static inline fj_v16f fjk_zip_lo(fj_v16f a, fj_v16f b) {
+  return __builtin_shufflevector(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+}
+static inline fj_v16f fjk_zip_hi(fj_v16f a, fj_v16f b) {
+  return __builtin_shufflevector(a, b, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+}
+static inline void fjk_transpose16(fj_v16f* r) {
+#pragma clang loop unroll(full)
+  for (int round = 0; round < 4; ++round) {
+    fj_v16f o[16];
+#pragma clang loop unroll(full)
+    for (int i = 0; i < 8; ++i) {
+      o[2 * i] = fjk_zip_lo(r[i], r[i + 8]);
+      o[2 * i + 1] = fjk_zip_hi(r[i], r[i + 8]);
+    }
+#pragma clang loop unroll(full)
+    for (int i = 0; i < 16; ++i) r[i] = o[i];
+  }
+}
+
+// pb[m][n] = bf16(P^T[n][m]) for n < npad (rows >= nvalid are 0), one 16 x 32 block at a time:
+// two 16 x 16 transposes, then one two-vector convert per row of m.
+static inline void fjk_pack_p(const float* __restrict st, int nvalid, int npad,
+                              unsigned short* __restrict pb) {
+  FJK_ROLLED_LOOP
+  for (int i = 0; i < kMV; ++i) {
+    FJK_ROLLED_LOOP
+    for (int n0 = 0; n0 < npad; n0 += 32) {
+      fj_v16f lo[16], hi[16];
+#pragma clang loop unroll(full)
+      for (int r = 0; r < 16; ++r) {
+        lo[r] = n0 + r < nvalid ? fjk_load(st + (n0 + r) * kMP + 16 * i) : fjk_splat(0.0f);
+        hi[r] = n0 + 16 + r < nvalid ? fjk_load(st + (n0 + 16 + r) * kMP + 16 * i) : fjk_splat(0.0f);
+      }
+      fjk_transpose16(lo);
+      fjk_transpose16(hi);
+#pragma clang loop unroll(full)
+      for (int r = 0; r < 16; ++r)  // low half of the result from the second operand
+        *(fj_v32bf*)(pb + (16 * i + r) * kNP + n0) = __builtin_ia32_cvtne2ps2bf16_512(hi[r], lo[r]);
+    }
+  }
+}
+
+// ---- S^T = K Q^T on tiles ----
+// Accumulators: tile 0 = (n0, m0), 1 = (n0, m0 + 16), 2 = (n0 + 16, m0), 3 = (n0 + 16, m0 + 16);
+// kTwo = false leaves out the second query tile (an odd number of 16-row query tiles).
+template <bool kTwo>
+static inline void fjk_qk_tiles(const char* kbase, fj_i64 kstride, const fjk_u32* qv, float* st,
+                                int n0, int m0) {
+  __builtin_ia32_tilezero(0);
+  __builtin_ia32_tilezero(2);
+  if (kTwo) {
+    __builtin_ia32_tilezero(1);
+    __builtin_ia32_tilezero(3);
+  }
+  FJK_ROLLED_LOOP
+  for (int c = 0; c < kDP / 32; ++c) {
+    FJK_TLOAD(4, kbase + n0 * kstride + 64 * c, kstride);
+    FJK_TLOAD(5, kbase + (n0 + 16) * kstride + 64 * c, kstride);
+    FJK_TLOAD(6, qv + 16 * c * kMP + m0, 4 * kMP);
+    FJK_TDP(0, 4, 6);
+    FJK_TDP(2, 5, 6);
+    if (kTwo) {
+      FJK_TLOAD(7, qv + 16 * c * kMP + m0 + 16, 4 * kMP);
+      FJK_TDP(1, 4, 7);
+      FJK_TDP(3, 5, 7);
+    }
+  }
+  FJK_TSTORE(0, st + n0 * kMP + m0, 4 * kMP);
+  FJK_TSTORE(2, st + (n0 + 16) * kMP + m0, 4 * kMP);
+  if (kTwo) {
+    FJK_TSTORE(1, st + n0 * kMP + m0 + 16, 4 * kMP);
+    FJK_TSTORE(3, st + (n0 + 16) * kMP + m0 + 16, 4 * kMP);
+  }
+}
+
+// ---- O += P V on tiles ----
+// Accumulators: tile 0 = (m0, dv0), 1 = (m0, dv0 + 16), 2 = (m0 + 16, dv0), 3 = (m0 + 16, dv0 + 16).
+template <bool kTwo>
+static inline void fjk_pv_tiles(const unsigned short* pb, const fjk_u32* vb, float* ob, int npad,
+                                int m0, int dv0) {
+  FJK_TLOAD(0, ob + m0 * kDVP + dv0, 4 * kDVP);
+  FJK_TLOAD(1, ob + m0 * kDVP + dv0 + 16, 4 * kDVP);
+  if (kTwo) {
+    FJK_TLOAD(2, ob + (m0 + 16) * kDVP + dv0, 4 * kDVP);
+    FJK_TLOAD(3, ob + (m0 + 16) * kDVP + dv0 + 16, 4 * kDVP);
+  }
+  FJK_ROLLED_LOOP
+  for (int n0 = 0; n0 < npad; n0 += 32) {
+    FJK_TLOAD(4, pb + m0 * kNP + n0, 2 * kNP);
+    FJK_TLOAD(6, vb + n0 / 2 * kDVP + dv0, 4 * kDVP);
+    FJK_TLOAD(7, vb + n0 / 2 * kDVP + dv0 + 16, 4 * kDVP);
+    FJK_TDP(0, 4, 6);
+    FJK_TDP(1, 4, 7);
+    if (kTwo) {
+      FJK_TLOAD(5, pb + (m0 + 16) * kNP + n0, 2 * kNP);
+      FJK_TDP(2, 5, 6);
+      FJK_TDP(3, 5, 7);
+    }
+  }
+  FJK_TSTORE(0, ob + m0 * kDVP + dv0, 4 * kDVP);
+  FJK_TSTORE(1, ob + m0 * kDVP + dv0 + 16, 4 * kDVP);
+  if (kTwo) {
+    FJK_TSTORE(2, ob + (m0 + 16) * kDVP + dv0, 4 * kDVP);
+    FJK_TSTORE(3, ob + (m0 + 16) * kDVP + dv0 + 16, 4 * kDVP);
+  }
+}
+
+// ---- the engine interface (what cpu/flash_prefill.h calls) ----
+
+// Scores come out of fjk_block_scores as raw q.k; the driver applies qscale.
+static constexpr bool kFjkScoresScaled = false;
+
+// Once per entry call (per thread): this thread's tile configuration; released at the end so
+// the thread carries no tile state (context switches then skip the 8 KB of tile data).
+static inline void fjk_engine_begin(struct FjkTile* t) {
+  (void)t;
+  struct FjkTileConfig cfg;
+  __builtin_memset(&cfg, 0, sizeof(cfg));
+  cfg.palette = 1;
+  for (int i = 0; i < 8; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = 16;
+  }
+  __builtin_ia32_tile_loadconfig(&cfg);
+}
+static inline void fjk_engine_end(struct FjkTile* t) {
+  (void)t;
+  __builtin_ia32_tilerelease();
+}
+
+static inline void fjk_item_begin(const struct FlexPrefillArgs* a, const struct FjkItem* it,
+                                  struct FjkTile* t) {
+  fjk_pack_q_vnni(a, it, t->qv);
+  __builtin_memset(t->ob, 0, sizeof(t->ob));
+}
+
+// S^T rows [0, nvalid) (raw q.k) for the KV block at kv0; prefetches the K block at next_kv0.
+static inline void fjk_block_scores(const struct FlexPrefillArgs* a, const struct FjkItem* it,
+                                    struct FjkTile* t, fj_i64 kv0, int nvalid, fj_i64 next_kv0) {
+  const fj_i64 s_row = a->k_strides[2], s_col = a->k_strides[3];
+  const fjk_elem* src = it->k + kv0 * s_row;
+  const int npad = fjk_round_up(nvalid, 32);
+  const char* kbase;
+  fj_i64 kstride;
+  if (s_col == 1 && HEAD_DIM % 32 == 0 && nvalid == npad) {  // tiles read K in place
+    kbase = (const char*)src;
+    kstride = 2 * s_row;
+  } else {
+    fjk_pack_k(src, s_row, s_col, nvalid, npad, t->kb);
+    kbase = (const char*)t->kb;
+    kstride = 2 * kDP;
+  }
+  (void)next_kv0;  // no software prefetch: measured slower than the hardware's on AMX
+  constexpr int kMPairs = kMV / 2;
+  FJK_ROLLED_LOOP
+  for (int n0 = 0; n0 < npad; n0 += 32) {
+    FJK_ROLLED_LOOP
+    for (int j = 0; j < kMPairs + kMV % 2; ++j) {
+      if (j < kMPairs)
+        fjk_qk_tiles<true>(kbase, kstride, t->qv, t->st, n0, 32 * j);
+      else
+        fjk_qk_tiles<false>(kbase, kstride, t->qv, t->st, n0, 32 * j);
+    }
+  }
+}
+
+// O = O * alpha + P V with P^T in st rows [0, nvalid); prefetches the V block at next_kv0.
+static inline void fjk_block_pv(const struct FlexPrefillArgs* a, const struct FjkItem* it,
+                                struct FjkTile* t, const fj_v16f* alpha, fj_i64 kv0, int nvalid,
+                                fj_i64 next_kv0) {
+  const int npad = fjk_round_up(nvalid, 32);
+  fjk_pack_p(t->st, nvalid, npad, t->pb);
+  fjk_pack_v_vnni(it->v + kv0 * a->v_strides[2], a->v_strides[2], a->v_strides[3], nvalid, npad,
+                  t->vb);
+  // Rescale the rows of O whose reference max moved (alpha != 1; rare, see the driver).
+  bool rescale = false;
+  for (int i = 0; i < kMV; ++i) rescale |= fjk_any(alpha[i] != 1.0f);
+  if (rescale) {
+    alignas(64) float al[kMP];
+    for (int i = 0; i < kMV; ++i) fjk_store(al + 16 * i, alpha[i]);
+    FJK_ROLLED_LOOP
+    for (int m = 0; m < kMP; ++m) {
+      if (al[m] == 1.0f) continue;
+      FJK_ROLLED_LOOP
+      for (int c = 0; c < kDVP; c += 16)
+        fjk_store(t->ob + m * kDVP + c, fjk_load(t->ob + m * kDVP + c) * al[m]);
+    }
+  }
+  (void)next_kv0;
+  constexpr int kMPairs = kMV / 2;
+  FJK_ROLLED_LOOP
+  for (int dv0 = 0; dv0 < kDVP; dv0 += 32) {
+    FJK_ROLLED_LOOP
+    for (int j = 0; j < kMPairs + kMV % 2; ++j) {
+      if (j < kMPairs)
+        fjk_pv_tiles<true>(t->pb, t->vb, t->ob, npad, 32 * j, dv0);
+      else
+        fjk_pv_tiles<false>(t->pb, t->vb, t->ob, npad, 32 * j, dv0);
+    }
+  }
+}
+
+// out[row m] = O[m] * inv_l[m] for the item's rows.
+static inline void fjk_item_write_out(const struct FlexPrefillArgs* a, const struct FjkItem* it,
+                                      const struct FjkTile* t, const float* inv_l) {
+  const fj_i64 os_col = a->out_strides[3];
+  FJK_SCALAR_LOOP
+  for (int m = 0; m < it->mvalid; ++m) {
+    fjk_elem* orow = (fjk_elem*)a->out + it->b * a->out_strides[0] +
+                     fjk_row_head(it, m) * a->out_strides[1] + fjk_row_q(it, m) * a->out_strides[2];
+    const float* o = t->ob + m * kDVP;
+    FJK_ROLLED_LOOP
+    for (int dv = 0; dv < HEAD_DIM_V; ++dv) fjk_from_f32(o[dv] * inv_l[m], orow + dv * os_col);
+  }
+}
