@@ -304,6 +304,7 @@ TEST_F(Cli, AlibiCausalWithReportAndCheck) {
   EXPECT_EQ(j["knobs"]["HEAD_DIM_V"], 24);
   EXPECT_TRUE(j["knobs"].contains("BLOCK_M"));
   EXPECT_TRUE(j["knobs"].contains("BLOCK_N"));
+  EXPECT_EQ(j["knobs"].value("AMX", true), false);  // fp32: the FMA engine
   EXPECT_LT(j.value("check_max_abs_error", 1.0), 1e-4);
   EXPECT_TRUE(j.contains("block_mask"));
 
@@ -546,7 +547,11 @@ TEST_F(Cli, BadOptions) {
   OwnedTensor t = random_f32("t", {1, 1, 4, 8}, 1);
   write_qkv(t, t, t);
   expect_error_line(run(qkv_args() + std::vector<std::string>{"--kernel-option", "BLOCK_K=3"}),
-                    {"unknown --kernel-option BLOCK_K", "known: BLOCK_M, BLOCK_N"});
+                    {"unknown --kernel-option BLOCK_K", "known: BLOCK_M, BLOCK_N, USE_AMX"});
+  expect_error_line(run(qkv_args() + std::vector<std::string>{"--kernel-option", "USE_AMX=yes"}),
+                    {"USE_AMX must be 0 or 1", "'yes'"});
+  expect_error_line(run(qkv_args() + std::vector<std::string>{"--kernel-option", "USE_AMX=1"}),
+                    {"USE_AMX=1 needs bf16 inputs", "fp32"});
   expect_error_line(run(qkv_args() + std::vector<std::string>{"--kernel-option", "BLOCK_M=zero"}),
                     {"BLOCK_M", "'zero' is not a positive integer"});
   expect_error_line(run(qkv_args() + std::vector<std::string>{"--device", "cuda"}),

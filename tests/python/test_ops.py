@@ -124,6 +124,23 @@ def test_tails_scale_and_kernel_options():
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
 
 
+def test_use_amx_kernel_option_picks_the_bf16_engine():
+    # bf16 with USE_AMX 0 (FMA engine) and 1 (AMX tiles; skipped visibly where the host or OS lacks
+    # them): both match PyTorch's fp32 flex_attention; USE_AMX on fp32 is refused with a message.
+    mod = make_mod("alibi")
+    q, k, v = qkv(torch.bfloat16, lq=97, lkv=300, seed=2)
+    ref, _ = torch_reference(mod, q, k, v, lq=97, lkv=300)
+    out = call(mod, q, k, v, kernel_options={"USE_AMX": 0})
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[torch.bfloat16])
+    try:
+        out = call(mod, q, k, v, kernel_options={"USE_AMX": 1})
+    except ValueError as e:
+        pytest.skip(f"AMX engine unavailable here: {e}")
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[torch.bfloat16])
+    with pytest.raises(ValueError, match="USE_AMX=1 needs bf16"):
+        call(mod, *qkv(torch.float32), kernel_options={"USE_AMX": 1})
+
+
 def test_fully_masked_rows_are_zero_with_lse_minus_inf():
     q, k, v = qkv(torch.float32)
     out, lse = flexjit.flex_attention(q, k, v, mask_mod="q_idx >= 100 && q_idx >= kv_idx", enable_gqa=True,
