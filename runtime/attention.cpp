@@ -1,6 +1,7 @@
 #include "runtime/attention.h"
 
 #include <tbb/global_control.h>
+#include <tbb/info.h>
 #include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
 
@@ -291,7 +292,8 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
                       [&](const tbb::blocked_range<int64_t>& r) { fn(&a, r.begin(), r.end()); },
                       tbb::simple_partitioner());
   };
-  if (opt.num_threads > 0) {
+  // An arena only when the count differs from TBB's default (creating one costs tens of us).
+  if (opt.num_threads > 0 && opt.num_threads != tbb::info::default_concurrency()) {
     tbb::task_arena arena(opt.num_threads);
     arena.execute(run);
   } else {

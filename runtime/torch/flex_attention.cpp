@@ -1,5 +1,7 @@
 #include "runtime/torch/flex_attention.h"
 
+#include <ATen/Parallel.h>
+
 #include <cstring>
 
 namespace flexjit {
@@ -159,6 +161,8 @@ FlexResult flex_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   AttentionOptions opt;
   opt.scale = o.scale;
   opt.enable_gqa = o.enable_gqa;
+  // The kernel runs on TBB; it follows torch's intra-op thread count like torch's own ops do.
+  opt.num_threads = o.num_threads > 0 ? o.num_threads : at::get_num_threads();
   for (const auto& [n, val] : o.kernel_options) {
     if (n == "BLOCK_M") opt.block_m = int(val);
     else if (n == "BLOCK_N") opt.block_n = int(val);

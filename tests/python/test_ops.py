@@ -141,6 +141,21 @@ def test_use_amx_kernel_option_picks_the_bf16_engine():
         call(mod, *qkv(torch.float32), kernel_options={"USE_AMX": 1})
 
 
+def test_follows_torch_set_num_threads():
+    # The op runs its TBB launch in an arena of torch.get_num_threads() workers (here 1, not the
+    # default of all cores); results are unchanged.
+    mod = make_mod("alibi")
+    q, k, v = qkv(torch.float32, seed=3)
+    expected = call(mod, q, k, v)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        got = call(mod, q, k, v)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
 def test_fully_masked_rows_are_zero_with_lse_minus_inf():
     q, k, v = qkv(torch.float32)
     out, lse = flexjit.flex_attention(q, k, v, mask_mod="q_idx >= 100 && q_idx >= kv_idx", enable_gqa=True,
