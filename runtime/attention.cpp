@@ -108,14 +108,20 @@ void copy_dims(fj_i64* dst, const TensorView& t, int n) {
   for (int i = 0; i < n; ++i) dst[i] = t.strides[i];
 }
 
-// An upper bound on the attention kernel's per-thread stack scratch (FjkTile in
-// templates/cpu/flash_prefill.h): query rows padded to 16, KV rows and output features padded
-// to a register group of at most 24, packed rows padded to 16 plus one cache line. The
-// template static_asserts 1 MiB; checking here turns a compile error into a plain message.
-int64_t tile_scratch_bound(int64_t D, int64_t Dv, int64_t bm, int64_t bn) {
-  auto up16 = [](int64_t x) { return (x + 15) / 16 * 16; };
-  const int64_t mp = up16(bm), np = bn + 23, dvp = Dv + 23;
-  const int64_t floats = D * mp + np * mp + dvp * mp + np * (up16(D) + 16) + bn * (up16(dvp) + 16);
+// An upper bound on the attention kernel's per-thread stack scratch (FjkTile of the engine in
+// templates/cpu/prefill_fma.h or prefill_amx.h). FMA: query rows padded to 16, KV rows and output
+// features padded to a register group of at most 24, packed rows padded to 16 plus one cache
+// line. AMX: query rows padded to 16, D and Dv to 32; fp32 S^T and O, bf16 K, P and VNNI Q, V.
+// The templates static_assert 1 MiB; checking here turns a compile error into a plain message.
+int64_t tile_scratch_bound(int64_t D, int64_t Dv, int64_t bm, int64_t bn, bool amx) {
+  auto up = [](int64_t x, int64_t g) { return (x + g - 1) / g * g; };
+  const int64_t mp = up(bm, 16);
+  if (amx) {
+    const int64_t dp = up(D, 32), dvp = up(Dv, 32);
+    return 2 * dp * mp + 4 * bn * mp + 2 * bn * dp + 2 * mp * bn + 2 * bn * dvp + 4 * mp * dvp + 4096;
+  }
+  const int64_t np = bn + 23, dvp = Dv + 23;
+  const int64_t floats = D * mp + np * mp + dvp * mp + np * (up(D, 16) + 16) + bn * (up(dvp, 16) + 16);
   return floats * 4 + 4096;  // + the softmax state vectors and alignment
 }
 
@@ -199,7 +205,7 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   // The AMX engine pairs KV rows by 32 (P V's left operand).
   const bool amx = amx_ok && bn % 32 == 0;
   require(amx || opt.use_amx != 1, "USE_AMX=1 needs BLOCK_N to be a multiple of 32, got " + std::to_string(bn));
-  const int64_t scratch = tile_scratch_bound(q.sizes[3], v.sizes[3], bm, bn);
+  const int64_t scratch = tile_scratch_bound(q.sizes[3], v.sizes[3], bm, bn, amx);
   require(scratch <= (int64_t(1) << 20),
           "BLOCK_M x BLOCK_N = " + std::to_string(bm) + "x" + std::to_string(bn) + " with D=" +
               std::to_string(q.sizes[3]) + ", Dv=" + std::to_string(v.sizes[3]) + " needs up to " +

@@ -76,8 +76,7 @@ static inline void fjk_pack_q_vnni(const struct FlexPrefillArgs* a, const struct
   if (mvalid < kMP || HEAD_DIM < kDP) __builtin_memset(qv, 0, sizeof(fjk_u32) * kDP / 2 * kMP);
   FJK_SCALAR_LOOP
   for (int m = 0; m < mvalid; ++m) {
-    const fjk_elem* row = (const fjk_elem*)a->q + it->b * a->q_strides[0] +
-                          fjk_row_head(it, m) * a->q_strides[1] + fjk_row_q(it, m) * a->q_strides[2];
+    const fjk_elem* row = fjk_q_row(a, it, m);
     FJK_SCALAR_LOOP
     for (int d = 0; d < HEAD_DIM; d += 2) {
       const fjk_u32 hi = d + 1 < HEAD_DIM ? row[(d + 1) * s_col] : 0;
@@ -354,8 +353,7 @@ static inline void fjk_item_write_out(const struct FlexPrefillArgs* a, const str
   const fj_i64 os_col = a->out_strides[3];
   FJK_SCALAR_LOOP
   for (int m = 0; m < it->mvalid; ++m) {
-    fjk_elem* orow = (fjk_elem*)a->out + it->b * a->out_strides[0] +
-                     fjk_row_head(it, m) * a->out_strides[1] + fjk_row_q(it, m) * a->out_strides[2];
+    fjk_elem* orow = fjk_out_row(a, it, m);
     const float* o = t->ob + m * kDVP;
     FJK_ROLLED_LOOP
     for (int dv = 0; dv < HEAD_DIM_V; ++dv) fjk_from_f32(o[dv] * inv_l[m], orow + dv * os_col);

@@ -72,8 +72,7 @@ static inline void fjk_pack_q(const struct FlexPrefillArgs* a, const struct FjkI
   if (mvalid < kMP) __builtin_memset(qt, 0, sizeof(float) * HEAD_DIM * kMP);
   FJK_SCALAR_LOOP
   for (int m = 0; m < mvalid; ++m) {
-    const fjk_elem* row = (const fjk_elem*)a->q + it->b * a->q_strides[0] +
-                          fjk_row_head(it, m) * a->q_strides[1] + fjk_row_q(it, m) * a->q_strides[2];
+    const fjk_elem* row = fjk_q_row(a, it, m);
     FJK_SCALAR_LOOP
     for (int d = 0; d < HEAD_DIM; ++d) qt[d * kMP + m] = fjk_to_f32(row[d * s_col]) * c;
   }
@@ -253,8 +252,7 @@ static inline void fjk_item_write_out(const struct FlexPrefillArgs* a, const str
   const fj_i64 os_col = a->out_strides[3];
   FJK_SCALAR_LOOP
   for (int m = 0; m < it->mvalid; ++m) {
-    fjk_elem* orow = (fjk_elem*)a->out + it->b * a->out_strides[0] +
-                     fjk_row_head(it, m) * a->out_strides[1] + fjk_row_q(it, m) * a->out_strides[2];
+    fjk_elem* orow = fjk_out_row(a, it, m);
     FJK_SCALAR_LOOP
     for (int dv = 0; dv < HEAD_DIM_V; ++dv)
       fjk_from_f32(t->ot[dv * kMP + m] * inv_l[m], orow + dv * os_col);

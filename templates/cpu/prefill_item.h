@@ -41,6 +41,15 @@ static inline fj_i64 fjk_row_head(const struct FjkItem* it, int m) {
 static inline fj_i64 fjk_row_q(const struct FjkItem* it, int m) {
   return it->packed_lq ? (it->q0 + m) % it->packed_lq : it->q0 + m;
 }
+// Row m of the tile in q and in out (each at its own strides).
+static inline const fjk_elem* fjk_q_row(const struct FlexPrefillArgs* a, const struct FjkItem* it, int m) {
+  return (const fjk_elem*)a->q + it->b * a->q_strides[0] + fjk_row_head(it, m) * a->q_strides[1] +
+         fjk_row_q(it, m) * a->q_strides[2];
+}
+static inline fjk_elem* fjk_out_row(const struct FlexPrefillArgs* a, const struct FjkItem* it, int m) {
+  return (fjk_elem*)a->out + it->b * a->out_strides[0] + fjk_row_head(it, m) * a->out_strides[1] +
+         fjk_row_q(it, m) * a->out_strides[2];
+}
 
 // ---- prefetching the next block ----
 // K and V stream from L3 (a head's K and V outgrow L2 at a few thousand rows) once per work

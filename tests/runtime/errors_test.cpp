@@ -205,6 +205,16 @@ TEST(Errors, Options) {
   f.opt.block_m = 256;
   f.opt.block_n = 512;
   expect_error([&] { f.run(); }, {"256x512", "D=256", "over the kernel's 1 MiB", "use smaller blocks"});
+  // The same for bf16, whose AMX engine lays its scratch out differently (bf16 P, VNNI V).
+  Call g;
+  g.q = tensor(DType::BF16, {1, 1, 4, 128}, 1);
+  g.k = tensor(DType::BF16, {1, 1, 4, 128}, 2);
+  g.v = tensor(DType::BF16, {1, 1, 4, 128}, 3);
+  g.out = tensor(DType::BF16, {1, 1, 4, 128});
+  g.with_lse = false;
+  g.opt.block_m = 256;
+  g.opt.block_n = 512;
+  expect_error([&] { g.run(); }, {"256x512", "D=128", "over the kernel's 1 MiB"});
 }
 
 TEST(Errors, BlockMaskForOtherLengths) {
