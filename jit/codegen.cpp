@@ -15,8 +15,11 @@ using ir::Type;
 // overflow is UB in C++ and the optimiser exploits it); division by zero and INT64_MIN / -1
 // would trap (SIGFPE) and take the user's process down, so they set the error flag and give 0;
 // float -> int of an out-of-range value is UB, so it is clamped to INT64_MIN like x86 does.
+// Errors are recorded branch-free (`*error_flag |= bad`, a safe value selected instead) so a
+// mod applied across a row of scores still vectorises: the kernels hand the mods a per-tile
+// copy of FlexModArgs whose error_flag is a local, and raise the shared flag once per tile.
 constexpr const char* kCpuHelpers = R"(
-static inline void fj_flag(const struct FlexModArgs* m) { __atomic_store_n(m->error_flag, 1, __ATOMIC_RELAXED); }
+static inline void fj_flag_if(bool bad, const struct FlexModArgs* m) { *m->error_flag |= bad ? 1 : 0; }
 static inline fj_i64 fj_iadd(fj_i64 a, fj_i64 b) { return (fj_i64)((unsigned long long)a + (unsigned long long)b); }
 static inline fj_i64 fj_isub(fj_i64 a, fj_i64 b) { return (fj_i64)((unsigned long long)a - (unsigned long long)b); }
 static inline fj_i64 fj_imul(fj_i64 a, fj_i64 b) { return (fj_i64)((unsigned long long)a * (unsigned long long)b); }
@@ -27,12 +30,14 @@ static inline fj_i64 fj_imax(fj_i64 a, fj_i64 b) { return a < b ? b : a; }
 static inline float fj_fmin(float a, float b) { return b < a ? b : a; }
 static inline float fj_fmax(float a, float b) { return a < b ? b : a; }
 static inline fj_i64 fj_idiv(fj_i64 a, fj_i64 b, const struct FlexModArgs* m) {
-  if (b == 0) { fj_flag(m); return 0; }
-  return b == -1 ? fj_ineg(a) : a / b;
+  fj_flag_if(b == 0, m);
+  const fj_i64 d = b == 0 || b == -1 ? 1 : b;
+  return b == 0 ? 0 : b == -1 ? fj_ineg(a) : a / d;
 }
 static inline fj_i64 fj_imod(fj_i64 a, fj_i64 b, const struct FlexModArgs* m) {
-  if (b == 0) { fj_flag(m); return 0; }
-  return b == -1 ? 0 : a % b;
+  fj_flag_if(b == 0, m);
+  const fj_i64 d = b == 0 || b == -1 ? 1 : b;
+  return b == 0 || b == -1 ? 0 : a % d;
 }
 static inline fj_i64 fj_f2i(float x) {
   return (x > -9.2233720368547758e18f && x < 9.2233720368547758e18f) ? (fj_i64)x : (fj_i64)(1ull << 63);
@@ -187,7 +192,8 @@ class CpuEmitter {
 };
 
 // A bounds-checked reader for buffer slot `slot`: an index outside the tensor sets the error
-// flag (the runtime turns it into an error naming the buffer) and reads element 0 instead.
+// flag (the runtime turns it into an error naming the buffer) and reads index 0 of that dim
+// instead (branch-free, see the helpers).
 std::string emit_buffer_reader(int slot, const ir::BufferDecl& d) {
   std::ostringstream os;
   const char* ret = d.elem_type() == Type::Float ? "float" : "fj_i64";
@@ -197,9 +203,10 @@ std::string emit_buffer_reader(int slot, const ir::BufferDecl& d) {
   os << "  const struct FlexBuffer* t = &fj_mod->buffers[" << slot << "];\n";
   os << "  fj_i64 off = 0;\n";
   for (int i = 0; i < d.rank; ++i) {
-    os << "  if ((unsigned long long)i" << i << " >= (unsigned long long)t->sizes[" << i
-       << "]) { fj_flag(fj_mod); return 0; }\n";
-    os << "  off += i" << i << " * t->strides[" << i << "];\n";
+    os << "  const bool bad" << i << " = (unsigned long long)i" << i << " >= (unsigned long long)t->sizes[" << i
+       << "];\n";
+    os << "  fj_flag_if(bad" << i << ", fj_mod);\n";
+    os << "  off += (bad" << i << " ? 0 : i" << i << ") * t->strides[" << i << "];\n";
   }
   switch (d.dtype) {
     case DType::F32: os << "  return ((const float*)t->data)[off];\n"; break;

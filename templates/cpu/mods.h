@@ -13,7 +13,13 @@
 
 // ---- apply: s = score_mod(s) * log2 e, then mask_mod on partial blocks ----
 template <bool kMask>
-static void fjk_apply_tile(const struct FlexModTile* t, const struct FlexModArgs* mod) {
+static void fjk_apply_tile(const struct FlexModTile* t, const struct FlexModArgs* shared) {
+  // The mods record errors in a local flag (no atomic store in the loop, so it vectorises);
+  // the shared flag is raised once per tile.
+  int bad = 0;
+  struct FlexModArgs local = *shared;
+  local.error_flag = &bad;
+  const struct FlexModArgs* mod = &local;
   const fj_i64 b = t->b, h = t->h, q0 = t->q0;
   const int mvalid = t->mvalid;
   FJK_ROLLED_LOOP
@@ -32,6 +38,7 @@ static void fjk_apply_tile(const struct FlexModTile* t, const struct FlexModArgs
       row[m] = s;
     }
   }
+  if (bad) __atomic_store_n(shared->error_flag, 1, __ATOMIC_RELAXED);
   (void)mod; (void)b; (void)h; (void)q0;
 }
 
@@ -53,7 +60,10 @@ static inline signed char fjk_classify_block(const struct FlexClassifyArgs* a, f
   const fj_i64 kv1 = kv0 + a->kv_block_size < a->Lkv ? kv0 + a->kv_block_size : a->Lkv;
   if (q0 >= q1 || kv0 >= kv1) return 0;  // clipped block is empty
 #if FLEXJIT_HAS_MASK_MOD
-  const struct FlexModArgs* mod = &a->mod;
+  int bad = 0;  // as in fjk_apply_tile: a local error flag, raised once per block
+  struct FlexModArgs local = a->mod;
+  local.error_flag = &bad;
+  const struct FlexModArgs* mod = &local;
   const fj_i64 width = kv1 - kv0;
   bool any_kept = false, any_masked = false;
   for (fj_i64 q = q0; q < q1; ++q) {
@@ -61,8 +71,10 @@ static inline signed char fjk_classify_block(const struct FlexClassifyArgs* a, f
     for (fj_i64 kv = kv0; kv < kv1; ++kv) kept += flexjit_mask_mod(b, h, q, kv, mod) ? 1 : 0;
     any_kept |= kept > 0;
     any_masked |= kept < width;
-    if (any_kept && any_masked) return 1;
+    if (any_kept && any_masked) break;
   }
+  if (bad) __atomic_store_n(a->mod.error_flag, 1, __ATOMIC_RELAXED);
+  if (any_kept && any_masked) return 1;
   return any_kept ? 2 : 0;
 #else
   (void)b; (void)h;
