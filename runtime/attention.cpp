@@ -293,17 +293,29 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   const int64_t m_blocks = ((pack_gqa ? group * Lq : Lq) + bm - 1) / bm;
   const int64_t items = B * (pack_gqa ? Hkv : Hq) * m_blocks;
   auto t0 = std::chrono::steady_clock::now();
-  auto run = [&] {
-    tbb::parallel_for(tbb::blocked_range<int64_t>(0, items, 1),
-                      [&](const tbb::blocked_range<int64_t>& r) { fn(&a, r.begin(), r.end()); },
-                      tbb::simple_partitioner());
-  };
-  // An arena only when the count differs from TBB's default (creating one costs tens of us).
-  if (opt.num_threads > 0 && opt.num_threads != tbb::info::default_concurrency()) {
-    tbb::task_arena arena(opt.num_threads);
-    arena.execute(run);
+  if (opt.parallel_for) {
+    // A foreign pool may split [0, items) into one contiguous chunk per thread. Items are
+    // ordered (b, h, m_block) and a causal item's cost grows with m_block, so chunk positions
+    // map to items zigzag (0, n-1, 1, n-2, ...): each chunk gets as many cheap as dear items.
+    opt.parallel_for(items, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t item = i % 2 == 0 ? i / 2 : items - 1 - i / 2;
+        fn(&a, item, item + 1);
+      }
+    });
   } else {
-    run();
+    auto run = [&] {
+      tbb::parallel_for(tbb::blocked_range<int64_t>(0, items, 1),
+                        [&](const tbb::blocked_range<int64_t>& r) { fn(&a, r.begin(), r.end()); },
+                        tbb::simple_partitioner());
+    };
+    // An arena only when the count differs from TBB's default (creating one costs tens of us).
+    if (opt.num_threads > 0 && opt.num_threads != tbb::info::default_concurrency()) {
+      tbb::task_arena arena(opt.num_threads);
+      arena.execute(run);
+    } else {
+      run();
+    }
   }
   rep.kernel_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   bound.check_error_flag("flex_attention");

@@ -2,6 +2,8 @@
 // it in parallel with TBB. Works on plain strided views; runtime/torch wraps it for at::Tensor.
 #pragma once
 
+#include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -21,6 +23,11 @@ struct AttentionOptions {
   // state (and FLEXJIT_AMX is not 0), 0 = never, 1 = required (an error where unavailable).
   // Needs BLOCK_N a multiple of 32; other dtypes always use the FMA engine.
   int use_amx = -1;
+  // Runs body over [0, n) split into chunks, on some thread pool; unset: TBB (num_threads
+  // workers). The torch layer passes at::parallel_for, so a call shares torch's OpenMP threads
+  // instead of competing with them (their spin-waits slowed a call right after SDPA by ~25%).
+  // Chunks of items are rebalanced (interleaved cheap and dear items) before body sees them.
+  std::function<void(int64_t n, const std::function<void(int64_t, int64_t)>& body)> parallel_for;
 };
 
 // One JIT kernel a call used.

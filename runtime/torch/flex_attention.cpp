@@ -161,8 +161,15 @@ FlexResult flex_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   AttentionOptions opt;
   opt.scale = o.scale;
   opt.enable_gqa = o.enable_gqa;
-  // The kernel runs on TBB; it follows torch's intra-op thread count like torch's own ops do.
-  opt.num_threads = o.num_threads > 0 ? o.num_threads : at::get_num_threads();
+  // The kernel runs on torch's intra-op pool (at::parallel_for: torch.set_num_threads applies, and
+  // no second pool competes with it), unless the caller asks for a thread count of its own (TBB).
+  if (o.num_threads > 0) {
+    opt.num_threads = o.num_threads;
+  } else {
+    opt.parallel_for = [](int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+      at::parallel_for(0, n, 1, body);
+    };
+  }
   for (const auto& [n, val] : o.kernel_options) {
     if (n == "BLOCK_M") opt.block_m = int(val);
     else if (n == "BLOCK_N") opt.block_n = int(val);

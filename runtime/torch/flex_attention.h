@@ -53,7 +53,7 @@ struct FlexOptions {
   bool enable_gqa = false;
   bool return_lse = false;
   std::map<std::string, int64_t> kernel_options;  // BLOCK_M, BLOCK_N, USE_AMX (0 / 1; unset: auto)
-  int num_threads = 0;  // 0: at::get_num_threads(), i.e. what torch.set_num_threads chose
+  int num_threads = 0;  // 0: torch's intra-op pool (torch.set_num_threads); N: N TBB workers
   AttentionReport* report = nullptr;              // filled when set
 };
 

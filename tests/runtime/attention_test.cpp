@@ -402,6 +402,38 @@ TEST(Amx, EngineChoiceAndErrors) {
   }
 }
 
+// A caller's thread pool (the torch layer passes at::parallel_for) gets the whole item range;
+// however it chunks it, every item runs exactly once and the result is bitwise the TBB one.
+TEST(ParallelFor, CallerPoolRunsEveryItemOnce) {
+  OwnedTensor q = make_tensor(DType::F32, 2, 3, 97, 32, false, 1);
+  OwnedTensor kv = make_tensor(DType::F32, 2, 3, 130, 32, false, 2);
+  TracedMod m = parse_mod("kv_idx <= q_idx + 30", ModKind::Mask, {}, {});
+  auto [mods, bind] = combine(nullptr, &m);
+  auto run = [&](AttentionOptions opt) {
+    OwnedTensor out = OwnedTensor::make("o", DType::F32, {2, 3, 97, 32});
+    OwnedTensor lse = OwnedTensor::make("l", DType::F32, {2, 3, 97});
+    flex_attention(q.view, kv.view, kv.view, out.view, &lse.view, mods, bind, nullptr, opt);
+    std::vector<double> r = to_doubles(out.view), l = to_doubles(lse.view);
+    r.insert(r.end(), l.begin(), l.end());
+    return r;
+  };
+  const std::vector<double> tbb_result = run({});
+  int64_t seen_n = -1, chunks = 0;
+  AttentionOptions opt;
+  opt.block_m = 32;
+  opt.parallel_for = [&](int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+    seen_n = n;
+    for (int64_t end = n; end > 0; end -= 3, ++chunks) body(std::max<int64_t>(0, end - 3), end);  // odd chunks, backwards
+  };
+  const std::vector<double> pool_result = run(opt);
+  EXPECT_EQ(seen_n, 2 * 3 * 4);  // B * H * ceil(97 / 32)
+  EXPECT_EQ(chunks, 8);
+  ASSERT_EQ(pool_result.size(), tbb_result.size());
+  for (size_t i = 0; i < tbb_result.size(); ++i)
+    if (!(pool_result[i] == tbb_result[i] || (std::isinf(pool_result[i]) && std::isinf(tbb_result[i]))))
+      FAIL() << "element " << i << ": " << pool_result[i] << " vs " << tbb_result[i];
+}
+
 // Changing a param value or the sequence length reuses the compiled kernel.
 TEST(Recompile, ParamValuesAndLengthsNeverRecompile) {
   std::vector<OwnedTensor> storage;
