@@ -543,6 +543,37 @@ TEST_F(Cli, UnknownModName) {
   EXPECT_TRUE(outputs().empty());
 }
 
+// `cache warm` compiles the attention kernels a call of each shape would use; a later run of
+// such a shape, with another KV length and a new mod, loads that kernel from disk and compiles
+// only its mods kernel.
+TEST_F(Cli, CacheWarmPrecompilesTheAttentionKernelARunUses) {
+  const char* prev = std::getenv("FLEXJIT_CACHE_DIR");
+  const std::string saved = prev ? prev : "";
+  ::setenv("FLEXJIT_CACHE_DIR", path("cache").c_str(), 1);
+  const std::vector<std::string> warm = {"warm", "--dtype", "fp32", "--head-dim", "40", "--lq", "1,100"};
+  Result w = run_sub("cache", warm);
+  EXPECT_EQ(w.code, 0) << w.err;
+  EXPECT_NE(w.out.find("fp32 D=40 GQA=1 Lq=1: compiled"), std::string::npos) << w.out;
+  EXPECT_NE(w.out.find("fp32 D=40 GQA=1 Lq=100: compiled"), std::string::npos) << w.out;
+  EXPECT_NE(w.out.find("2 attention kernels ready"), std::string::npos) << w.out;
+  Result again = run_sub("cache", warm);
+  EXPECT_NE(again.out.find("fp32 D=40 GQA=1 Lq=100: on disk"), std::string::npos) << again.out;
+
+  write_qkv(random_f32("q", {1, 1, 100, 40}, 1), random_f32("k", {1, 1, 37, 40}, 2), random_f32("v", {1, 1, 37, 40}, 3));
+  Result r = run(qkv_args() + std::vector<std::string>{"--score-mod", "score * 0.5 + 1", "--report", path("r.json")});
+  EXPECT_EQ(r.code, 0) << r.err;
+  nlohmann::json j = nlohmann::json::parse(slurp(dir_ / "r.json"));
+  ASSERT_EQ(j["kernels"].size(), 2u) << j.dump(2);
+  EXPECT_EQ(j["kernels"][0]["role"], "attention");
+  EXPECT_EQ(j["kernels"][0]["cache"], "disk");
+  EXPECT_EQ(j["kernels"][1]["role"], "mods");
+  EXPECT_EQ(j["kernels"][1]["cache"], "miss");
+
+  expect_error_line(run_sub("cache", {"warm", "--dtype", "fp8"}), {"--dtype fp8", "fp32, bf16 or fp16"});
+  expect_error_line(run_sub("cache", {"warm", "--head-dim", "300"}), {"--head-dim 300", "1..256"});
+  if (prev) ::setenv("FLEXJIT_CACHE_DIR", saved.c_str(), 1); else ::unsetenv("FLEXJIT_CACHE_DIR");
+}
+
 TEST_F(Cli, BadOptions) {
   OwnedTensor t = random_f32("t", {1, 1, 4, 8}, 1);
   write_qkv(t, t, t);
