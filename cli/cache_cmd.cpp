@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "cli/mods_from_args.h"
 #include "jit/cache.h"
 #include "runtime/attention.h"
 #include "score_mods/registry.h"
@@ -20,13 +21,6 @@ struct WarmArgs {
   std::vector<int> gqa{1};
   std::vector<int64_t> lq{1, 4096};
 };
-
-DType warm_dtype(const std::string& s) {
-  if (s == "fp32") return DType::F32;
-  if (s == "bf16") return DType::BF16;
-  if (s == "fp16") return DType::F16;
-  throw Error("cache warm --dtype " + s + " is not supported; use fp32, bf16 or fp16");
-}
 
 // Compiles (or finds) the attention kernel that a call of each shape would use, by making that
 // call on zero inputs with one key: the kernel choice (blocks, engine, GQA packing) is then the
@@ -46,7 +40,7 @@ void warm(const WarmArgs& w) {
           if (d < 1 || d > 256) throw Error("cache warm --head-dim " + std::to_string(d) + ": use 1..256");
           if (g < 1) throw Error("cache warm --gqa " + std::to_string(g) + ": use a group size >= 1");
           if (lq < 1) throw Error("cache warm --lq " + std::to_string(lq) + ": use a query length >= 1");
-          jobs.push_back({warm_dtype(dt), d, g, lq});
+          jobs.push_back({parse_dtype(dt), d, g, lq});
         }
   std::atomic<size_t> next{0};
   std::mutex out_mu;

@@ -26,6 +26,10 @@ struct ResolvedMods {
 // `shape` sizes the example buffers of built-in mods whose buffers were not given as files.
 ResolvedMods resolve_mods(const ModArgs& a, const ShapeInfo& shape);
 
+// A --dtype value (fp32 / bf16 / fp16, or float32 / bfloat16 / float16); throws an Error naming it
+// otherwise. Defined in run_cmd.cpp; `cache warm` takes the same values.
+DType parse_dtype(const std::string& s);
+
 // Splits "NAME=VALUE"; throws an Error naming `flag` when malformed.
 std::pair<std::string, std::string> split_assignment(const std::string& s, const std::string& flag);
 

@@ -14,6 +14,14 @@
 #include "runtime/reference.h"
 
 namespace flexjit::cli {
+
+DType parse_dtype(const std::string& s) {
+  if (s == "fp32" || s == "float32") return DType::F32;
+  if (s == "bf16" || s == "bfloat16") return DType::BF16;
+  if (s == "fp16" || s == "float16") return DType::F16;
+  throw Error("--dtype " + s + " is not supported; use fp32, bf16 or fp16");
+}
+
 namespace {
 
 std::string fmt_ms(double ms) {
@@ -34,13 +42,6 @@ struct RunArgs {
   int threads = 0;
   bool check = false;
 };
-
-DType parse_dtype(const std::string& s) {
-  if (s == "fp32" || s == "float32") return DType::F32;
-  if (s == "bf16" || s == "bfloat16") return DType::BF16;
-  if (s == "fp16" || s == "float16") return DType::F16;
-  throw Error("--dtype " + s + " is not supported; use fp32, bf16 or fp16");
-}
 
 int64_t parse_positive(const std::string& what, const std::string& s) {
   try {
