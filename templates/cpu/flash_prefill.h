@@ -119,7 +119,8 @@ static inline bool fjk_softmax_block(struct FjkTile* t, int nvalid, float c, fj_
 // ---- one KV block of BLOCK_N columns starting at kv0 ----
 // partial: evaluate mask_mod per element (full blocks skip it). Columns >= Lkv are never
 // scored: the softmax and P V loops stop at nvalid. next_kv0: the block visited next (-1:
-// none), prefetched meanwhile. Not inlined: its two call sites would double the compile time.
+// none), which the FMA engine prefetches meanwhile. Not inlined: its two call sites would
+// double the compile time.
 __attribute__((noinline)) static void fjk_visit_block(const struct FlexPrefillArgs* a,
                                                       const struct FjkItem* it,
                                                       struct FjkTile* t, fj_i64 kv0,

@@ -281,7 +281,7 @@ static inline void fjk_item_begin(const struct FlexPrefillArgs* a, const struct 
   __builtin_memset(t->ob, 0, sizeof(t->ob));
 }
 
-// S^T rows [0, nvalid) (raw q.k) for the KV block at kv0; prefetches the K block at next_kv0.
+// S^T rows [0, nvalid) (raw q.k) for the KV block at kv0 (next_kv0 unused: no prefetch, see below).
 static inline void fjk_block_scores(const struct FlexPrefillArgs* a, const struct FjkItem* it,
                                     struct FjkTile* t, fj_i64 kv0, int nvalid, fj_i64 next_kv0) {
   const fj_i64 s_row = a->k_strides[2], s_col = a->k_strides[3];
@@ -311,7 +311,7 @@ static inline void fjk_block_scores(const struct FlexPrefillArgs* a, const struc
   }
 }
 
-// O = O * alpha + P V with P^T in st rows [0, nvalid); prefetches the V block at next_kv0.
+// O = O * alpha + P V with P^T in st rows [0, nvalid) (next_kv0 unused, as above).
 static inline void fjk_block_pv(const struct FlexPrefillArgs* a, const struct FjkItem* it,
                                 struct FjkTile* t, const fj_v16f* alpha, fj_i64 kv0, int nvalid,
                                 fj_i64 next_kv0) {
