@@ -10,14 +10,19 @@ namespace flexjit::jit {
 
 namespace {
 
-const char* kind_name(KernelKind k) { return k == KernelKind::Prefill ? "prefill" : "mods"; }
+const char* kind_name(KernelKind k) {
+  return k == KernelKind::Prefill ? "prefill" : k == KernelKind::Decode ? "decode" : "mods";
+}
 
 // The template files a kernel's translation unit is made of, in order (a Mods TU has the
 // generated mod body before the last one). A Prefill TU is the shared item code, one engine
 // (the tile scratch and the matmuls) and the driver.
 std::vector<std::string> template_files(const KernelSpec& s) {
   if (s.kind == KernelKind::Mods) return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/mods.h"};
-  return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/prefill_item.h",
+  if (s.kind == KernelKind::Decode)
+    return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/elem.h", "templates/cpu/decode_dot.h",
+            "templates/cpu/flash_decode.h"};
+  return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/elem.h", "templates/cpu/prefill_item.h",
           s.amx ? "templates/cpu/prefill_amx.h" : "templates/cpu/prefill_fma.h", "templates/cpu/flash_prefill.h"};
 }
 
@@ -39,7 +44,7 @@ ModSet effective_mods(const KernelSpec& spec, const ModSet& mods) {
 std::string spec_defines(const KernelSpec& s, const std::string& symbol) {
   std::ostringstream os;
   os << "// flexjit kernel: " << s.str() << "\n";
-  if (s.kind == KernelKind::Prefill) {
+  if (s.kind != KernelKind::Mods) {
     os << "#define FLEXJIT_DTYPE " << dtype_code(s.dtype) << "\n"
        << "#define HEAD_DIM " << s.head_dim << "\n"
        << "#define HEAD_DIM_V " << s.head_dim_v << "\n"
@@ -57,10 +62,10 @@ std::string spec_defines(const KernelSpec& s, const std::string& symbol) {
 std::string KernelSpec::str() const {
   std::ostringstream os;
   os << kind_name(kind);
-  if (kind == KernelKind::Prefill)
+  if (kind != KernelKind::Mods)
     os << " " << dtype_name(dtype) << " HEAD_DIM=" << head_dim << " HEAD_DIM_V=" << head_dim_v
        << " BLOCK_M=" << block_m << " BLOCK_N=" << block_n << " GQA_GROUP=" << gqa_group
-       << " ENGINE=" << (amx ? "amx" : "fma");
+       << " ENGINE=" << (kind == KernelKind::Decode ? "dot" : amx ? "amx" : "fma");
   return os.str();
 }
 
@@ -83,8 +88,10 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods) {
 }
 
 Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string& templates_hash) {
-  if (spec.kind == KernelKind::Prefill) {
+  if (spec.kind != KernelKind::Mods) {
     dtype_code(spec.dtype);
+    if (spec.kind == KernelKind::Decode && (spec.amx || spec.block_n % 16 != 0 || spec.block_m < 1))
+      throw Error("the decode kernel needs BLOCK_N a multiple of 16, BLOCK_M >= 1 and no AMX, got " + spec.str());
     if (spec.amx && (spec.dtype != DType::BF16 || spec.block_n % 32 != 0))
       throw Error("the AMX engine needs bf16 and BLOCK_N a multiple of 32, got " + spec.str());
     if (spec.head_dim < 1 || spec.head_dim > 256 || spec.head_dim_v < 1 || spec.head_dim_v > 256)
@@ -99,7 +106,7 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
                        {"codegen", "cpu-v2"}});
   std::ostringstream sym;
   sym << "flexjit_" << kind_name(spec.kind);
-  if (spec.kind == KernelKind::Prefill)
+  if (spec.kind != KernelKind::Mods)
     sym << "_" << dtype_name(spec.dtype) << "_d" << spec.head_dim
         << (spec.head_dim_v != spec.head_dim ? "_dv" + std::to_string(spec.head_dim_v) : "") << "_m"
         << spec.block_m << "_n" << spec.block_n << "_g" << spec.gqa_group << (spec.amx ? "_amx" : "");

@@ -11,11 +11,16 @@ namespace flexjit::jit {
 
 // Prefill: flash attention specialised on dtype, head dims, blocks and GQA group; mod-free (it
 //          calls the mods through FlexPrefillArgs.apply_mods), so its key ignores the ModSet.
+// Decode:  flash decoding (templates/cpu/flash_decode.h, FlexDecodeArgs): the same fields, with
+//          BLOCK_M = query rows per work item; mod-free like Prefill.
 // Mods:    a mod set's FlexModKernels (apply + classify); its key ignores every shape field.
-enum class KernelKind { Prefill, Mods };
+enum class KernelKind { Prefill, Decode, Mods };
 
 // Everything a kernel is specialised on at compile time. Sizes and strides are runtime values.
-// The fields below `kind` describe Prefill kernels; Mods kernels ignore them.
+// The fields below `kind` describe Prefill and Decode kernels; Mods kernels ignore them.
+// PARTITION_SIZE is deliberately not a compile-time field: a decode loop's KV length crosses
+// partition buckets every few hundred steps, and a 0.3 s compile at each would stall it, while
+// the kernel's inner loops run over BLOCK_N keys and gain nothing from knowing it.
 struct KernelSpec {
   KernelKind kind = KernelKind::Prefill;
   DType dtype = DType::F32;  // q/k/v/out element type
@@ -24,7 +29,7 @@ struct KernelSpec {
   int block_m = 32;          // BLOCK_M
   int block_n = 64;          // BLOCK_N
   int gqa_group = 1;         // GQA_GROUP = Hq / Hkv
-  bool amx = false;          // bf16 matmuls on AMX tiles (templates/cpu/prefill_amx.h)
+  bool amx = false;          // bf16 matmuls on AMX tiles (templates/cpu/prefill_amx.h); Prefill only
   // "prefill fp32 HEAD_DIM=64 HEAD_DIM_V=64 BLOCK_M=32 BLOCK_N=64 GQA_GROUP=1 ENGINE=fma"
   std::string str() const;
 };

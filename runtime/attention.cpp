@@ -1,9 +1,5 @@
 #include "runtime/attention.h"
 
-#include <tbb/global_control.h>
-#include <tbb/info.h>
-#include <tbb/parallel_for.h>
-#include <tbb/task_arena.h>
 
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -16,6 +12,8 @@
 #include "jit/compile.h"
 #include "jit/pipeline.h"
 #include "runtime/bound_mods.h"
+#include "runtime/decode.h"
+#include "runtime/launch.h"
 
 namespace flexjit {
 namespace {
@@ -64,44 +62,6 @@ void check_inputs(const TensorView& q, const TensorView& k, const TensorView& v,
             "lse must be fp32 [B, Hq, Lq], got " + std::string(dtype_name(lse->dtype)) + " " + dims(*lse));
   }
   if (opt.scale) require(std::isfinite(*opt.scale), "scale must be finite");
-}
-
-void check_block_mask(const BlockMask& m, const TensorView& q, const TensorView& k, int block_m, int block_n) {
-  require(m.B == 1 || m.B == q.sizes[0], "block_mask has B=" + std::to_string(m.B) + " but q has batch " +
-                                             std::to_string(q.sizes[0]) + " (use 1 to broadcast)");
-  require(m.H == 1 || m.H == q.sizes[1], "block_mask has H=" + std::to_string(m.H) + " but q has " +
-                                             std::to_string(q.sizes[1]) + " heads (use 1 to broadcast)");
-  // Blocks were classified over [0, m.Lq) x [0, m.Lkv): a mask for shorter lengths is wrong for
-  // the extra positions even when its blocks happen to cover them.
-  require(m.Lq >= q.sizes[2] && m.Lkv >= k.sizes[2] && m.num_q_blocks * m.q_block_size >= q.sizes[2] &&
-              m.num_kv_blocks * m.kv_block_size >= k.sizes[2],
-          "block_mask was built for Lq=" + std::to_string(m.Lq) + ", Lkv=" + std::to_string(m.Lkv) +
-              " but the call has Lq=" + std::to_string(q.sizes[2]) + ", Lkv=" + std::to_string(k.sizes[2]) +
-              "; rebuild it for these lengths");
-  require(m.q_block_size % block_m == 0 && m.kv_block_size % block_n == 0,
-          "block_mask block size " + std::to_string(m.q_block_size) + "x" + std::to_string(m.kv_block_size) +
-              " must be a multiple of the kernel's BLOCK_M x BLOCK_N = " + std::to_string(block_m) + "x" +
-              std::to_string(block_n));
-  int64_t rows = m.B * m.H * m.num_q_blocks;
-  require(int64_t(m.kv_num_blocks.size()) == rows && int64_t(m.kv_indices.size()) == rows * m.kv_stride,
-          "block_mask arrays have inconsistent sizes");
-  require(m.full_kv_num_blocks.empty() ||
-              (int64_t(m.full_kv_num_blocks.size()) == rows &&
-               int64_t(m.full_kv_indices.size()) == rows * m.full_kv_stride),
-          "block_mask full-block arrays have inconsistent sizes");
-  // Indices are trusted by the kernel: check them once here so bad input cannot read out of bounds.
-  auto check_rows = [&](const std::vector<int32_t>& num, const std::vector<int32_t>& idx, int64_t stride) {
-    for (int64_t r = 0; r < rows; ++r) {
-      require(num[r] >= 0 && num[r] <= stride, "block_mask row " + std::to_string(r) + " lists " +
-                                                   std::to_string(num[r]) + " blocks, more than its width");
-      for (int32_t j = 0; j < num[r]; ++j) {
-        int32_t kb = idx[r * stride + j];
-        require(kb >= 0 && kb < m.num_kv_blocks, "block_mask index " + std::to_string(kb) + " out of range");
-      }
-    }
-  };
-  check_rows(m.kv_num_blocks, m.kv_indices, m.kv_stride);
-  if (!m.full_kv_num_blocks.empty()) check_rows(m.full_kv_num_blocks, m.full_kv_indices, m.full_kv_stride);
 }
 
 void copy_dims(fj_i64* dst, const TensorView& t, int n) {
@@ -167,6 +127,13 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
                     const BlockMask* block_mask, const AttentionOptions& opt, AttentionReport* report) {
   check_inputs(q, k, v, out, lse, opt);
   validate(mods);
+  if (runtime::decode_applies(q, k, v, block_mask, opt)) {
+    runtime::DecodeKv kv;
+    kv.k = &k;
+    kv.v = &v;
+    runtime::run_decode(q, kv, out, lse, mods, bind, block_mask, opt, report);
+    return;
+  }
   AttentionReport rep;
   // bf16 runs its matmuls on AMX tiles where it can (see amx_available).
   std::string no_amx_why;
@@ -200,7 +167,7 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
     // Kernel blocks must tile the mask's blocks; defaults adapt, explicit choices are checked.
     if (!opt.block_m && block_mask->q_block_size % bm) bm = int(std::gcd(int64_t(bm), block_mask->q_block_size));
     if (!opt.block_n && block_mask->kv_block_size % bn) bn = int(std::gcd(int64_t(bn), block_mask->kv_block_size));
-    check_block_mask(*block_mask, q, k, bm, bn);  // before anything compiles
+    runtime::check_block_mask(*block_mask, q.sizes[0], q.sizes[1], q.sizes[2], k.sizes[2], bm, bn, "flex_attention");  // before anything compiles
   }
   // The AMX engine pairs KV rows by 32 (P V's left operand).
   const bool amx = amx_ok && bn % 32 == 0;
@@ -244,7 +211,7 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
     built = runtime::create_block_mask(mods, bind, mask_reads_b ? B : 1, mask_reads_h ? Hq : 1, Lq, Lkv, qbs, kvbs,
                                        &st);
     rep.block_mask_ms = st.ms;
-    check_block_mask(built, q, k, bm, bn);
+    runtime::check_block_mask(built, q.sizes[0], q.sizes[1], q.sizes[2], k.sizes[2], bm, bn, "flex_attention");
     block_mask = &built;
   }
   if (block_mask) rep.block_mask = block_mask->describe();
@@ -293,53 +260,19 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   const int64_t m_blocks = ((pack_gqa ? group * Lq : Lq) + bm - 1) / bm;
   const int64_t items = B * (pack_gqa ? Hkv : Hq) * m_blocks;
   auto t0 = std::chrono::steady_clock::now();
-  if (opt.parallel_for) {
-    // A foreign pool may split [0, items) into one contiguous chunk per thread. Items are
-    // ordered (b, h, m_block) and a causal item's cost grows with m_block, so chunk positions
-    // map to items zigzag (0, n-1, 1, n-2, ...): each chunk gets as many cheap as dear items.
-    opt.parallel_for(items, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t item = i % 2 == 0 ? i / 2 : items - 1 - i / 2;
-        fn(&a, item, item + 1);
-      }
-    });
-  } else {
-    auto run = [&] {
-      tbb::parallel_for(tbb::blocked_range<int64_t>(0, items, 1),
-                        [&](const tbb::blocked_range<int64_t>& r) { fn(&a, r.begin(), r.end()); },
-                        tbb::simple_partitioner());
-    };
-    // An arena only when the count differs from TBB's default (creating one costs tens of us).
-    if (opt.num_threads > 0 && opt.num_threads != tbb::info::default_concurrency()) {
-      tbb::task_arena arena(opt.num_threads);
-      arena.execute(run);
-    } else {
-      run();
-    }
-  }
+  // Items are ordered (b, h, m_block) and a causal item's cost grows with m_block: zigzag.
+  runtime::run_items(opt, items, /*zigzag=*/true, [&](int64_t begin, int64_t end) { fn(&a, begin, end); });
   rep.kernel_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   bound.check_error_flag("flex_attention");
 
   if (report) {
-    rep.cache = "memory";
-    for (size_t i = 0; i < kernels.size(); ++i) {
-      const jit::KernelHandle& h = kernels[i];
-      if (h.cache == "miss" || (h.cache == "disk" && rep.cache == "memory")) rep.cache = h.cache;
-      rep.load_ms += h.load_ms;
-      rep.kernels.push_back({i == 0 ? "attention" : "mods", h.cache, h.compile_ms, h.load_ms, h.symbol, h.key,
-                             h.source_path});
-    }
-    rep.compile_ms = rep.cache == "miss" ? kernels_ms : 0;
-    rep.lookup_us = kernels_ms * 1000;
+    runtime::record_kernels(rep, kernels, kernels_ms);
     rep.block_m = bm;
     rep.block_n = bn;
     rep.gqa_group = int(group);
     rep.pack_gqa = pack_gqa;
     rep.amx = amx;
     rep.dtype = dtype_name(q.dtype);
-    rep.symbol = kh.symbol;
-    rep.key = kh.key;
-    rep.source_path = kh.source_path;
     *report = rep;
   }
 }

@@ -18,7 +18,13 @@ struct AttentionOptions {
   bool enable_gqa = false;      // allow Hq != Hkv (Hq must be a multiple of Hkv)
   int block_m = 0;              // BLOCK_M; 0 = default
   int block_n = 0;              // BLOCK_N; 0 = default
-  int num_threads = 0;          // 0 = all cores (TBB default)
+  int num_threads = 0;          // 0 = all cores (TBB default); with parallel_for: that pool's size
+  // Decode (see the dispatch rule at flex_attention): keys per partition, 0 = tuned or cost
+  // model. A multiple of BLOCK_N (and of the page size for paged KV); the kernel option PARTITION_SIZE.
+  int64_t partition_size = 0;
+  // Run the prefill kernel even where the decode kernel applies (PyTorch's kernel option
+  // FORCE_USE_FLEX_ATTENTION). Paged calls have no prefill kernel and refuse it.
+  bool force_prefill = false;
   // bf16 matmuls on AMX tiles: -1 = when the host has AMX-BF16 and the OS grants the tile
   // state (and FLEXJIT_AMX is not 0), 0 = never, 1 = required (an error where unavailable).
   // Needs BLOCK_N a multiple of 32; other dtypes always use the FMA engine.
@@ -45,7 +51,12 @@ struct KernelUse {
 // attention kernel's; `kernels` has each one.
 struct AttentionReport {
   std::string backend = "cpu";
-  std::string path = "prefill";
+  std::string path = "prefill";  // "prefill" or "decode" (the kernel template that ran)
+  bool paged = false;
+  int64_t partition_size = 0;    // decode: keys per partition
+  int64_t num_partitions = 0;    // decode: partitions per sequence (1: no split, no merge)
+  std::string tuning;            // decode: where PARTITION_SIZE / BLOCK_N came from: tuned, default or user
+  double merge_ms = 0;           // decode: merging the partitions' states
   std::string cache;         // miss / memory / disk
   double compile_ms = 0;     // when cache == miss
   double load_ms = 0;        // when cache == disk
@@ -65,10 +76,32 @@ struct AttentionReport {
 // as q), lse [B, Hq, Lq] fp32 or null. Bkv is 1 or B. If mods has a mask_mod and block_mask is
 // null, a BlockMask is built for this call (pass one in to reuse it across calls).
 // Throws flexjit::Error on bad input, naming the problem and the fix.
+//
+// Dispatch: the call runs the flash-decoding kernel (templates/cpu/flash_decode.h: KV split into
+// partitions that run in parallel, merged after) when Lq <= 16, opt.force_prefill is off,
+// opt.use_amx is not 1 (the AMX engine is the prefill kernel's), the last dims of k and v are
+// contiguous and a given block_mask has q_block_size >= Lq and a kv_block_size that is a
+// multiple of 16; otherwise the prefill kernel (flash_prefill.h).
 void flex_attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                     const TensorView* lse, const ModSet& mods, const ModBindings& bind,
                     const runtime::BlockMask* block_mask = nullptr, const AttentionOptions& opt = {},
                     AttentionReport* report = nullptr);
+
+// Flash decoding against a paged KV cache (FlashInfer's NHD layout):
+//   q [B, Hq, Lq, D] with Lq <= 16, out [B, Hq, Lq, Dv], lse [B, Hq, Lq] fp32 or null;
+//   k_cache [num_pages, page_size, Hkv, D], v_cache [num_pages, page_size, Hkv, Dv] (q's dtype,
+//   last dim contiguous); block_table int32 [B, max_pages]; seq_lens int32 [B].
+// Sequence b has seq_lens[b] keys, key n in page block_table[b, n / page_size] at slot
+// n % page_size; its query i sits at the absolute position seq_lens[b] - Lq + i, and the mods
+// see absolute q_idx and kv_idx (so `causal` works unchanged). seq_lens[b] = 0 (a padding
+// slot) gives out 0 and lse -inf; otherwise seq_lens[b] >= Lq. Pages past seq_lens[b] are
+// never read. A mask_mod is turned into a block mask over the absolute positions for this call.
+// PARTITION_SIZE must be a multiple of page_size. Throws flexjit::Error on bad input
+// (shapes, dtypes, page indices out of range, ...).
+void paged_flex_attention(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache,
+                          const TensorView& block_table, const TensorView& seq_lens, const TensorView& out,
+                          const TensorView* lse, const ModSet& mods, const ModBindings& bind,
+                          const AttentionOptions& opt = {}, AttentionReport* report = nullptr);
 
 // Whether bf16 kernels can use AMX tiles in this process: the host CPU has AMX-TILE, AMX-BF16 and
 // AVX512-BF16, Linux granted the tile data state (arch_prctl, asked once), and the environment

@@ -105,43 +105,51 @@ BlockMask dense_block_mask(int64_t Lq, int64_t Lkv, int64_t qbs, int64_t kvbs) {
   return m;
 }
 
-BlockMask create_block_mask(const ModSet& mods, const ModBindings& bind, int64_t B, int64_t H, int64_t Lq,
-                            int64_t Lkv, int64_t qbs, int64_t kvbs, BlockMaskBuildStats* stats) {
-  auto t0 = std::chrono::steady_clock::now();
-  if (!mods.mask_mod) throw Error("create_block_mask needs a mask_mod");
-  validate(mods);
-  check_sizes(B, H, Lq, Lkv, qbs, kvbs);
-  BoundMods bound(mods, bind);  // checks every binding up front
+namespace {
 
-  BlockMask m = make_geometry(ir::uses_var(mods.mask_mod, ir::Var::B) ? B : 1,
-                              ir::uses_var(mods.mask_mod, ir::Var::H) ? H : 1, Lq, Lkv, qbs, kvbs);
-  const int64_t QB = m.num_q_blocks, KVB = m.num_kv_blocks, rows = m.B * m.H * QB;
+// The element ranges of one block: [q0, q1) x [kv0, kv1); empty ranges classify as empty.
+struct BlockRange {
+  int64_t b, h, q0, q1, kv0, kv1;
+};
 
+// Classifies every block of m (rows = m.B * m.H * m.num_q_blocks, num_kv_blocks each) whose
+// element ranges range_of(row, kv_block) gives, and fills m's index arrays: interval analysis
+// first, then the mods kernel's exact classifier for the blocks that analysis left undecided.
+template <typename RangeOf>
+void classify_into(BlockMask& m, const ModSet& mods, const ModBindings& bind, const BoundMods& bound,
+                   RangeOf range_of, BlockMaskBuildStats* stats, std::chrono::steady_clock::time_point t0) {
+  const int64_t KVB = m.num_kv_blocks, rows = m.B * m.H * m.num_q_blocks;
   // Pass 1: interval analysis per block, one evaluator per row of blocks (it memoises slices).
   std::vector<ir::BoundBuffer> buffers;
   for (const auto& [n, v] : bind.buffers) buffers.push_back({n, v});
   std::vector<int8_t> cls(rows * KVB);
   tbb::parallel_for(int64_t(0), rows, [&](int64_t r) {
-    int64_t qb = r % QB, h = (r / QB) % m.H, b = r / (QB * m.H);
     ir::IntervalEvaluator ev(bind.params, buffers);
-    ev.set_point(ir::Var::B, b);
-    ev.set_point(ir::Var::H, h);
-    ev.set_range(ir::Var::QIdx, qb * qbs, std::min(Lq, (qb + 1) * qbs) - 1);
     for (int64_t kb = 0; kb < KVB; ++kb) {
-      ev.set_range(ir::Var::KvIdx, kb * kvbs, std::min(Lkv, (kb + 1) * kvbs) - 1);
+      const BlockRange g = range_of(r, kb);
+      if (g.q0 >= g.q1 || g.kv0 >= g.kv1) {
+        cls[r * KVB + kb] = kEmpty;
+        continue;
+      }
+      ev.set_point(ir::Var::B, g.b);
+      ev.set_point(ir::Var::H, g.h);
+      ev.set_range(ir::Var::QIdx, g.q0, g.q1 - 1);
+      ev.set_range(ir::Var::KvIdx, g.kv0, g.kv1 - 1);
       int d = ev.decide(mods.mask_mod);
       cls[r * KVB + kb] = d == 1 ? kFull : d == 0 ? kEmpty : kUndecided;
     }
   });
 
-  // Pass 2: exact evaluation of the undecided blocks by a compiled classify kernel.
+  // Pass 2: exact evaluation of the undecided blocks by a compiled classify kernel, over the
+  // same element ranges.
   std::vector<int32_t> todo;
+  std::vector<long long> todo_ranges;  // fj_i64
   std::vector<int64_t> todo_pos;
   for (int64_t i = 0; i < rows * KVB; ++i) {
     if (cls[i] != kUndecided) continue;
-    int64_t r = i / KVB, kb = i % KVB;
-    int64_t qb = r % QB, h = (r / QB) % m.H, b = r / (QB * m.H);
-    todo.insert(todo.end(), {int32_t(b), int32_t(h), int32_t(qb), int32_t(kb)});
+    const BlockRange g = range_of(i / KVB, i % KVB);
+    todo.insert(todo.end(), {int32_t(g.b), int32_t(g.h), 0, 0});
+    todo_ranges.insert(todo_ranges.end(), {g.q0, g.q1, g.kv0, g.kv1});
     todo_pos.push_back(i);
   }
   std::string classify_cache;
@@ -157,10 +165,11 @@ BlockMask create_block_mask(const ModSet& mods, const ModBindings& bind, int64_t
     FlexClassifyArgs a{};
     a.blocks = todo.data();
     a.out = out.data();
-    a.Lq = Lq;
-    a.Lkv = Lkv;
-    a.q_block_size = qbs;
-    a.kv_block_size = kvbs;
+    a.Lq = m.Lq;
+    a.Lkv = m.Lkv;
+    a.q_block_size = m.q_block_size;
+    a.kv_block_size = m.kv_block_size;
+    a.ranges = todo_ranges.data();
     a.mod = bound.args();
     const int64_t n = int64_t(out.size());
     tbb::parallel_for(tbb::blocked_range<int64_t>(0, n, 16),
@@ -176,7 +185,97 @@ BlockMask create_block_mask(const ModSet& mods, const ModBindings& bind, int64_t
     stats->ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     stats->classify_cache = classify_cache;
   }
+}
+
+}  // namespace
+
+BlockMask create_block_mask(const ModSet& mods, const ModBindings& bind, int64_t B, int64_t H, int64_t Lq,
+                            int64_t Lkv, int64_t qbs, int64_t kvbs, BlockMaskBuildStats* stats) {
+  auto t0 = std::chrono::steady_clock::now();
+  if (!mods.mask_mod) throw Error("create_block_mask needs a mask_mod");
+  validate(mods);
+  check_sizes(B, H, Lq, Lkv, qbs, kvbs);
+  BoundMods bound(mods, bind);  // checks every binding up front
+
+  BlockMask m = make_geometry(ir::uses_var(mods.mask_mod, ir::Var::B) ? B : 1,
+                              ir::uses_var(mods.mask_mod, ir::Var::H) ? H : 1, Lq, Lkv, qbs, kvbs);
+  const int64_t QB = m.num_q_blocks;
+  classify_into(
+      m, mods, bind, bound,
+      [&](int64_t r, int64_t kb) {
+        const int64_t qb = r % QB, h = (r / QB) % m.H, b = r / (QB * m.H);
+        return BlockRange{b, h, qb * qbs, std::min(Lq, (qb + 1) * qbs), kb * kvbs, std::min(Lkv, (kb + 1) * kvbs)};
+      },
+      stats, t0);
   return m;
+}
+
+BlockMask create_paged_block_mask(const ModSet& mods, const ModBindings& bind, int64_t B, int64_t H, int64_t Lq,
+                                  const std::vector<int64_t>& seq_lens, int64_t kvbs, BlockMaskBuildStats* stats) {
+  auto t0 = std::chrono::steady_clock::now();
+  if (!mods.mask_mod) throw Error("create_block_mask needs a mask_mod");
+  validate(mods);
+  if (int64_t(seq_lens.size()) != B) internal_error(__FILE__, __LINE__, "one seq_len per sequence");
+  const int64_t max_len = std::max<int64_t>(1, *std::max_element(seq_lens.begin(), seq_lens.end()));
+  check_sizes(B, H, Lq, max_len, Lq, kvbs);
+  BoundMods bound(mods, bind);
+
+  // One q-block per sequence holding its Lq rows at their absolute positions; sequences of
+  // different lengths differ even when the mask_mod does not read b.
+  const bool same_len = std::all_of(seq_lens.begin(), seq_lens.end(), [&](int64_t l) { return l == seq_lens[0]; });
+  const bool per_b = ir::uses_var(mods.mask_mod, ir::Var::B) || !same_len;
+  BlockMask m = make_geometry(per_b ? B : 1, ir::uses_var(mods.mask_mod, ir::Var::H) ? H : 1, Lq, max_len, Lq, kvbs);
+  classify_into(
+      m, mods, bind, bound,
+      [&](int64_t r, int64_t kb) {
+        const int64_t h = r % m.H, b = r / m.H, len = seq_lens[size_t(b)];
+        // len 0: no keys, no queries (a padding slot): every block empty.
+        const int64_t q0 = len > 0 ? len - Lq : 0, q1 = len > 0 ? len : 0;
+        return BlockRange{b, h, q0, q1, kb * kvbs, std::min(len, (kb + 1) * kvbs)};
+      },
+      stats, t0);
+  return m;
+}
+
+void check_block_mask(const BlockMask& m, int64_t B, int64_t H, int64_t Lq, int64_t Lkv, int64_t block_m,
+                      int64_t block_n, const std::string& who) {
+  auto require = [&](bool ok, const std::string& msg) {
+    if (!ok) throw Error(who + ": " + msg);
+  };
+  require(m.B == 1 || m.B == B, "block_mask has B=" + std::to_string(m.B) + " but q has batch " + std::to_string(B) +
+                                    " (use 1 to broadcast)");
+  require(m.H == 1 || m.H == H, "block_mask has H=" + std::to_string(m.H) + " but q has " + std::to_string(H) +
+                                    " heads (use 1 to broadcast)");
+  // Blocks were classified over [0, m.Lq) x [0, m.Lkv): a mask for shorter lengths is wrong for
+  // the extra positions even when its blocks happen to cover them.
+  require(m.Lq >= Lq && m.Lkv >= Lkv && m.num_q_blocks * m.q_block_size >= Lq && m.num_kv_blocks * m.kv_block_size >= Lkv,
+          "block_mask was built for Lq=" + std::to_string(m.Lq) + ", Lkv=" + std::to_string(m.Lkv) +
+              " but the call has Lq=" + std::to_string(Lq) + ", Lkv=" + std::to_string(Lkv) +
+              "; rebuild it for these lengths");
+  require(m.q_block_size % block_m == 0 && m.kv_block_size % block_n == 0,
+          "block_mask block size " + std::to_string(m.q_block_size) + "x" + std::to_string(m.kv_block_size) +
+              " must be a multiple of the kernel's BLOCK_M x BLOCK_N = " + std::to_string(block_m) + "x" +
+              std::to_string(block_n));
+  int64_t rows = m.B * m.H * m.num_q_blocks;
+  require(int64_t(m.kv_num_blocks.size()) == rows && int64_t(m.kv_indices.size()) == rows * m.kv_stride,
+          "block_mask arrays have inconsistent sizes");
+  require(m.full_kv_num_blocks.empty() ||
+              (int64_t(m.full_kv_num_blocks.size()) == rows &&
+               int64_t(m.full_kv_indices.size()) == rows * m.full_kv_stride),
+          "block_mask full-block arrays have inconsistent sizes");
+  // Indices are trusted by the kernel: check them once here so bad input cannot read out of bounds.
+  auto check_rows = [&](const std::vector<int32_t>& num, const std::vector<int32_t>& idx, int64_t stride) {
+    for (int64_t r = 0; r < rows; ++r) {
+      require(num[r] >= 0 && num[r] <= stride, "block_mask row " + std::to_string(r) + " lists " +
+                                                   std::to_string(num[r]) + " blocks, more than its width");
+      for (int32_t j = 0; j < num[r]; ++j) {
+        int32_t kb = idx[r * stride + j];
+        require(kb >= 0 && kb < m.num_kv_blocks, "block_mask index " + std::to_string(kb) + " out of range");
+      }
+    }
+  };
+  check_rows(m.kv_num_blocks, m.kv_indices, m.kv_stride);
+  if (!m.full_kv_num_blocks.empty()) check_rows(m.full_kv_num_blocks, m.full_kv_indices, m.full_kv_stride);
 }
 
 }  // namespace flexjit::runtime

@@ -45,10 +45,24 @@ BlockMask create_block_mask(const ModSet& mods, const ModBindings& bind, int64_t
                             int64_t Lq, int64_t Lkv, int64_t q_block_size = 128,
                             int64_t kv_block_size = 128, BlockMaskBuildStats* stats = nullptr);
 
+// For paged decoding: one q-block per sequence holding its Lq query rows at their absolute
+// positions seq_lens[b] - Lq .. seq_lens[b] - 1, against keys [0, seq_lens[b]) in blocks of
+// kv_block_size (blocks past a sequence's end are empty; seq_lens[b] = 0 leaves every block
+// empty). B is 1 only when the mask_mod does not read b and every sequence has the same length.
+BlockMask create_paged_block_mask(const ModSet& mods, const ModBindings& bind, int64_t B, int64_t H, int64_t Lq,
+                                  const std::vector<int64_t>& seq_lens, int64_t kv_block_size,
+                                  BlockMaskBuildStats* stats = nullptr);
+
 // A mask of this geometry with no index arrays yet (sizes checked, throws flexjit::Error):
 // the common start of every builder, including conversions from PyTorch's layout.
 BlockMask make_geometry(int64_t B, int64_t H, int64_t Lq, int64_t Lkv, int64_t q_block_size,
                         int64_t kv_block_size);
+
+// Checks that m fits a call of batch B, H query heads and lengths Lq x Lkv whose kernel tiles
+// are block_m x block_n (they must divide m's blocks), and that its index arrays are consistent
+// and in range (the kernels trust them). Throws flexjit::Error("<who>: ...") otherwise.
+void check_block_mask(const BlockMask& m, int64_t B, int64_t H, int64_t Lq, int64_t Lkv, int64_t block_m,
+                      int64_t block_n, const std::string& who);
 
 // Every block full: what a call with no mask_mod visits (mostly for tests and comparisons).
 BlockMask dense_block_mask(int64_t Lq, int64_t Lkv, int64_t q_block_size = 128,

@@ -21,12 +21,14 @@ struct FlexModArgs {
   int* error_flag;                   // set to 1 by a mod that indexed a buffer out of range
 };
 
-// One tile of scores for the mods, S^T layout: the score of (q_idx, kv_idx) =
-// (q0 + m, kv0 + n) is s[n * ld + m], for m < mvalid and n < nvalid (nothing else is read or
-// written; q_idx < Lq and kv_idx < Lkv always hold).
+// One tile of scores for the mods: the score of (q_idx, kv_idx) = (q0 + m, kv0 + n) is
+// s[n * ld + m * ld_m], for m < mvalid and n < nvalid (nothing else is read or written; q_idx
+// and kv_idx are always inside the call's query and KV ranges). The prefill kernels pass S^T
+// (ld_m = 1: query rows contiguous), the decode kernels S (ld = 1: keys contiguous); the mods
+// kernel vectorises along whichever is contiguous.
 struct FlexModTile {
   float* s;
-  fj_i64 ld;
+  fj_i64 ld, ld_m;
   fj_i64 b, h, q0, kv0;
   int mvalid, nvalid;
   int mask;  // 1: a partial block, evaluate mask_mod (masked -> -inf); 0: score_mod only
@@ -94,6 +96,65 @@ struct FlexPrefillArgs {
 // The runtime splits the item space across threads.
 typedef void (*FlexPrefillFn)(const struct FlexPrefillArgs*, fj_i64, fj_i64);
 
+// One flash-decoding launch (templates/cpu/flash_decode.h): a few query rows per sequence
+// (Lq <= 16) against a long KV, split into partitions of partition_size keys that run in
+// parallel. Work item = (b, h, row block, partition), linearised as
+//   item = ((b * H + h) * num_row_blocks + row_block) * num_partitions + partition,
+// H = Hkv with pack_gqa (an item's rows are the GQA_GROUP * Lq (head, query) pairs of one KV
+// head, so K and V are read once per group) or Hq without it (rows = the Lq queries of one head);
+// num_row_blocks = ceil(rows / BLOCK_M).
+//   q [B, Hq, Lq, D]   out [B, Hq, Lq, Dv]   lse [B, Hq, Lq] (fp32, natural log; null = not wanted)
+// KV, contiguous (block_table == null): k [Bkv, Hkv, Lkv, D], v [Bkv, Hkv, Lkv, Dv] with
+//   k_strides / v_strides over (b, h, position, d); Bkv is 1 or B; every sequence has Lkv keys
+//   and query i sits at q_idx = i.
+// KV, paged (block_table != null): k [num_pages, page_size, Hkv, D], v [..., Dv] with strides
+//   over (page, slot, h, d); key position n of sequence b lives in page
+//   block_table[b * block_table_stride + n / page_size], slot n % page_size. Sequence b has
+//   seq_lens[b] keys and query i sits at the absolute position q_idx = seq_lens[b] - Lq + i.
+//   The runtime has checked every page index a call can reach.
+// The last dim of k and v is contiguous (stride 1). Partition p covers keys
+// [p * partition_size, (p + 1) * partition_size) of its sequence (a multiple of BLOCK_N).
+// With ws_out == null (one partition) the kernel writes out and lse; otherwise each item writes
+// its partial state, which the runtime merges (runtime/merge.h):
+//   ws_out [num_items, BLOCK_M, Dv] fp32: the item's rows' softmax-normalised partial outputs
+//   ws_lse [num_items, BLOCK_M] fp32: their natural-log LSE (-inf when no key was kept: out 0)
+struct FlexDecodeArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;
+  fj_i64 B, Hq, Hkv, Lq, Lkv, Bkv;
+  fj_i64 q_strides[4];
+  fj_i64 k_strides[4];
+  fj_i64 v_strides[4];
+  fj_i64 out_strides[4];
+  fj_i64 lse_strides[3];
+  float scale;
+  const int* block_table;  // null: contiguous KV
+  fj_i64 block_table_stride, page_size;
+  const int* seq_lens;     // paged only
+  fj_i64 partition_size, num_partitions;
+  float* ws_out;
+  float* ws_lse;
+  // Block mask, as in FlexPrefillArgs; every row of an item uses q-block 0 of its (b, h) row
+  // (the runtime builds paged masks with one q-block holding the Lq rows at their positions).
+  const int* kv_num_blocks;
+  const int* kv_indices;
+  const int* full_kv_num_blocks;
+  const int* full_kv_indices;
+  fj_i64 mask_B, mask_H, mask_q_blocks, mask_kv_blocks;
+  fj_i64 mask_q_block_size, mask_kv_block_size;
+  fj_i64 kv_indices_stride, full_kv_indices_stride;
+  FlexApplyModsFn apply_mods;
+  int has_score_mod;
+  int has_mask_mod;
+  int pack_gqa;
+  struct FlexModArgs mod;
+};
+//   extern "C" void ENTRY(const FlexDecodeArgs* args, fj_i64 begin, fj_i64 end);
+typedef void (*FlexDecodeFn)(const struct FlexDecodeArgs*, fj_i64, fj_i64);
+
 // Block classification for building a BlockMask from a mask_mod without a dense mask:
 // classify(args, begin, end): for each item in [begin, end) (an index into the blocks array) it evaluates mask_mod over
 // the block's elements (clipped to Lq x Lkv) and writes out[i] = 0 (empty), 1 (partial) or
@@ -103,6 +164,9 @@ struct FlexClassifyArgs {
   signed char* out;   // [n]
   fj_i64 Lq, Lkv;
   fj_i64 q_block_size, kv_block_size;
+  // null, or [n][4] = q_begin, q_end, kv_begin, kv_end per block: the element ranges to classify
+  // instead of the ones the block indices give (paged decoding: absolute positions per sequence).
+  const fj_i64* ranges;
   struct FlexModArgs mod;
 };
 typedef void (*FlexClassifyFn)(const struct FlexClassifyArgs*, fj_i64, fj_i64);

@@ -40,6 +40,7 @@ static inline void fjk_apply_mods(float* st, const struct FlexPrefillArgs* a,
   if (a->apply_mods == nullptr || !(mask || a->has_score_mod)) return;
   struct FlexModTile tile;
   tile.ld = kMP;
+  tile.ld_m = 1;
   tile.b = it->b;
   tile.kv0 = kv0;
   tile.nvalid = nvalid;

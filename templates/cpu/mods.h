@@ -12,7 +12,10 @@
 #endif
 
 // ---- apply: s = score_mod(s) * log2 e, then mask_mod on partial blocks ----
-template <bool kMask>
+// kKeysInner: the tile's keys are contiguous (ld == 1, the decode layout), so the inner loop
+// runs along kv_idx; otherwise along q_idx (ld_m == 1, the prefill layout). Either way the
+// inner loop is the unit-stride one, which is what lets the mod body vectorise.
+template <bool kMask, bool kKeysInner>
 static void fjk_apply_tile(const struct FlexModTile* t, const struct FlexModArgs* shared) {
   // The mods record errors in a local flag (no atomic store in the loop, so it vectorises);
   // the shared flag is raised once per tile.
@@ -20,44 +23,58 @@ static void fjk_apply_tile(const struct FlexModTile* t, const struct FlexModArgs
   struct FlexModArgs local = *shared;
   local.error_flag = &bad;
   const struct FlexModArgs* mod = &local;
-  const fj_i64 b = t->b, h = t->h, q0 = t->q0;
-  const int mvalid = t->mvalid;
+  const fj_i64 b = t->b, h = t->h, q0 = t->q0, kv0 = t->kv0;
+  const int outer = kKeysInner ? t->mvalid : t->nvalid;
+  const int inner = kKeysInner ? t->nvalid : t->mvalid;
+  const fj_i64 ld_outer = kKeysInner ? t->ld_m : t->ld;
   FJK_ROLLED_LOOP
-  for (int n = 0; n < t->nvalid; ++n) {
-    float* __restrict row = t->s + n * t->ld;
-    const fj_i64 kv_idx = t->kv0 + n;
+  for (int o = 0; o < outer; ++o) {
+    float* __restrict row = t->s + o * ld_outer;
 #pragma clang loop interleave(disable) unroll(disable)
-    for (int m = 0; m < mvalid; ++m) {
-      float s = row[m];
+    for (int i = 0; i < inner; ++i) {
+      const fj_i64 q_idx = kKeysInner ? q0 + o : q0 + i;
+      const fj_i64 kv_idx = kKeysInner ? kv0 + i : kv0 + o;
+      float s = row[i];
 #if FLEXJIT_HAS_SCORE_MOD
-      s = flexjit_score_mod(s, b, h, q0 + m, kv_idx, mod) * FJK_LOG2E;
+      s = flexjit_score_mod(s, b, h, q_idx, kv_idx, mod) * FJK_LOG2E;
 #endif
 #if FLEXJIT_HAS_MASK_MOD
-      if (kMask) s = flexjit_mask_mod(b, h, q0 + m, kv_idx, mod) ? s : FJK_NEG_INF;
+      if (kMask) s = flexjit_mask_mod(b, h, q_idx, kv_idx, mod) ? s : FJK_NEG_INF;
 #endif
-      row[m] = s;
+      row[i] = s;
+      (void)q_idx; (void)kv_idx;
     }
   }
   if (bad) __atomic_store_n(shared->error_flag, 1, __ATOMIC_RELAXED);
-  (void)mod; (void)b; (void)h; (void)q0;
+  (void)mod; (void)b; (void)h;
 }
 
 static void fjk_apply(const struct FlexModTile* t, const struct FlexModArgs* mod) {
-  if (FLEXJIT_HAS_MASK_MOD && t->mask)
-    fjk_apply_tile<true>(t, mod);
-  else if (FLEXJIT_HAS_SCORE_MOD)
-    fjk_apply_tile<false>(t, mod);
+  const bool keys_inner = t->ld == 1 && t->ld_m != 1;
+  if (FLEXJIT_HAS_MASK_MOD && t->mask) {
+    if (keys_inner) fjk_apply_tile<true, true>(t, mod);
+    else fjk_apply_tile<true, false>(t, mod);
+  } else if (FLEXJIT_HAS_SCORE_MOD) {
+    if (keys_inner) fjk_apply_tile<false, true>(t, mod);
+    else fjk_apply_tile<false, false>(t, mod);
+  }
 }
 
 // ---- classify ----
 // 0 / 1 / 2 for one block. Rows are counted in full (a branch-free, vectorisable loop over
 // kv_idx); the scan stops after the first row at which both a kept and a masked element
 // have been seen, since the block is then partial whatever the rest holds.
-static inline signed char fjk_classify_block(const struct FlexClassifyArgs* a, fj_i64 b,
+static inline signed char fjk_classify_block(const struct FlexClassifyArgs* a, fj_i64 i, fj_i64 b,
                                              fj_i64 h, fj_i64 qb, fj_i64 kb) {
-  const fj_i64 q0 = qb * a->q_block_size, kv0 = kb * a->kv_block_size;
-  const fj_i64 q1 = q0 + a->q_block_size < a->Lq ? q0 + a->q_block_size : a->Lq;
-  const fj_i64 kv1 = kv0 + a->kv_block_size < a->Lkv ? kv0 + a->kv_block_size : a->Lkv;
+  fj_i64 q0 = qb * a->q_block_size, kv0 = kb * a->kv_block_size;
+  fj_i64 q1 = q0 + a->q_block_size < a->Lq ? q0 + a->q_block_size : a->Lq;
+  fj_i64 kv1 = kv0 + a->kv_block_size < a->Lkv ? kv0 + a->kv_block_size : a->Lkv;
+  if (a->ranges != nullptr) {
+    q0 = a->ranges[4 * i];
+    q1 = a->ranges[4 * i + 1];
+    kv0 = a->ranges[4 * i + 2];
+    kv1 = a->ranges[4 * i + 3];
+  }
   if (q0 >= q1 || kv0 >= kv1) return 0;  // clipped block is empty
 #if FLEXJIT_HAS_MASK_MOD
   int bad = 0;  // as in fjk_apply_tile: a local error flag, raised once per block
@@ -85,7 +102,7 @@ static inline signed char fjk_classify_block(const struct FlexClassifyArgs* a, f
 static void fjk_classify(const struct FlexClassifyArgs* a, fj_i64 begin, fj_i64 end) {
   for (fj_i64 i = begin; i < end; ++i) {
     const int* blk = a->blocks + 4 * i;
-    a->out[i] = fjk_classify_block(a, blk[0], blk[1], blk[2], blk[3]);
+    a->out[i] = fjk_classify_block(a, i, blk[0], blk[1], blk[2], blk[3]);
   }
 }
 

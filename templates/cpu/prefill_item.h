@@ -1,5 +1,5 @@
-// Shared by the CPU prefill kernel's parts: the element type and one work item's coordinates.
-// Preceded in the TU by the spec macros, mod_abi.h and cpu/common.h; followed by one engine
+// Shared by the CPU prefill kernel's parts: one work item's coordinates. Preceded in the TU by
+// the spec macros, mod_abi.h, cpu/common.h and cpu/elem.h; followed by one engine
 // (cpu/prefill_fma.h or cpu/prefill_amx.h: the tile scratch, packing and the two matmuls) and
 // the driver (cpu/flash_prefill.h).
 
@@ -8,19 +8,8 @@
 #error "the prefill kernel needs the spec macros defined before it"
 #endif
 
-#if FLEXJIT_DTYPE == 0
-typedef float fjk_elem;
-#elif FLEXJIT_DTYPE == 1
-typedef unsigned short fjk_elem;  // bf16 bits
-#elif FLEXJIT_DTYPE == 2
-typedef _Float16 fjk_elem;
-#else
-#error "FLEXJIT_DTYPE must be 0 (fp32), 1 (bf16) or 2 (fp16)"
-#endif
-
 static_assert(HEAD_DIM >= 1 && HEAD_DIM_V >= 1 && BLOCK_M >= 1 && BLOCK_N >= 1, "bad spec");
 static_assert(GQA_GROUP >= 1, "bad GQA_GROUP");
-static constexpr int fjk_round_up(int x, int g) { return (x + g - 1) / g * g; }
 
 // One work item's coordinates and base pointers. Without pack_gqa the tile's rows are query
 // rows q0.. of head hq. With pack_gqa (decode: a few query rows, GQA) they are the GQA_GROUP * Lq

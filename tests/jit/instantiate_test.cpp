@@ -135,10 +135,16 @@ INSTANTIATE_TEST_SUITE_P(
                       CompileCase{KernelKind::Prefill, DType::BF16, 128, 128},
                       CompileCase{KernelKind::Prefill, DType::F16, 80, 48},
                       CompileCase{KernelKind::Prefill, DType::F32, 256, 256},
+                      CompileCase{KernelKind::Decode, DType::F32, 64, 64},
+                      CompileCase{KernelKind::Decode, DType::F32, 1, 1},
+                      CompileCase{KernelKind::Decode, DType::BF16, 128, 128},
+                      CompileCase{KernelKind::Decode, DType::BF16, 80, 48},
+                      CompileCase{KernelKind::Decode, DType::F16, 256, 24},
                       CompileCase{KernelKind::Mods, DType::F32, 64, 64}),
     [](const auto& info) {
       const CompileCase& c = info.param;
-      return std::string(c.kind == KernelKind::Prefill ? "prefill_" : "mods_") + dtype_name(c.dtype) + "_d" +
+      const char* kind = c.kind == KernelKind::Prefill ? "prefill_" : c.kind == KernelKind::Decode ? "decode_" : "mods_";
+      return std::string(kind) + dtype_name(c.dtype) + "_d" +
              std::to_string(c.d) + "_dv" + std::to_string(c.dv);
     });
 

@@ -12,7 +12,7 @@
 #include "runtime/attention.h"
 #include "runtime/reference.h"
 #include "score_mods/registry.h"
-#include "tests/tolerances.h"
+#include "tests/support/numerics.h"
 
 namespace flexjit {
 namespace {
@@ -28,6 +28,7 @@ struct Case {
   int64_t mask_block = 0;           // BlockMask block size (0 = default)
   int use_amx = -1;                 // AttentionOptions::use_amx (1: skipped where AMX is unavailable)
   double scale = 0;                 // 0 = the default 1/sqrt(D)
+  bool force_prefill = false;       // FORCE_USE_FLEX_ATTENTION: the prefill kernel even for decode shapes
 };
 
 std::string name_of(const Case& c) {
@@ -48,39 +49,12 @@ std::string name_of(const Case& c) {
   if (c.mask_block) n += "_mb" + std::to_string(c.mask_block);
   if (c.use_amx >= 0) n += "_amx" + std::to_string(c.use_amx);
   if (c.scale != 0) n += c.scale < 0 ? "_negscale" : "_scale";
+  if (c.force_prefill) n += "_prefill";
   return n;
 }
 
-// A 4-D tensor [d0, d1, d2, d3]; when `strided`, memory is [d0, d2, d1, d3] (BLHD) instead.
-OwnedTensor make_tensor(DType dt, int64_t d0, int64_t d1, int64_t d2, int64_t d3, bool strided, uint64_t seed) {
-  OwnedTensor t = OwnedTensor::make("t", dt, strided ? std::vector<int64_t>{d0, d2, d1, d3}
-                                                      : std::vector<int64_t>{d0, d1, d2, d3});
-  fill_random(t.view, seed);
-  if (strided) {
-    std::swap(t.view.sizes[1], t.view.sizes[2]);
-    std::swap(t.view.strides[1], t.view.strides[2]);
-  }
-  return t;
-}
-
-double round_to(DType dt, double x) {
-  if (dt == DType::BF16) {
-    float f = float(x);
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    u += 0x7fff + ((u >> 16) & 1);
-    u &= 0xffff0000u;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  if (dt == DType::F16) return double(static_cast<_Float16>(float(x)));
-  return double(float(x));
-}
-
-TracedMod resolve(const std::string& s, ModKind kind, const ShapeInfo& shape, std::vector<OwnedTensor>* storage) {
-  if (has_mod(s)) return instantiate_example(find_mod(s), shape, storage);
-  return parse_mod(s, kind, {}, {});
-}
+using testing::make_tensor;
+using testing::round_to;
 
 void run_case(const Case& c) {
   SCOPED_TRACE(name_of(c));
@@ -95,8 +69,8 @@ void run_case(const Case& c) {
   ShapeInfo shape{c.B, c.Hq, c.Hkv, c.Lq, c.Lkv};
   std::vector<OwnedTensor> storage;
   TracedMod sm, mm;
-  if (!c.score_mod.empty()) sm = resolve(c.score_mod, ModKind::Score, shape, &storage);
-  if (!c.mask_mod.empty()) mm = resolve(c.mask_mod, ModKind::Mask, shape, &storage);
+  if (!c.score_mod.empty()) sm = testing::resolve_mod(c.score_mod, ModKind::Score, shape, &storage);
+  if (!c.mask_mod.empty()) mm = testing::resolve_mod(c.mask_mod, ModKind::Mask, shape, &storage);
   auto [mods, bind] = combine(c.score_mod.empty() ? nullptr : &sm, c.mask_mod.empty() ? nullptr : &mm);
 
   AttentionOptions opt;
@@ -105,6 +79,7 @@ void run_case(const Case& c) {
   opt.block_n = c.block_n;
   opt.use_amx = c.use_amx;
   if (c.scale != 0) opt.scale = c.scale;
+  opt.force_prefill = c.force_prefill;
   runtime::BlockMask mask;
   const runtime::BlockMask* mp = nullptr;
   if (c.mask_block && mods.has_mask_mod()) {
@@ -114,36 +89,14 @@ void run_case(const Case& c) {
   AttentionReport rep;
   flex_attention(q.view, k.view, v.view, out.view, &lse.view, mods, bind, mp, opt, &rep);
   if (c.use_amx >= 0) EXPECT_EQ(rep.amx, c.use_amx == 1) << "engine";
+  const bool decode = c.Lq <= 16 && !c.force_prefill && c.use_amx != 1 &&
+                      (!mp || (mp->q_block_size >= c.Lq && mp->kv_block_size % 16 == 0));
+  EXPECT_EQ(rep.path, decode ? "decode" : "prefill") << "the dispatch rule";
 
   double scale = c.scale != 0 ? c.scale : 1.0 / std::sqrt(double(c.D));
   RefResult gold = reference_attention(q.view, k.view, v.view, mods, bind, scale);
   RefResult base = reference_attention(q.view, k.view, v.view, mods, bind, scale, /*fp32=*/true);
-  std::vector<double> got = to_doubles(out.view), got_lse = to_doubles(lse.view);
-  auto tol = testing::output_tolerance(c.dtype);
-  double err_sum = 0, base_sum = 0;
-  int bad = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    double g = gold.out[i], e = std::fabs(got[i] - g);
-    ASSERT_FALSE(std::isnan(got[i])) << "NaN in output at " << i;
-    err_sum += e;
-    base_sum += std::fabs(round_to(c.dtype, base.out[i]) - g);
-    if (e > tol.atol + tol.rtol * std::fabs(g) && ++bad <= 5)
-      ADD_FAILURE() << "out[" << i << "] = " << got[i] << ", reference " << g;
-  }
-  EXPECT_EQ(bad, 0) << "elements out of tolerance";
-  double n = double(std::max<size_t>(1, got.size()));
-  EXPECT_LE(err_sum / n, testing::kBaselineFactor * base_sum / n + testing::kMeanFloor)
-      << "mean error vs the fp32 baseline's";
-  for (size_t i = 0; i < got_lse.size(); ++i) {
-    double g = gold.lse[i];
-    if (std::isinf(g)) {
-      EXPECT_TRUE(std::isinf(got_lse[i]) && got_lse[i] < 0) << "lse[" << i << "] of a fully masked row";
-    } else {
-      EXPECT_NEAR(got_lse[i], g, testing::kLseTolerance.atol + testing::kLseTolerance.rtol * std::fabs(g) +
-                                     (c.dtype == DType::F32 ? 0 : 1e-4))
-          << "lse[" << i << "]";
-    }
-  }
+  testing::expect_matches_reference(out.view, &lse.view, gold, base, c.dtype);
 }
 
 class Numerics : public ::testing::TestWithParam<Case> {};
@@ -266,6 +219,7 @@ std::vector<Case> special_cases() {
   // tiles), mods that read h and q_idx, masks (built per call, broadcast over heads), a mask
   // that reads h (no packing), and a per-head BlockMask passed in (no packing).
   {
+    const size_t first_decode = out.size();
     Case d = c;
     d.B = d.Bkv = 2;
     d.Hq = 6;
@@ -296,6 +250,13 @@ std::vector<Case> special_cases() {
     d.mask_mod = "sliding_window";
     d.mask_block = 64;
     out.push_back(d);
+    // The same decode shapes on the prefill kernel (FORCE_USE_FLEX_ATTENTION), GQA packed there.
+    const size_t end = out.size();
+    for (size_t i = first_decode; i < end; ++i) {
+      Case p = out[i];
+      p.force_prefill = true;
+      out.push_back(p);
+    }
   }
   return out;
 }

@@ -189,12 +189,26 @@ TEST(Errors, Options) {
   Call c;
   c.opt.scale = std::nan("");
   expect_error([&] { c.run(); }, {"scale must be finite"});
+  // The prefill kernel's blocks (FORCE_USE_FLEX_ATTENTION: these 16-row calls would decode).
   Call d;
+  d.opt.force_prefill = true;
   d.opt.block_m = 1000;
   expect_error([&] { d.run(); }, {"BLOCK_M must be in 1..256", "1000"});
   Call e;
+  e.opt.force_prefill = true;
   e.opt.block_n = -4;
   expect_error([&] { e.run(); }, {"BLOCK_N in 1..512"});
+  // The decode kernel's: BLOCK_M is its query rows per work item, BLOCK_N a multiple of 16.
+  Call dd;
+  dd.opt.block_m = 1000;
+  expect_error([&] { dd.run(); }, {"decode kernel takes BLOCK_M (query rows per work item) in 1..128", "1000"});
+  Call de;
+  de.opt.block_n = 40;
+  expect_error([&] { de.run(); }, {"decode kernel needs BLOCK_N a multiple of 16", "FORCE_USE_FLEX_ATTENTION"});
+  Call dp;
+  dp.opt.block_n = 32;
+  dp.opt.partition_size = 48;
+  expect_error([&] { dp.run(); }, {"PARTITION_SIZE must be a positive multiple of 32", "got 48"});
   // Blocks in range whose stack scratch would not fit: a message, not a compile error.
   Call f;
   f.q = tensor(DType::F32, {1, 1, 4, 256}, 1);
@@ -202,6 +216,7 @@ TEST(Errors, Options) {
   f.v = tensor(DType::F32, {1, 1, 4, 256}, 3);
   f.out = tensor(DType::F32, {1, 1, 4, 256});
   f.with_lse = false;
+  f.opt.force_prefill = true;
   f.opt.block_m = 256;
   f.opt.block_n = 512;
   expect_error([&] { f.run(); }, {"256x512", "D=256", "over the kernel's 1 MiB", "use smaller blocks"});
@@ -212,6 +227,7 @@ TEST(Errors, Options) {
   g.v = tensor(DType::BF16, {1, 1, 4, 128}, 3);
   g.out = tensor(DType::BF16, {1, 1, 4, 128});
   g.with_lse = false;
+  g.opt.force_prefill = true;
   g.opt.block_m = 256;
   g.opt.block_n = 512;
   expect_error([&] { g.run(); }, {"256x512", "D=128", "over the kernel's 1 MiB"});
@@ -262,6 +278,7 @@ TEST(Errors, BlockMaskBlocksMustTileTheKernelBlocks) {
   runtime::BlockMask m = runtime::create_block_mask(mods, bind, 1, 2, 16, 16);  // 128 x 128
   c.mods = mods;
   c.mask = &m;
+  c.opt.force_prefill = true;  // the prefill kernel's tiles (this 16-row call would decode)
   c.opt.block_n = 48;
   expect_error(
       [&] { c.run(); },
@@ -270,6 +287,10 @@ TEST(Errors, BlockMaskBlocksMustTileTheKernelBlocks) {
   c.opt.block_n = 0;
   c.opt.block_m = 96;
   expect_error([&] { c.run(); }, {"must be a multiple of the kernel's BLOCK_M x BLOCK_N = 96x"});
+  // The decode kernel's key blocks must tile the mask's KV blocks too.
+  c.opt = {};
+  c.opt.block_n = 96;
+  expect_error([&] { c.run(); }, {"block_mask kv block size 128 must be a multiple of BLOCK_N = 96"});
   // Without an explicit BLOCK_N the kernel adapts to the mask.
   runtime::BlockMask m48 = runtime::create_block_mask(mods, bind, 1, 2, 16, 16, 48, 48);
   c.opt = {};

@@ -1,0 +1,127 @@
+#include "runtime/tuning.h"
+
+#include <tbb/info.h>
+
+#include <algorithm>
+#include <numeric>
+
+namespace flexjit::runtime {
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t x, int64_t m) { return ceil_div(x, m) * m; }
+
+// The query rows per work item: all of a unit's rows up to 64 (more rows per item read the
+// keys fewer times; the scratch stays well under its 1 MiB).
+int default_block_m(const DecodeShape& s) { return int(std::min<int64_t>(s.rows, 64)); }
+
+// The unit every partition size must be a multiple of.
+int64_t partition_quantum(const DecodeShape& s, int block_n) {
+  return s.paged && s.page_size > 0 ? std::lcm(int64_t(block_n), s.page_size) : int64_t(block_n);
+}
+
+}  // namespace
+
+int planned_threads(const AttentionOptions& opt) {
+  return opt.num_threads > 0 ? opt.num_threads : tbb::info::default_concurrency();
+}
+
+void finish_partitions(const DecodeShape& s, DecodeKnobs* k) {
+  const int64_t q = partition_quantum(s, k->block_n);
+  const int64_t lkv = std::max<int64_t>(s.lkv, 1);
+  if (k->partition_size <= 0 || k->partition_size >= lkv) k->partition_size = round_up(lkv, q);
+  k->partition_size = std::max(q, round_up(k->partition_size, q));
+  k->num_partitions = ceil_div(lkv, k->partition_size);
+}
+
+DecodeKnobs default_decode_knobs(const DecodeShape& s) {
+  DecodeKnobs k;
+  k.block_m = default_block_m(s);
+  k.block_n = 128;
+  k.tuning = "default";
+  // Items = units x row blocks x partitions, each ~partition_size keys. With too few items some
+  // threads idle (B = 1 and one KV head: one thread of many); with too many the per-partition
+  // costs (packing Q, writing and merging a partial state) add up. Take the fewest partitions
+  // whose items load the threads to >= 90% (items / (threads * rounds)), with partitions of at
+  // least 256 keys.
+  const int64_t units = std::max<int64_t>(1, s.units * ceil_div(s.rows, k.block_m));
+  const int64_t threads = std::max(1, s.threads);
+  const int64_t lkv = std::max<int64_t>(s.lkv, 1);
+  const int64_t max_parts = std::max<int64_t>(1, lkv / std::max<int64_t>(256, partition_quantum(s, k.block_n)));
+  DecodeKnobs best = k;
+  double best_load = -1;
+  for (int64_t parts = 1; parts <= max_parts; ++parts) {
+    DecodeKnobs c = k;
+    c.partition_size = ceil_div(lkv, parts);
+    finish_partitions(s, &c);  // rounding the size up may leave fewer partitions than asked
+    const int64_t items = units * c.num_partitions;
+    const double load = double(items) / double(threads * ceil_div(items, threads));
+    if (load > best_load + 1e-9) best = c, best_load = load;
+    if (load >= 0.9) break;
+  }
+  return best;
+}
+
+TuningBucket decode_bucket(const DecodeShape& s) {
+  TuningBucket b;
+  b.path = "decode";
+  b.dtype = s.dtype;
+  b.head_dim = s.head_dim;
+  b.head_dim_v = s.head_dim_v;
+  b.gqa_group = s.gqa_group;
+  b.lq = s.lq;
+  b.lkv = s.lkv;
+  b.work = s.units;
+  b.paged = s.paged;
+  b.threads = s.threads;
+  b.engine = "dot";
+  return b;
+}
+
+DecodeKnobs plan_decode(const DecodeShape& s, const AttentionOptions& opt) {
+  if (opt.block_n && (opt.block_n % 16 || opt.block_n < 16 || opt.block_n > 512))
+    throw Error("the decode kernel needs BLOCK_N a multiple of 16 in 16..512, got " + std::to_string(opt.block_n) +
+                " (or pass FORCE_USE_FLEX_ATTENTION to run the prefill kernel)");
+  if (opt.block_m && (opt.block_m < 1 || opt.block_m > 128))
+    throw Error("the decode kernel takes BLOCK_M (query rows per work item) in 1..128, got " +
+                std::to_string(opt.block_m));
+  DecodeKnobs k = default_decode_knobs(s);
+  if (opt.partition_size == 0 && !opt.block_n) {
+    if (auto t = TuningDb::global().lookup(decode_bucket(s))) {
+      if (t->block_n % 16 == 0 && t->block_n >= 16 && t->block_n <= 512 && t->partition_size > 0) {
+        k.block_n = t->block_n;
+        k.partition_size = t->partition_size;
+        k.tuning = "tuned";
+        finish_partitions(s, &k);
+      }
+    }
+  }
+  if (opt.block_m) k.block_m = opt.block_m;
+  if (opt.block_n || opt.partition_size) {
+    k.tuning = "user";
+    if (opt.block_n) {
+      k.block_n = opt.block_n;
+    } else if (opt.partition_size % k.block_n) {
+      // A PARTITION_SIZE alone brings blocks that tile it: the largest multiple of 16 dividing both.
+      k.block_n = int(std::gcd(int64_t(k.block_n), opt.partition_size));
+      if (k.block_n % 16)
+        throw Error("PARTITION_SIZE must be a positive multiple of 16 (the decode kernel's key blocks), got " +
+                    std::to_string(opt.partition_size));
+    }
+    const int64_t q = partition_quantum(s, k.block_n);
+    if (opt.partition_size) {
+      if (opt.partition_size < 0 || opt.partition_size % q)
+        throw Error("PARTITION_SIZE must be a positive multiple of " + std::to_string(q) + " (BLOCK_N = " +
+                    std::to_string(k.block_n) +
+                    (s.paged ? ", page size " + std::to_string(s.page_size) : std::string()) + "), got " +
+                    std::to_string(opt.partition_size));
+      k.partition_size = opt.partition_size;
+    } else if (k.partition_size % q) {
+      k.partition_size = round_up(k.partition_size, q);
+    }
+    finish_partitions(s, &k);
+  }
+  return k;
+}
+
+}  // namespace flexjit::runtime

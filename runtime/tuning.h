@@ -1,0 +1,55 @@
+// Where a call's kernel knobs come from: the user (kernel options), the tuning database
+// (`flexjit tune`, runtime/tuning_db.h) or the cost model below. The planners here are the
+// database's only readers; `flexjit tune` (runtime/autotune.h) is its only writer.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "jit/types.h"
+#include "runtime/attention.h"
+#include "runtime/tuning_db.h"
+
+namespace flexjit::runtime {
+
+// What the decode planner needs to know of a call.
+struct DecodeShape {
+  DType dtype = DType::F32;
+  int head_dim = 64, head_dim_v = 64, gqa_group = 1;
+  int64_t lq = 1;           // query rows per sequence
+  int64_t rows = 1;         // query rows per (b, head) work unit: GQA_GROUP * Lq when packed, else Lq
+  int64_t lkv = 1;          // keys of the longest sequence
+  int64_t units = 1;        // independent (b, head) units: B * (Hkv if packed else Hq)
+  bool paged = false;
+  int64_t page_size = 0;    // paged only: PARTITION_SIZE must be a multiple of it
+  int threads = 1;
+};
+
+struct DecodeKnobs {
+  int block_m = 0;              // query rows per work item
+  int block_n = 0;              // keys per block (multiple of 16)
+  int64_t partition_size = 0;   // keys per partition (multiple of BLOCK_N and of the page size)
+  int64_t num_partitions = 1;
+  std::string tuning;           // "user", "tuned" or "default": where PARTITION_SIZE and BLOCK_N came from
+};
+
+// The decode knobs of a call: kernel options first (opt.partition_size, opt.block_m, opt.block_n),
+// then the tuning database's entry for the shape's bucket, then the cost model. Throws
+// flexjit::Error for user choices that cannot work (not a multiple of 16 / the page size, ...).
+DecodeKnobs plan_decode(const DecodeShape& s, const AttentionOptions& opt);
+
+// The cost model alone: BLOCK_N = 128; the fewest partitions (each >= 256 keys) that keep every
+// thread busy to within ~10% (work items = units x partitions spread over `threads`).
+DecodeKnobs default_decode_knobs(const DecodeShape& s);
+
+// Rounds a requested PARTITION_SIZE to what the shape allows (a multiple of BLOCK_N and the page
+// size, at least one block) and fills num_partitions.
+void finish_partitions(const DecodeShape& s, DecodeKnobs* k);
+
+// The tuning database bucket of a decode shape (engine "dot").
+TuningBucket decode_bucket(const DecodeShape& s);
+
+// The threads a call runs on: opt.num_threads if set, else TBB's default concurrency.
+int planned_threads(const AttentionOptions& opt);
+
+}  // namespace flexjit::runtime

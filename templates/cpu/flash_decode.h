@@ -1,0 +1,237 @@
+// CPU flash decoding with FlexAttention score_mod / mask_mod: the driver.
+//
+// Preceded in the TU by the spec macros (FLEXJIT_DTYPE, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
+// GQA_GROUP, FLEXJIT_ENTRY), mod_abi.h, cpu/common.h, cpu/elem.h and the engine
+// cpu/decode_dot.h (scratch, Q K^T, softmax, P V). Like the prefill kernel it contains no mod
+// code: the mods are the separately compiled FlexApplyModsFn, called once per visited block.
+//
+// One work item = the rows of one (b, h, row block) against one partition of the sequence's
+// keys (FlexDecodeArgs in mod_abi.h). Per visited block of BLOCK_N keys the steps are the
+// prefill kernel's (flash_prefill.h), on S instead of S^T:
+//   S   = (scale [* log2 e]) Q K^T;  S = score_mod(S), mask  (-inf where masked)
+//   m'  = max(m, rowmax S);  P = 2^(S - m');  alpha = 2^(m - m')
+//   l   = l * alpha + rowsum P;  O = O * alpha + P V
+// and at the end of the partition either out = O / l, lse = ln 2 (m + log2 l) (one partition),
+// or the same pair in fp32 into the workspace, for the runtime's merge:
+//   out = sum_p e^(lse_p - lse) out_p,   lse = ln sum_p e^(lse_p).
+
+// One work item's coordinates.
+struct FjkDecItem {
+  fj_i64 b;          // sequence
+  fj_i64 hq0;        // query head of row 0 of the item's rows (first of the group if packed)
+  fj_i64 hkv;        // the KV head every row reads
+  fj_i64 r0;         // first row of this row block among the (b, h) rows
+  fj_i64 lq;         // query rows per head (Lq)
+  fj_i64 qoff;       // q_idx of query 0 (paged: seq_len - Lq; contiguous: 0)
+  fj_i64 len;        // the sequence's number of keys
+  int packed;        // rows are (head, query) pairs of a GQA group
+  int mvalid;        // rows of this item
+};
+// Row r of the item: query head and query index (0 .. Lq).
+static inline fj_i64 fjk_dec_head(const struct FjkDecItem* it, int r) {
+  return it->packed ? it->hq0 + (it->r0 + r) / it->lq : it->hq0;
+}
+static inline fj_i64 fjk_dec_query(const struct FjkDecItem* it, int r) {
+  return it->packed ? (it->r0 + r) % it->lq : it->r0 + r;
+}
+
+// Q rows of the item, times c, into the engine's Q scratch.
+static inline void fjk_dec_pack_q(const struct FlexDecodeArgs* a, const struct FjkDecItem* it,
+                                  float c, struct FjkDecTile* t) {
+  FJK_SCALAR_LOOP
+  for (int r = 0; r < it->mvalid; ++r)
+    fjk_dec_q_row(t, r,
+                  (const fjk_elem*)a->q + it->b * a->q_strides[0] + fjk_dec_head(it, r) * a->q_strides[1] +
+                      fjk_dec_query(it, r) * a->q_strides[2],
+                  a->q_strides[3], c);
+  fjk_dec_q_pad(t, it->mvalid);
+}
+
+// Row pointers of keys [kv0, kv0 + nvalid) into t->krow / t->vrow; pointers up to the next
+// multiple of 16 read the zero row. Paged caches are walked page by page (one division per
+// page, not per key).
+static inline void fjk_dec_rows(const struct FlexDecodeArgs* a, const struct FjkDecItem* it,
+                                const fjk_elem** krow, const fjk_elem** vrow, const fjk_elem* zero_row,
+                                fj_i64 kv0, int nvalid) {
+  const fjk_elem* kb = (const fjk_elem*)a->k;
+  const fjk_elem* vb = (const fjk_elem*)a->v;
+  if (a->block_table == nullptr) {
+    const fj_i64 bk = a->Bkv == 1 ? 0 : it->b;
+    const fjk_elem* k = kb + bk * a->k_strides[0] + it->hkv * a->k_strides[1] + kv0 * a->k_strides[2];
+    const fjk_elem* v = vb + bk * a->v_strides[0] + it->hkv * a->v_strides[1] + kv0 * a->v_strides[2];
+    FJK_SCALAR_LOOP
+    for (int n = 0; n < nvalid; ++n) {
+      krow[n] = k + n * a->k_strides[2];
+      vrow[n] = v + n * a->v_strides[2];
+    }
+  } else {
+    const int* pages = a->block_table + it->b * a->block_table_stride;
+    const fj_i64 ps = a->page_size;
+    int n = 0;
+    while (n < nvalid) {
+      const fj_i64 pos = kv0 + n, page = pages[pos / ps], slot = pos % ps;
+      const int run = ps - slot < nvalid - n ? (int)(ps - slot) : nvalid - n;
+      const fjk_elem* k = kb + page * a->k_strides[0] + slot * a->k_strides[1] + it->hkv * a->k_strides[2];
+      const fjk_elem* v = vb + page * a->v_strides[0] + slot * a->v_strides[1] + it->hkv * a->v_strides[2];
+      FJK_SCALAR_LOOP
+      for (int j = 0; j < run; ++j) {
+        krow[n + j] = k + j * a->k_strides[1];
+        vrow[n + j] = v + j * a->v_strides[1];
+      }
+      n += run;
+    }
+  }
+  const int padded = (nvalid + 15) / 16 * 16;
+  FJK_SCALAR_LOOP
+  for (int n = nvalid; n < padded; ++n) krow[n] = vrow[n] = zero_row;
+}
+
+// score_mod and mask_mod on S rows [0, mvalid) x keys [0, nvalid): one call per run of rows of
+// one query head (keys contiguous: FlexModTile with ld = 1).
+static inline void fjk_dec_apply_mods(const struct FlexDecodeArgs* a, const struct FjkDecItem* it,
+                                      struct FjkDecTile* t, fj_i64 kv0, int nvalid, bool partial) {
+  const bool mask = partial && a->has_mask_mod;
+  if (a->apply_mods == nullptr || !(mask || a->has_score_mod)) return;
+  struct FlexModTile tile;
+  tile.ld = 1;
+  tile.ld_m = kNP;
+  tile.b = it->b;
+  tile.kv0 = kv0;
+  tile.nvalid = nvalid;
+  tile.mask = mask ? 1 : 0;
+  for (int r = 0; r < it->mvalid;) {
+    const fj_i64 q = fjk_dec_query(it, r);
+    const fj_i64 left = it->packed ? it->lq - q : it->mvalid - r;
+    const int run = left < it->mvalid - r ? (int)left : it->mvalid - r;
+    tile.s = t->s + r * kNP;
+    tile.h = fjk_dec_head(it, r);
+    tile.q0 = it->qoff + q;
+    tile.mvalid = run;
+    a->apply_mods(&tile, &a->mod);
+    r += run;
+  }
+}
+
+// One block of keys [kv0, kv0 + nvalid); the block at next_kv0 (next_n keys, 0: none) is
+// prefetched meanwhile. Not inlined: the walk calls it from two places.
+__attribute__((noinline)) static void fjk_dec_visit(const struct FlexDecodeArgs* a,
+                                                    const struct FjkDecItem* it,
+                                                    struct FjkDecTile* t, fj_i64 kv0, int nvalid,
+                                                    bool partial, fj_i64 next_kv0, int next_n) {
+  fjk_dec_rows(a, it, t->krow, t->vrow, t->zero_row, kv0, nvalid);
+  t->next_n = next_n;
+  if (next_n > 0) fjk_dec_rows(a, it, t->next_krow, t->next_vrow, t->zero_row, next_kv0, next_n);
+  fjk_dec_scores(t, it->mvalid, nvalid);
+  fjk_dec_apply_mods(a, it, t, kv0, nvalid, partial);
+  if (fjk_dec_softmax(t, it->mvalid, nvalid)) fjk_dec_pv(t, it->mvalid, nvalid);
+}
+
+// The walk over an item's blocks runs one block behind the blocks it is given, so each visit
+// knows the block after it.
+struct FjkDecWalk {
+  fj_i64 kv0;
+  int n;        // keys of the pending block (0: none pending)
+  bool partial;
+};
+static inline void fjk_dec_walk_to(const struct FlexDecodeArgs* a, const struct FjkDecItem* it,
+                                   struct FjkDecTile* t, struct FjkDecWalk* w, fj_i64 kv0, int n,
+                                   bool partial) {
+  if (w->n > 0) fjk_dec_visit(a, it, t, w->kv0, w->n, w->partial, kv0, n);
+  w->kv0 = kv0;
+  w->n = n;
+  w->partial = partial;
+}
+
+// Walks the BLOCK_N sub-blocks of `count` listed mask blocks that fall in [begin, end).
+__attribute__((noinline)) static void fjk_dec_walk_listed(const struct FlexDecodeArgs* a,
+                                                          const struct FjkDecItem* it,
+                                                          struct FjkDecTile* t, struct FjkDecWalk* w,
+                                                          const int* idx, int count, bool partial,
+                                                          fj_i64 begin, fj_i64 end) {
+  const fj_i64 mbs = a->mask_kv_block_size;
+  for (int j = 0; j < count; ++j) {
+    const fj_i64 base = (fj_i64)idx[j] * mbs;
+    if (base >= end || base + mbs <= begin) continue;
+    const fj_i64 lo = base > begin ? base : begin, hi = base + mbs < end ? base + mbs : end;
+    for (fj_i64 kv0 = lo; kv0 < hi; kv0 += BLOCK_N)
+      fjk_dec_walk_to(a, it, t, w, kv0, hi - kv0 < BLOCK_N ? (int)(hi - kv0) : BLOCK_N, partial);
+  }
+}
+
+// ---- one work item ----
+__attribute__((noinline)) static void fjk_dec_run_item(const struct FlexDecodeArgs* a,
+                                                       struct FjkDecTile* t, fj_i64 item) {
+  const fj_i64 heads = a->pack_gqa ? a->Hkv : a->Hq;
+  const fj_i64 rows = a->pack_gqa ? GQA_GROUP * a->Lq : a->Lq;
+  const fj_i64 row_blocks = (rows + BLOCK_M - 1) / BLOCK_M;
+  const fj_i64 p = item % a->num_partitions;
+  fj_i64 rest = item / a->num_partitions;
+  const fj_i64 rb = rest % row_blocks;
+  rest /= row_blocks;
+  const fj_i64 h = rest % heads, b = rest / heads;
+
+  struct FjkDecItem it;
+  it.b = b;
+  it.packed = a->pack_gqa;
+  it.hq0 = a->pack_gqa ? h * GQA_GROUP : h;
+  it.hkv = a->pack_gqa ? h : h / GQA_GROUP;
+  it.r0 = rb * BLOCK_M;
+  it.mvalid = rows - it.r0 < BLOCK_M ? (int)(rows - it.r0) : BLOCK_M;
+  it.lq = a->Lq;
+  it.len = a->block_table != nullptr ? (fj_i64)a->seq_lens[b] : a->Lkv;
+  it.qoff = a->block_table != nullptr ? it.len - a->Lq : 0;
+
+  // Scores carry `scale`, and log2 e as well when no score_mod needs the natural-scale score.
+  const bool score_mod = a->apply_mods != nullptr && a->has_score_mod;
+  fjk_dec_pack_q(a, &it, score_mod ? a->scale : a->scale * FJK_LOG2E, t);
+  fjk_dec_item_begin(t);
+
+  // An empty sequence (paged, seq_len 0) has no keys: every row is fully masked.
+  const fj_i64 begin = p * a->partition_size;
+  const fj_i64 end = begin + a->partition_size < it.len ? begin + a->partition_size : it.len;
+  struct FjkDecWalk walk = {0, 0, false};
+  if (begin < end) {
+    if (a->kv_num_blocks == nullptr) {
+      for (fj_i64 kv0 = begin; kv0 < end; kv0 += BLOCK_N)
+        fjk_dec_walk_to(a, &it, t, &walk, kv0, end - kv0 < BLOCK_N ? (int)(end - kv0) : BLOCK_N,
+                        a->has_mask_mod != 0);
+    } else {
+      const fj_i64 mb = a->mask_B == 1 ? 0 : b, mh = a->mask_H == 1 ? 0 : it.hq0;
+      const fj_i64 row = (mb * a->mask_H + mh) * a->mask_q_blocks;  // q-block 0
+      fjk_dec_walk_listed(a, &it, t, &walk, a->kv_indices + row * a->kv_indices_stride,
+                          a->kv_num_blocks[row], true, begin, end);
+      if (a->full_kv_num_blocks != nullptr)
+        fjk_dec_walk_listed(a, &it, t, &walk, a->full_kv_indices + row * a->full_kv_indices_stride,
+                            a->full_kv_num_blocks[row], false, begin, end);
+    }
+  }
+  if (walk.n > 0) fjk_dec_visit(a, &it, t, walk.kv0, walk.n, walk.partial, 0, 0);
+
+  // Epilogue. A row that kept no key (l = 0) gets out 0 and lse -inf instead of 0/0 = NaN.
+  FJK_SCALAR_LOOP
+  for (int r = 0; r < it.mvalid; ++r) {
+    const float l = t->l[r];
+    const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
+    const float lse = l > 0.0f ? (float)(FJK_LN2 * ((double)t->m[r] + fjk_log2(l))) : FJK_NEG_INF;
+    if (a->ws_out != nullptr) {
+      float* dst = a->ws_out + (item * BLOCK_M + r) * HEAD_DIM_V;
+      FJK_SCALAR_LOOP
+      for (int dv = 0; dv < HEAD_DIM_V; ++dv) dst[dv] = fjk_dec_o(t, r, dv) * inv_l;
+      a->ws_lse[item * BLOCK_M + r] = lse;
+    } else {
+      const fj_i64 hq = fjk_dec_head(&it, r), qi = fjk_dec_query(&it, r);
+      fjk_elem* dst = (fjk_elem*)a->out + b * a->out_strides[0] + hq * a->out_strides[1] +
+                      qi * a->out_strides[2];
+      FJK_SCALAR_LOOP
+      for (int dv = 0; dv < HEAD_DIM_V; ++dv) fjk_from_f32(fjk_dec_o(t, r, dv) * inv_l, dst + dv * a->out_strides[3]);
+      if (a->lse != nullptr)
+        a->lse[b * a->lse_strides[0] + hq * a->lse_strides[1] + qi * a->lse_strides[2]] = lse;
+    }
+  }
+}
+
+extern "C" void FLEXJIT_ENTRY(const struct FlexDecodeArgs* a, fj_i64 begin, fj_i64 end) {
+  struct FjkDecTile t;
+  fjk_dec_engine_begin(&t);
+  for (fj_i64 item = begin; item < end; ++item) fjk_dec_run_item(a, &t, item);
+}
