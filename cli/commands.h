@@ -10,5 +10,6 @@ void add_run_command(CLI::App& app);
 void add_demo_command(CLI::App& app);
 void add_cache_command(CLI::App& app);
 void add_bench_command(CLI::App& app);
+void add_tune_command(CLI::App& app);
 
 }  // namespace flexjit::cli

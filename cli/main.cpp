@@ -3,6 +3,7 @@
 //   flexjit demo                                                   a tour with checks and timings
 //   flexjit cache [list|clear|dir]                                 the on-disk kernel cache
 //   flexjit bench [--quick] [--filter S] [--json F]                the compare_torch suite, C++ side
+//   flexjit tune [--path decode|prefill] [--lkv ...] | --show        the autotuner and its database
 #include <cstdio>
 #include <exception>
 
@@ -16,6 +17,7 @@ int main(int argc, char** argv) {
   flexjit::cli::add_demo_command(app);
   flexjit::cli::add_cache_command(app);
   flexjit::cli::add_bench_command(app);
+  flexjit::cli::add_tune_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -32,6 +32,7 @@ std::string fmt_ms(double ms) {
 
 struct RunArgs {
   std::string q, k, v, out, lse_out, report;
+  std::string k_cache, v_cache, block_table, seq_lens;  // paged KV (instead of --k / --v)
   ModArgs mods;
   std::string scale;
   bool enable_gqa = false;
@@ -69,17 +70,66 @@ std::vector<float> to_f32(const TensorView& t) {
   return out;
 }
 
+// The paged inputs: the caches in the call's dtype, the tables as int32.
+struct PagedInputs {
+  OwnedTensor k_cache, v_cache, block_table, seq_lens;
+  int64_t max_len = 0;
+};
+
+OwnedTensor load_int32(const std::string& path, const std::string& name, int rank) {
+  OwnedTensor t = load_npy(path, name);
+  if (t.view.rank != rank || (t.view.dtype != DType::I32 && t.view.dtype != DType::I64))
+    throw Error("--" + name + " must hold a " + std::to_string(rank) + "-D int32 array, got " +
+                dtype_name(t.view.dtype) + " " + t.view.shape_str());
+  if (t.view.dtype == DType::I32) return t;
+  OwnedTensor c = OwnedTensor::make(name, DType::I32, std::vector<int64_t>(t.view.sizes, t.view.sizes + rank));
+  for (int64_t i = 0; i < t.view.numel(); ++i) {
+    const double x = read_element_f64(t.view, i);
+    if (x < -2147483648.0 || x > 2147483647.0) throw Error("--" + name + " holds " + std::to_string(int64_t(x)) + ", outside int32");
+    c.data<int32_t>()[i] = int32_t(x);
+  }
+  return c;
+}
+
+PagedInputs load_paged(const RunArgs& a, DType dtype) {
+  for (auto [f, flag] : {std::pair{&a.v_cache, "--v-cache"}, {&a.block_table, "--block-table"}, {&a.seq_lens, "--seq-lens"}})
+    if (f->empty()) throw Error(std::string("--k-cache needs ") + flag + " too (paged KV: --k-cache, --v-cache, "
+                                "--block-table, --seq-lens)");
+  if (!a.k.empty() || !a.v.empty()) throw Error("pass either --k/--v (contiguous KV) or --k-cache/--v-cache (paged), not both");
+  PagedInputs p;
+  p.k_cache = convert(load_npy(a.k_cache, "k-cache"), dtype);
+  p.v_cache = convert(load_npy(a.v_cache, "v-cache"), dtype);
+  for (auto* t : {&p.k_cache, &p.v_cache})
+    if (t->view.rank != 4)
+      throw Error("--" + t->name + " must hold a 4-D array [num_pages, page_size, Hkv, D], got shape " + t->view.shape_str());
+  p.block_table = load_int32(a.block_table, "block-table", 2);
+  p.seq_lens = load_int32(a.seq_lens, "seq-lens", 1);
+  for (int64_t b = 0; b < p.seq_lens.view.numel(); ++b) p.max_len = std::max<int64_t>(p.max_len, p.seq_lens.data<int32_t>()[b]);
+  return p;
+}
+
 void run(const RunArgs& a) {
   if (a.device != "cpu")
     throw Error("--device " + a.device + " is not available in this build; only --device cpu runs so far");
   DType dtype = parse_dtype(a.dtype);
+  const bool paged = !a.k_cache.empty();
+  if (!paged && (a.k.empty() || a.v.empty()))
+    throw Error("give the keys and values: --k and --v (contiguous), or --k-cache, --v-cache, --block-table and --seq-lens (paged)");
   OwnedTensor q = convert(load_npy(a.q, "q"), dtype);
-  OwnedTensor k = convert(load_npy(a.k, "k"), dtype);
-  OwnedTensor v = convert(load_npy(a.v, "v"), dtype);
-  for (auto* t : {&q, &k, &v})
+  OwnedTensor k, v;
+  PagedInputs pg;
+  if (paged) {
+    pg = load_paged(a, dtype);
+  } else {
+    k = convert(load_npy(a.k, "k"), dtype);
+    v = convert(load_npy(a.v, "v"), dtype);
+  }
+  for (auto* t : paged ? std::vector<OwnedTensor*>{&q} : std::vector<OwnedTensor*>{&q, &k, &v})
     if (t->view.rank != 4)
       throw Error("--" + t->name + " must hold a 4-D array [B, H, L, D], got shape " + t->view.shape_str());
-  ShapeInfo shape{q.view.sizes[0], q.view.sizes[1], k.view.sizes[1], q.view.sizes[2], k.view.sizes[2]};
+  // Paged mods see absolute positions: their example buffers span the longest sequence.
+  ShapeInfo shape = paged ? ShapeInfo{q.view.sizes[0], q.view.sizes[1], pg.k_cache.view.sizes[2], pg.max_len, pg.max_len}
+                          : ShapeInfo{q.view.sizes[0], q.view.sizes[1], k.view.sizes[1], q.view.sizes[2], k.view.sizes[2]};
   ResolvedMods rm = resolve_mods(a.mods, shape);
 
   AttentionOptions opt;
@@ -99,25 +149,44 @@ void run(const RunArgs& a) {
     else if (name == "USE_AMX") {
       if (value != "0" && value != "1") throw Error("--kernel-option USE_AMX must be 0 or 1, got '" + value + "'");
       opt.use_amx = value == "1" ? 1 : 0;
-    } else throw Error("unknown --kernel-option " + name + "; known: BLOCK_M, BLOCK_N, USE_AMX");
+    } else if (name == "PARTITION_SIZE") {
+      opt.partition_size = parse_positive("--kernel-option PARTITION_SIZE", value);
+    } else if (name == "FORCE_USE_FLEX_ATTENTION") {
+      if (value != "0" && value != "1")
+        throw Error("--kernel-option FORCE_USE_FLEX_ATTENTION must be 0 or 1, got '" + value + "'");
+      opt.force_prefill = value == "1";
+    } else {
+      throw Error("unknown --kernel-option " + name +
+                  "; known: BLOCK_M, BLOCK_N, USE_AMX, PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION");
+    }
   }
 
   runtime::BlockMask mask;
   runtime::BlockMaskBuildStats mstats;
   bool have_mask = false;
-  if (rm.mods.has_mask_mod()) {
+  if (paged && !a.block_size.empty())
+    throw Error("--block-size applies to contiguous KV; a paged call builds its mask at absolute positions itself");
+  if (rm.mods.has_mask_mod() && !paged) {
     int64_t qbs = 128, kvbs = 128;
     if (!a.block_size.empty()) parse_block_size(a.block_size, &qbs, &kvbs);
     mask = runtime::create_block_mask(rm.mods, rm.bind, shape.B, shape.Hq, shape.Lq, shape.Lkv, qbs, kvbs, &mstats);
     have_mask = true;
   }
 
-  const int64_t B = shape.B, Hq = shape.Hq, Lq = shape.Lq, Dv = v.view.sizes[3];
+  const int64_t B = q.view.sizes[0], Hq = q.view.sizes[1], Lq = q.view.sizes[2],
+                Dv = paged ? pg.v_cache.view.sizes[3] : v.view.sizes[3];
   OwnedTensor out = OwnedTensor::make("out", dtype, {B, Hq, Lq, Dv});
   OwnedTensor lse = OwnedTensor::make("lse", DType::F32, {B, Hq, Lq});
   AttentionReport rep;
-  flex_attention(q.view, k.view, v.view, out.view, a.lse_out.empty() && !a.check ? nullptr : &lse.view, rm.mods,
-                 rm.bind, have_mask ? &mask : nullptr, opt, &rep);
+  TensorView* lse_view = a.lse_out.empty() && !a.check ? nullptr : &lse.view;
+  if (paged)
+    paged_flex_attention(q.view, pg.k_cache.view, pg.v_cache.view, pg.block_table.view, pg.seq_lens.view, out.view,
+                         lse_view, rm.mods, rm.bind, opt, &rep);
+  else
+    flex_attention(q.view, k.view, v.view, out.view, lse_view, rm.mods, rm.bind, have_mask ? &mask : nullptr, opt,
+                   &rep);
+  const int64_t Hkv = paged ? pg.k_cache.view.sizes[2] : k.view.sizes[1];
+  const int64_t Lkv = paged ? pg.max_len : k.view.sizes[2];
   OutputFiles files;  // all outputs land together or not at all
   files.add_npy_f32("--out", a.out, to_f32(out.view), {B, Hq, Lq, Dv});
   if (!a.lse_out.empty()) files.add_npy_f32("--lse-out", a.lse_out, to_f32(lse.view), {B, Hq, Lq});
@@ -128,23 +197,42 @@ void run(const RunArgs& a) {
     for (int64_t i = 0; i < Lq; i += std::max<int64_t>(1, Lq / 64)) rows.push_back(i);
     if (rows.back() != Lq - 1) rows.push_back(Lq - 1);
     double scale = opt.scale ? *opt.scale : 1.0 / std::sqrt(double(q.view.sizes[3]));
-    RefResult ref = reference_attention(q.view, k.view, v.view, rm.mods, rm.bind, scale, false, rows);
+    RefResult ref = paged ? reference_paged_attention(q.view, pg.k_cache.view, pg.v_cache.view, pg.block_table.view,
+                                                      pg.seq_lens.view, rm.mods, rm.bind, scale, false, rows)
+                          : reference_attention(q.view, k.view, v.view, rm.mods, rm.bind, scale, false, rows);
     max_err = max_abs_error(out.view, ref, rows);
   }
 
-  std::printf("flexjit run: %s, q %s k %s v %s %s -> %s\n", rm.describe.c_str(), q.view.shape_str().c_str(),
-              k.view.shape_str().c_str(), v.view.shape_str().c_str(), rep.dtype.c_str(), a.out.c_str());
+  if (paged)
+    std::printf("flexjit run: %s, q %s k_cache %s v_cache %s (paged, %lld sequences up to %lld keys) %s -> %s\n",
+                rm.describe.c_str(), q.view.shape_str().c_str(), pg.k_cache.view.shape_str().c_str(),
+                pg.v_cache.view.shape_str().c_str(), (long long)B, (long long)Lkv, rep.dtype.c_str(), a.out.c_str());
+  else
+    std::printf("flexjit run: %s, q %s k %s v %s %s -> %s\n", rm.describe.c_str(), q.view.shape_str().c_str(),
+                k.view.shape_str().c_str(), v.view.shape_str().c_str(), rep.dtype.c_str(), a.out.c_str());
   for (const KernelUse& k : rep.kernels)
     std::printf("  %s kernel %s: cache %s%s\n", k.role.c_str(), k.symbol.c_str(), k.cache.c_str(),
                 k.cache == "miss" ? (", compile " + fmt_ms(k.compile_ms)).c_str() : "");
   std::printf("  compile %.1f ms (wall), run %.2f ms%s\n", rep.compile_ms, rep.kernel_ms,
               have_mask ? (", " + mask.describe()).c_str() : "");
+  if (rep.path == "decode")
+    std::printf("  decode: PARTITION_SIZE=%lld (%lld partitions%s), BLOCK_N=%d, %d query rows per item (%s)\n",
+                (long long)rep.partition_size, (long long)rep.num_partitions,
+                rep.num_partitions > 1 ? (", merged in " + fmt_ms(rep.merge_ms)).c_str() : "", rep.block_n,
+                rep.block_m, rep.tuning.c_str());
+  else
+    std::printf("  prefill: BLOCK_M x BLOCK_N = %dx%d (%s)\n", rep.block_m, rep.block_n, rep.tuning.c_str());
   if (a.check) std::printf("  check vs float64 reference (sampled rows): max abs error %.3g\n", max_err);
 
   if (!a.report.empty()) {
     nlohmann::json j;
     j["backend"] = rep.backend;
     j["path"] = rep.path;
+    j["paged"] = rep.paged;
+    j["tuning"] = rep.tuning;
+    j["partition_size"] = rep.partition_size;
+    j["num_partitions"] = rep.num_partitions;
+    j["merge_ms"] = rep.merge_ms;
     j["compile_ms"] = rep.compile_ms;
     j["load_ms"] = rep.load_ms;
     j["lookup_us"] = rep.lookup_us;
@@ -159,8 +247,12 @@ void run(const RunArgs& a) {
                               {"compile_ms", k.compile_ms}, {"load_ms", k.load_ms}});
     j["knobs"] = {{"BLOCK_M", rep.block_m}, {"BLOCK_N", rep.block_n}, {"GQA_GROUP", rep.gqa_group}, {"PACK_GQA", rep.pack_gqa}, {"AMX", rep.amx},
                   {"HEAD_DIM", q.view.sizes[3]}, {"HEAD_DIM_V", Dv}};
-    j["shape"] = {{"B", B}, {"Hq", Hq}, {"Hkv", shape.Hkv}, {"Lq", Lq}, {"Lkv", shape.Lkv}};
+    if (rep.path == "decode") j["knobs"]["PARTITION_SIZE"] = rep.partition_size;
+    j["shape"] = {{"B", B}, {"Hq", Hq}, {"Hkv", Hkv}, {"Lq", Lq}, {"Lkv", Lkv}};
+    if (paged)
+      j["shape"]["page_size"] = pg.k_cache.view.sizes[1], j["shape"]["num_pages"] = pg.k_cache.view.sizes[0];
     j["mods"] = rm.describe;
+    if (have_mask || (paged && !rep.block_mask.empty())) j["block_mask_describe"] = rep.block_mask;
     if (have_mask) {
       j["block_mask"] = {{"q_block_size", mask.q_block_size}, {"kv_block_size", mask.kv_block_size},
                          {"partial_blocks", mask.partial_blocks()}, {"full_blocks", mask.full_blocks()},
@@ -183,8 +275,13 @@ void add_run_command(CLI::App& app) {
   auto a = std::make_shared<RunArgs>();
   auto* cmd = app.add_subcommand("run", "Run one flex_attention call on .npy inputs");
   cmd->add_option("--q", a->q, "queries [B, Hq, Lq, D] (.npy, float32/float16/float64)")->required();
-  cmd->add_option("--k", a->k, "keys [Bkv, Hkv, Lkv, D]")->required();
-  cmd->add_option("--v", a->v, "values [Bkv, Hkv, Lkv, Dv]")->required();
+  cmd->add_option("--k", a->k, "keys [Bkv, Hkv, Lkv, D] (or a paged cache: --k-cache ...)");
+  cmd->add_option("--v", a->v, "values [Bkv, Hkv, Lkv, Dv]");
+  cmd->add_option("--k-cache", a->k_cache, "paged keys [num_pages, page_size, Hkv, D] (with --v-cache, --block-table, "
+                                           "--seq-lens; queries at positions seq_len - Lq ..)");
+  cmd->add_option("--v-cache", a->v_cache, "paged values [num_pages, page_size, Hkv, Dv]");
+  cmd->add_option("--block-table", a->block_table, "int32 [B, max_pages]: page of each sequence's key block");
+  cmd->add_option("--seq-lens", a->seq_lens, "int32 [B]: keys of each sequence, its Lq new tokens included");
   cmd->add_option("--out", a->out, "output .npy (float32 [B, Hq, Lq, Dv])")->required();
   cmd->add_option("--lse-out", a->lse_out, "log-sum-exp output .npy (float32 [B, Hq, Lq], natural log)");
   cmd->add_option("--score-mod", a->mods.score_mod, "a registered score_mod name or an expression over "
@@ -197,7 +294,8 @@ void add_run_command(CLI::App& app) {
   cmd->add_option("--dtype", a->dtype, "compute dtype: fp32 | bf16 | fp16");
   cmd->add_option("--device", a->device, "cpu");
   cmd->add_option("--block-size", a->block_size, "BlockMask block size: N or QxKV (default 128)");
-  cmd->add_option("--kernel-option", a->kernel_options, "NAME=VALUE kernel knob: BLOCK_M, BLOCK_N, USE_AMX (0/1)");
+  cmd->add_option("--kernel-option", a->kernel_options, "NAME=VALUE kernel knob: BLOCK_M, BLOCK_N, USE_AMX (0/1), "
+                                                          "PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION (0/1)");
   cmd->add_option("--report", a->report, "write a JSON report of what ran");
   cmd->add_option("--threads", a->threads, "worker threads (default: all cores)");
   cmd->add_flag("--check", a->check, "spot-check the result against a float64 reference");

@@ -14,6 +14,7 @@
 #include "runtime/bound_mods.h"
 #include "runtime/decode.h"
 #include "runtime/launch.h"
+#include "runtime/tuning.h"
 
 namespace flexjit {
 namespace {
@@ -141,13 +142,6 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   require(opt.use_amx != 1 || q.dtype == DType::BF16,
           std::string("USE_AMX=1 needs bf16 inputs, got ") + dtype_name(q.dtype));
   require(opt.use_amx != 1 || amx_ok, "USE_AMX=1 but " + no_amx_why);
-  int bm = 0, bn = 0;
-  default_blocks(int(q.sizes[3]), q.dtype, q.sizes[2], &bm, &bn, amx_ok);
-  if (opt.block_m) bm = opt.block_m;
-  if (opt.block_n) bn = opt.block_n;
-  require(bm >= 1 && bm <= 256 && bn >= 1 && bn <= 512,
-          "BLOCK_M must be in 1..256 and BLOCK_N in 1..512, got " + std::to_string(bm) + "x" + std::to_string(bn));
-
   const int64_t B = q.sizes[0], Hq = q.sizes[1], Lq = q.sizes[2], Hkv = k.sizes[1], Lkv = k.sizes[2];
   // A mask built for this call broadcasts over batch / heads its mask_mod does not read.
   const bool mask_reads_b = mods.has_mask_mod() && ir::uses_var(mods.mask_mod, ir::Var::B);
@@ -159,10 +153,21 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   const bool pack_gqa =
       group > 1 && Lq <= 16 &&
       (block_mask ? block_mask->H == 1 && Lq <= block_mask->q_block_size : !mask_reads_h);
-  if (pack_gqa && !opt.block_m) {
-    const int64_t rows = group * Lq;
-    bm = rows <= 16 ? 16 : rows <= 32 ? 32 : 64;
-  }
+  runtime::PrefillShape shape;
+  shape.dtype = q.dtype;
+  shape.head_dim = int(q.sizes[3]);
+  shape.head_dim_v = int(v.sizes[3]);
+  shape.gqa_group = int(group);
+  shape.lq = Lq;
+  shape.lkv = Lkv;
+  shape.units = B * (pack_gqa ? Hkv : Hq);
+  shape.pack_gqa = pack_gqa;
+  shape.amx = amx_ok;
+  shape.threads = runtime::planned_threads(opt);
+  const runtime::PrefillKnobs knobs = runtime::plan_prefill(shape, opt);
+  int bm = knobs.block_m, bn = knobs.block_n;
+  require(bm >= 1 && bm <= 256 && bn >= 1 && bn <= 512,
+          "BLOCK_M must be in 1..256 and BLOCK_N in 1..512, got " + std::to_string(bm) + "x" + std::to_string(bn));
   if (block_mask) {
     // Kernel blocks must tile the mask's blocks; defaults adapt, explicit choices are checked.
     if (!opt.block_m && block_mask->q_block_size % bm) bm = int(std::gcd(int64_t(bm), block_mask->q_block_size));
@@ -269,6 +274,7 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
     runtime::record_kernels(rep, kernels, kernels_ms);
     rep.block_m = bm;
     rep.block_n = bn;
+    rep.tuning = knobs.tuning;
     rep.gqa_group = int(group);
     rep.pack_gqa = pack_gqa;
     rep.amx = amx;

@@ -55,7 +55,7 @@ struct AttentionReport {
   bool paged = false;
   int64_t partition_size = 0;    // decode: keys per partition
   int64_t num_partitions = 0;    // decode: partitions per sequence (1: no split, no merge)
-  std::string tuning;            // decode: where PARTITION_SIZE / BLOCK_N came from: tuned, default or user
+  std::string tuning;            // where the block sizes (and PARTITION_SIZE) came from: tuned, default or user
   double merge_ms = 0;           // decode: merging the partitions' states
   std::string cache;         // miss / memory / disk
   double compile_ms = 0;     // when cache == miss
@@ -108,8 +108,8 @@ void paged_flex_attention(const TensorView& q, const TensorView& k_cache, const 
 // does not say FLEXJIT_AMX=0. `why` (optional) gets the reason when it cannot.
 bool amx_available(std::string* why = nullptr);
 
-// The default kernel block sizes for a head dim, dtype and query length, for the FMA engine or
-// (amx) the AMX one.
+// The prefill kernel's default block sizes (the cost model, when the tuning database has no
+// entry) for a head dim, dtype and query length, for the FMA engine or (amx) the AMX one.
 void default_blocks(int head_dim, DType dtype, int64_t q_len, int* block_m, int* block_n, bool amx = false);
 
 }  // namespace flexjit

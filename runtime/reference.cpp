@@ -42,11 +42,16 @@ void fill_random(TensorView t, uint64_t seed) {
   }
 }
 
-RefResult reference_attention(const TensorView& q, const TensorView& k, const TensorView& v, const ModSet& mods,
-                              const ModBindings& bind, double scale, bool fp32,
-                              const std::vector<int64_t>& rows) {
+namespace {
+
+// The float64 (or plain fp32) attention of every listed row: K and V are read through
+// k_at / v_at(b, kv_head, j, d), sequence b has len(b) keys and its query i sits at position
+// qoff(b) + i, which is what the mods see as q_idx.
+template <typename KAt, typename VAt, typename Len, typename QOff>
+RefResult reference_core(const TensorView& q, int64_t Hkv, int64_t Dv, KAt k_at, VAt v_at, Len len, QOff qoff,
+                         const ModSet& mods, const ModBindings& bind, double scale, bool fp32,
+                         const std::vector<int64_t>& rows) {
   const int64_t B = q.sizes[0], Hq = q.sizes[1], Lq = q.sizes[2], D = q.sizes[3];
-  const int64_t Bkv = k.sizes[0], Hkv = k.sizes[1], Lkv = k.sizes[2], Dv = v.sizes[3];
   const int64_t group = Hq / Hkv;
   const double ninf = -std::numeric_limits<double>::infinity();
   RefResult r;
@@ -55,10 +60,12 @@ RefResult reference_attention(const TensorView& q, const TensorView& k, const Te
   ir::EvalEnv env;
   env.params = bind.params;
   for (const auto& [n, view] : bind.buffers) env.buffers.push_back({n, view});
-  std::vector<double> s(static_cast<size_t>(Lkv));
-  for (int64_t b = 0; b < B; ++b)
+  std::vector<double> s;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t Lkv = len(b);
+    s.assign(size_t(Lkv), 0.0);
     for (int64_t h = 0; h < Hq; ++h) {
-      int64_t bk = Bkv == 1 ? 0 : b, hk = h / group;
+      const int64_t hk = h / group;
       for (int64_t ri = 0; ri < (rows.empty() ? Lq : int64_t(rows.size())); ++ri) {
         const int64_t i = rows.empty() ? ri : rows[size_t(ri)];
         if (i < 0 || i >= Lq) continue;
@@ -67,7 +74,7 @@ RefResult reference_attention(const TensorView& q, const TensorView& k, const Te
           double dot = 0;
           float dotf = 0;
           for (int64_t d = 0; d < D; ++d) {
-            double x = at(q, b, h, i, d) * at(k, bk, hk, j, d);
+            double x = at(q, b, h, i, d) * k_at(b, hk, j, d);
             dot += x;
             dotf += float(x);
           }
@@ -75,33 +82,63 @@ RefResult reference_attention(const TensorView& q, const TensorView& k, const Te
           env.score = sc;
           env.b = b;
           env.h = h;
-          env.q_idx = i;
+          env.q_idx = qoff(b) + i;
           env.kv_idx = j;
           if (mods.score_mod) sc = ir::eval(mods.score_mod, env).as_float();
           if (fp32) sc = double(float(sc));
           if (mods.mask_mod && !ir::eval(mods.mask_mod, env).as_bool()) sc = ninf;
-          s[j] = sc;
+          s[size_t(j)] = sc;
           mx = std::max(mx, sc);
         }
-        if (mx == ninf) continue;  // fully masked row: out 0, lse -inf
+        if (mx == ninf) continue;  // fully masked row (or no keys): out 0, lse -inf
         double sum = 0;
         for (int64_t j = 0; j < Lkv; ++j) {
-          s[j] = fp32 ? double(std::exp(float(s[j] - mx))) : std::exp(s[j] - mx);
-          sum += s[j];
+          s[size_t(j)] = fp32 ? double(std::exp(float(s[size_t(j)] - mx))) : std::exp(s[size_t(j)] - mx);
+          sum += s[size_t(j)];
         }
         double* o = &r.out[size_t(((b * Hq + h) * Lq + i) * Dv)];
         for (int64_t j = 0; j < Lkv; ++j) {
-          if (s[j] == 0) continue;
-          double p = s[j] / sum;
+          if (s[size_t(j)] == 0) continue;
+          double p = s[size_t(j)] / sum;
           if (fp32) p = double(float(p));
-          for (int64_t d = 0; d < Dv; ++d) o[d] += p * at(v, bk, hk, j, d);
+          for (int64_t d = 0; d < Dv; ++d) o[d] += p * v_at(b, hk, j, d);
         }
         if (fp32)
           for (int64_t d = 0; d < Dv; ++d) o[d] = double(float(o[d]));
         r.lse[size_t((b * Hq + h) * Lq + i)] = mx + std::log(sum);
       }
     }
+  }
   return r;
+}
+
+}  // namespace
+
+RefResult reference_attention(const TensorView& q, const TensorView& k, const TensorView& v, const ModSet& mods,
+                              const ModBindings& bind, double scale, bool fp32,
+                              const std::vector<int64_t>& rows) {
+  const int64_t Bkv = k.sizes[0], Lkv = k.sizes[2];
+  auto kv_b = [Bkv](int64_t b) { return Bkv == 1 ? 0 : b; };
+  return reference_core(
+      q, k.sizes[1], v.sizes[3], [&](int64_t b, int64_t h, int64_t j, int64_t d) { return at(k, kv_b(b), h, j, d); },
+      [&](int64_t b, int64_t h, int64_t j, int64_t d) { return at(v, kv_b(b), h, j, d); },
+      [Lkv](int64_t) { return Lkv; }, [](int64_t) { return int64_t(0); }, mods, bind, scale, fp32, rows);
+}
+
+RefResult reference_paged_attention(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache,
+                                    const TensorView& block_table, const TensorView& seq_lens, const ModSet& mods,
+                                    const ModBindings& bind, double scale, bool fp32,
+                                    const std::vector<int64_t>& rows) {
+  const int64_t ps = k_cache.sizes[1], Lq = q.sizes[2];
+  auto len = [&](int64_t b) { return int64_t(read_element_f64(seq_lens, b * seq_lens.strides[0])); };
+  auto page = [&](int64_t b, int64_t j) {
+    return int64_t(read_element_f64(block_table, b * block_table.strides[0] + (j / ps) * block_table.strides[1]));
+  };
+  return reference_core(
+      q, k_cache.sizes[2], v_cache.sizes[3],
+      [&](int64_t b, int64_t h, int64_t j, int64_t d) { return at(k_cache, page(b, j), j % ps, h, d); },
+      [&](int64_t b, int64_t h, int64_t j, int64_t d) { return at(v_cache, page(b, j), j % ps, h, d); }, len,
+      [&](int64_t b) { return len(b) - Lq; }, mods, bind, scale, fp32, rows);
 }
 
 double max_abs_error(const TensorView& out, const RefResult& ref, const std::vector<int64_t>& rows) {

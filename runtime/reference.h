@@ -22,6 +22,15 @@ RefResult reference_attention(const TensorView& q, const TensorView& k, const Te
                               const ModBindings& bind, double scale, bool fp32 = false,
                               const std::vector<int64_t>& rows = {});
 
+// The same for a paged KV cache (paged_flex_attention's contract): sequence b has seq_lens[b]
+// keys, key j in page block_table[b, j / page_size] at slot j % page_size, and its query i sits
+// at the absolute position seq_lens[b] - Lq + i (what the mods see as q_idx). A sequence of
+// length 0 gives out 0, lse -inf.
+RefResult reference_paged_attention(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache,
+                                    const TensorView& block_table, const TensorView& seq_lens, const ModSet& mods,
+                                    const ModBindings& bind, double scale, bool fp32 = false,
+                                    const std::vector<int64_t>& rows = {});
+
 // Max |out - ref.out| over query rows `rows` of every (b, h); out is [B, Hq, Lq, Dv], any strides.
 double max_abs_error(const TensorView& out, const RefResult& ref, const std::vector<int64_t>& rows);
 

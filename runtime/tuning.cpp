@@ -124,4 +124,49 @@ DecodeKnobs plan_decode(const DecodeShape& s, const AttentionOptions& opt) {
   return k;
 }
 
+TuningBucket prefill_bucket(const PrefillShape& s) {
+  TuningBucket b;
+  b.path = "prefill";
+  b.dtype = s.dtype;
+  b.head_dim = s.head_dim;
+  b.head_dim_v = s.head_dim_v;
+  b.gqa_group = s.gqa_group;
+  b.lq = s.lq;
+  b.lkv = s.lkv;
+  b.work = s.units;
+  b.threads = s.threads;
+  b.engine = s.amx ? "amx" : "fma";
+  return b;
+}
+
+PrefillKnobs default_prefill_knobs(const PrefillShape& s) {
+  PrefillKnobs k;
+  flexjit::default_blocks(s.head_dim, s.dtype, s.lq, &k.block_m, &k.block_n, s.amx);
+  if (s.pack_gqa) {  // the tile holds group * Lq rows: pad them to one, two or four vectors
+    const int64_t rows = s.gqa_group * s.lq;
+    k.block_m = rows <= 16 ? 16 : rows <= 32 ? 32 : 64;
+  }
+  k.tuning = "default";
+  return k;
+}
+
+PrefillKnobs plan_prefill(const PrefillShape& s, const AttentionOptions& opt) {
+  PrefillKnobs k = default_prefill_knobs(s);
+  if (!opt.block_m && !opt.block_n) {
+    if (auto t = TuningDb::global().lookup(prefill_bucket(s))) {
+      const bool ok = t->block_m >= 1 && t->block_m <= 256 && t->block_n >= 1 && t->block_n <= 512 &&
+                      (!s.amx || t->block_n % 32 == 0);
+      if (ok) {
+        k.block_m = t->block_m;
+        k.block_n = t->block_n;
+        k.tuning = "tuned";
+      }
+    }
+  }
+  if (opt.block_m || opt.block_n) k.tuning = "user";
+  if (opt.block_m) k.block_m = opt.block_m;
+  if (opt.block_n) k.block_n = opt.block_n;
+  return k;
+}
+
 }  // namespace flexjit::runtime

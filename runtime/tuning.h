@@ -52,4 +52,27 @@ TuningBucket decode_bucket(const DecodeShape& s);
 // The threads a call runs on: opt.num_threads if set, else TBB's default concurrency.
 int planned_threads(const AttentionOptions& opt);
 
+// What the prefill planner needs to know of a call.
+struct PrefillShape {
+  DType dtype = DType::F32;
+  int head_dim = 64, head_dim_v = 64, gqa_group = 1;
+  int64_t lq = 1, lkv = 1;
+  int64_t units = 1;      // B * (Hkv if the GQA group shares a tile, else Hq)
+  bool pack_gqa = false;  // a tile holds a GQA group's (head, query) rows
+  bool amx = false;       // bf16 on AMX tiles is possible (BLOCK_N must then be a multiple of 32)
+  int threads = 1;
+};
+
+struct PrefillKnobs {
+  int block_m = 0, block_n = 0;
+  std::string tuning;  // "user", "tuned" or "default"
+};
+
+// BLOCK_M x BLOCK_N of a prefill call: kernel options (each alone), else the tuning database's
+// entry for the bucket, else the cost model (default_blocks; packed GQA tiles sized to the rows).
+PrefillKnobs plan_prefill(const PrefillShape& s, const AttentionOptions& opt);
+// The cost model alone (what plan_prefill uses without options or a database entry).
+PrefillKnobs default_prefill_knobs(const PrefillShape& s);
+TuningBucket prefill_bucket(const PrefillShape& s);
+
 }  // namespace flexjit::runtime

@@ -1,5 +1,5 @@
 // LABELS: errors slow
-// The `flexjit run` command end to end: .npy files in, .npy files and a JSON report out, the
+// The `flexjit run` (contiguous and paged KV) and `flexjit tune` commands end to end: .npy files in, .npy files and a JSON report out, the
 // output checked against flexjit's float64 reference on the same inputs; and bad input, which
 // must exit non-zero (never by a signal) with a `flexjit: error: ...` line naming the problem,
 // leaving no partial output behind.
@@ -142,30 +142,42 @@ class Cli : public ::testing::Test {
   Result run(const std::vector<std::string>& args) { return run_sub("run", args); }
 
   Result run_sub(const std::string& subcommand, const std::vector<std::string>& args) {
+    return wait_sub(start_sub(subcommand, args, "std"), "std");
+  }
+
+  // Starts `flexjit <subcommand> args...` without waiting; its stdout and stderr go to
+  // <tag>out.txt / <tag>err.txt in the temp dir. -1 when it could not start.
+  pid_t start_sub(const std::string& subcommand, const std::vector<std::string>& args, const std::string& tag) {
     std::vector<std::string> argv_s = {exe_.string(), subcommand};
     argv_s.insert(argv_s.end(), args.begin(), args.end());
     std::vector<char*> argv;
     for (auto& a : argv_s) argv.push_back(a.data());
     argv.push_back(nullptr);
-    std::string out = path("stdout.txt"), err = path("stderr.txt");
+    std::string out = path(tag + "out.txt"), err = path(tag + "err.txt");
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_addopen(&fa, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     posix_spawn_file_actions_addopen(&fa, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     posix_spawn_file_actions_addchdir_np(&fa, dir_.c_str());
     pid_t pid = 0;
-    Result r;
     int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
     posix_spawn_file_actions_destroy(&fa);
     if (rc != 0) {
       ADD_FAILURE() << "posix_spawn failed: " << std::strerror(rc);
-      return r;
+      return -1;
     }
+    return pid;
+  }
+
+  Result wait_sub(pid_t pid, const std::string& tag) {
+    Result r;
+    if (pid < 0) return r;
     int status = 0;
     waitpid(pid, &status, 0);
     r.exited = WIFEXITED(status);
     r.code = r.exited ? WEXITSTATUS(status) : -1;
     r.signal = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+    std::string out = path(tag + "out.txt"), err = path(tag + "err.txt");
     r.out = slurp(out);
     r.err = slurp(err);
     fs::remove(out);
@@ -636,6 +648,141 @@ TEST_F(Cli, LateErrorsLeaveNoPartialOutput) {
                                                 path("no_such_dir/r.json")});
   expect_error_line(r, {"--report", "no_such_dir/r.json"});
   EXPECT_TRUE(outputs().empty()) << "left behind: " << ::testing::PrintToString(outputs());
+}
+
+
+// ---------------------------------------------------------------- decode, paged KV, the tuner
+
+// A paged cache on disk: keys of B sequences in shuffled pages, unused pages NaN; the run reads
+// only the pages its block table names, checks itself against the float64 reference and
+// reports the decode path and its knobs.
+TEST_F(Cli, PagedDecodeWithReportAndCheck) {
+  const int64_t B = 2, Hq = 6, Hkv = 2, D = 32, ps = 16, pages = 12, max_pages = 6;
+  OwnedTensor q = random_f32("q", {B, Hq, 2, D}, 1);
+  OwnedTensor kc = random_f32("kc", {pages, ps, Hkv, D}, 2), vc = random_f32("vc", {pages, ps, Hkv, D}, 3);
+  const int32_t table[B * max_pages] = {7, 2, 9, 0, 11, -1, 4, 1, -1, -1, -1, -1};
+  const int32_t lens[B] = {70, 20};
+  for (int64_t p : {3, 5, 6, 8, 10})  // pages no sequence uses
+    for (int64_t i = 0; i < ps * Hkv * D; ++i) kc.data<float>()[p * ps * Hkv * D + i] = std::nanf("");
+  write_f32(dir_ / "q.npy", q);
+  write_f32(dir_ / "kc.npy", kc);
+  write_f32(dir_ / "vc.npy", vc);
+  write_npy(dir_ / "bt.npy", "<i4", {B, max_pages}, table, sizeof table);
+  write_npy(dir_ / "sl.npy", "<i4", {B}, lens, sizeof lens);
+  const std::vector<std::string> paged = {"--q", path("q.npy"), "--k-cache", path("kc.npy"), "--v-cache",
+                                          path("vc.npy"), "--block-table", path("bt.npy"), "--seq-lens",
+                                          path("sl.npy"), "--out", path("O.npy"), "--enable-gqa"};
+  Result r = run(paged + std::vector<std::string>{"--mask-mod", "causal", "--score-mod", "alibi", "--check",
+                                                  "--kernel-option", "PARTITION_SIZE=32", "--report", path("r.json")});
+  ASSERT_TRUE(r.exited) << "signal " << r.signal << "\n" << r.err;
+  ASSERT_EQ(r.code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("decode: PARTITION_SIZE=32 (3 partitions"), std::string::npos) << r.out;
+  nlohmann::json j = nlohmann::json::parse(slurp(dir_ / "r.json"));
+  EXPECT_EQ(j.value("path", ""), "decode");
+  EXPECT_EQ(j.value("paged", false), true);
+  EXPECT_EQ(j.value("partition_size", 0), 32);
+  EXPECT_EQ(j.value("num_partitions", 0), 3);
+  EXPECT_EQ(j.value("tuning", ""), "user");
+  EXPECT_EQ(j["knobs"].value("PARTITION_SIZE", 0), 32);
+  EXPECT_LT(j.value("check_max_abs_error", 1.0), 1e-4);
+
+  // The output against the float64 reference of the same tables (absolute positions).
+  OwnedTensor bt = OwnedTensor::make("bt", DType::I32, {B, max_pages}), sl = OwnedTensor::make("sl", DType::I32, {B});
+  std::memcpy(bt.bytes->data(), table, sizeof table);
+  std::memcpy(sl.bytes->data(), lens, sizeof lens);
+  ShapeInfo shape{B, Hq, Hkv, 70, 70};
+  std::vector<OwnedTensor> storage;
+  TracedMod sm = instantiate_example(find_mod("alibi"), shape, &storage);
+  TracedMod mm = instantiate_example(find_mod("causal"), shape, &storage);
+  auto [mods, bind] = combine(&sm, &mm);
+  RefResult ref = reference_paged_attention(q.view, kc.view, vc.view, bt.view, sl.view, mods, bind,
+                                            1.0 / std::sqrt(double(D)));
+  expect_matches(read_npy(dir_ / "O.npy"), ref, DType::F32, "paged alibi+causal");
+
+  // Bad tables and mixed inputs are one-line errors, with nothing written.
+  fs::remove(dir_ / "O.npy");
+  const int32_t bad[B * max_pages] = {7, 2, 99, 0, 11, -1, 4, 1, -1, -1, -1, -1};
+  write_npy(dir_ / "bt.npy", "<i4", {B, max_pages}, bad, sizeof bad);
+  expect_error_line(run(paged), {"block_table[0, 2] = 99 is not a page of the cache (0..11)"});
+  EXPECT_FALSE(fs::exists(dir_ / "O.npy"));
+  expect_error_line(run({"--q", path("q.npy"), "--k-cache", path("kc.npy"), "--out", path("O.npy")}),
+                    {"--k-cache needs --v-cache too"});
+  expect_error_line(run(paged + std::vector<std::string>{"--k", path("kc.npy")}), {"not both"});
+  expect_error_line(run({"--q", path("q.npy"), "--out", path("O.npy")}), {"give the keys and values"});
+  write_npy(dir_ / "bt.npy", "<i4", {B, max_pages}, table, sizeof table);
+  expect_error_line(run(paged + std::vector<std::string>{"--kernel-option", "PARTITION_SIZE=24"}),
+                    {"multiple of the page size 16"});
+  expect_error_line(run(paged + std::vector<std::string>{"--kernel-option", "FORCE_USE_FLEX_ATTENTION=1"}),
+                    {"FORCE_USE_FLEX_ATTENTION has no paged form"});
+}
+
+// FORCE_USE_FLEX_ATTENTION picks the prefill kernel for a decode shape; both agree.
+TEST_F(Cli, ForcePrefillOnADecodeShape) {
+  write_qkv(random_f32("q", {1, 4, 1, 32}, 1), random_f32("k", {1, 2, 300, 32}, 2), random_f32("v", {1, 2, 300, 32}, 3));
+  Result d = run(qkv_args("D.npy") + std::vector<std::string>{"--enable-gqa", "--report", path("d.json")});
+  ASSERT_EQ(d.code, 0) << d.err;
+  Result p = run(qkv_args("P.npy") + std::vector<std::string>{"--enable-gqa", "--kernel-option",
+                                                              "FORCE_USE_FLEX_ATTENTION=1", "--report", path("p.json")});
+  ASSERT_EQ(p.code, 0) << p.err;
+  EXPECT_EQ(nlohmann::json::parse(slurp(dir_ / "d.json")).value("path", ""), "decode");
+  EXPECT_EQ(nlohmann::json::parse(slurp(dir_ / "p.json")).value("path", ""), "prefill");
+  Npy a = read_npy(dir_ / "D.npy"), b = read_npy(dir_ / "P.npy");
+  ASSERT_EQ(a.data.size(), b.data.size());
+  for (size_t i = 0; i < a.data.size(); ++i) ASSERT_NEAR(a.data[i], b.data[i], 2e-6) << i;
+  expect_error_line(run(qkv_args() + std::vector<std::string>{"--kernel-option", "FORCE_USE_FLEX_ATTENTION=2"}),
+                    {"FORCE_USE_FLEX_ATTENTION must be 0 or 1"});
+}
+
+// `flexjit tune`: two processes tuning at once both land in the database; a later run in a
+// bucket uses its entry ("tuned"); a truncated database is set aside, never trusted, and the
+// next tune rebuilds it.
+TEST_F(Cli, TuneDatabaseUnderConcurrencyAndTruncation) {
+  const char* prev = std::getenv("FLEXJIT_CACHE_DIR");
+  const std::string saved = prev ? prev : "";
+  ::setenv("FLEXJIT_CACHE_DIR", path("cache").c_str(), 1);
+  const std::vector<std::string> common = {"--dtype", "fp32", "--head-dim", "32", "--heads", "4", "--kv-heads",
+                                           "2", "--reps", "1"};
+  pid_t a = start_sub("tune", common + std::vector<std::string>{"--lkv", "512"}, "a");
+  pid_t b = start_sub("tune", common + std::vector<std::string>{"--lkv", "1000"}, "b");
+  Result ra = wait_sub(a, "a"), rb = wait_sub(b, "b");
+  ASSERT_EQ(ra.code, 0) << ra.out << ra.err;
+  ASSERT_EQ(rb.code, 0) << rb.out << rb.err;
+  EXPECT_NE(ra.out.find("Lkv<=512"), std::string::npos) << ra.out;
+  EXPECT_NE(rb.out.find("Lkv<=1024"), std::string::npos) << rb.out;
+  EXPECT_NE(ra.err.find("] 1/"), std::string::npos) << "progress bar: " << ra.err;
+  Result show = run_sub("tune", {"--show"});
+  ASSERT_EQ(show.code, 0) << show.err;
+  EXPECT_NE(show.out.find(": 2 entries"), std::string::npos) << show.out;
+  const std::string db = path("cache") + "/tuning.json";
+  nlohmann::json j = nlohmann::json::parse(slurp(db));
+  EXPECT_EQ(j["entries"].size(), 2u) << j.dump(2);
+
+  // A call in the 1024 bucket (700 keys) uses the tuned knobs.
+  write_qkv(random_f32("q", {1, 4, 1, 32}, 1), random_f32("k", {1, 2, 700, 32}, 2), random_f32("v", {1, 2, 700, 32}, 3));
+  Result r = run(qkv_args() + std::vector<std::string>{"--enable-gqa", "--report", path("r.json"), "--check"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(slurp(dir_ / "r.json")).value("tuning", ""), "tuned");
+
+  // Truncated: set aside, the run falls back to the cost model, the next tune rebuilds the file.
+  std::string text = slurp(db);
+  { std::ofstream(db, std::ios::trunc) << text.substr(0, text.size() / 2); }
+  Result show2 = run_sub("tune", {"--show"});
+  ASSERT_EQ(show2.code, 0) << show2.err;
+  EXPECT_NE(show2.out.find(": 0 entries"), std::string::npos) << show2.out;
+  EXPECT_NE(show2.out.find("note:"), std::string::npos) << show2.out;
+  bool set_aside = false;
+  for (const auto& e : fs::directory_iterator(path("cache")))
+    set_aside |= e.path().filename().string().rfind("tuning.json.bad-", 0) == 0;
+  EXPECT_TRUE(set_aside);
+  Result r2 = run(qkv_args() + std::vector<std::string>{"--enable-gqa", "--report", path("r2.json")});
+  ASSERT_EQ(r2.code, 0) << r2.err;
+  EXPECT_EQ(nlohmann::json::parse(slurp(dir_ / "r2.json")).value("tuning", ""), "default");
+  Result again = run_sub("tune", common + std::vector<std::string>{"--lkv", "700"});
+  ASSERT_EQ(again.code, 0) << again.err;
+  EXPECT_EQ(nlohmann::json::parse(slurp(db))["entries"].size(), 1u);
+  expect_error_line(run_sub("tune", {"--path", "decode", "--lq", "17"}), {"decode takes Lq <= 16"});
+  expect_error_line(run_sub("tune", {"--heads", "6", "--kv-heads", "4"}), {"must be a positive multiple of kv heads"});
+  if (prev) ::setenv("FLEXJIT_CACHE_DIR", saved.c_str(), 1); else ::unsetenv("FLEXJIT_CACHE_DIR");
 }
 
 }  // namespace

@@ -174,52 +174,47 @@ INSTANTIATE_TEST_SUITE_P(Mods, Contiguous, ::testing::ValuesIn(mod_cases()),
 
 // ---- paged KV ----
 
-// A paged cache holding B sequences of lengths `lens`: pages in a shuffled order, the pages no
-// sequence uses and the slots past each sequence's end filled with NaN. Returns the contiguous
-// copy [B, Hkv, max_len, D] too (zeros past each end) for the reference.
+// A paged cache holding B sequences of lengths `lens`: random keys in pages of a shuffled order;
+// the pages no sequence uses, the slots past each sequence's end and the unused table entries
+// hold NaN / -7, so a read of any of them shows up in the output.
 struct PagedKv {
-  OwnedTensor k_cache, v_cache, block_table, seq_lens, k_full, v_full;
+  OwnedTensor k_cache, v_cache, block_table, seq_lens;
+  int64_t max_len = 1;
 };
 PagedKv make_paged(DType dt, const std::vector<int64_t>& lens, int64_t Hkv, int64_t D, int64_t Dv, int64_t ps,
                    uint64_t seed) {
-  const int64_t B = int64_t(lens.size()), max_len = std::max<int64_t>(1, *std::max_element(lens.begin(), lens.end()));
-  const int64_t max_pages = (max_len + ps - 1) / ps + 1;  // one spare column: never read
+  const int64_t B = int64_t(lens.size());
+  PagedKv p;
+  p.max_len = std::max<int64_t>(1, *std::max_element(lens.begin(), lens.end()));
+  const int64_t max_pages = (p.max_len + ps - 1) / ps + 1;  // one spare column: never read
   int64_t used = 0;
   for (int64_t l : lens) used += (l + ps - 1) / ps;
   const int64_t pages = used + 5;  // unused pages
-  PagedKv p;
   p.k_cache = OwnedTensor::make("k_cache", dt, {pages, ps, Hkv, D});
   p.v_cache = OwnedTensor::make("v_cache", dt, {pages, ps, Hkv, Dv});
+  OwnedTensor rk = make_tensor(dt, 1, 1, pages * ps * Hkv, D, false, seed);
+  OwnedTensor rv = make_tensor(dt, 1, 1, pages * ps * Hkv, Dv, false, seed + 1);
   for (auto* t : {&p.k_cache, &p.v_cache})
     for (int64_t i = 0; i < t->view.numel(); ++i) write_element_f64(t->view, i, std::nan(""));
   p.block_table = OwnedTensor::make("block_table", DType::I32, {B, max_pages});
   p.seq_lens = OwnedTensor::make("seq_lens", DType::I32, {B});
-  p.k_full = make_tensor(dt, B, Hkv, max_len, D, false, seed);
-  p.v_full = make_tensor(dt, B, Hkv, max_len, Dv, false, seed + 1);
   std::vector<int32_t> order(static_cast<size_t>(pages));
   std::iota(order.begin(), order.end(), 0);
   std::shuffle(order.begin(), order.end(), std::mt19937(unsigned(seed)));
   int64_t next = 0;
   for (int64_t b = 0; b < B; ++b) {
-    p.seq_lens.data<int32_t>()[b] = int32_t(lens[size_t(b)]);
+    const int64_t len = lens[size_t(b)];
+    p.seq_lens.data<int32_t>()[b] = int32_t(len);
     for (int64_t j = 0; j < max_pages; ++j) p.block_table.data<int32_t>()[b * max_pages + j] = -7;  // unused
-    for (int64_t j = 0; j < (lens[size_t(b)] + ps - 1) / ps; ++j)
-      p.block_table.data<int32_t>()[b * max_pages + j] = order[size_t(next++)];
-    for (int64_t n = 0; n < max_len; ++n)
+    for (int64_t j = 0; j < (len + ps - 1) / ps; ++j) p.block_table.data<int32_t>()[b * max_pages + j] = order[size_t(next++)];
+    for (int64_t n = 0; n < len; ++n) {  // slots past the end stay NaN
+      const int64_t page = p.block_table.data<int32_t>()[b * max_pages + n / ps], slot = n % ps;
       for (int64_t h = 0; h < Hkv; ++h) {
-        const int64_t src_k = ((b * Hkv + h) * max_len + n) * D, src_v = ((b * Hkv + h) * max_len + n) * Dv;
-        if (n >= lens[size_t(b)]) {  // the reference must not see keys past the end either
-          for (int64_t d = 0; d < D; ++d) write_element_f64(p.k_full.view, src_k + d, 0.0);
-          for (int64_t d = 0; d < Dv; ++d) write_element_f64(p.v_full.view, src_v + d, 0.0);
-          continue;
-        }
-        const int64_t page = p.block_table.data<int32_t>()[b * max_pages + n / ps], slot = n % ps;
-        const int64_t dst_k = ((page * ps + slot) * Hkv + h) * D, dst_v = ((page * ps + slot) * Hkv + h) * Dv;
-        for (int64_t d = 0; d < D; ++d)
-          write_element_f64(p.k_cache.view, dst_k + d, read_element_f64(p.k_full.view, src_k + d));
-        for (int64_t d = 0; d < Dv; ++d)
-          write_element_f64(p.v_cache.view, dst_v + d, read_element_f64(p.v_full.view, src_v + d));
+        const int64_t row = (page * ps + slot) * Hkv + h;
+        for (int64_t d = 0; d < D; ++d) write_element_f64(p.k_cache.view, row * D + d, read_element_f64(rk.view, row * D + d));
+        for (int64_t d = 0; d < Dv; ++d) write_element_f64(p.v_cache.view, row * Dv + d, read_element_f64(rv.view, row * Dv + d));
       }
+    }
   }
   return p;
 }
@@ -247,53 +242,6 @@ std::string paged_name(const PagedCase& c) {
   return n;
 }
 
-// The reference of a paged call, sequence by sequence: queries at their absolute positions
-// len - Lq + i of a [b + 1, Hq, len, D] problem (batch b real, the others zero and ignored), so
-// mods see the same b, h, q_idx and kv_idx as the kernel's.
-void paged_reference(const PagedCase& c, const TensorView& q, const PagedKv& kv, const ModSet& mods,
-                     const ModBindings& bind, RefResult* gold, RefResult* base) {
-  const int64_t B = int64_t(c.lens.size()), max_len = kv.k_full.view.sizes[2];
-  gold->out.assign(size_t(B * c.Hq * c.Lq * c.Dv), 0.0);
-  gold->lse.assign(size_t(B * c.Hq * c.Lq), -std::numeric_limits<double>::infinity());
-  base->out = gold->out;
-  base->lse = gold->lse;
-  const double scale = 1.0 / std::sqrt(double(c.D));
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t len = c.lens[size_t(b)];
-    if (len == 0) continue;  // an empty slot: out 0, lse -inf
-    OwnedTensor qf = OwnedTensor::make("q", c.dtype, {b + 1, c.Hq, len, c.D});
-    OwnedTensor kf = OwnedTensor::make("k", c.dtype, {b + 1, c.Hkv, len, c.D});
-    OwnedTensor vf = OwnedTensor::make("v", c.dtype, {b + 1, c.Hkv, len, c.Dv});
-    for (auto* t : {&qf, &kf, &vf}) std::memset(t->bytes->data(), 0, t->bytes->size());
-    for (int64_t h = 0; h < c.Hq; ++h)
-      for (int64_t i = 0; i < c.Lq; ++i)
-        for (int64_t d = 0; d < c.D; ++d)
-          write_element_f64(qf.view, ((b * c.Hq + h) * len + len - c.Lq + i) * c.D + d,
-                            read_element_f64(q, ((b * c.Hq + h) * c.Lq + i) * c.D + d));
-    for (int64_t h = 0; h < c.Hkv; ++h)
-      for (int64_t n = 0; n < len; ++n) {
-        for (int64_t d = 0; d < c.D; ++d)
-          write_element_f64(kf.view, ((b * c.Hkv + h) * len + n) * c.D + d,
-                            read_element_f64(kv.k_full.view, ((b * c.Hkv + h) * max_len + n) * c.D + d));
-        for (int64_t d = 0; d < c.Dv; ++d)
-          write_element_f64(vf.view, ((b * c.Hkv + h) * len + n) * c.Dv + d,
-                            read_element_f64(kv.v_full.view, ((b * c.Hkv + h) * max_len + n) * c.Dv + d));
-      }
-    std::vector<int64_t> rows;
-    for (int64_t i = 0; i < c.Lq; ++i) rows.push_back(len - c.Lq + i);
-    for (bool fp32 : {false, true}) {
-      RefResult r = reference_attention(qf.view, kf.view, vf.view, mods, bind, scale, fp32, rows);
-      RefResult* dst = fp32 ? base : gold;
-      for (int64_t h = 0; h < c.Hq; ++h)
-        for (int64_t i = 0; i < c.Lq; ++i) {
-          const int64_t src = (b * c.Hq + h) * len + len - c.Lq + i, to = (b * c.Hq + h) * c.Lq + i;
-          dst->lse[size_t(to)] = r.lse[size_t(src)];
-          for (int64_t d = 0; d < c.Dv; ++d) dst->out[size_t(to * c.Dv + d)] = r.out[size_t(src * c.Dv + d)];
-        }
-    }
-  }
-}
-
 void run_paged(const PagedCase& c) {
   SCOPED_TRACE(paged_name(c));
   const int64_t B = int64_t(c.lens.size());
@@ -302,8 +250,7 @@ void run_paged(const PagedCase& c) {
   OwnedTensor out = OwnedTensor::make("out", c.dtype, {B, c.Hq, c.Lq, c.Dv});
   OwnedTensor lse = OwnedTensor::make("lse", DType::F32, {B, c.Hq, c.Lq});
   std::memset(out.bytes->data(), 0x7f, out.bytes->size());
-  const int64_t max_len = kv.k_full.view.sizes[2];
-  ShapeInfo shape{B, c.Hq, c.Hkv, max_len, max_len};  // buffers indexed by absolute positions
+  ShapeInfo shape{B, c.Hq, c.Hkv, kv.max_len, kv.max_len};  // buffers indexed by absolute positions
   std::vector<OwnedTensor> storage;
   TracedMod sm, mm;
   if (!c.score_mod.empty()) sm = testing::resolve_mod(c.score_mod, ModKind::Score, shape, &storage);
@@ -319,8 +266,11 @@ void run_paged(const PagedCase& c) {
   EXPECT_EQ(rep.path, "decode");
   EXPECT_TRUE(rep.paged);
   EXPECT_EQ(rep.partition_size % c.page_size, 0);
-  RefResult gold, base;
-  paged_reference(c, q.view, kv, mods, bind, &gold, &base);
+  const double scale = 1.0 / std::sqrt(double(c.D));
+  RefResult gold = reference_paged_attention(q.view, kv.k_cache.view, kv.v_cache.view, kv.block_table.view,
+                                             kv.seq_lens.view, mods, bind, scale);
+  RefResult base = reference_paged_attention(q.view, kv.k_cache.view, kv.v_cache.view, kv.block_table.view,
+                                             kv.seq_lens.view, mods, bind, scale, /*fp32=*/true);
   testing::expect_matches_reference(out.view, &lse.view, gold, base, c.dtype);
 }
 
