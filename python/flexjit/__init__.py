@@ -3,6 +3,8 @@
     import flexjit
     out = flexjit.flex_attention(q, k, v, score_mod="score + slopes[h] * (kv_idx - q_idx)",
                                  mask_mod="causal", buffers={"slopes": slopes})
+    # decoding against a paged KV cache, mods at absolute positions:
+    out = flexjit.paged_flex_attention(q1, k_cache, v_cache, block_table, seq_lens, mask_mod="causal")
 
 Mods are registered names ("causal", "alibi", ...) or expression text over score, b, h, q_idx,
 kv_idx and the names in `buffers` (tensors) and `params` (floats; changing one never
@@ -16,10 +18,12 @@ from pathlib import Path
 import torch
 from torch.nn.attention.flex_attention import BlockMask, noop_mask
 
-__all__ = ["flex_attention", "create_block_mask", "load_library", "library_path"]
+__all__ = ["flex_attention", "paged_flex_attention", "merge_attention_states", "create_block_mask",
+           "load_library", "library_path"]
 
 _LIB_NAME = "libflexjit_torch_ops.so"
-_KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "USE_AMX")
+_KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "USE_AMX", "PARTITION_SIZE", "FORCE_USE_FLEX_ATTENTION")
+_PAGED_KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "PARTITION_SIZE")
 _loaded = None
 
 
@@ -56,6 +60,23 @@ def _check_mod(what, mod):
                         f"{type(mod).__name__}; flexjit compiles text, it cannot run Python callables")
 
 
+def _kernel_options(op, kernel_options, known):
+    options = dict(kernel_options or {})
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        hint = ""
+        if op == "paged_flex_attention" and set(unknown) & {"USE_AMX", "FORCE_USE_FLEX_ATTENTION"}:
+            hint = ("; USE_AMX and FORCE_USE_FLEX_ATTENTION pick the prefill kernel, which reads contiguous K/V: "
+                    "drop them, or gather the pages and call flex_attention")
+        raise ValueError(f"flexjit.{op}: unknown kernel_options {unknown}; known: {list(known)}{hint}")
+    force = options.get("FORCE_USE_FLEX_ATTENTION", False)
+    # bool or 0 / 1, as PyTorch accepts; anything else is a mistake, not "truthy".
+    if force not in (0, 1):
+        raise ValueError(f"flexjit.{op}: kernel option FORCE_USE_FLEX_ATTENTION must be a bool or 0 / 1, got {force!r}")
+    options["FORCE_USE_FLEX_ATTENTION"] = bool(force)
+    return options
+
+
 def _lists(buffers, params):
     buffers, params = dict(buffers or {}), dict(params or {})
     return (list(buffers.values()), list(buffers), list(params), [float(x) for x in params.values()])
@@ -71,15 +92,16 @@ def flex_attention(query, key, value, score_mod=None, mask_mod=None, buffers=Non
     flexjit.create_block_mask). Its partial blocks are masked by `mask_mod`, which must be flexjit
     text: a BlockMask made by PyTorch from a Python mask_mod needs the same mask as mask_mod=.
     Without a block_mask, a mask_mod builds one for the call (reuse one across calls instead).
+    Calls with up to 16 query rows (decoding) run the flash-decoding kernel, which splits the keys
+    into partitions that run in parallel and merges them; longer ones the prefill kernel.
     kernel_options: BLOCK_M / BLOCK_N kernel tiles (they must divide the BlockMask's blocks);
-        USE_AMX 0 / 1 forbids / requires bf16 matmuls on AMX tiles (default: where available).
+        USE_AMX 0 / 1 forbids / requires bf16 matmuls on AMX tiles (default: where available);
+        PARTITION_SIZE keys per decode partition (a multiple of BLOCK_N; 0 / unset: tuned or cost
+        model); FORCE_USE_FLEX_ATTENTION True runs the prefill kernel even for decode shapes.
     """
     _check_mod("score_mod", score_mod)
     _check_mod("mask_mod", mask_mod)
-    options = dict(kernel_options or {})
-    unknown = sorted(set(options) - set(_KERNEL_OPTIONS))
-    if unknown:
-        raise ValueError(f"flexjit.flex_attention: unknown kernel_options {unknown}; known: {list(_KERNEL_OPTIONS)}")
+    options = _kernel_options("flex_attention", kernel_options, _KERNEL_OPTIONS)
     mask = {}
     if block_mask is not None:
         if not isinstance(block_mask, BlockMask):
@@ -103,8 +125,55 @@ def flex_attention(query, key, value, score_mod=None, mask_mod=None, buffers=Non
         query, key, value, score_mod or "", mask_mod or "", buf, buf_names, par_names, par_values,
         scale=scale, enable_gqa=enable_gqa, return_lse=return_lse,
         BLOCK_M=options.get("BLOCK_M", 0), BLOCK_N=options.get("BLOCK_N", 0),
-        USE_AMX=int(options.get("USE_AMX", -1)), **mask)
+        USE_AMX=int(options.get("USE_AMX", -1)), PARTITION_SIZE=int(options.get("PARTITION_SIZE", 0)),
+        FORCE_USE_FLEX_ATTENTION=options["FORCE_USE_FLEX_ATTENTION"], **mask)
     return (out, lse) if return_lse else out
+
+
+def paged_flex_attention(query, k_cache, v_cache, block_table, seq_lens, score_mod=None, mask_mod=None,
+                         buffers=None, params=None, scale=None, enable_gqa=False, return_lse=False,
+                         kernel_options=None):
+    """Flash decoding against a paged KV cache (FlashInfer's NHD layout). Returns out
+    [B, Hq, Lq, Dv] in query's dtype, or (out, lse) with return_lse (lse: fp32 [B, Hq, Lq]).
+
+    query [B, Hq, Lq, D] with Lq <= 16 (a decode step, or a few speculative tokens);
+    k_cache [num_pages, page_size, Hkv, D], v_cache [num_pages, page_size, Hkv, Dv] (query's dtype,
+    last dim contiguous); block_table int32 [B, max_pages]: sequence b's key n is in page
+    block_table[b, n // page_size] at slot n % page_size; seq_lens int32 [B]: keys per sequence,
+    counting the Lq new tokens (already written to the cache); 0 marks an unused batch slot (out 0,
+    lse -inf). Pages past seq_lens[b] are never read.
+
+    Mods see absolute positions: query i of sequence b is at q_idx = seq_lens[b] - Lq + i, so
+    mask_mod="causal" works unchanged. The mask_mod is text, not a BlockMask: the block mask is
+    built per call over each sequence's own length. Registered mods' missing buffers are made for
+    max(seq_lens) positions.
+    kernel_options: BLOCK_M / BLOCK_N (decode kernel tiles) and PARTITION_SIZE (keys per split-KV
+    partition, a multiple of page_size; 0 / unset: tuned or cost model).
+    """
+    _check_mod("score_mod", score_mod)
+    _check_mod("mask_mod", mask_mod)
+    options = _kernel_options("paged_flex_attention", kernel_options, _PAGED_KERNEL_OPTIONS)
+    buf, buf_names, par_names, par_values = _lists(buffers, params)
+    out, lse = torch.ops.flexjit.paged_flex_attention(
+        query, k_cache, v_cache, block_table, seq_lens, score_mod or "", mask_mod or "", buf, buf_names,
+        par_names, par_values, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse,
+        BLOCK_M=options.get("BLOCK_M", 0), BLOCK_N=options.get("BLOCK_N", 0),
+        PARTITION_SIZE=int(options.get("PARTITION_SIZE", 0)))
+    return (out, lse) if return_lse else out
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b):
+    """Combines two attention states over disjoint sets of keys for the same queries into the
+    state over their union, exactly: lse = logaddexp(lse_a, lse_b), out = e^(lse_a - lse) out_a +
+    e^(lse_b - lse) out_b. Serves cascade attention (a shared prefix + each request's suffix) and
+    KV split across devices or calls.
+
+    out_a / out_b [..., L, Dv] (2-4 dims, same shape and float dtype), lse_a / lse_b fp32 [..., L]
+    (natural log, as return_lse gives). A state with lse -inf kept no key and contributes nothing
+    (its out is not read, even if NaN). Returns new tensors (out, lse): out_a's shape and dtype, and
+    fp32 lse.
+    """
+    return torch.ops.flexjit.merge_attention_states(out_a, lse_a, out_b, lse_b)
 
 
 def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, buffers=None, params=None, BLOCK_SIZE=128,

@@ -2,7 +2,10 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstring>
+
+#include "runtime/merge.h"
 
 namespace flexjit {
 namespace {
@@ -75,6 +78,44 @@ void complete_bindings(const ModRef& m, const ShapeInfo& shape, TracedMod* t, st
         t->bindings.buffers.push_back({o.name, o.view});
       }
   }
+}
+
+// The runtime's options from the torch layer's: threading and the kernel options by name.
+AttentionOptions attention_options(const FlexOptions& o) {
+  AttentionOptions opt;
+  opt.scale = o.scale;
+  opt.enable_gqa = o.enable_gqa;
+  // The kernel runs on torch's intra-op pool (at::parallel_for: torch.set_num_threads applies, and
+  // no second pool competes with it), unless the caller asks for a thread count of its own (TBB).
+  if (o.num_threads > 0) {
+    opt.num_threads = o.num_threads;
+  } else {
+    opt.num_threads = at::get_num_threads();  // what the planner splits decode work for (and its tuning bucket)
+    opt.parallel_for = [](int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+      at::parallel_for(0, n, 1, body);
+    };
+  }
+  for (const auto& [n, val] : o.kernel_options) {
+    if (n == "BLOCK_M") opt.block_m = int(val);
+    else if (n == "BLOCK_N") opt.block_n = int(val);
+    else if (n == "USE_AMX") {
+      if (val != 0 && val != 1) throw Error("kernel option USE_AMX must be 0 or 1, got " + std::to_string(val));
+      opt.use_amx = int(val);
+    } else if (n == "PARTITION_SIZE") {
+      if (val < 0)
+        throw Error("kernel option PARTITION_SIZE must be >= 0 (keys per decode partition; 0 = tuned), got " +
+                    std::to_string(val));
+      opt.partition_size = val;
+    } else if (n == "FORCE_USE_FLEX_ATTENTION") {
+      if (val != 0 && val != 1)
+        throw Error("kernel option FORCE_USE_FLEX_ATTENTION must be 0 or 1, got " + std::to_string(val));
+      opt.force_prefill = val == 1;
+    } else {
+      throw Error("unknown kernel option '" + n +
+                  "'; known: BLOCK_M, BLOCK_N, USE_AMX, PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION");
+    }
+  }
+  return opt;
 }
 
 }  // namespace
@@ -158,29 +199,66 @@ FlexResult flex_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   if (has_mask) mm = block_mask->mask_mod.traced;
   auto [mods, bind] = combine(has_score ? &sm : nullptr, has_mask ? &mm : nullptr);
 
-  AttentionOptions opt;
-  opt.scale = o.scale;
-  opt.enable_gqa = o.enable_gqa;
-  // The kernel runs on torch's intra-op pool (at::parallel_for: torch.set_num_threads applies, and
-  // no second pool competes with it), unless the caller asks for a thread count of its own (TBB).
-  if (o.num_threads > 0) {
-    opt.num_threads = o.num_threads;
-  } else {
-    opt.parallel_for = [](int64_t n, const std::function<void(int64_t, int64_t)>& body) {
-      at::parallel_for(0, n, 1, body);
-    };
-  }
-  for (const auto& [n, val] : o.kernel_options) {
-    if (n == "BLOCK_M") opt.block_m = int(val);
-    else if (n == "BLOCK_N") opt.block_n = int(val);
-    else if (n == "USE_AMX") {
-      if (val != 0 && val != 1) throw Error("kernel option USE_AMX must be 0 or 1, got " + std::to_string(val));
-      opt.use_amx = int(val);
-    } else throw Error("unknown kernel option '" + n + "'; known: BLOCK_M, BLOCK_N, USE_AMX");
-  }
+  AttentionOptions opt = attention_options(o);
   flexjit::flex_attention(qv, kv, vv, out, o.return_lse ? &lse : nullptr, mods, bind,
                           block_mask ? &block_mask->mask : nullptr, opt, o.report);
   return r;
+}
+
+FlexResult paged_flex_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& block_table, const at::Tensor& seq_lens, const ModRef& score_mod,
+                                const ModRef& mask_mod, const FlexOptions& o) {
+  TensorView qv = view_of(q, "q"), kv = view_of(k_cache, "k_cache"), vv = view_of(v_cache, "v_cache");
+  if (q.dim() != 4 || k_cache.dim() != 4 || v_cache.dim() != 4)
+    throw Error("paged_flex_attention: q must be 4-D [B, Hq, Lq, D] and k_cache, v_cache 4-D [num_pages, "
+                "page_size, Hkv, D]; got " + qv.shape_str() + ", " + kv.shape_str() + ", " + vv.shape_str());
+  // Python code makes int64 index tensors by default; the kernel reads int32 tables as they are
+  // (no per-step conversion), so say how to convert instead of the runtime's bare dtype error.
+  for (auto [t, name] : {std::pair{&block_table, "block_table"}, {&seq_lens, "seq_lens"}})
+    if (t->defined() && t->scalar_type() == at::kLong)
+      throw Error(std::string("paged_flex_attention: ") + name + " has dtype int64; it must be int32: convert it once "
+                  "with " + name + ".to(torch.int32) (C++: .to(at::kInt)) and keep it int32");
+  TensorView table = view_of(block_table, "block_table"), lens = view_of(seq_lens, "seq_lens");
+  if (!score_mod.empty() && score_mod.kind != ModKind::Score)
+    throw Error("paged_flex_attention: score_mod is a mask_mod; pass it as mask_mod");
+  if (!mask_mod.empty() && mask_mod.kind != ModKind::Mask)
+    throw Error("paged_flex_attention: mask_mod is a score_mod; pass it as score_mod");
+
+  FlexResult r;
+  r.out = at::empty({q.size(0), q.size(1), q.size(2), v_cache.size(3)}, q.options());
+  if (o.return_lse) r.lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  TensorView out = view_of(r.out, "out"), lse;
+  if (o.return_lse) lse = view_of(r.lse, "lse");
+
+  // Registered mods index their example buffers by absolute position, up to the longest
+  // sequence. Only read seq_lens when its shape is right, and cap it at what the tables can
+  // hold: the runtime reports bad tables, and an absurd length must not allocate buffers first.
+  int64_t max_len = 1;
+  if (seq_lens.dim() == 1 && seq_lens.scalar_type() == at::kInt && seq_lens.numel() > 0) {
+    max_len = std::max<int64_t>(1, seq_lens.max().item<int32_t>());
+    if (block_table.dim() == 2) max_len = std::min(max_len, std::max<int64_t>(1, block_table.size(1) * k_cache.size(1)));
+  }
+  ShapeInfo shape{q.size(0), q.size(1), k_cache.size(2), max_len, max_len};
+  std::vector<OwnedTensor> storage;
+  TracedMod sm, mm;
+  if (!score_mod.empty()) complete_bindings(score_mod, shape, &sm, &storage);
+  if (!mask_mod.empty()) complete_bindings(mask_mod, shape, &mm, &storage);
+  auto [mods, bind] = combine(score_mod.empty() ? nullptr : &sm, mask_mod.empty() ? nullptr : &mm);
+
+  flexjit::paged_flex_attention(qv, kv, vv, table, lens, out, o.return_lse ? &lse : nullptr, mods, bind,
+                                attention_options(o), o.report);
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_attention_states(const at::Tensor& out_a, const at::Tensor& lse_a,
+                                                          const at::Tensor& out_b, const at::Tensor& lse_b) {
+  TensorView oa = view_of(out_a, "out_a"), la = view_of(lse_a, "lse_a"), ob = view_of(out_b, "out_b"),
+             lb = view_of(lse_b, "lse_b");
+  // Allocated from out_a / lse_a's shapes; the runtime checks that everything else matches them.
+  at::Tensor out = at::empty(out_a.sizes(), out_a.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty(lse_a.sizes(), lse_a.options().dtype(at::kFloat));
+  flexjit::merge_attention_states(oa, la, ob, lb, view_of(out, "out"), view_of(lse, "lse"));
+  return {out, lse};
 }
 
 }  // namespace flexjit

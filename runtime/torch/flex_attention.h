@@ -1,9 +1,12 @@
-// flexjit for libtorch users: flex_attention on at::Tensor. The only public header that
-// includes torch; everything below it works on plain views.
+// flexjit for libtorch users: flex_attention, paged_flex_attention (decoding against a paged KV
+// cache) and merge_attention_states on at::Tensor. The only public header that includes torch;
+// everything below it works on plain views.
 //
 //   auto alibi = flexjit::score_mod("score + slopes[h] * (kv_idx - q_idx)", {{"slopes", slopes}});
 //   auto causal = flexjit::create_block_mask(flexjit::mask_mod("causal"), B, H, L, L);
 //   auto [out, lse] = flexjit::flex_attention(q, k, v, alibi, &causal, {.return_lse = true});
+//   auto step = flexjit::paged_flex_attention(q1, k_cache, v_cache, block_table, seq_lens, alibi,
+//                                             flexjit::mask_mod("causal"));
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,6 +14,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "runtime/attention.h"
@@ -52,7 +56,11 @@ struct FlexOptions {
   std::optional<double> scale;       // default 1/sqrt(D)
   bool enable_gqa = false;
   bool return_lse = false;
-  std::map<std::string, int64_t> kernel_options;  // BLOCK_M, BLOCK_N, USE_AMX (0 / 1; unset: auto)
+  // BLOCK_M, BLOCK_N: kernel tiles (0 = default). USE_AMX: 0 / 1 forbids / requires bf16 AMX
+  // tiles (unset: where available). PARTITION_SIZE: keys per split-KV partition of the decode
+  // kernel (>= 0; 0 = tuned or cost model). FORCE_USE_FLEX_ATTENTION: 1 runs the prefill kernel
+  // where the decode kernel would apply (PyTorch's option of that name). See AttentionOptions.
+  std::map<std::string, int64_t> kernel_options;
   int num_threads = 0;  // 0: torch's intra-op pool (torch.set_num_threads); N: N TBB workers
   AttentionReport* report = nullptr;              // filled when set
 };
@@ -67,6 +75,35 @@ struct FlexResult {
 FlexResult flex_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const ModRef& score_mod = {}, const TorchBlockMask* block_mask = nullptr,
                           const FlexOptions& options = {});
+
+// Flash decoding against a paged KV cache (FlashInfer's NHD layout), the at::Tensor form of
+// flexjit::paged_flex_attention in runtime/attention.h:
+//   q [B, Hq, Lq, D] with Lq <= 16 (fp32, bf16 or fp16, any strides);
+//   k_cache [num_pages, page_size, Hkv, D], v_cache [num_pages, page_size, Hkv, Dv] (q's dtype,
+//   last dim contiguous); block_table int32 [B, max_pages]; seq_lens int32 [B].
+// Sequence b's key n is in page block_table[b, n / page_size] at slot n % page_size; its query i
+// sits at the absolute position seq_lens[b] - Lq + i, and both mods see absolute q_idx / kv_idx
+// (so mask_mod("causal") works unchanged). The mask_mod is given as a mod, not a BlockMask: the
+// block mask is built per call over each sequence's own length. A registered mod's buffers that
+// are not given are made for ShapeInfo{B, Hq, Hkv, max_len, max_len}, max_len = max(seq_lens),
+// because they are indexed by absolute positions. seq_lens[b] = 0 (an unused batch slot) gives
+// out 0 and lse -inf. options.kernel_options takes BLOCK_M, BLOCK_N and PARTITION_SIZE (a
+// multiple of page_size); FORCE_USE_FLEX_ATTENTION=1 and USE_AMX=1 are refused (no paged form).
+// Returns out [B, Hq, Lq, Dv] in q's dtype and, with return_lse, lse [B, Hq, Lq] fp32.
+// Throws flexjit::Error on bad input (shapes, dtypes, a page index out of range, ...).
+FlexResult paged_flex_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& block_table, const at::Tensor& seq_lens,
+                                const ModRef& score_mod = {}, const ModRef& mask_mod = {},
+                                const FlexOptions& options = {});
+
+// Combines two attention states over disjoint sets of keys for the same queries into the state
+// over their union (runtime/merge.h): out_a / out_b [..., L, Dv] (2-4 dims, same shape and float
+// dtype, any strides), lse_a / lse_b fp32 [..., L] (natural log, e.g. from return_lse). A state
+// with lse -inf kept no key and contributes nothing (its out is not read). Returns new tensors:
+// out (out_a's shape and dtype, contiguous) and lse (fp32, lse_a's shape). Throws flexjit::Error
+// on mismatched shapes or dtypes.
+std::tuple<at::Tensor, at::Tensor> merge_attention_states(const at::Tensor& out_a, const at::Tensor& lse_a,
+                                                          const at::Tensor& out_b, const at::Tensor& lse_b);
 
 // A strided view of a CPU tensor (no copy). Throws for other devices or unsupported dtypes.
 TensorView view_of(const at::Tensor& t, const std::string& name);

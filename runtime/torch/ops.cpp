@@ -1,12 +1,13 @@
-// The torch op library: torch.ops.flexjit.flex_attention and torch.ops.flexjit.create_block_mask,
-// loaded from Python with torch.ops.load_library(<build>/libflexjit_torch_ops.so).
+// The torch op library: torch.ops.flexjit.flex_attention, paged_flex_attention,
+// merge_attention_states and create_block_mask, loaded from Python with
+// torch.ops.load_library(<build>/libflexjit_torch_ops.so).
 //
 // Mods travel as strings (a registered name or expression text), their tensors as a list with a
 // parallel list of names, their scalars as parallel name / value lists, and a block mask as
-// PyTorch's BlockMask tensors. flex_attention has a CPU kernel and a Meta kernel; the Meta
-// kernel gives torch.compile the output shapes, so a compiled graph keeps the op in it
-// (no graph break). flexjit::Error (a user problem) becomes a Python ValueError with flexjit's
-// message; anything else stays a RuntimeError.
+// PyTorch's BlockMask tensors. The attention ops and the merge have a CPU kernel and a Meta
+// kernel; the Meta kernel gives torch.compile the output shapes, so a compiled graph keeps the
+// op in it (no graph break). flexjit::Error (a user problem) becomes a Python ValueError with
+// flexjit's message; anything else stays a RuntimeError.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -102,6 +103,13 @@ void check_all_used(const ModArgs& a, const std::vector<const ModRef*>& mods) {
 
 int64_t round_up(int64_t x, int64_t m) { return m > 0 ? (x + m - 1) / m * m : x; }
 
+// The schema's defaults (0, False) mean "not given", so FlexOptions keeps its own defaults; a
+// negative PARTITION_SIZE is passed on for the torch layer to refuse with its message.
+void set_decode_options(int64_t partition_size, bool force_prefill, FlexOptions* opt) {
+  if (partition_size) opt->kernel_options["PARTITION_SIZE"] = partition_size;
+  if (force_prefill) opt->kernel_options["FORCE_USE_FLEX_ATTENTION"] = 1;
+}
+
 // Runs `f`, turning flexjit's user errors into c10::ValueError (Python ValueError) that carry
 // flexjit's message unchanged.
 template <typename F>
@@ -125,7 +133,8 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_cpu(
     const std::optional<at::Tensor>& kv_num_blocks, const std::optional<at::Tensor>& kv_indices,
     const std::optional<at::Tensor>& full_kv_num_blocks,
     const std::optional<at::Tensor>& full_kv_indices, int64_t q_block_size, int64_t kv_block_size,
-    int64_t BLOCK_M, int64_t BLOCK_N, int64_t USE_AMX) {
+    int64_t BLOCK_M, int64_t BLOCK_N, int64_t USE_AMX, int64_t PARTITION_SIZE,
+    bool FORCE_USE_FLEX_ATTENTION) {
   return surface_errors("flexjit.flex_attention", [&] {
     for (auto [t, name] : {std::pair{&query, "query"}, {&key, "key"}, {&value, "value"}})
       if (t->dim() != 4)
@@ -143,6 +152,7 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_cpu(
     if (BLOCK_M) opt.kernel_options["BLOCK_M"] = BLOCK_M;
     if (BLOCK_N) opt.kernel_options["BLOCK_N"] = BLOCK_N;
     if (USE_AMX >= 0) opt.kernel_options["USE_AMX"] = USE_AMX;
+    set_decode_options(PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION, &opt);
 
     const int64_t B = query.size(0), Hq = query.size(1), Lq = query.size(2), Lkv = key.size(2);
     std::optional<TorchBlockMask> mask;
@@ -176,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_meta(
     const std::string&, const Tensors&, const Names&, const Names&, at::ArrayRef<double>,
     std::optional<double>, bool, bool return_lse, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, int64_t, int64_t) {
+    const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool) {
   for (auto [t, name] : {std::pair{&query, "query"}, {&key, "key"}, {&value, "value"}})
     TORCH_CHECK_VALUE(t->dim() == 4, "flexjit.flex_attention: ", name,
                       " must be 4-D [B, H, L, D], got ", t->dim(), "-D");
@@ -197,28 +207,40 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_meta(
   return std::make_tuple(out, lse);
 }
 
-// Autograd: flexjit has no backward yet. Without this kernel PyTorch's fallback would let
-// backward() run and leave the inputs' .grad silently unset; with it, forward works as usual
-// (also on tensors that require grad) and backward() raises, saying so.
-struct FlexAttentionNoBackward : torch::autograd::Function<FlexAttentionNoBackward> {
+// Autograd: flexjit has no backward yet. Without these kernels PyTorch's fallback would let
+// backward() run and leave the inputs' .grad silently unset; with them, forward works as usual
+// (also on tensors that require grad) and backward() raises, saying so. Op names the schema,
+// its C++ signature, and whether the lse output is differentiable.
+template <typename Op>
+struct NoBackward : torch::autograd::Function<NoBackward<Op>> {
   template <typename... Args>
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
                                                 Args&&... args) {
     at::AutoDispatchBelowADInplaceOrView below;
     static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("flexjit::flex_attention", "")
-                         .typed<decltype(flex_attention_cpu)>();
+                         .findSchemaOrThrow(Op::schema, "")
+                         .template typed<typename Op::Signature>();
     auto [out, lse] = op.call(std::forward<Args>(args)...);
-    ctx->mark_non_differentiable({lse});
+    // The attention ops' lse is an extra output (as PyTorch's flex_attention treats it); the
+    // merge's lse is a result in its own right, so backward through it must raise too.
+    if (!Op::lse_is_result) ctx->mark_non_differentiable({lse});
     return {out, lse};
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
                                                  torch::autograd::variable_list) {
-    TORCH_CHECK(
-        false,
-        "flexjit.flex_attention has no backward pass yet (CPU forward only); run it under "
-        "torch.no_grad() or torch.inference_mode(), or use PyTorch's flex_attention to train");
+    TORCH_CHECK(false, Op::python_name,
+                " has no backward pass yet (CPU forward only); run it under torch.no_grad() or "
+                "torch.inference_mode(), or use ",
+                Op::train_with, " to train");
   }
+};
+
+struct FlexAttentionOp {
+  static constexpr const char* schema = "flexjit::flex_attention";
+  static constexpr const char* python_name = "flexjit.flex_attention";
+  static constexpr const char* train_with = "PyTorch's flex_attention";
+  static constexpr bool lse_is_result = false;
+  using Signature = decltype(flex_attention_cpu);
 };
 
 std::tuple<at::Tensor, at::Tensor> flex_attention_autograd(
@@ -229,11 +251,152 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_autograd(
     const std::optional<at::Tensor>& kv_num_blocks, const std::optional<at::Tensor>& kv_indices,
     const std::optional<at::Tensor>& full_kv_num_blocks,
     const std::optional<at::Tensor>& full_kv_indices, int64_t q_block_size, int64_t kv_block_size,
-    int64_t BLOCK_M, int64_t BLOCK_N, int64_t USE_AMX) {
-  auto r = FlexAttentionNoBackward::apply(
+    int64_t BLOCK_M, int64_t BLOCK_N, int64_t USE_AMX, int64_t PARTITION_SIZE,
+    bool FORCE_USE_FLEX_ATTENTION) {
+  auto r = NoBackward<FlexAttentionOp>::apply(
       query, key, value, score_mod_text, mask_mod_text, buffers, buffer_names, param_names,
       param_values, scale, enable_gqa, return_lse, kv_num_blocks, kv_indices, full_kv_num_blocks,
-      full_kv_indices, q_block_size, kv_block_size, BLOCK_M, BLOCK_N, USE_AMX);
+      full_kv_indices, q_block_size, kv_block_size, BLOCK_M, BLOCK_N, USE_AMX, PARTITION_SIZE,
+      FORCE_USE_FLEX_ATTENTION);
+  return std::make_tuple(r[0], r[1]);
+}
+
+// ---- paged_flex_attention: decoding against a paged KV cache ----
+
+std::tuple<at::Tensor, at::Tensor> paged_flex_attention_cpu(
+    const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_table, const at::Tensor& seq_lens, const std::string& score_mod_text,
+    const std::string& mask_mod_text, const Tensors& buffers, const Names& buffer_names,
+    const Names& param_names, at::ArrayRef<double> param_values, std::optional<double> scale,
+    bool enable_gqa, bool return_lse, int64_t BLOCK_M, int64_t BLOCK_N, int64_t PARTITION_SIZE) {
+  return surface_errors("flexjit.paged_flex_attention", [&] {
+    ModArgs args = collect(buffers, buffer_names, param_names, param_values);
+    ModRef sm = make(score_mod_text, ModKind::Score, args),
+           mm = make(mask_mod_text, ModKind::Mask, args);
+    check_all_used(args, {&sm, &mm});
+    FlexOptions opt;
+    opt.scale = scale;
+    opt.enable_gqa = enable_gqa;
+    opt.return_lse = return_lse;
+    if (BLOCK_M) opt.kernel_options["BLOCK_M"] = BLOCK_M;
+    if (BLOCK_N) opt.kernel_options["BLOCK_N"] = BLOCK_N;
+    set_decode_options(PARTITION_SIZE, false, &opt);
+    FlexResult r = paged_flex_attention(query, k_cache, v_cache, block_table, seq_lens, sm, mm, opt);
+    at::Tensor lse = r.lse.defined() ? r.lse : at::empty({0}, query.options().dtype(at::kFloat));
+    return std::make_tuple(r.out, lse);
+  });
+}
+
+// Shapes only: out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] fp32 (or [0]). The tables'
+// contents (page indices, lengths) are data, checked by the CPU kernel.
+std::tuple<at::Tensor, at::Tensor> paged_flex_attention_meta(
+    const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_table, const at::Tensor& seq_lens, const std::string&,
+    const std::string&, const Tensors&, const Names&, const Names&, at::ArrayRef<double>,
+    std::optional<double>, bool, bool return_lse, int64_t, int64_t, int64_t) {
+  TORCH_CHECK_VALUE(query.dim() == 4, "flexjit.paged_flex_attention: query must be 4-D [B, Hq, Lq, D], got ",
+                    query.dim(), "-D");
+  for (auto [t, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}})
+    TORCH_CHECK_VALUE(t->dim() == 4, "flexjit.paged_flex_attention: ", name,
+                      " must be 4-D [num_pages, page_size, Hkv, D], got ", t->dim(), "-D");
+  // Only a static Lq is checked here: comparing a symbolic one would add a guard to the graph.
+  if (auto lq = query.sym_size(2).maybe_as_int(); lq && *lq > 16)
+    TORCH_CHECK_VALUE(false, "flexjit.paged_flex_attention: paged attention runs the decode kernel, for up to "
+                      "16 query rows per sequence; got Lq=", *lq, ". Run longer queries (prefill) with "
+                      "flex_attention on contiguous K/V");
+  auto st = query.scalar_type();
+  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+                    "flexjit.paged_flex_attention: query has dtype ", st,
+                    "; supported: float32, bfloat16, float16");
+  TORCH_CHECK_VALUE(k_cache.scalar_type() == st && v_cache.scalar_type() == st,
+                    "flexjit.paged_flex_attention: query, k_cache, v_cache must share a dtype, got ", st,
+                    ", ", k_cache.scalar_type(), ", ", v_cache.scalar_type());
+  TORCH_CHECK_VALUE(block_table.dim() == 2 && block_table.scalar_type() == at::kInt,
+                    "flexjit.paged_flex_attention: block_table must be int32 [B, max_pages], got ",
+                    block_table.scalar_type(), " with ", block_table.dim(),
+                    " dims (convert with .to(torch.int32))");
+  TORCH_CHECK_VALUE(seq_lens.dim() == 1 && seq_lens.scalar_type() == at::kInt,
+                    "flexjit.paged_flex_attention: seq_lens must be int32 [B], got ",
+                    seq_lens.scalar_type(), " with ", seq_lens.dim(),
+                    " dims (convert with .to(torch.int32))");
+  at::Tensor out = at::empty_symint(
+      {query.sym_size(0), query.sym_size(1), query.sym_size(2), v_cache.sym_size(3)}, query.options());
+  at::Tensor lse = return_lse
+                       ? at::empty_symint({query.sym_size(0), query.sym_size(1), query.sym_size(2)},
+                                          query.options().dtype(at::kFloat))
+                       : at::empty({0}, query.options().dtype(at::kFloat));
+  return std::make_tuple(out, lse);
+}
+
+struct PagedFlexAttentionOp {
+  static constexpr const char* schema = "flexjit::paged_flex_attention";
+  static constexpr const char* python_name = "flexjit.paged_flex_attention";
+  static constexpr const char* train_with = "PyTorch's flex_attention";
+  static constexpr bool lse_is_result = false;
+  using Signature = decltype(paged_flex_attention_cpu);
+};
+
+std::tuple<at::Tensor, at::Tensor> paged_flex_attention_autograd(
+    const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_table, const at::Tensor& seq_lens, const std::string& score_mod_text,
+    const std::string& mask_mod_text, const Tensors& buffers, const Names& buffer_names,
+    const Names& param_names, at::ArrayRef<double> param_values, std::optional<double> scale,
+    bool enable_gqa, bool return_lse, int64_t BLOCK_M, int64_t BLOCK_N, int64_t PARTITION_SIZE) {
+  auto r = NoBackward<PagedFlexAttentionOp>::apply(
+      query, k_cache, v_cache, block_table, seq_lens, score_mod_text, mask_mod_text, buffers,
+      buffer_names, param_names, param_values, scale, enable_gqa, return_lse, BLOCK_M, BLOCK_N,
+      PARTITION_SIZE);
+  return std::make_tuple(r[0], r[1]);
+}
+
+// ---- merge_attention_states ----
+
+std::tuple<at::Tensor, at::Tensor> merge_attention_states_cpu(const at::Tensor& out_a,
+                                                              const at::Tensor& lse_a,
+                                                              const at::Tensor& out_b,
+                                                              const at::Tensor& lse_b) {
+  return surface_errors("flexjit.merge_attention_states",
+                        [&] { return merge_attention_states(out_a, lse_a, out_b, lse_b); });
+}
+
+// Shapes only: out like out_a (contiguous), lse like lse_a (fp32). Ranks and dtypes are checked
+// here; sizes are compared by the CPU kernel (comparing symbolic sizes would add guards).
+std::tuple<at::Tensor, at::Tensor> merge_attention_states_meta(const at::Tensor& out_a,
+                                                               const at::Tensor& lse_a,
+                                                               const at::Tensor& out_b,
+                                                               const at::Tensor& lse_b) {
+  TORCH_CHECK_VALUE(out_a.dim() >= 2 && out_a.dim() <= 4,
+                    "flexjit.merge_attention_states: out_a must have 2 to 4 dims [..., L, Dv], got ",
+                    out_a.dim(), "-D");
+  auto st = out_a.scalar_type();
+  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+                    "flexjit.merge_attention_states: out_a has dtype ", st,
+                    "; supported: float32, bfloat16, float16");
+  TORCH_CHECK_VALUE(out_b.dim() == out_a.dim() && out_b.scalar_type() == st,
+                    "flexjit.merge_attention_states: out_b must have out_a's rank and dtype (",
+                    out_a.dim(), "-D ", st, "), got ", out_b.dim(), "-D ", out_b.scalar_type());
+  for (auto [t, name] : {std::pair{&lse_a, "lse_a"}, {&lse_b, "lse_b"}})
+    TORCH_CHECK_VALUE(t->dim() == out_a.dim() - 1 && t->scalar_type() == at::kFloat,
+                      "flexjit.merge_attention_states: ", name, " must be fp32 with ",
+                      out_a.dim() - 1, " dims (out_a's leading dims), got ", t->scalar_type(),
+                      " with ", t->dim(), " dims");
+  return std::make_tuple(at::empty_symint(out_a.sym_sizes(), out_a.options()),
+                         at::empty_symint(lse_a.sym_sizes(), lse_a.options()));
+}
+
+struct MergeAttentionStatesOp {
+  static constexpr const char* schema = "flexjit::merge_attention_states";
+  static constexpr const char* python_name = "flexjit.merge_attention_states";
+  static constexpr const char* train_with = "the same formula in torch ops";
+  static constexpr bool lse_is_result = true;
+  using Signature = decltype(merge_attention_states_cpu);
+};
+
+std::tuple<at::Tensor, at::Tensor> merge_attention_states_autograd(const at::Tensor& out_a,
+                                                                   const at::Tensor& lse_a,
+                                                                   const at::Tensor& out_b,
+                                                                   const at::Tensor& lse_b) {
+  auto r = NoBackward<MergeAttentionStatesOp>::apply(out_a, lse_a, out_b, lse_b);
   return std::make_tuple(r[0], r[1]);
 }
 
@@ -262,12 +425,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> create_block_mask_cpu
 
 // clang-format off
 TORCH_LIBRARY(flexjit, m) {
+  // The schemas are a public contract: append new arguments at the end, never rename or reorder.
   m.def("flex_attention(Tensor query, Tensor key, Tensor value, str score_mod=\"\", "
         "str mask_mod=\"\", Tensor[]? buffers=None, str[]? buffer_names=None, "
         "str[]? param_names=None, float[] param_values=[], float? scale=None, "
         "bool enable_gqa=False, bool return_lse=False, Tensor? kv_num_blocks=None, "
         "Tensor? kv_indices=None, Tensor? full_kv_num_blocks=None, Tensor? full_kv_indices=None, "
-        "int q_block_size=128, int kv_block_size=128, int BLOCK_M=0, int BLOCK_N=0, int USE_AMX=-1) "
+        "int q_block_size=128, int kv_block_size=128, int BLOCK_M=0, int BLOCK_N=0, int USE_AMX=-1, "
+        "int PARTITION_SIZE=0, bool FORCE_USE_FLEX_ATTENTION=False) "
+        "-> (Tensor out, Tensor lse)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("paged_flex_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_table, "
+        "Tensor seq_lens, str score_mod=\"\", str mask_mod=\"\", Tensor[]? buffers=None, "
+        "str[]? buffer_names=None, str[]? param_names=None, float[] param_values=[], "
+        "float? scale=None, bool enable_gqa=False, bool return_lse=False, int BLOCK_M=0, "
+        "int BLOCK_N=0, int PARTITION_SIZE=0) -> (Tensor out, Tensor lse)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) "
         "-> (Tensor out, Tensor lse)",
         {at::Tag::pt2_compliant_tag});
   m.def("create_block_mask(str mask_mod, int B, int H, int Q_LEN, int KV_LEN, "
@@ -278,12 +452,22 @@ TORCH_LIBRARY(flexjit, m) {
 }
 // clang-format on
 
-TORCH_LIBRARY_IMPL(flexjit, CPU, m) { m.impl("flex_attention", &flexjit::flex_attention_cpu); }
+TORCH_LIBRARY_IMPL(flexjit, CPU, m) {
+  m.impl("flex_attention", &flexjit::flex_attention_cpu);
+  m.impl("paged_flex_attention", &flexjit::paged_flex_attention_cpu);
+  m.impl("merge_attention_states", &flexjit::merge_attention_states_cpu);
+}
 
-TORCH_LIBRARY_IMPL(flexjit, Meta, m) { m.impl("flex_attention", &flexjit::flex_attention_meta); }
+TORCH_LIBRARY_IMPL(flexjit, Meta, m) {
+  m.impl("flex_attention", &flexjit::flex_attention_meta);
+  m.impl("paged_flex_attention", &flexjit::paged_flex_attention_meta);
+  m.impl("merge_attention_states", &flexjit::merge_attention_states_meta);
+}
 
 TORCH_LIBRARY_IMPL(flexjit, Autograd, m) {
   m.impl("flex_attention", &flexjit::flex_attention_autograd);
+  m.impl("paged_flex_attention", &flexjit::paged_flex_attention_autograd);
+  m.impl("merge_attention_states", &flexjit::merge_attention_states_autograd);
 }
 
 // create_block_mask reads no tensors (only optional buffers), so it cannot dispatch on them:

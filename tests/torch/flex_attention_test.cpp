@@ -2,13 +2,17 @@
 // flexjit::flex_attention on at::Tensor against libtorch: at::scaled_dot_product_attention for
 // what SDPA can express (no mod, causal, an additive bias such as ALiBi, a boolean mask), and
 // plain torch ops in float64 for the log-sum-exp. fp32 and bf16, odd lengths, D = 80, GQA,
-// non-contiguous inputs; and the errors of the torch entry point.
+// non-contiguous inputs; and the errors of the torch entry point. Then the decode entries:
+// paged_flex_attention against the contiguous flex_attention on the same keys gathered back,
+// the decode kernel options, and merge_attention_states.
 #include "runtime/torch/flex_attention.h"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "tests/tolerances.h"
 
@@ -321,6 +325,232 @@ TEST(Torch, RegisteredTracedModKeepsItsCapturedTensor) {
   at::Tensor pos = at::arange(33, at::kFloat);
   at::Tensor mask = slopes.view({2, 1, 1}) * (pos.view({1, 33}) - pos.view({33, 1}));
   EXPECT_TRUE(close(out, at::scaled_dot_product_attention(q, k, v, mask), testing::output_tolerance(DType::F32)));
+}
+
+// ---- paged KV ----
+
+// A paged cache holding sequences of `lens` keys: pages in shuffled order, NaN in every page and
+// slot no sequence owns, -1 in the table past each sequence. k_full / v_full [B, Hkv, max_len, D]
+// hold the same keys contiguously (the slots past each end are random: the callers slice them off).
+struct PagedCache {
+  at::Tensor k_cache, v_cache, block_table, seq_lens, k_full, v_full;
+};
+PagedCache make_paged_cache(at::ScalarType dt, const std::vector<int64_t>& lens, int64_t Hkv, int64_t D,
+                            int64_t page_size, uint64_t seed) {
+  at::manual_seed(seed);
+  const int64_t B = int64_t(lens.size()), max_len = *std::max_element(lens.begin(), lens.end());
+  const int64_t max_pages = (max_len + page_size - 1) / page_size + 1;
+  int64_t used = 0;
+  for (int64_t n : lens) used += (n + page_size - 1) / page_size;
+  const int64_t pages = used + 3;
+  PagedCache c;
+  c.k_full = at::randn({B, Hkv, max_len, D}).to(dt);
+  c.v_full = at::randn({B, Hkv, max_len, D}).to(dt);
+  c.k_cache = at::full({pages, page_size, Hkv, D}, NAN, at::TensorOptions().dtype(dt));
+  c.v_cache = at::full({pages, page_size, Hkv, D}, NAN, at::TensorOptions().dtype(dt));
+  c.block_table = at::full({B, max_pages}, -1, at::kInt);
+  c.seq_lens = at::tensor(std::vector<int32_t>(lens.begin(), lens.end()), at::kInt);
+  at::Tensor order = at::randperm(pages, at::kLong);
+  int64_t next = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t p = 0; p * page_size < lens[size_t(b)]; ++p) {
+      const int64_t page = order[next++].item<int64_t>(), n = std::min(page_size, lens[size_t(b)] - p * page_size);
+      c.block_table.index_put_({b, p}, int32_t(page));
+      c.k_cache[page].narrow(0, 0, n).copy_(c.k_full[b].narrow(1, p * page_size, n).transpose(0, 1));
+      c.v_cache[page].narrow(0, 0, n).copy_(c.v_full[b].narrow(1, p * page_size, n).transpose(0, 1));
+    }
+  return c;
+}
+
+// Sequence b of a paged call as a contiguous call of its own, on the prefill kernel (a different
+// kernel from the paged one): queries at rows 0..Lq-1, so the mods add off = len - Lq to q_idx
+// to see the absolute positions the paged call's mods see.
+FlexResult contiguous_alibi_causal(const at::Tensor& q, const PagedCache& c, const at::Tensor& slopes, int64_t b,
+                                   int64_t len) {
+  const int64_t Hq = q.size(1), Lq = q.size(2);
+  const double off = double(len - Lq);
+  ModRef alibi = score_mod("score + slopes[h] * (kv_idx - (q_idx + off))", {{"slopes", slopes}}, {{"off", off}});
+  TorchBlockMask causal = create_block_mask(mask_mod("q_idx + off >= kv_idx", {}, {{"off", off}}), 1, Hq, Lq, len);
+  FlexOptions o;
+  o.enable_gqa = true;
+  o.return_lse = true;
+  o.kernel_options["FORCE_USE_FLEX_ATTENTION"] = 1;
+  AttentionReport rep;
+  o.report = &rep;
+  FlexResult r = flex_attention(q.narrow(0, b, 1), c.k_full.narrow(0, b, 1).narrow(2, 0, len),
+                                c.v_full.narrow(0, b, 1).narrow(2, 0, len), alibi, &causal, o);
+  EXPECT_EQ(rep.path, "prefill");
+  return r;
+}
+
+TEST(TorchPaged, MatchesContiguousFlexAttentionOnGatheredKeys) {
+  const std::vector<int64_t> lens = {300, 77, 0, 129};
+  const int64_t B = int64_t(lens.size()), Hq = 8, Hkv = 2, D = 64;
+  const at::Tensor slopes = alibi_slopes(Hq);
+  for (at::ScalarType dt : {at::kFloat, at::kBFloat16})
+    for (int64_t page_size : {16, 64})
+      for (int64_t Lq : {1, 4}) {
+        SCOPED_TRACE(std::string(dt == at::kFloat ? "fp32" : "bf16") + " page " + std::to_string(page_size) +
+                     " Lq " + std::to_string(Lq));
+        PagedCache c = make_paged_cache(dt, lens, Hkv, D, page_size, 11);
+        at::Tensor q = at::randn({B, Hq, Lq, D}).to(dt);
+        FlexOptions o;
+        o.enable_gqa = true;
+        o.return_lse = true;
+        AttentionReport rep;
+        o.report = &rep;
+        FlexResult r = paged_flex_attention(q, c.k_cache, c.v_cache, c.block_table, c.seq_lens,
+                                            score_mod("alibi", {{"slopes", slopes}}), mask_mod("causal"), o);
+        EXPECT_EQ(rep.path, "decode");
+        EXPECT_TRUE(rep.paged);
+        EXPECT_EQ(rep.partition_size % page_size, 0);
+        ASSERT_EQ(r.out.sizes(), q.sizes());
+        EXPECT_EQ(r.out.scalar_type(), dt);
+        ASSERT_EQ(r.lse.sizes(), (std::vector<int64_t>{B, Hq, Lq}));
+        testing::Tolerance lt = testing::kLseTolerance;
+        if (dt != at::kFloat) lt.atol += 1e-4;
+        for (int64_t b = 0; b < B; ++b) {
+          SCOPED_TRACE("sequence " + std::to_string(b));
+          if (lens[size_t(b)] == 0) {  // an unused slot
+            EXPECT_TRUE(r.out[b].eq(0).all().item<bool>());
+            EXPECT_TRUE(r.lse[b].eq(-INFINITY).all().item<bool>());
+            continue;
+          }
+          FlexResult want = contiguous_alibi_causal(q, c, slopes, b, lens[size_t(b)]);
+          EXPECT_TRUE(close(r.out[b], want.out[0], testing::output_tolerance(flex_dtype(dt))));
+          EXPECT_TRUE(close(r.lse[b], want.lse[0], lt));
+        }
+        // PARTITION_SIZE as a kernel option: the longest sequence splits into 5 partitions, merged
+        // after; the numbers stay the same up to the summation order.
+        o.kernel_options["PARTITION_SIZE"] = 64;
+        FlexResult split = paged_flex_attention(q, c.k_cache, c.v_cache, c.block_table, c.seq_lens,
+                                                score_mod("alibi", {{"slopes", slopes}}), mask_mod("causal"), o);
+        EXPECT_EQ(rep.partition_size, 64);
+        EXPECT_EQ(rep.num_partitions, 5);
+        EXPECT_EQ(rep.tuning, "user");
+        EXPECT_TRUE(close(split.out, r.out, dt == at::kFloat ? testing::Tolerance{1e-5, 1e-5}
+                                                              : testing::output_tolerance(DType::BF16)));
+        EXPECT_TRUE(close(split.lse.masked_fill(split.lse.isinf(), 0), r.lse.masked_fill(r.lse.isinf(), 0),
+                          {1e-5, 1e-5}));
+      }
+}
+
+TEST(TorchPaged, RegisteredModMakesBuffersForAbsolutePositions) {
+  // alibi without slopes: the registered mod makes them for Hq (not Hkv) heads, as given here.
+  PagedCache c = make_paged_cache(at::kFloat, {200, 33}, 2, 32, 16, 12);
+  at::Tensor q = at::randn({2, 6, 4, 32});
+  FlexOptions o;
+  o.enable_gqa = true;
+  at::Tensor made = paged_flex_attention(q, c.k_cache, c.v_cache, c.block_table, c.seq_lens, score_mod("alibi"),
+                                         mask_mod("causal"), o).out;
+  at::Tensor given = paged_flex_attention(q, c.k_cache, c.v_cache, c.block_table, c.seq_lens,
+                                          score_mod("alibi", {{"slopes", alibi_slopes(6)}}), mask_mod("causal"), o)
+                         .out;
+  EXPECT_TRUE(close(made, given, {1e-6, 1e-6}));
+}
+
+TEST(TorchPaged, Errors) {
+  PagedCache c = make_paged_cache(at::kFloat, {40, 20}, 2, 32, 16, 13);
+  at::Tensor q = at::randn({2, 2, 4, 32});
+  auto call = [&](const at::Tensor& qq, const at::Tensor& table, const at::Tensor& lens, FlexOptions o = {},
+                  const ModRef& sm = {}, const ModRef& mm = {}) {
+    return paged_flex_attention(qq, c.k_cache, c.v_cache, table, lens, sm, mm, o);
+  };
+  at::Tensor bad = c.block_table.clone();
+  bad.index_put_({0, 1}, 9999);
+  expect_error([&] { call(q, bad, c.seq_lens); }, "block_table[0, 1] = 9999 is not a page of the cache");
+  expect_error([&] { call(q, c.block_table, at::tensor({40, 3}, at::kInt)); },
+               "seq_lens[1] = 3 is less than the query length Lq=4");
+  expect_error([&] { call(q, c.block_table.to(at::kLong), c.seq_lens); },
+               "block_table has dtype int64; it must be int32");
+  expect_error([&] { call(q, c.block_table, c.seq_lens.to(at::kLong)); }, "seq_lens has dtype int64");
+  expect_error([&] { call(at::randn({2, 2, 17, 32}), c.block_table, c.seq_lens); }, "up to 16 query rows");
+  expect_error([&] { call(q[0], c.block_table, c.seq_lens); }, "q must be 4-D [B, Hq, Lq, D]");
+  expect_error([&] { call(q, c.block_table, c.seq_lens, {}, mask_mod("causal")); },
+               "score_mod is a mask_mod; pass it as mask_mod");
+  FlexOptions o;
+  o.kernel_options["FORCE_USE_FLEX_ATTENTION"] = 1;
+  expect_error([&] { call(q, c.block_table, c.seq_lens, o); }, "FORCE_USE_FLEX_ATTENTION has no paged form");
+  o.kernel_options = {{"PARTITION_SIZE", -16}};
+  expect_error([&] { call(q, c.block_table, c.seq_lens, o); }, "PARTITION_SIZE must be >= 0");
+  o.kernel_options = {{"PARTITION_SIZE", 24}};
+  expect_error([&] { call(q, c.block_table, c.seq_lens, o); }, "must be a multiple of the page size 16");
+  o.kernel_options = {{"PARTITION", 64}};
+  expect_error([&] { call(q, c.block_table, c.seq_lens, o); },
+               "known: BLOCK_M, BLOCK_N, USE_AMX, PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION");
+  // After the errors, a valid call works.
+  EXPECT_EQ(call(q, c.block_table, c.seq_lens).out.sizes(), q.sizes());
+}
+
+TEST(Torch, ForceUseFlexAttentionRunsThePrefillKernel) {
+  // A decode shape on contiguous K/V: the decode kernel by default, the prefill kernel with the
+  // option; the same result either way.
+  at::manual_seed(14);
+  at::Tensor q = at::randn({2, 8, 1, 64}), k = at::randn({2, 2, 700, 64}), v = at::randn({2, 2, 700, 64});
+  FlexOptions o;
+  o.enable_gqa = true;
+  o.return_lse = true;
+  AttentionReport rep;
+  o.report = &rep;
+  FlexResult decode = flex_attention(q, k, v, score_mod("alibi"), nullptr, o);
+  EXPECT_EQ(rep.path, "decode");
+  o.kernel_options["FORCE_USE_FLEX_ATTENTION"] = 1;
+  FlexResult prefill = flex_attention(q, k, v, score_mod("alibi"), nullptr, o);
+  EXPECT_EQ(rep.path, "prefill");
+  EXPECT_TRUE(close(prefill.out, decode.out, {1e-5, 1e-5}));
+  EXPECT_TRUE(close(prefill.lse, decode.lse, {1e-5, 1e-5}));
+  o.kernel_options = {{"FORCE_USE_FLEX_ATTENTION", 2}};
+  expect_error([&] { flex_attention(q, k, v, {}, nullptr, o); }, "FORCE_USE_FLEX_ATTENTION must be 0 or 1");
+}
+
+// ---- merging attention states ----
+
+TEST(TorchMerge, TwoKvHalvesMakeTheWhole) {
+  for (at::ScalarType dt : {at::kFloat, at::kBFloat16}) {
+    SCOPED_TRACE(dt == at::kFloat ? "fp32" : "bf16");
+    at::manual_seed(15);
+    const int64_t split = 200;
+    at::Tensor q = at::randn({2, 3, 5, 40}).to(dt), k = at::randn({2, 3, 300, 40}).to(dt),
+               v = at::randn({2, 3, 300, 40}).to(dt);
+    // Row 3 keeps no key at all; row 4 only keys >= split, so the first half keeps none of its.
+    auto run = [&](int64_t begin, int64_t end) {
+      const double off = double(begin);
+      TorchBlockMask m = create_block_mask(
+          mask_mod("q_idx != 3 && (q_idx != 4 || kv_idx + off >= 200)", {}, {{"off", off}}), 2, 3, 5, end - begin);
+      FlexOptions o;
+      o.return_lse = true;
+      return flex_attention(q, k.narrow(2, begin, end - begin), v.narrow(2, begin, end - begin), {}, &m, o);
+    };
+    FlexResult whole = run(0, 300), a = run(0, split), b = run(split, 300);
+    ASSERT_TRUE(a.lse.select(2, 4).eq(-INFINITY).all().item<bool>());
+    a.out.select(2, 4).fill_(NAN);  // a state that kept nothing must not be read
+    auto [out, lse] = merge_attention_states(a.out, a.lse, b.out, b.lse);
+    EXPECT_EQ(out.scalar_type(), dt);
+    EXPECT_EQ(lse.scalar_type(), at::kFloat);
+    // bf16: the merged out is rounded once more than the whole's.
+    EXPECT_TRUE(close(out, whole.out, dt == at::kFloat ? testing::output_tolerance(DType::F32)
+                                                        : testing::Tolerance{1.6e-2, 1.6e-2}));
+    EXPECT_TRUE(out.select(2, 3).eq(0).all().item<bool>());
+    EXPECT_TRUE(lse.select(2, 3).eq(-INFINITY).all().item<bool>());
+    EXPECT_TRUE(close(lse.masked_fill(lse.isinf(), 0), whole.lse.masked_fill(whole.lse.isinf(), 0),
+                      testing::kLseTolerance));
+    // The inputs are untouched, and strided views merge the same.
+    EXPECT_TRUE(a.out.select(2, 4).isnan().all().item<bool>());
+    at::Tensor strided = a.out.transpose(1, 2).contiguous().transpose(1, 2);
+    ASSERT_FALSE(strided.is_contiguous());
+    auto [out_s, lse_s] = merge_attention_states(strided, a.lse, b.out, b.lse);
+    EXPECT_TRUE(at::equal(out_s, out));
+    EXPECT_TRUE(at::equal(lse_s, lse));
+  }
+}
+
+TEST(TorchMerge, Errors) {
+  at::Tensor o = at::randn({2, 3, 5, 8}), l = at::randn({2, 3, 5});
+  expect_error([&] { merge_attention_states(o, l, o, l.narrow(2, 0, 4)); }, "lse_b must be fp32 [2, 3, 5]");
+  expect_error([&] { merge_attention_states(o, l, o.narrow(1, 0, 2), l); }, "out_b must have out_a's shape");
+  expect_error([&] { merge_attention_states(o, l, o.to(at::kBFloat16), l); }, "must share a dtype");
+  expect_error([&] { merge_attention_states(o, l.to(at::kDouble), o, l); }, "lse_a must be fp32");
+  expect_error([&] { merge_attention_states(o.unsqueeze(0).unsqueeze(0), l, o, l); }, "at most 4 are supported");
 }
 
 }  // namespace
