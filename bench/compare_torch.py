@@ -107,6 +107,17 @@ SIZES = {
 }
 
 
+# The LLM decode suite (--suite llm-decode): one query token per sequence against long caches,
+# at the attention shapes of Llama-3.1-8B (Hq 32, Hkv 8, D 128) at batch 1 and 4 and of an MQA
+# model (Hkv 1) at batch 1, KV 4k-32k, fp32 and bf16, contiguous and paged (pages of 16 keys in a
+# shuffled order; torch.compile(flex_attention), SDPA and unfused read the same keys contiguous,
+# as PyTorch's flex_attention has no paged form). No mod: a decode query sees every cached key.
+LLM_SHAPES = {"llama8b_b1": dict(B=1, Hq=32, Hkv=8, D=128), "llama8b_b4": dict(B=4, Hq=32, Hkv=8, D=128),
+              "mqa_b1": dict(B=1, Hq=32, Hkv=1, D=128)}
+LLM_KV = [4096, 8192, 16384, 32768]
+PAGE_SIZE = 16
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     path: str   # "prefill" (Lq = Lkv) or "decode" (Lq = 1, GQA)
@@ -119,9 +130,13 @@ class Case:
     Lkv: int
     D: int
     window: int = WINDOW  # sliding_window's window (smaller in the reduced test shapes)
+    label: str = ""       # llm-decode: the shape's name (llama8b_b1, ...)
+    paged: bool = False   # llm-decode: flexjit reads a paged cache
 
     @property
     def name(self):
+        if self.label:
+            return f"{self.path}/{self.dtype}/{self.label}/KV{self.Lkv}/{'paged' if self.paged else 'contig'}"
         return f"{self.path}/{self.dtype}/{self.mod}"
 
     @property
@@ -137,8 +152,13 @@ class Case:
         return dict(B=self.B, Hq=self.Hq, Hkv=self.Hkv, Lq=self.Lq, Lkv=self.Lkv, D=self.D)
 
 
-def make_suite(size="full"):
-    """Every path x dtype x mod, at the "full", "quick" or "test" shapes."""
+def make_suite(size="full", suite="default"):
+    """The default suite (every path x dtype x mod) or the llm-decode one, at the "full", "quick"
+    or "test" shapes (llm-decode's quick shapes keep the heads and cut KV to 512 and 1024)."""
+    if suite == "llm-decode":
+        kvs = LLM_KV if size == "full" else [512, 1024]
+        return [Case("decode", dtype, "noop", Lq=1, Lkv=L, label=label, paged=paged, **shape)
+                for dtype in DTYPES for label, shape in LLM_SHAPES.items() for L in kvs for paged in (False, True)]
     cases = [Case(path, dtype, mod, **SIZES["full"][path]) for path in PATHS for dtype in DTYPES for mod in MODS]
     return cases if size == "full" else [resized(c, size) for c in cases]
 
@@ -287,11 +307,14 @@ def dense_mask(case, mod):
 
 def unfused(case, mod, q, k, v, mask, scale, grids, compute=None):
     """The textbook math: scores in the input dtype, the mod, softmax, @ v. `compute` widens the
-    scores for the mod and softmax (fp32 for bf16 inputs; float64 for the reference)."""
+    scores for the mod and softmax (fp32 for bf16 inputs; float64 for the reference). GQA: each
+    KV head's query heads are one batched matmul (no K/V copies per query head)."""
     if case.gqa:
-        k = k.repeat_interleave(case.Hq // case.Hkv, dim=1)
-        v = v.repeat_interleave(case.Hq // case.Hkv, dim=1)
-    s = q @ k.transpose(-2, -1)
+        g = case.Hq // case.Hkv
+        qg = q.reshape(case.B, case.Hkv, g * case.Lq, case.D)
+        s = (qg @ k.transpose(-2, -1)).reshape(case.B, case.Hq, case.Lq, case.Lkv)
+    else:
+        s = q @ k.transpose(-2, -1)
     if compute is not None and s.dtype != compute:
         s = s.to(compute)
     s = s * scale
@@ -299,8 +322,12 @@ def unfused(case, mod, q, k, v, mask, scale, grids, compute=None):
         s = mod.torch_score(s, *grids)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    return p.to(v.dtype) @ v
+    p = torch.softmax(s, dim=-1).to(v.dtype)
+    if case.gqa:
+        g = case.Hq // case.Hkv
+        o = p.reshape(case.B, case.Hkv, g * case.Lq, case.Lkv) @ v
+        return o.reshape(case.B, case.Hq, case.Lq, v.shape[-1])
+    return p @ v
 
 
 def reference(case, mod, q, k, v, mask, scale):
@@ -341,7 +368,33 @@ def torch_block_mask(case, mod):
     return torch_create_block_mask(mod.torch_mask, None, None, case.Lq, case.Lkv, device="cpu")
 
 
-def flexjit_call(case, mod, block_mask):
+def paged_cache(case, k, v):
+    """k, v [B, Hkv, L, D] as a paged cache: pages of PAGE_SIZE keys, shuffled (as a serving
+    engine's allocator leaves them); returns (k_cache, v_cache, block_table, seq_lens)."""
+    per_seq = -(-case.Lkv // PAGE_SIZE)
+    pad = per_seq * PAGE_SIZE - case.Lkv
+    order = torch.randperm(case.B * per_seq, generator=torch.Generator().manual_seed(7)).to(torch.int32)
+
+    def pages(x):  # [B, Hkv, L, D] -> [B * per_seq, PAGE_SIZE, Hkv, D], then scattered to `order`
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad)).transpose(1, 2)  # [B, L', Hkv, D]
+        x = x.reshape(case.B * per_seq, PAGE_SIZE, case.Hkv, case.D)
+        out = torch.empty_like(x)
+        out[order.long()] = x
+        return out
+    return (pages(k), pages(v), order.view(case.B, per_seq).contiguous(),
+            torch.full((case.B,), case.Lkv, dtype=torch.int32))
+
+
+def flexjit_call(case, mod, block_mask, kv=None):
+    if case.paged:  # the cache is made once, before any timing
+        k_cache, v_cache, table, lens = paged_cache(case, *kv)
+
+        def paged_call(q, k, v):
+            return flexjit.paged_flex_attention(q, k_cache, v_cache, table, lens, score_mod=mod.fj_score,
+                                                mask_mod=mod.fj_mask, buffers=mod.buffers, params=mod.params,
+                                                enable_gqa=case.gqa)
+        return paged_call
+
     def call(q, k, v):
         return flexjit.flex_attention(q, k, v, score_mod=mod.fj_score, mask_mod=mod.fj_mask, buffers=mod.buffers,
                                       params=mod.params, block_mask=block_mask, enable_gqa=case.gqa)
@@ -423,7 +476,7 @@ def run_case(case, idx, total, reps, target_ms=100.0):
         n0 = len(list(cache.glob("*.o")))
         bm, fj["block_mask_ms"] = timed(flexjit_block_mask, case, mod)
         n1 = len(list(cache.glob("*.o")))
-        call = flexjit_call(case, mod, bm)
+        call = flexjit_call(case, mod, bm, (k, v))
         out, fj["first_call_ms"] = timed(call, q, k, v)
         n2 = len(list(cache.glob("*.o")))
         fj["block_mask_new_objects"], fj["first_call_new_objects"] = n1 - n0, n2 - n1
@@ -737,6 +790,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes and 2 repetitions (smoke test)")
+    p.add_argument("--suite", default="default", choices=["default", "llm-decode"],
+                   help="default: the 28 cases below; llm-decode: Llama-3.1-8B / MQA decode shapes, KV 4k-32k, "
+                        "fp32/bf16, contiguous and paged (writes docs/compare-torch-decode.* unless told otherwise)")
     p.add_argument("--filter", default=None,
                    help="run only cases whose name (path/dtype/mod, e.g. prefill/bf16/alibi) contains this; "
                         "commas separate alternatives")
@@ -761,7 +817,11 @@ def out_path(p):
 def main(argv=None):
     args = parse_args(argv)
     reps = args.reps or (2 if args.quick else 5)
-    cases = make_suite("quick" if args.quick else "full")
+    cases = make_suite("quick" if args.quick else "full", args.suite)
+    if args.suite == "llm-decode":  # its own outputs, unless given
+        for attr, ext in (("json", "json"), ("markdown", "md"), ("chart", "png")):
+            if getattr(args, attr) == f"docs/compare-torch.{ext}":
+                setattr(args, attr, f"docs/compare-torch-decode.{ext}")
     if args.filter:
         alts = [f.strip() for f in args.filter.split(",") if f.strip()]
         cases = [c for c in cases if any(a in c.name for a in alts)]
@@ -810,7 +870,7 @@ def main(argv=None):
     env = environment(threads)
     env["loadavg_start"] = loadavg_start
     env["loadavg_end_including_this_run"] = env.pop("loadavg")
-    report = dict(env=env, config=dict(reps=reps, quick=args.quick, filter=args.filter, threads=threads,
+    report = dict(env=env, config=dict(reps=reps, quick=args.quick, suite=args.suite, filter=args.filter, threads=threads,
                                        tolerances=TOL, sizes=SIZES["quick" if args.quick else "full"],
                                        params=dict(softcap=SOFTCAP, window=WINDOW, prefix=PREFIX, doc_seed=DOC_SEED),
                                        wall_s=time.perf_counter() - t0),
