@@ -240,21 +240,7 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   copy_dims(a.out_strides, out, 4);
   if (lse) copy_dims(a.lse_strides, *lse, 3);
   a.scale = float(opt.scale ? *opt.scale : 1.0 / std::sqrt(double(q.sizes[3])));
-  if (block_mask) {
-    const BlockMask& m = *block_mask;
-    a.kv_num_blocks = m.kv_num_blocks.data();
-    a.kv_indices = m.kv_indices.data();
-    a.full_kv_num_blocks = m.full_kv_num_blocks.empty() ? nullptr : m.full_kv_num_blocks.data();
-    a.full_kv_indices = m.full_kv_indices.empty() ? nullptr : m.full_kv_indices.data();
-    a.mask_B = m.B;
-    a.mask_H = m.H;
-    a.mask_q_blocks = m.num_q_blocks;
-    a.mask_kv_blocks = m.num_kv_blocks;
-    a.mask_q_block_size = m.q_block_size;
-    a.mask_kv_block_size = m.kv_block_size;
-    a.kv_indices_stride = m.kv_stride;
-    a.full_kv_indices_stride = m.full_kv_stride;
-  }
+  if (block_mask) a.mask = runtime::kernel_args(*block_mask);
   a.apply_mods = any_mod ? mk.apply : nullptr;
   a.has_score_mod = mk.has_score_mod;
   a.has_mask_mod = mk.has_mask_mod;

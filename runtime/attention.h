@@ -25,6 +25,9 @@ struct AttentionOptions {
   // Run the prefill kernel even where the decode kernel applies (PyTorch's kernel option
   // FORCE_USE_FLEX_ATTENTION). Paged calls have no prefill kernel and refuse it.
   bool force_prefill = false;
+  // false: knobs not given above come from the cost model even where the tuning database (see
+  // `flexjit tune`) has an entry for the call's shape (reproducible runs, benchmarks).
+  bool use_tuning = true;
   // bf16 matmuls on AMX tiles: -1 = when the host has AMX-BF16 and the OS grants the tile
   // state (and FLEXJIT_AMX is not 0), 0 = never, 1 = required (an error where unavailable).
   // Needs BLOCK_N a multiple of 32; other dtypes always use the FMA engine.

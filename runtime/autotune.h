@@ -8,9 +8,12 @@
 //
 // Each candidate runs on random inputs of the request's shape (at the top of the KV-length
 // bucket, so a stored entry is measured where it matters most), once to compile and warm up,
-// then `reps` timed calls; the median counts. The cost model's own choice is timed the same way
-// and stored beside the winner (TunedChoice::default_us), so `flexjit tune --show` says what
-// tuning gained.
+// then `reps` timed calls; the median counts. Then a playoff: the three fastest and the cost
+// model's own choice are timed again, interleaved over three rounds, and a candidate is stored
+// only if its median beats the cost model's by >= 3% (otherwise the cost model's knobs are
+// stored: on a shared machine the fastest of ~20 noisy timings is partly luck). The cost
+// model's time is stored beside the winner (TunedChoice::default_us), so `flexjit tune --show`
+// says what tuning gained.
 #pragma once
 
 #include <cstdint>

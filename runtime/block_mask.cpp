@@ -99,6 +99,23 @@ BlockMask make_geometry(int64_t B, int64_t H, int64_t Lq, int64_t Lkv, int64_t q
   return m;
 }
 
+FlexBlockMaskArgs kernel_args(const BlockMask& m) {
+  FlexBlockMaskArgs a{};
+  a.kv_num_blocks = m.kv_num_blocks.data();
+  a.kv_indices = m.kv_indices.data();
+  a.full_kv_num_blocks = m.full_kv_num_blocks.empty() ? nullptr : m.full_kv_num_blocks.data();
+  a.full_kv_indices = m.full_kv_indices.empty() ? nullptr : m.full_kv_indices.data();
+  a.B = m.B;
+  a.H = m.H;
+  a.q_blocks = m.num_q_blocks;
+  a.kv_blocks = m.num_kv_blocks;
+  a.q_block_size = m.q_block_size;
+  a.kv_block_size = m.kv_block_size;
+  a.kv_indices_stride = m.kv_stride;
+  a.full_kv_indices_stride = m.full_kv_stride;
+  return a;
+}
+
 BlockMask dense_block_mask(int64_t Lq, int64_t Lkv, int64_t qbs, int64_t kvbs) {
   BlockMask m = make_geometry(1, 1, Lq, Lkv, qbs, kvbs);
   assemble(m, std::vector<int8_t>(m.num_q_blocks * m.num_kv_blocks, kFull));
@@ -263,14 +280,16 @@ void check_block_mask(const BlockMask& m, int64_t B, int64_t H, int64_t Lq, int6
               (int64_t(m.full_kv_num_blocks.size()) == rows &&
                int64_t(m.full_kv_indices.size()) == rows * m.full_kv_stride),
           "block_mask full-block arrays have inconsistent sizes");
-  // Indices are trusted by the kernel: check them once here so bad input cannot read out of bounds.
+  // Indices are trusted by the kernel: check them once here so bad input cannot read out of
+  // bounds. (Every call runs this over every index: messages are built only on failure.)
   auto check_rows = [&](const std::vector<int32_t>& num, const std::vector<int32_t>& idx, int64_t stride) {
     for (int64_t r = 0; r < rows; ++r) {
-      require(num[r] >= 0 && num[r] <= stride, "block_mask row " + std::to_string(r) + " lists " +
-                                                   std::to_string(num[r]) + " blocks, more than its width");
+      if (num[r] < 0 || num[r] > stride)
+        require(false, "block_mask row " + std::to_string(r) + " lists " + std::to_string(num[r]) +
+                           " blocks, more than its width");
       for (int32_t j = 0; j < num[r]; ++j) {
-        int32_t kb = idx[r * stride + j];
-        require(kb >= 0 && kb < m.num_kv_blocks, "block_mask index " + std::to_string(kb) + " out of range");
+        const int32_t kb = idx[r * stride + j];
+        if (kb < 0 || kb >= m.num_kv_blocks) require(false, "block_mask index " + std::to_string(kb) + " out of range");
       }
     }
   };

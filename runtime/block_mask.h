@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "jit/mods.h"
+#include "templates/mod_abi.h"
 
 namespace flexjit::runtime {
 
@@ -63,6 +64,9 @@ BlockMask make_geometry(int64_t B, int64_t H, int64_t Lq, int64_t Lkv, int64_t q
 // and in range (the kernels trust them). Throws flexjit::Error("<who>: ...") otherwise.
 void check_block_mask(const BlockMask& m, int64_t B, int64_t H, int64_t Lq, int64_t Lkv, int64_t block_m,
                       int64_t block_n, const std::string& who);
+
+// The kernels' view of m (pointers into m: it must outlive the call).
+FlexBlockMaskArgs kernel_args(const BlockMask& m);
 
 // Every block full: what a call with no mask_mod visits (mostly for tests and comparisons).
 BlockMask dense_block_mask(int64_t Lq, int64_t Lkv, int64_t q_block_size = 128,

@@ -74,6 +74,11 @@ void run_decode(const TensorView& q, const DecodeKv& kv, const TensorView& out, 
   const bool pack = group > 1 && !mask_reads_h;
   const int64_t rows = pack ? group * Lq : Lq;
   const int64_t heads = pack ? Hkv : Hq;
+  // A paged cache's slots interleave the KV heads ([page, slot, Hkv, D]): per head, a row every
+  // Hkv * D elements, and every 4 KB page visited once per head. Items that hold several head
+  // units read each page once for all of them (runtime/tuning.h decode_heads_per_item).
+  const int64_t per_item = decode_heads_per_item(paged, mask_reads_h, heads, rows, opt.block_m);
+  const int64_t chunks = ceil_div(heads, per_item);
 
   DecodeShape shape;
   shape.dtype = q.dtype;
@@ -83,7 +88,7 @@ void run_decode(const TensorView& q, const DecodeKv& kv, const TensorView& out, 
   shape.lq = Lq;
   shape.rows = rows;
   shape.lkv = max_len;
-  shape.units = B * heads;
+  shape.units = B * chunks;
   shape.paged = paged;
   shape.page_size = paged ? k.sizes[1] : 0;
   shape.threads = planned_threads(opt);
@@ -163,21 +168,7 @@ void run_decode(const TensorView& q, const DecodeKv& kv, const TensorView& out, 
   }
   a.partition_size = knobs.partition_size;
   a.num_partitions = knobs.num_partitions;
-  if (block_mask) {
-    const BlockMask& m = *block_mask;
-    a.kv_num_blocks = m.kv_num_blocks.data();
-    a.kv_indices = m.kv_indices.data();
-    a.full_kv_num_blocks = m.full_kv_num_blocks.empty() ? nullptr : m.full_kv_num_blocks.data();
-    a.full_kv_indices = m.full_kv_indices.empty() ? nullptr : m.full_kv_indices.data();
-    a.mask_B = m.B;
-    a.mask_H = m.H;
-    a.mask_q_blocks = m.num_q_blocks;
-    a.mask_kv_blocks = m.num_kv_blocks;
-    a.mask_q_block_size = m.q_block_size;
-    a.mask_kv_block_size = m.kv_block_size;
-    a.kv_indices_stride = m.kv_stride;
-    a.full_kv_indices_stride = m.full_kv_stride;
-  }
+  if (block_mask) a.mask = kernel_args(*block_mask);
   a.apply_mods = any_mod ? mk.apply : nullptr;
   a.has_score_mod = mk.has_score_mod;
   a.has_mask_mod = mk.has_mask_mod;
@@ -185,12 +176,16 @@ void run_decode(const TensorView& q, const DecodeKv& kv, const TensorView& out, 
   a.mod = bound.args();
 
   const int64_t row_blocks = ceil_div(rows, knobs.block_m);
+  FLEXJIT_CHECK(per_item == 1 || (row_blocks == 1 && per_item <= decode_max_units(knobs.block_m)),
+                "head units per decode item fit the kernel's scratch");
+  a.heads_per_item = per_item;
   const int64_t np = knobs.num_partitions;
-  const int64_t items = B * heads * row_blocks * np;
+  const int64_t items = B * chunks * row_blocks * np;
+  const int64_t item_rows = per_item * knobs.block_m;  // partial-state rows per item
   if (np > 1) {
-    float* ws = workspace(size_t(items) * size_t(knobs.block_m) * size_t(Dv + 1));
+    float* ws = workspace(size_t(items) * size_t(item_rows) * size_t(Dv + 1));
     a.ws_out = ws;
-    a.ws_lse = ws + items * knobs.block_m * Dv;
+    a.ws_lse = ws + items * item_rows * Dv;
   }
   auto fn = reinterpret_cast<FlexDecodeFn>(kernels[0].fn);
   auto t0 = Clock::now();
@@ -202,22 +197,25 @@ void run_decode(const TensorView& q, const DecodeKv& kv, const TensorView& out, 
     // Merge each row's partitions: states of item (unit, row block, p) sit np items apart.
     auto tm = Clock::now();
     const int64_t bm = knobs.block_m;
-    run_items(opt, B * heads * row_blocks, false, [&](int64_t begin, int64_t end) {
+    run_items(opt, B * chunks * row_blocks, false, [&](int64_t begin, int64_t end) {
       std::vector<float> row(static_cast<size_t>(Dv));
-      for (int64_t u = begin; u < end; ++u) {
-        const int64_t rb = u % row_blocks, h = (u / row_blocks) % heads, b = u / (row_blocks * heads);
-        const int64_t first = u * np;
-        for (int64_t r = 0; r < bm && rb * bm + r < rows; ++r) {
-          const int64_t g = rb * bm + r;  // row among the unit's rows
-          const int64_t hq = pack ? h * group + g / Lq : h, qi = pack ? g % Lq : g;
-          float l = 0;
-          merge_states_row(np, a.ws_out + (first * bm + r) * Dv, bm * Dv, a.ws_lse + first * bm + r, bm, Dv,
-                           row.data(), &l);
-          char* dst = static_cast<char*>(out.data) +
-                      (b * out.strides[0] + hq * out.strides[1] + qi * out.strides[2]) * dtype_size(out.dtype);
-          store_row_f32(out.dtype, dst, out.strides[3], row.data(), Dv);
-          if (lse)
-            static_cast<float*>(lse->data)[b * lse->strides[0] + hq * lse->strides[1] + qi * lse->strides[2]] = l;
+      for (int64_t g = begin; g < end; ++g) {  // g: an item without its partition
+        const int64_t rb = g % row_blocks, c = (g / row_blocks) % chunks, b = g / (row_blocks * chunks);
+        const int64_t first = g * np;
+        for (int64_t u = 0; u < per_item && c * per_item + u < heads; ++u) {
+          const int64_t h = c * per_item + u;  // head unit
+          for (int64_t r = 0; r < bm && rb * bm + r < rows; ++r) {
+            const int64_t gr = rb * bm + r;  // row among the unit's rows
+            const int64_t hq = pack ? h * group + gr / Lq : h, qi = pack ? gr % Lq : gr;
+            const int64_t at = first * item_rows + u * bm + r;
+            float l = 0;
+            merge_states_row(np, a.ws_out + at * Dv, item_rows * Dv, a.ws_lse + at, item_rows, Dv, row.data(), &l);
+            char* dst = static_cast<char*>(out.data) +
+                        (b * out.strides[0] + hq * out.strides[1] + qi * out.strides[2]) * dtype_size(out.dtype);
+            store_row_f32(out.dtype, dst, out.strides[3], row.data(), Dv);
+            if (lse)
+              static_cast<float*>(lse->data)[b * lse->strides[0] + hq * lse->strides[1] + qi * lse->strides[2]] = l;
+          }
         }
       }
     });

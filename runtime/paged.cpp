@@ -77,19 +77,21 @@ void paged_flex_attention(const TensorView& q, const TensorView& k_cache, const 
   const int64_t max_pages = block_table.sizes[1];
   const auto* lens = static_cast<const int32_t*>(seq_lens.data);
   const auto* table = static_cast<const int32_t*>(block_table.data);
+  // (Messages are built only on failure: this runs on every decode step, over every page.)
   for (int64_t b = 0; b < B; ++b) {
     const int64_t len = lens[b * seq_lens.strides[0]];
-    require(len == 0 || len >= Lq, "seq_lens[" + num(b) + "] = " + num(len) + " is less than the query length Lq=" +
-                                       num(Lq) + ": seq_lens counts a sequence's keys including its Lq new tokens "
-                                       "(0 marks an unused batch slot)");
-    require(len <= max_pages * page_size, "seq_lens[" + num(b) + "] = " + num(len) + " needs " +
-                                              num((len + page_size - 1) / page_size) + " pages but block_table has " +
-                                              num(max_pages) + " per sequence");
-    for (int64_t p = 0; p < (len + page_size - 1) / page_size; ++p) {
-      const int64_t page = table[b * block_table.strides[0] + p];
-      require(page >= 0 && page < pages, "block_table[" + num(b) + ", " + num(p) + "] = " + num(page) +
-                                             " is not a page of the cache (0.." + num(pages - 1) + ")");
-    }
+    if (len != 0 && len < Lq)
+      require(false, "seq_lens[" + num(b) + "] = " + num(len) + " is less than the query length Lq=" + num(Lq) +
+                         ": seq_lens counts a sequence's keys including its Lq new tokens (0 marks an unused "
+                         "batch slot)");
+    if (len > max_pages * page_size || len < 0)
+      require(false, "seq_lens[" + num(b) + "] = " + num(len) + " needs " + num((len + page_size - 1) / page_size) +
+                         " pages but block_table has " + num(max_pages) + " per sequence");
+    const int32_t* row = table + b * block_table.strides[0];
+    for (int64_t p = 0; p < (len + page_size - 1) / page_size; ++p)
+      if (row[p] < 0 || row[p] >= pages)
+        require(false, "block_table[" + num(b) + ", " + num(p) + "] = " + num(row[p]) +
+                           " is not a page of the cache (0.." + num(pages - 1) + ")");
   }
   validate(mods);
   runtime::DecodeKv kv;

@@ -22,6 +22,25 @@ int64_t partition_quantum(const DecodeShape& s, int block_n) {
 
 }  // namespace
 
+int decode_max_units(int block_m) {
+  // decode_dot.h: kRC = fjk_pick_rc(BLOCK_M), kRP = round_up(BLOCK_M, kRC), kMaxUnits.
+  auto rc_of = [](int m) {
+    if (m <= 4) return m;
+    int best = 8;
+    if (round_up(m, 6) < round_up(m, best)) best = 6;
+    if (round_up(m, 4) < round_up(m, best)) best = 4;
+    return best;
+  };
+  const int rp = int(round_up(block_m, rc_of(block_m)));
+  return std::clamp(128 / rp, 1, 16);
+}
+
+int64_t decode_heads_per_item(bool paged, bool mask_reads_h, int64_t heads, int64_t rows, int user_block_m) {
+  const int64_t bm = std::min<int64_t>(user_block_m ? user_block_m : 64, rows);
+  if (!paged || mask_reads_h || rows > bm) return 1;
+  return std::min<int64_t>(heads, decode_max_units(int(bm)));
+}
+
 int planned_threads(const AttentionOptions& opt) {
   return opt.num_threads > 0 ? opt.num_threads : tbb::info::default_concurrency();
 }
@@ -42,22 +61,33 @@ DecodeKnobs default_decode_knobs(const DecodeShape& s) {
   // Items = units x row blocks x partitions, each ~partition_size keys. With too few items some
   // threads idle (B = 1 and one KV head: one thread of many); with too many the per-partition
   // costs (packing Q, writing and merging a partial state) add up. Take the fewest partitions
-  // whose items load the threads to >= 90% (items / (threads * rounds)), with partitions of at
-  // least 256 keys.
+  // (of at least 256 keys) whose items load the threads to >= 90% (items / (threads * rounds));
+  // then, while partitions stay >= 1024 keys, more of them up to 4 items per thread, so that a
+  // thread slowed down mid-call (a shared machine) leaves work the others can take.
   const int64_t units = std::max<int64_t>(1, s.units * ceil_div(s.rows, k.block_m));
   const int64_t threads = std::max(1, s.threads);
   const int64_t lkv = std::max<int64_t>(s.lkv, 1);
   const int64_t max_parts = std::max<int64_t>(1, lkv / std::max<int64_t>(256, partition_quantum(s, k.block_n)));
+  auto load_of = [&](const DecodeKnobs& c) {
+    const int64_t items = units * c.num_partitions;
+    return double(items) / double(threads * ceil_div(items, threads));
+  };
   DecodeKnobs best = k;
-  double best_load = -1;
-  for (int64_t parts = 1; parts <= max_parts; ++parts) {
+  best.partition_size = 0;
+  finish_partitions(s, &best);  // one partition
+  double best_load = load_of(best);
+  for (int64_t parts = 2; parts <= max_parts && best_load < 0.9; ++parts) {
     DecodeKnobs c = k;
     c.partition_size = ceil_div(lkv, parts);
     finish_partitions(s, &c);  // rounding the size up may leave fewer partitions than asked
-    const int64_t items = units * c.num_partitions;
-    const double load = double(items) / double(threads * ceil_div(items, threads));
-    if (load > best_load + 1e-9) best = c, best_load = load;
-    if (load >= 0.9) break;
+    if (load_of(c) > best_load + 1e-9) best = c, best_load = load_of(c);
+  }
+  for (int64_t parts = best.num_partitions + 1;
+       units * best.num_partitions < 4 * threads && parts <= max_parts && lkv / parts >= 1024; ++parts) {
+    DecodeKnobs c = k;
+    c.partition_size = ceil_div(lkv, parts);
+    finish_partitions(s, &c);
+    if (c.num_partitions > best.num_partitions && load_of(c) >= 0.9) best = c;
   }
   return best;
 }
@@ -86,7 +116,7 @@ DecodeKnobs plan_decode(const DecodeShape& s, const AttentionOptions& opt) {
     throw Error("the decode kernel takes BLOCK_M (query rows per work item) in 1..128, got " +
                 std::to_string(opt.block_m));
   DecodeKnobs k = default_decode_knobs(s);
-  if (opt.partition_size == 0 && !opt.block_n) {
+  if (opt.partition_size == 0 && !opt.block_n && opt.use_tuning) {
     if (auto t = TuningDb::global().lookup(decode_bucket(s))) {
       if (t->block_n % 16 == 0 && t->block_n >= 16 && t->block_n <= 512 && t->partition_size > 0) {
         k.block_n = t->block_n;
@@ -152,7 +182,7 @@ PrefillKnobs default_prefill_knobs(const PrefillShape& s) {
 
 PrefillKnobs plan_prefill(const PrefillShape& s, const AttentionOptions& opt) {
   PrefillKnobs k = default_prefill_knobs(s);
-  if (!opt.block_m && !opt.block_n) {
+  if (!opt.block_m && !opt.block_n && opt.use_tuning) {
     if (auto t = TuningDb::global().lookup(prefill_bucket(s))) {
       const bool ok = t->block_m >= 1 && t->block_m <= 256 && t->block_n >= 1 && t->block_n <= 512 &&
                       (!s.amx || t->block_n % 32 == 0);

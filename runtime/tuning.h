@@ -19,7 +19,7 @@ struct DecodeShape {
   int64_t lq = 1;           // query rows per sequence
   int64_t rows = 1;         // query rows per (b, head) work unit: GQA_GROUP * Lq when packed, else Lq
   int64_t lkv = 1;          // keys of the longest sequence
-  int64_t units = 1;        // independent (b, head) units: B * (Hkv if packed else Hq)
+  int64_t units = 1;        // independent work units: B * head chunks (decode_heads_per_item)
   bool paged = false;
   int64_t page_size = 0;    // paged only: PARTITION_SIZE must be a multiple of it
   int threads = 1;
@@ -39,7 +39,8 @@ struct DecodeKnobs {
 DecodeKnobs plan_decode(const DecodeShape& s, const AttentionOptions& opt);
 
 // The cost model alone: BLOCK_N = 128; the fewest partitions (each >= 256 keys) that keep every
-// thread busy to within ~10% (work items = units x partitions spread over `threads`).
+// thread busy to within ~10% (work items = units x partitions spread over `threads`), then more
+// (each >= 1024 keys) up to 4 items per thread.
 DecodeKnobs default_decode_knobs(const DecodeShape& s);
 
 // Rounds a requested PARTITION_SIZE to what the shape allows (a multiple of BLOCK_N and the page
@@ -48,6 +49,17 @@ void finish_partitions(const DecodeShape& s, DecodeKnobs* k);
 
 // The tuning database bucket of a decode shape (engine "dot").
 TuningBucket decode_bucket(const DecodeShape& s);
+
+// How many head units one decode work item can hold for a kernel of BLOCK_M rows per unit: the
+// decode kernel's kMaxUnits (templates/cpu/decode_dot.h; a unit's rows padded to its register
+// tile, 128 rows and 16 units at most). Must match the template; the decode tests run items of
+// the most units each BLOCK_M allows.
+int decode_max_units(int block_m);
+
+// Head units per decode work item: more than one for paged caches (whose slots interleave the
+// KV heads, so an item reads each page once for all its heads) when a unit's `rows` fit one
+// row block (BLOCK_M: the user's, else up to 64) and the mask does not differ by head.
+int64_t decode_heads_per_item(bool paged, bool mask_reads_h, int64_t heads, int64_t rows, int user_block_m);
 
 // The threads a call runs on: opt.num_threads if set, else TBB's default concurrency.
 int planned_threads(const AttentionOptions& opt);

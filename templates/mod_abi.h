@@ -37,6 +37,27 @@ struct FlexModTile {
 // tile->mask, mask_mod to a tile in place.
 typedef void (*FlexApplyModsFn)(const struct FlexModTile* tile, const struct FlexModArgs* mod);
 
+// Block-sparse mask in PyTorch's BlockMask layout (int32, contiguous):
+//   kv_num_blocks      [B, H, q_blocks]
+//   kv_indices         [B, H, q_blocks, kv_indices_stride]
+//   full_kv_num_blocks, full_kv_indices: the same (may be null: no full blocks)
+// A dim of size 1 broadcasts over the call's batch or query heads. Listed blocks are in units of
+// q_block_size x kv_block_size; the kernel's blocks divide them (the runtime checks). "Partial"
+// blocks evaluate mask_mod per element; "full" blocks skip it. kv_num_blocks == null means no
+// block mask: every KV block is visited, as partial if the kernel has a mask_mod.
+// kv_indices_stride / full_kv_indices_stride: the index rows' widths. PyTorch's layout uses
+// kv_blocks for both; flexjit's own BlockMask stores only as many columns as the fullest row
+// needs (a 128k causal mask then takes ~4 MB, not 8), so each has its own.
+struct FlexBlockMaskArgs {
+  const int* kv_num_blocks;
+  const int* kv_indices;
+  const int* full_kv_num_blocks;
+  const int* full_kv_indices;
+  fj_i64 B, H, q_blocks, kv_blocks;
+  fj_i64 q_block_size, kv_block_size;
+  fj_i64 kv_indices_stride, full_kv_indices_stride;
+};
+
 // One forward prefill launch. Layouts (strides in elements, any values allowed):
 //   q   [B,   Hq,  Lq,  D ]      k [Bkv, Hkv, Lkv, D]      v [Bkv, Hkv, Lkv, Dv]
 //   out [B,   Hq,  Lq,  Dv]    lse [B,   Hq,  Lq]   (fp32, natural log; null = not wanted)
@@ -56,25 +77,7 @@ struct FlexPrefillArgs {
   fj_i64 lse_strides[3];
   float scale;  // multiplies q.k before score_mod
 
-  // Block-sparse mask in PyTorch's BlockMask layout (int32, contiguous):
-  //   kv_num_blocks      [mask_B, mask_H, mask_q_blocks]
-  //   kv_indices         [mask_B, mask_H, mask_q_blocks, mask_kv_blocks]
-  //   full_kv_num_blocks, full_kv_indices: same shapes (may be null: no full blocks)
-  // A mask dim of size 1 broadcasts over B or Hq. Listed blocks are in units of
-  // mask_q_block_size x mask_kv_block_size; the kernel's BLOCK_M divides mask_q_block_size
-  // and BLOCK_N divides mask_kv_block_size (the runtime checks). "Partial" blocks evaluate
-  // mask_mod per element; "full" blocks skip it. kv_num_blocks == null means no block mask:
-  // every KV block is visited, as partial if the kernel has a mask_mod.
-  const int* kv_num_blocks;
-  const int* kv_indices;
-  const int* full_kv_num_blocks;
-  const int* full_kv_indices;
-  fj_i64 mask_B, mask_H, mask_q_blocks, mask_kv_blocks;
-  fj_i64 mask_q_block_size, mask_kv_block_size;
-  // Row strides (last-dim sizes) of kv_indices and full_kv_indices. PyTorch's layout uses
-  // mask_kv_blocks for both; flexjit's own BlockMask stores only as many columns as the
-  // fullest row needs (a 128k causal mask then takes ~4 MB, not 8), so each has its own.
-  fj_i64 kv_indices_stride, full_kv_indices_stride;
+  struct FlexBlockMaskArgs mask;  // mask.kv_num_blocks == null: no block mask
 
   // The mods, compiled apart from this kernel (see FlexModKernels): null = no score_mod and
   // no mask_mod. With a score_mod the kernel hands apply_mods natural-scale scores
@@ -83,7 +86,7 @@ struct FlexPrefillArgs {
   int has_score_mod;
   int has_mask_mod;  // with no block mask, every KV block is then partial
   // 1: a tile's rows are (query head, query row) pairs of one KV head's GQA group (decode: K and
-  // V stream once per group). Needs no block mask, or mask_H == 1 and Lq <= mask_q_block_size.
+  // V stream once per group). Needs no block mask, or mask.H == 1 and Lq <= mask.q_block_size.
   int pack_gqa;
   struct FlexModArgs mod;
 };
@@ -98,11 +101,10 @@ typedef void (*FlexPrefillFn)(const struct FlexPrefillArgs*, fj_i64, fj_i64);
 
 // One flash-decoding launch (templates/cpu/flash_decode.h): a few query rows per sequence
 // (Lq <= 16) against a long KV, split into partitions of partition_size keys that run in
-// parallel. Work item = (b, h, row block, partition), linearised as
-//   item = ((b * H + h) * num_row_blocks + row_block) * num_partitions + partition,
-// H = Hkv with pack_gqa (an item's rows are the GQA_GROUP * Lq (head, query) pairs of one KV
-// head, so K and V are read once per group) or Hq without it (rows = the Lq queries of one head);
-// num_row_blocks = ceil(rows / BLOCK_M).
+// parallel. Head units: H = Hkv with pack_gqa (a unit's rows are the GQA_GROUP * Lq (head, query)
+// pairs of one KV head, so K and V are read once per group) or Hq without it (rows = the Lq
+// queries of one head). Work item = (b, chunk of heads_per_item units, row block, partition),
+// linearised as below (heads_per_item); num_row_blocks = ceil(rows / BLOCK_M).
 //   q [B, Hq, Lq, D]   out [B, Hq, Lq, Dv]   lse [B, Hq, Lq] (fp32, natural log; null = not wanted)
 // KV, contiguous (block_table == null): k [Bkv, Hkv, Lkv, D], v [Bkv, Hkv, Lkv, Dv] with
 //   k_strides / v_strides over (b, h, position, d); Bkv is 1 or B; every sequence has Lkv keys
@@ -116,8 +118,10 @@ typedef void (*FlexPrefillFn)(const struct FlexPrefillArgs*, fj_i64, fj_i64);
 // [p * partition_size, (p + 1) * partition_size) of its sequence (a multiple of BLOCK_N).
 // With ws_out == null (one partition) the kernel writes out and lse; otherwise each item writes
 // its partial state, which the runtime merges (runtime/merge.h):
-//   ws_out [num_items, BLOCK_M, Dv] fp32: the item's rows' softmax-normalised partial outputs
-//   ws_lse [num_items, BLOCK_M] fp32: their natural-log LSE (-inf when no key was kept: out 0)
+//   ws_out [num_items, heads_per_item * BLOCK_M, Dv] fp32: the item's rows' softmax-normalised
+//          partial outputs, unit u's row r at u * BLOCK_M + r
+//   ws_lse [num_items, heads_per_item * BLOCK_M] fp32: their natural-log LSE (-inf when no key
+//          was kept: out 0)
 struct FlexDecodeArgs {
   const void* q;
   const void* k;
@@ -135,17 +139,15 @@ struct FlexDecodeArgs {
   fj_i64 block_table_stride, page_size;
   const int* seq_lens;     // paged only
   fj_i64 partition_size, num_partitions;
+  // Head units per work item (>= 1; more than one only with one row block and a mask that does
+  // not differ by head). Item = ((b * chunks + chunk) * row_blocks + row_block) * num_partitions
+  // + partition, chunks = ceil(H / heads_per_item); a chunk's units are heads chunk * hpi ...
+  fj_i64 heads_per_item;
   float* ws_out;
   float* ws_lse;
-  // Block mask, as in FlexPrefillArgs; every row of an item uses q-block 0 of its (b, h) row
-  // (the runtime builds paged masks with one q-block holding the Lq rows at their positions).
-  const int* kv_num_blocks;
-  const int* kv_indices;
-  const int* full_kv_num_blocks;
-  const int* full_kv_indices;
-  fj_i64 mask_B, mask_H, mask_q_blocks, mask_kv_blocks;
-  fj_i64 mask_q_block_size, mask_kv_block_size;
-  fj_i64 kv_indices_stride, full_kv_indices_stride;
+  // Every row of an item uses q-block 0 of its (b, h) row (the runtime builds paged masks with
+  // one q-block holding the Lq rows at their positions).
+  struct FlexBlockMaskArgs mask;
   FlexApplyModsFn apply_mods;
   int has_score_mod;
   int has_mask_mod;

@@ -96,26 +96,48 @@ typedef float fjk_qelem;           // Q widened and pre-multiplied by the scale
 #endif
 
 static constexpr int kZeroRow = kDP > kDVChunks * kLane ? kDP : kDVChunks * kLane;
+// Head units per work item, at most: an item may hold several heads' rows (each its own online
+// softmax, see flash_decode.h) so that a paged cache's pages are read once for all their heads.
+// Up to 16 units and 128 rows in all.
+static constexpr int kMaxUnits = 128 / kRP < 1 ? 1 : 128 / kRP > 16 ? 16 : 128 / kRP;
 struct FjkDecTile {
-  alignas(64) fjk_qelem q[kRP * kDP];
+  alignas(64) fjk_qelem q[kMaxUnits * kRP * kDP];
   alignas(64) float s[kRP * kNP];
-  alignas(64) float o[kRP * kDVP];
+  alignas(64) float o[kMaxUnits * kRP * kDVP];
   alignas(64) float red[kRC * 16 * 16];  // partial dot products [row][key][16 lanes]
   alignas(64) fjk_elem zero_row[kZeroRow];  // what keys past the block read
 #if FJK_DEC_BF16DOT
   alignas(64) unsigned short pb[kRP * kNP];  // P rounded to bf16 [r][n]
   float qscale;                              // what S = Q K^T is multiplied by
 #endif
-  const fjk_elem* krow[kNP];
-  const fjk_elem* vrow[kNP];
-  // The block visited next, prefetched while this one is computed (next_n = 0: none).
-  const fjk_elem* next_krow[kNP];
-  const fjk_elem* next_vrow[kNP];
+  // Row pointers of the keys computed now, and of those read next (prefetched meanwhile;
+  // next_n = 0: none): two buffers that swap roles (fjk_dec_swap_rows).
+  const fjk_elem** krow;
+  const fjk_elem** vrow;
+  const fjk_elem** next_krow;
+  const fjk_elem** next_vrow;
   int next_n;
-  float m[kRP];      // running row max of the base-2 scores (-inf: nothing kept yet)
-  float l[kRP];      // running row sum of 2^(s - m)
-  float alpha[kRP];  // this block's rescale of O and l
+  const fjk_elem* rows_a[2 * kNP];
+  const fjk_elem* rows_b[2 * kNP];
+  float m[kMaxUnits * kRP];      // running row max of the base-2 scores (-inf: nothing kept yet)
+  float l[kMaxUnits * kRP];      // running row sum of 2^(s - m)
+  float alpha[kMaxUnits * kRP];  // this block's rescale of O and l
 };
+
+// One head unit's rows in the tile: its Q, O and softmax state (krow / vrow then point at its
+// head's keys).
+struct FjkDecUnit {
+  fjk_qelem* q;
+  float* o;
+  float* m;
+  float* l;
+  float* alpha;
+};
+static inline struct FjkDecUnit fjk_dec_unit(struct FjkDecTile* t, int u) {
+  struct FjkDecUnit x = {t->q + u * kRP * kDP, t->o + u * kRP * kDVP, t->m + u * kRP, t->l + u * kRP,
+                         t->alpha + u * kRP};
+  return x;
+}
 static_assert(sizeof(struct FjkDecTile) <= (1 << 20), "decode scratch exceeds 1 MiB of stack");
 
 // ---- small vector helpers ----
@@ -260,9 +282,9 @@ static inline void fjk_dot_tile(const fjk_qelem* __restrict q, const fjk_elem* c
     for (int i = 0; i < kRC; ++i) fjk_store(red + (i * 16 + key0 + j) * 16, acc[j][i]);
 }
 
-// S rows [0, mvalid) over keys [0, nvalid) of the block whose rows krow points at (keys up to
-// the next multiple of 16 read zero_row); lanes past nvalid are set to -inf.
-static inline void fjk_dec_scores(struct FjkDecTile* t, int mvalid, int nvalid) {
+// S rows [0, mvalid) of unit u over keys [0, nvalid) of the block whose rows krow points at
+// (keys up to the next multiple of 16 read zero_row); lanes past nvalid are set to -inf.
+static inline void fjk_dec_scores(struct FjkDecTile* t, const struct FjkDecUnit* u, int mvalid, int nvalid) {
   const int row_tiles = (mvalid + kRC - 1) / kRC;
 #if FJK_DEC_BF16DOT
   const float scale = t->qscale;
@@ -273,7 +295,7 @@ static inline void fjk_dec_scores(struct FjkDecTile* t, int mvalid, int nvalid) 
     for (int rt = 0; rt < row_tiles; ++rt) {
       FJK_ROLLED_LOOP
       for (int key0 = 0; key0 < 16; key0 += kNR)
-        fjk_dot_tile(t->q + rt * kRC * kDP, t->krow + n0 + key0,
+        fjk_dot_tile(u->q + rt * kRC * kDP, t->krow + n0 + key0,
                      rt == 0 && n0 + key0 < t->next_n ? t->next_krow + n0 + key0 : nullptr, t->red, key0);
       FJK_ROLLED_LOOP
       for (int i = 0; i < kRC; ++i) {
@@ -291,7 +313,7 @@ static inline void fjk_dec_scores(struct FjkDecTile* t, int mvalid, int nvalid) 
 // ---- online softmax over one block (base 2; scores already scaled) ----
 // Updates m and l of rows [0, mvalid), turns S into P in place and sets alpha. Returns false
 // when no row kept any key of the block (P = 0, alpha = 1: the caller skips P V).
-static inline bool fjk_dec_softmax(struct FjkDecTile* t, int mvalid, int nvalid) {
+static inline bool fjk_dec_softmax(struct FjkDecTile* t, const struct FjkDecUnit* u, int mvalid, int nvalid) {
   const int nvec = (nvalid + 15) / 16;
   bool any = false;
   FJK_ROLLED_LOOP
@@ -305,16 +327,16 @@ static inline bool fjk_dec_softmax(struct FjkDecTile* t, int mvalid, int nvalid)
     // As in the prefill driver: the reference max moves only when a score passes it by more
     // than 8, so P stays <= 2^8 and most blocks leave O alone (alpha = 1). -inf guard: a row
     // with nothing kept yet uses 0 as its reference (all its s are -inf, so P = 0, alpha = 0).
-    const float m_new = bm > t->m[r] + 8.0f ? bm : t->m[r];
+    const float m_new = bm > u->m[r] + 8.0f ? bm : u->m[r];
     const float ref = m_new == FJK_NEG_INF ? 0.0f : m_new;
-    t->alpha[r] = fjk_exp2(fjk_splat(t->m[r] - ref))[0];
-    t->m[r] = m_new;
+    u->alpha[r] = fjk_exp2(fjk_splat(u->m[r] - ref))[0];
+    u->m[r] = m_new;
   }
   if (!any) return false;
   FJK_ROLLED_LOOP
   for (int r = 0; r < mvalid; ++r) {
     float* s = t->s + r * kNP;
-    const float ref = t->m[r] == FJK_NEG_INF ? 0.0f : t->m[r];
+    const float ref = u->m[r] == FJK_NEG_INF ? 0.0f : u->m[r];
     fj_v16f sum = fjk_splat(0.0f);
     FJK_ROLLED_LOOP
     for (int v = 0; v < nvec; ++v) {
@@ -327,7 +349,7 @@ static inline bool fjk_dec_softmax(struct FjkDecTile* t, int mvalid, int nvalid)
 #endif
       sum += e;
     }
-    t->l[r] = t->l[r] * t->alpha[r] + fjk_hsum(sum);
+    u->l[r] = u->l[r] * u->alpha[r] + fjk_hsum(sum);
   }
   return true;
 }
@@ -336,14 +358,14 @@ static inline bool fjk_dec_softmax(struct FjkDecTile* t, int mvalid, int nvalid)
 // Keys [0, nvalid) (with dot products, pairs up to the next even key: its P is 0 and its row
 // the zero row). The first row tile prefetches the next block's V rows, one chunk per load.
 template <int kFirst>  // first output vector of the tile
-static inline void fjk_pv_tile(struct FjkDecTile* t, int row0, int nvalid) {
+static inline void fjk_pv_tile(struct FjkDecTile* t, const struct FjkDecUnit* u, int row0, int nvalid) {
   const int prefetch_n = row0 == 0 ? (t->next_n < nvalid ? t->next_n : nvalid) : 0;
   fj_v16f acc[kRC][kDC];
 #pragma clang loop unroll(full)
   for (int i = 0; i < kRC; ++i)
 #pragma clang loop unroll(full)
     for (int j = 0; j < kDC; ++j)
-      acc[i][j] = fjk_load(t->o + (row0 + i) * kDVP + 16 * (kFirst + j)) * t->alpha[row0 + i];
+      acc[i][j] = fjk_load(u->o + (row0 + i) * kDVP + 16 * (kFirst + j)) * u->alpha[row0 + i];
 #if FJK_DEC_BF16DOT
   constexpr int kChunk0 = kFirst / 2;  // the tile's V chunks: kChunk0 .. kChunk0 + kDC / 2
   FJK_ROLLED_LOOP
@@ -413,58 +435,72 @@ static inline void fjk_pv_tile(struct FjkDecTile* t, int row0, int nvalid) {
 #pragma clang loop unroll(full)
   for (int i = 0; i < kRC; ++i)
 #pragma clang loop unroll(full)
-    for (int j = 0; j < kDC; ++j) fjk_store(t->o + (row0 + i) * kDVP + 16 * (kFirst + j), acc[i][j]);
+    for (int j = 0; j < kDC; ++j) fjk_store(u->o + (row0 + i) * kDVP + 16 * (kFirst + j), acc[i][j]);
 }
 template <int kFirst>
-static inline void fjk_pv_rows(struct FjkDecTile* t, int row0, int nvalid) {
+static inline void fjk_pv_rows(struct FjkDecTile* t, const struct FjkDecUnit* u, int row0, int nvalid) {
   if constexpr (kFirst < kDVV) {
-    fjk_pv_tile<kFirst>(t, row0, nvalid);
-    fjk_pv_rows<kFirst + kDC>(t, row0, nvalid);
+    fjk_pv_tile<kFirst>(t, u, row0, nvalid);
+    fjk_pv_rows<kFirst + kDC>(t, u, row0, nvalid);
   }
 }
-static inline void fjk_dec_pv(struct FjkDecTile* t, int mvalid, int nvalid) {
+static inline void fjk_dec_pv(struct FjkDecTile* t, const struct FjkDecUnit* u, int mvalid, int nvalid) {
   const int row_tiles = (mvalid + kRC - 1) / kRC;
   FJK_ROLLED_LOOP
-  for (int rt = 0; rt < row_tiles; ++rt) fjk_pv_rows<0>(t, rt * kRC, nvalid);
+  for (int rt = 0; rt < row_tiles; ++rt) fjk_pv_rows<0>(t, u, rt * kRC, nvalid);
 }
 
-// Element d of row r of O (undoing the dot-product path's lane order).
-static inline float fjk_dec_o(const struct FjkDecTile* t, int r, int d) {
+// Element d of row r of unit u's O (undoing the dot-product path's lane order).
+static inline float fjk_dec_o(const struct FjkDecUnit* u, int r, int d) {
 #if FJK_DEC_BF16DOT
   const int e = d % 32, w = e % 8;
-  return t->o[r * kDVP + d / 32 * 32 + (w < 4 ? 0 : 16) + e / 8 * 4 + (w & 3)];
+  return u->o[r * kDVP + d / 32 * 32 + (w < 4 ? 0 : 16) + e / 8 * 4 + (w & 3)];
 #else
-  return t->o[r * kDVP + d];
+  return u->o[r * kDVP + d];
 #endif
 }
 
-// Row r of Q: the query row `row` (element stride s_col) times c.
-static inline void fjk_dec_q_row(struct FjkDecTile* t, int r, const fjk_elem* row, fj_i64 s_col, float c) {
-  fjk_qelem* dst = t->q + r * kDP;
+// Row r of unit u's Q: the query row `row` (element stride s_col) times c.
+static inline void fjk_dec_q_row(struct FjkDecTile* t, const struct FjkDecUnit* u, int r, const fjk_elem* row,
+                                 fj_i64 s_col, float c) {
+  fjk_qelem* dst = u->q + r * kDP;
 #if FJK_DEC_BF16DOT
   t->qscale = c;  // S = c (Q K^T): Q stays exact
   FJK_SCALAR_LOOP
   for (int d = 0; d < HEAD_DIM; ++d) dst[d] = row[d * s_col];
 #else
+  (void)t;
   FJK_SCALAR_LOOP
   for (int d = 0; d < HEAD_DIM; ++d) dst[d] = fjk_to_f32(row[d * s_col]) * c;
 #endif
 }
-// Rows [mvalid, the end of its register tile) of Q are zero: computed alongside, ignored.
-static inline void fjk_dec_q_pad(struct FjkDecTile* t, int mvalid) {
+// Rows [mvalid, the end of its register tile) of unit u's Q are zero: computed alongside, ignored.
+static inline void fjk_dec_q_pad(const struct FjkDecUnit* u, int mvalid) {
   const int padded = fjk_round_up(mvalid, kRC);
-  if (padded > mvalid) __builtin_memset(t->q + mvalid * kDP, 0, sizeof(fjk_qelem) * (padded - mvalid) * kDP);
+  if (padded > mvalid) __builtin_memset(u->q + mvalid * kDP, 0, sizeof(fjk_qelem) * (padded - mvalid) * kDP);
 }
 
 // ---- per entry call and per item ----
+static inline void fjk_dec_swap_rows(struct FjkDecTile* t) {
+  const fjk_elem** k = t->krow;
+  const fjk_elem** v = t->vrow;
+  t->krow = t->next_krow;
+  t->vrow = t->next_vrow;
+  t->next_krow = k;
+  t->next_vrow = v;
+}
 static inline void fjk_dec_engine_begin(struct FjkDecTile* t) {
+  t->krow = t->rows_a;
+  t->vrow = t->rows_a + kNP;
+  t->next_krow = t->rows_b;
+  t->next_vrow = t->rows_b + kNP;
   __builtin_memset(t->zero_row, 0, sizeof(t->zero_row));
   __builtin_memset(t->q, 0, sizeof(t->q));  // padding rows and columns stay 0
 }
-// O = 0 and the softmax state of rows [0, kRP).
-static inline void fjk_dec_item_begin(struct FjkDecTile* t) {
-  __builtin_memset(t->o, 0, sizeof(t->o));
-  for (int r = 0; r < kRP; ++r) {
+// O = 0 and the softmax state of the rows of `units` units.
+static inline void fjk_dec_item_begin(struct FjkDecTile* t, int units) {
+  __builtin_memset(t->o, 0, sizeof(float) * units * kRP * kDVP);
+  for (int r = 0; r < units * kRP; ++r) {
     t->m[r] = FJK_NEG_INF;
     t->l[r] = 0.0f;
     t->alpha[r] = 1.0f;

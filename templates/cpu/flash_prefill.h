@@ -161,15 +161,15 @@ static inline void fjk_walk_to(const struct FlexPrefillArgs* a, const struct Fjk
 }
 
 // Walks the blocks listed for this tile's mask q-block: `count` mask KV blocks from `idx`,
-// each split into mask_kv_block_size / BLOCK_N sub-blocks; those past Lkv are skipped.
+// each split into mask.kv_block_size / BLOCK_N sub-blocks; those past Lkv are skipped.
 // (Not inlined into its two call sites: compile time.)
 __attribute__((noinline)) static void fjk_walk_listed(const struct FlexPrefillArgs* a,
                                                       const struct FjkItem* it,
                                                       struct FjkTile* t, struct FjkWalk* w,
                                                       const int* idx, int count, bool partial) {
-  const fj_i64 sub = a->mask_kv_block_size / BLOCK_N;
+  const fj_i64 sub = a->mask.kv_block_size / BLOCK_N;
   for (int j = 0; j < count; ++j) {
-    const fj_i64 base = (fj_i64)idx[j] * a->mask_kv_block_size;
+    const fj_i64 base = (fj_i64)idx[j] * a->mask.kv_block_size;
     for (fj_i64 s = 0; s < sub && base + s * BLOCK_N < a->Lkv; ++s)
       fjk_walk_to(a, it, t, w, base + s * BLOCK_N, partial);
   }
@@ -205,20 +205,20 @@ __attribute__((noinline)) static void fjk_run_item(const struct FlexPrefillArgs*
   }
 
   struct FjkWalk walk = {0, false, false};
-  if (a->kv_num_blocks == nullptr) {  // no block mask: every block, partial if masked
+  if (a->mask.kv_num_blocks == nullptr) {  // no block mask: every block, partial if masked
     for (fj_i64 kv0 = 0; kv0 < a->Lkv; kv0 += BLOCK_N)
       fjk_walk_to(a, &it, t, &walk, kv0, a->has_mask_mod != 0);
   } else {
-    // BLOCK_M divides mask_q_block_size, so the tile lies in one mask q-block. Packed tiles
-    // need mask_H == 1 and Lq <= mask_q_block_size (the runtime checks): q-block 0, any head.
-    const fj_i64 mb = a->mask_B == 1 ? 0 : b, mh = a->mask_H == 1 ? 0 : it.hq;
-    const fj_i64 qb = a->pack_gqa ? 0 : it.q0 / a->mask_q_block_size;
-    const fj_i64 row = (mb * a->mask_H + mh) * a->mask_q_blocks + qb;
-    fjk_walk_listed(a, &it, t, &walk, a->kv_indices + row * a->kv_indices_stride,
-                    a->kv_num_blocks[row], true);
-    if (a->full_kv_num_blocks != nullptr)
-      fjk_walk_listed(a, &it, t, &walk, a->full_kv_indices + row * a->full_kv_indices_stride,
-                      a->full_kv_num_blocks[row], false);
+    // BLOCK_M divides mask.q_block_size, so the tile lies in one mask q-block. Packed tiles
+    // need mask.H == 1 and Lq <= mask.q_block_size (the runtime checks): q-block 0, any head.
+    const fj_i64 mb = a->mask.B == 1 ? 0 : b, mh = a->mask.H == 1 ? 0 : it.hq;
+    const fj_i64 qb = a->pack_gqa ? 0 : it.q0 / a->mask.q_block_size;
+    const fj_i64 row = (mb * a->mask.H + mh) * a->mask.q_blocks + qb;
+    fjk_walk_listed(a, &it, t, &walk, a->mask.kv_indices + row * a->mask.kv_indices_stride,
+                    a->mask.kv_num_blocks[row], true);
+    if (a->mask.full_kv_num_blocks != nullptr)
+      fjk_walk_listed(a, &it, t, &walk, a->mask.full_kv_indices + row * a->mask.full_kv_indices_stride,
+                      a->mask.full_kv_num_blocks[row], false);
   }
   if (walk.pending) fjk_visit_block(a, &it, t, walk.kv0, walk.partial, -1);
 

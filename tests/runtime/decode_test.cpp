@@ -309,6 +309,21 @@ std::vector<PagedCase> paged_cases() {
     x.mask_mod = k;
     out.push_back(x);
   }
+  // More heads than one item holds: 20 KV heads (MHA, one row each) in items of 16 and 4 units;
+  // and 12 KV heads with 4-row groups (16 rows: items of 8 units), split into partitions.
+  PagedCase u;
+  u.Hq = u.Hkv = 20;
+  u.lens = {300, 129};
+  u.partition = 64;
+  u.mask_mod = "sliding_window";
+  out.push_back(u);
+  u.Hq = 48;
+  u.Hkv = 12;
+  u.Lq = 4;
+  u.mask_mod = "";
+  u.score_mod = "alibi";
+  u.dtype = DType::BF16;
+  out.push_back(u);
   // Long sequences, the planner's own knobs, D 128.
   PagedCase l;
   l.D = l.Dv = 128;
@@ -466,7 +481,8 @@ TEST(Dispatch, PathAndKnobSources) {
 }
 
 // The cost model: no split where units already fill the threads, a split into partitions of at
-// least 256 keys where they do not, every partition a multiple of BLOCK_N and the page size.
+// least 256 keys where they do not (up to 4 items per thread while partitions keep 1024 keys),
+// every partition a multiple of BLOCK_N and the page size.
 TEST(Dispatch, CostModelSplitsOnlyWhenThreadsWouldIdle) {
   runtime::DecodeShape s;
   s.lkv = 32768;
@@ -475,9 +491,9 @@ TEST(Dispatch, CostModelSplitsOnlyWhenThreadsWouldIdle) {
   s.threads = 2;
   runtime::DecodeKnobs k = runtime::default_decode_knobs(s);
   EXPECT_EQ(k.num_partitions, 1);
-  s.units = 1;
+  s.units = 1;  // MQA at B = 1: split for the 2 threads, then up to 4 items per thread
   k = runtime::default_decode_knobs(s);
-  EXPECT_EQ(k.num_partitions, 2);
+  EXPECT_EQ(k.num_partitions, 8);
   s.threads = 64;
   k = runtime::default_decode_knobs(s);
   EXPECT_GE(k.num_partitions, 58);
