@@ -449,7 +449,7 @@ def work(case, mask):
 
 def run_case(case, idx, total, reps, target_ms=100.0):
     """Everything for one case; never raises (errors are recorded per implementation)."""
-    tag = f"[{idx}/{total}] {case.path} {case.dtype} {case.mod}"
+    tag = f"[{idx}/{total}] {case.name}"
     res = dict(name=case.name, path=case.path, dtype=case.dtype, mod=case.mod, shape=case.shape(),
                gqa=case.gqa, tol=TOL[case.dtype], impls={i: {} for i in IMPLS})
     impls = res["impls"]

@@ -47,7 +47,6 @@
 #include "bench/flops.h"
 #include "runtime/attention.h"
 #include "runtime/reference.h"
-#include "runtime/tuning.h"
 #include "score_mods/registry.h"
 
 #if FLEXJIT_BENCH_TORCH
@@ -62,6 +61,7 @@ namespace {
 
 int g_threads = 0;
 constexpr int64_t kPageSize = 16;
+constexpr int kCalls = 20;  // timed calls per benchmark (and repetition)
 
 struct Shape {
   const char* name;
@@ -148,32 +148,17 @@ CaseData& case_data(const Case& c) {
 
 enum class Impl { kFlexjit, kModel, kP128, kNoSplit, kPrefill };
 
-AttentionReport run_flexjit(CaseData& d, Impl impl) {
+AttentionReport run_flexjit(CaseData& d, const Case& c, Impl impl) {
   AttentionOptions opt;
   opt.num_threads = g_threads;
   opt.enable_gqa = true;
-  if (impl == Impl::kModel) {  // the decode planner's view of this call (runtime/decode.cpp)
-    const Shape& s = d.c.shape;
-    runtime::DecodeShape ds;
-    ds.dtype = d.c.dtype;
-    ds.head_dim = ds.head_dim_v = int(s.D);
-    ds.gqa_group = int(s.Hq / s.Hkv);
-    ds.rows = s.Hq / s.Hkv;
-    ds.lkv = d.c.L;
-    ds.units = s.B * (ds.gqa_group > 1 ? s.Hkv : s.Hq);
-    ds.paged = d.c.paged;
-    ds.page_size = d.c.paged ? kPageSize : 0;
-    ds.threads = runtime::planned_threads(opt);
-    const runtime::DecodeKnobs k = runtime::default_decode_knobs(ds);
-    opt.block_n = k.block_n;
-    opt.partition_size = k.partition_size;
-  }
+  if (impl == Impl::kModel) opt.use_tuning = false;
   if (impl == Impl::kP128) opt.partition_size = 128;
   if (impl == Impl::kNoSplit) opt.partition_size = d.c.L;
   if (impl == Impl::kPrefill) opt.force_prefill = true;
   ModSet none;
   AttentionReport rep;
-  if (d.c.paged)
+  if (c.paged)  // d holds both layouts of the keys; d.c is the case that made it
     paged_flex_attention(d.q.view, d.k_cache.view, d.v_cache.view, d.block_table.view, d.seq_lens.view, d.out.view,
                          nullptr, none, ModBindings{}, opt, &rep);
   else
@@ -220,14 +205,14 @@ double max_error(const CaseData& d) {
 void bm_flexjit(benchmark::State& state, Case c, Impl impl) {
   try {
     CaseData& d = case_data(c);
-    AttentionReport rep = run_flexjit(d, impl);  // compiles; the output the check reads
+    AttentionReport rep = run_flexjit(d, c, impl);  // compiles; the output the check reads
     const double err = max_error(d), tol = c.dtype == DType::F32 ? 1e-4 : 2e-2;
     if (!(err <= tol)) {
       state.SkipWithError(("flexjit output differs from the float64 reference by " + std::to_string(err) +
                            "; not timed").c_str());
       return;
     }
-    timed_paired(state, d, [&] { run_flexjit(d, impl); });
+    timed_paired(state, d, [&] { run_flexjit(d, c, impl); });
     state.counters["max_abs_err"] = err;
     state.counters["partition_size"] = double(rep.partition_size);
     state.counters["num_partitions"] = double(rep.num_partitions);
@@ -275,10 +260,13 @@ void register_all() {
       for (int64_t L : {4096, 8192, 16384, 32768})
         for (bool paged : {false, true}) {
           Case c{dtype, s, L, paged};
+          // A fixed number of calls: each is preceded by its own DRAM read (~8 ms, untimed), which
+          // Google Benchmark's time-based iteration count would multiply for the short cases.
           auto reg = [&](const std::string& impl, Impl i) {
             benchmark::RegisterBenchmark(c.name(impl).c_str(), bm_flexjit, c, i)
                 ->Unit(benchmark::kMillisecond)
-                ->UseRealTime();
+                ->UseRealTime()
+                ->Iterations(kCalls);
           };
           reg("flexjit", Impl::kFlexjit);
           reg("model", Impl::kModel);
@@ -289,21 +277,11 @@ void register_all() {
 #if FLEXJIT_BENCH_TORCH
             benchmark::RegisterBenchmark(c.name("sdpa").c_str(), bm_sdpa, c)
                 ->Unit(benchmark::kMillisecond)
-                ->UseRealTime();
+                ->UseRealTime()
+                ->Iterations(kCalls);
 #endif
           }
         }
-}
-
-void parse_own_flags(int* argc, char** argv) {
-  int out = 1;
-  for (int i = 1; i < *argc; ++i) {
-    if (std::strncmp(argv[i], "--threads=", 10) == 0)
-      g_threads = std::atoi(argv[i] + 10);
-    else
-      argv[out++] = argv[i];
-  }
-  *argc = out;
 }
 
 }  // namespace
@@ -311,7 +289,7 @@ void parse_own_flags(int* argc, char** argv) {
 
 int main(int argc, char** argv) {
   using namespace flexjit::bench;
-  parse_own_flags(&argc, argv);
+  g_threads = take_threads_flag(&argc, argv);
 #if FLEXJIT_BENCH_TORCH
   at::set_num_threads(threads());
   benchmark::AddCustomContext("flexjit_torch_version", TORCH_VERSION);

@@ -7,6 +7,7 @@
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstdio>
 #include <fstream>
 #include <string>
@@ -130,6 +131,20 @@ inline void add_context(const char* source_file, int threads) {
   benchmark::AddCustomContext("flexjit_device", "cpu");
   benchmark::AddCustomContext("flexjit_fp32_ceiling_gflops",
                               std::to_string(int(kFp32PeakGflops2Cores)));
+}
+
+// Removes --threads=N from argv (Google Benchmark rejects flags it does not know) and returns N
+// (0 when absent: all hardware threads).
+inline int take_threads_flag(int* argc, char** argv) {
+  int threads = 0, out = 1;
+  for (int i = 1; i < *argc; ++i) {
+    if (std::string(argv[i]).rfind("--threads=", 0) == 0)
+      threads = std::atoi(argv[i] + 10);
+    else
+      argv[out++] = argv[i];
+  }
+  *argc = out;
+  return threads;
 }
 
 }  // namespace flexjit::bench

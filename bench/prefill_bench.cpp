@@ -327,25 +327,12 @@ void register_all() {
         }
 }
 
-// Removes --threads=N from argv (Google Benchmark rejects flags it does not know).
-void parse_own_flags(int* argc, char** argv) {
-  int out = 1;
-  for (int i = 1; i < *argc; ++i) {
-    if (std::strncmp(argv[i], "--threads=", 10) == 0) {
-      g_threads = std::atoi(argv[i] + 10);
-    } else {
-      argv[out++] = argv[i];
-    }
-  }
-  *argc = out;
-}
-
 }  // namespace
 }  // namespace flexjit::bench
 
 int main(int argc, char** argv) {
   using namespace flexjit::bench;
-  parse_own_flags(&argc, argv);
+  g_threads = take_threads_flag(&argc, argv);
   int threads = g_threads > 0 ? g_threads : int(std::thread::hardware_concurrency());
 #if FLEXJIT_BENCH_TORCH
   at::set_num_threads(threads);
