@@ -111,14 +111,12 @@ struct FjkDecTile {
   float qscale;                              // what S = Q K^T is multiplied by
 #endif
   // Row pointers of the keys computed now, and of those read next (prefetched meanwhile;
-  // next_n = 0: none): two buffers that swap roles (fjk_dec_swap_rows).
-  const fjk_elem** krow;
-  const fjk_elem** vrow;
-  const fjk_elem** next_krow;
-  const fjk_elem** next_vrow;
+  // next_n = 0: none).
+  const fjk_elem* krow[kNP];
+  const fjk_elem* vrow[kNP];
+  const fjk_elem* next_krow[kNP];
+  const fjk_elem* next_vrow[kNP];
   int next_n;
-  const fjk_elem* rows_a[2 * kNP];
-  const fjk_elem* rows_b[2 * kNP];
   float m[kMaxUnits * kRP];      // running row max of the base-2 scores (-inf: nothing kept yet)
   float l[kMaxUnits * kRP];      // running row sum of 2^(s - m)
   float alpha[kMaxUnits * kRP];  // this block's rescale of O and l
@@ -481,19 +479,7 @@ static inline void fjk_dec_q_pad(const struct FjkDecUnit* u, int mvalid) {
 }
 
 // ---- per entry call and per item ----
-static inline void fjk_dec_swap_rows(struct FjkDecTile* t) {
-  const fjk_elem** k = t->krow;
-  const fjk_elem** v = t->vrow;
-  t->krow = t->next_krow;
-  t->vrow = t->next_vrow;
-  t->next_krow = k;
-  t->next_vrow = v;
-}
 static inline void fjk_dec_engine_begin(struct FjkDecTile* t) {
-  t->krow = t->rows_a;
-  t->vrow = t->rows_a + kNP;
-  t->next_krow = t->rows_b;
-  t->next_vrow = t->rows_b + kNP;
   __builtin_memset(t->zero_row, 0, sizeof(t->zero_row));
   __builtin_memset(t->q, 0, sizeof(t->q));  // padding rows and columns stay 0
 }
