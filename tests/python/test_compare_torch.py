@@ -97,7 +97,7 @@ def test_script_smoke(tmp_path):
            "--markdown", str(paths["md"]), "--chart", str(paths["png"])]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "[1/1] prefill fp32 causal:" in run.stderr
+    assert "[1/1] prefill/fp32/causal:" in run.stderr
     for p in paths.values():
         assert p.is_file() and p.stat().st_size > 0, p
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
