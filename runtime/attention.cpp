@@ -23,46 +23,50 @@ using runtime::BlockMask;
 
 std::string dims(const TensorView& t) { return t.shape_str(); }
 
-void require(bool ok, const std::string& msg) {
-  if (!ok) throw Error("flex_attention: " + msg);
-}
+[[noreturn]] void fail(const std::string& msg) { throw Error("flex_attention: " + msg); }
+
+// Checks run on every call: the message (string building, shape printing) is made only on failure.
+#define REQUIRE(cond, msg) \
+  do {                      \
+    if (!(cond)) fail(msg);  \
+  } while (0)
 
 void check_inputs(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                   const TensorView* lse, const AttentionOptions& opt) {
   for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}}) {
-    require(t->rank == 4, std::string(name) + " must be 4-D [B, H, L, D], got shape " + dims(*t));
-    require(t->data != nullptr || t->numel() == 0, std::string(name) + " has no data");
-    for (int i = 0; i < 4; ++i) require(t->sizes[i] >= 1, std::string(name) + " has an empty dim: " + dims(*t));
+    REQUIRE(t->rank == 4, std::string(name) + " must be 4-D [B, H, L, D], got shape " + dims(*t));
+    REQUIRE(t->data != nullptr || t->numel() == 0, std::string(name) + " has no data");
+    for (int i = 0; i < 4; ++i) REQUIRE(t->sizes[i] >= 1, std::string(name) + " has an empty dim: " + dims(*t));
   }
-  require(q.dtype == DType::F32 || q.dtype == DType::BF16 || q.dtype == DType::F16,
+  REQUIRE(q.dtype == DType::F32 || q.dtype == DType::BF16 || q.dtype == DType::F16,
           std::string("q has dtype ") + dtype_name(q.dtype) + "; supported: fp32, bf16, fp16");
-  require(k.dtype == q.dtype && v.dtype == q.dtype,
+  REQUIRE(k.dtype == q.dtype && v.dtype == q.dtype,
           std::string("q, k, v must share a dtype, got ") + dtype_name(q.dtype) + ", " + dtype_name(k.dtype) +
               ", " + dtype_name(v.dtype));
-  require(out.dtype == q.dtype, std::string("out must have q's dtype ") + dtype_name(q.dtype));
-  require(k.sizes[3] == q.sizes[3], "q and k head dims differ: q " + dims(q) + ", k " + dims(k));
-  require(k.sizes[0] == v.sizes[0] && k.sizes[1] == v.sizes[1] && k.sizes[2] == v.sizes[2],
+  REQUIRE(out.dtype == q.dtype, std::string("out must have q's dtype ") + dtype_name(q.dtype));
+  REQUIRE(k.sizes[3] == q.sizes[3], "q and k head dims differ: q " + dims(q) + ", k " + dims(k));
+  REQUIRE(k.sizes[0] == v.sizes[0] && k.sizes[1] == v.sizes[1] && k.sizes[2] == v.sizes[2],
           "k and v must agree on [B, H, L]: k " + dims(k) + ", v " + dims(v));
-  require(k.sizes[0] == 1 || k.sizes[0] == q.sizes[0],
+  REQUIRE(k.sizes[0] == 1 || k.sizes[0] == q.sizes[0],
           "k/v batch must be 1 (broadcast) or q's batch " + std::to_string(q.sizes[0]) + ", got " + dims(k));
   int64_t Hq = q.sizes[1], Hkv = k.sizes[1];
-  require(Hq % Hkv == 0, "query heads (" + std::to_string(Hq) + ") must be a multiple of KV heads (" +
+  REQUIRE(Hq % Hkv == 0, "query heads (" + std::to_string(Hq) + ") must be a multiple of KV heads (" +
                              std::to_string(Hkv) + ")");
-  require(Hq == Hkv || opt.enable_gqa, "q has " + std::to_string(Hq) + " heads but k/v have " +
+  REQUIRE(Hq == Hkv || opt.enable_gqa, "q has " + std::to_string(Hq) + " heads but k/v have " +
                                            std::to_string(Hkv) + "; pass enable_gqa=true for GQA/MQA");
-  require(out.sizes[0] == q.sizes[0] && out.sizes[1] == Hq && out.sizes[2] == q.sizes[2] &&
+  REQUIRE(out.sizes[0] == q.sizes[0] && out.sizes[1] == Hq && out.sizes[2] == q.sizes[2] &&
               out.sizes[3] == v.sizes[3],
           "out must be [B, Hq, Lq, Dv] = [" + std::to_string(q.sizes[0]) + ", " + std::to_string(Hq) + ", " +
               std::to_string(q.sizes[2]) + ", " + std::to_string(v.sizes[3]) + "], got " + dims(out));
-  require(q.sizes[3] <= 256 && v.sizes[3] <= 256,
+  REQUIRE(q.sizes[3] <= 256 && v.sizes[3] <= 256,
           "head dims up to 256 are supported on CPU, got D=" + std::to_string(q.sizes[3]) +
               " Dv=" + std::to_string(v.sizes[3]));
   if (lse) {
-    require(lse->rank == 3 && lse->dtype == DType::F32 && lse->sizes[0] == q.sizes[0] &&
+    REQUIRE(lse->rank == 3 && lse->dtype == DType::F32 && lse->sizes[0] == q.sizes[0] &&
                 lse->sizes[1] == Hq && lse->sizes[2] == q.sizes[2],
             "lse must be fp32 [B, Hq, Lq], got " + std::string(dtype_name(lse->dtype)) + " " + dims(*lse));
   }
-  if (opt.scale) require(std::isfinite(*opt.scale), "scale must be finite");
+  if (opt.scale) REQUIRE(std::isfinite(*opt.scale), "scale must be finite");
 }
 
 void copy_dims(fj_i64* dst, const TensorView& t, int n) {
@@ -139,9 +143,9 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   // bf16 runs its matmuls on AMX tiles where it can (see amx_available).
   std::string no_amx_why;
   const bool amx_ok = q.dtype == DType::BF16 && opt.use_amx != 0 && amx_available(&no_amx_why);
-  require(opt.use_amx != 1 || q.dtype == DType::BF16,
+  REQUIRE(opt.use_amx != 1 || q.dtype == DType::BF16,
           std::string("USE_AMX=1 needs bf16 inputs, got ") + dtype_name(q.dtype));
-  require(opt.use_amx != 1 || amx_ok, "USE_AMX=1 but " + no_amx_why);
+  REQUIRE(opt.use_amx != 1 || amx_ok, "USE_AMX=1 but " + no_amx_why);
   const int64_t B = q.sizes[0], Hq = q.sizes[1], Lq = q.sizes[2], Hkv = k.sizes[1], Lkv = k.sizes[2];
   // A mask built for this call broadcasts over batch / heads its mask_mod does not read.
   const bool mask_reads_b = mods.has_mask_mod() && ir::uses_var(mods.mask_mod, ir::Var::B);
@@ -166,7 +170,7 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   shape.threads = runtime::planned_threads(opt);
   const runtime::PrefillKnobs knobs = runtime::plan_prefill(shape, opt);
   int bm = knobs.block_m, bn = knobs.block_n;
-  require(bm >= 1 && bm <= 256 && bn >= 1 && bn <= 512,
+  REQUIRE(bm >= 1 && bm <= 256 && bn >= 1 && bn <= 512,
           "BLOCK_M must be in 1..256 and BLOCK_N in 1..512, got " + std::to_string(bm) + "x" + std::to_string(bn));
   if (block_mask) {
     // Kernel blocks must tile the mask's blocks; defaults adapt, explicit choices are checked.
@@ -176,9 +180,9 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   }
   // The AMX engine pairs KV rows by 32 (P V's left operand).
   const bool amx = amx_ok && bn % 32 == 0;
-  require(amx || opt.use_amx != 1, "USE_AMX=1 needs BLOCK_N to be a multiple of 32, got " + std::to_string(bn));
+  REQUIRE(amx || opt.use_amx != 1, "USE_AMX=1 needs BLOCK_N to be a multiple of 32, got " + std::to_string(bn));
   const int64_t scratch = tile_scratch_bound(q.sizes[3], v.sizes[3], bm, bn, amx);
-  require(scratch <= (int64_t(1) << 20),
+  REQUIRE(scratch <= (int64_t(1) << 20),
           "BLOCK_M x BLOCK_N = " + std::to_string(bm) + "x" + std::to_string(bn) + " with D=" +
               std::to_string(q.sizes[3]) + ", Dv=" + std::to_string(v.sizes[3]) + " needs up to " +
               std::to_string(scratch / 1024) + " KiB of per-thread scratch, over the kernel's 1 MiB; use smaller "

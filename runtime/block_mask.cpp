@@ -256,27 +256,30 @@ BlockMask create_paged_block_mask(const ModSet& mods, const ModBindings& bind, i
 
 void check_block_mask(const BlockMask& m, int64_t B, int64_t H, int64_t Lq, int64_t Lkv, int64_t block_m,
                       int64_t block_n, const std::string& who) {
-  auto require = [&](bool ok, const std::string& msg) {
-    if (!ok) throw Error(who + ": " + msg);
-  };
-  require(m.B == 1 || m.B == B, "block_mask has B=" + std::to_string(m.B) + " but q has batch " + std::to_string(B) +
+  // Runs on every call: messages are built only on failure.
+  auto fail = [&](const std::string& msg) { throw Error(who + ": " + msg); };
+#define CHECK_MASK(cond, msg) \
+  do {                        \
+    if (!(cond)) fail(msg);   \
+  } while (0)
+  CHECK_MASK(m.B == 1 || m.B == B, "block_mask has B=" + std::to_string(m.B) + " but q has batch " + std::to_string(B) +
                                     " (use 1 to broadcast)");
-  require(m.H == 1 || m.H == H, "block_mask has H=" + std::to_string(m.H) + " but q has " + std::to_string(H) +
+  CHECK_MASK(m.H == 1 || m.H == H, "block_mask has H=" + std::to_string(m.H) + " but q has " + std::to_string(H) +
                                     " heads (use 1 to broadcast)");
   // Blocks were classified over [0, m.Lq) x [0, m.Lkv): a mask for shorter lengths is wrong for
   // the extra positions even when its blocks happen to cover them.
-  require(m.Lq >= Lq && m.Lkv >= Lkv && m.num_q_blocks * m.q_block_size >= Lq && m.num_kv_blocks * m.kv_block_size >= Lkv,
+  CHECK_MASK(m.Lq >= Lq && m.Lkv >= Lkv && m.num_q_blocks * m.q_block_size >= Lq && m.num_kv_blocks * m.kv_block_size >= Lkv,
           "block_mask was built for Lq=" + std::to_string(m.Lq) + ", Lkv=" + std::to_string(m.Lkv) +
               " but the call has Lq=" + std::to_string(Lq) + ", Lkv=" + std::to_string(Lkv) +
               "; rebuild it for these lengths");
-  require(m.q_block_size % block_m == 0 && m.kv_block_size % block_n == 0,
+  CHECK_MASK(m.q_block_size % block_m == 0 && m.kv_block_size % block_n == 0,
           "block_mask block size " + std::to_string(m.q_block_size) + "x" + std::to_string(m.kv_block_size) +
               " must be a multiple of the kernel's BLOCK_M x BLOCK_N = " + std::to_string(block_m) + "x" +
               std::to_string(block_n));
   int64_t rows = m.B * m.H * m.num_q_blocks;
-  require(int64_t(m.kv_num_blocks.size()) == rows && int64_t(m.kv_indices.size()) == rows * m.kv_stride,
+  CHECK_MASK(int64_t(m.kv_num_blocks.size()) == rows && int64_t(m.kv_indices.size()) == rows * m.kv_stride,
           "block_mask arrays have inconsistent sizes");
-  require(m.full_kv_num_blocks.empty() ||
+  CHECK_MASK(m.full_kv_num_blocks.empty() ||
               (int64_t(m.full_kv_num_blocks.size()) == rows &&
                int64_t(m.full_kv_indices.size()) == rows * m.full_kv_stride),
           "block_mask full-block arrays have inconsistent sizes");
@@ -285,16 +288,17 @@ void check_block_mask(const BlockMask& m, int64_t B, int64_t H, int64_t Lq, int6
   auto check_rows = [&](const std::vector<int32_t>& num, const std::vector<int32_t>& idx, int64_t stride) {
     for (int64_t r = 0; r < rows; ++r) {
       if (num[r] < 0 || num[r] > stride)
-        require(false, "block_mask row " + std::to_string(r) + " lists " + std::to_string(num[r]) +
+        fail("block_mask row " + std::to_string(r) + " lists " + std::to_string(num[r]) +
                            " blocks, more than its width");
       for (int32_t j = 0; j < num[r]; ++j) {
         const int32_t kb = idx[r * stride + j];
-        if (kb < 0 || kb >= m.num_kv_blocks) require(false, "block_mask index " + std::to_string(kb) + " out of range");
+        if (kb < 0 || kb >= m.num_kv_blocks) fail("block_mask index " + std::to_string(kb) + " out of range");
       }
     }
   };
   check_rows(m.kv_num_blocks, m.kv_indices, m.kv_stride);
   if (!m.full_kv_num_blocks.empty()) check_rows(m.full_kv_num_blocks, m.full_kv_indices, m.full_kv_stride);
+#undef CHECK_MASK
 }
 
 }  // namespace flexjit::runtime

@@ -9,9 +9,13 @@
 namespace flexjit {
 namespace {
 
-void require(bool ok, const std::string& msg) {
-  if (!ok) throw Error("merge_attention_states: " + msg);
-}
+[[noreturn]] void fail(const std::string& msg) { throw Error("merge_attention_states: " + msg); }
+
+// Checks run on every call: the message (string building, shape printing) is made only on failure.
+#define REQUIRE(cond, msg) \
+  do {                      \
+    if (!(cond)) fail(msg);  \
+  } while (0)
 
 uint16_t to_bf16(float x) {
   uint32_t u;
@@ -79,17 +83,17 @@ void store_row_f32(DType dtype, void* dst, int64_t stride, const float* src, int
 
 void merge_attention_states(const TensorView& out_a, const TensorView& lse_a, const TensorView& out_b,
                             const TensorView& lse_b, const TensorView& out, const TensorView& lse) {
-  require(out_a.rank >= 2 && out_a.rank <= 4, "out_a must have 2 to 4 dims [..., L, Dv], got " + out_a.shape_str());
+  REQUIRE(out_a.rank >= 2 && out_a.rank <= 4, "out_a must have 2 to 4 dims [..., L, Dv], got " + out_a.shape_str());
   for (auto [t, name] : {std::pair{&out_b, "out_b"}, {&out, "out"}}) {
-    require(t->rank == out_a.rank, std::string(name) + " must have out_a's shape " + out_a.shape_str() + ", got " +
+    REQUIRE(t->rank == out_a.rank, std::string(name) + " must have out_a's shape " + out_a.shape_str() + ", got " +
                                        t->shape_str());
     for (int i = 0; i < out_a.rank; ++i)
-      require(t->sizes[i] == out_a.sizes[i], std::string(name) + " must have out_a's shape " + out_a.shape_str() +
+      REQUIRE(t->sizes[i] == out_a.sizes[i], std::string(name) + " must have out_a's shape " + out_a.shape_str() +
                                                  ", got " + t->shape_str());
   }
-  require(dtype_is_float(out_a.dtype) && out_a.dtype != DType::F64,
+  REQUIRE(dtype_is_float(out_a.dtype) && out_a.dtype != DType::F64,
           std::string("out_a must be fp32, bf16 or fp16, got ") + dtype_name(out_a.dtype));
-  require(out_b.dtype == out_a.dtype && out.dtype == out_a.dtype,
+  REQUIRE(out_b.dtype == out_a.dtype && out.dtype == out_a.dtype,
           std::string("out_a, out_b and out must share a dtype, got ") + dtype_name(out_a.dtype) + ", " +
               dtype_name(out_b.dtype) + ", " + dtype_name(out.dtype));
   const int lr = out_a.rank - 1;
@@ -98,11 +102,11 @@ void merge_attention_states(const TensorView& out_a, const TensorView& lse_a, co
     for (int i = 0; ok && i < lr; ++i) ok = t->sizes[i] == out_a.sizes[i];
     std::string want = "[";
     for (int i = 0; i < lr; ++i) want += (i ? ", " : "") + std::to_string(out_a.sizes[i]);
-    require(ok, std::string(name) + " must be fp32 " + want + "] (out_a's leading dims), got " +
+    REQUIRE(ok, std::string(name) + " must be fp32 " + want + "] (out_a's leading dims), got " +
                     dtype_name(t->dtype) + " " + t->shape_str());
   }
   for (const TensorView* t : {&out_a, &out_b, &out, &lse_a, &lse_b, &lse})
-    require(t->data != nullptr || t->numel() == 0, "a tensor has no data");
+    REQUIRE(t->data != nullptr || t->numel() == 0, "a tensor has no data");
 
   const int64_t dv = out_a.sizes[lr];
   int64_t rows = 1;

@@ -121,7 +121,7 @@ def flex_attention(query, key, value, score_mod=None, mask_mod=None, buffers=Non
                     full_kv_num_blocks=block_mask.full_kv_num_blocks, full_kv_indices=block_mask.full_kv_indices,
                     q_block_size=block_mask.BLOCK_SIZE[0], kv_block_size=block_mask.BLOCK_SIZE[1])
     buf, buf_names, par_names, par_values = _lists(buffers, params)
-    out, lse = torch.ops.flexjit.flex_attention(
+    out, lse = torch.ops.flexjit.flex_attention.default(
         query, key, value, score_mod or "", mask_mod or "", buf, buf_names, par_names, par_values,
         scale=scale, enable_gqa=enable_gqa, return_lse=return_lse,
         BLOCK_M=options.get("BLOCK_M", 0), BLOCK_N=options.get("BLOCK_N", 0),
@@ -154,7 +154,7 @@ def paged_flex_attention(query, k_cache, v_cache, block_table, seq_lens, score_m
     _check_mod("mask_mod", mask_mod)
     options = _kernel_options("paged_flex_attention", kernel_options, _PAGED_KERNEL_OPTIONS)
     buf, buf_names, par_names, par_values = _lists(buffers, params)
-    out, lse = torch.ops.flexjit.paged_flex_attention(
+    out, lse = torch.ops.flexjit.paged_flex_attention.default(
         query, k_cache, v_cache, block_table, seq_lens, score_mod or "", mask_mod or "", buf, buf_names,
         par_names, par_values, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse,
         BLOCK_M=options.get("BLOCK_M", 0), BLOCK_N=options.get("BLOCK_N", 0),
@@ -173,7 +173,7 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
     (its out is not read, even if NaN). Returns new tensors (out, lse): out_a's shape and dtype, and
     fp32 lse.
     """
-    return torch.ops.flexjit.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    return torch.ops.flexjit.merge_attention_states.default(out_a, lse_a, out_b, lse_b)
 
 
 def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, buffers=None, params=None, BLOCK_SIZE=128,
