@@ -6,20 +6,25 @@
     # decoding against a paged KV cache, mods at absolute positions:
     out = flexjit.paged_flex_attention(q1, k_cache, v_cache, block_table, seq_lens, mask_mod="causal")
 
-Mods are registered names ("causal", "alibi", ...) or expression text over score, b, h, q_idx,
-kv_idx and the names in `buffers` (tensors) and `params` (floats; changing one never
-recompiles). Everything here is a thin layer over torch.ops.flexjit.*, which this module loads
-from $FLEXJIT_TORCH_OPS, from next to this file, or from <repo>/build/.
+Mods are the Python functions written for PyTorch's flex_attention (traced into expression
+text by flexjit.trace: captured tensors become buffers, captured Python numbers runtime params),
+registered names ("causal", "alibi", ...) or expression text over score, b, h, q_idx, kv_idx and
+the names in `buffers` (tensors) and `params` (floats; changing one never recompiles).
+Everything here is a thin layer over torch.ops.flexjit.*, which this module loads from
+$FLEXJIT_TORCH_OPS, from next to this file, or from <repo>/build/.
 """
 
 import os
 from pathlib import Path
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, noop_mask
+from torch.nn.attention.flex_attention import AuxOutput, BlockMask, noop_mask
+
+from . import trace
+from .trace import TraceError
 
 __all__ = ["flex_attention", "paged_flex_attention", "merge_attention_states", "create_block_mask",
-           "load_library", "library_path"]
+           "load_library", "library_path", "TraceError", "trace"]
 
 _LIB_NAME = "libflexjit_torch_ops.so"
 _KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "USE_AMX", "PARTITION_SIZE", "FORCE_USE_FLEX_ATTENTION")
@@ -55,9 +60,29 @@ if library_path() is not None:
 
 
 def _check_mod(what, mod):
-    if mod is not None and not isinstance(mod, str):
-        raise TypeError(f"{what} must be a registered mod name or expression text (a str), not "
-                        f"{type(mod).__name__}; flexjit compiles text, it cannot run Python callables")
+    if mod is not None and not isinstance(mod, str) and not callable(mod):
+        raise TypeError(f"{what} must be a Python function (as for PyTorch's flex_attention), a registered "
+                        f"mod name or expression text, not {type(mod).__name__}")
+
+
+def _mods(score_mod, mask_mod, buffers, params):
+    """Mods as the op takes them: (score text, mask text, buffers, params). Callables are traced
+    (memoised) and bound to the values they capture now, beside the caller's own buffers / params
+    (for text mods)."""
+    _check_mod("score_mod", score_mod)
+    _check_mod("mask_mod", mask_mod)
+    buffers, params = dict(buffers or {}), dict(params or {})
+    if (score_mod is None or isinstance(score_mod, str)) and (mask_mod is None or isinstance(mask_mod, str)):
+        return score_mod or "", mask_mod or "", buffers, params
+    score_text, mask_text, traced_buffers, traced_params = trace.bind(score_mod, mask_mod, (*buffers, *params))
+    if torch.is_grad_enabled():
+        for name, t in traced_buffers.items():
+            if t.requires_grad:
+                # The op has no backward, and its output would not even require grad: refuse rather
+                # than train a captured tensor with silently zero gradients.
+                raise ValueError(f"flexjit: the tensor '{name}' captured by a mod requires grad, and flexjit has "
+                                 "no backward pass yet; run under torch.no_grad() or capture a detached tensor")
+    return score_text, mask_text, {**buffers, **traced_buffers}, {**params, **traced_params}
 
 
 def _kernel_options(op, kernel_options, known):
@@ -82,16 +107,25 @@ def _lists(buffers, params):
     return (list(buffers.values()), list(buffers), list(params), [float(x) for x in params.values()])
 
 
-def flex_attention(query, key, value, score_mod=None, mask_mod=None, buffers=None, params=None,
-                   block_mask=None, scale=None, enable_gqa=False, return_lse=False,
-                   kernel_options=None):
-    """PyTorch's flex_attention signature, with mods as text. Returns out, or (out, lse) with
-    return_lse (lse: fp32 [B, Hq, Lq], natural log).
+def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
+                   return_lse=False, kernel_options=None, *, return_aux=None, mask_mod=None, buffers=None,
+                   params=None):
+    """PyTorch's flex_attention: same arguments, same meaning, same results. Returns out, or
+    (out, lse) with return_lse, or (out, AuxOutput(lse=...)) with return_aux=AuxRequest(lse=True)
+    (lse: fp32 [B, Hq, Lq], natural log).
 
+    score_mod: a Python function (score, b, h, q_idx, kv_idx) -> score, as written for PyTorch
+    (traced once into flexjit's expression language and memoised: captured tensors become buffers,
+    captured ints / floats runtime params read again on every call, so changing one never
+    recompiles; unsupported constructs raise flexjit.TraceError naming the source line), or
+    flexjit expression text / a registered name ("alibi", "softcap", ...).
     block_mask: a torch.nn.attention.flex_attention.BlockMask (PyTorch's or from
-    flexjit.create_block_mask). Its partial blocks are masked by `mask_mod`, which must be flexjit
-    text: a BlockMask made by PyTorch from a Python mask_mod needs the same mask as mask_mod=.
-    Without a block_mask, a mask_mod builds one for the call (reuse one across calls instead).
+    flexjit.create_block_mask); its partial blocks are masked by its mask_mod, a Python function
+    traced like score_mod.
+    mask_mod (keyword, flexjit's own): a mask as text, a registered name or a Python function; it
+    overrides the BlockMask's, and without a block_mask builds one for the call (reuse a BlockMask
+    across calls instead).
+    buffers / params (keyword): the tensors and floats that text mods name.
     Calls with up to 16 query rows (decoding) run the flash-decoding kernel, which splits the keys
     into partitions that run in parallel and merges them; longer ones the prefill kernel.
     kernel_options: BLOCK_M / BLOCK_N kernel tiles (they must divide the BlockMask's blocks);
@@ -99,9 +133,13 @@ def flex_attention(query, key, value, score_mod=None, mask_mod=None, buffers=Non
         PARTITION_SIZE keys per decode partition (a multiple of BLOCK_N; 0 / unset: tuned or cost
         model); FORCE_USE_FLEX_ATTENTION True runs the prefill kernel even for decode shapes.
     """
-    _check_mod("score_mod", score_mod)
-    _check_mod("mask_mod", mask_mod)
     options = _kernel_options("flex_attention", kernel_options, _KERNEL_OPTIONS)
+    if return_aux is not None:
+        if return_lse:
+            raise ValueError("flexjit.flex_attention: pass return_lse or return_aux, not both")
+        if getattr(return_aux, "max_scores", False):
+            raise ValueError("flexjit.flex_attention: return_aux max_scores is not supported; request lse only")
+    want_lse = return_lse or bool(return_aux is not None and return_aux.lse)
     mask = {}
     if block_mask is not None:
         if not isinstance(block_mask, BlockMask):
@@ -111,8 +149,7 @@ def flex_attention(query, key, value, score_mod=None, mask_mod=None, buffers=Non
             mask_mod, mask_buffers, mask_params = block_mask._flexjit_mask_mod
             buffers, params = {**(mask_buffers or {}), **(buffers or {})}, {**(mask_params or {}), **(params or {})}
         if mask_mod is None and block_mask.mask_mod is not noop_mask:
-            raise ValueError("flexjit.flex_attention: block_mask was built from a Python mask_mod, which flexjit "
-                             "cannot run on its partial blocks; pass the same mask as mask_mod= text")
+            mask_mod = block_mask.mask_mod
         if tuple(block_mask.seq_lengths) != (query.size(-2), key.size(-2)):
             raise ValueError(f"flexjit.flex_attention: block_mask was created for seq_lengths="
                              f"{tuple(block_mask.seq_lengths)} but the call has q_len={query.size(-2)}, "
@@ -120,13 +157,16 @@ def flex_attention(query, key, value, score_mod=None, mask_mod=None, buffers=Non
         mask = dict(kv_num_blocks=block_mask.kv_num_blocks, kv_indices=block_mask.kv_indices,
                     full_kv_num_blocks=block_mask.full_kv_num_blocks, full_kv_indices=block_mask.full_kv_indices,
                     q_block_size=block_mask.BLOCK_SIZE[0], kv_block_size=block_mask.BLOCK_SIZE[1])
+    score_text, mask_text, buffers, params = _mods(score_mod, mask_mod, buffers, params)
     buf, buf_names, par_names, par_values = _lists(buffers, params)
     out, lse = torch.ops.flexjit.flex_attention.default(
-        query, key, value, score_mod or "", mask_mod or "", buf, buf_names, par_names, par_values,
-        scale=scale, enable_gqa=enable_gqa, return_lse=return_lse,
+        query, key, value, score_text, mask_text, buf, buf_names, par_names, par_values,
+        scale=scale, enable_gqa=enable_gqa, return_lse=want_lse,
         BLOCK_M=options.get("BLOCK_M", 0), BLOCK_N=options.get("BLOCK_N", 0),
         USE_AMX=int(options.get("USE_AMX", -1)), PARTITION_SIZE=int(options.get("PARTITION_SIZE", 0)),
         FORCE_USE_FLEX_ATTENTION=options["FORCE_USE_FLEX_ATTENTION"], **mask)
+    if return_aux is not None:
+        return out, AuxOutput(lse=lse if return_aux.lse else None)
     return (out, lse) if return_lse else out
 
 
@@ -143,19 +183,19 @@ def paged_flex_attention(query, k_cache, v_cache, block_table, seq_lens, score_m
     counting the Lq new tokens (already written to the cache); 0 marks an unused batch slot (out 0,
     lse -inf). Pages past seq_lens[b] are never read.
 
-    Mods see absolute positions: query i of sequence b is at q_idx = seq_lens[b] - Lq + i, so
-    mask_mod="causal" works unchanged. The mask_mod is text, not a BlockMask: the block mask is
+    Mods (Python functions as for flex_attention, text or registered names) see absolute
+    positions: query i of sequence b is at q_idx = seq_lens[b] - Lq + i, so a causal mask_mod
+    works unchanged. The mask_mod is a mod, not a BlockMask: the block mask is
     built per call over each sequence's own length. Registered mods' missing buffers are made for
     max(seq_lens) positions.
     kernel_options: BLOCK_M / BLOCK_N (decode kernel tiles) and PARTITION_SIZE (keys per split-KV
     partition, a multiple of page_size; 0 / unset: tuned or cost model).
     """
-    _check_mod("score_mod", score_mod)
-    _check_mod("mask_mod", mask_mod)
     options = _kernel_options("paged_flex_attention", kernel_options, _PAGED_KERNEL_OPTIONS)
+    score_text, mask_text, buffers, params = _mods(score_mod, mask_mod, buffers, params)
     buf, buf_names, par_names, par_values = _lists(buffers, params)
     out, lse = torch.ops.flexjit.paged_flex_attention.default(
-        query, k_cache, v_cache, block_table, seq_lens, score_mod or "", mask_mod or "", buf, buf_names,
+        query, k_cache, v_cache, block_table, seq_lens, score_text, mask_text, buf, buf_names,
         par_names, par_values, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse,
         BLOCK_M=options.get("BLOCK_M", 0), BLOCK_N=options.get("BLOCK_N", 0),
         PARTITION_SIZE=int(options.get("PARTITION_SIZE", 0)))
@@ -176,19 +216,52 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
     return torch.ops.flexjit.merge_attention_states.default(out_a, lse_a, out_b, lse_b)
 
 
-def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, buffers=None, params=None, BLOCK_SIZE=128,
-                      torch_mask_mod=None):
-    """Builds a BlockMask with flexjit's builder (interval analysis + a JIT-compiled exact check;
-    no dense [Q_LEN, KV_LEN] mask) and returns it as PyTorch's BlockMask. B / H of None mean 1
-    (broadcast), as in PyTorch. flexjit.flex_attention uses the mask_mod it remembers;
-    PyTorch's flex_attention needs the same mask as a Python function: pass it as torch_mask_mod.
+def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128, _compile=False,
+                      separate_full_blocks=True, compute_dq_write_order=False, dq_kv_order=True, *,
+                      buffers=None, params=None, torch_mask_mod=None):
+    """PyTorch's create_block_mask, built with flexjit's builder (interval analysis + a
+    JIT-compiled exact check per block; no dense [Q_LEN, KV_LEN] mask). Returns PyTorch's
+    BlockMask, usable by both flexjit.flex_attention and PyTorch's flex_attention. B / H of None
+    mean 1 (broadcast), as in PyTorch.
+
+    mask_mod: a Python function (b, h, q_idx, kv_idx) -> bool, as written for PyTorch (traced;
+    it becomes the BlockMask's mask_mod), or flexjit text / a registered name with the `buffers`
+    and `params` it names; PyTorch's flex_attention then needs the same mask as a Python
+    function: pass it as torch_mask_mod. device must be the CPU (or None); _compile is accepted
+    and ignored (the builder is always compiled).
     """
+    if device is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"flexjit.create_block_mask: device={device!r}; this build of flexjit runs on CPU only")
     _check_mod("mask_mod", mask_mod)
     q_bs, kv_bs = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else BLOCK_SIZE
-    buf, buf_names, par_names, par_values = _lists(buffers, params)
+    if isinstance(mask_mod, str):
+        text, buffers_, params_ = mask_mod, buffers, params
+    else:
+        if buffers or params:
+            raise ValueError("flexjit.create_block_mask: buffers / params name what mask text reads; a Python "
+                             "mask_mod captures its own")
+        _, text, buffers_, params_ = trace.bind(None, mask_mod)
+        torch_mask_mod = torch_mask_mod or mask_mod
+    buf, buf_names, par_names, par_values = _lists(buffers_, params_)
     num, idx, full_num, full_idx = torch.ops.flexjit.create_block_mask(
-        mask_mod, B or 1, H or 1, Q_LEN, KV_LEN, buf, buf_names, par_names, par_values, q_bs, kv_bs)
+        text or "true", B or 1, H or 1, Q_LEN, KV_LEN, buf, buf_names, par_names, par_values, q_bs, kv_bs)
+    # The builder keeps one row for a mask that ignores b / h; PyTorch's has [B, H] rows (views).
+    num, idx, full_num, full_idx = (t if t is None else t.expand(B or 1, H or 1, *t.shape[2:])
+                                    for t in (num, idx, full_num, full_idx))
+    if not separate_full_blocks:
+        # Every non-empty block partial: PyTorch then applies mask_mod everywhere.
+        dense = (BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=(q_bs, kv_bs),
+                                          seq_lengths=(Q_LEN, KV_LEN)).to_dense() > 0).to(torch.int32)
+        num = dense.sum(-1).to(torch.int32)
+        idx = torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
+        full_num = full_idx = None
     block_mask = BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=(q_bs, kv_bs),
                                           mask_mod=torch_mask_mod, seq_lengths=(Q_LEN, KV_LEN))
-    block_mask._flexjit_mask_mod = (mask_mod, buffers, params)
+    if isinstance(mask_mod, str):
+        block_mask._flexjit_mask_mod = (mask_mod, buffers, params)
+    if compute_dq_write_order:
+        from torch.nn.attention.flex_attention import _compute_dq_write_order_from_block_mask
+        dq_wo, dq_wo_full = _compute_dq_write_order_from_block_mask(block_mask, dq_kv_order=dq_kv_order)
+        block_mask.dq_write_order, block_mask.dq_write_order_full = dq_wo, dq_wo_full
+        block_mask.dq_kv_order, block_mask.dq_kv_order_spt = None, dq_kv_order
     return block_mask
