@@ -15,38 +15,58 @@
 // kKeysInner: the tile's keys are contiguous (ld == 1, the decode layout), so the inner loop
 // runs along kv_idx; otherwise along q_idx (ld_m == 1, the prefill layout). Either way the
 // inner loop is the unit-stride one, which is what lets the mod body vectorise.
+// One unit-stride run of scores. `row` is a restrict parameter so that, once inlined, its
+// stores are known not to alias the captured tensors the mod gathers from (a local restrict
+// pointer carries no such fact): without it a buffer read kept the loop scalar.
+template <bool kMask, bool kKeysInner>
+static inline void fjk_apply_run(float* __restrict row, int inner, fj_i64 b, fj_i64 h,
+                                 fj_i64 q_first, fj_i64 kv_first,
+                                 const struct FlexModArgs* mod) {
+#pragma clang loop interleave(disable) unroll(disable)
+  for (int i = 0; i < inner; ++i) {
+    const fj_i64 q_idx = kKeysInner ? q_first : q_first + i;
+    const fj_i64 kv_idx = kKeysInner ? kv_first + i : kv_first;
+    float s = row[i];
+#if FLEXJIT_HAS_SCORE_MOD
+    s = flexjit_score_mod(s, b, h, q_idx, kv_idx, mod) * FJK_LOG2E;
+#endif
+#if FLEXJIT_HAS_MASK_MOD
+    if (kMask) s = flexjit_mask_mod(b, h, q_idx, kv_idx, mod) ? s : FJK_NEG_INF;
+#endif
+    row[i] = s;
+    (void)q_idx; (void)kv_idx;
+  }
+  (void)b; (void)h; (void)mod;
+}
+
 template <bool kMask, bool kKeysInner>
 static void fjk_apply_tile(const struct FlexModTile* t, const struct FlexModArgs* shared) {
   // The mods record errors in a local flag (no atomic store in the loop, so it vectorises);
-  // the shared flag is raised once per tile.
+  // the shared flag is raised once per tile. The buffer descriptors and params are copied to
+  // locals too: stores to the scores cannot touch those, so their loads leave the loop.
   int bad = 0;
   struct FlexModArgs local = *shared;
   local.error_flag = &bad;
-  const struct FlexModArgs* mod = &local;
+#if FLEXJIT_NUM_BUFFERS > 0
+  struct FlexBuffer bufs[FLEXJIT_NUM_BUFFERS];
+  for (int i = 0; i < FLEXJIT_NUM_BUFFERS; ++i) bufs[i] = shared->buffers[i];
+  local.buffers = bufs;
+#endif
+#if FLEXJIT_NUM_PARAMS > 0
+  float params[FLEXJIT_NUM_PARAMS];
+  for (int i = 0; i < FLEXJIT_NUM_PARAMS; ++i) params[i] = shared->params[i];
+  local.params = params;
+#endif
   const fj_i64 b = t->b, h = t->h, q0 = t->q0, kv0 = t->kv0;
   const int outer = kKeysInner ? t->mvalid : t->nvalid;
   const int inner = kKeysInner ? t->nvalid : t->mvalid;
   const fj_i64 ld_outer = kKeysInner ? t->ld_m : t->ld;
   FJK_ROLLED_LOOP
-  for (int o = 0; o < outer; ++o) {
-    float* __restrict row = t->s + o * ld_outer;
-#pragma clang loop interleave(disable) unroll(disable)
-    for (int i = 0; i < inner; ++i) {
-      const fj_i64 q_idx = kKeysInner ? q0 + o : q0 + i;
-      const fj_i64 kv_idx = kKeysInner ? kv0 + i : kv0 + o;
-      float s = row[i];
-#if FLEXJIT_HAS_SCORE_MOD
-      s = flexjit_score_mod(s, b, h, q_idx, kv_idx, mod) * FJK_LOG2E;
-#endif
-#if FLEXJIT_HAS_MASK_MOD
-      if (kMask) s = flexjit_mask_mod(b, h, q_idx, kv_idx, mod) ? s : FJK_NEG_INF;
-#endif
-      row[i] = s;
-      (void)q_idx; (void)kv_idx;
-    }
-  }
+  for (int o = 0; o < outer; ++o)
+    fjk_apply_run<kMask, kKeysInner>(t->s + o * ld_outer, inner, b, h,
+                                     kKeysInner ? q0 + o : q0, kKeysInner ? kv0 : kv0 + o,
+                                     &local);
   if (bad) __atomic_store_n(shared->error_flag, 1, __ATOMIC_RELAXED);
-  (void)mod; (void)b; (void)h;
 }
 
 static void fjk_apply(const struct FlexModTile* t, const struct FlexModArgs* mod) {

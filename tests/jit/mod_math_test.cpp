@@ -88,5 +88,54 @@ TEST(ModMath, SoftcapAndSigmoid) {
   expect_close(sig, [](double x) { return 1.0 / (1.0 + std::exp(-x)); }, sweep(-80.0f, 80.0f, 20000), "sigmoid");
 }
 
+// Positive arguments spread over every binade, subnormals included, plus the range near 1
+// where ln x is small and relative error is hardest to keep.
+std::vector<float> log_args() {
+  std::vector<float> xs;
+  for (int e = -149; e <= 127; ++e)
+    for (float m : {1.0f, 1.0001f, 1.25f, 1.4142135f, 1.5f, 1.75f, 1.9999f})
+      xs.push_back(std::ldexp(m, e));
+  for (int i = 1; i <= 20000; ++i) xs.push_back(0.5f + 1.5f * float(i) / 20000.0f);
+  for (int i = 1; i <= 2000; ++i) xs.push_back(float(i));  // integer distances (T5 buckets)
+  xs.push_back(std::numeric_limits<float>::max());
+  xs.push_back(std::numeric_limits<float>::denorm_min());
+  return xs;
+}
+
+// log is compared with an absolute floor scaled to ln 2 (near x = 1 the result tends to 0 and a
+// relative bound would demand more than any float log gives); everywhere else ~4 ulp relative.
+void expect_log_close(ScoreFn f, double (*ref)(double), const std::vector<float>& xs, double unit,
+                      const char* what) {
+  for (float x : xs) {
+    double want = ref(double(x));
+    double tol = 4.8e-7 * std::fabs(want) + 6e-8 * unit;
+    EXPECT_NEAR(double(f(x)), want, tol) << what << "(" << x << ")";
+  }
+}
+
+void expect_log_specials(ScoreFn f, const char* what) {
+  const float inf = std::numeric_limits<float>::infinity();
+  EXPECT_EQ(f(0.0f), -inf) << what;
+  EXPECT_EQ(f(-0.0f), -inf) << what;
+  EXPECT_EQ(f(inf), inf) << what;
+  EXPECT_TRUE(std::isnan(f(-1.0f))) << what;
+  EXPECT_TRUE(std::isnan(f(-inf))) << what;
+  EXPECT_TRUE(std::isnan(f(std::numeric_limits<float>::quiet_NaN()))) << what;
+  EXPECT_EQ(f(1.0f), 0.0f) << what;
+}
+
+TEST(ModMath, LogMatchesLibm) {
+  ScoreFn f = compile_score_mod("log(score)");
+  expect_log_close(f, [](double x) { return std::log(x); }, log_args(), std::log(2.0), "log");
+  expect_log_specials(f, "log");
+}
+
+TEST(ModMath, Log2MatchesLibmAndIsExactOnPowersOfTwo) {
+  ScoreFn f = compile_score_mod("log2(score)");
+  expect_log_close(f, [](double x) { return std::log2(x); }, log_args(), 1.0, "log2");
+  expect_log_specials(f, "log2");
+  for (int e = -149; e <= 127; ++e) EXPECT_EQ(f(std::ldexp(1.0f, e)), float(e)) << "log2(2^" << e << ")";
+}
+
 }  // namespace
 }  // namespace flexjit
