@@ -3,7 +3,8 @@
 // bad entry is a miss, never a crash).
 //
 // Disk layout under dir():
-//   <key>.o          the ELF object, byte for byte what compile_cpp_to_object produced
+//   <key>.o          the ELF object (a split kernel: an ar archive of its parts' objects), byte
+//                    for byte what compile_cpp_to_object produced
 //   <key>.meta       manifest: key, symbol, byte length and SHA-256 of <key>.o
 //   <key>.cpp        the generated source, when FLEXJIT_DUMP contains "src"
 //   failed/<key>.cpp the source of a kernel that did not compile

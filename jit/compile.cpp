@@ -19,6 +19,7 @@
 #include <chrono>
 #include <memory>
 #include <mutex>
+#include <thread>
 
 #include "clang/Basic/Diagnostic.h"
 #include "clang/Basic/DiagnosticOptions.h"
@@ -28,6 +29,7 @@
 #include "clang/Frontend/CompilerInvocation.h"
 #include "clang/Frontend/TextDiagnosticPrinter.h"
 #include "clang/Frontend/Utils.h"
+#include "clang/Lex/PreprocessorOptions.h"
 #include "jit/types.h"
 #include "llvm/Analysis/TargetLibraryInfo.h"
 #include "llvm/Analysis/TargetTransformInfo.h"
@@ -38,6 +40,8 @@
 #include "llvm/IR/LegacyPassManager.h"
 #include "llvm/IR/Module.h"
 #include "llvm/MC/TargetRegistry.h"
+#include "llvm/Object/Archive.h"
+#include "llvm/Object/ArchiveWriter.h"
 #include "llvm/Passes/PassBuilder.h"
 #include "llvm/Support/Error.h"
 #include "llvm/Support/MemoryBuffer.h"
@@ -123,8 +127,8 @@ namespace {
 // Runs Clang on `source` (served from memory as `path`) and returns the unoptimized O3 IR.
 // Diagnostics (warnings and errors) go to `diag_text`.
 std::unique_ptr<llvm::Module> run_frontend(const std::string& source, const std::string& path,
-                                           llvm::LLVMContext& ctx, std::string& diag_text,
-                                           bool& ok) {
+                                           int part, llvm::LLVMContext& ctx,
+                                           std::string& diag_text, bool& ok) {
   ok = false;
   llvm::raw_string_ostream diag_os(diag_text);
 
@@ -178,6 +182,9 @@ std::unique_ptr<llvm::Module> run_frontend(const std::string& source, const std:
   inv->getCodeGenOpts().DisableFree = false;
   // O3-ready IR, but the pass pipeline runs in step 2 so it can be timed on its own.
   inv->getCodeGenOpts().DisableLLVMPasses = true;
+  // One part of a split translation unit (as -DFLEXJIT_PART=k: the source's lines keep their
+  // numbers in diagnostics).
+  if (part > 0) inv->getPreprocessorOpts().addMacroDef("FLEXJIT_PART=" + std::to_string(part));
 
   clang::CompilerInstance ci;
   ci.setInvocation(std::move(inv));
@@ -339,8 +346,10 @@ const std::string& compiler_identity() {
   return identity;
 }
 
-CompileResult compile_cpp_to_object(const std::string& source, const std::string& source_name) {
-  init_llvm_once();
+namespace {
+
+// The whole pipeline for one translation unit (part 0) or one part of a split one.
+CompileResult compile_one(const std::string& source, const std::string& source_name, int part) {
   // The name goes on the driver's command line: keep it from being read as an option.
   std::string path = source_name.empty() ? std::string("kernel.cpp") : source_name;
   if (path[0] == '-') path = "./" + path;
@@ -350,7 +359,7 @@ CompileResult compile_cpp_to_object(const std::string& source, const std::string
   std::string diags;
   bool ok = false;
   auto t0 = Clock::now();
-  std::unique_ptr<llvm::Module> module = run_frontend(source, path, ctx, diags, ok);
+  std::unique_ptr<llvm::Module> module = run_frontend(source, path, part, ctx, diags, ok);
   result.frontend_ms = ms_since(t0);
   if (!ok) {
     throw flexjit::Error("flexjit: Clang could not compile the generated kernel source " +
@@ -382,6 +391,73 @@ CompileResult compile_cpp_to_object(const std::string& source, const std::string
   return result;
 }
 
+constexpr char kArchiveMagic[] = "!<arch>\n";
+
+// N from a line "#define FLEXJIT_PARTS N" (2..8) in the source; 1 when there is none.
+int declared_parts(const std::string& source) {
+  static const std::string directive = "\n#define FLEXJIT_PARTS ";
+  size_t at = source.find(directive);
+  if (at == std::string::npos) return 1;
+  int n = std::atoi(source.c_str() + at + directive.size());
+  return n >= 2 && n <= 8 ? n : 1;
+}
+
+// The parts' objects as one deterministic GNU ar archive (members part1.o, part2.o, ...).
+std::string archive_of(std::vector<CompileResult>& parts) {
+  std::vector<llvm::NewArchiveMember> members;
+  std::vector<std::string> names;
+  for (size_t i = 0; i < parts.size(); ++i) names.push_back("part" + std::to_string(i + 1) + ".o");
+  for (size_t i = 0; i < parts.size(); ++i) {
+    llvm::NewArchiveMember m;
+    m.Buf = llvm::MemoryBuffer::getMemBufferCopy(parts[i].object, names[i]);
+    m.MemberName = names[i];
+    members.push_back(std::move(m));
+  }
+  auto buf = llvm::writeArchiveToBuffer(members, llvm::SymtabWritingMode::NoSymtab,
+                                        llvm::object::Archive::K_GNU, /*Deterministic=*/true,
+                                        /*Thin=*/false);
+  if (!buf) throw flexjit::Error("flexjit: could not archive a split kernel's objects: " +
+                                 to_string(buf.takeError()));
+  return std::string((*buf)->getBufferStart(), (*buf)->getBufferSize());
+}
+
+}  // namespace
+
+CompileResult compile_cpp_to_object(const std::string& source, const std::string& source_name) {
+  init_llvm_once();
+  const int parts = declared_parts(source);
+  if (parts == 1) return compile_one(source, source_name, 0);
+
+  // Part 1 on this thread, the others on threads of their own.
+  std::vector<CompileResult> results(static_cast<size_t>(parts));
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(parts));
+  auto run = [&](int k) {
+    try {
+      results[size_t(k - 1)] = compile_one(source, source_name, k);
+    } catch (...) {
+      errors[size_t(k - 1)] = std::current_exception();
+    }
+  };
+  std::vector<std::thread> helpers;
+  for (int k = 2; k <= parts; ++k) helpers.emplace_back(run, k);
+  run(1);
+  for (auto& t : helpers) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+
+  CompileResult out;
+  out.parts = parts;
+  for (int k = 1; k <= parts; ++k) {
+    const CompileResult& r = results[size_t(k - 1)];
+    if (!r.log.empty()) out.log += "[part " + std::to_string(k) + "] " + r.log;
+    out.frontend_ms = std::max(out.frontend_ms, r.frontend_ms);
+    out.optimize_ms = std::max(out.optimize_ms, r.optimize_ms);
+    out.codegen_ms = std::max(out.codegen_ms, r.codegen_ms);
+  }
+  out.object = archive_of(results);
+  return out;
+}
+
 void* load_object(const std::string& object, const std::string& symbol) {
   Jit& jit = the_jit();
   llvm::orc::LLJIT& j = *jit.lljit;
@@ -410,9 +486,33 @@ void* load_object(const std::string& object, const std::string& symbol) {
   if (!gen) return fail(&*jd, "open the process's symbol table", gen.takeError());
   jd->addGenerator(std::move(*gen));
 
-  auto buffer = llvm::MemoryBuffer::getMemBufferCopy(object, name);
-  if (auto err = j.addObjectFile(*jd, std::move(buffer))) {
-    return fail(&*jd, "load the object file", std::move(err));
+  if (object.compare(0, sizeof(kArchiveMagic) - 1, kArchiveMagic) == 0) {
+    // A split kernel: every member goes into this one JITDylib, where they resolve each other.
+    auto archive = llvm::object::Archive::create(llvm::MemoryBufferRef(object, name));
+    if (!archive) return fail(&*jd, "read the archive", archive.takeError());
+    llvm::Error child_err = llvm::Error::success();
+    int members = 0;
+    for (const llvm::object::Archive::Child& child : (*archive)->children(child_err)) {
+      auto ref = child.getMemoryBufferRef();
+      if (!ref) {
+        llvm::consumeError(std::move(child_err));
+        return fail(&*jd, "read an archive member", ref.takeError());
+      }
+      auto buffer = llvm::MemoryBuffer::getMemBufferCopy(ref->getBuffer(),
+                                                         name + "." + std::to_string(++members));
+      if (auto err = j.addObjectFile(*jd, std::move(buffer))) {
+        llvm::consumeError(std::move(child_err));
+        return fail(&*jd, "load an archive member", std::move(err));
+      }
+    }
+    if (child_err) return fail(&*jd, "read the archive", std::move(child_err));
+    if (members == 0) return fail(&*jd, "load the archive", llvm::make_error<llvm::StringError>(
+                                      "it has no members", llvm::inconvertibleErrorCode()));
+  } else {
+    auto buffer = llvm::MemoryBuffer::getMemBufferCopy(object, name);
+    if (auto err = j.addObjectFile(*jd, std::move(buffer))) {
+      return fail(&*jd, "load the object file", std::move(err));
+    }
   }
   auto addr = j.lookup(*jd, symbol);
   if (!addr) return fail(&*jd, "link the object file", addr.takeError());

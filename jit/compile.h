@@ -15,12 +15,20 @@ struct CompileResult {
   double frontend_ms = 0;  // parse + Sema + IR generation
   double optimize_ms = 0;  // the LLVM O3 module pipeline
   double codegen_ms = 0;   // instruction selection ... object emission
+  int parts = 1;           // translation-unit parts compiled side by side (see below)
 };
 
 // Compiles one C++17 translation unit given as text (it includes no system headers) for the host
 // CPU. `source_name` is used in diagnostics (e.g. the dump path). On a compile error throws
 // flexjit::Error whose message contains the Clang diagnostics (with line:col) and `source_name`.
 // Thread-safe: concurrent calls compile independently.
+//
+// Split compilation: a source containing the line `#define FLEXJIT_PARTS N` (N in 2..8) is
+// compiled N times side by side, on threads, as if with -DFLEXJIT_PART=1 .. N (each part
+// defines its share of the functions, extern "C" where the others call them), and `object` is
+// then a GNU ar archive of the N objects (part1.o ...), which load_object accepts like an
+// object. The stage times are then the slowest part's. Compiled without FLEXJIT_PART, the same
+// text must be one whole kernel.
 CompileResult compile_cpp_to_object(const std::string& source, const std::string& source_name);
 
 // Identity of the compiler, flags and target CPU (name + sorted feature list) as one string: part
@@ -35,6 +43,7 @@ bool host_has_feature(const std::string& name);
 // and for reproducing a kernel by hand with clang++-19.
 const std::vector<std::string>& compile_flags();
 
+// `object` may also be an ar archive (a split compile): all its members go into the one JITDylib.
 // A process-wide LLJIT (created once, thread-safe, never destroyed: kernels are plain function
 // pointers). Each loaded object goes in its own JITDylib (unique name), with the current process's
 // symbols visible so kernels can call expf/tanhf etc. Returns the address of `symbol`; throws

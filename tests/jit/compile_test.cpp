@@ -180,6 +180,66 @@ TEST(Compile, ConcurrentCompilesAreIndependent) {
   EXPECT_EQ(results[1], 30);
 }
 
+// A translation unit in two parts, the way the prefill template splits: part 1 defines the
+// helper the part-2 entry calls; compiled whole (no FLEXJIT_PART) it is one kernel.
+constexpr const char* kSplitSource = R"(
+#define FLEXJIT_PARTS 2
+#ifndef FLEXJIT_PART
+#define FLEXJIT_PART 0
+#endif
+#if FLEXJIT_PART == 0
+static int split_helper(int x) { return x * x + FLEXJIT_PART; }
+#else
+extern "C" __attribute__((noinline)) int flexjit_test_split_helper(int x)
+#if FLEXJIT_PART == 2
+    ;
+#else
+{ return x * x + FLEXJIT_PART; }
+#endif
+#define split_helper flexjit_test_split_helper
+#endif
+#if FLEXJIT_PART != 1
+extern "C" int flexjit_test_split_entry(int x) { return split_helper(x) + 100 * FLEXJIT_PART; }
+#endif
+)";
+
+TEST(Compile, SplitSourceCompilesItsPartsSideBySideIntoOneArchive) {
+  CompileResult r = compile_cpp_to_object(kSplitSource, "split.cpp");
+  EXPECT_EQ(r.parts, 2);
+  ASSERT_EQ(r.object.compare(0, 8, "!<arch>\n"), 0) << "a split compile returns an ar archive";
+  EXPECT_NE(r.object.find("part1.o"), std::string::npos);
+  EXPECT_NE(r.object.find("part2.o"), std::string::npos);
+  auto fn = reinterpret_cast<int (*)(int)>(load_object(r.object, "flexjit_test_split_entry"));
+  // Entry from part 2 (+200), helper from part 1 (+1): both parts were built with their macro.
+  EXPECT_EQ(fn(7), 49 + 1 + 200);
+  // Deterministic archive: the same source gives the same bytes (the cache checksums them).
+  EXPECT_EQ(compile_cpp_to_object(kSplitSource, "split.cpp").object, r.object);
+}
+
+TEST(Compile, SplitSourceErrorInOnePartNamesTheSourceAndLine) {
+  std::string src = kSplitSource;
+  src += "#if FLEXJIT_PART == 2\nint broken = undeclared_thing;\n#endif\n";
+  std::string msg = error_message(src, "split_broken.cpp");
+  EXPECT_NE(msg.find("split_broken.cpp:21"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("undeclared_thing"), std::string::npos) << msg;
+  // The same text without the split directive is an ordinary one-object kernel.
+  std::string whole = kSplitSource;
+  whole.replace(whole.find("#define FLEXJIT_PARTS 2"), 23, "// (not split)");
+  CompileResult r = compile_cpp_to_object(whole, "whole.cpp");
+  EXPECT_EQ(r.parts, 1);
+  EXPECT_NE(r.object.compare(0, 8, "!<arch>\n"), 0);
+  auto fn = reinterpret_cast<int (*)(int)>(load_object(r.object, "flexjit_test_split_entry"));
+  EXPECT_EQ(fn(7), 49);
+}
+
+TEST(Compile, TruncatedArchiveIsALoadErrorNotACrash) {
+  CompileResult r = compile_cpp_to_object(kSplitSource, "split.cpp");
+  for (size_t cut : {size_t(8), size_t(70), r.object.size() / 2, r.object.size() - 1}) {
+    std::string bad = r.object.substr(0, cut);
+    EXPECT_THROW(load_object(bad, "flexjit_test_split_entry"), flexjit::Error) << "cut at " << cut;
+  }
+}
+
 TEST(Compile, CompilerIdentityIsStableAndNamesTheTarget) {
   const std::string& a = compiler_identity();
   const std::string& b = compiler_identity();
