@@ -19,6 +19,13 @@
 // or the same pair in fp32 into the workspace, for the runtime's merge:
 //   out = sum_p e^(lse_p - lse) out_p,   lse = ln sum_p e^(lse_p).
 
+// ---- split compilation (cpu/common.h) ----
+// Part 1 is fjk_dec_visit (one block of keys for every head unit), part 2 the rest.
+#define FLEXJIT_PARTS 2
+#if FLEXJIT_PART != 0
+#define fjk_dec_visit FJK_PASTE(FLEXJIT_ENTRY, _dec_visit)
+#endif
+
 // One work item's coordinates. Unit u (of `units`) is head unit h0 + u: with pack_gqa KV head
 // h0 + u and its GQA_GROUP query heads, else query head h0 + u.
 struct FjkDecItem {
@@ -128,10 +135,15 @@ static inline void fjk_dec_apply_mods(const struct FlexDecodeArgs* a, const stru
 // next unit's rows of this block instead, one unit ahead, measured 11.5 against 14.5 GB/s on one
 // thread for B=4 Hkv=8 KV 32k bf16 in shuffled pages of 16). Not inlined: the walk calls it
 // from two places.
-__attribute__((noinline)) static void fjk_dec_visit(const struct FlexDecodeArgs* a,
-                                                    const struct FjkDecItem* it,
-                                                    struct FjkDecTile* t, fj_i64 kv0, int nvalid,
-                                                    bool partial, fj_i64 next_kv0, int next_n) {
+FJK_SPLIT_LINKAGE __attribute__((noinline)) void fjk_dec_visit(const struct FlexDecodeArgs* a,
+                                                               const struct FjkDecItem* it,
+                                                               struct FjkDecTile* t, fj_i64 kv0,
+                                                               int nvalid, bool partial,
+                                                               fj_i64 next_kv0, int next_n)
+#if FLEXJIT_PART == 2
+    ;
+#else
+{
   for (int u = 0; u < it->units; ++u) {
     fjk_dec_rows(a, it, fjk_dec_kv_head(it, u), t->krow, t->vrow, t->zero_row, kv0, nvalid);
     t->next_n = next_n;
@@ -143,6 +155,9 @@ __attribute__((noinline)) static void fjk_dec_visit(const struct FlexDecodeArgs*
     if (fjk_dec_softmax(t, &unit, it->mvalid, nvalid)) fjk_dec_pv(t, &unit, it->mvalid, nvalid);
   }
 }
+#endif  // FLEXJIT_PART != 2
+
+#if FLEXJIT_PART != 1  // the rest of the kernel: part 2 (or the whole kernel)
 
 // The walk over an item's blocks runs one block behind the blocks it is given, so each visit
 // knows the block after it.
@@ -262,3 +277,4 @@ extern "C" void FLEXJIT_ENTRY(const struct FlexDecodeArgs* a, fj_i64 begin, fj_i
   fjk_dec_engine_begin(&t);
   for (fj_i64 item = begin; item < end; ++item) fjk_dec_run_item(a, &t, item);
 }
+#endif  // FLEXJIT_PART != 1

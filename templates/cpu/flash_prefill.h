@@ -29,24 +29,12 @@
 //   fjk_block_pv             O = O * alpha + P V, P^T in st rows [0, nvalid)
 //   fjk_item_write_out       out = O * inv_l
 
-// ---- split compilation ----
-// The kernel is one translation unit in two parts that compile side by side (jit/compile.h:
-// FLEXJIT_PARTS): part 1 is fjk_visit_block (the per-block work: Q K^T, mods call, softmax,
-// P V), part 2 is everything around it (the walk, the work item, the entry). Halving the
-// critical path of a cold compile is what the first call of a new shape waits for. Without
-// FLEXJIT_PART (a plain compile of the same text) both parts are in one object.
+// ---- split compilation (cpu/common.h) ----
+// Part 1 is fjk_visit_block (the per-block work: Q K^T, mods call, softmax, P V), part 2
+// everything around it (the walk, the work item, the entry).
 #define FLEXJIT_PARTS 2
-#ifndef FLEXJIT_PART
-#define FLEXJIT_PART 0
-#endif
-#define FJK_PASTE2(a, b) a##b
-#define FJK_PASTE(a, b) FJK_PASTE2(a, b)
-#if FLEXJIT_PART == 0
-#define FJK_VISIT_LINKAGE static
-#else
-// Shared between the two objects: extern "C", named after the kernel's entry.
+#if FLEXJIT_PART != 0
 #define fjk_visit_block FJK_PASTE(FLEXJIT_ENTRY, _visit_block)
-#define FJK_VISIT_LINKAGE extern "C"
 #endif
 
 // ---- score_mod and mask_mod on S^T[n][m] (valid rows and columns only) ----
@@ -142,7 +130,7 @@ static inline bool fjk_softmax_block(struct FjkTile* t, int nvalid, float c, fj_
 // scored: the softmax and P V loops stop at nvalid. next_kv0: the block visited next (-1:
 // none), which the FMA engine prefetches meanwhile. Not inlined: its two call sites would
 // double the compile time.
-FJK_VISIT_LINKAGE __attribute__((noinline)) void fjk_visit_block(const struct FlexPrefillArgs* a,
+FJK_SPLIT_LINKAGE __attribute__((noinline)) void fjk_visit_block(const struct FlexPrefillArgs* a,
                                                                  const struct FjkItem* it,
                                                                  struct FjkTile* t, fj_i64 kv0,
                                                                  bool partial, fj_i64 next_kv0)

@@ -11,6 +11,15 @@
 #error "mods.h needs FLEXJIT_ENTRY defined before it"
 #endif
 
+// ---- split compilation (cpu/common.h) ----
+// Part 1 is the prefill layout's apply (queries along the unit-stride dim), part 2 the decode
+// layout's, block classification and the entry: a new mod's compile, which the first call of
+// every new mod waits for, runs on two cores.
+#define FLEXJIT_PARTS 2
+#if FLEXJIT_PART != 0
+#define fjk_apply_q_inner FJK_PASTE(FLEXJIT_ENTRY, _apply_q_inner)
+#endif
+
 // ---- apply: s = score_mod(s) * log2 e, then mask_mod on partial blocks ----
 // kKeysInner: the tile's keys are contiguous (ld == 1, the decode layout), so the inner loop
 // runs along kv_idx; otherwise along q_idx (ld_m == 1, the prefill layout). Either way the
@@ -69,14 +78,27 @@ static void fjk_apply_tile(const struct FlexModTile* t, const struct FlexModArgs
   if (bad) __atomic_store_n(shared->error_flag, 1, __ATOMIC_RELAXED);
 }
 
+// The prefill layout (ld_m == 1): part 1.
+FJK_SPLIT_LINKAGE __attribute__((noinline)) void fjk_apply_q_inner(const struct FlexModTile* t,
+                                                                   const struct FlexModArgs* mod)
+#if FLEXJIT_PART == 2
+    ;
+#else
+{
+  if (FLEXJIT_HAS_MASK_MOD && t->mask) fjk_apply_tile<true, false>(t, mod);
+  else if (FLEXJIT_HAS_SCORE_MOD) fjk_apply_tile<false, false>(t, mod);
+}
+#endif
+
+#if FLEXJIT_PART != 1  // the rest: part 2 (or the whole kernel)
 static void fjk_apply(const struct FlexModTile* t, const struct FlexModArgs* mod) {
   const bool keys_inner = t->ld == 1 && t->ld_m != 1;
-  if (FLEXJIT_HAS_MASK_MOD && t->mask) {
-    if (keys_inner) fjk_apply_tile<true, true>(t, mod);
-    else fjk_apply_tile<true, false>(t, mod);
+  if (!keys_inner) {
+    fjk_apply_q_inner(t, mod);
+  } else if (FLEXJIT_HAS_MASK_MOD && t->mask) {
+    fjk_apply_tile<true, true>(t, mod);
   } else if (FLEXJIT_HAS_SCORE_MOD) {
-    if (keys_inner) fjk_apply_tile<false, true>(t, mod);
-    else fjk_apply_tile<false, false>(t, mod);
+    fjk_apply_tile<false, true>(t, mod);
   }
 }
 
@@ -132,3 +154,4 @@ extern "C" void FLEXJIT_ENTRY(struct FlexModKernels* out) {
   out->has_score_mod = FLEXJIT_HAS_SCORE_MOD;
   out->has_mask_mod = FLEXJIT_HAS_MASK_MOD;
 }
+#endif  // FLEXJIT_PART != 1
