@@ -14,6 +14,12 @@ built-ins are top-left aligned like PyTorch's, so decode writes the same mods as
 param `off`. Each mod is written twice with the same buffers and params: as flexjit text or a
 built-in name, and as PyTorch score_mod / mask_mod functions (make_mod).
 
+--suite gallery runs flexjit.gallery's attention-gym mods (causal, sliding_window (L/4),
+prefix_lm (L/3), document, alibi, softcap, t5_relative_bias, natten_2d) as the very same
+Python functions on both sides: flexjit traces them (the first call's time includes the trace),
+torch.compile compiles them. Prefill only, B=1, H=8, L=2048, D=64, fp32 and bf16; outputs go to
+docs/compare-torch-gallery.* unless told otherwise. --suite llm-decode: see its help.
+
 Implementations, timed INTERLEAVED (one sample of each per repetition, in an order rotated
 every repetition) after a warm-up, on the same inputs; a sample is the mean of enough calls to
 last ~100 ms; the medians of --reps samples are reported:
@@ -117,6 +123,12 @@ LLM_SHAPES = {"llama8b_b1": dict(B=1, Hq=32, Hkv=8, D=128), "llama8b_b4": dict(B
 LLM_KV = [4096, 8192, 16384, 32768]
 PAGE_SIZE = 16
 
+# The gallery suite (--suite gallery): flexjit.gallery's mods, written as plain Python functions
+# for PyTorch's flex_attention, passed UNCHANGED to both libraries (flexjit traces them), at the
+# prefill shape (B 1, H 8, L 2048, D 64), fp32 and bf16. The names are gallery.examples()'s keys.
+GALLERY_MODS = ["causal", "sliding_window", "prefix_lm", "document", "alibi", "softcap", "t5_relative_bias",
+                "natten_2d"]
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -132,11 +144,14 @@ class Case:
     window: int = WINDOW  # sliding_window's window (smaller in the reduced test shapes)
     label: str = ""       # llm-decode: the shape's name (llama8b_b1, ...)
     paged: bool = False   # llm-decode: flexjit reads a paged cache
+    gallery: bool = False  # gallery suite: mod is a flexjit.gallery example, the same callables on both sides
 
     @property
     def name(self):
         if self.label:
             return f"{self.path}/{self.dtype}/{self.label}/KV{self.Lkv}/{'paged' if self.paged else 'contig'}"
+        if self.gallery:
+            return f"gallery/{self.dtype}/{self.mod}"
         return f"{self.path}/{self.dtype}/{self.mod}"
 
     @property
@@ -153,8 +168,12 @@ class Case:
 
 
 def make_suite(size="full", suite="default"):
-    """The default suite (every path x dtype x mod) or the llm-decode one, at the "full", "quick"
-    or "test" shapes (llm-decode's quick shapes keep the heads and cut KV to 512 and 1024)."""
+    """The default suite (every path x dtype x mod), the llm-decode one or the gallery one, at the
+    "full", "quick" or "test" shapes (llm-decode's quick shapes keep the heads and cut KV to 512
+    and 1024; the gallery uses the prefill shapes)."""
+    if suite == "gallery":
+        return [Case("prefill", dtype, mod, gallery=True, **SIZES[size]["prefill"])
+                for dtype in DTYPES for mod in GALLERY_MODS]
     if suite == "llm-decode":
         kvs = LLM_KV if size == "full" else [512, 1024]
         return [Case("decode", dtype, "noop", Lq=1, Lkv=L, label=label, paged=paged, **shape)
@@ -244,11 +263,24 @@ class Mod:
     mask_buffers: tuple = ()  # the names in `buffers` the mask reads (for create_block_mask)
     torch_score: object = None
     torch_mask: object = None
+    sdpa_skip: str = None  # why SDPA cannot express the mod (its score_mod is not an additive bias)
+
+
+def gallery_mod(case):
+    """A gallery example: the same Python functions for flexjit (which traces them) and PyTorch."""
+    from flexjit import gallery
+    examples = gallery.examples(case.Hq, case.Lkv)
+    assert list(examples) == GALLERY_MODS, f"GALLERY_MODS is out of date: gallery.examples() has {list(examples)}"
+    score, mask = examples[case.mod]
+    return Mod(fj_score=score, fj_mask=mask, torch_score=score, torch_mask=mask,
+               sdpa_skip="tanh soft-capping of scores is not expressible" if case.mod == "softcap" else None)
 
 
 def make_mod(case):
     """The case's mod. Prefill uses flexjit's built-ins (top-left aligned, query i is position
     i); decode writes the same mods as text with the query position q_idx + int(off)."""
+    if case.gallery:
+        return gallery_mod(case)
     m, off, dec = case.mod, case.off, case.path == "decode"
     qpos = "(q_idx + int(off))" if dec else "q_idx"
     offp = {"off": float(off)} if dec else {}
@@ -267,7 +299,8 @@ def make_mod(case):
                    torch_score=lambda x, b, h, q, kv: x + s[h] * (kv - q - off), torch_mask=causal)
     if m == "softcap":  # built-in score_mod with a runtime param
         return Mod(fj_score="softcap", params={"cap": SOFTCAP},
-                   torch_score=lambda x, b, h, q, kv: SOFTCAP * torch.tanh(x / SOFTCAP))
+                   torch_score=lambda x, b, h, q, kv: SOFTCAP * torch.tanh(x / SOFTCAP),
+                   sdpa_skip="tanh soft-capping of scores is not expressible")
     if m == "sliding_window":  # causal window of `window` keys
         w = case.window
         return Mod(fj_mask=f"{qpos} >= kv_idx && {qpos} - kv_idx < window" if dec else "sliding_window",
@@ -337,8 +370,8 @@ def reference(case, mod, q, k, v, mask, scale):
 
 def sdpa_plan(case, mod, mask):
     """How SDPA expresses the case: (how, kwargs) or (None, reason)."""
-    if mod.torch_score is not None and mod.fj_score == "softcap":
-        return None, "tanh soft-capping of scores is not expressible"
+    if mod.sdpa_skip:
+        return None, mod.sdpa_skip
     if mod.torch_score is not None:  # alibi: a dense fp32 bias, -inf where masked
         bias = mod.torch_score(torch.zeros((), dtype=torch.float32), *index_grids(case)).float()
         bias = bias.expand(1, case.Hq, case.Lq, case.Lkv)
@@ -358,6 +391,8 @@ def sdpa_plan(case, mod, mask):
 def flexjit_block_mask(case, mod):
     if mod.fj_mask is None:
         return None
+    if callable(mod.fj_mask):  # a Python mask_mod: traced; it captures its own buffers and params
+        return flexjit.create_block_mask(mod.fj_mask, None, None, case.Lq, case.Lkv)
     return flexjit.create_block_mask(mod.fj_mask, None, None, case.Lq, case.Lkv,
                                      buffers={n: mod.buffers[n] for n in mod.mask_buffers}, params=mod.params)
 
@@ -394,6 +429,12 @@ def flexjit_call(case, mod, block_mask, kv=None):
                                                 mask_mod=mod.fj_mask, buffers=mod.buffers, params=mod.params,
                                                 enable_gqa=case.gqa)
         return paged_call
+
+    if case.gallery:  # PyTorch's call, unchanged: the mask travels in the BlockMask as its mask_mod
+        def gallery_call(q, k, v):
+            return flexjit.flex_attention(q, k, v, score_mod=mod.fj_score, block_mask=block_mask,
+                                          enable_gqa=case.gqa)
+        return gallery_call
 
     def call(q, k, v):
         return flexjit.flex_attention(q, k, v, score_mod=mod.fj_score, mask_mod=mod.fj_mask, buffers=mod.buffers,
@@ -454,8 +495,15 @@ def run_case(case, idx, total, reps, target_ms=100.0):
                gqa=case.gqa, tol=TOL[case.dtype], impls={i: {} for i in IMPLS})
     impls = res["impls"]
     mod = make_mod(case)
-    res["mods"] = dict(flexjit_score=mod.fj_score, flexjit_mask=mod.fj_mask,
-                       params=mod.params, buffers={n: list(t.shape) for n, t in mod.buffers.items()})
+    if case.gallery:  # what flexjit traced the functions into (then forgotten: the first call traces)
+        score_text, mask_text, bufs, pars = flexjit.trace.bind(mod.fj_score, mod.fj_mask)
+        flexjit.trace.clear()
+        res["mods"] = dict(python_score=getattr(mod.fj_score, "__qualname__", None),
+                           python_mask=getattr(mod.fj_mask, "__qualname__", None), flexjit_score=score_text,
+                           flexjit_mask=mask_text, params=pars, buffers={n: list(t.shape) for n, t in bufs.items()})
+    else:
+        res["mods"] = dict(flexjit_score=mod.fj_score, flexjit_mask=mod.fj_mask,
+                           params=mod.params, buffers={n: list(t.shape) for n, t in mod.buffers.items()})
     q, k, v = make_inputs(case)
     scale = 1.0 / math.sqrt(case.D)
     grids = index_grids(case)
@@ -666,7 +714,8 @@ def fmt_ms(x):
 def markdown(report):
     env, cases, s = report["env"], report["cases"], report["summary"]
     lines = [
-        "## flexjit vs PyTorch (bench/compare_torch.py)", "",
+        "## flexjit vs PyTorch (bench/compare_torch.py" + ("" if report["config"]["suite"] == "default" else
+                                                        f" --suite {report['config']['suite']}") + ")", "",
         f"{env['date']}, commit {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}, torch {env['torch']}, "
         f"{env['cpu']}, {env['threads']} threads ({env['nproc']} cores), 1-min load average before the run "
         f"{env['loadavg_start'][0]:.2f}. Medians of {report['config']['reps']} "
@@ -790,9 +839,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes and 2 repetitions (smoke test)")
-    p.add_argument("--suite", default="default", choices=["default", "llm-decode"],
+    p.add_argument("--suite", default="default", choices=["default", "llm-decode", "gallery"],
                    help="default: the 28 cases below; llm-decode: Llama-3.1-8B / MQA decode shapes, KV 4k-32k, "
-                        "fp32/bf16, contiguous and paged (writes docs/compare-torch-decode.* unless told otherwise)")
+                        "fp32/bf16, contiguous and paged (writes docs/compare-torch-decode.* unless told otherwise); "
+                        "gallery: flexjit.gallery's Python mods passed unchanged to both libraries, prefill "
+                        "B1 H8 L2048, fp32/bf16 (writes docs/compare-torch-gallery.*)")
     p.add_argument("--filter", default=None,
                    help="run only cases whose name (path/dtype/mod, e.g. prefill/bf16/alibi) contains this; "
                         "commas separate alternatives")
@@ -818,10 +869,11 @@ def main(argv=None):
     args = parse_args(argv)
     reps = args.reps or (2 if args.quick else 5)
     cases = make_suite("quick" if args.quick else "full", args.suite)
-    if args.suite == "llm-decode":  # its own outputs, unless given
+    if args.suite != "default":  # its own outputs, unless given
+        stem = {"llm-decode": "compare-torch-decode", "gallery": "compare-torch-gallery"}[args.suite]
         for attr, ext in (("json", "json"), ("markdown", "md"), ("chart", "png")):
             if getattr(args, attr) == f"docs/compare-torch.{ext}":
-                setattr(args, attr, f"docs/compare-torch-decode.{ext}")
+                setattr(args, attr, f"docs/{stem}.{ext}")
     if args.filter:
         alts = [f.strip() for f in args.filter.split(",") if f.strip()]
         cases = [c for c in cases if any(a in c.name for a in alts)]

@@ -85,6 +85,30 @@ def test_sdpa_and_unfused_baselines_agree():
         assert ct.max_abs_err(out, ref) <= ct.TOL[case.dtype], case.name
 
 
+GALLERY = ct.make_suite("test", "gallery")
+
+
+def test_gallery_suite_runs_the_same_callables_through_both_sides():
+    # --suite gallery: every flexjit.gallery mod, both dtypes; flexjit gets the Python functions
+    # themselves (traced), and agrees with the float64 reference and the unfused baseline built
+    # from the same functions. (torch.compile on these is covered by test_callables.py's eager
+    # PyTorch comparison; compiling 16 more cases here would cost minutes.)
+    assert {c.mod for c in GALLERY} == set(ct.GALLERY_MODS) and len(GALLERY) == 2 * len(ct.GALLERY_MODS)
+    assert {c.mod for c in GALLERY} >= {"causal", "sliding_window", "prefix_lm", "document", "alibi", "softcap",
+                                        "t5_relative_bias", "natten_2d"}
+    for case in GALLERY:
+        assert case.name == f"gallery/{case.dtype}/{case.mod}"
+        mod = ct.make_mod(case)
+        q, k, v = ct.make_inputs(case)
+        mask, scale = ct.dense_mask(case, mod), 1.0 / case.D ** 0.5
+        ref = ct.reference(case, mod, q, k, v, mask, scale)
+        out = ct.flexjit_call(case, mod, ct.flexjit_block_mask(case, mod))(q, k, v)
+        assert ct.max_abs_err(out, ref) <= ct.TOL[case.dtype], case.name
+        compute = torch.float32 if case.dtype == "bf16" else None
+        out = ct.unfused(case, mod, q, k, v, mask, scale, ct.index_grids(case), compute)
+        assert ct.max_abs_err(out, ref) <= ct.TOL[case.dtype], case.name
+
+
 def test_script_smoke(tmp_path):
     # The benchmark end to end on one tiny case. Inductor's usual cache (not a fresh one, as a
     # real run uses) keeps this from recompiling PyTorch's precompiled header every time.
