@@ -18,31 +18,58 @@ using ir::Type;
 // Errors are recorded branch-free (`*error_flag |= bad`, a safe value selected instead) so a
 // mod applied across a row of scores still vectorises: the kernels hand the mods a per-tile
 // copy of FlexModArgs whose error_flag is a local, and raise the shared flag once per tile.
-constexpr const char* kCpuHelpers = R"(
-static inline void fj_flag_if(bool bad, const struct FlexModArgs* m) { *m->error_flag |= bad ? 1 : 0; }
-static inline fj_i64 fj_iadd(fj_i64 a, fj_i64 b) { return (fj_i64)((unsigned long long)a + (unsigned long long)b); }
-static inline fj_i64 fj_isub(fj_i64 a, fj_i64 b) { return (fj_i64)((unsigned long long)a - (unsigned long long)b); }
-static inline fj_i64 fj_imul(fj_i64 a, fj_i64 b) { return (fj_i64)((unsigned long long)a * (unsigned long long)b); }
-static inline fj_i64 fj_ineg(fj_i64 a) { return (fj_i64)(0ull - (unsigned long long)a); }
-static inline fj_i64 fj_iabs(fj_i64 a) { return a < 0 ? fj_ineg(a) : a; }
-static inline fj_i64 fj_imin(fj_i64 a, fj_i64 b) { return b < a ? b : a; }
-static inline fj_i64 fj_imax(fj_i64 a, fj_i64 b) { return a < b ? b : a; }
-static inline float fj_fmin(float a, float b) { return b < a ? b : a; }
-static inline float fj_fmax(float a, float b) { return a < b ? b : a; }
-static inline fj_i64 fj_idiv(fj_i64 a, fj_i64 b, const struct FlexModArgs* m) {
+constexpr const char* kPortableHelpers = R"(
+FJ_FN fj_i64 fj_iadd(fj_i64 a, fj_i64 b) { return (fj_i64)((unsigned long long)a + (unsigned long long)b); }
+FJ_FN fj_i64 fj_isub(fj_i64 a, fj_i64 b) { return (fj_i64)((unsigned long long)a - (unsigned long long)b); }
+FJ_FN fj_i64 fj_imul(fj_i64 a, fj_i64 b) { return (fj_i64)((unsigned long long)a * (unsigned long long)b); }
+FJ_FN fj_i64 fj_ineg(fj_i64 a) { return (fj_i64)(0ull - (unsigned long long)a); }
+FJ_FN fj_i64 fj_iabs(fj_i64 a) { return a < 0 ? fj_ineg(a) : a; }
+FJ_FN fj_i64 fj_imin(fj_i64 a, fj_i64 b) { return b < a ? b : a; }
+FJ_FN fj_i64 fj_imax(fj_i64 a, fj_i64 b) { return a < b ? b : a; }
+FJ_FN float fj_fmin(float a, float b) { return b < a ? b : a; }
+FJ_FN float fj_fmax(float a, float b) { return a < b ? b : a; }
+FJ_FN fj_i64 fj_idiv(fj_i64 a, fj_i64 b, const struct FlexModArgs* m) {
   fj_flag_if(b == 0, m);
   const fj_i64 d = b == 0 || b == -1 ? 1 : b;
   return b == 0 ? 0 : b == -1 ? fj_ineg(a) : a / d;
 }
-static inline fj_i64 fj_imod(fj_i64 a, fj_i64 b, const struct FlexModArgs* m) {
+FJ_FN fj_i64 fj_imod(fj_i64 a, fj_i64 b, const struct FlexModArgs* m) {
   fj_flag_if(b == 0, m);
   const fj_i64 d = b == 0 || b == -1 ? 1 : b;
   return b == 0 || b == -1 ? 0 : a % d;
 }
-static inline fj_i64 fj_f2i(float x) {
+FJ_FN fj_i64 fj_f2i(float x) {
   return (x > -9.2233720368547758e18f && x < 9.2233720368547758e18f) ? (fj_i64)x : (fj_i64)(1ull << 63);
 }
+)";
+
+// What each backend defines before the portable helpers: FJ_FN, the error flag and bit casts.
+// CPU: the flag is a per-tile local, so `|=` keeps the loop branch-free. CUDA: the flag is
+// shared by many threads, and a read-modify-write that stores 0 could erase another thread's 1,
+// so only a bad index stores (always 1).
+constexpr const char* kCpuPrelude = R"(
+#define FJ_FN static inline
+static inline void fj_flag_if(bool bad, const struct FlexModArgs* m) { *m->error_flag |= bad ? 1 : 0; }
 static inline float fj_bf16_to_f32(unsigned short x) { return __builtin_bit_cast(float, (unsigned)x << 16); }
+)";
+constexpr const char* kCudaPrelude = R"(
+#define FJ_FN static __device__ __forceinline__
+FJ_FN void fj_flag_if(bool bad, const struct FlexModArgs* m) { if (bad) *m->error_flag = 1; }
+FJ_FN float fj_bf16_to_f32(unsigned short x) { return __uint_as_float((unsigned)x << 16); }
+FJ_FN float fj_f16_to_f32(unsigned short x) {
+  float f;
+  asm("{ .reg .b16 h; mov.b16 h, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "h"(x));
+  return f;
+}
+)";
+// CUDA's math: CUDA's own accurate functions (expf, logf, tanhf ~1-2 ulp; not the __expf-style
+// intrinsics, whose error grows with the argument).
+constexpr const char* kCudaMath = R"(
+FJ_FN float fj_sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+)";
+
+// CPU-only: the vectorisable math below.
+constexpr const char* kCpuHelpers = R"(
 )"
 // exp, exp2, tanh and sigmoid are inline and branch-free so a mod applied across a row of
 // scores vectorises; libm's expf/tanhf are scalar calls (a softcap mod ran ~6x slower with
@@ -140,7 +167,11 @@ static inline float fj_log2f(float x) {
 }
 )";
 
-std::string float_literal(double v) {
+std::string float_literal(double v, Backend backend) {
+  if (backend == Backend::Cuda) {  // no INFINITY / __builtin_inff under NVRTC's headers-free mode
+    if (std::isnan(v)) return "__int_as_float(0x7fffffff)";
+    if (std::isinf(v)) return v > 0 ? "__int_as_float(0x7f800000)" : "__int_as_float(0xff800000)";
+  }
   if (std::isnan(v)) return "__builtin_nanf(\"\")";
   if (std::isinf(v)) return v > 0 ? "__builtin_inff()" : "(-__builtin_inff())";
   char buf[64];
@@ -151,13 +182,14 @@ std::string float_literal(double v) {
   return std::signbit(v) ? "(" + s + ")" : s;  // -0.0 too, or negating it emits "--0.0f"
 }
 
-class CpuEmitter {
+// The one visitor; where the backends spell an operation differently, `cuda_` picks.
+class Emitter {
  public:
-  explicit CpuEmitter(const ModSet& mods) : mods_(mods) {}
+  Emitter(const ModSet& mods, Backend backend) : mods_(mods), cuda_(backend == Backend::Cuda) {}
 
   std::string emit(const Expr& e) {
     switch (e->op) {
-      case Op::ConstFloat: return float_literal(e->fval);
+      case Op::ConstFloat: return float_literal(e->fval, cuda_ ? Backend::Cuda : Backend::Cpu);
       case Op::ConstInt: return e->ival < 0 ? "(" + std::to_string(e->ival) + "LL)" : std::to_string(e->ival) + "LL";
       case Op::ConstBool: return e->ival ? "true" : "false";
       case Op::Variable: return ir::var_name(e->var);
@@ -183,26 +215,30 @@ class CpuEmitter {
     switch (e->op) {
       case Op::Neg: return is_int ? "fj_ineg(" + x + ")" : "(-" + x + ")";
       case Op::Not: return "(!" + x + ")";
-      case Op::Abs: return is_int ? "fj_iabs(" + x + ")" : "__builtin_fabsf(" + x + ")";
-      case Op::Exp: return "fj_expf(" + x + ")";
-      case Op::Exp2: return "fj_exp2f(" + x + ")";
-      case Op::Log: return "fj_logf(" + x + ")";
-      case Op::Log2: return "fj_log2f(" + x + ")";
-      case Op::Tanh: return "fj_tanhf(" + x + ")";
-      case Op::Sin: return "__builtin_sinf(" + x + ")";
-      case Op::Cos: return "__builtin_cosf(" + x + ")";
-      case Op::Tan: return "__builtin_tanf(" + x + ")";
-      case Op::Sqrt: return "__builtin_sqrtf(" + x + ")";
-      case Op::Rsqrt: return "(1.0f / __builtin_sqrtf(" + x + "))";
+      case Op::Abs: return is_int ? "fj_iabs(" + x + ")" : fn("__builtin_fabsf", "fabsf", x);
+      case Op::Exp: return fn("fj_expf", "expf", x);
+      case Op::Exp2: return fn("fj_exp2f", "exp2f", x);
+      case Op::Log: return fn("fj_logf", "logf", x);
+      case Op::Log2: return fn("fj_log2f", "log2f", x);
+      case Op::Tanh: return fn("fj_tanhf", "tanhf", x);
+      case Op::Sin: return fn("__builtin_sinf", "sinf", x);
+      case Op::Cos: return fn("__builtin_cosf", "cosf", x);
+      case Op::Tan: return fn("__builtin_tanf", "tanf", x);
+      case Op::Sqrt: return fn("__builtin_sqrtf", "sqrtf", x);
+      case Op::Rsqrt: return cuda_ ? "rsqrtf(" + x + ")" : "(1.0f / __builtin_sqrtf(" + x + "))";
       case Op::Sigmoid: return "fj_sigmoidf(" + x + ")";
-      case Op::Floor: return "__builtin_floorf(" + x + ")";
-      case Op::Ceil: return "__builtin_ceilf(" + x + ")";
+      case Op::Floor: return fn("__builtin_floorf", "floorf", x);
+      case Op::Ceil: return fn("__builtin_ceilf", "ceilf", x);
       case Op::ToFloat: return "((float)" + x + ")";
       case Op::ToInt: return a->type == Type::Float ? "fj_f2i(" + x + ")" : "((fj_i64)" + x + ")";
       case Op::ToBool: return "(" + x + " != 0)";
       default: break;
     }
     internal_error(__FILE__, __LINE__, std::string("codegen: unary op ") + ir::op_name(e->op));
+  }
+
+  std::string fn(const char* cpu, const char* cuda, const std::string& x) const {
+    return std::string(cuda_ ? cuda : cpu) + "(" + x + ")";
   }
 
   std::string emit_binary(const Expr& e) {
@@ -234,15 +270,17 @@ class CpuEmitter {
   }
 
   const ModSet& mods_;
+  const bool cuda_;
 };
 
 // A bounds-checked reader for buffer slot `slot`: an index outside the tensor sets the error
 // flag (the runtime turns it into an error naming the buffer) and reads index 0 of that dim
 // instead (branch-free, see the helpers).
-std::string emit_buffer_reader(int slot, const ir::BufferDecl& d) {
+std::string emit_buffer_reader(int slot, const ir::BufferDecl& d, Backend backend) {
+  const bool cuda = backend == Backend::Cuda;
   std::ostringstream os;
   const char* ret = d.elem_type() == Type::Float ? "float" : "fj_i64";
-  os << "static inline " << ret << " fj_buf" << slot << "(";
+  os << "FJ_FN " << ret << " fj_buf" << slot << "(";
   for (int i = 0; i < d.rank; ++i) os << "fj_i64 i" << i << ", ";
   os << "const struct FlexModArgs* fj_mod) {\n";
   os << "  const struct FlexBuffer* t = &fj_mod->buffers[" << slot << "];\n";
@@ -253,13 +291,21 @@ std::string emit_buffer_reader(int slot, const ir::BufferDecl& d) {
     os << "  fj_flag_if(bad" << i << ", fj_mod);\n";
     os << "  off += (bad" << i << " ? 0 : i" << i << ") * t->strides[" << i << "];\n";
   }
+  // CUDA reads through the read-only data cache (the buffers never change during a launch).
+  auto load = [&](const char* type) {
+    std::string p = std::string("((const ") + type + "*)t->data)";
+    return cuda ? "__ldg(&" + p + "[off])" : p + "[off]";
+  };
   switch (d.dtype) {
-    case DType::F32: os << "  return ((const float*)t->data)[off];\n"; break;
-    case DType::F64: os << "  return (float)((const double*)t->data)[off];\n"; break;
-    case DType::F16: os << "  return (float)((const _Float16*)t->data)[off];\n"; break;
-    case DType::BF16: os << "  return fj_bf16_to_f32(((const unsigned short*)t->data)[off]);\n"; break;
-    case DType::I32: os << "  return (fj_i64)((const int*)t->data)[off];\n"; break;
-    case DType::I64: os << "  return ((const fj_i64*)t->data)[off];\n"; break;
+    case DType::F32: os << "  return " << load("float") << ";\n"; break;
+    case DType::F64: os << "  return (float)" << load("double") << ";\n"; break;
+    case DType::F16:
+      if (cuda) os << "  return fj_f16_to_f32(" << load("unsigned short") << ");\n";
+      else os << "  return (float)" << load("_Float16") << ";\n";
+      break;
+    case DType::BF16: os << "  return fj_bf16_to_f32(" << load("unsigned short") << ");\n"; break;
+    case DType::I32: os << "  return (fj_i64)" << load("int") << ";\n"; break;
+    case DType::I64: os << "  return " << load("fj_i64") << ";\n"; break;
     case DType::Bool: internal_error(__FILE__, __LINE__, "bool buffers are rejected at capture");
   }
   os << "}\n";
@@ -269,23 +315,23 @@ std::string emit_buffer_reader(int slot, const ir::BufferDecl& d) {
 }  // namespace
 
 std::string emit_mod_body(const ModSet& mods, Backend backend) {
-  FLEXJIT_CHECK(backend == Backend::Cpu, "only the CPU backend exists so far");
   validate(mods);
+  const bool cuda = backend == Backend::Cuda;
   std::ostringstream os;
-  os << "// == generated by flexjit jit/codegen ==\n";
+  os << "// == generated by flexjit jit/codegen (" << (cuda ? "cuda" : "cpu") << ") ==\n";
   os << "#define FLEXJIT_HAS_SCORE_MOD " << (mods.has_score_mod() ? 1 : 0) << "\n";
   os << "#define FLEXJIT_HAS_MASK_MOD " << (mods.has_mask_mod() ? 1 : 0) << "\n";
   os << "#define FLEXJIT_NUM_BUFFERS " << mods.buffers.size() << "\n";
   os << "#define FLEXJIT_NUM_PARAMS " << mods.params.size() << "\n";
-  os << kCpuHelpers;
+  os << (cuda ? kCudaPrelude : kCpuPrelude) << kPortableHelpers << (cuda ? kCudaMath : kCpuHelpers);
   for (size_t i = 0; i < mods.buffers.size(); ++i)
-    os << emit_buffer_reader(static_cast<int>(i), mods.buffers[i]);
-  CpuEmitter em(mods);
-  os << "static inline float flexjit_score_mod(float score, fj_i64 b, fj_i64 h, fj_i64 q_idx, "
+    os << emit_buffer_reader(static_cast<int>(i), mods.buffers[i], backend);
+  Emitter em(mods, backend);
+  os << "FJ_FN float flexjit_score_mod(float score, fj_i64 b, fj_i64 h, fj_i64 q_idx, "
         "fj_i64 kv_idx, const struct FlexModArgs* fj_mod) {\n"
      << "  (void)b; (void)h; (void)q_idx; (void)kv_idx; (void)fj_mod;\n"
      << "  return " << (mods.score_mod ? em.emit(mods.score_mod) : "score") << ";\n}\n";
-  os << "static inline bool flexjit_mask_mod(fj_i64 b, fj_i64 h, fj_i64 q_idx, fj_i64 kv_idx, "
+  os << "FJ_FN bool flexjit_mask_mod(fj_i64 b, fj_i64 h, fj_i64 q_idx, fj_i64 kv_idx, "
         "const struct FlexModArgs* fj_mod) {\n"
      << "  (void)b; (void)h; (void)q_idx; (void)kv_idx; (void)fj_mod;\n"
      << "  return " << (mods.mask_mod ? em.emit(mods.mask_mod) : "true") << ";\n}\n";

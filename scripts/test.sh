@@ -5,6 +5,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export FLEXJIT_CACHE_DIR=${FLEXJIT_CACHE_DIR:-$PWD/build/test-cache}
+# The CUDA compile tests need NVRTC (no GPU): the toolkit's, else the copy the torch wheel
+# brings (nvidia-cuda-nvrtc). Without either they skip, saying so.
+if [[ -z "${FLEXJIT_NVRTC:-}" && ! -e /usr/local/cuda/lib64/libnvrtc.so ]]; then
+  nvrtc=$(${PYTHON:-python3} - <<'PY' 2>/dev/null || true
+import glob, os, site
+for d in site.getsitepackages():
+    for p in sorted(glob.glob(os.path.join(d, "nvidia", "*", "lib", "libnvrtc.so.*"))):
+        print(p); raise SystemExit
+PY
+)
+  [[ -n "$nvrtc" ]] && export FLEXJIT_NVRTC=$nvrtc
+fi
+echo "test.sh: NVRTC for the CUDA compile tests: ${FLEXJIT_NVRTC:-/usr/local/cuda (or none: those tests skip)}"
 ctest --test-dir build --output-on-failure -j 2 "$@"
 ${PYTHON:-python3} -m pytest -q tests/python
 ./scripts/example.sh

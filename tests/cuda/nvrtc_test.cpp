@@ -1,0 +1,159 @@
+// LABELS: unit cuda
+// jit/nvrtc + the CUDA spelling of jit/codegen: CUDA C++ compiled by NVRTC for sm_80 and sm_90,
+// no GPU needed. Without NVRTC every test here is skipped, saying so.
+#include "jit/nvrtc.h"
+
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+#include "jit/codegen.h"
+#include "jit/instantiate.h"
+#include "jit/parser.h"
+#include "jit/types.h"
+#include "score_mods/registry.h"
+
+namespace flexjit::jit {
+namespace {
+
+#define SKIP_WITHOUT_NVRTC()                                                 \
+  do {                                                                       \
+    std::string why;                                                         \
+    if (!nvrtc_available(&why)) GTEST_SKIP() << "no NVRTC on this machine: " << why; \
+  } while (0)
+
+const std::vector<std::string> kArchs = {"sm_80", "sm_90"};
+
+TEST(Nvrtc, CompilesPtxAndCubinForAmpereAndHopper) {
+  SKIP_WITHOUT_NVRTC();
+  EXPECT_FALSE(nvrtc_version().empty());
+  const std::string src =
+      "extern \"C\" __global__ void fj_probe(float* x) { x[threadIdx.x] = expf(x[threadIdx.x]); }\n";
+  for (const std::string& arch : kArchs) {
+    CudaCompileResult r = compile_cuda(src, "probe.cu", arch);
+    EXPECT_EQ(r.arch, arch);
+    EXPECT_NE(r.ptx.find(".entry fj_probe"), std::string::npos) << arch;
+    EXPECT_NE(r.ptx.find(".target sm_" + arch.substr(3)), std::string::npos) << arch;
+    ASSERT_GE(r.cubin.size(), 4u) << arch;
+    EXPECT_EQ(r.cubin.substr(0, 4), std::string("\x7f" "ELF")) << arch;
+  }
+  CudaCompileResult ptx_only = compile_cuda(src, "probe.cu", "sm_90", /*want_cubin=*/false);
+  EXPECT_TRUE(ptx_only.cubin.empty());
+  EXPECT_NE(ptx_only.ptx.find(".entry fj_probe"), std::string::npos);
+}
+
+TEST(Nvrtc, ErrorsNameTheSourceLineAndTheArch) {
+  SKIP_WITHOUT_NVRTC();
+  try {
+    compile_cuda("__global__ void k() {\n  undeclared_thing = 1;\n}\n", "broken.cu", "sm_90");
+    FAIL() << "expected a compile error";
+  } catch (const flexjit::Error& e) {
+    std::string msg = e.what();
+    EXPECT_NE(msg.find("broken.cu(2)"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("undeclared_thing"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("sm_90"), std::string::npos) << msg;
+  }
+  try {
+    compile_cuda("__global__ void k() {}\n", "k.cu", "sm_42");
+    FAIL() << "expected an arch error";
+  } catch (const flexjit::Error& e) {
+    std::string msg = e.what();
+    EXPECT_NE(msg.find("'sm_42'"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("sm_90"), std::string::npos) << msg << " (the supported list)";
+  }
+  EXPECT_THROW(compile_cuda("__global__ void k() {}\n", "k.cu", "compute_90"), flexjit::Error);
+}
+
+TEST(Nvrtc, ParsesPtxasResourceUsage) {
+  const std::string log =
+      "ptxas info    : Compiling entry function 'fj_a' for 'sm_90'\n"
+      "ptxas info    : Function properties for fj_a\n"
+      "ptxas         .     16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads\n"
+      "ptxas info    : Used 168 registers, used 1 barriers\n"
+      "ptxas info    : Compiling entry function 'fj_b' for 'sm_90'\n"
+      "ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+      "ptxas info    : Used 40 registers\n";
+  std::vector<PtxasUsage> u = parse_ptxas_usage(log);
+  ASSERT_EQ(u.size(), 2u);
+  EXPECT_EQ(u[0].kernel, "fj_a");
+  EXPECT_EQ(u[0].registers, 168);
+  EXPECT_EQ(u[0].spill_bytes, 20);
+  EXPECT_EQ(u[0].stack_frame, 16);
+  EXPECT_EQ(u[1].kernel, "fj_b");
+  EXPECT_EQ(u[1].spill_bytes, 0);
+  EXPECT_EQ(u[1].registers, 40);
+}
+
+// A probe kernel around one mod set: every score goes through score_mod and mask_mod, as the
+// attention kernel will call them, with FlexModArgs passed by value.
+std::string probe_source(const ModSet& mods) {
+  return template_text("templates/mod_abi.h") + "\n" + emit_mod_body(mods, Backend::Cuda) +
+         "extern \"C\" __global__ void fj_mod_probe(float* s, int n, struct FlexModArgs m) {\n"
+         "  const int i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+         "  if (i >= n) return;\n"
+         "  const fj_i64 q = i / 97, kv = i % 97;\n"
+         "  float x = flexjit_score_mod(s[i], 0, blockIdx.y, q, kv, &m);\n"
+         "  s[i] = flexjit_mask_mod(0, blockIdx.y, q, kv, &m) ? x : __int_as_float(0xff800000);\n"
+         "}\n";
+}
+
+ModSet mod_set_of(const std::string& name) {
+  const RegisteredMod& r = find_mod(name);
+  ModSet mods;
+  (r.kind == ModKind::Score ? mods.score_mod : mods.mask_mod) = r.mod.expr;
+  mods.buffers = r.mod.buffers;
+  mods.params = r.mod.params;
+  return mods;
+}
+
+TEST(NvrtcMods, EveryBuiltinModCompilesForAmpereAndHopperWithoutSpills) {
+  SKIP_WITHOUT_NVRTC();
+  std::vector<std::string> names = builtin_mod_names();
+  ASSERT_FALSE(names.empty());
+  for (const std::string& name : names) {
+    const std::string src = probe_source(mod_set_of(name));
+    for (const std::string& arch : kArchs) {
+      CudaCompileResult r;
+      ASSERT_NO_THROW(r = compile_cuda(src, name + ".cu", arch, true, /*ptxas_verbose=*/true))
+          << name << " on " << arch << ":\n" << src;
+      std::vector<PtxasUsage> u = parse_ptxas_usage(r.log);
+      ASSERT_EQ(u.size(), 1u) << r.log;
+      EXPECT_EQ(u[0].spill_bytes, 0) << name << " " << arch << "\n" << r.log;
+    }
+  }
+}
+
+TEST(NvrtcMods, BufferModsOfEveryDtypeAndRankCompile) {
+  SKIP_WITHOUT_NVRTC();
+  // Buffers of each element type and ranks 1-3, params, integer division / modulo, casts and the
+  // math functions: everything the CUDA spelling table has to cover.
+  ParseScope scope;
+  scope.buffers = {{"bf", DType::BF16, 1}, {"big", DType::I64, 1}, {"f", DType::F32, 3},
+                   {"f64", DType::F64, 1}, {"hf", DType::F16, 2}, {"ids", DType::I32, 2}};  // sorted
+  scope.params = {{"cap"}, {"w"}};
+  ModSet mods;
+  mods.score_mod = ir::cast(
+      parse_expr("cap * tanh((score + bf[h] + hf(h, kv_idx % 7) + f64[q_idx / 3] + f(b, h, kv_idx)) / cap)"
+                 " + where(ids(b, q_idx) == ids(b, kv_idx), log(abs(score) + 1.0), exp(score) - exp2(w))"
+                 " + sqrt(abs(score)) + rsqrt(abs(score) + 1.0) + sigmoid(score) + floor(score) + ceil(score)"
+                 " + sin(score) * cos(score) + tan(score) + log2(abs(score) + 2.0) + float(big[kv_idx] % 5)"
+                 " + float(min(q_idx, kv_idx)) - max(score, -1.0)",
+                 scope),
+      ir::Type::Float);
+  ParseScope mask_scope = scope;
+  mask_scope.allow_score = false;
+  mods.mask_mod = ir::cast(
+      parse_expr("(q_idx >= kv_idx && q_idx - kv_idx < int(w)) || !(ids(b, kv_idx) > 0)", mask_scope),
+      ir::Type::Bool);
+  mods.buffers = scope.buffers;
+  mods.params = scope.params;
+  const std::string src = probe_source(mods);
+  EXPECT_EQ(src.find("__builtin_"), std::string::npos) << "a CPU spelling leaked into CUDA code";
+  EXPECT_NE(src.find("__ldg("), std::string::npos);
+  for (const std::string& arch : kArchs)
+    EXPECT_NO_THROW(compile_cuda(src, "buffers.cu", arch)) << arch << ":\n" << src;
+}
+
+}  // namespace
+}  // namespace flexjit::jit
