@@ -1,7 +1,7 @@
 # Writes OUT: a C++ file defining flexjit::jit::embedded_templates(), a table of
 # (path relative to ROOT, file text) for every header under ROOT/templates.
 # Raw string literals keep the text byte-exact; the delimiter must not occur in templates.
-file(GLOB FILES ${ROOT}/templates/*.h ${ROOT}/templates/cpu/*.h)
+file(GLOB FILES ${ROOT}/templates/*.h ${ROOT}/templates/cpu/*.h ${ROOT}/templates/cuda/*.cuh)
 list(SORT FILES)
 set(body "")
 foreach(f IN LISTS FILES)

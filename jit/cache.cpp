@@ -190,7 +190,11 @@ std::string sha256_hex(const std::string& data) {
 }
 
 std::string make_key(std::vector<std::pair<std::string, std::string>> fields) {
-  fields.emplace_back("flexjit.compiler", compiler_identity());
+  return make_key(std::move(fields), compiler_identity());
+}
+
+std::string make_key(std::vector<std::pair<std::string, std::string>> fields, const std::string& compiler) {
+  fields.emplace_back("flexjit.compiler", compiler);
   fields.emplace_back("flexjit.version", FLEXJIT_VERSION);
   std::sort(fields.begin(), fields.end(),
             [](const auto& a, const auto& b) { return a.first < b.first; });

@@ -31,6 +31,9 @@ std::string sha256_hex(const std::string& data);
 // FLEXJIT_VERSION added as the fields "flexjit.compiler" and "flexjit.version". Field names must
 // be unique, non-empty and free of '=' and newlines. Returns 64 hex digits.
 std::string make_key(std::vector<std::pair<std::string, std::string>> fields);
+// The same with another compiler identity in "flexjit.compiler" (CUDA kernels: the NVRTC version
+// and GPU arch; the host CPU does not affect them, so a cache warmed elsewhere still hits).
+std::string make_key(std::vector<std::pair<std::string, std::string>> fields, const std::string& compiler);
 
 enum class CacheHit { Miss, Memory, Disk };
 const char* cache_hit_name(CacheHit h);  // "miss", "memory", "disk"

@@ -1,10 +1,13 @@
 #include "jit/instantiate.h"
 
+#include <map>
+#include <mutex>
 #include <sstream>
 
 #include "jit/cache.h"
 #include "jit/codegen.h"
 #include "jit/compile.h"
+#include "jit/nvrtc.h"
 
 namespace flexjit::jit {
 
@@ -12,18 +15,6 @@ namespace {
 
 const char* kind_name(KernelKind k) {
   return k == KernelKind::Prefill ? "prefill" : k == KernelKind::Decode ? "decode" : "mods";
-}
-
-// The template files a kernel's translation unit is made of, in order (a Mods TU has the
-// generated mod body before the last one). A Prefill TU is the shared item code, one engine
-// (the tile scratch and the matmuls) and the driver.
-std::vector<std::string> template_files(const KernelSpec& s) {
-  if (s.kind == KernelKind::Mods) return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/mods.h"};
-  if (s.kind == KernelKind::Decode)
-    return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/elem.h", "templates/cpu/decode_dot.h",
-            "templates/cpu/flash_decode.h"};
-  return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/elem.h", "templates/cpu/prefill_item.h",
-          s.amx ? "templates/cpu/prefill_amx.h" : "templates/cpu/prefill_fma.h", "templates/cpu/flash_prefill.h"};
 }
 
 int dtype_code(DType t) {
@@ -36,10 +27,13 @@ int dtype_code(DType t) {
   throw Error(std::string("kernel dtype ") + dtype_name(t) + " is not supported; use fp32, bf16 or fp16");
 }
 
-// What of the ModSet a kind's binary depends on: all of it for Mods, none of it for Prefill.
+// What of the ModSet a kernel's binary depends on: all of it for Mods and CUDA kernels (which
+// inline the mods), none of it for CPU Prefill and Decode.
 ModSet effective_mods(const KernelSpec& spec, const ModSet& mods) {
-  return spec.kind == KernelKind::Mods ? mods : ModSet{};
+  return spec.kind == KernelKind::Mods || spec.backend == Backend::Cuda ? mods : ModSet{};
 }
+
+bool is_cuda(const KernelSpec& s) { return s.backend == Backend::Cuda; }
 
 std::string spec_defines(const KernelSpec& s, const std::string& symbol) {
   std::ostringstream os;
@@ -52,6 +46,7 @@ std::string spec_defines(const KernelSpec& s, const std::string& symbol) {
        << "#define BLOCK_N " << s.block_n << "\n"
        << "#define GQA_GROUP " << s.gqa_group << "\n"
        << "#define FLEXJIT_AMX " << (s.amx ? 1 : 0) << "\n";
+    if (is_cuda(s)) os << "#define FLEXJIT_KV_STAGES " << s.kv_stages << "\n";
   }
   os << "#define FLEXJIT_ENTRY " << symbol << "\n";
   return os.str();
@@ -59,13 +54,34 @@ std::string spec_defines(const KernelSpec& s, const std::string& symbol) {
 
 }  // namespace
 
+// The template files a kernel's translation unit is made of, in order (a Mods TU, and a CUDA
+// one, has the generated mod body before the last one). A CPU Prefill TU is the shared item
+// code, one engine (the tile scratch and the matmuls) and the driver.
+std::vector<std::string> template_files(const KernelSpec& s) {
+  if (is_cuda(s)) return {"templates/mod_abi.h", "templates/cuda/abi.cuh", "templates/cuda/flash_prefill.cuh"};
+  if (s.kind == KernelKind::Mods) return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/mods.h"};
+  if (s.kind == KernelKind::Decode)
+    return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/elem.h", "templates/cpu/decode_dot.h",
+            "templates/cpu/flash_decode.h"};
+  return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/elem.h", "templates/cpu/prefill_item.h",
+          s.amx ? "templates/cpu/prefill_amx.h" : "templates/cpu/prefill_fma.h", "templates/cpu/flash_prefill.h"};
+}
+
+int cuda_prefill_smem_bytes(const KernelSpec& s) {
+  auto up16 = [](int x) { return (x + 15) / 16 * 16; };
+  const int qs = up16(s.head_dim) + 8, ks = up16(s.head_dim) + 8, vs = up16(s.head_dim_v) + 8;
+  return 2 * (s.block_m * qs + s.kv_stages * s.block_n * (ks + vs));
+}
+
 std::string KernelSpec::str() const {
   std::ostringstream os;
+  if (backend == Backend::Cuda) os << "cuda ";
   os << kind_name(kind);
   if (kind != KernelKind::Mods)
     os << " " << dtype_name(dtype) << " HEAD_DIM=" << head_dim << " HEAD_DIM_V=" << head_dim_v
        << " BLOCK_M=" << block_m << " BLOCK_N=" << block_n << " GQA_GROUP=" << gqa_group
-       << " ENGINE=" << (kind == KernelKind::Decode ? "dot" : amx ? "amx" : "fma");
+       << " ENGINE=" << (backend == Backend::Cuda ? "mma" : kind == KernelKind::Decode ? "dot" : amx ? "amx" : "fma");
+  if (backend == Backend::Cuda) os << " ARCH=" << arch << " KV_STAGES=" << kv_stages;
   return os.str();
 }
 
@@ -82,8 +98,22 @@ std::string templates_digest(const std::vector<std::pair<std::string, std::strin
 }
 
 Instantiation plan(const KernelSpec& spec, const ModSet& mods) {
-  // The templates are fixed for the life of the binary: hash them once per process.
-  static const std::string digest = templates_digest(embedded_templates());
+  // The digest of the kernel's own template files (so a CUDA template edit leaves every CPU key
+  // alone); the templates are fixed for the life of the binary, so each list is hashed once.
+  static std::mutex mu;
+  static std::map<std::vector<std::string>, std::string> digests;
+  std::vector<std::string> files = template_files(spec);
+  std::string digest;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = digests.find(files);
+    if (it == digests.end()) {
+      std::vector<std::pair<std::string, std::string>> texts;
+      for (const auto& f : files) texts.emplace_back(f, template_text(f));
+      it = digests.emplace(files, templates_digest(texts)).first;
+    }
+    digest = it->second;
+  }
   return plan(spec, mods, digest);
 }
 
@@ -98,18 +128,42 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
       throw Error("head dims D=" + std::to_string(spec.head_dim) + ", Dv=" + std::to_string(spec.head_dim_v) +
                   " are not supported on CPU; D and Dv must be in 1..256");
   }
+  if (is_cuda(spec)) {
+    if (spec.kind != KernelKind::Prefill)
+      throw Error("CUDA kernels exist for prefill only so far (decode on CUDA is a later step); got " + spec.str());
+    if (spec.dtype != DType::BF16 && spec.dtype != DType::F16)
+      throw Error(std::string("the CUDA prefill kernel takes bf16 or fp16 inputs (fp32 accumulation), got ") +
+                  dtype_name(spec.dtype) + "; convert q, k and v first");
+    if (spec.head_dim % 8 != 0 || spec.head_dim_v % 8 != 0)
+      throw Error("the CUDA prefill kernel needs D and Dv multiples of 8 (16-byte rows), got D=" +
+                  std::to_string(spec.head_dim) + ", Dv=" + std::to_string(spec.head_dim_v));
+    if (spec.block_m % 16 != 0 || spec.block_m < 16 || spec.block_m > 128 || spec.block_n % 16 != 0 ||
+        spec.block_n < 16 || spec.block_n > 256 || (spec.kv_stages != 1 && spec.kv_stages != 2) || spec.amx)
+      throw Error("CUDA prefill blocks: BLOCK_M a multiple of 16 in 16..128, BLOCK_N a multiple of 16 in "
+                  "16..256, KV stages 1 or 2, no AMX; got " + spec.str());
+    if (spec.arch.empty()) throw Error("a CUDA kernel spec needs an arch (sm_80, sm_90, ...)");
+  }
   ModSet eff = effective_mods(spec, mods);
   Instantiation inst;
-  inst.key = make_key({{"templates", templates_hash},
-                       {"spec", spec.str()},
-                       {"mods", eff.signature()},
-                       {"codegen", "cpu-v2"}});
+  if (is_cuda(spec)) {
+    inst.key = make_key({{"templates", templates_hash},
+                         {"spec", spec.str()},
+                         {"mods", eff.signature()},
+                         {"codegen", "cuda-v1"}},
+                        "nvrtc=" + nvrtc_version() + ";arch=" + spec.arch);
+  } else {
+    inst.key = make_key({{"templates", templates_hash},
+                         {"spec", spec.str()},
+                         {"mods", eff.signature()},
+                         {"codegen", "cpu-v2"}});
+  }
   std::ostringstream sym;
-  sym << "flexjit_" << kind_name(spec.kind);
+  sym << "flexjit_" << (is_cuda(spec) ? "cuda_" : "") << kind_name(spec.kind);
   if (spec.kind != KernelKind::Mods)
     sym << "_" << dtype_name(spec.dtype) << "_d" << spec.head_dim
         << (spec.head_dim_v != spec.head_dim ? "_dv" + std::to_string(spec.head_dim_v) : "") << "_m"
-        << spec.block_m << "_n" << spec.block_n << "_g" << spec.gqa_group << (spec.amx ? "_amx" : "");
+        << spec.block_m << "_n" << spec.block_n << "_g" << spec.gqa_group << (spec.amx ? "_amx" : "")
+        << (is_cuda(spec) ? "_" + spec.arch : "");
   sym << "_" << inst.key.substr(0, 8);
   inst.symbol = sym.str();
   return inst;
@@ -119,6 +173,7 @@ std::string make_source(const KernelSpec& spec, const ModSet& mods, const std::s
   std::vector<std::string> files = template_files(spec);
   std::string src = spec_defines(spec, symbol);
   for (size_t i = 0; i < files.size(); ++i) {
+    if (i + 1 == files.size() && is_cuda(spec)) src += emit_mod_body(mods, Backend::Cuda);
     if (i + 1 == files.size() && spec.kind == KernelKind::Mods) src += emit_mod_body(mods, Backend::Cpu);
     src += "// ---- " + files[i] + " ----\n" + template_text(files[i]) + "\n";
   }

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "jit/codegen.h"
 #include "jit/mods.h"
 
 namespace flexjit::jit {
@@ -14,6 +15,9 @@ namespace flexjit::jit {
 // Decode:  flash decoding (templates/cpu/flash_decode.h, FlexDecodeArgs): the same fields, with
 //          BLOCK_M = query rows per work item; mod-free like Prefill.
 // Mods:    a mod set's FlexModKernels (apply + classify); its key ignores every shape field.
+// With backend Cuda, Prefill is templates/cuda/flash_prefill.cuh compiled by NVRTC for `arch`:
+// the mods are inlined (no call per tile on a GPU), so its key covers the ModSet, and it is
+// keyed on the NVRTC version and arch instead of the host CPU.
 enum class KernelKind { Prefill, Decode, Mods };
 
 // Everything a kernel is specialised on at compile time. Sizes and strides are runtime values.
@@ -30,6 +34,9 @@ struct KernelSpec {
   int block_n = 64;          // BLOCK_N
   int gqa_group = 1;         // GQA_GROUP = Hq / Hkv
   bool amx = false;          // bf16 matmuls on AMX tiles (templates/cpu/prefill_amx.h); Prefill only
+  Backend backend = Backend::Cpu;
+  std::string arch;   // Cuda: "sm_80", "sm_90", ... (what NVRTC compiles for)
+  int kv_stages = 2;  // Cuda: K/V shared-memory stages (FLEXJIT_KV_STAGES: 1 or 2)
   // "prefill fp32 HEAD_DIM=64 HEAD_DIM_V=64 BLOCK_M=32 BLOCK_N=64 GQA_GROUP=1 ENGINE=fma"
   std::string str() const;
 };
@@ -48,6 +55,12 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
 // SHA-256 over (path, text) pairs: what plan() folds into keys for the embedded templates.
 std::string templates_digest(const std::vector<std::pair<std::string, std::string>>& files);
 const std::vector<std::pair<std::string, std::string>>& embedded_templates();
+
+// The template files a kernel's translation unit is made of, in order.
+std::vector<std::string> template_files(const KernelSpec& spec);
+
+// Dynamic shared memory a CUDA prefill kernel needs per CTA, in bytes (its kSmemBytes).
+int cuda_prefill_smem_bytes(const KernelSpec& spec);
 
 // The full translation unit for `spec` and `mods`, defining `symbol`.
 std::string make_source(const KernelSpec& spec, const ModSet& mods, const std::string& symbol);

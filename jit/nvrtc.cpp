@@ -168,8 +168,9 @@ CudaCompileResult compile_cuda(const std::string& source, const std::string& sou
   // A real arch gives both CUBIN and PTX; a virtual one (compute_XX) PTX only.
   std::vector<std::string> opts = {(want_cubin ? "-arch=" : "-arch=compute_") +
                                        (want_cubin ? arch : arch.substr(3)),
-                                   "-std=c++17", "-default-device",
-                                   "-lineinfo"};
+                                   "-std=c++17", "-default-device", "-lineinfo",
+                                   // Generated code defines helpers a given mod may not use.
+                                   "--diag-suppress=177"};
   if (ptxas_verbose) opts.push_back("--ptxas-options=-v");
   std::vector<const char*> argv;
   for (const auto& o : opts) argv.push_back(o.c_str());

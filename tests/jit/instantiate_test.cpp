@@ -52,13 +52,17 @@ TEST(Instantiate, KeyIsStableAndCoversSpecAndTemplates) {
   EXPECT_FALSE(differs(s, mods_of("score * 3.0", "q_idx >= kv_idx")));
   EXPECT_FALSE(differs(s, ModSet{}));
 
-  // One character changed in one template file changes the key.
-  auto files = embedded_templates();
+  // The key folds in the kernel's own template files: one character changed in one of them
+  // changes it; the other templates (the CUDA ones, say) do not enter it.
+  std::vector<std::pair<std::string, std::string>> files;
+  for (const auto& f : template_files(s)) files.emplace_back(f, template_text(f));
   ASSERT_FALSE(files.empty());
   std::string base = templates_digest(files);
   EXPECT_EQ(plan(s, m, base).key, a.key);
   files.back().second += " ";
   EXPECT_NE(plan(s, m, templates_digest(files)).key, a.key);
+  EXPECT_NE(templates_digest(embedded_templates()), base);
+  for (const auto& f : template_files(s)) EXPECT_EQ(f.find("templates/cuda/"), std::string::npos) << f;
 }
 
 TEST(Instantiate, ModsKeyCoversModsAndIgnoresShapes) {

@@ -1,0 +1,360 @@
+// CUDA forward (prefill) flash attention with FlexAttention score_mod / mask_mod, FA2-style, on
+// tensor cores (mma.sync m16n8k16, bf16 or fp16 operands, fp32 accumulation), for sm_80+.
+//
+// Preceded in the translation unit by the spec macros (FLEXJIT_DTYPE 1 = bf16 / 2 = fp16,
+// HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, GQA_GROUP, FLEXJIT_KV_STAGES, FLEXJIT_ENTRY),
+// templates/mod_abi.h, templates/cuda/abi.cuh and the generated mod body (jit/codegen,
+// Backend::Cuda: flexjit_score_mod / flexjit_mask_mod are inlined here, unlike on CPU).
+// Header-free: NVRTC compiles it without include paths.
+//
+// One CTA = BLOCK_M query rows of one (b, h); BLOCK_M / 16 warps, each owning 16 rows. The
+// steps per visited KV block of BLOCK_N keys are the CPU driver's (templates/cpu/flash_prefill.h)
+// with the same names:
+//   S   = Q K^T                     (mma; Q and K from shared memory through ldmatrix)
+//   S   = score_mod(scale S), mask  (-inf where masked, where kv_idx >= Lkv or q_idx >= Lq)
+//   m'  = max(m, rowmax S)          (base 2: scores carry log2 e)
+//   P   = 2^(S - m'),  alpha = 2^(m - m')
+//   l   = l * alpha + rowsum P,  O = O * alpha + P V   (P re-packed from the S accumulators
+//                                                      into A fragments; V through ldmatrix.trans)
+// and at the end out = O / l, lse = ln 2 * (m + log2 l); a row with no kept key writes 0 and
+// -inf. K and V tiles stream global -> shared with cp.async (zero-filled past Lkv and past D),
+// FLEXJIT_KV_STAGES deep (2: the next block loads while this one computes).
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16): lane l holds, of a 16 x 8 accumulator tile, rows
+// l / 4 and l / 4 + 8 at columns 2 (l % 4) + {0, 1}: c[0..1] and c[2..3].
+
+#if !defined(HEAD_DIM) || !defined(HEAD_DIM_V) || !defined(BLOCK_M) || !defined(BLOCK_N) || \
+    !defined(GQA_GROUP) || !defined(FLEXJIT_ENTRY) || !defined(FLEXJIT_DTYPE) ||             \
+    !defined(FLEXJIT_KV_STAGES)
+#error "flash_prefill.cuh needs the spec macros defined before it"
+#endif
+#if FLEXJIT_DTYPE != 1 && FLEXJIT_DTYPE != 2
+#error "the CUDA prefill kernel takes bf16 (FLEXJIT_DTYPE 1) or fp16 (2)"
+#endif
+
+typedef unsigned short fjc_u16;
+
+static constexpr int kWarps = BLOCK_M / 16;
+static constexpr int kThreads = kWarps * 32;
+static constexpr int kDP = (HEAD_DIM + 15) / 16 * 16;    // Q K^T reduction, whole k-steps
+static constexpr int kDVP = (HEAD_DIM_V + 15) / 16 * 16;  // P V output width, whole pairs of tiles
+// Shared-memory row strides in elements: one 16-byte chunk of padding puts the 8 rows an
+// ldmatrix reads on distinct banks.
+static constexpr int kQS = kDP + 8;
+static constexpr int kKS = kDP + 8;
+static constexpr int kVS = kDVP + 8;
+static constexpr int kNT = BLOCK_N / 8;  // 8-column tiles of S
+static constexpr int kOT = kDVP / 8;     // 8-column tiles of O
+static constexpr float kLog2e = 1.44269504088896340736f;
+static constexpr float kLn2 = 0.693147180559945309417f;
+static_assert(BLOCK_M % 16 == 0 && BLOCK_M >= 16 && BLOCK_M <= 128, "BLOCK_M: 16..128, whole warps");
+static_assert(BLOCK_N % 16 == 0 && BLOCK_N >= 16, "BLOCK_N: a multiple of 16");
+static_assert(HEAD_DIM % 8 == 0 && HEAD_DIM_V % 8 == 0, "D and Dv: multiples of 8 (16-byte rows)");
+static_assert(FLEXJIT_KV_STAGES == 1 || FLEXJIT_KV_STAGES == 2, "1 or 2 K/V stages");
+
+// Dynamic shared memory the launch must provide (the runtime reads it off the spec).
+static constexpr int kSmemBytes =
+    2 * (BLOCK_M * kQS + FLEXJIT_KV_STAGES * BLOCK_N * (kKS + kVS));
+
+#define FJC_DEV static __device__ __forceinline__
+#define FJC_NEG_INF __int_as_float(0xff800000)
+
+// ---- PTX wrappers ----
+FJC_DEV unsigned fjc_smem(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+// 16 bytes global -> shared, asynchronously; zero-filled when !valid (src is not read then).
+FJC_DEV void fjc_cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(fjc_smem(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+FJC_DEV void fjc_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+FJC_DEV void fjc_cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+FJC_DEV void fjc_ldmatrix_x4(unsigned (&r)[4], const fjc_u16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(fjc_smem(p)));
+}
+FJC_DEV void fjc_ldmatrix_x4_trans(unsigned (&r)[4], const fjc_u16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(fjc_smem(p)));
+}
+
+// c += A (16 x 16, row) * B (16 x 8, col), fp32 accumulators.
+FJC_DEV void fjc_mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#if FLEXJIT_DTYPE == 1
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+#else
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+#endif
+               "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats -> one register of two 16-bit elements, lo in the low half (round to nearest even).
+FJC_DEV unsigned fjc_pack2(float lo, float hi) {
+  unsigned r;
+#if FLEXJIT_DTYPE == 1
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+  return r;
+}
+FJC_DEV fjc_u16 fjc_to_elem(float x) {
+  fjc_u16 r;
+#if FLEXJIT_DTYPE == 1
+  asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(r) : "f"(x));
+#else
+  asm("cvt.rn.f16.f32 %0, %1;\n" : "=h"(r) : "f"(x));
+#endif
+  return r;
+}
+
+// ---- tiles global -> shared ----
+// Rows [0, kRows) of a row-major [*, kWidthReal] matrix (row stride s_row elements, rows
+// 16-byte aligned) into shared rows of kStride elements, kWidthPad columns (a multiple of 8).
+// Rows >= valid_rows and columns >= kWidthReal are zero-filled: finite zeros for the MMAs.
+template <int kRows, int kWidthPad, int kWidthReal, int kStride>
+FJC_DEV void fjc_load_tile(fjc_u16* dst, const fjc_u16* src, fj_i64 s_row, fj_i64 valid_rows) {
+  constexpr int kChunks = kWidthPad / 8;  // 16-byte chunks per row
+#pragma unroll 4
+  for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const bool ok = r < valid_rows && col < kWidthReal;
+    fjc_cp_async16(dst + r * kStride + col, ok ? src + r * s_row + col : src, ok);
+  }
+}
+
+// ---- the KV blocks a CTA visits, in order ----
+// Without a block mask: every BLOCK_N block, partial when there is a mask_mod. With one: the
+// listed partial blocks of this CTA's mask row, then its full blocks, each split into
+// kv_block_size / BLOCK_N sub-blocks (BLOCK_N divides kv_block_size, BLOCK_M q_block_size).
+struct FjcWalk {
+  const int* idx;       // partial blocks' indices (null: no block mask)
+  const int* full_idx;  // full blocks' indices
+  int count, full_count, sub;
+  fj_i64 kv_block_size;
+  int total;
+};
+FJC_DEV struct FjcWalk fjc_walk(const struct FlexCudaPrefillArgs& a, fj_i64 b, fj_i64 h, fj_i64 q0) {
+  struct FjcWalk w;
+  if (a.mask.kv_num_blocks == nullptr) {
+    w.idx = w.full_idx = nullptr;
+    w.count = w.full_count = 0;
+    w.sub = 1;
+    w.kv_block_size = BLOCK_N;
+    w.total = (int)((a.Lkv + BLOCK_N - 1) / BLOCK_N);
+    return w;
+  }
+  const fj_i64 mb = a.mask.B == 1 ? 0 : b, mh = a.mask.H == 1 ? 0 : h;
+  const fj_i64 row = (mb * a.mask.H + mh) * a.mask.q_blocks + q0 / a.mask.q_block_size;
+  w.idx = a.mask.kv_indices + row * a.mask.kv_indices_stride;
+  w.count = a.mask.kv_num_blocks[row];
+  w.full_idx = a.mask.full_kv_num_blocks ? a.mask.full_kv_indices + row * a.mask.full_kv_indices_stride : nullptr;
+  w.full_count = a.mask.full_kv_num_blocks ? a.mask.full_kv_num_blocks[row] : 0;
+  w.kv_block_size = a.mask.kv_block_size;
+  w.sub = (int)(a.mask.kv_block_size / BLOCK_N);
+  w.total = (w.count + w.full_count) * w.sub;
+  return w;
+}
+// Block i of the walk: its first key and whether mask_mod is evaluated on it.
+FJC_DEV fj_i64 fjc_block_at(const struct FjcWalk& w, int i, bool* partial) {
+  if (w.idx == nullptr) {
+    *partial = FLEXJIT_HAS_MASK_MOD != 0;
+    return (fj_i64)i * BLOCK_N;
+  }
+  const int j = i / w.sub, s = i % w.sub;
+  *partial = j < w.count;
+  const int blk = j < w.count ? w.idx[j] : w.full_idx[j - w.count];
+  return (fj_i64)blk * w.kv_block_size + (fj_i64)s * BLOCK_N;
+}
+
+// ---- the kernel ----
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+    FLEXJIT_ENTRY(const __grid_constant__ struct FlexCudaPrefillArgs a) {
+  extern __shared__ __align__(16) unsigned char fjc_smem_raw[];
+  fjc_u16* const sQ = (fjc_u16*)fjc_smem_raw;
+  fjc_u16* const sK = sQ + BLOCK_M * kQS;
+  fjc_u16* const sV = sK + FLEXJIT_KV_STAGES * BLOCK_N * kKS;
+  __shared__ int mod_error;  // the mods' out-of-range flag, raised once per CTA
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const fj_i64 b = blockIdx.z, h = blockIdx.y, q0 = (fj_i64)blockIdx.x * BLOCK_M;
+  const fj_i64 hkv = h / GQA_GROUP, bk = a.Bkv == 1 ? 0 : b;
+  const fjc_u16* q = (const fjc_u16*)a.q + b * a.q_strides[0] + h * a.q_strides[1] + q0 * a.q_strides[2];
+  const fjc_u16* k = (const fjc_u16*)a.k + bk * a.k_strides[0] + hkv * a.k_strides[1];
+  const fjc_u16* v = (const fjc_u16*)a.v + bk * a.v_strides[0] + hkv * a.v_strides[1];
+
+  if (threadIdx.x == 0) mod_error = 0;
+  struct FlexModArgs mod;
+  mod.buffers = a.buffers;
+  mod.params = a.params;
+  mod.error_flag = &mod_error;
+
+  const struct FjcWalk walk = fjc_walk(a, b, h, q0);
+  fjc_load_tile<BLOCK_M, kDP, HEAD_DIM, kQS>(sQ, q, a.q_strides[2], a.Lq - q0);
+  auto load_kv = [&](int i, int stage) {
+    bool partial;
+    const fj_i64 kv0 = fjc_block_at(walk, i, &partial);
+    const fj_i64 rows = a.Lkv - kv0;
+    fjc_load_tile<BLOCK_N, kDP, HEAD_DIM, kKS>(sK + stage * BLOCK_N * kKS, k + kv0 * a.k_strides[2],
+                                               a.k_strides[2], rows);
+    fjc_load_tile<BLOCK_N, kDVP, HEAD_DIM_V, kVS>(sV + stage * BLOCK_N * kVS, v + kv0 * a.v_strides[2],
+                                                  a.v_strides[2], rows);
+  };
+  if (walk.total > 0) load_kv(0, 0);
+  fjc_cp_async_commit();
+
+  // This thread's rows of the warp's 16: lo = lane / 4 and lo + 8.
+  const int r_lo = lane / 4;
+  float o[kOT][4];
+#pragma unroll
+  for (int t = 0; t < kOT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
+  float m_run[2] = {FJC_NEG_INF, FJC_NEG_INF};  // running row max, base 2
+  float l_run[2] = {0.0f, 0.0f};                // this thread's share of the running row sum
+
+  for (int i = 0; i < walk.total; ++i) {
+    const int cur = FLEXJIT_KV_STAGES == 2 ? (i & 1) : 0;
+    if (FLEXJIT_KV_STAGES == 2 && i + 1 < walk.total) {
+      load_kv(i + 1, cur ^ 1);  // overlaps this block's math
+      fjc_cp_async_commit();
+      fjc_cp_async_wait<1>();
+    } else {
+      fjc_cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    bool partial;
+    const fj_i64 kv0 = fjc_block_at(walk, i, &partial);
+    const fj_i64 nvalid = a.Lkv - kv0;  // keys of this block (BLOCK_N or fewer); <= 0: none
+    if (nvalid > 0) {
+      const fjc_u16* sKc = sK + cur * BLOCK_N * kKS;
+      const fjc_u16* sVc = sV + cur * BLOCK_N * kVS;
+
+      // S = Q K^T for the warp's 16 rows and the block's BLOCK_N keys.
+      float s[kNT][4];
+#pragma unroll
+      for (int t = 0; t < kNT; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < kDP / 16; ++kk) {
+        unsigned qa[4];
+        fjc_ldmatrix_x4(qa, sQ + (warp * 16 + (lane % 16)) * kQS + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+        for (int t = 0; t < kNT; t += 2) {
+          unsigned kb[4];  // b0, b1 of key tile t, then of tile t + 1
+          fjc_ldmatrix_x4(kb, sKc + (t * 8 + (lane % 8) + (lane / 16) * 8) * kKS + kk * 16 + ((lane / 8) % 2) * 8);
+          fjc_mma(s[t], qa, kb[0], kb[1]);
+          fjc_mma(s[t + 1], qa, kb[2], kb[3]);
+        }
+      }
+
+      // Mods and masks, then the online softmax, row by row (two rows per thread).
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const fj_i64 q_idx = q0 + warp * 16 + r_lo + 8 * r;
+        const bool row_ok = q_idx < a.Lq;
+        float mx = FJC_NEG_INF;
+#pragma unroll
+        for (int t = 0; t < kNT; ++t) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int col = t * 8 + (lane % 4) * 2 + j;
+            const fj_i64 kv_idx = kv0 + col;
+            float x = s[t][2 * r + j];
+            if (!row_ok || col >= nvalid) {
+              x = FJC_NEG_INF;  // mods are only ever called inside the call's ranges
+            } else {
+#if FLEXJIT_HAS_SCORE_MOD
+              x = flexjit_score_mod(x * a.scale, b, h, q_idx, kv_idx, &mod) * kLog2e;
+#else
+              x = x * (a.scale * kLog2e);
+#endif
+#if FLEXJIT_HAS_MASK_MOD
+              if (partial && !flexjit_mask_mod(b, h, q_idx, kv_idx, &mod)) x = FJC_NEG_INF;
+#endif
+            }
+            (void)kv_idx;
+            s[t][2 * r + j] = x;
+            mx = fmaxf(mx, x);
+          }
+        }
+        // The row's 8 columns per tile live in the 4 lanes of a quad.
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[r], mx);
+        // A row with no finite score yet uses 0 as its reference: its P = 2^-inf = 0 and
+        // alpha = 2^(-inf - 0) = 0, never -inf - -inf = NaN.
+        const float ref = m_new == FJC_NEG_INF ? 0.0f : m_new;
+        const float alpha = exp2f(m_run[r] - ref);
+        m_run[r] = m_new;
+        float sum = 0.0f;
+#pragma unroll
+        for (int t = 0; t < kNT; ++t) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const float p = exp2f(s[t][2 * r + j] - ref);
+            s[t][2 * r + j] = p;
+            sum += p;
+          }
+        }
+        l_run[r] = l_run[r] * alpha + sum;
+#pragma unroll
+        for (int t = 0; t < kOT; ++t) {
+          o[t][2 * r] *= alpha;
+          o[t][2 * r + 1] *= alpha;
+        }
+      }
+
+      // O += P V: P's accumulators become A fragments (16 keys = two S tiles per k-step).
+#pragma unroll
+      for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+        const unsigned pa[4] = {fjc_pack2(s[2 * kk][0], s[2 * kk][1]), fjc_pack2(s[2 * kk][2], s[2 * kk][3]),
+                                fjc_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                fjc_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int t = 0; t < kOT; t += 2) {
+          unsigned vb[4];  // b0, b1 of output tile t, then of tile t + 1
+          fjc_ldmatrix_x4_trans(vb, sVc + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kVS + t * 8 + (lane / 16) * 8);
+          fjc_mma(o[t], pa, vb[0], vb[1]);
+          fjc_mma(o[t + 1], pa, vb[2], vb[3]);
+        }
+      }
+    }
+    __syncthreads();  // this stage is overwritten by the load of block i + 2 (or i + 1)
+    if (FLEXJIT_KV_STAGES == 1 && i + 1 < walk.total) {
+      load_kv(i + 1, 0);
+      fjc_cp_async_commit();
+    }
+  }
+
+  // Epilogue: out = O / l, lse = ln 2 (m + log2 l); l = 0 (no key kept) gives 0 and -inf.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const fj_i64 q_idx = q0 + warp * 16 + r_lo + 8 * r;
+    if (q_idx >= a.Lq) continue;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    fjc_u16* orow = (fjc_u16*)a.out + b * a.out_strides[0] + h * a.out_strides[1] + q_idx * a.out_strides[2];
+#pragma unroll
+    for (int t = 0; t < kOT; ++t) {
+      const int col = t * 8 + (lane % 4) * 2;
+      if (col < HEAD_DIM_V) {  // Dv is a multiple of 8: col + 1 is in range too
+        orow[col] = fjc_to_elem(o[t][2 * r] * inv);
+        orow[col + 1] = fjc_to_elem(o[t][2 * r + 1] * inv);
+      }
+    }
+    if (a.lse != nullptr && lane % 4 == 0)
+      a.lse[b * a.lse_strides[0] + h * a.lse_strides[1] + q_idx * a.lse_strides[2]] =
+          l > 0.0f ? kLn2 * (m_run[r] + log2f(l)) : FJC_NEG_INF;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && mod_error && a.error_flag != nullptr) *a.error_flag = 1;
+}
