@@ -9,6 +9,8 @@
 #include "cli/commands.h"
 #include "cli/mods_from_args.h"
 #include "jit/cache.h"
+#include "jit/nvrtc.h"
+#include "jit/pipeline.h"
 #include "runtime/attention.h"
 #include "score_mods/registry.h"
 
@@ -16,6 +18,9 @@ namespace flexjit::cli {
 namespace {
 
 struct WarmArgs {
+  std::string device = "cpu";
+  std::string arch;            // cuda: sm_80, sm_90, ...
+  std::string score_mod, mask_mod;  // cuda: the kernels inline their mods (names or text)
   std::vector<std::string> dtypes{"fp32", "bf16"};
   std::vector<int> head_dims{64, 128};
   std::vector<int> gqa{1};
@@ -84,6 +89,60 @@ void warm(const WarmArgs& w) {
   if (failures) throw Error(std::to_string(failures) + " of " + std::to_string(jobs.size()) + " kernels failed (see above)");
 }
 
+// CUDA kernels for a GPU this machine may not have: NVRTC compiles each (dtype, D, GQA group)
+// with the given mods for `arch` into the disk cache, as CUBIN + PTX. CUDA kernels inline their
+// mods, so each mod set is its own kernel.
+void warm_cuda(const WarmArgs& w) {
+  if (w.arch.empty())
+    throw Error("cache warm --device cuda needs --arch (the GPU's, e.g. sm_80 for A100, sm_90 for H100/H200)");
+  std::string why;
+  if (!jit::nvrtc_available(&why)) throw Error("cache warm --device cuda: " + why);
+  ModArgs ma;
+  ma.score_mod = w.score_mod;
+  ma.mask_mod = w.mask_mod;
+  ResolvedMods rm = resolve_mods(ma, ShapeInfo{});
+  if (!rm.mods.buffers.empty() && rm.mods.buffers.size() > 8)
+    throw Error("cache warm --device cuda: a CUDA mod set reads at most 8 buffers");
+  std::string mods_text = rm.describe;
+  while (!mods_text.empty() && mods_text.back() == ' ') mods_text.pop_back();
+  int failures = 0, jobs = 0;
+  for (const auto& dt : w.dtypes)
+    for (int d : w.head_dims)
+      for (int g : w.gqa) {
+        if (g < 1) throw Error("cache warm --gqa " + std::to_string(g) + ": use a group size >= 1");
+        jit::KernelSpec spec;
+        spec.backend = jit::Backend::Cuda;
+        spec.kind = jit::KernelKind::Prefill;
+        spec.dtype = parse_dtype(dt);
+        spec.head_dim = spec.head_dim_v = d;
+        spec.block_m = 64;
+        spec.block_n = 64;
+        spec.gqa_group = g;
+        spec.arch = w.arch;
+        spec.kv_stages = 2;
+        ++jobs;
+        std::string line = "cuda " + w.arch + " " + dtype_name(spec.dtype) + " D=" + std::to_string(d) +
+                           " GQA=" + std::to_string(g) + ": ";
+        try {
+          jit::CudaBinary b = jit::get_cuda_binary(spec, rm.mods);
+          char buf[160];
+          std::snprintf(buf, sizeof(buf), "%s (%.0f ms) %s, CUBIN %zu bytes, PTX %zu bytes",
+                        b.cache == "miss" ? "compiled" : "on disk", b.compile_ms, b.symbol.c_str(), b.cubin.size(),
+                        b.ptx.size());
+          line += buf;
+        } catch (const std::exception& e) {
+          line += std::string("failed: ") + e.what();
+          ++failures;
+        }
+        std::printf("%s\n", line.c_str());
+        std::fflush(stdout);
+      }
+  std::printf("%d CUDA kernels for %s (%s) ready in %s (NVRTC %s; no GPU needed, none used)\n", jobs - failures,
+              w.arch.c_str(), mods_text.empty() ? "no mods" : mods_text.c_str(),
+              jit::KernelCache::global().dir().c_str(), jit::nvrtc_version().c_str());
+  if (failures) throw Error(std::to_string(failures) + " of " + std::to_string(jobs) + " kernels failed (see above)");
+}
+
 }  // namespace
 
 void add_cache_command(CLI::App& app) {
@@ -92,14 +151,27 @@ void add_cache_command(CLI::App& app) {
   auto w = std::make_shared<WarmArgs>();
   cmd->add_option("action", *action, "list | clear | dir | warm (compile the attention kernels of common shapes ahead of the first call)")
       ->check(CLI::IsMember({"list", "clear", "dir", "warm"}));
-  cmd->add_option("--dtype", w->dtypes, "warm: dtypes (default fp32,bf16)")->delimiter(',');
+  auto* dtype_opt = cmd->add_option("--dtype", w->dtypes, "warm: dtypes (default fp32,bf16; with --device cuda bf16)")
+                        ->delimiter(',');
   cmd->add_option("--head-dim", w->head_dims, "warm: head dims D = Dv (default 64,128)")->delimiter(',');
   cmd->add_option("--gqa", w->gqa, "warm: GQA group sizes Hq/Hkv (default 1)")->delimiter(',');
   cmd->add_option("--lq", w->lq, "warm: query lengths, which pick the block sizes (default 1,4096: decode and prefill)")
       ->delimiter(',');
-  cmd->callback([action, w] {
+  cmd->add_option("--device", w->device, "warm: cpu (default) or cuda (NVRTC only, no GPU needed)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_option("--arch", w->arch, "warm --device cuda: the GPU arch to compile for (sm_80, sm_86, sm_89, sm_90, ...)");
+  cmd->add_option("--score-mod", w->score_mod, "warm --device cuda: the score_mod (CUDA kernels inline their mods)");
+  cmd->add_option("--mask-mod", w->mask_mod, "warm --device cuda: the mask_mod");
+  cmd->callback([action, w, dtype_opt] {
     auto& cache = jit::KernelCache::global();
-    if (*action == "warm") {
+    if (*action == "warm" && w->device == "cuda") {
+      WarmArgs cw = *w;
+      if (dtype_opt->count() == 0) cw.dtypes = {"bf16"};  // CUDA kernels take bf16 or fp16
+      warm_cuda(cw);
+    } else if (*action == "warm") {
+      if (!w->arch.empty() || !w->score_mod.empty() || !w->mask_mod.empty())
+        throw Error("cache warm: --arch, --score-mod and --mask-mod go with --device cuda (CPU attention kernels "
+                    "are mod-free)");
       warm(*w);
     } else if (*action == "dir") {
       std::printf("%s\n", cache.dir().c_str());

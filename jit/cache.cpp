@@ -150,14 +150,14 @@ enum class DiskState { Absent, Valid, Corrupt };
 
 // Reads <key>.meta and <key>.o and checks them against each other and against what is asked for.
 DiskState read_entry(const std::string& dir, const std::string& key, const std::string& symbol,
-                     std::string& object) {
+                     std::string& object, const char* ext = ".o") {
   std::string base = dir + "/" + key;
   std::optional<std::string> manifest = read_file(base + ".meta", 4096);
-  std::optional<std::string> obj = read_file(base + ".o", kMaxObjectBytes);
+  std::optional<std::string> obj = read_file(base + ext, kMaxObjectBytes);
   if (!manifest && !obj) {
     // Both missing is a plain miss; an unreadable-but-present file is corruption.
     std::error_code ec;
-    bool present = fs::exists(base + ".meta", ec) || fs::exists(base + ".o", ec);
+    bool present = fs::exists(base + ".meta", ec) || fs::exists(base + ext, ec);
     return present ? DiskState::Corrupt : DiskState::Absent;
   }
   if (!manifest || !obj) return DiskState::Corrupt;
@@ -407,6 +407,58 @@ CachedKernel KernelCache::load_or_compile(const std::string& key, const std::str
   return out;
 }
 
+KernelCache::Blob KernelCache::get_or_build(const std::string& key, const std::string& symbol,
+                                            const std::function<std::string()>& build) {
+  FLEXJIT_CHECK(valid_key(key), "a cache key is 1-128 characters of [A-Za-z0-9_-]: '" + key + "'");
+  FLEXJIT_CHECK(valid_symbol(symbol), "a kernel symbol is a C identifier: '" + symbol + "'");
+  Blob out;
+  bool corrupt_counted = false;  // a damaged entry is counted once, though looked at twice
+  auto from_disk = [&] {
+    std::string bytes;
+    DiskState state = read_entry(dir_, key, symbol, bytes, ".bin");
+    if (state == DiskState::Corrupt && !corrupt_counted) {
+      corrupt_counted = true;
+      std::lock_guard<std::mutex> lock(mu_);
+      ++stats_.disk_corrupt;
+    }
+    if (state != DiskState::Valid) return false;
+    out.bytes = std::move(bytes);
+    out.hit = CacheHit::Disk;
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.disk_hits;
+    return true;
+  };
+  if (from_disk()) return out;
+  std::error_code ec;
+  if (disk_writable_) fs::create_directories(dir_ + "/locks", ec);
+  FileLock lock(disk_writable_ ? dir_ + "/locks/" + key + ".lock" : std::string());
+  if (lock.held() && from_disk()) return out;
+  auto t0 = Clock::now();
+  out.bytes = build();
+  out.build_ms = ms_since(t0);
+  out.hit = CacheHit::Miss;
+  if (disk_writable_ && write_file_atomic(dir_, key + ".bin", out.bytes))
+    write_file_atomic(dir_, key + ".meta", make_manifest(key, symbol, out.bytes));
+  std::lock_guard<std::mutex> guard(mu_);
+  ++stats_.compiles;
+  return out;
+}
+
+std::string KernelCache::keep_source(const std::string& key, const std::string& ext, const std::string& text,
+                                     bool failed) {
+  std::error_code ec;
+  std::string dir = failed ? dir_ + "/failed" : dir_;
+  fs::create_directories(dir, ec);
+  if (!ec && write_file_atomic(dir, key + ext, text)) return dir + "/" + key + ext;
+  if (!failed) return "";
+  dir = fs::temp_directory_path(ec).string() + "/flexjit-failed";
+  fs::create_directories(dir, ec);
+  if (!ec && write_file_atomic(dir, key + ext, text)) return dir + "/" + key + ext;
+  return "";
+}
+
+bool KernelCache::dump_sources_requested() { return dump_sources(); }
+
 CacheStats KernelCache::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   return stats_;
@@ -423,7 +475,7 @@ std::vector<KernelCache::Entry> KernelCache::list() const {
   std::error_code ec;
   for (fs::directory_iterator it(dir_, ec), end; !ec && it != end; it.increment(ec)) {
     const fs::path& p = it->path();
-    if (p.extension() != ".o" || !valid_key(p.stem().string())) continue;
+    if ((p.extension() != ".o" && p.extension() != ".bin") || !valid_key(p.stem().string())) continue;
     struct stat st;
     if (::stat(p.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
     entries.push_back(Entry{p.stem().string(), long(st.st_size), long(st.st_mtime)});
@@ -449,11 +501,11 @@ size_t KernelCache::clear_disk() {
       if (ours) doomed.push_back(p);
     }
     for (const auto& p : doomed) {
-      if (fs::remove(p, ec) && p.extension() == ".o" && dir == dir_) ++entries;
+      if (fs::remove(p, ec) && (p.extension() == ".o" || p.extension() == ".bin") && dir == dir_) ++entries;
     }
     if (dir != dir_) fs::remove(dir, ec);  // only succeeds when empty
   };
-  sweep(dir_, {".o", ".meta", ".cpp"});
+  sweep(dir_, {".o", ".bin", ".meta", ".cpp", ".cu"});
   sweep(dir_ + "/failed", {".cpp"});
   sweep(dir_ + "/locks", {".lock"});
   std::error_code ec;

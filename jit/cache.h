@@ -5,7 +5,8 @@
 // Disk layout under dir():
 //   <key>.o          the ELF object (a split kernel: an ar archive of its parts' objects), byte
 //                    for byte what compile_cpp_to_object produced
-//   <key>.meta       manifest: key, symbol, byte length and SHA-256 of <key>.o
+//   <key>.bin        a CUDA kernel's CUBIN + PTX (jit/nvrtc.h pack_cuda_binary)
+//   <key>.meta       manifest: key, symbol, byte length and SHA-256 of <key>.o (or .bin)
 //   <key>.cpp        the generated source, when FLEXJIT_DUMP contains "src"
 //   failed/<key>.cpp the source of a kernel that did not compile
 //   locks/<key>.lock the per-key lock file (flock)
@@ -72,6 +73,23 @@ class KernelCache {
   // extern "C" entry point the source defines. A key always means the same symbol.
   CachedKernel get_or_compile(const std::string& key, const std::string& symbol,
                               const std::function<std::string()>& make_source);
+
+  // For artifacts that are not loaded into this process (CUDA CUBIN + PTX): disk -> build, with
+  // the same key rules, file lock, atomic writes and checksummed manifest, stored as <key>.bin.
+  // A bad entry is rebuilt. No memory cache here: the CUDA runtime keeps its loaded modules.
+  struct Blob {
+    std::string bytes;
+    CacheHit hit = CacheHit::Miss;  // Miss (built now) or Disk
+    double build_ms = 0;
+  };
+  Blob get_or_build(const std::string& key, const std::string& symbol,
+                    const std::function<std::string()>& build);
+
+  // Writes a kernel's generated source as <dir>/<key><ext> (failed: <dir>/failed/<key><ext>, or a
+  // temp dir when the cache is read-only) and returns the path; "" if nothing could be written.
+  std::string keep_source(const std::string& key, const std::string& ext, const std::string& text, bool failed);
+  // Whether FLEXJIT_DUMP asks for every generated source to be kept.
+  static bool dump_sources_requested();
 
   CacheStats stats() const;
   void clear_memory();  // drop the memory cache (loaded code stays mapped); for tests

@@ -199,6 +199,43 @@ CudaCompileResult compile_cuda(const std::string& source, const std::string& sou
   return out;
 }
 
+namespace {
+constexpr char kBinaryMagic[] = "flexjit-cuda-v1\n";
+}
+
+std::string pack_cuda_binary(const CudaCompileResult& r) {
+  std::string out = kBinaryMagic;
+  out += "arch " + r.arch + "\ncubin " + std::to_string(r.cubin.size()) + "\nptx " + std::to_string(r.ptx.size()) + "\n";
+  return out + r.cubin + r.ptx;
+}
+
+bool unpack_cuda_binary(const std::string& bytes, CudaCompileResult* out) {
+  if (bytes.compare(0, sizeof(kBinaryMagic) - 1, kBinaryMagic) != 0) return false;
+  size_t pos = sizeof(kBinaryMagic) - 1;
+  auto field = [&](const char* name, std::string* value) {
+    const std::string prefix = std::string(name) + " ";
+    if (bytes.compare(pos, prefix.size(), prefix) != 0) return false;
+    size_t end = bytes.find('\n', pos);
+    if (end == std::string::npos || end - pos > 64) return false;
+    *value = bytes.substr(pos + prefix.size(), end - pos - prefix.size());
+    pos = end + 1;
+    return true;
+  };
+  std::string arch, cubin_n, ptx_n;
+  if (!field("arch", &arch) || !field("cubin", &cubin_n) || !field("ptx", &ptx_n)) return false;
+  auto number = [](const std::string& s, size_t* v) {
+    if (s.empty() || s.size() > 12 || s.find_first_not_of("0123456789") != std::string::npos) return false;
+    *v = std::stoull(s);
+    return true;
+  };
+  size_t nc = 0, np = 0;
+  if (!number(cubin_n, &nc) || !number(ptx_n, &np) || bytes.size() != pos + nc + np) return false;
+  out->arch = arch;
+  out->cubin = bytes.substr(pos, nc);
+  out->ptx = bytes.substr(pos + nc, np);
+  return true;
+}
+
 std::vector<PtxasUsage> parse_ptxas_usage(const std::string& log) {
   static const std::regex entry_re("Compiling entry function '([^']+)'");
   static const std::regex frame_re("([0-9]+) bytes stack frame, ([0-9]+) bytes spill stores, ([0-9]+) bytes spill loads");

@@ -37,6 +37,12 @@ CudaCompileResult compile_cuda(const std::string& source, const std::string& sou
                                const std::string& arch, bool want_cubin = true,
                                bool ptxas_verbose = false);
 
+// A compiled CUDA kernel as one byte string, for the disk cache: "flexjit-cuda-v1\n", then
+// "cubin N\n" and "ptx M\n", then the N CUBIN bytes and the M PTX bytes. unpack returns false
+// (and leaves `out` alone) for anything else, e.g. a truncated file.
+std::string pack_cuda_binary(const CudaCompileResult& r);
+bool unpack_cuda_binary(const std::string& bytes, CudaCompileResult* out);
+
 // Spill bytes (stores + loads) per kernel read from a ptxas_verbose log, for "no spills" checks:
 // {kernel name, spill store bytes + spill load bytes, stack frame bytes}.
 struct PtxasUsage {

@@ -35,4 +35,18 @@ struct KernelRequest {
 };
 std::vector<KernelHandle> get_kernels(const std::vector<KernelRequest>& requests);
 
+// A CUDA kernel (spec.backend == Backend::Cuda) as CUBIN + PTX for spec.arch, from the disk cache
+// or compiled now by NVRTC (and then stored): plan -> disk cache (<key>.bin) -> make_source ->
+// NVRTC. Nothing is loaded: that needs a GPU and belongs to the CUDA runtime. Works on machines
+// with NVRTC and no GPU (`flexjit cache warm --device cuda`). Throws flexjit::Error with NVRTC's
+// log and the kept source's path (<cache>/failed/<key>.cu) when the kernel does not compile.
+struct CudaBinary {
+  std::string symbol, key, arch;
+  std::string cubin, ptx;
+  std::string cache;        // "miss" or "disk"
+  double compile_ms = 0;    // make_source + NVRTC, when cache == "miss"
+  std::string source_path;  // when kept (FLEXJIT_DUMP=src)
+};
+CudaBinary get_cuda_binary(const KernelSpec& spec, const ModSet& mods);
+
 }  // namespace flexjit::jit

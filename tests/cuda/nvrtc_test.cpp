@@ -85,6 +85,28 @@ TEST(Nvrtc, ParsesPtxasResourceUsage) {
   EXPECT_EQ(u[1].registers, 40);
 }
 
+TEST(Nvrtc, BinaryContainerRoundTripsAndRejectsDamage) {
+  CudaCompileResult r;
+  r.arch = "sm_90";
+  r.cubin = std::string("\x7f" "ELF\0\1\2", 7);
+  r.ptx = ".version 9.0\n.target sm_90\n";
+  const std::string packed = pack_cuda_binary(r);
+  CudaCompileResult back;
+  ASSERT_TRUE(unpack_cuda_binary(packed, &back));
+  EXPECT_EQ(back.arch, r.arch);
+  EXPECT_EQ(back.cubin, r.cubin);
+  EXPECT_EQ(back.ptx, r.ptx);
+  for (size_t cut : {size_t(0), size_t(5), size_t(20), packed.size() - 1}) {
+    CudaCompileResult untouched;
+    EXPECT_FALSE(unpack_cuda_binary(packed.substr(0, cut), &untouched)) << cut;
+    EXPECT_TRUE(untouched.cubin.empty());
+  }
+  EXPECT_FALSE(unpack_cuda_binary(packed + "x", &back));
+  std::string lying = packed;
+  lying.replace(lying.find("cubin 7"), 7, "cubin 9");
+  EXPECT_FALSE(unpack_cuda_binary(lying, &back));
+}
+
 // A probe kernel around one mod set: every score goes through score_mod and mask_mod, as the
 // attention kernel will call them, with FlexModArgs passed by value.
 std::string probe_source(const ModSet& mods) {

@@ -408,3 +408,52 @@ TEST_F(CacheTest, TwoProcessesCompileOnce) {
 
 }  // namespace
 }  // namespace flexjit::jit
+
+namespace flexjit::jit {
+namespace {
+
+// Blob entries (CUDA binaries): built once, then read from disk in a new cache object; a
+// damaged entry is rebuilt, never returned; list and clear count them.
+TEST(CacheBlob, BuildOnceThenDiskAndDamageRebuilds) {
+  std::string tmpl = (std::filesystem::temp_directory_path() / "flexjit-blob-test-XXXXXX").string();
+  ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+  const std::string dir = tmpl;
+  const std::string key(64, 'b');
+  int builds = 0;
+  auto build = [&] {
+    ++builds;
+    return std::string("flexjit-cuda-v1\nwhatever bytes\0\1", 33);
+  };
+  {
+    KernelCache c(dir);
+    KernelCache::Blob a = c.get_or_build(key, "flexjit_cuda_k", build);
+    EXPECT_EQ(a.hit, CacheHit::Miss);
+    EXPECT_EQ(builds, 1);
+    EXPECT_TRUE(std::filesystem::exists(dir + "/" + key + ".bin"));
+  }
+  KernelCache c2(dir);
+  KernelCache::Blob b = c2.get_or_build(key, "flexjit_cuda_k", build);
+  EXPECT_EQ(b.hit, CacheHit::Disk);
+  EXPECT_EQ(builds, 1);
+  EXPECT_EQ(b.bytes.size(), 33u);
+  {  // truncate the entry: a miss that rebuilds and rewrites it
+    std::ofstream f(dir + "/" + key + ".bin", std::ios::binary | std::ios::trunc);
+    f << "flexjit";
+  }
+  KernelCache::Blob r = c2.get_or_build(key, "flexjit_cuda_k", build);
+  EXPECT_EQ(r.hit, CacheHit::Miss);
+  EXPECT_EQ(builds, 2);
+  EXPECT_EQ(r.bytes.size(), 33u);
+  EXPECT_EQ(c2.stats().disk_corrupt, 1);
+  // A key means one symbol: the manifest names it, so another symbol is not served this entry.
+  KernelCache::Blob other = c2.get_or_build(key, "flexjit_cuda_other", build);
+  EXPECT_EQ(other.hit, CacheHit::Miss);
+  ASSERT_EQ(c2.list().size(), 1u);
+  EXPECT_EQ(c2.clear_disk(), 1u);
+  EXPECT_FALSE(std::filesystem::exists(dir + "/" + key + ".bin"));
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
+}
+
+}  // namespace
+}  // namespace flexjit::jit
