@@ -1,0 +1,173 @@
+#include "runtime/cuda_prefill.h"
+
+#include <cmath>
+#include <cstdint>
+#include <sstream>
+
+#include "runtime/bound_mods.h"
+
+namespace flexjit {
+namespace {
+
+std::string dims(const TensorView& t) { return t.shape_str(); }
+
+// Last dim contiguous, every row 16-byte aligned: what the kernel's cp.async tiles need.
+void check_rows(const TensorView& t, const char* name) {
+  if (t.rank != 4) throw Error(std::string("CUDA flex_attention: ") + name + " must be 4-D, got " + dims(t));
+  if (t.sizes[3] > 1 && t.strides[3] != 1)
+    throw Error(std::string("CUDA flex_attention: ") + name + "'s last dim must be contiguous (stride 1), got stride " +
+                std::to_string(t.strides[3]) + "; pass " + name + ".contiguous()");
+  const auto addr = reinterpret_cast<std::uintptr_t>(t.data);
+  bool aligned = addr % 16 == 0;
+  for (int d = 0; d < 3; ++d) aligned = aligned && (t.sizes[d] <= 1 || t.strides[d] % 8 == 0);
+  if (!aligned)
+    throw Error(std::string("CUDA flex_attention: ") + name +
+                "'s rows must start 16-byte aligned (data pointer and outer strides multiples of 8 elements); "
+                "pass " + name + ".contiguous() (and a head dim that is a multiple of 8)");
+}
+
+void copy_strides(const TensorView& t, fj_i64* out, int n) {
+  for (int i = 0; i < n; ++i) out[i] = t.strides[i];
+}
+
+}  // namespace
+
+std::string CudaPrefillPlan::describe() const {
+  std::ostringstream os;
+  os << spec.str() << ", grid " << grid[0] << "x" << grid[1] << "x" << grid[2] << ", " << block_threads
+     << " threads, " << (smem_bytes + 1023) / 1024 << " KiB smem";
+  return os.str();
+}
+
+CudaPrefillPlan plan_cuda_prefill(const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const TensorView& out, const TensorView* lse, const ModSet& mods,
+                                  const ModBindings& bind, const FlexBlockMaskArgs* mask,
+                                  const AttentionOptions& opt, const CudaDeviceInfo& dev,
+                                  int* error_flag) {
+  // ---- inputs ----
+  if (q.dtype != DType::BF16 && q.dtype != DType::F16)
+    throw Error(std::string("CUDA flex_attention takes bf16 or fp16 q, k and v (fp32 accumulation); got ") +
+                dtype_name(q.dtype) + ". Convert them, e.g. q.to(torch.bfloat16)");
+  for (const auto* t : {&k, &v, &out})
+    if (t->dtype != q.dtype)
+      throw Error(std::string("CUDA flex_attention: q, k, v and out must share one dtype; got q ") +
+                  dtype_name(q.dtype) + " and " + dtype_name(t->dtype));
+  check_rows(q, "q");
+  check_rows(k, "k");
+  check_rows(v, "v");
+  check_rows(out, "out");
+  const int64_t B = q.sizes[0], Hq = q.sizes[1], Lq = q.sizes[2], D = q.sizes[3];
+  const int64_t Bkv = k.sizes[0], Hkv = k.sizes[1], Lkv = k.sizes[2], Dv = v.sizes[3];
+  if (k.sizes[3] != D || v.sizes[0] != Bkv || v.sizes[1] != Hkv || v.sizes[2] != Lkv)
+    throw Error("CUDA flex_attention: k " + dims(k) + " and v " + dims(v) + " do not match each other and q " +
+                dims(q) + " (k [Bkv, Hkv, Lkv, D], v [Bkv, Hkv, Lkv, Dv])");
+  if (Bkv != 1 && Bkv != B)
+    throw Error("CUDA flex_attention: the KV batch must be 1 or q's batch " + std::to_string(B) + ", got " +
+                std::to_string(Bkv));
+  if (Hkv < 1 || Hq % Hkv != 0)
+    throw Error("CUDA flex_attention: Hq=" + std::to_string(Hq) + " must be a multiple of Hkv=" + std::to_string(Hkv));
+  if (Hq != Hkv && !opt.enable_gqa)
+    throw Error("CUDA flex_attention: Hq=" + std::to_string(Hq) + " != Hkv=" + std::to_string(Hkv) +
+                " needs enable_gqa=True");
+  if (out.sizes[0] != B || out.sizes[1] != Hq || out.sizes[2] != Lq || out.sizes[3] != Dv)
+    throw Error("CUDA flex_attention: out must be [B, Hq, Lq, Dv] = [" + std::to_string(B) + ", " +
+                std::to_string(Hq) + ", " + std::to_string(Lq) + ", " + std::to_string(Dv) + "], got " + dims(out));
+  if (D % 8 != 0 || Dv % 8 != 0 || D > 256 || Dv > 256 || D < 8 || Dv < 8)
+    throw Error("CUDA flex_attention: head dims D=" + std::to_string(D) + ", Dv=" + std::to_string(Dv) +
+                " are not supported; the CUDA kernel needs multiples of 8 in 8..256 (pad the head dim)");
+  if (lse && (lse->dtype != DType::F32 || lse->rank != 3 || lse->sizes[0] != B || lse->sizes[1] != Hq ||
+              lse->sizes[2] != Lq))
+    throw Error("CUDA flex_attention: lse must be fp32 [B, Hq, Lq], got " + std::string(dtype_name(lse->dtype)) + " " +
+                lse->shape_str());
+
+  // ---- kernel spec: blocks and K/V stages that fit the device's shared memory ----
+  CudaPrefillPlan p;
+  jit::KernelSpec& s = p.spec;
+  s.backend = jit::Backend::Cuda;
+  s.kind = jit::KernelKind::Prefill;
+  s.dtype = q.dtype;
+  s.head_dim = static_cast<int>(D);
+  s.head_dim_v = static_cast<int>(Dv);
+  s.gqa_group = static_cast<int>(Hq / Hkv);
+  s.arch = dev.arch;
+  s.block_m = opt.block_m > 0 ? opt.block_m : 64;
+  s.block_n = opt.block_n > 0 ? opt.block_n : 64;
+  if (s.block_m % 16 != 0 || s.block_m > 128 || s.block_n % 16 != 0 || s.block_n > 256)
+    throw Error("CUDA flex_attention: BLOCK_M must be a multiple of 16 up to 128 and BLOCK_N a multiple of 16 up "
+                "to 256; got " + std::to_string(s.block_m) + "x" + std::to_string(s.block_n));
+  // Two K/V stages where they fit, else one; with the default BLOCK_N, a 32-key block before
+  // giving up (large D on GPUs with 99 KiB of shared memory, sm_86 / sm_89).
+  auto fit_stages = [&] {
+    s.kv_stages = 2;
+    if (jit::cuda_prefill_smem_bytes(s) > dev.max_smem_optin) s.kv_stages = 1;
+    return jit::cuda_prefill_smem_bytes(s) <= dev.max_smem_optin;
+  };
+  if (!fit_stages() && opt.block_n <= 0) {
+    s.block_n = 32;
+    fit_stages();
+  }
+  p.smem_bytes = jit::cuda_prefill_smem_bytes(s);
+  if (p.smem_bytes > dev.max_smem_optin)
+    throw Error("CUDA flex_attention: D=" + std::to_string(D) + " with BLOCK " + std::to_string(s.block_m) + "x" +
+                std::to_string(s.block_n) + " needs " + std::to_string(p.smem_bytes) +
+                " bytes of shared memory per block; this GPU allows " + std::to_string(dev.max_smem_optin) +
+                ". Use smaller BLOCK_M / BLOCK_N kernel options");
+
+  // ---- block mask: the kernel's blocks must tile the mask's ----
+  if (mask && mask->kv_num_blocks) {
+    if (mask->q_block_size % s.block_m != 0 || mask->kv_block_size % s.block_n != 0)
+      throw Error("CUDA flex_attention: the BlockMask's blocks (" + std::to_string(mask->q_block_size) + "x" +
+                  std::to_string(mask->kv_block_size) + ") must be multiples of the kernel's BLOCK_M x BLOCK_N (" +
+                  std::to_string(s.block_m) + "x" + std::to_string(s.block_n) + ")");
+    if ((mask->B != 1 && mask->B != B) || (mask->H != 1 && mask->H != Hq))
+      throw Error("CUDA flex_attention: the BlockMask's B=" + std::to_string(mask->B) + ", H=" +
+                  std::to_string(mask->H) + " must be 1 or the call's B=" + std::to_string(B) + ", Hq=" +
+                  std::to_string(Hq));
+    if (mask->q_blocks * mask->q_block_size < Lq || mask->kv_blocks * mask->kv_block_size < Lkv)
+      throw Error("CUDA flex_attention: the BlockMask covers " + std::to_string(mask->q_blocks * mask->q_block_size) +
+                  " x " + std::to_string(mask->kv_blocks * mask->kv_block_size) + " but the call is " +
+                  std::to_string(Lq) + " x " + std::to_string(Lkv) + "; build it for this call's lengths");
+  }
+
+  // ---- the parameter block ----
+  FlexCudaPrefillArgs& a = p.args;
+  a.q = q.data;
+  a.k = k.data;
+  a.v = v.data;
+  a.out = out.data;
+  a.lse = lse ? static_cast<float*>(lse->data) : nullptr;
+  a.B = B;
+  a.Hq = Hq;
+  a.Hkv = Hkv;
+  a.Lq = Lq;
+  a.Lkv = Lkv;
+  a.Bkv = Bkv;
+  copy_strides(q, a.q_strides, 4);
+  copy_strides(k, a.k_strides, 4);
+  copy_strides(v, a.v_strides, 4);
+  copy_strides(out, a.out_strides, 4);
+  if (lse) copy_strides(*lse, a.lse_strides, 3);
+  a.scale = static_cast<float>(opt.scale ? *opt.scale : 1.0 / std::sqrt(static_cast<double>(D)));
+  if (mask && mask->kv_num_blocks) a.mask = *mask;
+  a.error_flag = error_flag;
+  if (mods.buffers.size() > FLEXJIT_CUDA_MAX_BUFFERS || mods.params.size() > FLEXJIT_CUDA_MAX_PARAMS)
+    throw Error("CUDA flex_attention: the mods read " + std::to_string(mods.buffers.size()) + " buffers and " +
+                std::to_string(mods.params.size()) + " params; a CUDA launch carries at most " +
+                std::to_string(FLEXJIT_CUDA_MAX_BUFFERS) + " and " + std::to_string(FLEXJIT_CUDA_MAX_PARAMS));
+  runtime::BoundMods bound(mods, bind);  // checks every buffer's dtype / rank and every param
+  for (size_t i = 0; i < mods.buffers.size(); ++i) a.buffers[i] = bound.args().buffers[i];
+  for (size_t i = 0; i < mods.params.size(); ++i) a.params[i] = bound.args().params[i];
+
+  // ---- launch geometry ----
+  p.block_threads = static_cast<unsigned>(s.block_m / 16 * 32);
+  const int64_t q_blocks = (Lq + s.block_m - 1) / s.block_m;
+  if (q_blocks > 0x7fffffff || Hq > 65535 || B > 65535)
+    throw Error("CUDA flex_attention: grid too large (query blocks " + std::to_string(q_blocks) + ", Hq " +
+                std::to_string(Hq) + ", B " + std::to_string(B) + "; Hq and B are limited to 65535)");
+  p.grid[0] = static_cast<unsigned>(q_blocks);
+  p.grid[1] = static_cast<unsigned>(Hq);
+  p.grid[2] = static_cast<unsigned>(B);
+  return p;
+}
+
+}  // namespace flexjit

@@ -1,0 +1,45 @@
+// Host-side planning of one CUDA prefill launch: validation, kernel spec, grid, shared memory
+// and the __grid_constant__ parameter block (templates/cuda/abi.cuh). Plain C++ on plain views
+// (device pointers are carried, never dereferenced), so it is unit-tested on machines without a
+// GPU; the launch itself (driver module load, the caller's stream) is the runtime's next step.
+#pragma once
+
+#include <string>
+
+#include "jit/instantiate.h"
+#include "jit/mods.h"
+#include "runtime/attention.h"
+#include "templates/mod_abi.h"
+#include "templates/cuda/abi.cuh"
+
+namespace flexjit {
+
+// What the planner needs to know of the GPU (the driver reports it; tests make it up).
+struct CudaDeviceInfo {
+  std::string arch = "sm_90";   // compute capability as NVRTC's arch
+  int max_smem_optin = 232448;  // dynamic shared memory a block may opt in to (bytes)
+  int sm_count = 132;
+};
+
+struct CudaPrefillPlan {
+  jit::KernelSpec spec;        // backend Cuda, prefill: what get_cuda_binary compiles
+  unsigned grid[3] = {0, 0, 0};  // (query blocks, Hq, B); any 0: nothing to launch
+  unsigned block_threads = 0;
+  int smem_bytes = 0;          // dynamic shared memory (opt-in above 48 KiB)
+  FlexCudaPrefillArgs args{};  // the kernel's single parameter, by value
+  std::string describe() const;  // "cuda prefill bf16 D=128 ... grid 64x32x1, 128 threads, 88 KiB smem"
+};
+
+// q [B, Hq, Lq, D], k [Bkv, Hkv, Lkv, D], v [Bkv, Hkv, Lkv, Dv], out [B, Hq, Lq, Dv] on the GPU,
+// bf16 or fp16, last dim contiguous, rows 16-byte aligned; lse [B, Hq, Lq] fp32 or null.
+// `mask`: a BlockMask already on the device (its int32 arrays), or null for none. `error_flag`: a
+// device int the kernel sets when a mod indexes a buffer out of range (null: not reported).
+// Buffers bound in `bind` must be device tensors. Throws flexjit::Error naming what is wrong
+// and how to fix it. Knobs: opt.block_m / opt.block_n (0 = 64), opt.scale, opt.enable_gqa.
+CudaPrefillPlan plan_cuda_prefill(const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const TensorView& out, const TensorView* lse, const ModSet& mods,
+                                  const ModBindings& bind, const FlexBlockMaskArgs* mask,
+                                  const AttentionOptions& opt, const CudaDeviceInfo& dev,
+                                  int* error_flag);
+
+}  // namespace flexjit
