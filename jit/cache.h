@@ -22,10 +22,11 @@
 #include <utility>
 #include <vector>
 
+#include "jit/sha256.h"
+
 namespace flexjit::jit {
 
-// Lower-case hex SHA-256 of `data` (64 characters).
-std::string sha256_hex(const std::string& data);
+// Lower-case hex SHA-256 of `data` (64 characters): jit/sha256.h.
 
 // Key = SHA-256 over the fields sorted by name, each as "name=value\n" (a '\' or newline inside a
 // value is escaped, so distinct field lists never collide), with compiler_identity() and

@@ -6,7 +6,6 @@
 
 #include "jit/cache.h"
 #include "jit/codegen.h"
-#include "jit/compile.h"
 #include "jit/nvrtc.h"
 
 namespace flexjit::jit {
@@ -152,10 +151,15 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
                          {"codegen", "cuda-v1"}},
                         "nvrtc=" + nvrtc_version() + ";arch=" + spec.arch);
   } else {
+#ifdef FLEXJIT_NO_CPU_BACKEND
+    throw Error("this flexjit was built without the CPU backend (FLEXJIT_CPU_BACKEND=OFF), so it cannot make " +
+                spec.str() + "; use CUDA tensors, or a build with the CPU backend");
+#else
     inst.key = make_key({{"templates", templates_hash},
                          {"spec", spec.str()},
                          {"mods", eff.signature()},
                          {"codegen", "cpu-v2"}});
+#endif
   }
   std::ostringstream sym;
   sym << "flexjit_" << (is_cuda(spec) ? "cuda_" : "") << kind_name(spec.kind);

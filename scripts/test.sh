@@ -19,5 +19,10 @@ PY
 fi
 echo "test.sh: NVRTC for the CUDA compile tests: ${FLEXJIT_NVRTC:-/usr/local/cuda (or none: those tests skip)}"
 ctest --test-dir build --output-on-failure -j 2 "$@"
+# The CUDA-only configuration (FLEXJIT_CPU_BACKEND=OFF: what a GPU host without LLVM builds) must
+# build, and compile every built-in mod's CUDA kernel through the whole pipeline (no GPU needed).
+cmake -S . -B build-cuda-only -DFLEXJIT_CPU_BACKEND=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build-cuda-only -j 2 >/dev/null
+./build-cuda-only/flexjit_cuda_selftest sm_90
 ${PYTHON:-python3} -m pytest -q tests/python
 ./scripts/example.sh
