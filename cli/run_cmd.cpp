@@ -118,8 +118,8 @@ void run(const RunArgs& a) {
       throw Error("--device cuda: " + status + ". CUDA kernels can still be compiled here for a GPU elsewhere: "
                   "flexjit cache warm --device cuda --arch sm_90");
     throw Error("--device cuda: " + std::to_string(cuda_device_count()) +
-                " CUDA device(s) found, but launching CUDA kernels is not built yet (they compile: flexjit cache "
-                "warm --device cuda); use --device cpu");
+                " CUDA device(s) found, but `flexjit run` cannot run CUDA kernels yet (they compile: flexjit cache "
+                "warm --device cuda; build-cuda-only/flexjit_cuda_selftest runs them); use --device cpu");
   }
   if (a.device != "cpu")
     throw Error("--device " + a.device + " is unknown; use cpu or cuda");

@@ -27,7 +27,7 @@ target_link_libraries(flexjit_nvrtc PUBLIC flexjit_ir PRIVATE ${CMAKE_DL_LIBS})
 
 add_library(flexjit_cuda_core STATIC
             jit/codegen.cpp jit/instantiate.cpp jit/cache.cpp jit/sha256.cpp jit/pipeline_cuda.cpp
-            runtime/bound_mods.cpp runtime/cuda_driver.cpp runtime/cuda_prefill.cpp
+            runtime/bound_mods.cpp runtime/cuda_driver.cpp runtime/cuda_prefill.cpp runtime/reference.cpp
             score_mods/registry.cpp score_mods/builtin.cpp ${FLEXJIT_EMBED_CPP})
 target_link_libraries(flexjit_cuda_core PUBLIC flexjit_nvrtc Threads::Threads PRIVATE ${CMAKE_DL_LIBS})
 target_compile_definitions(flexjit_cuda_core PRIVATE FLEXJIT_NO_CPU_BACKEND=1

@@ -15,4 +15,38 @@ std::string cuda_driver_status();
 // Devices the driver sees (0 when cuda_driver_status() is not "").
 int cuda_device_count();
 
+// ---- launching (needs a GPU; every call throws flexjit::Error with cuda_driver_status() or the
+// failing driver call's name and error otherwise). Written against the driver API's C ABI; first
+// exercised by tools/cuda_selftest on a GPU host. ----
+
+// Makes device 0's primary context current on this thread (what torch does for its own calls);
+// for callers without a framework (the CLI, the self-test).
+void cuda_use_primary_context();
+
+struct CudaDeviceProps {
+  std::string arch;         // "sm_90"
+  int max_smem_optin = 0;   // bytes a block may opt in to
+  int sm_count = 0;
+};
+// The current context's device.
+CudaDeviceProps cuda_current_device_props();
+
+// The kernel `symbol` of a compiled binary, loaded once per (key, context): the CUBIN, or the PTX
+// when the driver rejects the CUBIN (a newer GPU). Opts the function in to `smem_bytes` of dynamic
+// shared memory. Thread-safe.
+void* cuda_load_function(const std::string& key, const std::string& cubin, const std::string& ptx,
+                         const std::string& symbol, int smem_bytes);
+
+// Enqueues fn<<<grid, threads, smem, stream>>>(*params): one by-value parameter of params_size
+// bytes. stream null = the context's default stream. Asynchronous.
+void cuda_launch(void* fn, const unsigned grid[3], unsigned threads, int smem_bytes, void* stream,
+                 void* params);
+
+// Plain device memory, for the self-test (torch owns memory in the torch layer).
+void* cuda_alloc(size_t bytes);
+void cuda_free(void* p);
+void cuda_copy_to_device(void* dst, const void* src, size_t bytes);
+void cuda_copy_to_host(void* dst, const void* src, size_t bytes);
+void cuda_synchronize();  // the current context; throws the error of an earlier launch
+
 }  // namespace flexjit

@@ -4,7 +4,9 @@
 #include <cstdint>
 #include <sstream>
 
+#include "jit/pipeline.h"
 #include "runtime/bound_mods.h"
+#include "runtime/cuda_driver.h"
 
 namespace flexjit {
 namespace {
@@ -168,6 +170,15 @@ CudaPrefillPlan plan_cuda_prefill(const TensorView& q, const TensorView& k, cons
   p.grid[1] = static_cast<unsigned>(Hq);
   p.grid[2] = static_cast<unsigned>(B);
   return p;
+}
+
+CudaRunInfo run_cuda_prefill(CudaPrefillPlan& plan, const ModSet& mods, void* stream) {
+  jit::CudaBinary bin = jit::get_cuda_binary(plan.spec, mods);
+  CudaRunInfo info{bin.symbol, bin.cache, bin.compile_ms};
+  if (plan.grid[0] == 0 || plan.grid[1] == 0 || plan.grid[2] == 0) return info;  // nothing to compute
+  void* fn = cuda_load_function(bin.key, bin.cubin, bin.ptx, bin.symbol, plan.smem_bytes);
+  cuda_launch(fn, plan.grid, plan.block_threads, plan.smem_bytes, stream, &plan.args);
+  return info;
 }
 
 }  // namespace flexjit

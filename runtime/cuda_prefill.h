@@ -42,4 +42,13 @@ CudaPrefillPlan plan_cuda_prefill(const TensorView& q, const TensorView& k, cons
                                   const AttentionOptions& opt, const CudaDeviceInfo& dev,
                                   int* error_flag);
 
+// Compiles (or finds in the cache) the plan's kernel for its mods, loads it into the current
+// context and enqueues it on `stream` (null: the default stream). Asynchronous: errors of the
+// kernel itself surface at the next synchronisation. Needs a GPU (see runtime/cuda_driver.h).
+struct CudaRunInfo {
+  std::string symbol, cache;  // cache: miss / disk (of the compiled binary)
+  double compile_ms = 0;
+};
+CudaRunInfo run_cuda_prefill(CudaPrefillPlan& plan, const ModSet& mods, void* stream);
+
 }  // namespace flexjit

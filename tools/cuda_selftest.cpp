@@ -2,7 +2,10 @@
 // built-in mod through plan -> codegen -> template -> NVRTC -> disk cache for one arch, then
 // the same again from the cache, then a launch plan. Prints one line per step; exit 0 = all
 // compiled. Usage: flexjit_cuda_selftest [ARCH=sm_90]; its cache is a fresh temporary directory.
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <vector>
 #include <cstdlib>
 #include <system_error>
 #include <filesystem>
@@ -15,10 +18,98 @@
 #include "jit/pipeline.h"
 #include "runtime/cuda_driver.h"
 #include "runtime/cuda_prefill.h"
+#include "runtime/reference.h"
 #include "score_mods/registry.h"
 
+namespace {
+
+using namespace flexjit;
+
+// One kernel run on the GPU against the float64 reference (same bf16 inputs). Returns false on a
+// numerical mismatch; prints a line either way.
+bool gpu_case(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lkv, int64_t D, const std::string& mod_name,
+              const CudaDeviceProps& props) {
+  ShapeInfo shape;
+  shape.B = B, shape.Hq = Hq, shape.Hkv = Hkv, shape.Lq = Lq, shape.Lkv = Lkv;
+  OwnedTensor q = OwnedTensor::make("q", DType::BF16, {B, Hq, Lq, D});
+  OwnedTensor k = OwnedTensor::make("k", DType::BF16, {B, Hkv, Lkv, D});
+  OwnedTensor v = OwnedTensor::make("v", DType::BF16, {B, Hkv, Lkv, D});
+  OwnedTensor out = OwnedTensor::make("out", DType::BF16, {B, Hq, Lq, D});
+  OwnedTensor lse = OwnedTensor::make("lse", DType::F32, {B, Hq, Lq});
+  fill_random(q.view, 1 + Lq);
+  fill_random(k.view, 2 + Lkv);
+  fill_random(v.view, 3 + D);
+  ModSet mods;
+  ModBindings host_bind, dev_bind;
+  std::vector<OwnedTensor> storage;
+  std::vector<void*> dev_buffers;
+  std::string label = mod_name.empty() ? "none" : mod_name;
+  if (mod_name == "all_masked") {
+    mods.mask_mod = ir::binary(ir::Op::Gt, ir::variable(ir::Var::KvIdx),
+                               ir::binary(ir::Op::Add, ir::variable(ir::Var::QIdx), ir::constant_int(100000)));
+  } else if (!mod_name.empty()) {
+    const RegisteredMod& r = find_mod(mod_name);
+    TracedMod t = instantiate_example(r, shape, &storage);
+    (r.kind == ModKind::Score ? mods.score_mod : mods.mask_mod) = t.expr;
+    mods.buffers = t.buffers;
+    mods.params = t.params;
+    host_bind = t.bindings;
+  }
+  dev_bind = host_bind;
+  auto to_device = [&](const TensorView& h) {
+    TensorView d = h;
+    const size_t bytes = size_t(h.numel()) * dtype_size(h.dtype);
+    d.data = cuda_alloc(bytes);
+    cuda_copy_to_device(d.data, h.data, bytes);
+    dev_buffers.push_back(d.data);
+    return d;
+  };
+  for (auto& [name, view] : dev_bind.buffers) view = to_device(view);
+  TensorView dq = to_device(q.view), dk = to_device(k.view), dv = to_device(v.view);
+  TensorView dout = to_device(out.view), dlse = to_device(lse.view);
+  AttentionOptions opt;
+  opt.enable_gqa = Hq != Hkv;
+  CudaDeviceInfo dev;
+  dev.arch = props.arch;
+  dev.max_smem_optin = props.max_smem_optin;
+  dev.sm_count = props.sm_count;
+  const double scale = 1.0 / std::sqrt(double(D));
+  bool ok = false;
+  char line[512];
+  try {
+    int* no_flag = nullptr;
+    CudaPrefillPlan plan = plan_cuda_prefill(dq, dk, dv, dout, &dlse, mods, dev_bind, nullptr, opt, dev, no_flag);
+    CudaRunInfo info = run_cuda_prefill(plan, mods, nullptr);
+    cuda_synchronize();
+    cuda_copy_to_host(out.view.data, dout.data, size_t(out.view.numel()) * 2);
+    cuda_copy_to_host(lse.view.data, dlse.data, size_t(lse.view.numel()) * 4);
+    RefResult ref = reference_attention(q.view, k.view, v.view, mods, host_bind, scale);
+    std::vector<int64_t> rows;
+    for (int64_t i = 0; i < Lq; ++i) rows.push_back(i);
+    const double err = max_abs_error(out.view, ref, rows);
+    double lse_err = 0;
+    bool lse_ok = true;
+    for (size_t i = 0; i < ref.lse.size(); ++i) {
+      const double got = lse.data<float>()[i], want = ref.lse[i];
+      if (std::isinf(want) || std::isinf(got)) lse_ok = lse_ok && std::isinf(want) && std::isinf(got) && got < 0;
+      else lse_err = std::max(lse_err, std::fabs(got - want));
+    }
+    ok = err <= 2e-2 && lse_ok && lse_err <= 1e-2 && std::isfinite(err);
+    std::snprintf(line, sizeof(line), "  gpu %-5s B%lld Hq%lld Hkv%lld Lq%lld Lkv%lld D%lld %-14s max|out-ref| %.2e  lse %.2e%s  (%s, %s)",
+                  ok ? "ok" : "FAIL", (long long)B, (long long)Hq, (long long)Hkv, (long long)Lq, (long long)Lkv,
+                  (long long)D, label.c_str(), err, lse_err, lse_ok ? "" : " (-inf mismatch)", info.cache.c_str(),
+                  plan.describe().c_str());
+  } catch (const std::exception& e) {
+    std::snprintf(line, sizeof(line), "  gpu FAIL  D%lld %s: %s", (long long)D, label.c_str(), e.what());
+  }
+  std::printf("%s\n", line);
+  for (void* p : dev_buffers) cuda_free(p);
+  return ok;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
-  using namespace flexjit;
   const std::string arch = argc > 1 ? argv[1] : "sm_90";
   std::string dir = (std::filesystem::temp_directory_path() / "flexjit-cuda-selftest-XXXXXX").string();
   if (!::mkdtemp(dir.data())) {
@@ -80,6 +171,27 @@ int main(int argc, char** argv) {
                                            view(1, 32, 4096, 128), nullptr, ModSet{}, ModBindings{}, nullptr, opt,
                                            dev, nullptr);
   std::printf("  plan: %s\n", plan.describe().c_str());
+
+  // On a GPU: run kernels on odd shapes and every kind of mod against the float64 reference.
+  if (gpu.empty()) {
+    try {
+      cuda_use_primary_context();
+      CudaDeviceProps props = cuda_current_device_props();
+      std::printf("  GPU: %s, %d SMs, %d bytes of opt-in shared memory per block\n", props.arch.c_str(),
+                  props.sm_count, props.max_smem_optin);
+      struct C { int64_t B, Hq, Hkv, Lq, Lkv, D; const char* mod; };
+      const C cases[] = {{1, 4, 4, 1, 1, 64, ""},          {2, 6, 2, 17, 97, 80, "causal"},
+                         {1, 3, 1, 129, 129, 128, "alibi"}, {1, 4, 2, 97, 4097, 64, "softcap"},
+                         {1, 2, 2, 129, 17, 256, "sliding_window"}, {2, 4, 4, 200, 200, 64, "document"},
+                         {1, 4, 4, 64, 64, 128, "all_masked"},      {1, 8, 8, 1000, 1000, 128, "prefix_lm"}};
+      for (const C& c : cases) failures += gpu_case(c.B, c.Hq, c.Hkv, c.Lq, c.Lkv, c.D, c.mod, props) ? 0 : 1;
+    } catch (const std::exception& e) {
+      std::printf("  GPU run FAILED: %s\n", e.what());
+      ++failures;
+    }
+  } else {
+    std::printf("  GPU runs: SKIPPED (%s)\n", gpu.c_str());
+  }
   std::printf("cuda selftest: %s (%d failures)\n", failures ? "FAILED" : "ok", failures);
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
