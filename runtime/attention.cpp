@@ -13,6 +13,7 @@
 #include "jit/pipeline.h"
 #include "runtime/bound_mods.h"
 #include "runtime/decode.h"
+#include "runtime/kernel_args.h"
 #include "runtime/launch.h"
 #include "runtime/tuning.h"
 
@@ -67,10 +68,6 @@ void check_inputs(const TensorView& q, const TensorView& k, const TensorView& v,
             "lse must be fp32 [B, Hq, Lq], got " + std::string(dtype_name(lse->dtype)) + " " + dims(*lse));
   }
   if (opt.scale) REQUIRE(std::isfinite(*opt.scale), "scale must be finite");
-}
-
-void copy_dims(fj_i64* dst, const TensorView& t, int n) {
-  for (int i = 0; i < n; ++i) dst[i] = t.strides[i];
 }
 
 // An upper bound on the attention kernel's per-thread stack scratch (FjkTile of the engine in
@@ -227,22 +224,13 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   runtime::BoundMods bound(mods, bind);
 
   FlexPrefillArgs a{};
-  a.q = q.data;
-  a.k = k.data;
-  a.v = v.data;
-  a.out = out.data;
-  a.lse = lse ? static_cast<float*>(lse->data) : nullptr;
+  runtime::set_tensor_args(a, q, k, v, out, lse);
   a.B = B;
   a.Hq = Hq;
   a.Hkv = Hkv;
   a.Lq = Lq;
   a.Lkv = Lkv;
   a.Bkv = k.sizes[0];
-  copy_dims(a.q_strides, q, 4);
-  copy_dims(a.k_strides, k, 4);
-  copy_dims(a.v_strides, v, 4);
-  copy_dims(a.out_strides, out, 4);
-  if (lse) copy_dims(a.lse_strides, *lse, 3);
   a.scale = float(opt.scale ? *opt.scale : 1.0 / std::sqrt(double(q.sizes[3])));
   if (block_mask) a.mask = runtime::kernel_args(*block_mask);
   a.apply_mods = any_mod ? mk.apply : nullptr;

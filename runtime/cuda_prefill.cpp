@@ -7,6 +7,7 @@
 #include "jit/pipeline.h"
 #include "runtime/bound_mods.h"
 #include "runtime/cuda_driver.h"
+#include "runtime/kernel_args.h"
 
 namespace flexjit {
 namespace {
@@ -26,10 +27,6 @@ void check_rows(const TensorView& t, const char* name) {
     throw Error(std::string("CUDA flex_attention: ") + name +
                 "'s rows must start 16-byte aligned (data pointer and outer strides multiples of 8 elements); "
                 "pass " + name + ".contiguous() (and a head dim that is a multiple of 8)");
-}
-
-void copy_strides(const TensorView& t, fj_i64* out, int n) {
-  for (int i = 0; i < n; ++i) out[i] = t.strides[i];
 }
 
 }  // namespace
@@ -133,22 +130,13 @@ CudaPrefillPlan plan_cuda_prefill(const TensorView& q, const TensorView& k, cons
 
   // ---- the parameter block ----
   FlexCudaPrefillArgs& a = p.args;
-  a.q = q.data;
-  a.k = k.data;
-  a.v = v.data;
-  a.out = out.data;
-  a.lse = lse ? static_cast<float*>(lse->data) : nullptr;
+  runtime::set_tensor_args(a, q, k, v, out, lse);
   a.B = B;
   a.Hq = Hq;
   a.Hkv = Hkv;
   a.Lq = Lq;
   a.Lkv = Lkv;
   a.Bkv = Bkv;
-  copy_strides(q, a.q_strides, 4);
-  copy_strides(k, a.k_strides, 4);
-  copy_strides(v, a.v_strides, 4);
-  copy_strides(out, a.out_strides, 4);
-  if (lse) copy_strides(*lse, a.lse_strides, 3);
   a.scale = static_cast<float>(opt.scale ? *opt.scale : 1.0 / std::sqrt(static_cast<double>(D)));
   if (mask && mask->kv_num_blocks) a.mask = *mask;
   a.error_flag = error_flag;

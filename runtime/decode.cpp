@@ -7,6 +7,7 @@
 
 #include "jit/pipeline.h"
 #include "runtime/bound_mods.h"
+#include "runtime/kernel_args.h"
 #include "runtime/launch.h"
 #include "runtime/merge.h"
 #include "runtime/tuning.h"
@@ -21,10 +22,6 @@ double ms_since(Clock::time_point t0) {
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-void copy_strides(fj_i64* dst, const TensorView& t, int n) {
-  for (int i = 0; i < n; ++i) dst[i] = t.strides[i];
-}
 
 // The partial states of a call: reused by every call on this thread, so a decode loop does not
 // fault in fresh pages each step (a few MB per call at long contexts).
@@ -142,22 +139,13 @@ void run_decode(const TensorView& q, const DecodeKv& kv, const TensorView& out, 
   BoundMods bound(mods, bind);
 
   FlexDecodeArgs a{};
-  a.q = q.data;
-  a.k = k.data;
-  a.v = v.data;
-  a.out = out.data;
-  a.lse = lse ? static_cast<float*>(lse->data) : nullptr;
+  set_tensor_args(a, q, k, v, out, lse);
   a.B = B;
   a.Hq = Hq;
   a.Hkv = Hkv;
   a.Lq = Lq;
   a.Lkv = paged ? max_len : k.sizes[2];
   a.Bkv = paged ? 1 : k.sizes[0];
-  copy_strides(a.q_strides, q, 4);
-  copy_strides(a.k_strides, k, 4);
-  copy_strides(a.v_strides, v, 4);
-  copy_strides(a.out_strides, out, 4);
-  if (lse) copy_strides(a.lse_strides, *lse, 3);
   a.scale = float(opt.scale ? *opt.scale : 1.0 / std::sqrt(double(D)));
   std::vector<int32_t> seq_lens32(lens.begin(), lens.end());
   if (paged) {
