@@ -171,4 +171,12 @@ TracedMod instantiate_example(const RegisteredMod& m, const ShapeInfo& shape, st
   return t;
 }
 
+ModSet mod_set_of(const TracedMod& t, ModKind kind) {
+  ModSet mods;
+  (kind == ModKind::Score ? mods.score_mod : mods.mask_mod) = t.expr;
+  mods.buffers = t.buffers;
+  mods.params = t.params;
+  return mods;
+}
+
 }  // namespace flexjit

@@ -68,6 +68,10 @@ std::vector<std::string> builtin_mod_names();  // registered by flexjit itself
 TracedMod parse_mod(const std::string& text, ModKind kind, const std::vector<OwnedTensor>& buffers,
                     const std::vector<std::pair<std::string, double>>& params);
 
+// The ModSet of one mod alone: its expression as the score_mod or mask_mod (by `kind`), with its
+// buffer and param declarations.
+ModSet mod_set_of(const TracedMod& t, ModKind kind);
+
 // Binds a registered mod to example buffers for a shape: its TracedMod with bindings that
 // point into `storage` (which the caller keeps alive).
 TracedMod instantiate_example(const RegisteredMod& m, const ShapeInfo& shape,

@@ -50,9 +50,7 @@ bool gpu_case(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lkv, int64
   } else if (!mod_name.empty()) {
     const RegisteredMod& r = find_mod(mod_name);
     TracedMod t = instantiate_example(r, shape, &storage);
-    (r.kind == ModKind::Score ? mods.score_mod : mods.mask_mod) = t.expr;
-    mods.buffers = t.buffers;
-    mods.params = t.params;
+    mods = mod_set_of(t, r.kind);
     host_bind = t.bindings;
   }
   dev_bind = host_bind;
@@ -129,10 +127,7 @@ int main(int argc, char** argv) {
   for (int pass = 0; pass < 2; ++pass) {
     for (const std::string& name : builtin_mod_names()) {
       const RegisteredMod& r = find_mod(name);
-      ModSet mods;
-      (r.kind == ModKind::Score ? mods.score_mod : mods.mask_mod) = r.mod.expr;
-      mods.buffers = r.mod.buffers;
-      mods.params = r.mod.params;
+      const ModSet mods = mod_set_of(r.mod, r.kind);
       jit::KernelSpec spec;
       spec.backend = jit::Backend::Cuda;
       spec.kind = jit::KernelKind::Prefill;

@@ -12,6 +12,7 @@
 
 #include "jit/instantiate.h"
 #include "jit/nvrtc.h"
+#include "tests/cuda/nvrtc_skip.h"
 #include "jit/parser.h"
 #include "jit/types.h"
 #include "score_mods/registry.h"
@@ -19,11 +20,6 @@
 namespace flexjit::jit {
 namespace {
 
-#define SKIP_WITHOUT_NVRTC()                                                              \
-  do {                                                                                    \
-    std::string why;                                                                      \
-    if (!nvrtc_available(&why)) GTEST_SKIP() << "no NVRTC on this machine: " << why;      \
-  } while (0)
 
 KernelSpec cuda_spec(DType dtype, int d, int dv, const std::string& arch, int group = 1) {
   KernelSpec s;
@@ -42,11 +38,7 @@ KernelSpec cuda_spec(DType dtype, int d, int dv, const std::string& arch, int gr
 
 ModSet mod_set_of(const std::string& name) {
   const RegisteredMod& r = find_mod(name);
-  ModSet mods;
-  (r.kind == ModKind::Score ? mods.score_mod : mods.mask_mod) = r.mod.expr;
-  mods.buffers = r.mod.buffers;
-  mods.params = r.mod.params;
-  return mods;
+  return flexjit::mod_set_of(r.mod, r.kind);
 }
 
 struct Built {

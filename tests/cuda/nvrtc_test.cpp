@@ -2,6 +2,7 @@
 // jit/nvrtc + the CUDA spelling of jit/codegen: CUDA C++ compiled by NVRTC for sm_80 and sm_90,
 // no GPU needed. Without NVRTC every test here is skipped, saying so.
 #include "jit/nvrtc.h"
+#include "tests/cuda/nvrtc_skip.h"
 
 #include <gtest/gtest.h>
 
@@ -17,11 +18,6 @@
 namespace flexjit::jit {
 namespace {
 
-#define SKIP_WITHOUT_NVRTC()                                                 \
-  do {                                                                       \
-    std::string why;                                                         \
-    if (!nvrtc_available(&why)) GTEST_SKIP() << "no NVRTC on this machine: " << why; \
-  } while (0)
 
 const std::vector<std::string> kArchs = {"sm_80", "sm_90"};
 
@@ -122,11 +118,7 @@ std::string probe_source(const ModSet& mods) {
 
 ModSet mod_set_of(const std::string& name) {
   const RegisteredMod& r = find_mod(name);
-  ModSet mods;
-  (r.kind == ModKind::Score ? mods.score_mod : mods.mask_mod) = r.mod.expr;
-  mods.buffers = r.mod.buffers;
-  mods.params = r.mod.params;
-  return mods;
+  return flexjit::mod_set_of(r.mod, r.kind);
 }
 
 TEST(NvrtcMods, EveryBuiltinModCompilesForAmpereAndHopperWithoutSpills) {
