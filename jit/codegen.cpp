@@ -69,8 +69,7 @@ FJ_FN float fj_sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 )";
 
 // CPU-only: the vectorisable math below.
-constexpr const char* kCpuHelpers = R"(
-)"
+constexpr const char* kCpuHelpers =
 // exp, exp2, tanh and sigmoid are inline and branch-free so a mod applied across a row of
 // scores vectorises; libm's expf/tanhf are scalar calls (a softcap mod ran ~6x slower with
 // them). Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then Cephes' degree-6 polynomial
