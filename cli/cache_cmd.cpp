@@ -70,7 +70,7 @@ void warm(const WarmArgs& w) {
         std::snprintf(buf, sizeof(buf), " (%.0f ms)", ms);
         line += (rep.cache == "miss" ? "compiled" : rep.cache == "disk" ? "on disk" : "in memory") +
                 std::string(buf) + " " + rep.symbol + " BLOCK " + std::to_string(rep.block_m) + "x" +
-                std::to_string(rep.block_n) + (rep.amx ? " AMX" : "");
+                std::to_string(rep.block_n) + " " + rep.engine;
       } catch (const std::exception& e) {
         line += std::string("failed: ") + e.what();
         std::lock_guard<std::mutex> lock(out_mu);

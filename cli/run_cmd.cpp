@@ -161,6 +161,9 @@ void run(const RunArgs& a) {
     else if (name == "USE_AMX") {
       if (value != "0" && value != "1") throw Error("--kernel-option USE_AMX must be 0 or 1, got '" + value + "'");
       opt.use_amx = value == "1" ? 1 : 0;
+    } else if (name == "USE_DPBF16") {
+      if (value != "0" && value != "1") throw Error("--kernel-option USE_DPBF16 must be 0 or 1, got '" + value + "'");
+      opt.use_dpbf16 = value == "1" ? 1 : 0;
     } else if (name == "PARTITION_SIZE") {
       opt.partition_size = parse_positive("--kernel-option PARTITION_SIZE", value);
     } else if (name == "FORCE_USE_FLEX_ATTENTION") {
@@ -169,7 +172,7 @@ void run(const RunArgs& a) {
       opt.force_prefill = value == "1";
     } else {
       throw Error("unknown --kernel-option " + name +
-                  "; known: BLOCK_M, BLOCK_N, USE_AMX, PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION");
+                  "; known: BLOCK_M, BLOCK_N, USE_AMX, USE_DPBF16, PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION");
     }
   }
 
@@ -258,7 +261,7 @@ void run(const RunArgs& a) {
       j["kernels"].push_back({{"role", k.role}, {"symbol", k.symbol}, {"key", k.key}, {"cache", k.cache},
                               {"compile_ms", k.compile_ms}, {"load_ms", k.load_ms}});
     j["knobs"] = {{"BLOCK_M", rep.block_m}, {"BLOCK_N", rep.block_n}, {"GQA_GROUP", rep.gqa_group}, {"PACK_GQA", rep.pack_gqa}, {"AMX", rep.amx},
-                  {"HEAD_DIM", q.view.sizes[3]}, {"HEAD_DIM_V", Dv}};
+                  {"ENGINE", rep.engine}, {"HEAD_DIM", q.view.sizes[3]}, {"HEAD_DIM_V", Dv}};
     if (rep.path == "decode") j["knobs"]["PARTITION_SIZE"] = rep.partition_size;
     j["shape"] = {{"B", B}, {"Hq", Hq}, {"Hkv", Hkv}, {"Lq", Lq}, {"Lkv", Lkv}};
     if (paged)
@@ -307,7 +310,7 @@ void add_run_command(CLI::App& app) {
   cmd->add_option("--device", a->device, "cpu (default) or cuda (needs a GPU and the CUDA launch path, not built yet: a clear error until then)");
   cmd->add_option("--block-size", a->block_size, "BlockMask block size: N or QxKV (default 128)");
   cmd->add_option("--kernel-option", a->kernel_options, "NAME=VALUE kernel knob: BLOCK_M, BLOCK_N, USE_AMX (0/1), "
-                                                          "PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION (0/1)");
+                                                          "USE_DPBF16 (0/1), PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION (0/1)");
   cmd->add_option("--report", a->report, "write a JSON report of what ran");
   cmd->add_option("--threads", a->threads, "worker threads (default: all cores)");
   cmd->add_flag("--check", a->check, "spot-check the result against a float64 reference");

@@ -43,8 +43,7 @@ std::string spec_defines(const KernelSpec& s, const std::string& symbol) {
        << "#define HEAD_DIM_V " << s.head_dim_v << "\n"
        << "#define BLOCK_M " << s.block_m << "\n"
        << "#define BLOCK_N " << s.block_n << "\n"
-       << "#define GQA_GROUP " << s.gqa_group << "\n"
-       << "#define FLEXJIT_AMX " << (s.amx ? 1 : 0) << "\n";
+       << "#define GQA_GROUP " << s.gqa_group << "\n";
     if (is_cuda(s)) os << "#define FLEXJIT_KV_STAGES " << s.kv_stages << "\n";
   }
   os << "#define FLEXJIT_ENTRY " << symbol << "\n";
@@ -63,7 +62,7 @@ std::vector<std::string> template_files(const KernelSpec& s) {
     return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/elem.h", "templates/cpu/decode_dot.h",
             "templates/cpu/flash_decode.h"};
   return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/elem.h", "templates/cpu/prefill_item.h",
-          s.amx ? "templates/cpu/prefill_amx.h" : "templates/cpu/prefill_fma.h", "templates/cpu/flash_prefill.h"};
+          std::string("templates/cpu/prefill_") + engine_name(s.engine) + ".h", "templates/cpu/flash_prefill.h"};
 }
 
 int cuda_prefill_smem_bytes(const KernelSpec& s) {
@@ -79,7 +78,7 @@ std::string KernelSpec::str() const {
   if (kind != KernelKind::Mods)
     os << " " << dtype_name(dtype) << " HEAD_DIM=" << head_dim << " HEAD_DIM_V=" << head_dim_v
        << " BLOCK_M=" << block_m << " BLOCK_N=" << block_n << " GQA_GROUP=" << gqa_group
-       << " ENGINE=" << (backend == Backend::Cuda ? "mma" : kind == KernelKind::Decode ? "dot" : amx ? "amx" : "fma");
+       << " ENGINE=" << (backend == Backend::Cuda ? "mma" : kind == KernelKind::Decode ? "dot" : engine_name(engine));
   if (backend == Backend::Cuda) os << " ARCH=" << arch << " KV_STAGES=" << kv_stages;
   return os.str();
 }
@@ -119,10 +118,14 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods) {
 Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string& templates_hash) {
   if (spec.kind != KernelKind::Mods) {
     dtype_code(spec.dtype);
-    if (spec.kind == KernelKind::Decode && (spec.amx || spec.block_n % 16 != 0 || spec.block_m < 1))
-      throw Error("the decode kernel needs BLOCK_N a multiple of 16, BLOCK_M >= 1 and no AMX, got " + spec.str());
-    if (spec.amx && (spec.dtype != DType::BF16 || spec.block_n % 32 != 0))
+    const bool fma = spec.engine == PrefillEngine::Fma;
+    if (spec.kind == KernelKind::Decode && (!fma || spec.block_n % 16 != 0 || spec.block_m < 1))
+      throw Error("the decode kernel needs BLOCK_N a multiple of 16, BLOCK_M >= 1 and the default engine, got " +
+                  spec.str());
+    if (spec.engine == PrefillEngine::Amx && (spec.dtype != DType::BF16 || spec.block_n % 32 != 0))
       throw Error("the AMX engine needs bf16 and BLOCK_N a multiple of 32, got " + spec.str());
+    if (spec.engine == PrefillEngine::Dpbf16 && spec.dtype != DType::BF16)
+      throw Error("the vdpbf16ps engine needs bf16, got " + spec.str());
     if (spec.head_dim < 1 || spec.head_dim > 256 || spec.head_dim_v < 1 || spec.head_dim_v > 256)
       throw Error("head dims D=" + std::to_string(spec.head_dim) + ", Dv=" + std::to_string(spec.head_dim_v) +
                   " are not supported on CPU; D and Dv must be in 1..256");
@@ -137,7 +140,8 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
       throw Error("the CUDA prefill kernel needs D and Dv multiples of 8 (16-byte rows), got D=" +
                   std::to_string(spec.head_dim) + ", Dv=" + std::to_string(spec.head_dim_v));
     if (spec.block_m % 16 != 0 || spec.block_m < 16 || spec.block_m > 128 || spec.block_n % 16 != 0 ||
-        spec.block_n < 16 || spec.block_n > 256 || (spec.kv_stages != 1 && spec.kv_stages != 2) || spec.amx)
+        spec.block_n < 16 || spec.block_n > 256 || (spec.kv_stages != 1 && spec.kv_stages != 2) ||
+        spec.engine != PrefillEngine::Fma)
       throw Error("CUDA prefill blocks: BLOCK_M a multiple of 16 in 16..128, BLOCK_N a multiple of 16 in "
                   "16..256, KV stages 1 or 2, no AMX; got " + spec.str());
     if (spec.arch.empty()) throw Error("a CUDA kernel spec needs an arch (sm_80, sm_90, ...)");
@@ -166,7 +170,8 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
   if (spec.kind != KernelKind::Mods)
     sym << "_" << dtype_name(spec.dtype) << "_d" << spec.head_dim
         << (spec.head_dim_v != spec.head_dim ? "_dv" + std::to_string(spec.head_dim_v) : "") << "_m"
-        << spec.block_m << "_n" << spec.block_n << "_g" << spec.gqa_group << (spec.amx ? "_amx" : "")
+        << spec.block_m << "_n" << spec.block_n << "_g" << spec.gqa_group
+        << (spec.engine != PrefillEngine::Fma ? std::string("_") + engine_name(spec.engine) : "")
         << (is_cuda(spec) ? "_" + spec.arch : "");
   sym << "_" << inst.key.substr(0, 8);
   inst.symbol = sym.str();

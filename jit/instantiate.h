@@ -33,7 +33,8 @@ struct KernelSpec {
   int block_m = 32;          // BLOCK_M
   int block_n = 64;          // BLOCK_N
   int gqa_group = 1;         // GQA_GROUP = Hq / Hkv
-  bool amx = false;          // bf16 matmuls on AMX tiles (templates/cpu/prefill_amx.h); Prefill only
+  // CPU Prefill: the matmul engine (templates/cpu/prefill_<engine>.h); Amx and Dpbf16 are bf16 only.
+  PrefillEngine engine = PrefillEngine::Fma;
   Backend backend = Backend::Cpu;
   std::string arch;   // Cuda: "sm_80", "sm_90", ... (what NVRTC compiles for)
   int kv_stages = 2;  // Cuda: K/V shared-memory stages (FLEXJIT_KV_STAGES: 1 or 2)

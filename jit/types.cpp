@@ -6,6 +6,18 @@
 
 namespace flexjit {
 
+const char* engine_name(PrefillEngine e) {
+  switch (e) {
+    case PrefillEngine::Fma:
+      return "fma";
+    case PrefillEngine::Amx:
+      return "amx";
+    case PrefillEngine::Dpbf16:
+      return "dpbf16";
+  }
+  return "?";
+}
+
 const char* dtype_name(DType t) {
   switch (t) {
     case DType::F32: return "fp32";

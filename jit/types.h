@@ -14,6 +14,11 @@ const char* dtype_name(DType t);      // "fp32", "fp16", "bf16", "fp64", "int32"
 int dtype_size(DType t);              // bytes per element
 bool dtype_is_float(DType t);
 
+// The CPU prefill kernel's matmul engine, templates/cpu/prefill_<name>.h: AVX-512 FMAs on fp32
+// (every dtype), AMX tiles (bf16), or AVX512-BF16 vdpbf16ps (bf16, hosts without AMX).
+enum class PrefillEngine : uint8_t { Fma, Amx, Dpbf16 };
+const char* engine_name(PrefillEngine e);  // "fma", "amx", "dpbf16"
+
 // A strided view of memory owned by someone else (a tensor, an npy buffer).
 // Strides are in elements, not bytes. Rank <= 4.
 struct TensorView {

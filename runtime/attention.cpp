@@ -71,20 +71,35 @@ void check_inputs(const TensorView& q, const TensorView& k, const TensorView& v,
 }
 
 // An upper bound on the attention kernel's per-thread stack scratch (FjkTile of the engine in
-// templates/cpu/prefill_fma.h or prefill_amx.h). FMA: query rows padded to 16, KV rows and output
-// features padded to a register group of at most 24, packed rows padded to 16 plus one cache
-// line. AMX: query rows padded to 16, D and Dv to 32; fp32 S^T and O, bf16 K, P and VNNI Q, V.
+// templates/cpu/prefill_<engine>.h). FMA: query rows padded to 16, KV rows and output features
+// padded to a register group of at most 24, packed rows padded to 16 plus one cache line. AMX:
+// query rows padded to 16, D and Dv to 32; fp32 S^T and O, bf16 K, P and VNNI Q, V. vdpbf16ps:
+// the FMA engine's shapes with Q, K, P and V held as bf16 pairs (dwords).
 // The templates static_assert 1 MiB; checking here turns a compile error into a plain message.
-int64_t tile_scratch_bound(int64_t D, int64_t Dv, int64_t bm, int64_t bn, bool amx) {
+int64_t tile_scratch_bound(int64_t D, int64_t Dv, int64_t bm, int64_t bn, PrefillEngine engine) {
   auto up = [](int64_t x, int64_t g) { return (x + g - 1) / g * g; };
   const int64_t mp = up(bm, 16);
-  if (amx) {
+  if (engine == PrefillEngine::Amx) {
     const int64_t dp = up(D, 32), dvp = up(Dv, 32);
     return 2 * dp * mp + 4 * bn * mp + 2 * bn * dp + 2 * mp * bn + 2 * bn * dvp + 4 * mp * dvp + 4096;
   }
   const int64_t np = bn + 23, dvp = Dv + 23;
+  if (engine == PrefillEngine::Dpbf16) {
+    const int64_t dpairs = (D + 1) / 2, npairs = (bn + 1) / 2;
+    const int64_t dwords = dpairs * mp + np * mp + npairs * mp + dvp * mp + np * (up(dpairs, 16) + 16) +
+                           npairs * (up(dvp, 16) + 16);
+    return dwords * 4 + 4096;
+  }
   const int64_t floats = D * mp + np * mp + dvp * mp + np * (up(D, 16) + 16) + bn * (up(dvp, 16) + 16);
   return floats * 4 + 4096;  // + the softmax state vectors and alignment
+}
+
+// FLEXJIT_DPBF16: "0" refuses the vdpbf16ps engine, "1" prefers it over AMX; else -1 (auto).
+int dpbf16_env() {
+  const char* env = std::getenv("FLEXJIT_DPBF16");
+  if (!env) return -1;
+  const std::string v = env;
+  return v == "0" ? 0 : v == "1" ? 1 : -1;
 }
 
 }  // namespace
@@ -110,6 +125,36 @@ bool amx_available(std::string* why) {
   return reason.empty();
 }
 
+bool dpbf16_available(std::string* why) {
+  static const std::string reason = [] {
+    for (const char* f : {"avx512bf16", "avx512bw"})
+      if (!jit::host_has_feature(f)) return std::string("the CPU lacks ") + f;
+    return std::string();
+  }();
+  const std::string r = dpbf16_env() == 0 ? std::string("FLEXJIT_DPBF16=0 is set") : reason;
+  if (why) *why = r;
+  return r.empty();
+}
+
+PrefillEngine preferred_prefill_engine(DType dtype, const AttentionOptions& opt) {
+  const bool bf16 = dtype == DType::BF16;
+  // An explicit USE_AMX=1 outranks the environment's preference for vdpbf16ps.
+  const int want_dp = opt.use_dpbf16 >= 0 ? opt.use_dpbf16 : opt.use_amx == 1 ? -1 : dpbf16_env();
+  REQUIRE(!(opt.use_amx == 1 && want_dp == 1),
+          "USE_AMX=1 and USE_DPBF16=1 each require a different engine; set one of them");
+  REQUIRE(opt.use_amx != 1 || bf16, std::string("USE_AMX=1 needs bf16 inputs, got ") + dtype_name(dtype));
+  REQUIRE(opt.use_dpbf16 != 1 || bf16, std::string("USE_DPBF16=1 needs bf16 inputs, got ") + dtype_name(dtype));
+  if (!bf16) return PrefillEngine::Fma;
+  std::string no_amx, no_dp;
+  const bool amx_ok = opt.use_amx != 0 && want_dp != 1 && amx_available(&no_amx);
+  const bool dp_ok = want_dp != 0 && dpbf16_available(&no_dp);
+  REQUIRE(opt.use_amx != 1 || amx_ok, "USE_AMX=1 but " + no_amx);
+  REQUIRE(want_dp != 1 || dp_ok,
+          (opt.use_dpbf16 == 1 ? "USE_DPBF16=1" : "FLEXJIT_DPBF16=1") + std::string(" but ") + no_dp +
+              "; leave it unset to use the engine the host has");
+  return amx_ok ? PrefillEngine::Amx : dp_ok ? PrefillEngine::Dpbf16 : PrefillEngine::Fma;
+}
+
 // FMA engine: 64 x 64 measured ~20% faster than 32 x 64 at long sequences on this CPU (fp32 and
 // bf16, D 64 and 128). Query rows are padded to BLOCK_M, so short queries (decode: Lq = 1) take
 // the smallest tile of one 16-lane vector, with longer KV blocks to amortise the per-block work:
@@ -117,9 +162,10 @@ bool amx_available(std::string* why) {
 // AMX engine (bf16): each block's accumulator tiles go through memory once, and K and V stream
 // once per query block, so larger blocks pay: 128 x 128 ran 0.74x the time of 64 x 64 at
 // D=128 L=4096 (256 x 128 and 128 x 256 gained nothing more). The autotuner will replace this.
-void default_blocks(int head_dim, DType dtype, int64_t q_len, int* block_m, int* block_n, bool amx) {
+void default_blocks(int head_dim, DType dtype, int64_t q_len, int* block_m, int* block_n, PrefillEngine engine) {
   (void)head_dim;
   (void)dtype;
+  const bool amx = engine == PrefillEngine::Amx;
   *block_m = q_len <= 16 ? 16 : q_len <= 32 ? 32 : q_len <= 64 || !amx ? 64 : 128;
   *block_n = q_len <= 16 || amx ? 128 : 64;
 }
@@ -137,12 +183,8 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
     return;
   }
   AttentionReport rep;
-  // bf16 runs its matmuls on AMX tiles where it can (see amx_available).
-  std::string no_amx_why;
-  const bool amx_ok = q.dtype == DType::BF16 && opt.use_amx != 0 && amx_available(&no_amx_why);
-  REQUIRE(opt.use_amx != 1 || q.dtype == DType::BF16,
-          std::string("USE_AMX=1 needs bf16 inputs, got ") + dtype_name(q.dtype));
-  REQUIRE(opt.use_amx != 1 || amx_ok, "USE_AMX=1 but " + no_amx_why);
+  // bf16 runs its matmuls on AMX tiles where it can, else on vdpbf16ps where it can.
+  const PrefillEngine preferred = preferred_prefill_engine(q.dtype, opt);
   const int64_t B = q.sizes[0], Hq = q.sizes[1], Lq = q.sizes[2], Hkv = k.sizes[1], Lkv = k.sizes[2];
   // A mask built for this call broadcasts over batch / heads its mask_mod does not read.
   const bool mask_reads_b = mods.has_mask_mod() && ir::uses_var(mods.mask_mod, ir::Var::B);
@@ -163,7 +205,7 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   shape.lkv = Lkv;
   shape.units = B * (pack_gqa ? Hkv : Hq);
   shape.pack_gqa = pack_gqa;
-  shape.amx = amx_ok;
+  shape.engine = preferred;
   shape.threads = runtime::planned_threads(opt);
   const runtime::PrefillKnobs knobs = runtime::plan_prefill(shape, opt);
   int bm = knobs.block_m, bn = knobs.block_n;
@@ -175,10 +217,15 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
     if (!opt.block_n && block_mask->kv_block_size % bn) bn = int(std::gcd(int64_t(bn), block_mask->kv_block_size));
     runtime::check_block_mask(*block_mask, q.sizes[0], q.sizes[1], q.sizes[2], k.sizes[2], bm, bn, "flex_attention");  // before anything compiles
   }
-  // The AMX engine pairs KV rows by 32 (P V's left operand).
-  const bool amx = amx_ok && bn % 32 == 0;
-  REQUIRE(amx || opt.use_amx != 1, "USE_AMX=1 needs BLOCK_N to be a multiple of 32, got " + std::to_string(bn));
-  const int64_t scratch = tile_scratch_bound(q.sizes[3], v.sizes[3], bm, bn, amx);
+  // The AMX engine pairs KV rows by 32 (P V's left operand); other blocks fall back to
+  // vdpbf16ps where the host has it.
+  PrefillEngine engine = preferred;
+  if (engine == PrefillEngine::Amx && bn % 32 != 0) {
+    REQUIRE(opt.use_amx != 1, "USE_AMX=1 needs BLOCK_N to be a multiple of 32, got " + std::to_string(bn));
+    engine = opt.use_dpbf16 != 0 && dpbf16_available() ? PrefillEngine::Dpbf16 : PrefillEngine::Fma;
+  }
+  const bool amx = engine == PrefillEngine::Amx;
+  const int64_t scratch = tile_scratch_bound(q.sizes[3], v.sizes[3], bm, bn, engine);
   REQUIRE(scratch <= (int64_t(1) << 20),
           "BLOCK_M x BLOCK_N = " + std::to_string(bm) + "x" + std::to_string(bn) + " with D=" +
               std::to_string(q.sizes[3]) + ", Dv=" + std::to_string(v.sizes[3]) + " needs up to " +
@@ -196,7 +243,7 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   spec.block_m = bm;
   spec.block_n = bn;
   spec.gqa_group = int(group);
-  spec.amx = amx;
+  spec.engine = engine;
   const bool any_mod = mods.has_score_mod() || mods.has_mask_mod();
   jit::KernelSpec mods_spec;
   mods_spec.kind = jit::KernelKind::Mods;
@@ -256,6 +303,7 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
     rep.gqa_group = int(group);
     rep.pack_gqa = pack_gqa;
     rep.amx = amx;
+    rep.engine = engine_name(engine);
     rep.dtype = dtype_name(q.dtype);
     *report = rep;
   }

@@ -32,6 +32,11 @@ struct AttentionOptions {
   // state (and FLEXJIT_AMX is not 0), 0 = never, 1 = required (an error where unavailable).
   // Needs BLOCK_N a multiple of 32; other dtypes always use the FMA engine.
   int use_amx = -1;
+  // bf16 matmuls on AVX512-BF16's vdpbf16ps (templates/cpu/prefill_dpbf16.h), the engine for
+  // hosts without AMX: -1 = where the host has AVX512-BF16 and AMX is not used (and
+  // FLEXJIT_DPBF16 is not 0; FLEXJIT_DPBF16=1 prefers it over AMX), 0 = never, 1 = required,
+  // over AMX too (an error where unavailable). The kernel option USE_DPBF16.
+  int use_dpbf16 = -1;
   // Runs body over [0, n) split into chunks, on some thread pool; unset: TBB (num_threads
   // workers). The torch layer passes at::parallel_for, so a call shares torch's OpenMP threads
   // instead of competing with them (their spin-waits slowed a call right after SDPA by ~25%).
@@ -69,6 +74,7 @@ struct AttentionReport {
   int block_m = 0, block_n = 0, gqa_group = 1;
   bool pack_gqa = false;     // a tile held a GQA group's query heads (decode-like calls)
   bool amx = false;          // the attention kernel ran its matmuls on AMX tiles
+  std::string engine = "fma";  // the attention kernel's matmul engine: fma, amx, dpbf16 (prefill) or dot (decode)
   std::string dtype;
   std::string symbol, key, source_path;
   std::string block_mask;    // BlockMask::describe() of the mask used, if any
@@ -82,7 +88,7 @@ struct AttentionReport {
 //
 // Dispatch: the call runs the flash-decoding kernel (templates/cpu/flash_decode.h: KV split into
 // partitions that run in parallel, merged after) when Lq <= 16, opt.force_prefill is off,
-// opt.use_amx is not 1 (the AMX engine is the prefill kernel's), the last dims of k and v are
+// neither opt.use_amx nor opt.use_dpbf16 is 1 (those engines are the prefill kernel's), the last dims of k and v are
 // contiguous and a given block_mask has q_block_size >= Lq and a kv_block_size that is a
 // multiple of 16; otherwise the prefill kernel (flash_prefill.h).
 void flex_attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
@@ -111,8 +117,18 @@ void paged_flex_attention(const TensorView& q, const TensorView& k_cache, const 
 // does not say FLEXJIT_AMX=0. `why` (optional) gets the reason when it cannot.
 bool amx_available(std::string* why = nullptr);
 
+// Whether bf16 kernels can use vdpbf16ps: the host CPU has AVX512-BF16 and AVX512-BW, and the
+// environment does not say FLEXJIT_DPBF16=0. `why` (optional) gets the reason when it cannot.
+bool dpbf16_available(std::string* why = nullptr);
+
+// The engine a prefill call on `dtype` asks for before its blocks are known (the AMX engine
+// then still needs BLOCK_N a multiple of 32): the options and FLEXJIT_DPBF16 resolved against
+// the host. Throws flexjit::Error when an option requires an engine that cannot run.
+PrefillEngine preferred_prefill_engine(DType dtype, const AttentionOptions& opt);
+
 // The prefill kernel's default block sizes (the cost model, when the tuning database has no
-// entry) for a head dim, dtype and query length, for the FMA engine or (amx) the AMX one.
-void default_blocks(int head_dim, DType dtype, int64_t q_len, int* block_m, int* block_n, bool amx = false);
+// entry) for a head dim, dtype, query length and engine.
+void default_blocks(int head_dim, DType dtype, int64_t q_len, int* block_m, int* block_n,
+                    PrefillEngine engine = PrefillEngine::Fma);
 
 }  // namespace flexjit

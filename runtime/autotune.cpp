@@ -70,7 +70,7 @@ PrefillShape prefill_shape(const TuneRequest& r, int64_t lkv) {
   s.lkv = lkv;
   s.pack_gqa = s.gqa_group > 1 && r.lq <= 16;
   s.units = r.batch * (s.pack_gqa ? r.kv_heads : r.heads);
-  s.amx = r.dtype == DType::BF16 && amx_available();
+  s.engine = preferred_prefill_engine(r.dtype, AttentionOptions{});
   AttentionOptions opt;
   opt.num_threads = r.threads;
   s.threads = runtime::planned_threads(opt);
@@ -157,7 +157,7 @@ std::vector<TuneCandidate> prefill_candidates(const PrefillShape& s) {
   std::vector<TuneCandidate> out;
   for (int bm : {16, 32, 64, 128})
     for (int bn : {32, 64, 128, 256})
-      if (!s.amx || bn % 32 == 0) out.push_back({bm, bn, 0, 0, ""});
+      if (s.engine != PrefillEngine::Amx || bn % 32 == 0) out.push_back({bm, bn, 0, 0, ""});
   return out;
 }
 

@@ -35,8 +35,8 @@ float* workspace(size_t floats) {
 
 bool decode_applies(const TensorView& q, const TensorView& k, const TensorView& v, const BlockMask* block_mask,
                     const AttentionOptions& opt) {
-  // USE_AMX=1 asks for the prefill kernel's AMX engine; the decode kernel has none.
-  if (opt.force_prefill || opt.use_amx == 1 || q.sizes[2] > 16) return false;
+  // USE_AMX=1 and USE_DPBF16=1 ask for prefill kernel engines; the decode kernel has its own.
+  if (opt.force_prefill || opt.use_amx == 1 || opt.use_dpbf16 == 1 || q.sizes[2] > 16) return false;
   if (k.strides[3] != 1 || v.strides[3] != 1) return false;
   if (block_mask && (block_mask->q_block_size < q.sizes[2] || block_mask->kv_block_size % 16 != 0)) return false;
   return true;
@@ -222,6 +222,7 @@ void run_decode(const TensorView& q, const DecodeKv& kv, const TensorView& out, 
     rep.gqa_group = int(group);
     rep.pack_gqa = pack;
     rep.amx = false;
+    rep.engine = "dot";
     rep.dtype = dtype_name(q.dtype);
     *report = rep;
   }

@@ -165,13 +165,13 @@ TuningBucket prefill_bucket(const PrefillShape& s) {
   b.lkv = s.lkv;
   b.work = s.units;
   b.threads = s.threads;
-  b.engine = s.amx ? "amx" : "fma";
+  b.engine = engine_name(s.engine);
   return b;
 }
 
 PrefillKnobs default_prefill_knobs(const PrefillShape& s) {
   PrefillKnobs k;
-  flexjit::default_blocks(s.head_dim, s.dtype, s.lq, &k.block_m, &k.block_n, s.amx);
+  flexjit::default_blocks(s.head_dim, s.dtype, s.lq, &k.block_m, &k.block_n, s.engine);
   if (s.pack_gqa) {  // the tile holds group * Lq rows: pad them to one, two or four vectors
     const int64_t rows = s.gqa_group * s.lq;
     k.block_m = rows <= 16 ? 16 : rows <= 32 ? 32 : 64;
@@ -185,7 +185,7 @@ PrefillKnobs plan_prefill(const PrefillShape& s, const AttentionOptions& opt) {
   if (!opt.block_m && !opt.block_n && opt.use_tuning) {
     if (auto t = TuningDb::global().lookup(prefill_bucket(s))) {
       const bool ok = t->block_m >= 1 && t->block_m <= 256 && t->block_n >= 1 && t->block_n <= 512 &&
-                      (!s.amx || t->block_n % 32 == 0);
+                      (s.engine != PrefillEngine::Amx || t->block_n % 32 == 0);
       if (ok) {
         k.block_m = t->block_m;
         k.block_n = t->block_n;

@@ -71,7 +71,8 @@ struct PrefillShape {
   int64_t lq = 1, lkv = 1;
   int64_t units = 1;      // B * (Hkv if the GQA group shares a tile, else Hq)
   bool pack_gqa = false;  // a tile holds a GQA group's (head, query) rows
-  bool amx = false;       // bf16 on AMX tiles is possible (BLOCK_N must then be a multiple of 32)
+  // The preferred engine (preferred_prefill_engine); Amx needs BLOCK_N a multiple of 32.
+  PrefillEngine engine = PrefillEngine::Fma;
   int threads = 1;
 };
 

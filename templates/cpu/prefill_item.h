@@ -39,3 +39,42 @@ static inline fjk_elem* fjk_out_row(const struct FlexPrefillArgs* a, const struc
   return (fjk_elem*)a->out + it->b * a->out_strides[0] + fjk_row_head(it, m) * a->out_strides[1] +
          fjk_row_q(it, m) * a->out_strides[2];
 }
+
+// ---- prefetching the next block (the FMA and vdpbf16ps engines) ----
+// K and V stream from L3 (a head's K and V outgrow L2 at a few thousand rows) once per work
+// item, and a plain pack loop would wait on every line. While one block is computed, each
+// micro-kernel call prefetches (into L2) a share of the next block's rows, one cache line per
+// inner step: K during Q K^T, V during P V. The next pack then reads from L2.
+struct FjkPrefetch {
+  const char* base;  // first row of the next block
+  fj_i64 stride;     // row stride in bytes
+  int rows;          // rows to prefetch (0: none)
+};
+static inline struct FjkPrefetch fjk_prefetch_plan(const fjk_elem* rows, fj_i64 s_row,
+                                                   fj_i64 s_col, fj_i64 first, fj_i64 Lkv) {
+  struct FjkPrefetch pf = {nullptr, 0, 0};
+  if (first < 0 || first >= Lkv || s_col != 1) return pf;  // no next block / not row-contiguous
+  pf.base = (const char*)(rows + first * s_row);
+  pf.stride = s_row * (fj_i64)sizeof(fjk_elem);
+  pf.rows = Lkv - first < BLOCK_N ? (int)(Lkv - first) : BLOCK_N;
+  return pf;
+}
+// The share of one micro-kernel call: rows [r0, r0 + n) of the plan, kWidth elements each,
+// one line per step i < lines.
+template <int kWidth>
+struct FjkPrefetchShare {
+  static constexpr int kLinesPerRow = (kWidth * (int)sizeof(fjk_elem) + 63) / 64;
+  const char* base;
+  fj_i64 stride;
+  int lines;
+  FjkPrefetchShare(const struct FjkPrefetch* pf, int r0, int n)
+      : base(pf->base), stride(pf->stride) {
+    const int rows = pf->rows - r0 < n ? pf->rows - r0 : n;
+    lines = rows > 0 ? rows * kLinesPerRow : 0;
+    base += r0 * stride;
+  }
+  void step(int i) const {
+    if (i < lines)
+      __builtin_prefetch(base + (i / kLinesPerRow) * stride + (i % kLinesPerRow) * 64, 0, 2);
+  }
+};

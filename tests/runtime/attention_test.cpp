@@ -27,6 +27,7 @@ struct Case {
   int block_m = 0, block_n = 0;     // kernel options (0 = default)
   int64_t mask_block = 0;           // BlockMask block size (0 = default)
   int use_amx = -1;                 // AttentionOptions::use_amx (1: skipped where AMX is unavailable)
+  int use_dpbf16 = -1;              // AttentionOptions::use_dpbf16 (1: skipped without AVX512-BF16)
   double scale = 0;                 // 0 = the default 1/sqrt(D)
   bool force_prefill = false;       // FORCE_USE_FLEX_ATTENTION: the prefill kernel even for decode shapes
 };
@@ -48,6 +49,7 @@ std::string name_of(const Case& c) {
   if (c.block_m) n += "_bm" + std::to_string(c.block_m) + "x" + std::to_string(c.block_n);
   if (c.mask_block) n += "_mb" + std::to_string(c.mask_block);
   if (c.use_amx >= 0) n += "_amx" + std::to_string(c.use_amx);
+  if (c.use_dpbf16 >= 0) n += "_dpbf16" + std::to_string(c.use_dpbf16);
   if (c.scale != 0) n += c.scale < 0 ? "_negscale" : "_scale";
   if (c.force_prefill) n += "_prefill";
   return n;
@@ -60,6 +62,8 @@ void run_case(const Case& c) {
   SCOPED_TRACE(name_of(c));
   std::string no_amx;
   if (c.use_amx == 1 && !amx_available(&no_amx)) GTEST_SKIP() << "AMX engine not testable here: " << no_amx;
+  if (c.use_dpbf16 == 1 && !dpbf16_available(&no_amx))
+    GTEST_SKIP() << "vdpbf16ps engine not testable here: " << no_amx;
   OwnedTensor q = make_tensor(c.dtype, c.B, c.Hq, c.Lq, c.D, c.strided, 11);
   OwnedTensor k = make_tensor(c.dtype, c.Bkv, c.Hkv, c.Lkv, c.D, c.strided, 22);
   OwnedTensor v = make_tensor(c.dtype, c.Bkv, c.Hkv, c.Lkv, c.Dv, c.strided, 33);
@@ -78,6 +82,7 @@ void run_case(const Case& c) {
   opt.block_m = c.block_m;
   opt.block_n = c.block_n;
   opt.use_amx = c.use_amx;
+  opt.use_dpbf16 = c.use_dpbf16;
   if (c.scale != 0) opt.scale = c.scale;
   opt.force_prefill = c.force_prefill;
   runtime::BlockMask mask;
@@ -89,7 +94,9 @@ void run_case(const Case& c) {
   AttentionReport rep;
   flex_attention(q.view, k.view, v.view, out.view, &lse.view, mods, bind, mp, opt, &rep);
   if (c.use_amx >= 0) EXPECT_EQ(rep.amx, c.use_amx == 1) << "engine";
-  const bool decode = c.Lq <= 16 && !c.force_prefill && c.use_amx != 1 &&
+  if (c.use_amx == 0 && c.use_dpbf16 >= 0 && rep.path == "prefill")
+    EXPECT_EQ(rep.engine, c.use_dpbf16 == 1 ? "dpbf16" : "fma");
+  const bool decode = c.Lq <= 16 && !c.force_prefill && c.use_amx != 1 && c.use_dpbf16 != 1 &&
                       (!mp || (mp->q_block_size >= c.Lq && mp->kv_block_size % 16 == 0));
   EXPECT_EQ(rep.path, decode ? "decode" : "prefill") << "the dispatch rule";
 
@@ -263,17 +270,20 @@ std::vector<Case> special_cases() {
 INSTANTIATE_TEST_SUITE_P(Special, Numerics, ::testing::ValuesIn(special_cases()),
                          [](const auto& info) { return name_of(info.param); });
 
-// The bf16 engines side by side: AMX tiles (use_amx 1, skipped visibly on hosts without AMX) and
-// the FMA engine (0). Shapes that hit the AMX engine's padding and fallbacks: D and Dv not
-// multiples of 32 (K packed, not read in place), strided K/V (scalar packing), an odd number of
-// 16-row query tiles (BLOCK_M 48), BLOCK_N 32, KV tails, long decode with GQA packing, fully
-// masked rows, D 256, a negative scale (scores scaled before the softmax) and buffer-reading mods.
+// The bf16 engines side by side: AMX tiles (use_amx 1, skipped visibly on hosts without AMX),
+// vdpbf16ps (use_dpbf16 1, skipped visibly without AVX512-BF16) and the FMA engine (both 0).
+// Shapes that hit the engines' padding and fallbacks: D and Dv not multiples of 32 (K packed,
+// not read in place), odd D and Dv (half-empty bf16 pairs), strided K/V (scalar packing), an odd
+// number of 16-row query tiles (BLOCK_M 48), BLOCK_N 32 and odd BLOCK_N, KV tails of odd
+// length, long decode with GQA packing, fully masked rows, D 256, a negative scale (scores
+// scaled before the softmax) and buffer-reading mods.
 std::vector<Case> amx_cases() {
   std::vector<Case> out;
-  for (int amx : {1, 0}) {
+  for (auto [amx, dp] : {std::pair{1, -1}, std::pair{0, 1}, std::pair{0, 0}}) {
     Case c;
     c.dtype = DType::BF16;
     c.use_amx = amx;
+    c.use_dpbf16 = dp;
     c.Hq = c.Hkv = 2;
     Case x = c;
     x.D = x.Dv = 128;
@@ -319,6 +329,24 @@ std::vector<Case> amx_cases() {
     x.scale = 0.3;
     x.mask_mod = "document";
     out.push_back(x);
+    if (amx == 0) {  // odd head dims and blocks (the AMX engine needs BLOCK_N % 32 == 0)
+      x = c;
+      x.D = 33;
+      x.Dv = 17;
+      x.Lq = 97;
+      x.Lkv = 131;
+      x.block_m = 32;
+      x.block_n = 17;
+      x.score_mod = "rel_pos";
+      out.push_back(x);
+      x = c;
+      x.D = x.Dv = 80;
+      x.Hq = 6;
+      x.Lq = 129;
+      x.Lkv = 4097;
+      x.mask_mod = "causal";
+      out.push_back(x);
+    }
   }
   return out;
 }
@@ -360,6 +388,48 @@ TEST(Amx, EngineChoiceAndErrors) {
     EXPECT_NE(error_of(DType::BF16, 1, 48).find("multiple of 32"), std::string::npos);
   } else {
     EXPECT_NE(error_of(DType::BF16, 1, 0).find(why), std::string::npos);
+  }
+}
+
+// bf16 takes vdpbf16ps where AMX is not used and the host has AVX512-BF16; USE_DPBF16 forces or
+// refuses it (over AMX too), and a request that cannot be honoured says why.
+TEST(Dpbf16, EngineChoiceAndErrors) {
+  auto call = [](DType dt, int use_amx, int use_dpbf16, int block_n) {
+    OwnedTensor q = make_tensor(dt, 1, 2, 40, 32, false, 1);
+    OwnedTensor out = OwnedTensor::make("o", dt, {1, 2, 40, 32});
+    auto [mods, bind] = combine(nullptr, nullptr);
+    AttentionOptions opt;
+    opt.use_amx = use_amx;
+    opt.use_dpbf16 = use_dpbf16;
+    opt.block_n = block_n;
+    AttentionReport rep;
+    flex_attention(q.view, q.view, q.view, out.view, nullptr, mods, bind, nullptr, opt, &rep);
+    return rep.engine;
+  };
+  auto error_of = [&](DType dt, int use_amx, int use_dpbf16) {
+    try {
+      call(dt, use_amx, use_dpbf16, 0);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  std::string why;
+  const bool avail = dpbf16_available(&why);
+  EXPECT_EQ(avail, why.empty());
+  const bool amx = amx_available();
+  EXPECT_EQ(call(DType::BF16, -1, -1, 0), amx ? "amx" : avail ? "dpbf16" : "fma");
+  EXPECT_EQ(call(DType::BF16, 0, 0, 0), "fma");
+  EXPECT_EQ(call(DType::F32, -1, -1, 0), "fma");
+  EXPECT_EQ(call(DType::F16, -1, -1, 0), "fma");
+  EXPECT_EQ(call(DType::BF16, -1, -1, 48), avail ? "dpbf16" : "fma");  // no AMX at BLOCK_N 48
+  EXPECT_NE(error_of(DType::F32, -1, 1).find("USE_DPBF16=1 needs bf16 inputs"), std::string::npos);
+  EXPECT_NE(error_of(DType::BF16, 1, 1).find("set one of them"), std::string::npos);
+  if (avail) {
+    EXPECT_EQ(call(DType::BF16, -1, 1, 0), "dpbf16");  // over AMX too
+    EXPECT_EQ(call(DType::BF16, -1, 1, 48), "dpbf16");
+  } else {
+    EXPECT_NE(error_of(DType::BF16, -1, 1).find(why), std::string::npos);
   }
 }
 
