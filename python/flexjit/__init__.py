@@ -27,7 +27,7 @@ __all__ = ["flex_attention", "paged_flex_attention", "merge_attention_states", "
            "load_library", "library_path", "TraceError", "trace"]
 
 _LIB_NAME = "libflexjit_torch_ops.so"
-_KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "USE_AMX", "PARTITION_SIZE", "FORCE_USE_FLEX_ATTENTION")
+_KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "USE_AMX", "USE_DPBF16", "PARTITION_SIZE", "FORCE_USE_FLEX_ATTENTION")
 _PAGED_KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "PARTITION_SIZE")
 _loaded = None
 
@@ -90,8 +90,8 @@ def _kernel_options(op, kernel_options, known):
     unknown = sorted(set(options) - set(known))
     if unknown:
         hint = ""
-        if op == "paged_flex_attention" and set(unknown) & {"USE_AMX", "FORCE_USE_FLEX_ATTENTION"}:
-            hint = ("; USE_AMX and FORCE_USE_FLEX_ATTENTION pick the prefill kernel, which reads contiguous K/V: "
+        if op == "paged_flex_attention" and set(unknown) & {"USE_AMX", "USE_DPBF16", "FORCE_USE_FLEX_ATTENTION"}:
+            hint = ("; USE_AMX, USE_DPBF16 and FORCE_USE_FLEX_ATTENTION pick the prefill kernel, which reads contiguous K/V: "
                     "drop them, or gather the pages and call flex_attention")
         raise ValueError(f"flexjit.{op}: unknown kernel_options {unknown}; known: {list(known)}{hint}")
     force = options.get("FORCE_USE_FLEX_ATTENTION", False)
@@ -130,6 +130,8 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     into partitions that run in parallel and merges them; longer ones the prefill kernel.
     kernel_options: BLOCK_M / BLOCK_N kernel tiles (they must divide the BlockMask's blocks);
         USE_AMX 0 / 1 forbids / requires bf16 matmuls on AMX tiles (default: where available);
+        USE_DPBF16 0 / 1 forbids / requires them on AVX512-BF16's vdpbf16ps (default: where
+        available and AMX is not used);
         PARTITION_SIZE keys per decode partition (a multiple of BLOCK_N; 0 / unset: tuned or cost
         model); FORCE_USE_FLEX_ATTENTION True runs the prefill kernel even for decode shapes.
     """
@@ -164,7 +166,8 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         scale=scale, enable_gqa=enable_gqa, return_lse=want_lse,
         BLOCK_M=options.get("BLOCK_M", 0), BLOCK_N=options.get("BLOCK_N", 0),
         USE_AMX=int(options.get("USE_AMX", -1)), PARTITION_SIZE=int(options.get("PARTITION_SIZE", 0)),
-        FORCE_USE_FLEX_ATTENTION=options["FORCE_USE_FLEX_ATTENTION"], **mask)
+        FORCE_USE_FLEX_ATTENTION=options["FORCE_USE_FLEX_ATTENTION"],
+        USE_DPBF16=int(options.get("USE_DPBF16", -1)), **mask)
     if return_aux is not None:
         return out, AuxOutput(lse=lse if return_aux.lse else None)
     return (out, lse) if return_lse else out

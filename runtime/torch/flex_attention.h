@@ -57,7 +57,8 @@ struct FlexOptions {
   bool enable_gqa = false;
   bool return_lse = false;
   // BLOCK_M, BLOCK_N: kernel tiles (0 = default). USE_AMX: 0 / 1 forbids / requires bf16 AMX
-  // tiles (unset: where available). PARTITION_SIZE: keys per split-KV partition of the decode
+  // tiles (unset: where available). USE_DPBF16: the same for AVX512-BF16's vdpbf16ps (unset:
+  // where available and AMX is not used). PARTITION_SIZE: keys per split-KV partition of the decode
   // kernel (>= 0; 0 = tuned or cost model). FORCE_USE_FLEX_ATTENTION: 1 runs the prefill kernel
   // where the decode kernel would apply (PyTorch's option of that name). See AttentionOptions.
   std::map<std::string, int64_t> kernel_options;

@@ -134,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_cpu(
     const std::optional<at::Tensor>& full_kv_num_blocks,
     const std::optional<at::Tensor>& full_kv_indices, int64_t q_block_size, int64_t kv_block_size,
     int64_t BLOCK_M, int64_t BLOCK_N, int64_t USE_AMX, int64_t PARTITION_SIZE,
-    bool FORCE_USE_FLEX_ATTENTION) {
+    bool FORCE_USE_FLEX_ATTENTION, int64_t USE_DPBF16) {
   return surface_errors("flexjit.flex_attention", [&] {
     for (auto [t, name] : {std::pair{&query, "query"}, {&key, "key"}, {&value, "value"}})
       if (t->dim() != 4)
@@ -152,6 +152,7 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_cpu(
     if (BLOCK_M) opt.kernel_options["BLOCK_M"] = BLOCK_M;
     if (BLOCK_N) opt.kernel_options["BLOCK_N"] = BLOCK_N;
     if (USE_AMX >= 0) opt.kernel_options["USE_AMX"] = USE_AMX;
+    if (USE_DPBF16 >= 0) opt.kernel_options["USE_DPBF16"] = USE_DPBF16;
     set_decode_options(PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION, &opt);
 
     const int64_t B = query.size(0), Hq = query.size(1), Lq = query.size(2), Lkv = key.size(2);
@@ -186,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_meta(
     const std::string&, const Tensors&, const Names&, const Names&, at::ArrayRef<double>,
     std::optional<double>, bool, bool return_lse, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool) {
+    const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, int64_t) {
   for (auto [t, name] : {std::pair{&query, "query"}, {&key, "key"}, {&value, "value"}})
     TORCH_CHECK_VALUE(t->dim() == 4, "flexjit.flex_attention: ", name,
                       " must be 4-D [B, H, L, D], got ", t->dim(), "-D");
@@ -252,12 +253,12 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_autograd(
     const std::optional<at::Tensor>& full_kv_num_blocks,
     const std::optional<at::Tensor>& full_kv_indices, int64_t q_block_size, int64_t kv_block_size,
     int64_t BLOCK_M, int64_t BLOCK_N, int64_t USE_AMX, int64_t PARTITION_SIZE,
-    bool FORCE_USE_FLEX_ATTENTION) {
+    bool FORCE_USE_FLEX_ATTENTION, int64_t USE_DPBF16) {
   auto r = NoBackward<FlexAttentionOp>::apply(
       query, key, value, score_mod_text, mask_mod_text, buffers, buffer_names, param_names,
       param_values, scale, enable_gqa, return_lse, kv_num_blocks, kv_indices, full_kv_num_blocks,
       full_kv_indices, q_block_size, kv_block_size, BLOCK_M, BLOCK_N, USE_AMX, PARTITION_SIZE,
-      FORCE_USE_FLEX_ATTENTION);
+      FORCE_USE_FLEX_ATTENTION, USE_DPBF16);
   return std::make_tuple(r[0], r[1]);
 }
 
@@ -432,7 +433,7 @@ TORCH_LIBRARY(flexjit, m) {
         "bool enable_gqa=False, bool return_lse=False, Tensor? kv_num_blocks=None, "
         "Tensor? kv_indices=None, Tensor? full_kv_num_blocks=None, Tensor? full_kv_indices=None, "
         "int q_block_size=128, int kv_block_size=128, int BLOCK_M=0, int BLOCK_N=0, int USE_AMX=-1, "
-        "int PARTITION_SIZE=0, bool FORCE_USE_FLEX_ATTENTION=False) "
+        "int PARTITION_SIZE=0, bool FORCE_USE_FLEX_ATTENTION=False, int USE_DPBF16=-1) "
         "-> (Tensor out, Tensor lse)",
         {at::Tag::pt2_compliant_tag});
   m.def("paged_flex_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_table, "

@@ -141,6 +141,26 @@ def test_use_amx_kernel_option_picks_the_bf16_engine():
         call(mod, *qkv(torch.float32), kernel_options={"USE_AMX": 1})
 
 
+def test_use_dpbf16_kernel_option_picks_the_bf16_engine():
+    # bf16 with USE_DPBF16 0 (FMA or AMX) and 1 (vdpbf16ps; skipped visibly where the host lacks
+    # AVX512-BF16): both match PyTorch's fp32 flex_attention; fp32 and a clash with USE_AMX=1 are
+    # refused with a message.
+    mod = make_mod("alibi")
+    q, k, v = qkv(torch.bfloat16, lq=97, lkv=300, seed=2)
+    ref, _ = torch_reference(mod, q, k, v, lq=97, lkv=300)
+    out = call(mod, q, k, v, kernel_options={"USE_DPBF16": 0})
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[torch.bfloat16])
+    with pytest.raises(ValueError, match="USE_DPBF16=1 needs bf16"):
+        call(mod, *qkv(torch.float32), kernel_options={"USE_DPBF16": 1})
+    with pytest.raises(ValueError, match="set one of them"):
+        call(mod, q, k, v, kernel_options={"USE_DPBF16": 1, "USE_AMX": 1})
+    try:
+        out = call(mod, q, k, v, kernel_options={"USE_DPBF16": 1})
+    except ValueError as e:
+        pytest.skip(f"vdpbf16ps engine unavailable here: {e}")
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[torch.bfloat16])
+
+
 def test_follows_torch_set_num_threads():
     # The op runs its TBB launch in an arena of torch.get_num_threads() workers (here 1, not the
     # default of all cores); results are unchanged.
