@@ -242,6 +242,7 @@ void run(const RunArgs& a) {
   if (!a.report.empty()) {
     nlohmann::json j;
     j["backend"] = rep.backend;
+    if (!rep.target.empty()) j["target"] = rep.target;
     j["path"] = rep.path;
     j["paged"] = rep.paged;
     j["tuning"] = rep.tuning;

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -52,6 +53,7 @@
 #include "llvm/Target/TargetOptions.h"
 #include "llvm/TargetParser/Host.h"
 #include "llvm/TargetParser/Triple.h"
+#include "llvm/TargetParser/X86TargetParser.h"
 
 #ifndef FLEXJIT_CLANG_EXE
 #define FLEXJIT_CLANG_EXE "/usr/lib/llvm-19/bin/clang++"
@@ -81,43 +83,134 @@ void init_llvm_once() {
   });
 }
 
-// The host as LLVM sees it. The CPU name alone is not enough: under the hypervisor it reads
-// `rocketlake` while the feature list has AVX512-FP16/BF16 and AMX (TOOLCHAIN.md).
-struct HostTarget {
+// What kernels are compiled for: the host as LLVM sees it, or FLEXJIT_CPU_TARGET. The CPU name
+// alone is not enough: under the hypervisor it reads `rocketlake` while the feature list has
+// AVX512-FP16/BF16 and AMX (TOOLCHAIN.md), so the full feature list is always set explicitly.
+struct CpuTarget {
   std::string triple;
-  std::string cpu;
+  std::string cpu;       // -march / TargetMachine CPU
+  std::string tune_cpu;  // -mtune
   std::vector<std::string> features;  // "+avx512f", "-amx-int8", ... sorted by name
   std::string feature_string;         // the same, comma-separated
+  std::string spec;   // FLEXJIT_CPU_TARGET as given; "" = the host
+  std::string error;  // non-empty: no kernel may be compiled (bad spec, or the host cannot run it)
 };
 
-const HostTarget& host_target() {
-  static const HostTarget host = [] {
-    HostTarget h;
+llvm::StringMap<bool> host_feature_map() {
+  // LLVM 19: getHostCPUFeatures() returns the map (LLVM <= 18 filled an out-parameter).
+  return llvm::sys::getHostCPUFeatures();
+}
+
+// FLEXJIT_CPU_TARGET = "<cpu>[,+feature|-feature...]": an LLVM x86 CPU name (x86-64-v2,
+// x86-64-v3, x86-64-v4, znver4, sapphirerapids, ...) or "host", then features to add or remove.
+// Implied features follow (+avx512bf16 brings AVX-512 F and BW; -avx512f drops every AVX-512
+// feature), as with -march and -m flags. Every feature the result enables must be one this host
+// has, or kernels could fault with SIGILL: such a target is an error at compile time.
+// Sets one feature and what follows from it (updateImpliedFeatures leaves the feature itself
+// alone, as in Clang's X86TargetInfo::setFeatureEnabled).
+void set_feature(llvm::StringMap<bool>& map, llvm::StringRef feature, bool on) {
+  map[feature] = on;
+  llvm::X86::updateImpliedFeatures(feature, on, map);
+}
+
+void apply_target_spec(CpuTarget& t, const std::string& spec, const llvm::StringMap<bool>& host) {
+  std::vector<std::string> parts;
+  for (size_t at = 0; at <= spec.size();) {
+    size_t comma = spec.find(',', at);
+    if (comma == std::string::npos) comma = spec.size();
+    std::string p = spec.substr(at, comma - at);
+    while (!p.empty() && p.front() == ' ') p.erase(p.begin());
+    while (!p.empty() && p.back() == ' ') p.pop_back();
+    parts.push_back(p);
+    at = comma + 1;
+  }
+  const std::string hint = "; FLEXJIT_CPU_TARGET takes an LLVM x86 CPU name or 'host', then optional "
+                           "+feature / -feature items, e.g. 'x86-64-v3' or 'host,-avx512bf16'";
+  const std::string& cpu = parts[0];
+  llvm::StringMap<bool> map;
+  for (const auto& kv : host) map[kv.getKey()] = cpu == "host" ? kv.getValue() : false;
+  if (cpu != "host") {
+    if (llvm::X86::parseArchX86(cpu, /*Only64Bit=*/true) == llvm::X86::CK_None) {
+      t.error = "FLEXJIT_CPU_TARGET='" + spec + "': '" + cpu + "' is not an x86-64 CPU LLVM knows" + hint;
+      return;
+    }
+    map["64bit"] = true;  // implied by the x86_64 triple, not listed per CPU
+    llvm::SmallVector<llvm::StringRef, 64> feats;
+    llvm::X86::getFeaturesForCPU(cpu, feats, /*NeedPlus=*/false);
+    for (llvm::StringRef f : feats) set_feature(map, f, true);
+    t.cpu = cpu;
+    // The x86-64-vN levels name no microarchitecture to tune for (Clang's driver does the same).
+    t.tune_cpu = llvm::StringRef(cpu).starts_with("x86-64") ? "generic" : cpu;
+  }
+  for (size_t i = 1; i < parts.size(); ++i) {
+    const std::string& p = parts[i];
+    if (p.size() < 2 || (p[0] != '+' && p[0] != '-') || !host.count(p.substr(1))) {
+      t.error = "FLEXJIT_CPU_TARGET='" + spec + "': '" + p + "' is not +feature or -feature with an x86 " +
+                "feature LLVM knows (e.g. +avx512bf16, -amx-tile)" + hint;
+      return;
+    }
+    set_feature(map, p.substr(1), p[0] == '+');
+  }
+  // Clang's driver turns on 512-bit EVEX encodings with AVX-512 unless told -evex512 (LLVM 18+);
+  // the CPU tables leave it out, and without it 16-lane vectors change the call ABI.
+  if (map.lookup("avx512f") && spec.find("-evex512") == std::string::npos) map["evex512"] = true;
+  std::vector<std::string> missing;
+  std::vector<std::string> names;
+  for (const auto& kv : map) names.push_back(kv.getKey().str());
+  std::sort(names.begin(), names.end());
+  t.features.clear();
+  t.feature_string.clear();
+  for (const auto& n : names) {
+    const bool on = map.lookup(n);
+    if (on && host.count(n) && !host.lookup(n)) missing.push_back(n);
+    t.features.push_back((on ? "+" : "-") + n);
+    if (!t.feature_string.empty()) t.feature_string += ',';
+    t.feature_string += t.features.back();
+  }
+  if (!missing.empty()) {
+    std::string list;
+    for (const auto& m : missing) list += (list.empty() ? "" : ", ") + m;
+    t.error = "FLEXJIT_CPU_TARGET='" + spec + "' needs CPU features this host lacks (" + list +
+              "): its kernels would fault here. Pick a target this CPU can run (x86-64-v3, 'host', ...), "
+              "drop those features with -feature items, or unset FLEXJIT_CPU_TARGET";
+  }
+}
+
+const CpuTarget& cpu_target() {
+  static const CpuTarget target = [] {
+    CpuTarget t;
     // The default target triple is the one Clang's driver uses; we also pass it as --target, so
     // the driver, the IR module and the TargetMachine agree by construction.
-    h.triple = llvm::Triple::normalize(llvm::sys::getDefaultTargetTriple());
-    h.cpu = llvm::sys::getHostCPUName().str();
-    // LLVM 19: getHostCPUFeatures() returns the map (LLVM <= 18 filled an out-parameter).
-    llvm::StringMap<bool> map = llvm::sys::getHostCPUFeatures();
-    std::vector<std::string> names;
-    for (const auto& kv : map) names.push_back(kv.getKey().str());
-    std::sort(names.begin(), names.end());
-    for (const auto& n : names) {
-      h.features.push_back((map.lookup(n) ? "+" : "-") + n);
-      if (!h.feature_string.empty()) h.feature_string += ',';
-      h.feature_string += h.features.back();
-    }
-    return h;
+    t.triple = llvm::Triple::normalize(llvm::sys::getDefaultTargetTriple());
+    t.cpu = t.tune_cpu = llvm::sys::getHostCPUName().str();
+    const llvm::StringMap<bool> host = host_feature_map();
+    const char* env = std::getenv("FLEXJIT_CPU_TARGET");
+    t.spec = env ? env : "";
+    if (t.spec == "native") t.spec.clear();
+    apply_target_spec(t, t.spec.empty() ? "host" : t.spec, host);
+    return t;
   }();
-  return host;
+  return target;
 }
 
 }  // namespace
 
 bool host_has_feature(const std::string& name) {
-  const std::vector<std::string>& f = host_target().features;
+  static const llvm::StringMap<bool> host = host_feature_map();
+  return host.lookup(name);
+}
+
+bool target_has_feature(const std::string& name) {
+  const std::vector<std::string>& f = cpu_target().features;
   return std::find(f.begin(), f.end(), "+" + name) != f.end();
 }
+
+std::string cpu_target_name() {
+  const CpuTarget& t = cpu_target();
+  return t.spec.empty() ? t.cpu : t.spec;
+}
+
+const std::string& cpu_target_error() { return cpu_target().error; }
 
 namespace {
 
@@ -167,10 +260,10 @@ std::unique_ptr<llvm::Module> run_frontend(const std::string& source, const std:
     return nullptr;
   }
 
-  // Explicit host CPU + features instead of -march=native (see the file comment).
-  const HostTarget& host = host_target();
+  // Explicit CPU + features instead of -march=native (see the file comment).
+  const CpuTarget& host = cpu_target();
   inv->getTargetOpts().CPU = host.cpu;
-  inv->getTargetOpts().TuneCPU = host.cpu;
+  inv->getTargetOpts().TuneCPU = host.tune_cpu;
   // Trap: clang::TargetInfo::CreateTargetInfo rebuilds Features from FeaturesAsWritten (the
   // driver's, i.e. -march's), so setting Features alone is silently undone: the functions then
   // carry the CPU name's features (no AMX, AVX512-BF16 or -FP16 under this hypervisor's name).
@@ -206,7 +299,7 @@ std::unique_ptr<llvm::Module> run_frontend(const std::string& source, const std:
 // 2. + 3. Optimize and codegen
 
 std::unique_ptr<llvm::TargetMachine> make_target_machine(std::string& err) {
-  const HostTarget& host = host_target();
+  const CpuTarget& host = cpu_target();
   const llvm::Target* target = llvm::TargetRegistry::lookupTarget(host.triple, err);
   if (!target) return nullptr;
   llvm::TargetOptions opts;
@@ -308,8 +401,8 @@ Jit& the_jit() {
 const std::vector<std::string>& compile_flags() {
   static const std::vector<std::string> flags = [] {
     return std::vector<std::string>{
-        "--target=" + host_target().triple,
-        "-march=" + host_target().cpu,  // the feature list is then set in full on the invocation
+        "--target=" + cpu_target().triple,
+        "-march=" + cpu_target().cpu,  // the feature list is then set in full on the invocation
         "-x", "c++", "-std=c++17", "-O3",
         // Position-independent code: see make_target_machine.
         "-fPIC",
@@ -332,7 +425,7 @@ const std::vector<std::string>& compile_flags() {
 
 const std::string& compiler_identity() {
   static const std::string identity = [] {
-    const HostTarget& host = host_target();
+    const CpuTarget& host = cpu_target();
     std::string s = kPipelineVersion;
     s += ";clang=" + clang::getClangFullVersion();
     s += ";llvm=" LLVM_VERSION_STRING;
@@ -425,6 +518,7 @@ std::string archive_of(std::vector<CompileResult>& parts) {
 
 CompileResult compile_cpp_to_object(const std::string& source, const std::string& source_name) {
   init_llvm_once();
+  if (!cpu_target().error.empty()) throw Error("cannot compile " + source_name + ": " + cpu_target().error);
   const int parts = declared_parts(source);
   if (parts == 1) return compile_one(source, source_name, 0);
 

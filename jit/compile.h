@@ -18,8 +18,8 @@ struct CompileResult {
   int parts = 1;           // translation-unit parts compiled side by side (see below)
 };
 
-// Compiles one C++17 translation unit given as text (it includes no system headers) for the host
-// CPU. `source_name` is used in diagnostics (e.g. the dump path). On a compile error throws
+// Compiles one C++17 translation unit given as text (it includes no system headers) for the
+// target CPU (the host, or FLEXJIT_CPU_TARGET). `source_name` is used in diagnostics (e.g. the dump path). On a compile error throws
 // flexjit::Error whose message contains the Clang diagnostics (with line:col) and `source_name`.
 // Thread-safe: concurrent calls compile independently.
 //
@@ -35,8 +35,18 @@ CompileResult compile_cpp_to_object(const std::string& source, const std::string
 // of every cache key. Computed once per process.
 const std::string& compiler_identity();
 
-// Whether the host CPU has an LLVM target feature ("amx-bf16", "avx512bf16", ...): what every
-// kernel is compiled for, so a template may use the feature exactly when this says so.
+// The CPU kernels are compiled for: the host, or the environment's FLEXJIT_CPU_TARGET
+// ("<cpu>[,+feature|-feature...]": an LLVM x86 CPU name such as x86-64-v3 or znver4, or "host",
+// then features to add or remove; read once per process). It is part of compiler_identity(),
+// hence of every cache key. A target this host cannot run (or a spec LLVM does not know) makes
+// every compile throw flexjit::Error with cpu_target_error(), never a kernel that would SIGILL.
+std::string cpu_target_name();           // "znver4" (the host's name) or the FLEXJIT_CPU_TARGET text
+const std::string& cpu_target_error();   // "" when kernels can be compiled and run here
+
+// Whether the compile target has an LLVM target feature ("amx-bf16", "avx512bf16", ...): what
+// every kernel is compiled for, so a template may use the feature exactly when this says so.
+bool target_has_feature(const std::string& name);
+// Whether the host CPU itself has it (what this process can execute).
 bool host_has_feature(const std::string& name);
 
 // The Clang driver arguments every compile uses (after argv0 and before the file name), for logs

@@ -7,6 +7,7 @@
 #include <unordered_map>
 
 #include "jit/cache.h"
+#include "jit/compile.h"
 
 namespace flexjit::jit {
 namespace {
@@ -52,6 +53,9 @@ bool memo_lookup(const std::string& memo_key, std::chrono::steady_clock::time_po
 
 KernelHandle get_kernel_slow(const KernelSpec& spec, const ModSet& mods, const std::string& memo_key,
                              std::chrono::steady_clock::time_point t0) {
+  // A FLEXJIT_CPU_TARGET that cannot be compiled for, or run here, is the user's setting, not a
+  // kernel's compile failure: say so before any source is generated.
+  if (!cpu_target_error().empty()) throw Error(cpu_target_error());
   Instantiation inst = plan(spec, mods);
   CachedKernel ck = KernelCache::global().get_or_compile(
       inst.key, inst.symbol, [&] { return make_source(spec, mods, inst.symbol); });

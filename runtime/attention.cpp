@@ -104,12 +104,21 @@ int dpbf16_env() {
 
 }  // namespace
 
+namespace {
+// Why an engine cannot run: the host lacks the feature, or the compile target leaves it out.
+std::string lacks(const char* feature) {
+  return jit::host_has_feature(feature)
+             ? "the compile target FLEXJIT_CPU_TARGET=" + jit::cpu_target_name() + " leaves out " + feature
+             : std::string("the CPU lacks ") + feature;
+}
+}  // namespace
+
 bool amx_available(std::string* why) {
   static const std::string reason = [] {
     const char* env = std::getenv("FLEXJIT_AMX");
     if (env && std::string(env) == "0") return std::string("FLEXJIT_AMX=0 is set");
     for (const char* f : {"amx-tile", "amx-bf16", "avx512bf16", "avx512bw"})
-      if (!jit::host_has_feature(f)) return std::string("the CPU lacks ") + f;
+      if (!jit::target_has_feature(f)) return lacks(f);
 #if defined(__linux__) && defined(SYS_arch_prctl)
     // Linux keeps the 8 KB tile data state off until a process asks (kernel 5.16+); the first
     // tile instruction of a process that did not ask faults. Granted per process, for every thread.
@@ -128,7 +137,7 @@ bool amx_available(std::string* why) {
 bool dpbf16_available(std::string* why) {
   static const std::string reason = [] {
     for (const char* f : {"avx512bf16", "avx512bw"})
-      if (!jit::host_has_feature(f)) return std::string("the CPU lacks ") + f;
+      if (!jit::target_has_feature(f)) return lacks(f);
     return std::string();
   }();
   const std::string r = dpbf16_env() == 0 ? std::string("FLEXJIT_DPBF16=0 is set") : reason;

@@ -59,6 +59,7 @@ struct KernelUse {
 // attention kernel's; `kernels` has each one.
 struct AttentionReport {
   std::string backend = "cpu";
+  std::string target;            // cpu: the CPU the kernels were compiled for (host name or FLEXJIT_CPU_TARGET)
   std::string path = "prefill";  // "prefill" or "decode" (the kernel template that ran)
   bool paged = false;
   int64_t partition_size = 0;    // decode: keys per partition

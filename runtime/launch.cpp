@@ -4,6 +4,8 @@
 #include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
 
+#include "jit/compile.h"
+
 namespace flexjit::runtime {
 
 void run_items(const AttentionOptions& opt, int64_t items, bool zigzag,
@@ -38,6 +40,7 @@ void run_items(const AttentionOptions& opt, int64_t items, bool zigzag,
 
 void record_kernels(AttentionReport& rep, const std::vector<jit::KernelHandle>& kernels, double kernels_ms) {
   rep.cache = "memory";
+  rep.target = jit::cpu_target_name();
   rep.kernels.clear();
   rep.load_ms = 0;
   for (size_t i = 0; i < kernels.size(); ++i) {

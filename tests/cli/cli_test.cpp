@@ -398,6 +398,46 @@ TEST_F(Cli, Bf16) {
                  DType::BF16, "bf16");
 }
 
+// FLEXJIT_CPU_TARGET compiles for another CPU: x86-64-v3 (which this host can always run: the
+// tests need AVX2) gives the FMA engine for bf16 and says so in the report; a name LLVM does not
+// know, or a target the host cannot run, is a clean error that names it, with no output file.
+TEST_F(Cli, CpuTargetOverride) {
+  OwnedTensor q = random_f32("q", {1, 2, 33, 40}, 8), k = random_f32("k", {1, 2, 33, 40}, 9),
+              v = random_f32("v", {1, 2, 33, 40}, 10);
+  write_qkv(q, k, v);
+  const std::string saved = std::getenv("FLEXJIT_CACHE_DIR") ? std::getenv("FLEXJIT_CACHE_DIR") : "";
+  auto with_target = [&](const char* target, std::vector<std::string> extra) {
+    ::setenv("FLEXJIT_CPU_TARGET", target, 1);
+    ::setenv("FLEXJIT_CACHE_DIR", path("cache").c_str(), 1);
+    Result r = run(qkv_args() + extra);
+    ::unsetenv("FLEXJIT_CPU_TARGET");
+    ::setenv("FLEXJIT_CACHE_DIR", saved.c_str(), 1);
+    return r;
+  };
+  Result r = with_target("x86-64-v3", {"--dtype", "bf16", "--report", path("r.json")});
+  ASSERT_EQ(r.code, 0) << r.err;
+  nlohmann::json j = nlohmann::json::parse(slurp(dir_ / "r.json"));
+  EXPECT_EQ(j.value("target", ""), "x86-64-v3");
+  EXPECT_EQ(j["knobs"].value("ENGINE", ""), "fma");
+  OwnedTensor qb = to_bf16(q), kb = to_bf16(k), vb = to_bf16(v);
+  expect_matches(read_npy(dir_ / "O.npy"),
+                 reference_attention(qb.view, kb.view, vb.view, ModSet{}, ModBindings{}, 1.0 / std::sqrt(40.0)),
+                 DType::BF16, "bf16 on x86-64-v3");
+  fs::remove(dir_ / "O.npy");
+  r = with_target("not-a-cpu", {});
+  EXPECT_TRUE(r.exited && r.code != 0) << r.err;
+  EXPECT_NE(r.err.find("'not-a-cpu' is not an x86-64 CPU LLVM knows"), std::string::npos) << r.err;
+  r = with_target("x86-64-v3,+nonsense", {});
+  EXPECT_NE(r.err.find("'+nonsense' is not +feature or -feature"), std::string::npos) << r.err;
+  // A feature this host lacks: the tests run on AVX-512 hosts without AVX10.1 (or on an AVX10
+  // host the message differs; only the refusal is checked then).
+  r = with_target("x86-64-v3,+avx10.1-512", {});
+  EXPECT_TRUE(r.exited && r.code != 0) << r.err;
+  EXPECT_EQ(r.err.find("failed to compile"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("FLEXJIT_CPU_TARGET"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(dir_ / "O.npy"));
+}
+
 TEST_F(Cli, EnableGqa) {
   OwnedTensor q = random_f32("q", {1, 6, 20, 32}, 11), k = random_f32("k", {1, 2, 29, 32}, 12),
               v = random_f32("v", {1, 2, 29, 32}, 13);
