@@ -38,6 +38,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench/ceiling.h"
 #include "bench/flops.h"
 #include "runtime/attention.h"
 #include "runtime/block_mask.h"
@@ -182,7 +183,8 @@ void run_flexjit(CaseData& d) {
 
 // Compiles (or loads) the kernel for the case's dtype, D and mods with a tiny call: the kernel
 // does not depend on L, so the timed calls find it in memory whatever the filter selected.
-void warm_up_flexjit(const Case& c) {
+// Returns the engine that ran (the timed calls take the same one).
+std::string warm_up_flexjit(const Case& c) {
   Case tiny = c;
   tiny.L = 128;
   ShapeInfo shape{kBatch, kHeads, kHeads, tiny.L, tiny.L};
@@ -197,8 +199,10 @@ void warm_up_flexjit(const Case& c) {
   if (mods.has_mask_mod()) mask = runtime::create_block_mask(mods, bind, 1, 1, tiny.L, tiny.L);
   AttentionOptions opt;
   opt.num_threads = g_threads;
+  AttentionReport rep;
   flex_attention(q.view, q.view, q.view, out.view, nullptr, mods, bind, mask ? &*mask : nullptr,
-                 opt);
+                 opt, &rep);
+  return rep.engine;
 }
 
 #if FLEXJIT_BENCH_TORCH
@@ -241,7 +245,7 @@ double max_error(CaseData& d, const at::Tensor& out) {
 
 void bm_flexjit(benchmark::State& state, Case c) {
   try {
-    warm_up_flexjit(c);
+    const std::string engine = warm_up_flexjit(c);
     CaseData& d = case_data(c);
 #if FLEXJIT_BENCH_TORCH
     if (c.L <= kCheckMaxL) {
@@ -261,6 +265,7 @@ void bm_flexjit(benchmark::State& state, Case c) {
 #endif
     for (auto _ : state) run_flexjit(d);
     set_flop_counters(state, d.flops);
+    set_engine_counters(state, d.flops, engine, c.dtype == DType::BF16, g_threads);
     state.counters["density"] = d.density;
   } catch (const std::exception& e) {
     state.SkipWithError(e.what());
@@ -342,6 +347,7 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("flexjit_torch", "off: built without FLEXJIT_WITH_TORCH");
 #endif
   add_context(__FILE__, threads);
+  add_ceiling_context(threads);
   register_all();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;

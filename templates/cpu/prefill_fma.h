@@ -23,11 +23,21 @@ static constexpr int kMV = kMP / 16;                  // vectors per transposed 
 // divides the width it tiles; the width is then padded to whole groups (zero rows/columns
 // computed and ignored, at most a few percent) so no tail kernel is instantiated, which
 // would cost compile time.
+//
+// Without AVX-512 (AVX2: 16 ymm registers) a 16-lane vector takes two registers, so the blocking
+// narrows to one query vector (2 registers) by up to 6 rows: 12 accumulator registers, 2 for the
+// operand and 1 for the broadcast, 15 of 16. (The 32-register blocking spilled there and ran at
+// half the speed.)
+#if defined(__AVX512F__)
 static constexpr int kMVC = kMV <= 4 ? kMV
                            : kMV % 4 == 0 ? 4
                            : kMV % 3 == 0 ? 3
                            : kMV % 2 == 0 ? 2 : 1;
 static constexpr int kMaxGroup = 24 / kMVC;
+#else
+static constexpr int kMVC = 1;
+static constexpr int kMaxGroup = 6;
+#endif
 static constexpr int fjk_pick_group(int width) {
   int best = kMaxGroup;
   for (int g = kMaxGroup; g >= 1 && 4 * g >= 3 * kMaxGroup; --g)

@@ -477,7 +477,7 @@ TEST(TorchPaged, Errors) {
   expect_error([&] { call(q, c.block_table, c.seq_lens, o); }, "must be a multiple of the page size 16");
   o.kernel_options = {{"PARTITION", 64}};
   expect_error([&] { call(q, c.block_table, c.seq_lens, o); },
-               "known: BLOCK_M, BLOCK_N, USE_AMX, PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION");
+               "known: BLOCK_M, BLOCK_N, USE_AMX, USE_DPBF16, PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION");
   // After the errors, a valid call works.
   EXPECT_EQ(call(q, c.block_table, c.seq_lens).out.sizes(), q.sizes());
 }
