@@ -61,8 +61,12 @@ std::vector<std::string> template_files(const KernelSpec& s) {
   if (s.kind == KernelKind::Decode)
     return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/elem.h", "templates/cpu/decode_dot.h",
             "templates/cpu/flash_decode.h"};
-  return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/elem.h", "templates/cpu/prefill_item.h",
-          std::string("templates/cpu/prefill_") + engine_name(s.engine) + ".h", "templates/cpu/flash_prefill.h"};
+  std::vector<std::string> files = {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/elem.h",
+                                    "templates/cpu/prefill_item.h"};
+  if (s.engine != PrefillEngine::Amx) files.push_back("templates/cpu/prefill_lanes.h");  // FMA, vdpbf16ps
+  files.push_back(std::string("templates/cpu/prefill_") + engine_name(s.engine) + ".h");
+  files.push_back("templates/cpu/flash_prefill.h");
+  return files;
 }
 
 int cuda_prefill_smem_bytes(const KernelSpec& s) {

@@ -33,35 +33,14 @@ typedef unsigned short fj_v32h __attribute__((vector_size(64)));              //
 typedef unsigned short fj_v32h_u __attribute__((vector_size(64), aligned(2)));
 typedef __bf16 fj_v32bf __attribute__((vector_size(64)));                     // vdpbf16ps operand
 
-// ---- tile geometry (all compile time) ----
-static constexpr int kMP = (BLOCK_M + 15) / 16 * 16;  // query rows padded to whole vectors
-static constexpr int kMV = kMP / 16;                  // vectors per transposed row
+// ---- tile geometry (all compile time; kMP, kMV and the register blocking: cpu/prefill_lanes.h) ----
 static constexpr int kDPairs = (HEAD_DIM + 1) / 2;    // Q K^T's reduction steps
 static constexpr int kNPairs = (BLOCK_N + 1) / 2;     // P V's reduction steps (whole block)
-
-// Register blocking, as in the FMA engine: kMVC query vectors x kNG KV rows (Q K^T) or kDG
-// output features (P V) accumulators, ~20-24 of the 32 zmm registers.
-static constexpr int kMVC = kMV <= 4 ? kMV
-                           : kMV % 4 == 0 ? 4
-                           : kMV % 3 == 0 ? 3
-                           : kMV % 2 == 0 ? 2 : 1;
-static constexpr int kMaxGroup = 24 / kMVC;
-static constexpr int fjk_pick_group(int width) {
-  int best = kMaxGroup;
-  for (int g = kMaxGroup; g >= 1 && 4 * g >= 3 * kMaxGroup; --g)
-    if (fjk_round_up(width, g) < fjk_round_up(width, best)) best = g;
-  return best;
-}
 static constexpr int kNG = fjk_pick_group(BLOCK_N);
 static constexpr int kNP = fjk_round_up(BLOCK_N, kNG);      // KV rows computed per block
 static constexpr int kDG = fjk_pick_group(HEAD_DIM_V);
 static constexpr int kDVP = fjk_round_up(HEAD_DIM_V, kDG);  // output features computed
 
-// Row strides of kb and vb in dwords: whole vectors, plus one cache line when that is a multiple
-// of 64 dwords (D = 128 or 256, Dv = 64, 128 or 256), which would put a column into a few L1 sets.
-static constexpr int fjk_row_stride(int width) {
-  return fjk_round_up(width, 16) + (fjk_round_up(width, 16) % 64 == 0 ? 16 : 0);
-}
 static constexpr int kKS = fjk_row_stride(kDPairs);
 static constexpr int kVS = fjk_row_stride(kDVP);
 
@@ -321,12 +300,5 @@ static inline void fjk_block_pv(const struct FlexPrefillArgs* a, const struct Fj
 // out[row m] = O[m] * inv_l[m] for the item's rows.
 static inline void fjk_item_write_out(const struct FlexPrefillArgs* a, const struct FjkItem* it,
                                       const struct FjkTile* t, const float* inv_l) {
-  const fj_i64 os_col = a->out_strides[3];
-  FJK_SCALAR_LOOP
-  for (int m = 0; m < it->mvalid; ++m) {
-    fjk_elem* orow = fjk_out_row(a, it, m);
-    FJK_SCALAR_LOOP
-    for (int dv = 0; dv < HEAD_DIM_V; ++dv)
-      fjk_from_f32(t->ot[dv * kMP + m] * inv_l[m], orow + dv * os_col);
-  }
+  fjk_write_out_t(a, it, t->ot, inv_l);
 }

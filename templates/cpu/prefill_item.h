@@ -1,6 +1,7 @@
 // Shared by the CPU prefill kernel's parts: one work item's coordinates. Preceded in the TU by
 // the spec macros, mod_abi.h, cpu/common.h and cpu/elem.h; followed by one engine
-// (cpu/prefill_fma.h or cpu/prefill_amx.h: the tile scratch, packing and the two matmuls) and
+// (cpu/prefill_fma.h, cpu/prefill_dpbf16.h, each after cpu/prefill_lanes.h, or cpu/prefill_amx.h:
+// the tile scratch, packing and the two matmuls) and
 // the driver (cpu/flash_prefill.h).
 
 #if !defined(FLEXJIT_DTYPE) || !defined(HEAD_DIM) || !defined(HEAD_DIM_V) || \
