@@ -223,7 +223,7 @@ nlohmann::json run_case(const Case& c, const BenchArgs& a) {
   j["max_abs_err"] = err;
   j["tolerance"] = tol;
   j["ok"] = err <= tol;
-  j["knobs"] = {{"BLOCK_M", rep.block_m}, {"BLOCK_N", rep.block_n}, {"GQA_GROUP", rep.gqa_group}, {"PACK_GQA", rep.pack_gqa}, {"AMX", rep.amx}, {"ENGINE", rep.engine}};
+  j["knobs"] = {{"BLOCK_M", rep.block_m}, {"BLOCK_N", rep.block_n}, {"GQA_GROUP", rep.gqa_group}, {"PACK_GQA", rep.pack_gqa}, {"AMX", rep.engine == "amx"}, {"ENGINE", rep.engine}};
   return j;
 }
 

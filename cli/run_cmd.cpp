@@ -261,7 +261,7 @@ void run(const RunArgs& a) {
     for (const KernelUse& k : rep.kernels)
       j["kernels"].push_back({{"role", k.role}, {"symbol", k.symbol}, {"key", k.key}, {"cache", k.cache},
                               {"compile_ms", k.compile_ms}, {"load_ms", k.load_ms}});
-    j["knobs"] = {{"BLOCK_M", rep.block_m}, {"BLOCK_N", rep.block_n}, {"GQA_GROUP", rep.gqa_group}, {"PACK_GQA", rep.pack_gqa}, {"AMX", rep.amx},
+    j["knobs"] = {{"BLOCK_M", rep.block_m}, {"BLOCK_N", rep.block_n}, {"GQA_GROUP", rep.gqa_group}, {"PACK_GQA", rep.pack_gqa}, {"AMX", rep.engine == "amx"},
                   {"ENGINE", rep.engine}, {"HEAD_DIM", q.view.sizes[3]}, {"HEAD_DIM_V", Dv}};
     if (rep.path == "decode") j["knobs"]["PARTITION_SIZE"] = rep.partition_size;
     j["shape"] = {{"B", B}, {"Hq", Hq}, {"Hkv", Hkv}, {"Lq", Lq}, {"Lkv", Lkv}};

@@ -94,18 +94,9 @@ struct CpuTarget {
   std::string feature_string;         // the same, comma-separated
   std::string spec;   // FLEXJIT_CPU_TARGET as given; "" = the host
   std::string error;  // non-empty: no kernel may be compiled (bad spec, or the host cannot run it)
+  llvm::StringMap<bool> host;  // the host's own features (what this process can execute)
 };
 
-llvm::StringMap<bool> host_feature_map() {
-  // LLVM 19: getHostCPUFeatures() returns the map (LLVM <= 18 filled an out-parameter).
-  return llvm::sys::getHostCPUFeatures();
-}
-
-// FLEXJIT_CPU_TARGET = "<cpu>[,+feature|-feature...]": an LLVM x86 CPU name (x86-64-v2,
-// x86-64-v3, x86-64-v4, znver4, sapphirerapids, ...) or "host", then features to add or remove.
-// Implied features follow (+avx512bf16 brings AVX-512 F and BW; -avx512f drops every AVX-512
-// feature), as with -march and -m flags. Every feature the result enables must be one this host
-// has, or kernels could fault with SIGILL: such a target is an error at compile time.
 // Sets one feature and what follows from it (updateImpliedFeatures leaves the feature itself
 // alone, as in Clang's X86TargetInfo::setFeatureEnabled).
 void set_feature(llvm::StringMap<bool>& map, llvm::StringRef feature, bool on) {
@@ -113,7 +104,13 @@ void set_feature(llvm::StringMap<bool>& map, llvm::StringRef feature, bool on) {
   llvm::X86::updateImpliedFeatures(feature, on, map);
 }
 
-void apply_target_spec(CpuTarget& t, const std::string& spec, const llvm::StringMap<bool>& host) {
+// FLEXJIT_CPU_TARGET = "<cpu>[,+feature|-feature...]": an LLVM x86 CPU name (x86-64-v2,
+// x86-64-v3, x86-64-v4, znver4, sapphirerapids, ...) or "host", then features to add or remove.
+// Implied features follow (+avx512bf16 brings AVX-512 F and BW; -avx512f drops every AVX-512
+// feature), as with -march and -m flags. Every feature the result enables must be one this host
+// has, or kernels could fault with SIGILL: such a target is an error at compile time.
+void apply_target_spec(CpuTarget& t, const std::string& spec) {
+  const llvm::StringMap<bool>& host = t.host;
   std::vector<std::string> parts;
   for (size_t at = 0; at <= spec.size();) {
     size_t comma = spec.find(',', at);
@@ -183,11 +180,12 @@ const CpuTarget& cpu_target() {
     // the driver, the IR module and the TargetMachine agree by construction.
     t.triple = llvm::Triple::normalize(llvm::sys::getDefaultTargetTriple());
     t.cpu = t.tune_cpu = llvm::sys::getHostCPUName().str();
-    const llvm::StringMap<bool> host = host_feature_map();
+    // LLVM 19: getHostCPUFeatures() returns the map (LLVM <= 18 filled an out-parameter).
+    t.host = llvm::sys::getHostCPUFeatures();
     const char* env = std::getenv("FLEXJIT_CPU_TARGET");
     t.spec = env ? env : "";
     if (t.spec == "native") t.spec.clear();
-    apply_target_spec(t, t.spec.empty() ? "host" : t.spec, host);
+    apply_target_spec(t, t.spec.empty() ? "host" : t.spec);
     return t;
   }();
   return target;
@@ -195,10 +193,7 @@ const CpuTarget& cpu_target() {
 
 }  // namespace
 
-bool host_has_feature(const std::string& name) {
-  static const llvm::StringMap<bool> host = host_feature_map();
-  return host.lookup(name);
-}
+bool host_has_feature(const std::string& name) { return cpu_target().host.lookup(name); }
 
 bool target_has_feature(const std::string& name) {
   const std::vector<std::string>& f = cpu_target().features;

@@ -19,8 +19,8 @@ struct CompileResult {
 };
 
 // Compiles one C++17 translation unit given as text (it includes no system headers) for the
-// target CPU (the host, or FLEXJIT_CPU_TARGET). `source_name` is used in diagnostics (e.g. the dump path). On a compile error throws
-// flexjit::Error whose message contains the Clang diagnostics (with line:col) and `source_name`.
+// target CPU (the host, or FLEXJIT_CPU_TARGET). `source_name` is used in diagnostics (e.g. the
+// dump path). On a compile error throws flexjit::Error whose message contains the Clang diagnostics (with line:col) and `source_name`.
 // Thread-safe: concurrent calls compile independently.
 //
 // Split compilation: a source containing the line `#define FLEXJIT_PARTS N` (N in 2..8) is

@@ -147,7 +147,7 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
         spec.block_n < 16 || spec.block_n > 256 || (spec.kv_stages != 1 && spec.kv_stages != 2) ||
         spec.engine != PrefillEngine::Fma)
       throw Error("CUDA prefill blocks: BLOCK_M a multiple of 16 in 16..128, BLOCK_N a multiple of 16 in "
-                  "16..256, KV stages 1 or 2, no AMX; got " + spec.str());
+                  "16..256, KV stages 1 or 2, the default engine; got " + spec.str());
     if (spec.arch.empty()) throw Error("a CUDA kernel spec needs an arch (sm_80, sm_90, ...)");
   }
   ModSet eff = effective_mods(spec, mods);

@@ -102,9 +102,6 @@ int dpbf16_env() {
   return v == "0" ? 0 : v == "1" ? 1 : -1;
 }
 
-}  // namespace
-
-namespace {
 // Why an engine cannot run: the host lacks the feature, or the compile target leaves it out.
 std::string lacks(const char* feature) {
   return jit::host_has_feature(feature)
@@ -233,7 +230,6 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
     REQUIRE(opt.use_amx != 1, "USE_AMX=1 needs BLOCK_N to be a multiple of 32, got " + std::to_string(bn));
     engine = opt.use_dpbf16 != 0 && dpbf16_available() ? PrefillEngine::Dpbf16 : PrefillEngine::Fma;
   }
-  const bool amx = engine == PrefillEngine::Amx;
   const int64_t scratch = tile_scratch_bound(q.sizes[3], v.sizes[3], bm, bn, engine);
   REQUIRE(scratch <= (int64_t(1) << 20),
           "BLOCK_M x BLOCK_N = " + std::to_string(bm) + "x" + std::to_string(bn) + " with D=" +
@@ -311,7 +307,6 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
     rep.tuning = knobs.tuning;
     rep.gqa_group = int(group);
     rep.pack_gqa = pack_gqa;
-    rep.amx = amx;
     rep.engine = engine_name(engine);
     rep.dtype = dtype_name(q.dtype);
     *report = rep;

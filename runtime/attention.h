@@ -74,7 +74,6 @@ struct AttentionReport {
   double block_mask_ms = 0;  // when a BlockMask was built for this call
   int block_m = 0, block_n = 0, gqa_group = 1;
   bool pack_gqa = false;     // a tile held a GQA group's query heads (decode-like calls)
-  bool amx = false;          // the attention kernel ran its matmuls on AMX tiles
   std::string engine = "fma";  // the attention kernel's matmul engine: fma, amx, dpbf16 (prefill) or dot (decode)
   std::string dtype;
   std::string symbol, key, source_path;

@@ -221,7 +221,6 @@ void run_decode(const TensorView& q, const DecodeKv& kv, const TensorView& out, 
     rep.block_n = knobs.block_n;
     rep.gqa_group = int(group);
     rep.pack_gqa = pack;
-    rep.amx = false;
     rep.engine = "dot";
     rep.dtype = dtype_name(q.dtype);
     *report = rep;

@@ -112,7 +112,7 @@ void run_case(const Case& c) {
   }
   AttentionReport rep;
   flex_attention(q.view, k.view, v.view, out.view, &lse.view, mods, bind, mp, opt, &rep);
-  if (c.use_amx >= 0) EXPECT_EQ(rep.amx, c.use_amx == 1) << "engine";
+  if (c.use_amx >= 0) EXPECT_EQ(rep.engine == "amx", c.use_amx == 1) << "engine";
   if (c.use_amx == 0 && c.use_dpbf16 >= 0 && rep.path == "prefill")
     EXPECT_EQ(rep.engine, c.use_dpbf16 == 1 ? "dpbf16" : "fma");
   const bool decode = c.Lq <= 16 && !c.force_prefill && c.use_amx != 1 && c.use_dpbf16 != 1 &&
@@ -372,83 +372,68 @@ std::vector<Case> amx_cases() {
 INSTANTIATE_TEST_SUITE_P(Amx, Numerics, ::testing::ValuesIn(amx_cases()),
                          [](const auto& info) { return name_of(info.param); });
 
+// The engine a small prefill call ran on (rep.engine) for the given options, or the message
+// of the error it raised: what the engine-choice tests below compare.
+std::string engine_of(DType dt, int use_amx, int use_dpbf16, int block_n) {
+  OwnedTensor q = make_tensor(dt, 1, 2, 40, 32, false, 1);
+  OwnedTensor out = OwnedTensor::make("o", dt, {1, 2, 40, 32});
+  auto [mods, bind] = combine(nullptr, nullptr);
+  AttentionOptions opt;
+  opt.use_amx = use_amx;
+  opt.use_dpbf16 = use_dpbf16;
+  opt.block_n = block_n;
+  AttentionReport rep;
+  flex_attention(q.view, q.view, q.view, out.view, nullptr, mods, bind, nullptr, opt, &rep);
+  return rep.engine;
+}
+std::string engine_error(DType dt, int use_amx, int use_dpbf16, int block_n = 0) {
+  try {
+    engine_of(dt, use_amx, use_dpbf16, block_n);
+  } catch (const Error& e) {
+    return std::string(e.what());
+  }
+  return std::string("no error");
+}
+
 // bf16 takes the AMX engine wherever the host allows it, other dtypes never; USE_AMX=1 says
 // plainly why it cannot be honoured.
 TEST(Amx, EngineChoiceAndErrors) {
-  auto call = [](DType dt, int use_amx, int block_n) {
-    OwnedTensor q = make_tensor(dt, 1, 2, 40, 32, false, 1);
-    OwnedTensor out = OwnedTensor::make("o", dt, {1, 2, 40, 32});
-    auto [mods, bind] = combine(nullptr, nullptr);
-    AttentionOptions opt;
-    opt.use_amx = use_amx;
-    opt.block_n = block_n;
-    AttentionReport rep;
-    flex_attention(q.view, q.view, q.view, out.view, nullptr, mods, bind, nullptr, opt, &rep);
-    return rep.amx;
-  };
+  auto call = [](DType dt, int use_amx, int block_n) { return engine_of(dt, use_amx, -1, block_n) == "amx"; };
   std::string why;
   const bool avail = amx_available(&why);
   EXPECT_EQ(avail, why.empty());
   EXPECT_EQ(call(DType::BF16, -1, 0), avail);
   EXPECT_FALSE(call(DType::BF16, 0, 0));
   EXPECT_FALSE(call(DType::F32, -1, 0));
-  EXPECT_FALSE(call(DType::BF16, -1, 48));  // BLOCK_N not a multiple of 32: the FMA engine
-  auto error_of = [&](DType dt, int use_amx, int block_n) {
-    try {
-      call(dt, use_amx, block_n);
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
-  EXPECT_NE(error_of(DType::F32, 1, 0).find("USE_AMX=1 needs bf16 inputs"), std::string::npos);
+  EXPECT_FALSE(call(DType::BF16, -1, 48));  // BLOCK_N not a multiple of 32: not the AMX engine
+  EXPECT_NE(engine_error(DType::F32, 1, -1).find("USE_AMX=1 needs bf16 inputs"), std::string::npos);
   if (avail) {
     EXPECT_TRUE(call(DType::BF16, 1, 0));
-    EXPECT_NE(error_of(DType::BF16, 1, 48).find("multiple of 32"), std::string::npos);
+    EXPECT_NE(engine_error(DType::BF16, 1, -1, 48).find("multiple of 32"), std::string::npos);
   } else {
-    EXPECT_NE(error_of(DType::BF16, 1, 0).find(why), std::string::npos);
+    EXPECT_NE(engine_error(DType::BF16, 1, -1).find(why), std::string::npos);
   }
 }
 
 // bf16 takes vdpbf16ps where AMX is not used and the host has AVX512-BF16; USE_DPBF16 forces or
 // refuses it (over AMX too), and a request that cannot be honoured says why.
 TEST(Dpbf16, EngineChoiceAndErrors) {
-  auto call = [](DType dt, int use_amx, int use_dpbf16, int block_n) {
-    OwnedTensor q = make_tensor(dt, 1, 2, 40, 32, false, 1);
-    OwnedTensor out = OwnedTensor::make("o", dt, {1, 2, 40, 32});
-    auto [mods, bind] = combine(nullptr, nullptr);
-    AttentionOptions opt;
-    opt.use_amx = use_amx;
-    opt.use_dpbf16 = use_dpbf16;
-    opt.block_n = block_n;
-    AttentionReport rep;
-    flex_attention(q.view, q.view, q.view, out.view, nullptr, mods, bind, nullptr, opt, &rep);
-    return rep.engine;
-  };
-  auto error_of = [&](DType dt, int use_amx, int use_dpbf16) {
-    try {
-      call(dt, use_amx, use_dpbf16, 0);
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
   std::string why;
   const bool avail = dpbf16_available(&why);
   EXPECT_EQ(avail, why.empty());
   const bool amx = amx_available();
-  EXPECT_EQ(call(DType::BF16, -1, -1, 0), amx ? "amx" : avail ? "dpbf16" : "fma");
-  EXPECT_EQ(call(DType::BF16, 0, 0, 0), "fma");
-  EXPECT_EQ(call(DType::F32, -1, -1, 0), "fma");
-  EXPECT_EQ(call(DType::F16, -1, -1, 0), "fma");
-  EXPECT_EQ(call(DType::BF16, -1, -1, 48), avail ? "dpbf16" : "fma");  // no AMX at BLOCK_N 48
-  EXPECT_NE(error_of(DType::F32, -1, 1).find("USE_DPBF16=1 needs bf16 inputs"), std::string::npos);
-  EXPECT_NE(error_of(DType::BF16, 1, 1).find("set one of them"), std::string::npos);
+  EXPECT_EQ(engine_of(DType::BF16, -1, -1, 0), amx ? "amx" : avail ? "dpbf16" : "fma");
+  EXPECT_EQ(engine_of(DType::BF16, 0, 0, 0), "fma");
+  EXPECT_EQ(engine_of(DType::F32, -1, -1, 0), "fma");
+  EXPECT_EQ(engine_of(DType::F16, -1, -1, 0), "fma");
+  EXPECT_EQ(engine_of(DType::BF16, -1, -1, 48), avail ? "dpbf16" : "fma");  // no AMX at BLOCK_N 48
+  EXPECT_NE(engine_error(DType::F32, -1, 1).find("USE_DPBF16=1 needs bf16 inputs"), std::string::npos);
+  EXPECT_NE(engine_error(DType::BF16, 1, 1).find("set one of them"), std::string::npos);
   if (avail) {
-    EXPECT_EQ(call(DType::BF16, -1, 1, 0), "dpbf16");  // over AMX too
-    EXPECT_EQ(call(DType::BF16, -1, 1, 48), "dpbf16");
+    EXPECT_EQ(engine_of(DType::BF16, -1, 1, 0), "dpbf16");  // over AMX too
+    EXPECT_EQ(engine_of(DType::BF16, -1, 1, 48), "dpbf16");
   } else {
-    EXPECT_NE(error_of(DType::BF16, -1, 1).find(why), std::string::npos);
+    EXPECT_NE(engine_error(DType::BF16, -1, 1).find(why), std::string::npos);
   }
 }
 
