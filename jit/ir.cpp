@@ -320,6 +320,28 @@ bool uses_var(const Expr& e, Var v) {
   return found;
 }
 
+Expr substitute(const Expr& e, Var v, const Expr& with) {
+  if (!e) return e;
+  if (e->op == Op::Variable) {
+    if (e->var != v) return e;
+    if (!with || with->type != e->type)
+      throw Error(std::string("substitute: ") + var_name(v) + " is " + type_name(e->type) + ", the replacement " +
+                  (with ? type_name(with->type) : "null"));
+    return with;
+  }
+  bool changed = false;
+  std::vector<Expr> args;
+  args.reserve(e->args.size());
+  for (const Expr& a : e->args) {
+    args.push_back(substitute(a, v, with));
+    changed |= args.back() != a;
+  }
+  if (!changed) return e;
+  Node n = *e;  // same op and type: the operands' types are unchanged
+  n.args = std::move(args);
+  return make(std::move(n));
+}
+
 std::vector<std::string> params_used(const Expr& e) {
   std::set<std::string> s;
   if (e) walk(e, [&](const Node& n) { if (n.op == Op::Param) s.insert(n.name); });

@@ -90,6 +90,12 @@ bool uses_var(const Expr& e, Var v);
 std::vector<std::string> params_used(const Expr& e);
 std::vector<std::string> buffers_used(const Expr& e);
 
+// ---- rewriting ----
+// `e` with every occurrence of variable v replaced by `with` (which must have v's type: Float
+// for score, Int for the indices). Composes mods: user(score := softcap(score)). Shares the
+// untouched subtrees.
+Expr substitute(const Expr& e, Var v, const Expr& with);
+
 // ---- float64 reference evaluation ----
 struct Value {
   Type type = Type::Float;

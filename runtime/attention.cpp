@@ -176,6 +176,56 @@ void default_blocks(int head_dim, DType dtype, int64_t q_len, int* block_m, int*
   *block_n = q_len <= 16 || amx ? 128 : 64;
 }
 
+namespace runtime {
+
+PrefillEngine prefill_engine_for_blocks(PrefillEngine preferred, int bm, int bn, int64_t D, int64_t Dv,
+                                        const AttentionOptions& opt, const char* what) {
+  auto fail_here = [&](const std::string& msg) { throw Error(std::string(what) + ": " + msg); };
+  // The AMX engine pairs KV rows by 32 (P V's left operand); other blocks fall back to
+  // vdpbf16ps where the host has it.
+  PrefillEngine engine = preferred;
+  if (engine == PrefillEngine::Amx && bn % 32 != 0) {
+    if (opt.use_amx == 1) fail_here("USE_AMX=1 needs BLOCK_N to be a multiple of 32, got " + std::to_string(bn));
+    engine = opt.use_dpbf16 != 0 && dpbf16_available() ? PrefillEngine::Dpbf16 : PrefillEngine::Fma;
+  }
+  const int64_t scratch = tile_scratch_bound(D, Dv, bm, bn, engine);
+  if (scratch > (int64_t(1) << 20))
+    fail_here("BLOCK_M x BLOCK_N = " + std::to_string(bm) + "x" + std::to_string(bn) + " with D=" +
+              std::to_string(D) + ", Dv=" + std::to_string(Dv) + " needs up to " + std::to_string(scratch / 1024) +
+              " KiB of per-thread scratch, over the kernel's 1 MiB; use smaller "
+              "blocks, or leave BLOCK_M / BLOCK_N to the defaults");
+  return engine;
+}
+
+PrefillKernels get_prefill_kernels(DType dtype, int head_dim, int head_dim_v, int bm, int bn, int gqa_group,
+                                   PrefillEngine engine, const ModSet& mods) {
+  // The attention kernel (per shape) and the mod set's kernels (per mod set) are separate
+  // binaries: a new mod on a known shape compiles only the small one, and when both are new
+  // they compile in parallel.
+  jit::KernelSpec spec;
+  spec.kind = jit::KernelKind::Prefill;
+  spec.dtype = dtype;
+  spec.head_dim = head_dim;
+  spec.head_dim_v = head_dim_v;
+  spec.block_m = bm;
+  spec.block_n = bn;
+  spec.gqa_group = gqa_group;
+  spec.engine = engine;
+  const bool any_mod = mods.has_score_mod() || mods.has_mask_mod();
+  jit::KernelSpec mods_spec;
+  mods_spec.kind = jit::KernelKind::Mods;
+  std::vector<jit::KernelRequest> requests{{spec, &mods}};
+  if (any_mod) requests.push_back({mods_spec, &mods});
+  PrefillKernels pk;
+  auto tk = std::chrono::steady_clock::now();
+  pk.kernels = jit::get_kernels(requests);
+  pk.ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - tk).count();
+  if (any_mod) reinterpret_cast<FlexModKernelsFn>(pk.kernels[1].fn)(&pk.mods);
+  return pk;
+}
+
+}  // namespace runtime
+
 void flex_attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                     const TensorView* lse, const ModSet& mods, const ModBindings& bind,
                     const BlockMask* block_mask, const AttentionOptions& opt, AttentionReport* report) {
@@ -223,43 +273,12 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
     if (!opt.block_n && block_mask->kv_block_size % bn) bn = int(std::gcd(int64_t(bn), block_mask->kv_block_size));
     runtime::check_block_mask(*block_mask, q.sizes[0], q.sizes[1], q.sizes[2], k.sizes[2], bm, bn, "flex_attention");  // before anything compiles
   }
-  // The AMX engine pairs KV rows by 32 (P V's left operand); other blocks fall back to
-  // vdpbf16ps where the host has it.
-  PrefillEngine engine = preferred;
-  if (engine == PrefillEngine::Amx && bn % 32 != 0) {
-    REQUIRE(opt.use_amx != 1, "USE_AMX=1 needs BLOCK_N to be a multiple of 32, got " + std::to_string(bn));
-    engine = opt.use_dpbf16 != 0 && dpbf16_available() ? PrefillEngine::Dpbf16 : PrefillEngine::Fma;
-  }
-  const int64_t scratch = tile_scratch_bound(q.sizes[3], v.sizes[3], bm, bn, engine);
-  REQUIRE(scratch <= (int64_t(1) << 20),
-          "BLOCK_M x BLOCK_N = " + std::to_string(bm) + "x" + std::to_string(bn) + " with D=" +
-              std::to_string(q.sizes[3]) + ", Dv=" + std::to_string(v.sizes[3]) + " needs up to " +
-              std::to_string(scratch / 1024) + " KiB of per-thread scratch, over the kernel's 1 MiB; use smaller "
-              "blocks, or leave BLOCK_M / BLOCK_N to the defaults");
-
-  // The attention kernel (per shape) and the mod set's kernels (per mod set) are separate
-  // binaries: a new mod on a known shape compiles only the small one, and when both are new
-  // they compile in parallel.
-  jit::KernelSpec spec;
-  spec.kind = jit::KernelKind::Prefill;
-  spec.dtype = q.dtype;
-  spec.head_dim = int(q.sizes[3]);
-  spec.head_dim_v = int(v.sizes[3]);
-  spec.block_m = bm;
-  spec.block_n = bn;
-  spec.gqa_group = int(group);
-  spec.engine = engine;
+  const PrefillEngine engine =
+      runtime::prefill_engine_for_blocks(preferred, bm, bn, q.sizes[3], v.sizes[3], opt, "flex_attention");
+  runtime::PrefillKernels pk = runtime::get_prefill_kernels(q.dtype, int(q.sizes[3]), int(v.sizes[3]), bm, bn,
+                                                            int(group), engine, mods);
+  const FlexModKernels& mk = pk.mods;
   const bool any_mod = mods.has_score_mod() || mods.has_mask_mod();
-  jit::KernelSpec mods_spec;
-  mods_spec.kind = jit::KernelKind::Mods;
-  std::vector<jit::KernelRequest> requests{{spec, &mods}};
-  if (any_mod) requests.push_back({mods_spec, &mods});
-  auto tk = std::chrono::steady_clock::now();
-  std::vector<jit::KernelHandle> kernels = jit::get_kernels(requests);
-  const double kernels_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - tk).count();
-  const jit::KernelHandle& kh = kernels[0];
-  FlexModKernels mk{};
-  if (any_mod) reinterpret_cast<FlexModKernelsFn>(kernels[1].fn)(&mk);
   // A mask_mod without a BlockMask gets one for this call (in blocks that BLOCK_M x BLOCK_N
   // tile), classified by the mods kernel just fetched.
   BlockMask built;
@@ -291,7 +310,7 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   a.pack_gqa = pack_gqa ? 1 : 0;
   a.mod = bound.args();
 
-  auto fn = reinterpret_cast<FlexPrefillFn>(kh.fn);
+  auto fn = reinterpret_cast<FlexPrefillFn>(pk.kernels[0].fn);
   const int64_t m_blocks = ((pack_gqa ? group * Lq : Lq) + bm - 1) / bm;
   const int64_t items = B * (pack_gqa ? Hkv : Hq) * m_blocks;
   auto t0 = std::chrono::steady_clock::now();
@@ -301,7 +320,7 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   bound.check_error_flag("flex_attention");
 
   if (report) {
-    runtime::record_kernels(rep, kernels, kernels_ms);
+    runtime::record_kernels(rep, pk.kernels, pk.ms);
     rep.block_m = bm;
     rep.block_n = bn;
     rep.tuning = knobs.tuning;

@@ -9,6 +9,7 @@
 
 #include "jit/pipeline.h"
 #include "runtime/attention.h"
+#include "templates/mod_abi.h"
 
 namespace flexjit::runtime {
 
@@ -24,5 +25,22 @@ void run_items(const AttentionOptions& opt, int64_t items, bool zigzag,
 // lookup_us, with symbol / key / source_path from the first kernel. kernels_ms: the wall time of
 // fetching them all.
 void record_kernels(AttentionReport& rep, const std::vector<jit::KernelHandle>& kernels, double kernels_ms);
+
+// The prefill kernel's engine for the chosen blocks: `preferred` (preferred_prefill_engine),
+// except that AMX needs BLOCK_N a multiple of 32 (else vdpbf16ps where it can run, else FMA).
+// Checks the tile's per-thread scratch. Throws flexjit::Error prefixed by `what` (USE_AMX=1 with
+// a BLOCK_N it cannot take, blocks too large for D / Dv).
+PrefillEngine prefill_engine_for_blocks(PrefillEngine preferred, int bm, int bn, int64_t D, int64_t Dv,
+                                        const AttentionOptions& opt, const char* what);
+
+// A prefill call's kernels: [0] the attention kernel, [1] the mod set's (when it has a mod),
+// the mods table filled from it, and the wall time of fetching them (compiled in parallel).
+struct PrefillKernels {
+  std::vector<jit::KernelHandle> kernels;
+  FlexModKernels mods{};
+  double ms = 0;
+};
+PrefillKernels get_prefill_kernels(DType dtype, int head_dim, int head_dim_v, int bm, int bn, int gqa_group,
+                                   PrefillEngine engine, const ModSet& mods);
 
 }  // namespace flexjit::runtime

@@ -141,6 +141,84 @@ RefResult reference_paged_attention(const TensorView& q, const TensorView& k_cac
       [&](int64_t b) { return len(b) - Lq; }, mods, bind, scale, fp32, rows);
 }
 
+RefResult reference_varlen_attention(const TensorView& q, const TensorView& k, const TensorView& v,
+                                     const std::vector<int32_t>& cu_q, const std::vector<int32_t>& cu_k,
+                                     const ModSet& mods, const ModBindings& bind, const VarlenOptions& opt,
+                                     bool fp32) {
+  const int64_t total_q = q.sizes[0], Hq = q.sizes[1], D = q.sizes[2], Hkv = k.sizes[1], Dv = v.sizes[2];
+  const int64_t group = Hq / Hkv, batch = int64_t(cu_q.size()) - 1;
+  const double scale = opt.scale ? *opt.scale : 1.0 / std::sqrt(double(D));
+  const int64_t wl = opt.window_left, wr = opt.causal ? 0 : opt.window_right;
+  const double ninf = -std::numeric_limits<double>::infinity();
+  auto el = [](const TensorView& t, int64_t i, int64_t h, int64_t d) {
+    return read_element_f64(t, i * t.strides[0] + h * t.strides[1] + d * t.strides[2]);
+  };
+  RefResult r;
+  r.out.assign(size_t(total_q * Hq * Dv), 0.0);
+  r.lse.assign(size_t(Hq * total_q), ninf);
+  ir::EvalEnv env;
+  env.params = bind.params;
+  for (const auto& [n, view] : bind.buffers) env.buffers.push_back({n, view});
+  std::vector<double> s;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t q0 = cu_q[size_t(b)], sq = cu_q[size_t(b) + 1] - q0;
+    const int64_t k0 = cu_k[size_t(b)], sk = cu_k[size_t(b) + 1] - k0;
+    s.assign(size_t(sk), 0.0);
+    for (int64_t h = 0; h < Hq; ++h) {
+      const int64_t hk = h / group;
+      double slope = 0;
+      if (opt.alibi_slopes) {
+        const TensorView& sl = *opt.alibi_slopes;
+        slope = read_element_f64(sl, sl.rank == 1 ? h * sl.strides[0] : b * sl.strides[0] + h * sl.strides[1]);
+      }
+      for (int64_t i = 0; i < sq; ++i) {
+        double mx = ninf;
+        for (int64_t j = 0; j < sk; ++j) {
+          double dot = 0;
+          float dotf = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            const double x = el(q, q0 + i, h, d) * el(k, k0 + j, hk, d);
+            dot += x;
+            dotf += float(x);
+          }
+          double sc = fp32 ? double(dotf * float(scale)) : dot * scale;
+          if (opt.softcap > 0) sc = opt.softcap * std::tanh(sc / opt.softcap);
+          if (opt.alibi_slopes) sc -= slope * double(std::llabs(i + sk - sq - j));
+          env.score = sc;
+          env.b = b;
+          env.h = h;
+          env.q_idx = i;
+          env.kv_idx = j;
+          if (mods.score_mod) sc = ir::eval(mods.score_mod, env).as_float();
+          if (fp32) sc = double(float(sc));
+          const int64_t diag = i + sk - sq;
+          bool keep = (wl < 0 || j >= diag - wl) && (wr < 0 || j <= diag + wr);
+          if (keep && mods.mask_mod) keep = ir::eval(mods.mask_mod, env).as_bool();
+          s[size_t(j)] = keep ? sc : ninf;
+          mx = std::max(mx, s[size_t(j)]);
+        }
+        if (mx == ninf) continue;  // no key kept: out 0, lse -inf
+        double sum = 0;
+        for (int64_t j = 0; j < sk; ++j) {
+          s[size_t(j)] = fp32 ? double(std::exp(float(s[size_t(j)] - mx))) : std::exp(s[size_t(j)] - mx);
+          sum += s[size_t(j)];
+        }
+        double* o = &r.out[size_t(((q0 + i) * Hq + h) * Dv)];
+        for (int64_t j = 0; j < sk; ++j) {
+          if (s[size_t(j)] == 0) continue;
+          double p = s[size_t(j)] / sum;
+          if (fp32) p = double(float(p));
+          for (int64_t d = 0; d < Dv; ++d) o[d] += p * el(v, k0 + j, hk, d);
+        }
+        if (fp32)
+          for (int64_t d = 0; d < Dv; ++d) o[d] = double(float(o[d]));
+        r.lse[size_t(h * total_q + q0 + i)] = mx + std::log(sum);
+      }
+    }
+  }
+  return r;
+}
+
 double max_abs_error(const TensorView& out, const RefResult& ref, const std::vector<int64_t>& rows) {
   const int64_t BH = out.sizes[0] * out.sizes[1], H = out.sizes[1], Lq = out.sizes[2], Dv = out.sizes[3];
   double e = 0;

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "jit/mods.h"
+#include "runtime/varlen.h"
 
 namespace flexjit {
 
@@ -30,6 +31,17 @@ RefResult reference_paged_attention(const TensorView& q, const TensorView& k_cac
                                     const TensorView& block_table, const TensorView& seq_lens, const ModSet& mods,
                                     const ModBindings& bind, double scale, bool fp32 = false,
                                     const std::vector<int64_t>& rows = {});
+
+// FlashAttention-2's varlen semantics, written out directly (not through the mods the runtime
+// composes): q [total_q, Hq, D], k / v [total_k, Hkv, D / Dv] packed by cu_seqlens (int32
+// [batch + 1]); per sequence, score = scale * q.k, then softcap, ALiBi -slope * |i + sk - sq - j|,
+// the user's score_mod, then the causal / window band (bottom-right) and the user's mask_mod;
+// the user mods see b = the sequence and in-sequence positions. out [total_q, Hq, Dv] and
+// lse [Hq, total_q] in that (row-major) order; rows of no sequence or with no key: 0 / -inf.
+RefResult reference_varlen_attention(const TensorView& q, const TensorView& k, const TensorView& v,
+                                     const std::vector<int32_t>& cu_seqlens_q,
+                                     const std::vector<int32_t>& cu_seqlens_k, const ModSet& mods,
+                                     const ModBindings& bind, const VarlenOptions& opt, bool fp32 = false);
 
 // Max |out - ref.out| over query rows `rows` of every (b, h); out is [B, Hq, Lq, Dv], any strides.
 double max_abs_error(const TensorView& out, const RefResult& ref, const std::vector<int64_t>& rows);

@@ -89,13 +89,32 @@ struct FlexPrefillArgs {
   // V stream once per group). Needs no block mask, or mask.H == 1 and Lq <= mask.q_block_size.
   int pack_gqa;
   struct FlexModArgs mod;
+
+  // Varlen (FlashAttention-2's packed layout, runtime/varlen.h); cu_seqlens_q == null: dense.
+  // Sequence s has queries [cu_seqlens_q[s], cu_seqlens_q[s + 1]) and keys [cu_seqlens_k[s],
+  // cu_seqlens_k[s + 1]) of the packed tensors, which come as q [1, Hq, total_q, D],
+  // k [1, Hkv, total_k, D], v [1, Hkv, total_k, Dv], out [1, Hq, total_q, Dv], lse [1, Hq, total_q]
+  // (views of FA2's [total, H, D]); B is the number of sequences. The mods see b = s and
+  // positions inside the sequence. No block mask and no pack_gqa in this mode.
+  const int* cu_seqlens_q;
+  const int* cu_seqlens_k;
+  // Work items: item = e * Hq + h, with (sequence, q-block) = varlen_items[2e], [2e + 1]
+  // (the runtime lists them dearest first; empty sequences have none).
+  const int* varlen_items;
+  // The band a query row may see, aligned bottom-right: row i of a sequence with lq queries and
+  // lk keys sees keys j with i + lk - lq - window_left <= j <= i + lk - lq + window_right
+  // (-1 = unlimited on that side). Blocks outside it are never visited; blocks it cuts are
+  // partial, and the mods' mask_mod (which the runtime made to hold the band) masks them.
+  fj_i64 window_left, window_right;
+  int varlen_mask_all;  // 1: every visited block is partial (the user gave a mask_mod)
 };
 
 // Kernel entry (one per translation unit, name chosen by jit/instantiate):
 //   extern "C" void ENTRY(const FlexPrefillArgs* args, fj_i64 begin, fj_i64 end);
 // processes work items [begin, end) of the linearised (b, h, m_block) space,
 //   item = (b * H + h) * num_m_blocks + m_block,  num_m_blocks = ceil(rows / BLOCK_M),
-// with H = Hq and rows = Lq, or with pack_gqa H = Hkv and rows = GQA_GROUP * Lq.
+// with H = Hq and rows = Lq, or with pack_gqa H = Hkv and rows = GQA_GROUP * Lq; in varlen
+// mode the items listed by varlen_items.
 // The runtime splits the item space across threads.
 typedef void (*FlexPrefillFn)(const struct FlexPrefillArgs*, fj_i64, fj_i64);
 

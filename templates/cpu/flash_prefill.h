@@ -138,7 +138,7 @@ FJK_SPLIT_LINKAGE __attribute__((noinline)) void fjk_visit_block(const struct Fl
     ;
 #else
 {
-  const fj_i64 left = a->Lkv - kv0;
+  const fj_i64 left = it->lkv - kv0;
   if (left <= 0) return;
   const int nvalid = left < BLOCK_N ? (int)left : BLOCK_N;
 
@@ -185,29 +185,59 @@ __attribute__((noinline)) static void fjk_walk_listed(const struct FlexPrefillAr
   const fj_i64 sub = a->mask.kv_block_size / BLOCK_N;
   for (int j = 0; j < count; ++j) {
     const fj_i64 base = (fj_i64)idx[j] * a->mask.kv_block_size;
-    for (fj_i64 s = 0; s < sub && base + s * BLOCK_N < a->Lkv; ++s)
+    for (fj_i64 s = 0; s < sub && base + s * BLOCK_N < it->lkv; ++s)
       fjk_walk_to(a, it, t, w, base + s * BLOCK_N, partial);
+  }
+}
+
+// ---- varlen: the KV blocks of a tile's band ----
+// Rows [q0, q0 + mvalid) of a sequence with lq queries and it->lkv keys see keys in the band of
+// FlexPrefillArgs.window_left / window_right (bottom-right aligned). Visits the BLOCK_N blocks
+// that meet the union of the rows' bands, each partial where the band cuts it (or always, with
+// a user mask_mod); rows whose band is empty see nothing and end with out 0, lse -inf.
+__attribute__((noinline)) static void fjk_walk_band(const struct FlexPrefillArgs* a,
+                                                    const struct FjkItem* it, struct FjkTile* t,
+                                                    struct FjkWalk* w, fj_i64 lq) {
+  const fj_i64 off = it->lkv - lq;                    // row i's diagonal is key i + off
+  const fj_i64 first = it->q0 + off, last = it->q0 + it->mvalid - 1 + off;
+  const fj_i64 wl = a->window_left, wr = a->window_right;
+  fj_i64 lo = wl >= 0 ? first - wl : 0;               // keys [lo, hi) meet some row's band
+  fj_i64 hi = wr >= 0 ? last + wr + 1 : it->lkv;
+  if (lo < 0) lo = 0;
+  if (hi > it->lkv) hi = it->lkv;
+  for (fj_i64 kv0 = lo / BLOCK_N * BLOCK_N; kv0 < hi; kv0 += BLOCK_N) {
+    const fj_i64 kv_last = (kv0 + BLOCK_N < it->lkv ? kv0 + BLOCK_N : it->lkv) - 1;
+    // The band holds the whole block for every row iff the last row's lower edge and the first
+    // row's upper edge leave it inside.
+    const bool cut = (wl >= 0 && kv0 < last - wl) || (wr >= 0 && kv_last > first + wr);
+    fjk_walk_to(a, it, t, w, kv0, cut || a->varlen_mask_all != 0);
   }
 }
 
 // ---- one work item (b, hq, m_block) ----
 // Not inlined into the item loop: there its branches on launch constants (lse wanted, block
 // mask present) would be unswitched, duplicating the whole body (compile time).
-// h: the query head, or with pack_gqa the KV head.
+// h: the query head, or with pack_gqa the KV head. Varlen: b is the sequence.
 __attribute__((noinline)) static void fjk_run_item(const struct FlexPrefillArgs* a,
                                                    struct FjkTile* t, fj_i64 b, fj_i64 h,
                                                    fj_i64 m_block) {
   struct FjkItem it;
+  const bool varlen = a->cu_seqlens_q != nullptr;
   it.b = b;
-  it.packed_lq = a->pack_gqa ? a->Lq : 0;
+  it.bt = varlen ? 0 : b;
+  it.qoff = varlen ? a->cu_seqlens_q[b] : 0;
+  const fj_i64 lq = varlen ? a->cu_seqlens_q[b + 1] - it.qoff : a->Lq;
+  const fj_i64 kvoff = varlen ? a->cu_seqlens_k[b] : 0;
+  it.lkv = varlen ? a->cu_seqlens_k[b + 1] - kvoff : a->Lkv;
+  it.packed_lq = a->pack_gqa ? lq : 0;
   it.hq = a->pack_gqa ? h * GQA_GROUP : h;
   it.q0 = m_block * BLOCK_M;
-  const fj_i64 rows = (a->pack_gqa ? GQA_GROUP * a->Lq : a->Lq) - it.q0;
+  const fj_i64 rows = (a->pack_gqa ? GQA_GROUP * lq : lq) - it.q0;
   it.mvalid = rows < BLOCK_M ? (int)rows : BLOCK_M;
   const fj_i64 hkv = a->pack_gqa ? h : h / GQA_GROUP;
-  const fj_i64 bk = a->Bkv == 1 ? 0 : b;
-  it.k = (const fjk_elem*)a->k + bk * a->k_strides[0] + hkv * a->k_strides[1];
-  it.v = (const fjk_elem*)a->v + bk * a->v_strides[0] + hkv * a->v_strides[1];
+  const fj_i64 bk = a->Bkv == 1 || varlen ? 0 : b;
+  it.k = (const fjk_elem*)a->k + bk * a->k_strides[0] + hkv * a->k_strides[1] + kvoff * a->k_strides[2];
+  it.v = (const fjk_elem*)a->v + bk * a->v_strides[0] + hkv * a->v_strides[1] + kvoff * a->v_strides[2];
 
   // Scores are scaled by `scale` (and log2 e when no score_mod sees the natural-scale score).
   const bool score_mod = a->apply_mods != nullptr && a->has_score_mod;
@@ -220,7 +250,9 @@ __attribute__((noinline)) static void fjk_run_item(const struct FlexPrefillArgs*
   }
 
   struct FjkWalk walk = {0, false, false};
-  if (a->mask.kv_num_blocks == nullptr) {  // no block mask: every block, partial if masked
+  if (varlen) {
+    fjk_walk_band(a, &it, t, &walk, lq);
+  } else if (a->mask.kv_num_blocks == nullptr) {  // no block mask: every block, partial if masked
     for (fj_i64 kv0 = 0; kv0 < a->Lkv; kv0 += BLOCK_N)
       fjk_walk_to(a, &it, t, &walk, kv0, a->has_mask_mod != 0);
   } else {
@@ -250,8 +282,8 @@ __attribute__((noinline)) static void fjk_run_item(const struct FlexPrefillArgs*
     FJK_SCALAR_LOOP
     for (int m = 0; m < it.mvalid; ++m) {
       // lse = ln(sum_n e^s) = ln 2 * (m2 + log2 l), m2 the base-2 row max; l = 0 -> -inf.
-      a->lse[b * a->lse_strides[0] + fjk_row_head(&it, m) * a->lse_strides[1] +
-             fjk_row_q(&it, m) * a->lse_strides[2]] =
+      a->lse[it.bt * a->lse_strides[0] + fjk_row_head(&it, m) * a->lse_strides[1] +
+             (it.qoff + fjk_row_q(&it, m)) * a->lse_strides[2]] =
           l[m] > 0.0f ? (float)(FJK_LN2 * ((double)m2[m] + fjk_log2(l[m]))) : FJK_NEG_INF;
     }
   }
@@ -260,6 +292,14 @@ __attribute__((noinline)) static void fjk_run_item(const struct FlexPrefillArgs*
 extern "C" void FLEXJIT_ENTRY(const struct FlexPrefillArgs* a, fj_i64 begin, fj_i64 end) {
   struct FjkTile t;
   fjk_engine_begin(&t);
+  if (a->varlen_items != nullptr) {
+    for (fj_i64 item = begin; item < end; ++item) {
+      const int* e = a->varlen_items + 2 * (item / a->Hq);
+      fjk_run_item(a, &t, e[0], item % a->Hq, e[1]);
+    }
+    fjk_engine_end(&t);
+    return;
+  }
   const fj_i64 rows = a->pack_gqa ? GQA_GROUP * a->Lq : a->Lq;
   const fj_i64 heads = a->pack_gqa ? a->Hkv : a->Hq;
   const fj_i64 n_m_blocks = (rows + BLOCK_M - 1) / BLOCK_M;

@@ -272,7 +272,7 @@ static inline void fjk_block_scores(const struct FlexPrefillArgs* a, const struc
                                     struct FjkTile* t, fj_i64 kv0, int nvalid, fj_i64 next_kv0) {
   fjk_pack_k(it->k + kv0 * a->k_strides[2], a->k_strides[2], a->k_strides[3], nvalid, t->kb);
   const struct FjkPrefetch pf =
-      fjk_prefetch_plan(it->k, a->k_strides[2], a->k_strides[3], next_kv0, a->Lkv);
+      fjk_prefetch_plan(it->k, a->k_strides[2], a->k_strides[3], next_kv0, it->lkv);
   FJK_ROLLED_LOOP
   for (int g = 0; g * kNG < nvalid; ++g) {
     const FjkPrefetchShare<HEAD_DIM> share(&pf, g * kNG, kNG);
@@ -287,7 +287,7 @@ static inline void fjk_block_pv(const struct FlexPrefillArgs* a, const struct Fj
   fjk_pack_p(t->st, nvalid, t->pb);
   fjk_pack_v(it->v + kv0 * a->v_strides[2], a->v_strides[2], a->v_strides[3], nvalid, t->vb);
   const struct FjkPrefetch pf =
-      fjk_prefetch_plan(it->v, a->v_strides[2], a->v_strides[3], next_kv0, a->Lkv);
+      fjk_prefetch_plan(it->v, a->v_strides[2], a->v_strides[3], next_kv0, it->lkv);
   const int pairs = (nvalid + 1) / 2;
   constexpr int kGroups = kDVP / kDG, kRowsPerGroup = (BLOCK_N + kGroups - 1) / kGroups;
   FJK_ROLLED_LOOP

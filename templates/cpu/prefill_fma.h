@@ -203,7 +203,7 @@ static inline void fjk_block_scores(const struct FlexPrefillArgs* a, const struc
   fjk_pack_rows(it->k + kv0 * a->k_strides[2], a->k_strides[2], a->k_strides[3], nvalid,
                 HEAD_DIM, kKS, t->kp);
   const struct FjkPrefetch pf_k =
-      fjk_prefetch_plan(it->k, a->k_strides[2], a->k_strides[3], next_kv0, a->Lkv);
+      fjk_prefetch_plan(it->k, a->k_strides[2], a->k_strides[3], next_kv0, it->lkv);
   fjk_scores(t, nvalid, &pf_k);
 }
 
@@ -214,7 +214,7 @@ static inline void fjk_block_pv(const struct FlexPrefillArgs* a, const struct Fj
   fjk_pack_rows(it->v + kv0 * a->v_strides[2], a->v_strides[2], a->v_strides[3], nvalid,
                 HEAD_DIM_V, kVS, t->vp);
   const struct FjkPrefetch pf_v =
-      fjk_prefetch_plan(it->v, a->v_strides[2], a->v_strides[3], next_kv0, a->Lkv);
+      fjk_prefetch_plan(it->v, a->v_strides[2], a->v_strides[3], next_kv0, it->lkv);
   fjk_pv(t, alpha, nvalid, &pf_v);
 }
 

@@ -18,11 +18,13 @@ static_assert(GQA_GROUP >= 1, "bad GQA_GROUP");
 // query head: row r of the pairs is head hq + r / Lq, query r % Lq, and the tile holds pairs
 // q0.. (hq is then the group's first head).
 struct FjkItem {
-  fj_i64 b, hq, q0;  // batch, query head (first of the group if packed), first row
+  fj_i64 b, hq, q0;  // batch (varlen: sequence), query head (first of the group if packed), first row
+  fj_i64 bt, qoff;   // q / out / lse batch index and first row of the item's sequence (varlen: 0, cu_seqlens_q[b])
+  fj_i64 lkv;        // keys of the item's sequence (Lkv unless varlen)
   fj_i64 packed_lq;  // 0: not packed; else Lq
   int mvalid;        // rows of this tile that exist
-  const fjk_elem* k; // k[bk, hkv, 0, 0]
-  const fjk_elem* v; // v[bk, hkv, 0, 0]
+  const fjk_elem* k; // k[bk, hkv, 0, 0] (varlen: the sequence's first key)
+  const fjk_elem* v; // v[bk, hkv, 0, 0] (likewise)
   float qscale;      // what scores are multiplied by before the mods (see flash_prefill.h)
 };
 static inline fj_i64 fjk_row_head(const struct FjkItem* it, int m) {
@@ -33,12 +35,12 @@ static inline fj_i64 fjk_row_q(const struct FjkItem* it, int m) {
 }
 // Row m of the tile in q and in out (each at its own strides).
 static inline const fjk_elem* fjk_q_row(const struct FlexPrefillArgs* a, const struct FjkItem* it, int m) {
-  return (const fjk_elem*)a->q + it->b * a->q_strides[0] + fjk_row_head(it, m) * a->q_strides[1] +
-         fjk_row_q(it, m) * a->q_strides[2];
+  return (const fjk_elem*)a->q + it->bt * a->q_strides[0] + fjk_row_head(it, m) * a->q_strides[1] +
+         (it->qoff + fjk_row_q(it, m)) * a->q_strides[2];
 }
 static inline fjk_elem* fjk_out_row(const struct FlexPrefillArgs* a, const struct FjkItem* it, int m) {
-  return (fjk_elem*)a->out + it->b * a->out_strides[0] + fjk_row_head(it, m) * a->out_strides[1] +
-         fjk_row_q(it, m) * a->out_strides[2];
+  return (fjk_elem*)a->out + it->bt * a->out_strides[0] + fjk_row_head(it, m) * a->out_strides[1] +
+         (it->qoff + fjk_row_q(it, m)) * a->out_strides[2];
 }
 
 // ---- prefetching the next block (the FMA and vdpbf16ps engines) ----

@@ -540,5 +540,26 @@ TEST(IrEval, HalfAndBfloat16Buffers) {
   EXPECT_EQ(ev(ir::load({"t", DType::F64, 1}, {i(0)}), env).f, 0.1);
 }
 
+// ---------------------------------------------------------------- rewriting
+
+TEST(IrRewrite, SubstituteReplacesEveryOccurrenceAndSharesTheRest) {
+  // user(score) = score * 2 + score; score := 30 * tanh(score / 30)
+  const Expr user = bin(Op::Add, bin(Op::Mul, score(), f(2)), score());
+  const Expr capped = bin(Op::Mul, f(30), un(Op::Tanh, bin(Op::Div, score(), f(30))));
+  const Expr composed = ir::substitute(user, Var::Score, capped);
+  EXPECT_EQ(ir::to_string(composed), "(((30.0 * tanh((score / 30.0))) * 2.0) + (30.0 * tanh((score / 30.0))))");
+  ir::EvalEnv env;
+  env.score = 12.5;
+  const double c = 30 * std::tanh(12.5 / 30);
+  EXPECT_DOUBLE_EQ(ir::eval(composed, env).f, c * 2 + c);
+  // A tree without the variable comes back as is (same node); index variables work too.
+  const Expr mask = bin(Op::Ge, q(), kv());
+  EXPECT_EQ(ir::substitute(mask, Var::Score, capped), mask);
+  const Expr shifted = ir::substitute(mask, Var::QIdx, bin(Op::Add, q(), i(5)));
+  EXPECT_EQ(ir::to_string(shifted), "((q_idx + 5) >= kv_idx)");
+  // The replacement must keep the variable's type.
+  EXPECT_NE(error_of([&] { ir::substitute(mask, Var::QIdx, f(1.5)); }).find("q_idx is int"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace flexjit
