@@ -5,6 +5,8 @@
                                  mask_mod="causal", buffers={"slopes": slopes})
     # decoding against a paged KV cache, mods at absolute positions:
     out = flexjit.paged_flex_attention(q1, k_cache, v_cache, block_table, seq_lens, mask_mod="causal")
+    # FlashAttention-2's varlen API: packed sequences, no padding
+    out = flexjit.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
 
 Mods are the Python functions written for PyTorch's flex_attention (traced into expression
 text by flexjit.trace: captured tensors become buffers, captured Python numbers runtime params),
@@ -23,12 +25,14 @@ from torch.nn.attention.flex_attention import AuxOutput, BlockMask, noop_mask
 from . import trace
 from .trace import TraceError
 
-__all__ = ["flex_attention", "paged_flex_attention", "merge_attention_states", "create_block_mask",
+__all__ = ["flex_attention", "paged_flex_attention", "flash_attn_varlen_func", "merge_attention_states",
+           "create_block_mask",
            "load_library", "library_path", "TraceError", "trace"]
 
 _LIB_NAME = "libflexjit_torch_ops.so"
 _KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "USE_AMX", "USE_DPBF16", "PARTITION_SIZE", "FORCE_USE_FLEX_ATTENTION")
 _PAGED_KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "PARTITION_SIZE")
+_VARLEN_KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "USE_AMX", "USE_DPBF16")
 _loaded = None
 
 
@@ -203,6 +207,48 @@ def paged_flex_attention(query, k_cache, v_cache, block_table, seq_lens, score_m
         BLOCK_M=options.get("BLOCK_M", 0), BLOCK_N=options.get("BLOCK_N", 0),
         PARTITION_SIZE=int(options.get("PARTITION_SIZE", 0)))
     return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None, *, score_mod=None,
+                           mask_mod=None, buffers=None, params=None, kernel_options=None):
+    """FlashAttention-2's flash_attn_varlen_func on CPU: sequences packed without padding. Same
+    arguments, same meaning. Returns out [total_q, Hq, Dv] in q's dtype, or with return_attn_probs
+    (out, softmax_lse [Hq, total_q] fp32, None) (no probability matrix is kept).
+
+    q [total_q, Hq, D], k [total_k, Hkv, D], v [total_k, Hkv, Dv] (Hq a multiple of Hkv: GQA / MQA);
+    cu_seqlens_q / cu_seqlens_k int32 [batch + 1]: sequence i has queries
+    cu_seqlens_q[i]:cu_seqlens_q[i + 1] and keys cu_seqlens_k[i]:cu_seqlens_k[i + 1] (empty ones
+    allowed); max_seqlen_q / max_seqlen_k at least the longest (Python ints).
+    causal and window_size (left, right; -1 = unlimited) align bottom-right when a sequence has
+    fewer queries than keys (rows that see no key give 0, lse -inf); softcap > 0 caps the scaled
+    score (softcap * tanh(s / softcap)); alibi_slopes fp32 [Hq] or [batch, Hq] adds
+    -slope * |i + sk - sq - j|. dropout_p must be 0 and block_table None (inference, contiguous KV);
+    deterministic is accepted (the CPU kernel always is).
+    flexjit's own (keyword): score_mod / mask_mod as for flex_attention (Python functions, text or
+    registered names), seeing b = the sequence and q_idx / kv_idx inside it, applied after ALiBi
+    and before the masks; buffers / params for text mods; kernel_options BLOCK_M, BLOCK_N,
+    USE_AMX, USE_DPBF16.
+    """
+    if dropout_p:
+        raise ValueError(f"flexjit.flash_attn_varlen_func: dropout_p must be 0 (inference only), got {dropout_p}")
+    if block_table is not None:
+        raise ValueError("flexjit.flash_attn_varlen_func: block_table (paged KV) is not supported here; pass "
+                         "contiguous packed k / v, or decode with flexjit.paged_flex_attention")
+    if len(window_size) != 2:
+        raise ValueError(f"flexjit.flash_attn_varlen_func: window_size must be (left, right), got {window_size!r}")
+    options = _kernel_options("flash_attn_varlen_func", kernel_options, _VARLEN_KERNEL_OPTIONS)
+    score_text, mask_text, buffers, params = _mods(score_mod, mask_mod, buffers, params)
+    buf, buf_names, par_names, par_values = _lists(buffers, params)
+    out, lse = torch.ops.flexjit.varlen_attention.default(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), softmax_scale=softmax_scale,
+        causal=bool(causal), window_left=int(window_size[0]), window_right=int(window_size[1]),
+        softcap=float(softcap), alibi_slopes=alibi_slopes, score_mod=score_text, mask_mod=mask_text,
+        buffers=buf, buffer_names=buf_names, param_names=par_names, param_values=par_values,
+        return_lse=bool(return_attn_probs), BLOCK_M=options.get("BLOCK_M", 0), BLOCK_N=options.get("BLOCK_N", 0),
+        USE_AMX=int(options.get("USE_AMX", -1)), USE_DPBF16=int(options.get("USE_DPBF16", -1)))
+    return (out, lse, None) if return_attn_probs else out
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b):

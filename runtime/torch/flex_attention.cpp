@@ -253,6 +253,66 @@ FlexResult paged_flex_attention(const at::Tensor& q, const at::Tensor& k_cache, 
   return r;
 }
 
+VarlenResult flash_attn_varlen_func(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                    int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p,
+                                    std::optional<double> softmax_scale, bool causal,
+                                    std::pair<int64_t, int64_t> window_size, double softcap,
+                                    const std::optional<at::Tensor>& alibi_slopes, bool deterministic,
+                                    bool return_attn_probs, const ModRef& score_mod, const ModRef& mask_mod,
+                                    const FlexOptions& o) {
+  (void)deterministic;  // the CPU kernel is deterministic either way
+  if (dropout_p != 0.0)
+    throw Error("flash_attn_varlen_func: dropout_p must be 0 (flexjit runs inference: no dropout), got " +
+                std::to_string(dropout_p));
+  TensorView qv = view_of(q, "q"), kv = view_of(k, "k"), vv = view_of(v, "v");
+  if (q.dim() != 3 || k.dim() != 3 || v.dim() != 3)
+    throw Error("flash_attn_varlen_func: q, k, v must be 3-D [total, H, D] (packed sequences); got " +
+                qv.shape_str() + ", " + kv.shape_str() + ", " + vv.shape_str());
+  for (auto [t, name] : {std::pair{&cu_seqlens_q, "cu_seqlens_q"}, {&cu_seqlens_k, "cu_seqlens_k"}})
+    if (t->defined() && t->scalar_type() == at::kLong)
+      throw Error(std::string("flash_attn_varlen_func: ") + name + " has dtype int64; it must be int32 (as in "
+                  "FlashAttention): convert it with " + name + ".to(torch.int32) (C++: .to(at::kInt))");
+  TensorView cq = view_of(cu_seqlens_q, "cu_seqlens_q"), ck = view_of(cu_seqlens_k, "cu_seqlens_k");
+  if (!score_mod.empty() && score_mod.kind != ModKind::Score)
+    throw Error("flash_attn_varlen_func: score_mod is a mask_mod; pass it as mask_mod");
+  if (!mask_mod.empty() && mask_mod.kind != ModKind::Mask)
+    throw Error("flash_attn_varlen_func: mask_mod is a score_mod; pass it as score_mod");
+  VarlenOptions vo;
+  vo.scale = softmax_scale ? softmax_scale : o.scale;
+  vo.causal = causal;
+  vo.window_left = window_size.first;
+  vo.window_right = window_size.second;
+  vo.softcap = softcap;
+  TensorView slopes;
+  if (alibi_slopes && alibi_slopes->defined()) {
+    slopes = view_of(*alibi_slopes, "alibi_slopes");
+    vo.alibi_slopes = &slopes;
+  }
+  const bool want_lse = return_attn_probs || o.return_lse;
+  VarlenResult r;
+  r.out = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
+  if (want_lse) r.softmax_lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  TensorView out = view_of(r.out, "out"), lse;
+  if (want_lse) lse = view_of(r.softmax_lse, "softmax_lse");
+
+  // Registered mods' example buffers are indexed by in-sequence positions, up to the longest.
+  ShapeInfo shape{std::max<int64_t>(1, cu_seqlens_q.numel() - 1), q.size(1), k.size(1),
+                  std::max<int64_t>(1, max_seqlen_q), std::max<int64_t>(1, max_seqlen_k)};
+  std::vector<OwnedTensor> storage;
+  TracedMod sm, mm;
+  if (!score_mod.empty()) complete_bindings(score_mod, shape, &sm, &storage);
+  if (!mask_mod.empty()) complete_bindings(mask_mod, shape, &mm, &storage);
+  auto [mods, bind] = combine(score_mod.empty() ? nullptr : &sm, mask_mod.empty() ? nullptr : &mm);
+  AttentionOptions opt = attention_options(o);
+  if (opt.partition_size || opt.force_prefill)
+    throw Error("flash_attn_varlen_func: kernel options PARTITION_SIZE and FORCE_USE_FLEX_ATTENTION are for "
+                "flex_attention's decode kernel; varlen takes BLOCK_M, BLOCK_N, USE_AMX, USE_DPBF16");
+  flexjit::varlen_attention(qv, kv, vv, cq, ck, max_seqlen_q, max_seqlen_k, out, want_lse ? &lse : nullptr, mods,
+                            bind, vo, opt, o.report);
+  return r;
+}
+
 std::tuple<at::Tensor, at::Tensor> merge_attention_states(const at::Tensor& out_a, const at::Tensor& lse_a,
                                                           const at::Tensor& out_b, const at::Tensor& lse_b) {
   TensorView oa = view_of(out_a, "out_a"), la = view_of(lse_a, "lse_a"), ob = view_of(out_b, "out_b"),

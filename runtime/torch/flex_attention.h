@@ -7,6 +7,7 @@
 //   auto [out, lse] = flexjit::flex_attention(q, k, v, alibi, &causal, {.return_lse = true});
 //   auto step = flexjit::paged_flex_attention(q1, k_cache, v_cache, block_table, seq_lens, alibi,
 //                                             flexjit::mask_mod("causal"));
+//   auto packed = flexjit::flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, {}, true);
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "runtime/attention.h"
+#include "runtime/varlen.h"
 #include "score_mods/registry.h"
 
 namespace flexjit {
@@ -96,6 +98,32 @@ FlexResult paged_flex_attention(const at::Tensor& q, const at::Tensor& k_cache, 
                                 const at::Tensor& block_table, const at::Tensor& seq_lens,
                                 const ModRef& score_mod = {}, const ModRef& mask_mod = {},
                                 const FlexOptions& options = {});
+
+// FlashAttention-2's flash_attn_varlen_func (runtime/varlen.h): sequences packed without padding.
+//   q [total_q, Hq, D], k [total_k, Hkv, D], v [total_k, Hkv, Dv]: CPU fp32 / bf16 / fp16, any
+//   strides, Hq a multiple of Hkv; cu_seqlens_q / cu_seqlens_k int32 [batch + 1]; max_seqlen_q /
+//   max_seqlen_k at least the longest sequence.
+// FA2's options with FA2's meaning: softmax_scale (default 1/sqrt(D)); causal and window_size
+// {left, right} (-1 = unlimited) aligned bottom-right; softcap (> 0: s -> softcap * tanh(s /
+// softcap)); alibi_slopes fp32 [Hq] or [batch, Hq]. dropout_p must be 0 (inference only);
+// deterministic is accepted (the CPU kernel always is). softmax_lse is returned with
+// return_attn_probs (FA2's flag; there is no probability matrix) or options.return_lse.
+// flexjit's own additions: score_mod / mask_mod, which see b = the sequence and q_idx / kv_idx
+// inside it (applied after ALiBi, before the masks), and options.kernel_options BLOCK_M,
+// BLOCK_N, USE_AMX, USE_DPBF16. Throws flexjit::Error on bad input.
+struct VarlenResult {
+  at::Tensor out;          // [total_q, Hq, Dv], q's dtype
+  at::Tensor softmax_lse;  // [Hq, total_q] fp32, natural log; undefined unless asked for
+};
+VarlenResult flash_attn_varlen_func(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                    int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p = 0.0,
+                                    std::optional<double> softmax_scale = std::nullopt, bool causal = false,
+                                    std::pair<int64_t, int64_t> window_size = {-1, -1}, double softcap = 0.0,
+                                    const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
+                                    bool deterministic = false, bool return_attn_probs = false,
+                                    const ModRef& score_mod = {}, const ModRef& mask_mod = {},
+                                    const FlexOptions& options = {});
 
 // Combines two attention states over disjoint sets of keys for the same queries into the state
 // over their union (runtime/merge.h): out_a / out_b [..., L, Dv] (2-4 dims, same shape and float

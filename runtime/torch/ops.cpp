@@ -1,5 +1,5 @@
 // The torch op library: torch.ops.flexjit.flex_attention, paged_flex_attention,
-// merge_attention_states and create_block_mask, loaded from Python with
+// varlen_attention, merge_attention_states and create_block_mask, loaded from Python with
 // torch.ops.load_library(<build>/libflexjit_torch_ops.so).
 //
 // Mods travel as strings (a registered name or expression text), their tensors as a list with a
@@ -350,6 +350,84 @@ std::tuple<at::Tensor, at::Tensor> paged_flex_attention_autograd(
   return std::make_tuple(r[0], r[1]);
 }
 
+// ---- varlen_attention: FlashAttention-2's flash_attn_varlen_func ----
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::string& score_mod_text,
+    const std::string& mask_mod_text, const Tensors& buffers, const Names& buffer_names,
+    const Names& param_names, at::ArrayRef<double> param_values, bool return_lse, int64_t BLOCK_M,
+    int64_t BLOCK_N, int64_t USE_AMX, int64_t USE_DPBF16) {
+  return surface_errors("flexjit.varlen_attention", [&] {
+    ModArgs args = collect(buffers, buffer_names, param_names, param_values);
+    ModRef sm = make(score_mod_text, ModKind::Score, args),
+           mm = make(mask_mod_text, ModKind::Mask, args);
+    check_all_used(args, {&sm, &mm});
+    FlexOptions opt;
+    opt.return_lse = return_lse;
+    if (BLOCK_M) opt.kernel_options["BLOCK_M"] = BLOCK_M;
+    if (BLOCK_N) opt.kernel_options["BLOCK_N"] = BLOCK_N;
+    if (USE_AMX >= 0) opt.kernel_options["USE_AMX"] = USE_AMX;
+    if (USE_DPBF16 >= 0) opt.kernel_options["USE_DPBF16"] = USE_DPBF16;
+    VarlenResult r = flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            0.0, softmax_scale, causal, {window_left, window_right}, softcap,
+                                            alibi_slopes, false, false, sm, mm, opt);
+    at::Tensor lse = r.softmax_lse.defined() ? r.softmax_lse : at::empty({0}, q.options().dtype(at::kFloat));
+    return std::make_tuple(r.out, lse);
+  });
+}
+
+// Shapes only: out [total_q, Hq, Dv] in q's dtype, lse [Hq, total_q] fp32 (or [0]). The
+// cu_seqlens contents are data, checked by the CPU kernel.
+std::tuple<at::Tensor, at::Tensor> varlen_attention_meta(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t, int64_t, std::optional<double>, bool, int64_t, int64_t, double,
+    const std::optional<at::Tensor>&, const std::string&, const std::string&, const Tensors&, const Names&,
+    const Names&, at::ArrayRef<double>, bool return_lse, int64_t, int64_t, int64_t, int64_t) {
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}})
+    TORCH_CHECK_VALUE(t->dim() == 3, "flexjit.varlen_attention: ", name,
+                      " must be 3-D [total, H, D] (packed sequences), got ", t->dim(), "-D");
+  auto st = q.scalar_type();
+  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+                    "flexjit.varlen_attention: q has dtype ", st, "; supported: float32, bfloat16, float16");
+  TORCH_CHECK_VALUE(k.scalar_type() == st && v.scalar_type() == st,
+                    "flexjit.varlen_attention: q, k, v must share a dtype, got ", st, ", ", k.scalar_type(),
+                    ", ", v.scalar_type());
+  for (auto [t, name] : {std::pair{&cu_seqlens_q, "cu_seqlens_q"}, {&cu_seqlens_k, "cu_seqlens_k"}})
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->scalar_type() == at::kInt, "flexjit.varlen_attention: ", name,
+                      " must be int32 [batch + 1], got ", t->scalar_type(), " with ", t->dim(),
+                      " dims (convert with .to(torch.int32))");
+  at::Tensor out = at::empty_symint({q.sym_size(0), q.sym_size(1), v.sym_size(2)}, q.options());
+  at::Tensor lse = return_lse ? at::empty_symint({q.sym_size(1), q.sym_size(0)}, q.options().dtype(at::kFloat))
+                              : at::empty({0}, q.options().dtype(at::kFloat));
+  return std::make_tuple(out, lse);
+}
+
+struct VarlenAttentionOp {
+  static constexpr const char* schema = "flexjit::varlen_attention";
+  static constexpr const char* python_name = "flexjit.varlen_attention";
+  static constexpr const char* train_with = "PyTorch's scaled_dot_product_attention on padded input";
+  static constexpr bool lse_is_result = false;
+  using Signature = decltype(varlen_attention_cpu);
+};
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::string& score_mod_text,
+    const std::string& mask_mod_text, const Tensors& buffers, const Names& buffer_names,
+    const Names& param_names, at::ArrayRef<double> param_values, bool return_lse, int64_t BLOCK_M,
+    int64_t BLOCK_N, int64_t USE_AMX, int64_t USE_DPBF16) {
+  auto r = NoBackward<VarlenAttentionOp>::apply(
+      q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+      window_right, softcap, alibi_slopes, score_mod_text, mask_mod_text, buffers, buffer_names, param_names,
+      param_values, return_lse, BLOCK_M, BLOCK_N, USE_AMX, USE_DPBF16);
+  return std::make_tuple(r[0], r[1]);
+}
+
 // ---- merge_attention_states ----
 
 std::tuple<at::Tensor, at::Tensor> merge_attention_states_cpu(const at::Tensor& out_a,
@@ -442,6 +520,13 @@ TORCH_LIBRARY(flexjit, m) {
         "float? scale=None, bool enable_gqa=False, bool return_lse=False, int BLOCK_M=0, "
         "int BLOCK_N=0, int PARTITION_SIZE=0) -> (Tensor out, Tensor lse)",
         {at::Tag::pt2_compliant_tag});
+  m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+        "int max_seqlen_q, int max_seqlen_k, float? softmax_scale=None, bool causal=False, "
+        "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, "
+        "str score_mod=\"\", str mask_mod=\"\", Tensor[]? buffers=None, str[]? buffer_names=None, "
+        "str[]? param_names=None, float[] param_values=[], bool return_lse=False, int BLOCK_M=0, "
+        "int BLOCK_N=0, int USE_AMX=-1, int USE_DPBF16=-1) -> (Tensor out, Tensor lse)",
+        {at::Tag::pt2_compliant_tag});
   m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) "
         "-> (Tensor out, Tensor lse)",
         {at::Tag::pt2_compliant_tag});
@@ -456,18 +541,21 @@ TORCH_LIBRARY(flexjit, m) {
 TORCH_LIBRARY_IMPL(flexjit, CPU, m) {
   m.impl("flex_attention", &flexjit::flex_attention_cpu);
   m.impl("paged_flex_attention", &flexjit::paged_flex_attention_cpu);
+  m.impl("varlen_attention", &flexjit::varlen_attention_cpu);
   m.impl("merge_attention_states", &flexjit::merge_attention_states_cpu);
 }
 
 TORCH_LIBRARY_IMPL(flexjit, Meta, m) {
   m.impl("flex_attention", &flexjit::flex_attention_meta);
   m.impl("paged_flex_attention", &flexjit::paged_flex_attention_meta);
+  m.impl("varlen_attention", &flexjit::varlen_attention_meta);
   m.impl("merge_attention_states", &flexjit::merge_attention_states_meta);
 }
 
 TORCH_LIBRARY_IMPL(flexjit, Autograd, m) {
   m.impl("flex_attention", &flexjit::flex_attention_autograd);
   m.impl("paged_flex_attention", &flexjit::paged_flex_attention_autograd);
+  m.impl("varlen_attention", &flexjit::varlen_attention_autograd);
   m.impl("merge_attention_states", &flexjit::merge_attention_states_autograd);
 }
 
