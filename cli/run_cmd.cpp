@@ -13,6 +13,7 @@
 #include "runtime/attention.h"
 #include "runtime/cuda_driver.h"
 #include "runtime/reference.h"
+#include "runtime/varlen.h"
 
 namespace flexjit::cli {
 
@@ -43,6 +44,12 @@ struct RunArgs {
   std::vector<std::string> kernel_options;
   int threads = 0;
   bool check = false;
+  // Varlen (FA2's packed layout): --varlen with --cu-seqlens-q / --cu-seqlens-k and its options.
+  bool varlen = false;
+  std::string cu_seqlens_q, cu_seqlens_k, alibi_slopes;
+  bool causal = false;
+  int64_t window_left = -1, window_right = -1;
+  double softcap = 0;
 };
 
 int64_t parse_positive(const std::string& what, const std::string& s) {
@@ -109,41 +116,42 @@ PagedInputs load_paged(const RunArgs& a, DType dtype) {
   return p;
 }
 
-void run(const RunArgs& a) {
-  if (a.device == "cuda") {
-    // Kernels compile without a GPU (cache warm --device cuda); running them needs one, and the
-    // launch path (driver module load, torch stream) is the next step of the CUDA backend.
-    const std::string status = cuda_driver_status();
-    if (!status.empty())
-      throw Error("--device cuda: " + status + ". CUDA kernels can still be compiled here for a GPU elsewhere: "
-                  "flexjit cache warm --device cuda --arch sm_90");
-    throw Error("--device cuda: " + std::to_string(cuda_device_count()) +
-                " CUDA device(s) found, but `flexjit run` cannot run CUDA kernels yet (they compile: flexjit cache "
-                "warm --device cuda; build-cuda-only/flexjit_cuda_selftest runs them); use --device cpu");
-  }
-  if (a.device != "cpu")
-    throw Error("--device " + a.device + " is unknown; use cpu or cuda");
-  DType dtype = parse_dtype(a.dtype);
-  const bool paged = !a.k_cache.empty();
-  if (!paged && (a.k.empty() || a.v.empty()))
-    throw Error("give the keys and values: --k and --v (contiguous), or --k-cache, --v-cache, --block-table and --seq-lens (paged)");
-  OwnedTensor q = convert(load_npy(a.q, "q"), dtype);
-  OwnedTensor k, v;
-  PagedInputs pg;
-  if (paged) {
-    pg = load_paged(a, dtype);
-  } else {
-    k = convert(load_npy(a.k, "k"), dtype);
-    v = convert(load_npy(a.v, "v"), dtype);
-  }
-  for (auto* t : paged ? std::vector<OwnedTensor*>{&q} : std::vector<OwnedTensor*>{&q, &k, &v})
-    if (t->view.rank != 4)
-      throw Error("--" + t->name + " must hold a 4-D array [B, H, L, D], got shape " + t->view.shape_str());
-  // Paged mods see absolute positions: their example buffers span the longest sequence.
-  ShapeInfo shape = paged ? ShapeInfo{q.view.sizes[0], q.view.sizes[1], pg.k_cache.view.sizes[2], pg.max_len, pg.max_len}
-                          : ShapeInfo{q.view.sizes[0], q.view.sizes[1], k.view.sizes[1], q.view.sizes[2], k.view.sizes[2]};
-  ResolvedMods rm = resolve_mods(a.mods, shape);
+// What every run's --report holds about the call (the fields issue #2 spelled out, and later ones).
+nlohmann::json report_json(const AttentionReport& rep, int64_t head_dim, int64_t head_dim_v) {
+  nlohmann::json j;
+  j["backend"] = rep.backend;
+  if (!rep.target.empty()) j["target"] = rep.target;
+  j["path"] = rep.path;
+  j["paged"] = rep.paged;
+  j["tuning"] = rep.tuning;
+  j["partition_size"] = rep.partition_size;
+  j["num_partitions"] = rep.num_partitions;
+  j["merge_ms"] = rep.merge_ms;
+  j["compile_ms"] = rep.compile_ms;
+  j["load_ms"] = rep.load_ms;
+  j["lookup_us"] = rep.lookup_us;
+  j["cache"] = rep.cache;
+  j["kernel_ms"] = rep.kernel_ms;
+  j["dtype"] = rep.dtype;
+  j["symbol"] = rep.symbol;
+  j["key"] = rep.key;
+  j["kernels"] = nlohmann::json::array();
+  for (const KernelUse& k : rep.kernels)
+    j["kernels"].push_back({{"role", k.role}, {"symbol", k.symbol}, {"key", k.key}, {"cache", k.cache},
+                            {"compile_ms", k.compile_ms}, {"load_ms", k.load_ms}});
+  j["knobs"] = {{"BLOCK_M", rep.block_m}, {"BLOCK_N", rep.block_n}, {"GQA_GROUP", rep.gqa_group}, {"PACK_GQA", rep.pack_gqa}, {"AMX", rep.engine == "amx"},
+                {"ENGINE", rep.engine}, {"HEAD_DIM", head_dim}, {"HEAD_DIM_V", head_dim_v}};
+  return j;
+}
 
+void print_kernels(const AttentionReport& rep) {
+  for (const KernelUse& k : rep.kernels)
+    std::printf("  %s kernel %s: cache %s%s\n", k.role.c_str(), k.symbol.c_str(), k.cache.c_str(),
+                k.cache == "miss" ? (", compile " + fmt_ms(k.compile_ms)).c_str() : "");
+}
+
+// The scale, threads and --kernel-option knobs of a run.
+AttentionOptions attention_options(const RunArgs& a) {
   AttentionOptions opt;
   opt.enable_gqa = a.enable_gqa;
   opt.num_threads = a.threads;
@@ -176,6 +184,144 @@ void run(const RunArgs& a) {
     }
   }
 
+  return opt;
+}
+
+// `flexjit run --varlen`: FlashAttention-2's flash_attn_varlen_func on packed .npy inputs.
+void run_varlen(const RunArgs& a) {
+  if (a.cu_seqlens_q.empty() || a.cu_seqlens_k.empty())
+    throw Error("--varlen needs --cu-seqlens-q and --cu-seqlens-k (int32 [batch + 1] .npy files)");
+  if (a.k.empty() || a.v.empty() || !a.k_cache.empty())
+    throw Error("--varlen takes packed --k [total_k, Hkv, D] and --v [total_k, Hkv, Dv] (no paged cache)");
+  if (!a.block_size.empty())
+    throw Error("--block-size does not apply to --varlen: its tiles visit only the blocks of each sequence's band");
+  const DType dtype = parse_dtype(a.dtype);
+  OwnedTensor q = convert(load_npy(a.q, "q"), dtype), k = convert(load_npy(a.k, "k"), dtype),
+              v = convert(load_npy(a.v, "v"), dtype);
+  for (auto* t : {&q, &k, &v})
+    if (t->view.rank != 3)
+      throw Error("--" + t->name + " must hold a 3-D array [total, H, D] with --varlen, got shape " + t->view.shape_str());
+  OwnedTensor cu_q = load_int32(a.cu_seqlens_q, "cu-seqlens-q", 1), cu_k = load_int32(a.cu_seqlens_k, "cu-seqlens-k", 1);
+  // max_seqlen from the tables (the runtime checks the tables themselves).
+  auto longest = [](OwnedTensor& cu) {
+    int64_t m = 0;
+    for (int64_t i = 1; i < cu.view.numel(); ++i) m = std::max<int64_t>(m, cu.data<int32_t>()[i] - cu.data<int32_t>()[i - 1]);
+    return m;
+  };
+  const int64_t max_q = longest(cu_q), max_k = longest(cu_k), batch = std::max<int64_t>(1, cu_q.view.numel() - 1);
+  const int64_t total_q = q.view.sizes[0], Hq = q.view.sizes[1], Hkv = k.view.sizes[1], Dv = v.view.sizes[2];
+  // Registered mods' example buffers span the longest sequence (mods see in-sequence positions).
+  ResolvedMods rm = resolve_mods(a.mods, ShapeInfo{batch, Hq, Hkv, std::max<int64_t>(1, max_q), std::max<int64_t>(1, max_k)});
+  AttentionOptions opt = attention_options(a);
+  if (opt.partition_size || opt.force_prefill)
+    throw Error("--kernel-option PARTITION_SIZE and FORCE_USE_FLEX_ATTENTION do not apply to --varlen");
+  VarlenOptions vo;
+  vo.scale = opt.scale;
+  vo.causal = a.causal;
+  vo.window_left = a.window_left;
+  vo.window_right = a.window_right;
+  vo.softcap = a.softcap;
+  OwnedTensor slopes;
+  if (!a.alibi_slopes.empty()) {
+    slopes = convert(load_npy(a.alibi_slopes, "alibi-slopes"), DType::F32);
+    vo.alibi_slopes = &slopes.view;
+  }
+  OwnedTensor out = OwnedTensor::make("out", dtype, {total_q, Hq, Dv});
+  OwnedTensor lse = OwnedTensor::make("lse", DType::F32, {Hq, total_q});
+  const bool want_lse = !a.lse_out.empty() || a.check;
+  AttentionReport rep;
+  varlen_attention(q.view, k.view, v.view, cu_q.view, cu_k.view, max_q, max_k, out.view, want_lse ? &lse.view : nullptr,
+                   rm.mods, rm.bind, vo, opt, &rep);
+  OutputFiles files;  // all outputs land together or not at all
+  files.add_npy_f32("--out", a.out, to_f32(out.view), {total_q, Hq, Dv});
+  if (!a.lse_out.empty()) files.add_npy_f32("--lse-out", a.lse_out, to_f32(lse.view), {Hq, total_q});
+  double max_err = -1;
+  if (a.check) {  // every row against the float64 reference of FA2's semantics
+    const std::vector<int32_t> cq(cu_q.data<int32_t>(), cu_q.data<int32_t>() + cu_q.view.numel()),
+        ck(cu_k.data<int32_t>(), cu_k.data<int32_t>() + cu_k.view.numel());
+    RefResult ref = reference_varlen_attention(q.view, k.view, v.view, cq, ck, rm.mods, rm.bind, vo);
+    const std::vector<double> got = to_doubles(out.view);
+    max_err = 0;
+    for (size_t i = 0; i < got.size(); ++i) max_err = std::max(max_err, std::fabs(got[i] - ref.out[i]));
+  }
+  std::string opts = a.causal ? "causal" : "";
+  if (a.window_left >= 0 || a.window_right >= 0)
+    opts += (opts.empty() ? "" : ", ") + std::string("window (") + std::to_string(a.window_left) + ", " +
+            std::to_string(a.window_right) + ")";
+  if (a.softcap > 0) {
+    char buf[48];
+    std::snprintf(buf, sizeof buf, "softcap %g", a.softcap);
+    opts += (opts.empty() ? "" : ", ") + std::string(buf);
+  }
+  if (!a.alibi_slopes.empty()) opts += (opts.empty() ? "" : ", ") + std::string("alibi ") + slopes.view.shape_str();
+  std::printf("flexjit run --varlen: %s%s%s, q %s k %s v %s (%lld sequences, up to %lld queries / %lld keys) %s -> %s\n",
+              rm.describe.c_str(), opts.empty() ? "" : "; ", opts.c_str(), q.view.shape_str().c_str(),
+              k.view.shape_str().c_str(), v.view.shape_str().c_str(), (long long)(cu_q.view.numel() - 1),
+              (long long)max_q, (long long)max_k, rep.dtype.c_str(), a.out.c_str());
+  print_kernels(rep);
+  std::printf("  compile %.1f ms (wall), run %.2f ms\n", rep.compile_ms, rep.kernel_ms);
+  std::printf("  varlen: BLOCK_M x BLOCK_N = %dx%d (%s), engine %s\n", rep.block_m, rep.block_n, rep.tuning.c_str(),
+              rep.engine.c_str());
+  if (a.check) std::printf("  check vs float64 reference (every row): max abs error %.3g\n", max_err);
+  if (!a.report.empty()) {
+    nlohmann::json j = report_json(rep, q.view.sizes[2], Dv);
+    j["shape"] = {{"batch", cu_q.view.numel() - 1}, {"Hq", Hq}, {"Hkv", Hkv}, {"total_q", total_q},
+                  {"total_k", k.view.sizes[0]}, {"max_seqlen_q", max_q}, {"max_seqlen_k", max_k}};
+    j["varlen"] = {{"causal", a.causal}, {"window_left", a.window_left}, {"window_right", a.window_right},
+                   {"softcap", a.softcap}, {"alibi", !a.alibi_slopes.empty()}};
+    j["mods"] = rm.describe;
+    if (a.check) j["check_max_abs_error"] = max_err;
+    files.add_text("--report", a.report, j.dump(2) + "\n");
+  }
+  files.commit();
+  const double tol = dtype == DType::F32 ? 1e-4 : dtype == DType::F16 ? 5e-3 : 3e-2;
+  if (a.check && max_err > tol)
+    throw Error("--check failed: max abs error " + std::to_string(max_err) + " against the float64 reference "
+                "exceeds " + std::to_string(tol) + " for " + dtype_name(dtype) + " (outputs were written)");
+}
+
+void run(const RunArgs& a) {
+  if (a.device == "cuda") {
+    // Kernels compile without a GPU (cache warm --device cuda); running them needs one, and the
+    // launch path (driver module load, torch stream) is the next step of the CUDA backend.
+    const std::string status = cuda_driver_status();
+    if (!status.empty())
+      throw Error("--device cuda: " + status + ". CUDA kernels can still be compiled here for a GPU elsewhere: "
+                  "flexjit cache warm --device cuda --arch sm_90");
+    throw Error("--device cuda: " + std::to_string(cuda_device_count()) +
+                " CUDA device(s) found, but `flexjit run` cannot run CUDA kernels yet (they compile: flexjit cache "
+                "warm --device cuda; build-cuda-only/flexjit_cuda_selftest runs them); use --device cpu");
+  }
+  if (a.device != "cpu")
+    throw Error("--device " + a.device + " is unknown; use cpu or cuda");
+  if (a.varlen) return run_varlen(a);
+  if (!a.cu_seqlens_q.empty() || !a.cu_seqlens_k.empty() || a.causal || a.window_left != -1 ||
+      a.window_right != -1 || a.softcap != 0 || !a.alibi_slopes.empty())
+    throw Error("--cu-seqlens-q/-k, --causal, --window-left/-right, --softcap and --alibi-slopes are FlashAttention "
+                "varlen options: add --varlen (for padded [B, H, L, D] inputs use --mask-mod causal, "
+                "--score-mod softcap / alibi)");
+  DType dtype = parse_dtype(a.dtype);
+  const bool paged = !a.k_cache.empty();
+  if (!paged && (a.k.empty() || a.v.empty()))
+    throw Error("give the keys and values: --k and --v (contiguous), or --k-cache, --v-cache, --block-table and --seq-lens (paged)");
+  OwnedTensor q = convert(load_npy(a.q, "q"), dtype);
+  OwnedTensor k, v;
+  PagedInputs pg;
+  if (paged) {
+    pg = load_paged(a, dtype);
+  } else {
+    k = convert(load_npy(a.k, "k"), dtype);
+    v = convert(load_npy(a.v, "v"), dtype);
+  }
+  for (auto* t : paged ? std::vector<OwnedTensor*>{&q} : std::vector<OwnedTensor*>{&q, &k, &v})
+    if (t->view.rank != 4)
+      throw Error("--" + t->name + " must hold a 4-D array [B, H, L, D], got shape " + t->view.shape_str());
+  // Paged mods see absolute positions: their example buffers span the longest sequence.
+  ShapeInfo shape = paged ? ShapeInfo{q.view.sizes[0], q.view.sizes[1], pg.k_cache.view.sizes[2], pg.max_len, pg.max_len}
+                          : ShapeInfo{q.view.sizes[0], q.view.sizes[1], k.view.sizes[1], q.view.sizes[2], k.view.sizes[2]};
+  ResolvedMods rm = resolve_mods(a.mods, shape);
+
+  AttentionOptions opt = attention_options(a);
   runtime::BlockMask mask;
   runtime::BlockMaskBuildStats mstats;
   bool have_mask = false;
@@ -225,9 +371,7 @@ void run(const RunArgs& a) {
   else
     std::printf("flexjit run: %s, q %s k %s v %s %s -> %s\n", rm.describe.c_str(), q.view.shape_str().c_str(),
                 k.view.shape_str().c_str(), v.view.shape_str().c_str(), rep.dtype.c_str(), a.out.c_str());
-  for (const KernelUse& k : rep.kernels)
-    std::printf("  %s kernel %s: cache %s%s\n", k.role.c_str(), k.symbol.c_str(), k.cache.c_str(),
-                k.cache == "miss" ? (", compile " + fmt_ms(k.compile_ms)).c_str() : "");
+  print_kernels(rep);
   std::printf("  compile %.1f ms (wall), run %.2f ms%s\n", rep.compile_ms, rep.kernel_ms,
               have_mask ? (", " + mask.describe()).c_str() : "");
   if (rep.path == "decode")
@@ -240,29 +384,7 @@ void run(const RunArgs& a) {
   if (a.check) std::printf("  check vs float64 reference (sampled rows): max abs error %.3g\n", max_err);
 
   if (!a.report.empty()) {
-    nlohmann::json j;
-    j["backend"] = rep.backend;
-    if (!rep.target.empty()) j["target"] = rep.target;
-    j["path"] = rep.path;
-    j["paged"] = rep.paged;
-    j["tuning"] = rep.tuning;
-    j["partition_size"] = rep.partition_size;
-    j["num_partitions"] = rep.num_partitions;
-    j["merge_ms"] = rep.merge_ms;
-    j["compile_ms"] = rep.compile_ms;
-    j["load_ms"] = rep.load_ms;
-    j["lookup_us"] = rep.lookup_us;
-    j["cache"] = rep.cache;
-    j["kernel_ms"] = rep.kernel_ms;
-    j["dtype"] = rep.dtype;
-    j["symbol"] = rep.symbol;
-    j["key"] = rep.key;
-    j["kernels"] = nlohmann::json::array();
-    for (const KernelUse& k : rep.kernels)
-      j["kernels"].push_back({{"role", k.role}, {"symbol", k.symbol}, {"key", k.key}, {"cache", k.cache},
-                              {"compile_ms", k.compile_ms}, {"load_ms", k.load_ms}});
-    j["knobs"] = {{"BLOCK_M", rep.block_m}, {"BLOCK_N", rep.block_n}, {"GQA_GROUP", rep.gqa_group}, {"PACK_GQA", rep.pack_gqa}, {"AMX", rep.engine == "amx"},
-                  {"ENGINE", rep.engine}, {"HEAD_DIM", q.view.sizes[3]}, {"HEAD_DIM_V", Dv}};
+    nlohmann::json j = report_json(rep, q.view.sizes[3], Dv);
     if (rep.path == "decode") j["knobs"]["PARTITION_SIZE"] = rep.partition_size;
     j["shape"] = {{"B", B}, {"Hq", Hq}, {"Hkv", Hkv}, {"Lq", Lq}, {"Lkv", Lkv}};
     if (paged)
@@ -315,6 +437,15 @@ void add_run_command(CLI::App& app) {
   cmd->add_option("--report", a->report, "write a JSON report of what ran");
   cmd->add_option("--threads", a->threads, "worker threads (default: all cores)");
   cmd->add_flag("--check", a->check, "spot-check the result against a float64 reference");
+  cmd->add_flag("--varlen", a->varlen, "FlashAttention-2 varlen: packed --q [total_q, Hq, D], --k/--v [total_k, Hkv, "
+                                       "D/Dv] split by --cu-seqlens-q/-k; --out [total_q, Hq, Dv], --lse-out [Hq, total_q]");
+  cmd->add_option("--cu-seqlens-q", a->cu_seqlens_q, "varlen: int32 [batch + 1] query offsets of the sequences");
+  cmd->add_option("--cu-seqlens-k", a->cu_seqlens_k, "varlen: int32 [batch + 1] key offsets of the sequences");
+  cmd->add_flag("--causal", a->causal, "varlen: causal, aligned bottom-right");
+  cmd->add_option("--window-left", a->window_left, "varlen: keys a query sees before its diagonal (-1: unlimited)");
+  cmd->add_option("--window-right", a->window_right, "varlen: keys a query sees after its diagonal (-1: unlimited)");
+  cmd->add_option("--alibi-slopes", a->alibi_slopes, "varlen: ALiBi slopes .npy, [Hq] or [batch, Hq]");
+  cmd->add_option("--softcap", a->softcap, "varlen: cap scaled scores at softcap * tanh(s / softcap) (0: off)");
   cmd->callback([a] { run(*a); });
 }
 

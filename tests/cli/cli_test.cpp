@@ -24,6 +24,7 @@
 
 #include "jit/parser.h"
 #include "runtime/reference.h"
+#include "runtime/varlen.h"
 #include "score_mods/registry.h"
 #include "tests/tolerances.h"
 
@@ -792,6 +793,67 @@ TEST_F(Cli, PagedDecodeWithReportAndCheck) {
                     {"multiple of the page size 16"});
   expect_error_line(run(paged + std::vector<std::string>{"--kernel-option", "FORCE_USE_FLEX_ATTENTION=1"}),
                     {"FORCE_USE_FLEX_ATTENTION has no paged form"});
+}
+
+// `flexjit run --varlen`: packed sequences with FA2's options, checked against the float64
+// reference of FA2's semantics; the report; the tables' errors.
+TEST_F(Cli, VarlenWithOptionsReportAndCheck) {
+  const int32_t cu_q[4] = {0, 17, 17, 50}, cu_k[4] = {0, 20, 25, 58};
+  const int64_t Hq = 6, Hkv = 2, D = 24;
+  OwnedTensor q = random_f32("q", {50, Hq, D}, 1), k = random_f32("k", {58, Hkv, D}, 2), v = random_f32("v", {58, Hkv, 16}, 3);
+  OwnedTensor slopes = random_f32("s", {Hq}, 4);
+  for (int64_t i = 0; i < Hq; ++i) slopes.data<float>()[i] = 0.1f + 0.1f * std::fabs(slopes.data<float>()[i]);
+  write_qkv(q, k, v);
+  write_f32(dir_ / "in_slopes.npy", slopes);
+  write_npy(dir_ / "in_cuq.npy", "<i4", {4}, cu_q, sizeof cu_q);
+  write_npy(dir_ / "in_cuk.npy", "<i4", {4}, cu_k, sizeof cu_k);
+  const std::vector<std::string> varlen = qkv_args() + std::vector<std::string>{
+      "--varlen", "--cu-seqlens-q", path("in_cuq.npy"), "--cu-seqlens-k", path("in_cuk.npy")};
+  Result r = run(varlen + std::vector<std::string>{"--causal", "--window-left", "6", "--softcap", "3", "--alibi-slopes",
+                                                   path("in_slopes.npy"), "--score-mod", "score + (kv_idx % 3) * 0.25",
+                                                   "--lse-out", path("L.npy"), "--check", "--report", path("r.json")});
+  ASSERT_TRUE(r.exited) << "signal " << r.signal << "\n" << r.err;
+  ASSERT_EQ(r.code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("3 sequences, up to 33 queries / 33 keys"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("softcap 3"), std::string::npos) << r.out;
+  nlohmann::json j = nlohmann::json::parse(slurp(dir_ / "r.json"));
+  EXPECT_EQ(j.value("path", ""), "varlen");
+  EXPECT_EQ(j["shape"].value("batch", 0), 3);
+  EXPECT_EQ(j["shape"].value("max_seqlen_k", 0), 33);
+  EXPECT_EQ(j["varlen"].value("causal", false), true);
+  EXPECT_EQ(j["varlen"].value("window_left", 0), 6);
+  EXPECT_LT(j.value("check_max_abs_error", 1.0), 1e-4);
+  Npy lse = read_npy(dir_ / "L.npy");
+  EXPECT_EQ(lse.shape, (std::vector<int64_t>{Hq, 50}));
+
+  OwnedTensor cq = OwnedTensor::make("cq", DType::I32, {4}), ck = OwnedTensor::make("ck", DType::I32, {4});
+  std::memcpy(cq.bytes->data(), cu_q, sizeof cu_q);
+  std::memcpy(ck.bytes->data(), cu_k, sizeof cu_k);
+  TracedMod sm = parse_mod("score + (kv_idx % 3) * 0.25", ModKind::Score, {}, {});
+  auto [mods, bind] = combine(&sm, nullptr);
+  VarlenOptions vo;
+  vo.causal = true;
+  vo.window_left = 6;
+  vo.softcap = 3;
+  vo.alibi_slopes = &slopes.view;
+  RefResult ref = reference_varlen_attention(q.view, k.view, v.view, std::vector<int32_t>(cu_q, cu_q + 4),
+                                             std::vector<int32_t>(cu_k, cu_k + 4), mods, bind, vo);
+  expect_matches(read_npy(dir_ / "O.npy"), ref, DType::F32, "varlen causal+window+softcap+alibi");
+
+  // Bad tables are one-line errors, with nothing written.
+  fs::remove(dir_ / "O.npy");
+  const int32_t back[4] = {0, 17, 10, 50};
+  write_npy(dir_ / "in_cuq.npy", "<i4", {4}, back, sizeof back);
+  expect_error_line(run(varlen), {"cu_seqlens_q must not go backwards"});
+  const int32_t past[4] = {0, 17, 17, 51};
+  write_npy(dir_ / "in_cuq.npy", "<i4", {4}, past, sizeof past);
+  expect_error_line(run(varlen), {"cu_seqlens_q ends at 51, past the 50 rows of q"});
+  const int32_t three[3] = {0, 17, 50};
+  write_npy(dir_ / "in_cuq.npy", "<i4", {3}, three, sizeof three);
+  expect_error_line(run(varlen), {"cu_seqlens_q has 2 sequences but cu_seqlens_k has 3"});
+  EXPECT_FALSE(fs::exists(dir_ / "O.npy"));
+  expect_error_line(run(qkv_args() + std::vector<std::string>{"--varlen"}), {"--varlen needs --cu-seqlens-q"});
+  expect_error_line(run(qkv_args() + std::vector<std::string>{"--causal"}), {"add --varlen"});
 }
 
 // FORCE_USE_FLEX_ATTENTION picks the prefill kernel for a decode shape; both agree.
