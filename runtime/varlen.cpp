@@ -103,16 +103,23 @@ void compose_mods(VarlenMods* vm, const ModSet& user, const ModBindings& user_bi
   vm->bind = user_bind;
   const int64_t batch = int64_t(cu_q.size()) - 1;
   const bool alibi = vo.alibi_slopes != nullptr;
-  // q_idx + offset[b]: the query's key position (bottom-right alignment).
-  Expr qpos;
+  // q_idx + offset[b]: the query's key position (bottom-right alignment). Where every sequence
+  // has as many queries as keys (self-attention prefill) it is q_idx, and the mods read no
+  // offset buffer (one gather less per score).
+  Expr qpos = variable(Var::QIdx);
   if (wl >= 0 || wr >= 0 || alibi) {
     vm->offsets.resize(size_t(batch));
-    for (int64_t s = 0; s < batch; ++s)
+    bool any_offset = false;
+    for (int64_t s = 0; s < batch; ++s) {
       vm->offsets[size_t(s)] = (cu_k[size_t(s) + 1] - cu_k[size_t(s)]) - (cu_q[size_t(s) + 1] - cu_q[size_t(s)]);
-    BufferDecl off{kOffsetBuffer, DType::I32, 1};
-    m.buffers.push_back(off);
-    vm->bind.buffers.push_back({kOffsetBuffer, contiguous_view(vm->offsets.data(), DType::I32, {batch})});
-    qpos = binary(Op::Add, variable(Var::QIdx), load(off, {variable(Var::B)}));
+      any_offset |= vm->offsets[size_t(s)] != 0;
+    }
+    if (any_offset) {
+      BufferDecl off{kOffsetBuffer, DType::I32, 1};
+      m.buffers.push_back(off);
+      vm->bind.buffers.push_back({kOffsetBuffer, contiguous_view(vm->offsets.data(), DType::I32, {batch})});
+      qpos = binary(Op::Add, qpos, load(off, {variable(Var::B)}));
+    }
   }
   Expr s = variable(Var::Score);
   bool wrapped = false;
