@@ -40,6 +40,7 @@
 #include "llvm/IR/LLVMContext.h"
 #include "llvm/IR/LegacyPassManager.h"
 #include "llvm/IR/Module.h"
+#include "llvm/MC/MCSubtargetInfo.h"
 #include "llvm/MC/TargetRegistry.h"
 #include "llvm/Object/Archive.h"
 #include "llvm/Object/ArchiveWriter.h"
@@ -214,9 +215,18 @@ namespace {
 
 // Runs Clang on `source` (served from memory as `path`) and returns the unoptimized O3 IR.
 // Diagnostics (warnings and errors) go to `diag_text`.
+// What one compile targets: the CPU target (triple, CPU, features) and the driver flags. The host
+// pipeline sets the feature list in full on the invocation; a cross compile keeps what the
+// driver derives from -mcpu.
+struct Pipeline {
+  const CpuTarget* target;
+  const std::vector<std::string>* flags;
+  bool set_features = true;
+};
+
 std::unique_ptr<llvm::Module> run_frontend(const std::string& source, const std::string& path,
                                            int part, llvm::LLVMContext& ctx,
-                                           std::string& diag_text, bool& ok) {
+                                           std::string& diag_text, bool& ok, const Pipeline& pl) {
   ok = false;
   llvm::raw_string_ostream diag_os(diag_text);
 
@@ -246,7 +256,7 @@ std::unique_ptr<llvm::Module> run_frontend(const std::string& source, const std:
   // argv0 must be the real clang++ of LLVM 19: the driver derives the resource dir (builtin
   // headers such as <stddef.h>) and the GCC installation from it.
   argv.push_back(FLEXJIT_CLANG_EXE);
-  for (const auto& f : compile_flags()) argv.push_back(f.c_str());
+  for (const auto& f : *pl.flags) argv.push_back(f.c_str());
   argv.push_back(path.c_str());
   std::shared_ptr<clang::CompilerInvocation> inv = clang::createInvocation(argv, cio);
   if (!inv) {
@@ -256,14 +266,16 @@ std::unique_ptr<llvm::Module> run_frontend(const std::string& source, const std:
   }
 
   // Explicit CPU + features instead of -march=native (see the file comment).
-  const CpuTarget& host = cpu_target();
-  inv->getTargetOpts().CPU = host.cpu;
-  inv->getTargetOpts().TuneCPU = host.tune_cpu;
-  // Trap: clang::TargetInfo::CreateTargetInfo rebuilds Features from FeaturesAsWritten (the
-  // driver's, i.e. -march's), so setting Features alone is silently undone: the functions then
-  // carry the CPU name's features (no AMX, AVX512-BF16 or -FP16 under this hypervisor's name).
-  inv->getTargetOpts().FeaturesAsWritten = host.features;
-  inv->getTargetOpts().Features = host.features;
+  const CpuTarget& host = *pl.target;
+  if (pl.set_features) {
+    inv->getTargetOpts().CPU = host.cpu;
+    inv->getTargetOpts().TuneCPU = host.tune_cpu;
+    // Trap: clang::TargetInfo::CreateTargetInfo rebuilds Features from FeaturesAsWritten (the
+    // driver's, i.e. -march's), so setting Features alone is silently undone: the functions then
+    // carry the CPU name's features (no AMX, AVX512-BF16 or -FP16 under this hypervisor's name).
+    inv->getTargetOpts().FeaturesAsWritten = host.features;
+    inv->getTargetOpts().Features = host.features;
+  }
   // Trap: DisableFree defaults to true under the driver (cc1 exits right after), which leaks the
   // AST, Sema and the IR of every compile in a long-lived process.
   inv->getFrontendOpts().DisableFree = false;
@@ -293,8 +305,7 @@ std::unique_ptr<llvm::Module> run_frontend(const std::string& source, const std:
 // ---------------------------------------------------------------------------------------------
 // 2. + 3. Optimize and codegen
 
-std::unique_ptr<llvm::TargetMachine> make_target_machine(std::string& err) {
-  const CpuTarget& host = cpu_target();
+std::unique_ptr<llvm::TargetMachine> make_target_machine(const CpuTarget& host, std::string& err) {
   const llvm::Target* target = llvm::TargetRegistry::lookupTarget(host.triple, err);
   if (!target) return nullptr;
   llvm::TargetOptions opts;
@@ -393,11 +404,13 @@ Jit& the_jit() {
 
 }  // namespace
 
-const std::vector<std::string>& compile_flags() {
-  static const std::vector<std::string> flags = [] {
-    return std::vector<std::string>{
-        "--target=" + cpu_target().triple,
-        "-march=" + cpu_target().cpu,  // the feature list is then set in full on the invocation
+namespace {
+
+// The driver flags for a target: `arch` is -march=CPU (x86: the feature list is then set in full
+// on the invocation) or -mcpu=CPU (a cross compile).
+std::vector<std::string> flags_for(const std::string& triple, const std::string& arch, bool x86) {
+  std::vector<std::string> f{
+        "--target=" + triple, arch,
         "-x", "c++", "-std=c++17", "-O3",
         // Position-independent code: see make_target_machine.
         "-fPIC",
@@ -408,13 +421,23 @@ const std::vector<std::string>& compile_flags() {
         // masking).
         "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
         "-ffp-contract=fast",
-        // Without it LLVM vectorises at 256 bits even with AVX-512.
-        "-mprefer-vector-width=512",
         // Distribution defaults that would add calls/instructions to every kernel.
-        "-fno-stack-protector", "-fcf-protection=none",
+        "-fno-stack-protector",
         // The driver turns colour on when stderr is a terminal; the text ends up in exceptions.
         "-fno-color-diagnostics", "-ferror-limit=30", "-c"};
-  }();
+  if (x86) {
+    // Without it LLVM vectorises at 256 bits even with AVX-512.
+    f.push_back("-mprefer-vector-width=512");
+    f.push_back("-fcf-protection=none");  // x86 only: no endbr64 in every function
+  }
+  return f;
+}
+
+}  // namespace
+
+const std::vector<std::string>& compile_flags() {
+  static const std::vector<std::string> flags =
+      flags_for(cpu_target().triple, "-march=" + cpu_target().cpu, /*x86=*/true);
   return flags;
 }
 
@@ -437,7 +460,8 @@ const std::string& compiler_identity() {
 namespace {
 
 // The whole pipeline for one translation unit (part 0) or one part of a split one.
-CompileResult compile_one(const std::string& source, const std::string& source_name, int part) {
+CompileResult compile_one(const std::string& source, const std::string& source_name, int part,
+                          const Pipeline& pl) {
   // The name goes on the driver's command line: keep it from being read as an option.
   std::string path = source_name.empty() ? std::string("kernel.cpp") : source_name;
   if (path[0] == '-') path = "./" + path;
@@ -447,7 +471,7 @@ CompileResult compile_one(const std::string& source, const std::string& source_n
   std::string diags;
   bool ok = false;
   auto t0 = Clock::now();
-  std::unique_ptr<llvm::Module> module = run_frontend(source, path, part, ctx, diags, ok);
+  std::unique_ptr<llvm::Module> module = run_frontend(source, path, part, ctx, diags, ok, pl);
   result.frontend_ms = ms_since(t0);
   if (!ok) {
     throw flexjit::Error("flexjit: Clang could not compile the generated kernel source " +
@@ -456,8 +480,8 @@ CompileResult compile_one(const std::string& source, const std::string& source_n
   result.log = diags;
 
   std::string err;
-  std::unique_ptr<llvm::TargetMachine> tm = make_target_machine(err);
-  if (!tm) throw flexjit::Error("flexjit: no LLVM target for the host (" + err + ")");
+  std::unique_ptr<llvm::TargetMachine> tm = make_target_machine(*pl.target, err);
+  if (!tm) throw flexjit::Error("flexjit: no LLVM target for " + pl.target->triple + " (" + err + ")");
   module->setDataLayout(tm->createDataLayout());
 
   t0 = Clock::now();
@@ -475,7 +499,7 @@ CompileResult compile_one(const std::string& source, const std::string& source_n
   t0 = Clock::now();
   bool emitted = emit_object(*module, *tm, result.object);
   result.codegen_ms = ms_since(t0);
-  FLEXJIT_CHECK(emitted, "the host TargetMachine can emit object files");
+  FLEXJIT_CHECK(emitted, "the TargetMachine can emit object files");
   return result;
 }
 
@@ -509,20 +533,17 @@ std::string archive_of(std::vector<CompileResult>& parts) {
   return std::string((*buf)->getBufferStart(), (*buf)->getBufferSize());
 }
 
-}  // namespace
-
-CompileResult compile_cpp_to_object(const std::string& source, const std::string& source_name) {
-  init_llvm_once();
-  if (!cpu_target().error.empty()) throw Error("cannot compile " + source_name + ": " + cpu_target().error);
+// One translation unit, whole or split into its declared parts (compiled on threads).
+CompileResult compile_parts(const std::string& source, const std::string& source_name, const Pipeline& pl) {
   const int parts = declared_parts(source);
-  if (parts == 1) return compile_one(source, source_name, 0);
+  if (parts == 1) return compile_one(source, source_name, 0, pl);
 
   // Part 1 on this thread, the others on threads of their own.
   std::vector<CompileResult> results(static_cast<size_t>(parts));
   std::vector<std::exception_ptr> errors(static_cast<size_t>(parts));
   auto run = [&](int k) {
     try {
-      results[size_t(k - 1)] = compile_one(source, source_name, k);
+      results[size_t(k - 1)] = compile_one(source, source_name, k, pl);
     } catch (...) {
       errors[size_t(k - 1)] = std::current_exception();
     }
@@ -545,6 +566,42 @@ CompileResult compile_cpp_to_object(const std::string& source, const std::string
   }
   out.object = archive_of(results);
   return out;
+}
+
+}  // namespace
+
+CompileResult compile_cpp_to_object(const std::string& source, const std::string& source_name) {
+  init_llvm_once();
+  if (!cpu_target().error.empty()) throw Error("cannot compile " + source_name + ": " + cpu_target().error);
+  return compile_parts(source, source_name, Pipeline{&cpu_target(), &compile_flags(), true});
+}
+
+CompileResult cross_compile_cpp_to_object(const std::string& source, const std::string& source_name,
+                                          const CrossTarget& target) {
+  static std::once_flag all_targets;
+  std::call_once(all_targets, [] {
+    llvm::InitializeAllTargetInfos();
+    llvm::InitializeAllTargets();
+    llvm::InitializeAllTargetMCs();
+    llvm::InitializeAllAsmPrinters();
+  });
+  CpuTarget t;
+  t.triple = llvm::Triple::normalize(target.triple);
+  t.cpu = t.tune_cpu = target.cpu;
+  std::string err;
+  const llvm::Target* found = llvm::TargetRegistry::lookupTarget(t.triple, err);
+  if (!found) throw Error("cross compile: no LLVM target for triple '" + target.triple + "' (" + err + ")");
+  const llvm::Triple triple(t.triple);
+  if (triple.isX86())
+    throw Error("cross compile: '" + target.triple + "' is x86; compile for other x86 CPUs with FLEXJIT_CPU_TARGET");
+  // (Asked of a generic subtarget: one made for an unknown CPU prints a warning to stderr.)
+  std::unique_ptr<llvm::MCSubtargetInfo> sti(found->createMCSubtargetInfo(t.triple, "generic", ""));
+  if (!sti || (t.cpu != "generic" && !sti->isCPUStringValid(t.cpu)))
+    throw Error("cross compile: '" + target.cpu + "' is not a CPU LLVM knows for " + target.triple +
+                " (e.g. neoverse-n1, neoverse-v1, generic)");
+  std::vector<std::string> flags = flags_for(t.triple, "-mcpu=" + t.cpu, /*x86=*/false);
+  flags.insert(flags.end() - 1, target.extra_flags.begin(), target.extra_flags.end());  // before "-c"
+  return compile_parts(source, source_name, Pipeline{&t, &flags, false});
 }
 
 void* load_object(const std::string& object, const std::string& symbol) {

@@ -31,6 +31,20 @@ struct CompileResult {
 // text must be one whole kernel.
 CompileResult compile_cpp_to_object(const std::string& source, const std::string& source_name);
 
+// Compile-only cross compilation: the same frontend flags, O3 pipeline and code generation for a
+// non-x86 target, e.g. {"aarch64-linux-gnu", "neoverse-v1", {"-msve-vector-bits=256"}}: what a
+// fleet's Arm hosts would run. The object (or split archive) is returned, never loaded: this
+// process cannot execute it. The CPU's features come from -mcpu as Clang's driver derives them.
+// Throws flexjit::Error for an unknown triple or CPU, an x86 triple (use FLEXJIT_CPU_TARGET), or
+// a source that does not compile for the target.
+struct CrossTarget {
+  std::string triple;                    // LLVM triple: "aarch64-linux-gnu"
+  std::string cpu;                       // -mcpu: "neoverse-n1" (NEON), "neoverse-v1" (SVE), "generic"
+  std::vector<std::string> extra_flags;  // more driver flags, e.g. "-msve-vector-bits=256"
+};
+CompileResult cross_compile_cpp_to_object(const std::string& source, const std::string& source_name,
+                                          const CrossTarget& target);
+
 // Identity of the compiler, flags and target CPU (name + sorted feature list) as one string: part
 // of every cache key. Computed once per process.
 const std::string& compiler_identity();
