@@ -320,14 +320,8 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   bound.check_error_flag("flex_attention");
 
   if (report) {
-    runtime::record_kernels(rep, pk.kernels, pk.ms);
-    rep.block_m = bm;
-    rep.block_n = bn;
-    rep.tuning = knobs.tuning;
-    rep.gqa_group = int(group);
+    runtime::record_prefill(rep, pk, bm, bn, knobs.tuning, int(group), engine, q.dtype);
     rep.pack_gqa = pack_gqa;
-    rep.engine = engine_name(engine);
-    rep.dtype = dtype_name(q.dtype);
     *report = rep;
   }
 }

@@ -59,4 +59,15 @@ void record_kernels(AttentionReport& rep, const std::vector<jit::KernelHandle>& 
   }
 }
 
+void record_prefill(AttentionReport& rep, const PrefillKernels& pk, int bm, int bn, const std::string& tuning,
+                    int gqa_group, PrefillEngine engine, DType dtype) {
+  record_kernels(rep, pk.kernels, pk.ms);
+  rep.block_m = bm;
+  rep.block_n = bn;
+  rep.tuning = tuning;
+  rep.gqa_group = gqa_group;
+  rep.engine = engine_name(engine);
+  rep.dtype = dtype_name(dtype);
+}
+
 }  // namespace flexjit::runtime

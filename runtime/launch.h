@@ -43,4 +43,9 @@ struct PrefillKernels {
 PrefillKernels get_prefill_kernels(DType dtype, int head_dim, int head_dim_v, int bm, int bn, int gqa_group,
                                    PrefillEngine engine, const ModSet& mods);
 
+// The report of a prefill-kernel call (flex_attention's prefill path, varlen): its kernels
+// (record_kernels) and knobs.
+void record_prefill(AttentionReport& rep, const PrefillKernels& pk, int bm, int bn, const std::string& tuning,
+                    int gqa_group, PrefillEngine engine, DType dtype);
+
 }  // namespace flexjit::runtime

@@ -297,13 +297,7 @@ void varlen_attention(const TensorView& q, const TensorView& k, const TensorView
   bound.check_error_flag("flash_attn_varlen_func");
 
   if (report) {
-    runtime::record_kernels(rep, pk.kernels, pk.ms);
-    rep.block_m = bm;
-    rep.block_n = bn;
-    rep.tuning = knobs.tuning;
-    rep.gqa_group = int(Hq / Hkv);
-    rep.engine = engine_name(engine);
-    rep.dtype = dtype_name(q.dtype);
+    runtime::record_prefill(rep, pk, bm, bn, knobs.tuning, int(Hq / Hkv), engine, q.dtype);
     *report = rep;
   }
 }
