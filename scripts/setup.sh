@@ -28,4 +28,10 @@ if ! $PY -c "import torch, numpy, pytest, matplotlib" >/dev/null 2>&1; then
   echo "setup: pip installing torch numpy pytest matplotlib"
   $PY -m pip install -q torch numpy pytest matplotlib
 fi
+# transformers (5.x) for the Hugging Face attention backend's tests and the end-to-end benchmark;
+# the library itself does not need it.
+if ! $PY -c "import transformers, sys; sys.exit(int(transformers.__version__.split('.')[0]) != 5)" >/dev/null 2>&1; then
+  echo "setup: pip installing transformers 5.x"
+  $PY -m pip install -q "transformers>=5,<6"
+fi
 echo "setup: ok (LLVM $(/usr/lib/llvm-19/bin/llvm-config --version), torch $($PY -c 'import torch; print(torch.__version__)'))"

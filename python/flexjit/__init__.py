@@ -23,10 +23,11 @@ import torch
 from torch.nn.attention.flex_attention import AuxOutput, BlockMask, noop_mask
 
 from . import trace
+from .hf import register_transformers
 from .trace import TraceError
 
 __all__ = ["flex_attention", "paged_flex_attention", "flash_attn_varlen_func", "merge_attention_states",
-           "create_block_mask",
+           "create_block_mask", "register_transformers",
            "load_library", "library_path", "TraceError", "trace"]
 
 _LIB_NAME = "libflexjit_torch_ops.so"
