@@ -12,6 +12,9 @@ implementation): `1b` is Llama-3.2-1B-shaped (hidden 2048, 16 layers, 32 heads, 
 heads, MLP 14336): 16 GB in bf16, which fits this 24 GB machine only with nothing else loaded and
 takes tens of minutes per case on 2 cores, so it runs only when asked for (--models 8b).
 
+Implementations: flexjit, flexjit_paged (flexjit with flexjit.hf.PagedCache: K/V kept in pages and
+read in place by paged_flex_attention), sdpa, eager, flex_attention (transformers' own).
+
 For each model, prompt length and batch (random token ids, no padding), each implementation
 generates --new-tokens tokens greedily (do_sample=False, min_new_tokens = max_new_tokens, a
 DynamicCache). Timestamps of every generated token (a stopping criterion that never stops) split
@@ -94,13 +97,16 @@ class Stamps:
 
 def generate(model, impl, ids, new_tokens):
     from transformers import StoppingCriteriaList
-    model.set_attn_implementation(impl)
+    import flexjit.hf
+    # flexjit_paged: flexjit's attention with its PagedCache (K/V in pages, read in place).
+    cache = flexjit.hf.PagedCache(model.config) if impl == "flexjit_paged" else None
+    model.set_attn_implementation("flexjit" if impl == "flexjit_paged" else impl)
     stamps = Stamps()
     reset_peak_rss()
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, cache=cache,
                              stopping_criteria=StoppingCriteriaList([stamps]), output_logits=True,
                              return_dict_in_generate=True)
     t1 = time.perf_counter()

@@ -142,3 +142,39 @@ def test_what_it_cannot_express_is_an_error():
         hf.flexjit_attention_forward(None, q, q, q, torch.zeros(1, 1, 4, 4))
     with pytest.raises(ValueError, match="no dropout"):
         hf.flexjit_attention_forward(None, q, q, q, None, dropout=0.1)
+
+
+def test_paged_cache_decodes_in_place_with_the_same_tokens(monkeypatch):
+    import flexjit.hf as hf
+    torch.manual_seed(0)
+    m, ref = llama()
+    m.eval()
+    ids, am = inputs("left")
+    paged_calls = []
+    orig = hf._paged_attention
+
+    def spy(*a, **kw):
+        paged_calls.append(a[0].shape)
+        return orig(*a, **kw)
+    monkeypatch.setattr(hf, "_paged_attention", spy)
+    out = {}
+    for impl, cache in ((ref, None), ("flexjit", hf.PagedCache(m.config, page_size=16))):
+        m.set_attn_implementation(impl)
+        with torch.no_grad():
+            out[impl] = m.generate(input_ids=ids, attention_mask=am, max_new_tokens=30, do_sample=False,
+                                   pad_token_id=0, cache=cache, output_logits=True, return_dict_in_generate=True)
+        if cache is not None:
+            layer = cache.layers[0]
+            assert layer.seq == 40 + 29 and layer.pool_grows <= 3  # grows by doubling, not per step
+            assert layer.keys.shape[1:] == (16, 2, 16)               # [pages, page_size, Hkv, D]
+    assert len(paged_calls) == 29 * 2  # every decode step of both layers read the pages in place
+    assert torch.equal(out["flexjit"].sequences, out[ref].sequences)
+    for a, b in zip(out["flexjit"].logits, out[ref].logits):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+def test_paged_cache_refuses_sliding_window_models():
+    import flexjit.hf as hf
+    m, _ = mistral()
+    with pytest.raises(ValueError, match="full-attention layers only"):
+        hf.PagedCache(m.config)
