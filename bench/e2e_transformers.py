@@ -29,20 +29,20 @@ implementation that fails (transformers' flex_attention on CPU, say) is recorded
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+
+import compare_torch as ct  # noqa: E402  (load(), environment())
 
 MODELS = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -182,20 +182,14 @@ def run_model(name, args):
 
 
 def environment():
-    def sh(*cmd):
-        try:
-            return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:  # noqa: BLE001
-            return None
+    """compare_torch's record of the run (date, commit, CPU, threads, load, ...) plus
+    transformers' version and the machine's memory."""
     import transformers
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), None)
-    return dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                git_commit=sh("git", "rev-parse", "--short", "HEAD"),
-                git_dirty=bool(sh("git", "status", "--porcelain", "--untracked-files=no")),
-                torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
-                cpu=cpu, threads=torch.get_num_threads(), mem_gb=os.sysconf("SC_PAGE_SIZE") *
-                os.sysconf("SC_PHYS_PAGES") / 2**30)
+    ct.load()
+    env = ct.environment(torch.get_num_threads())
+    env.update(transformers=transformers.__version__,
+               mem_gb=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)
+    return env
 
 
 def markdown(report):

@@ -213,8 +213,6 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // 1. Frontend
 
-// Runs Clang on `source` (served from memory as `path`) and returns the unoptimized O3 IR.
-// Diagnostics (warnings and errors) go to `diag_text`.
 // What one compile targets: the CPU target (triple, CPU, features) and the driver flags. The host
 // pipeline sets the feature list in full on the invocation; a cross compile keeps what the
 // driver derives from -mcpu.
@@ -224,6 +222,8 @@ struct Pipeline {
   bool set_features = true;
 };
 
+// Runs Clang on `source` (served from memory as `path`) and returns the unoptimized O3 IR.
+// Diagnostics (warnings and errors) go to `diag_text`.
 std::unique_ptr<llvm::Module> run_frontend(const std::string& source, const std::string& path,
                                            int part, llvm::LLVMContext& ctx,
                                            std::string& diag_text, bool& ok, const Pipeline& pl) {

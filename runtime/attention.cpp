@@ -278,7 +278,6 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   runtime::PrefillKernels pk = runtime::get_prefill_kernels(q.dtype, int(q.sizes[3]), int(v.sizes[3]), bm, bn,
                                                             int(group), engine, mods);
   const FlexModKernels& mk = pk.mods;
-  const bool any_mod = mods.has_score_mod() || mods.has_mask_mod();
   // A mask_mod without a BlockMask gets one for this call (in blocks that BLOCK_M x BLOCK_N
   // tile), classified by the mods kernel just fetched.
   BlockMask built;
@@ -304,7 +303,7 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
   a.Bkv = k.sizes[0];
   a.scale = float(opt.scale ? *opt.scale : 1.0 / std::sqrt(double(q.sizes[3])));
   if (block_mask) a.mask = runtime::kernel_args(*block_mask);
-  a.apply_mods = any_mod ? mk.apply : nullptr;
+  a.apply_mods = mk.apply;  // null without a mod
   a.has_score_mod = mk.has_score_mod;
   a.has_mask_mod = mk.has_mask_mod;
   a.pack_gqa = pack_gqa ? 1 : 0;

@@ -34,7 +34,8 @@ PrefillEngine prefill_engine_for_blocks(PrefillEngine preferred, int bm, int bn,
                                         const AttentionOptions& opt, const char* what);
 
 // A prefill call's kernels: [0] the attention kernel, [1] the mod set's (when it has a mod),
-// the mods table filled from it, and the wall time of fetching them (compiled in parallel).
+// the mods table filled from it (all null / 0 when the set has no mod), and the wall time of
+// fetching them (compiled in parallel).
 struct PrefillKernels {
   std::vector<jit::KernelHandle> kernels;
   FlexModKernels mods{};

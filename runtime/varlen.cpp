@@ -268,8 +268,7 @@ void varlen_attention(const TensorView& q, const TensorView& k, const TensorView
   a.Lkv = longest_k;
   a.Bkv = 1;
   a.scale = float(vo.scale ? *vo.scale : 1.0 / std::sqrt(double(D)));
-  const bool any_mod = mods.has_score_mod() || mods.has_mask_mod();
-  a.apply_mods = any_mod ? pk.mods.apply : nullptr;
+  a.apply_mods = pk.mods.apply;  // null without a mod
   a.has_score_mod = pk.mods.has_score_mod;
   a.has_mask_mod = pk.mods.has_mask_mod;
   a.mod = bound.args();

@@ -288,4 +288,3 @@ def register_transformers(name=NAME):
 
 
 __all__ = ["register_transformers", "flexjit_attention_forward", "flexjit_mask", "PagedCache"]
-_ = trace  # the mask functions are traced by create_block_mask through flexjit.trace

@@ -80,6 +80,38 @@ void complete_bindings(const ModRef& m, const ShapeInfo& shape, TracedMod* t, st
   }
 }
 
+// A call's score_mod and mask_mod as one ModSet with bindings, registered mods' missing buffers
+// made for `shape` (kept alive in `storage`). `fn` names the call in the error for a mod passed
+// in the other's place.
+struct CallMods {
+  std::vector<OwnedTensor> storage;
+  ModSet mods;
+  ModBindings bind;
+};
+CallMods call_mods(const char* fn, const ModRef& score_mod, const ModRef& mask_mod, const ShapeInfo& shape) {
+  if (!score_mod.empty() && score_mod.kind != ModKind::Score)
+    throw Error(std::string(fn) + ": score_mod is a mask_mod; pass it as mask_mod");
+  if (!mask_mod.empty() && mask_mod.kind != ModKind::Mask)
+    throw Error(std::string(fn) + ": mask_mod is a score_mod; pass it as score_mod");
+  CallMods c;
+  TracedMod sm, mm;
+  if (!score_mod.empty()) complete_bindings(score_mod, shape, &sm, &c.storage);
+  if (!mask_mod.empty()) complete_bindings(mask_mod, shape, &mm, &c.storage);
+  std::tie(c.mods, c.bind) = combine(score_mod.empty() ? nullptr : &sm, mask_mod.empty() ? nullptr : &mm);
+  return c;
+}
+
+// Python code makes int64 index tensors by default; the kernels read int32 tables as they are
+// (no per-call conversion), so say how to convert instead of the runtime's bare dtype error.
+// `advice` qualifies "convert it" (e.g. " once").
+void require_int32_tables(const char* fn, std::initializer_list<std::pair<const at::Tensor*, const char*>> tables,
+                          const char* advice) {
+  for (auto [t, name] : tables)
+    if (t->defined() && t->scalar_type() == at::kLong)
+      throw Error(std::string(fn) + ": " + name + " has dtype int64; it must be int32: convert it" + advice +
+                  " with " + name + ".to(torch.int32) (C++: .to(at::kInt))");
+}
+
 // The runtime's options from the torch layer's: threading and the kernel options by name.
 AttentionOptions attention_options(const FlexOptions& o) {
   AttentionOptions opt;
@@ -215,17 +247,9 @@ FlexResult paged_flex_attention(const at::Tensor& q, const at::Tensor& k_cache, 
   if (q.dim() != 4 || k_cache.dim() != 4 || v_cache.dim() != 4)
     throw Error("paged_flex_attention: q must be 4-D [B, Hq, Lq, D] and k_cache, v_cache 4-D [num_pages, "
                 "page_size, Hkv, D]; got " + qv.shape_str() + ", " + kv.shape_str() + ", " + vv.shape_str());
-  // Python code makes int64 index tensors by default; the kernel reads int32 tables as they are
-  // (no per-step conversion), so say how to convert instead of the runtime's bare dtype error.
-  for (auto [t, name] : {std::pair{&block_table, "block_table"}, {&seq_lens, "seq_lens"}})
-    if (t->defined() && t->scalar_type() == at::kLong)
-      throw Error(std::string("paged_flex_attention: ") + name + " has dtype int64; it must be int32: convert it once "
-                  "with " + name + ".to(torch.int32) (C++: .to(at::kInt)) and keep it int32");
+  require_int32_tables("paged_flex_attention", {{&block_table, "block_table"}, {&seq_lens, "seq_lens"}},
+                       " once (and keep it int32)");
   TensorView table = view_of(block_table, "block_table"), lens = view_of(seq_lens, "seq_lens");
-  if (!score_mod.empty() && score_mod.kind != ModKind::Score)
-    throw Error("paged_flex_attention: score_mod is a mask_mod; pass it as mask_mod");
-  if (!mask_mod.empty() && mask_mod.kind != ModKind::Mask)
-    throw Error("paged_flex_attention: mask_mod is a score_mod; pass it as score_mod");
 
   FlexResult r;
   r.out = at::empty({q.size(0), q.size(1), q.size(2), v_cache.size(3)}, q.options());
@@ -241,14 +265,10 @@ FlexResult paged_flex_attention(const at::Tensor& q, const at::Tensor& k_cache, 
     max_len = std::max<int64_t>(1, seq_lens.max().item<int32_t>());
     if (block_table.dim() == 2) max_len = std::min(max_len, std::max<int64_t>(1, block_table.size(1) * k_cache.size(1)));
   }
-  ShapeInfo shape{q.size(0), q.size(1), k_cache.size(2), max_len, max_len};
-  std::vector<OwnedTensor> storage;
-  TracedMod sm, mm;
-  if (!score_mod.empty()) complete_bindings(score_mod, shape, &sm, &storage);
-  if (!mask_mod.empty()) complete_bindings(mask_mod, shape, &mm, &storage);
-  auto [mods, bind] = combine(score_mod.empty() ? nullptr : &sm, mask_mod.empty() ? nullptr : &mm);
+  const CallMods cm = call_mods("paged_flex_attention", score_mod, mask_mod,
+                                ShapeInfo{q.size(0), q.size(1), k_cache.size(2), max_len, max_len});
 
-  flexjit::paged_flex_attention(qv, kv, vv, table, lens, out, o.return_lse ? &lse : nullptr, mods, bind,
+  flexjit::paged_flex_attention(qv, kv, vv, table, lens, out, o.return_lse ? &lse : nullptr, cm.mods, cm.bind,
                                 attention_options(o), o.report);
   return r;
 }
@@ -269,15 +289,9 @@ VarlenResult flash_attn_varlen_func(const at::Tensor& q, const at::Tensor& k, co
   if (q.dim() != 3 || k.dim() != 3 || v.dim() != 3)
     throw Error("flash_attn_varlen_func: q, k, v must be 3-D [total, H, D] (packed sequences); got " +
                 qv.shape_str() + ", " + kv.shape_str() + ", " + vv.shape_str());
-  for (auto [t, name] : {std::pair{&cu_seqlens_q, "cu_seqlens_q"}, {&cu_seqlens_k, "cu_seqlens_k"}})
-    if (t->defined() && t->scalar_type() == at::kLong)
-      throw Error(std::string("flash_attn_varlen_func: ") + name + " has dtype int64; it must be int32 (as in "
-                  "FlashAttention): convert it with " + name + ".to(torch.int32) (C++: .to(at::kInt))");
+  require_int32_tables("flash_attn_varlen_func", {{&cu_seqlens_q, "cu_seqlens_q"}, {&cu_seqlens_k, "cu_seqlens_k"}},
+                       "");
   TensorView cq = view_of(cu_seqlens_q, "cu_seqlens_q"), ck = view_of(cu_seqlens_k, "cu_seqlens_k");
-  if (!score_mod.empty() && score_mod.kind != ModKind::Score)
-    throw Error("flash_attn_varlen_func: score_mod is a mask_mod; pass it as mask_mod");
-  if (!mask_mod.empty() && mask_mod.kind != ModKind::Mask)
-    throw Error("flash_attn_varlen_func: mask_mod is a score_mod; pass it as score_mod");
   VarlenOptions vo;
   vo.scale = softmax_scale ? softmax_scale : o.scale;
   vo.causal = causal;
@@ -297,19 +311,15 @@ VarlenResult flash_attn_varlen_func(const at::Tensor& q, const at::Tensor& k, co
   if (want_lse) lse = view_of(r.softmax_lse, "softmax_lse");
 
   // Registered mods' example buffers are indexed by in-sequence positions, up to the longest.
-  ShapeInfo shape{std::max<int64_t>(1, cu_seqlens_q.numel() - 1), q.size(1), k.size(1),
-                  std::max<int64_t>(1, max_seqlen_q), std::max<int64_t>(1, max_seqlen_k)};
-  std::vector<OwnedTensor> storage;
-  TracedMod sm, mm;
-  if (!score_mod.empty()) complete_bindings(score_mod, shape, &sm, &storage);
-  if (!mask_mod.empty()) complete_bindings(mask_mod, shape, &mm, &storage);
-  auto [mods, bind] = combine(score_mod.empty() ? nullptr : &sm, mask_mod.empty() ? nullptr : &mm);
+  const CallMods cm = call_mods("flash_attn_varlen_func", score_mod, mask_mod,
+                                ShapeInfo{std::max<int64_t>(1, cu_seqlens_q.numel() - 1), q.size(1), k.size(1),
+                                          std::max<int64_t>(1, max_seqlen_q), std::max<int64_t>(1, max_seqlen_k)});
   AttentionOptions opt = attention_options(o);
   if (opt.partition_size || opt.force_prefill)
     throw Error("flash_attn_varlen_func: kernel options PARTITION_SIZE and FORCE_USE_FLEX_ATTENTION are for "
                 "flex_attention's decode kernel; varlen takes BLOCK_M, BLOCK_N, USE_AMX, USE_DPBF16");
-  flexjit::varlen_attention(qv, kv, vv, cq, ck, max_seqlen_q, max_seqlen_k, out, want_lse ? &lse : nullptr, mods,
-                            bind, vo, opt, o.report);
+  flexjit::varlen_attention(qv, kv, vv, cq, ck, max_seqlen_q, max_seqlen_k, out, want_lse ? &lse : nullptr,
+                            cm.mods, cm.bind, vo, opt, o.report);
   return r;
 }
 
