@@ -24,4 +24,14 @@ enum class Backend { Cpu, Cuda };
 
 std::string emit_mod_body(const ModSet& mods, Backend backend = Backend::Cpu);
 
+// The CPU mod body plus the score_mod's derivatives (jit/grad.h), for the backward pass
+// (templates/cpu/mods_grad.h):
+//   #define FLEXJIT_NUM_GRAD_LOADS n   (differentiable buffer reads)
+//   float flexjit_score_mod_dscore(float score, b, h, q_idx, kv_idx, const FlexModArgs*)
+//   void flexjit_score_mod_dbuf(float score, float g, b, h, q_idx, kv_idx, const FlexModArgs*,
+//                               const FlexGradArgs*)   grads[slot][element] += g * partial
+// Buffer gradients are dense row-major fp32 arrays of the buffer's sizes; an index outside the
+// buffer sets the error flag (and adds to element 0 instead, like the forward's reads).
+std::string emit_mod_grad_body(const ModSet& mods);
+
 }  // namespace flexjit::jit

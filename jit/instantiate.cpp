@@ -13,7 +13,14 @@ namespace flexjit::jit {
 namespace {
 
 const char* kind_name(KernelKind k) {
-  return k == KernelKind::Prefill ? "prefill" : k == KernelKind::Decode ? "decode" : "mods";
+  switch (k) {
+    case KernelKind::Prefill: return "prefill";
+    case KernelKind::Decode: return "decode";
+    case KernelKind::Mods: return "mods";
+    case KernelKind::Backward: return "backward";
+    case KernelKind::ModsGrad: return "mods_grad";
+  }
+  return "?";
 }
 
 int dtype_code(DType t) {
@@ -26,10 +33,12 @@ int dtype_code(DType t) {
   throw Error(std::string("kernel dtype ") + dtype_name(t) + " is not supported; use fp32, bf16 or fp16");
 }
 
+bool is_mods_kind(KernelKind k) { return k == KernelKind::Mods || k == KernelKind::ModsGrad; }
+
 // What of the ModSet a kernel's binary depends on: all of it for Mods and CUDA kernels (which
 // inline the mods), none of it for CPU Prefill and Decode.
 ModSet effective_mods(const KernelSpec& spec, const ModSet& mods) {
-  return spec.kind == KernelKind::Mods || spec.backend == Backend::Cuda ? mods : ModSet{};
+  return is_mods_kind(spec.kind) || spec.backend == Backend::Cuda ? mods : ModSet{};
 }
 
 bool is_cuda(const KernelSpec& s) { return s.backend == Backend::Cuda; }
@@ -37,7 +46,7 @@ bool is_cuda(const KernelSpec& s) { return s.backend == Backend::Cuda; }
 std::string spec_defines(const KernelSpec& s, const std::string& symbol) {
   std::ostringstream os;
   os << "// flexjit kernel: " << s.str() << "\n";
-  if (s.kind != KernelKind::Mods) {
+  if (!is_mods_kind(s.kind)) {
     os << "#define FLEXJIT_DTYPE " << dtype_code(s.dtype) << "\n"
        << "#define HEAD_DIM " << s.head_dim << "\n"
        << "#define HEAD_DIM_V " << s.head_dim_v << "\n"
@@ -58,6 +67,10 @@ std::string spec_defines(const KernelSpec& s, const std::string& symbol) {
 std::vector<std::string> template_files(const KernelSpec& s) {
   if (is_cuda(s)) return {"templates/mod_abi.h", "templates/cuda/abi.cuh", "templates/cuda/flash_prefill.cuh"};
   if (s.kind == KernelKind::Mods) return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/mods.h"};
+  if (s.kind == KernelKind::ModsGrad)
+    return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/mods_grad.h"};
+  if (s.kind == KernelKind::Backward)
+    return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/elem.h", "templates/cpu/flash_backward.h"};
   if (s.kind == KernelKind::Decode)
     return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/elem.h", "templates/cpu/decode_dot.h",
             "templates/cpu/flash_decode.h"};
@@ -79,10 +92,11 @@ std::string KernelSpec::str() const {
   std::ostringstream os;
   if (backend == Backend::Cuda) os << "cuda ";
   os << kind_name(kind);
-  if (kind != KernelKind::Mods)
+  if (!is_mods_kind(kind))
     os << " " << dtype_name(dtype) << " HEAD_DIM=" << head_dim << " HEAD_DIM_V=" << head_dim_v
        << " BLOCK_M=" << block_m << " BLOCK_N=" << block_n << " GQA_GROUP=" << gqa_group
-       << " ENGINE=" << (backend == Backend::Cuda ? "mma" : kind == KernelKind::Decode ? "dot" : engine_name(engine));
+       << " ENGINE="
+       << (backend == Backend::Cuda ? "mma" : kind == KernelKind::Decode ? "dot" : engine_name(engine));
   if (backend == Backend::Cuda) os << " ARCH=" << arch << " KV_STAGES=" << kv_stages;
   return os.str();
 }
@@ -120,8 +134,10 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods) {
 }
 
 Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string& templates_hash) {
-  if (spec.kind != KernelKind::Mods) {
+  if (!is_mods_kind(spec.kind)) {
     dtype_code(spec.dtype);
+    if (spec.kind == KernelKind::Backward && (spec.engine != PrefillEngine::Fma || is_cuda(spec)))
+      throw Error("the backward kernel runs on CPU with the default engine, got " + spec.str());
     const bool fma = spec.engine == PrefillEngine::Fma;
     if (spec.kind == KernelKind::Decode && (!fma || spec.block_n % 16 != 0 || spec.block_m < 1))
       throw Error("the decode kernel needs BLOCK_N a multiple of 16, BLOCK_M >= 1 and the default engine, got " +
@@ -171,7 +187,7 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
   }
   std::ostringstream sym;
   sym << "flexjit_" << (is_cuda(spec) ? "cuda_" : "") << kind_name(spec.kind);
-  if (spec.kind != KernelKind::Mods)
+  if (!is_mods_kind(spec.kind))
     sym << "_" << dtype_name(spec.dtype) << "_d" << spec.head_dim
         << (spec.head_dim_v != spec.head_dim ? "_dv" + std::to_string(spec.head_dim_v) : "") << "_m"
         << spec.block_m << "_n" << spec.block_n << "_g" << spec.gqa_group
@@ -188,6 +204,7 @@ std::string make_source(const KernelSpec& spec, const ModSet& mods, const std::s
   for (size_t i = 0; i < files.size(); ++i) {
     if (i + 1 == files.size() && is_cuda(spec)) src += emit_mod_body(mods, Backend::Cuda);
     if (i + 1 == files.size() && spec.kind == KernelKind::Mods) src += emit_mod_body(mods, Backend::Cpu);
+    if (i + 1 == files.size() && spec.kind == KernelKind::ModsGrad) src += emit_mod_grad_body(mods);
     src += "// ---- " + files[i] + " ----\n" + template_text(files[i]) + "\n";
   }
   return src;

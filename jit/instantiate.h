@@ -18,7 +18,10 @@ namespace flexjit::jit {
 // With backend Cuda, Prefill is templates/cuda/flash_prefill.cuh compiled by NVRTC for `arch`:
 // the mods are inlined (no call per tile on a GPU), so its key covers the ModSet, and it is
 // keyed on the NVRTC version and arch instead of the host CPU.
-enum class KernelKind { Prefill, Decode, Mods };
+// Backward: the CPU backward pass (templates/cpu/flash_backward.h, FlexBackwardArgs); mod-free
+//          like Prefill, shape fields as Prefill (the FMA engine only).
+// ModsGrad: a score_mod's derivatives (FlexModGradKernels); keyed like Mods.
+enum class KernelKind { Prefill, Decode, Mods, Backward, ModsGrad };
 
 // Everything a kernel is specialised on at compile time. Sizes and strides are runtime values.
 // The fields below `kind` describe Prefill and Decode kernels; Mods kernels ignore them.

@@ -33,7 +33,7 @@ namespace {
 
 std::string memo_key_of(const KernelSpec& spec, const ModSet& mods) {
   std::string key = spec.str();
-  if (spec.kind == KernelKind::Mods) {  // a Prefill kernel does not depend on the mods
+  if (spec.kind == KernelKind::Mods || spec.kind == KernelKind::ModsGrad) {  // a Prefill kernel does not depend on the mods
     key += '\n';
     key += mods.signature();
   }

@@ -178,6 +178,11 @@ void default_blocks(int head_dim, DType dtype, int64_t q_len, int* block_m, int*
 
 namespace runtime {
 
+void check_attention_inputs(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                            const TensorView* lse, const AttentionOptions& opt) {
+  check_inputs(q, k, v, out, lse, opt);
+}
+
 PrefillEngine prefill_engine_for_blocks(PrefillEngine preferred, int bm, int bn, int64_t D, int64_t Dv,
                                         const AttentionOptions& opt, const char* what) {
   auto fail_here = [&](const std::string& msg) { throw Error(std::string(what) + ": " + msg); };

@@ -20,6 +20,11 @@ namespace flexjit::runtime {
 void run_items(const AttentionOptions& opt, int64_t items, bool zigzag,
                const std::function<void(int64_t begin, int64_t end)>& run);
 
+// flex_attention's checks of q, k, v, out and lse (shapes, dtypes, GQA); throws flexjit::Error
+// prefixed "flex_attention: ".
+void check_attention_inputs(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                            const TensorView* lse, const AttentionOptions& opt);
+
 // Fills the kernel part of a report: each kernel's role ("attention" for the first, "mods" for
 // the rest), cache state and timings, and the call's summed cache / compile_ms / load_ms /
 // lookup_us, with symbol / key / source_path from the first kernel. kernels_ms: the wall time of

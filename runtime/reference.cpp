@@ -1,5 +1,6 @@
 #include "runtime/reference.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -123,6 +124,106 @@ RefResult reference_attention(const TensorView& q, const TensorView& k, const Te
       q, k.sizes[1], v.sizes[3], [&](int64_t b, int64_t h, int64_t j, int64_t d) { return at(k, kv_b(b), h, j, d); },
       [&](int64_t b, int64_t h, int64_t j, int64_t d) { return at(v, kv_b(b), h, j, d); },
       [Lkv](int64_t) { return Lkv; }, [](int64_t) { return int64_t(0); }, mods, bind, scale, fp32, rows);
+}
+
+RefGrads reference_attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                                      const TensorView& dout, const ModSet& mods, const ModBindings& bind,
+                                      double scale, const std::vector<std::string>& grad_buffers) {
+  const int64_t B = q.sizes[0], Hq = q.sizes[1], Lq = q.sizes[2], D = q.sizes[3];
+  const int64_t Bkv = k.sizes[0], Hkv = k.sizes[1], Lkv = k.sizes[2], Dv = v.sizes[3];
+  const int64_t group = Hq / Hkv;
+  const double ninf = -std::numeric_limits<double>::infinity();
+  RefGrads g;
+  g.dq.assign(size_t(B * Hq * Lq * D), 0.0);
+  g.dk.assign(size_t(Bkv * Hkv * Lkv * D), 0.0);
+  g.dv.assign(size_t(Bkv * Hkv * Lkv * Dv), 0.0);
+  // The buffers as float64 copies the finite differences can perturb.
+  std::vector<std::vector<double>> copies;
+  ir::EvalEnv env;
+  env.params = bind.params;
+  copies.reserve(bind.buffers.size());
+  for (const auto& [n, view] : bind.buffers) {
+    copies.push_back(to_doubles(view));
+    TensorView c = view;
+    c.data = copies.back().data();
+    c.dtype = DType::F64;
+    for (int i = c.rank - 1, st = 1; i >= 0; --i) {
+      c.strides[i] = st;
+      st *= int(c.sizes[i]);
+    }
+    env.buffers.push_back({n, c});
+  }
+  std::vector<std::vector<double>*> wanted;
+  for (const std::string& n : grad_buffers) {
+    size_t i = 0;
+    while (i < bind.buffers.size() && bind.buffers[i].first != n) ++i;
+    if (i == bind.buffers.size()) throw Error("reference_attention_backward: no buffer '" + n + "' is bound");
+    wanted.push_back(&copies[i]);
+    g.dbuf.emplace_back(copies[i].size(), 0.0);
+  }
+  auto mod_at = [&](double s) {
+    env.score = s;
+    return mods.score_mod ? ir::eval(mods.score_mod, env).as_float() : s;
+  };
+  std::vector<double> raw(static_cast<size_t>(Lkv)), p(raw), dp(raw);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hq; ++h) {
+      const int64_t bk = Bkv == 1 ? 0 : b, hk = h / group;
+      for (int64_t i = 0; i < Lq; ++i) {
+        env.b = b;
+        env.h = h;
+        env.q_idx = i;
+        double mx = ninf;
+        for (int64_t j = 0; j < Lkv; ++j) {
+          double dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += at(q, b, h, i, d) * at(k, bk, hk, j, d);
+          raw[size_t(j)] = dot * scale;
+          env.kv_idx = j;
+          double z = mod_at(raw[size_t(j)]);
+          if (mods.mask_mod && !ir::eval(mods.mask_mod, env).as_bool()) z = ninf;
+          p[size_t(j)] = z;
+          mx = std::max(mx, z);
+        }
+        if (mx == ninf) continue;  // fully masked: no gradient
+        double sum = 0;
+        for (int64_t j = 0; j < Lkv; ++j) sum += (p[size_t(j)] = std::exp(p[size_t(j)] - mx));
+        double delta = 0;
+        for (int64_t j = 0; j < Lkv; ++j) {
+          p[size_t(j)] /= sum;
+          double x = 0;
+          for (int64_t d = 0; d < Dv; ++d) x += at(dout, b, h, i, d) * at(v, bk, hk, j, d);
+          dp[size_t(j)] = x;
+          delta += p[size_t(j)] * x;
+        }
+        for (int64_t j = 0; j < Lkv; ++j) {
+          if (p[size_t(j)] == 0) continue;
+          const double dz = p[size_t(j)] * (dp[size_t(j)] - delta);
+          env.kv_idx = j;
+          const double s = raw[size_t(j)], eps = 1e-6 * std::max(1.0, std::abs(s));
+          const double dmod = mods.score_mod ? (mod_at(s + eps) - mod_at(s - eps)) / (2 * eps) : 1.0;
+          const double ds = dz * dmod;
+          for (int64_t d = 0; d < D; ++d) {
+            g.dq[size_t(((b * Hq + h) * Lq + i) * D + d)] += scale * ds * at(k, bk, hk, j, d);
+            g.dk[size_t(((bk * Hkv + hk) * Lkv + j) * D + d)] += scale * ds * at(q, b, h, i, d);
+          }
+          for (int64_t d = 0; d < Dv; ++d)
+            g.dv[size_t(((bk * Hkv + hk) * Lkv + j) * Dv + d)] += p[size_t(j)] * at(dout, b, h, i, d);
+          for (size_t w = 0; w < wanted.size(); ++w) {
+            std::vector<double>& buf = *wanted[w];
+            for (size_t e = 0; e < buf.size(); ++e) {
+              const double x0 = buf[e], be = 1e-6 * std::max(1.0, std::abs(x0));
+              buf[e] = x0 + be;
+              const double up = mod_at(s);
+              buf[e] = x0 - be;
+              const double down = mod_at(s);
+              buf[e] = x0;
+              g.dbuf[w][e] += dz * (up - down) / (2 * be);
+            }
+          }
+        }
+      }
+    }
+  return g;
 }
 
 RefResult reference_paged_attention(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache,

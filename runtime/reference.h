@@ -43,6 +43,21 @@ RefResult reference_varlen_attention(const TensorView& q, const TensorView& k, c
                                      const std::vector<int32_t>& cu_seqlens_k, const ModSet& mods,
                                      const ModBindings& bind, const VarlenOptions& opt, bool fp32 = false);
 
+// The gradients of reference_attention's result given dout = dL/d(out), in float64, written out
+// from the softmax's derivative: dv = P^T dout, dz = P (dP - rowsum(P dP)), ds = dz * score_mod'
+// and dq = scale ds k, dk = scale ds^T q. Derivatives of the mods are central finite differences
+// of ir::eval (never jit/grad): score_mod' per score, and for each buffer in grad_buffers the
+// partial per element (cost: elements x B x Hq x Lq x Lkv evaluations, small shapes only).
+// dq [B, Hq, Lq, D], dk / dv [Bkv, Hkv, Lkv, D / Dv] (Bkv = 1: summed over the batch), dbuf in
+// grad_buffers order, each row-major with the buffer's sizes.
+struct RefGrads {
+  std::vector<double> dq, dk, dv;
+  std::vector<std::vector<double>> dbuf;
+};
+RefGrads reference_attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                                      const TensorView& dout, const ModSet& mods, const ModBindings& bind,
+                                      double scale, const std::vector<std::string>& grad_buffers = {});
+
 // Max |out - ref.out| over query rows `rows` of every (b, h); out is [B, Hq, Lq, Dv], any strides.
 double max_abs_error(const TensorView& out, const RefResult& ref, const std::vector<int64_t>& rows);
 

@@ -204,4 +204,85 @@ struct FlexModKernels {
 };
 typedef void (*FlexModKernelsFn)(struct FlexModKernels*);
 
+// ---- the backward pass (templates/cpu/flash_backward.h, templates/cpu/mods_grad.h) ----
+
+// Gradients of the captured float buffers a score_mod reads: grads[slot] (ModSet buffer order)
+// is a dense fp32 accumulator with the buffer's sizes, row-major, or null when that buffer's
+// gradient is not wanted. Each accumulator belongs to one thread at a time (no atomics: the
+// runtime gives each fixed group of work items its own and sums them in a fixed order).
+struct FlexGradArgs {
+  float* const* grads;
+};
+// One tile for score_mod's backward, in the prefill layout (S^T: element (q0 + m, kv0 + n) at
+// [n * ld + m], for m < mvalid, n < nvalid). s holds the raw natural-scale scores (scale * q.k)
+// that score_mod saw; ds on entry dL/d(score_mod's output), on return dL/d(score). With
+// grad != null, dL/d(buffer element) += ds * d score_mod / d element for every read of a buffer
+// whose accumulator is not null.
+struct FlexModGradTile {
+  const float* s;
+  float* ds;
+  fj_i64 ld;
+  fj_i64 b, h, q0, kv0;
+  int mvalid, nvalid;
+};
+typedef void (*FlexApplyModsGradFn)(const struct FlexModGradTile* tile, const struct FlexModArgs* mod,
+                                    const struct FlexGradArgs* grad);
+// A score_mod's backward kernels (one small TU per mod set, compiled only when a backward runs):
+//   extern "C" void ENTRY(struct FlexModGradKernels* out);
+struct FlexModGradKernels {
+  FlexApplyModsGradFn apply_grad;
+  int num_grad_loads;  // differentiable buffer reads in the score_mod (0: no buffer gradients)
+};
+typedef void (*FlexModGradKernelsFn)(struct FlexModGradKernels*);
+
+// One backward launch, FlashAttention-2 style: P is recomputed from q, k and the forward's lse
+// (no L x L buffer). Three passes over the same arguments, each its own item space:
+//   pass 0: delta = rowsum(dout * out)              items (b, hq, m_block)
+//   pass 1: dk, dv for one KV block of BLOCK_N rows  items (b, hkv, n_block): sums over the GQA
+//           group's heads and the q-blocks that visit the block (mask_t)
+//   pass 2: dq (and buffer gradients) for BLOCK_M query rows   items (b, hq, m_block)
+// Per visited (q-block, KV block): S = scale q k^T, score_mod and mask as in the forward,
+// P = exp(S' - lse), dP = dout v^T, dS' = P (dP - delta), dS = dS' * score_mod'(S) (apply_grad),
+// dv += P^T dout, dk += scale dS^T q, dq += scale dS k. Each item owns the rows it writes, so
+// the result does not depend on how items are spread over threads.
+// Layouts: q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv], out / dout [B, Hq, Lq, Dv]
+// (the kernel's dtype, any strides; the runtime expands a broadcast KV batch); lse [B, Hq, Lq]
+// fp32 natural log (-inf: a fully masked row, whose gradients are 0); delta fp32 contiguous
+// [B, Hq, Lq]; dq [B, Hq, Lq, D], dk [B, Hkv, Lkv, D], dv [B, Hkv, Lkv, Dv] fp32 contiguous.
+// mask: the forward's block mask (kv_num_blocks == null: every block, partial iff has_mask_mod);
+// mask_t: its transpose (kv_num_blocks / kv_indices list, per KV block of mask.kv_block_size,
+// the q-blocks of mask.q_block_size that visit it, ascending; same B, H, sizes; q_blocks and
+// kv_blocks swapped).
+struct FlexBackwardArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* out;
+  const void* dout;
+  const float* lse;
+  float* delta;
+  float* dq;
+  float* dk;
+  float* dv;
+  fj_i64 B, Hq, Hkv, Lq, Lkv;
+  fj_i64 q_strides[4];
+  fj_i64 k_strides[4];
+  fj_i64 v_strides[4];
+  fj_i64 out_strides[4];
+  fj_i64 dout_strides[4];
+  fj_i64 lse_strides[3];
+  float scale;
+  struct FlexBlockMaskArgs mask;
+  struct FlexBlockMaskArgs mask_t;
+  FlexApplyModsFn apply_mods;        // the forward's (null: no mod)
+  int has_score_mod;
+  int has_mask_mod;
+  FlexApplyModsGradFn apply_grad;    // null: score_mod' = 1 (no score_mod)
+  struct FlexModArgs mod;
+  const struct FlexGradArgs* grad;   // pass 2: buffer gradient accumulators (null: none)
+  int pass;
+};
+//   extern "C" void ENTRY(const FlexBackwardArgs* args, fj_i64 begin, fj_i64 end);
+typedef void (*FlexBackwardFn)(const struct FlexBackwardArgs*, fj_i64, fj_i64);
+
 #endif  // FLEXJIT_MOD_ABI_H
