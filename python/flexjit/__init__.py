@@ -70,7 +70,7 @@ def _check_mod(what, mod):
                         f"mod name or expression text, not {type(mod).__name__}")
 
 
-def _mods(score_mod, mask_mod, buffers, params):
+def _mods(score_mod, mask_mod, buffers, params, op=None):
     """Mods as the op takes them: (score text, mask text, buffers, params). Callables are traced
     (memoised) and bound to the values they capture now, beside the caller's own buffers / params
     (for text mods)."""
@@ -78,15 +78,18 @@ def _mods(score_mod, mask_mod, buffers, params):
     _check_mod("mask_mod", mask_mod)
     buffers, params = dict(buffers or {}), dict(params or {})
     if (score_mod is None or isinstance(score_mod, str)) and (mask_mod is None or isinstance(mask_mod, str)):
-        return score_mod or "", mask_mod or "", buffers, params
-    score_text, mask_text, traced_buffers, traced_params = trace.bind(score_mod, mask_mod, (*buffers, *params))
-    if torch.is_grad_enabled():
-        for name, t in traced_buffers.items():
-            if t.requires_grad:
-                # The op has no backward, and its output would not even require grad: refuse rather
-                # than train a captured tensor with silently zero gradients.
-                raise ValueError(f"flexjit: the tensor '{name}' captured by a mod requires grad, and flexjit has "
-                                 "no backward pass yet; run under torch.no_grad() or capture a detached tensor")
+        traced_buffers, traced_params = {}, {}
+        score_text, mask_text = score_mod or "", mask_mod or ""
+    else:
+        score_text, mask_text, traced_buffers, traced_params = trace.bind(score_mod, mask_mod, (*buffers, *params))
+    if op is not None and torch.is_grad_enabled():
+        for name, t in {**buffers, **traced_buffers}.items():
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                # This op has no backward, and its output would not even require grad: refuse rather
+                # than train a tensor with silently zero gradients.
+                raise ValueError(f"flexjit.{op}: the tensor '{name}' of a mod requires grad, and {op} has no "
+                                 "backward pass (flex_attention has one); run under torch.no_grad() or pass a "
+                                 "detached tensor")
     return score_text, mask_text, {**buffers, **traced_buffers}, {**params, **traced_params}
 
 
@@ -200,7 +203,7 @@ def paged_flex_attention(query, k_cache, v_cache, block_table, seq_lens, score_m
     partition, a multiple of page_size; 0 / unset: tuned or cost model).
     """
     options = _kernel_options("paged_flex_attention", kernel_options, _PAGED_KERNEL_OPTIONS)
-    score_text, mask_text, buffers, params = _mods(score_mod, mask_mod, buffers, params)
+    score_text, mask_text, buffers, params = _mods(score_mod, mask_mod, buffers, params, "paged_flex_attention")
     buf, buf_names, par_names, par_values = _lists(buffers, params)
     out, lse = torch.ops.flexjit.paged_flex_attention.default(
         query, k_cache, v_cache, block_table, seq_lens, score_text, mask_text, buf, buf_names,
@@ -240,7 +243,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if len(window_size) != 2:
         raise ValueError(f"flexjit.flash_attn_varlen_func: window_size must be (left, right), got {window_size!r}")
     options = _kernel_options("flash_attn_varlen_func", kernel_options, _VARLEN_KERNEL_OPTIONS)
-    score_text, mask_text, buffers, params = _mods(score_mod, mask_mod, buffers, params)
+    score_text, mask_text, buffers, params = _mods(score_mod, mask_mod, buffers, params, "flash_attn_varlen_func")
     buf, buf_names, par_names, par_values = _lists(buffers, params)
     out, lse = torch.ops.flexjit.varlen_attention.default(
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), softmax_scale=softmax_scale,

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "runtime/backward.h"
 #include "runtime/merge.h"
 
 namespace flexjit {
@@ -237,6 +238,58 @@ FlexResult flex_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   AttentionOptions opt = attention_options(o);
   flexjit::flex_attention(qv, kv, vv, out, o.return_lse ? &lse : nullptr, mods, bind,
                           block_mask ? &block_mask->mask : nullptr, opt, o.report);
+  return r;
+}
+
+FlexGrads flex_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                  const ModRef& score_mod, const TorchBlockMask* block_mask, const FlexOptions& o,
+                                  const std::vector<std::string>& grad_buffers) {
+  TensorView qv = view_of(q, "q"), kv = view_of(k, "k"), vv = view_of(v, "v");
+  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4)
+    throw Error("flex_attention_backward: q, k, v must be 4-D [B, H, L, D]; got " + qv.shape_str() + ", " +
+                kv.shape_str() + ", " + vv.shape_str());
+  // dout comes from autograd in out's dtype, but any float dtype is accepted.
+  const at::Tensor g = dout.scalar_type() == q.scalar_type() ? dout : dout.to(q.scalar_type());
+  TensorView ov = view_of(out, "out"), gv = view_of(g, "dout"), lv = view_of(lse, "lse");
+  ShapeInfo shape{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2)};
+  std::vector<OwnedTensor> storage;
+  TracedMod sm, mm;
+  const bool has_score = !score_mod.empty(), has_mask = block_mask && !block_mask->mask_mod.empty();
+  if (has_score) complete_bindings(score_mod, shape, &sm, &storage);
+  if (has_mask) mm = block_mask->mask_mod.traced;
+  auto [mods, bind] = combine(has_score ? &sm : nullptr, has_mask ? &mm : nullptr);
+
+  auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dq = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, f32);
+  at::Tensor dk = at::empty({k.size(0), k.size(1), k.size(2), k.size(3)}, f32);
+  at::Tensor dv = at::empty({v.size(0), v.size(1), v.size(2), v.size(3)}, f32);
+  std::vector<BufferGrad> bg;
+  std::vector<std::pair<std::string, at::Tensor>> buf_grads;
+  for (const std::string& n : grad_buffers) {
+    const TensorView* bound = nullptr;
+    for (const auto& [bn, t] : bind.buffers)
+      if (bn == n) bound = &t;
+    if (!bound)
+      throw Error("flex_attention_backward: a gradient was asked for buffer '" + n + "', which no mod reads");
+    at::Tensor t = at::empty(std::vector<int64_t>(bound->sizes, bound->sizes + bound->rank), f32);
+    buf_grads.emplace_back(n, t);
+    bg.push_back({n, view_of(t, "the gradient of '" + n + "'")});
+  }
+  flexjit::flex_attention_backward(qv, kv, vv, ov, gv, lv, view_of(dq, "dq"), view_of(dk, "dk"), view_of(dv, "dv"),
+                                   mods, bind, bg, block_mask ? &block_mask->mask : nullptr, attention_options(o),
+                                   o.report);
+  FlexGrads r;
+  r.dq = dq.to(q.scalar_type());
+  r.dk = dk.to(k.scalar_type());
+  r.dv = dv.to(v.scalar_type());
+  for (auto& [n, t] : buf_grads) {
+    DType dt = DType::F32;
+    for (const auto& d : mods.buffers)
+      if (d.name == n) dt = d.dtype;
+    r.buffers[n] = dt == DType::F64 ? t.to(at::kDouble) : dt == DType::BF16 ? t.to(at::kBFloat16)
+                   : dt == DType::F16 ? t.to(at::kHalf) : t;
+  }
   return r;
 }
 

@@ -125,6 +125,33 @@ auto surface_errors(const char* op, F&& f) -> decltype(f()) {
   }
 }
 
+// The block mask of a flex_attention call: PyTorch's BlockMask tensors when given (without a
+// mask_mod, partial blocks are attended in full, as with PyTorch's noop_mask), else one built
+// for the call from the mask_mod (Python users should build it once with
+// flexjit.create_block_mask and pass it in; explicit kernel tiles must tile its blocks), else none.
+std::optional<TorchBlockMask> call_block_mask(const at::Tensor& query, const at::Tensor& key, const ModRef& mm,
+                                              const std::optional<at::Tensor>& kv_num_blocks,
+                                              const std::optional<at::Tensor>& kv_indices,
+                                              const std::optional<at::Tensor>& full_kv_num_blocks,
+                                              const std::optional<at::Tensor>& full_kv_indices, int64_t q_block_size,
+                                              int64_t kv_block_size, int64_t BLOCK_M, int64_t BLOCK_N) {
+  const int64_t B = query.size(0), Hq = query.size(1), Lq = query.size(2), Lkv = key.size(2);
+  if (kv_num_blocks || kv_indices || full_kv_num_blocks || full_kv_indices) {
+    if (!kv_num_blocks || !kv_indices)
+      throw Error("a block mask needs kv_num_blocks and kv_indices (full_kv_* are optional)");
+    TorchBlockMaskTensors t{*kv_num_blocks,
+                            *kv_indices,
+                            full_kv_num_blocks.value_or(at::Tensor()),
+                            full_kv_indices.value_or(at::Tensor()),
+                            q_block_size,
+                            kv_block_size};
+    return TorchBlockMask{from_torch_block_mask(t, Lq, Lkv), mm};
+  }
+  if (!mm.empty())
+    return create_block_mask(mm, B, Hq, Lq, Lkv, round_up(q_block_size, BLOCK_M), round_up(kv_block_size, BLOCK_N));
+  return std::nullopt;
+}
+
 std::tuple<at::Tensor, at::Tensor> flex_attention_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::string& score_mod_text, const std::string& mask_mod_text, const Tensors& buffers,
@@ -155,25 +182,8 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_cpu(
     if (USE_DPBF16 >= 0) opt.kernel_options["USE_DPBF16"] = USE_DPBF16;
     set_decode_options(PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION, &opt);
 
-    const int64_t B = query.size(0), Hq = query.size(1), Lq = query.size(2), Lkv = key.size(2);
-    std::optional<TorchBlockMask> mask;
-    if (kv_num_blocks || kv_indices || full_kv_num_blocks || full_kv_indices) {
-      if (!kv_num_blocks || !kv_indices)
-        throw Error("a block mask needs kv_num_blocks and kv_indices (full_kv_* are optional)");
-      TorchBlockMaskTensors t{*kv_num_blocks,
-                              *kv_indices,
-                              full_kv_num_blocks.value_or(at::Tensor()),
-                              full_kv_indices.value_or(at::Tensor()),
-                              q_block_size,
-                              kv_block_size};
-      // Without a mask_mod, partial blocks are attended in full, as with PyTorch's noop_mask.
-      mask = TorchBlockMask{from_torch_block_mask(t, Lq, Lkv), mm};
-    } else if (!mm.empty()) {
-      // No BlockMask given: build one for this call (Python users should build it once with
-      // flexjit.create_block_mask and pass it in). Explicit kernel tiles must tile its blocks.
-      mask = create_block_mask(mm, B, Hq, Lq, Lkv, round_up(q_block_size, BLOCK_M),
-                               round_up(kv_block_size, BLOCK_N));
-    }
+    std::optional<TorchBlockMask> mask = call_block_mask(query, key, mm, kv_num_blocks, kv_indices, full_kv_num_blocks,
+                                                         full_kv_indices, q_block_size, kv_block_size, BLOCK_M, BLOCK_N);
     FlexResult r = flex_attention(query, key, value, sm, mask ? &*mask : nullptr, opt);
     at::Tensor lse = r.lse.defined() ? r.lse : at::empty({0}, query.options().dtype(at::kFloat));
     return std::make_tuple(r.out, lse);
@@ -208,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_meta(
   return std::make_tuple(out, lse);
 }
 
-// Autograd: flexjit has no backward yet. Without these kernels PyTorch's fallback would let
+// Autograd for the ops without a backward (flex_attention has one, below). Without these kernels PyTorch's fallback would let
 // backward() run and leave the inputs' .grad silently unset; with them, forward works as usual
 // (also on tensors that require grad) and backward() raises, saying so. Op names the schema,
 // its C++ signature, and whether the lse output is differentiable.
@@ -230,18 +240,154 @@ struct NoBackward : torch::autograd::Function<NoBackward<Op>> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
                                                  torch::autograd::variable_list) {
     TORCH_CHECK(false, Op::python_name,
-                " has no backward pass yet (CPU forward only); run it under torch.no_grad() or "
+                " has no backward pass (flexjit.flex_attention has one); run it under torch.no_grad() or "
                 "torch.inference_mode(), or use ",
                 Op::train_with, " to train");
   }
 };
 
-struct FlexAttentionOp {
-  static constexpr const char* schema = "flexjit::flex_attention";
-  static constexpr const char* python_name = "flexjit.flex_attention";
-  static constexpr const char* train_with = "PyTorch's flex_attention";
-  static constexpr bool lse_is_result = false;
-  using Signature = decltype(flex_attention_cpu);
+
+// ---- flex_attention's backward ----
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> flex_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& out, const at::Tensor& lse, const std::string& score_mod_text, const std::string& mask_mod_text,
+    const Tensors& buffers, const Names& buffer_names, const Names& param_names, at::ArrayRef<double> param_values,
+    std::optional<double> scale, bool enable_gqa, const std::optional<at::Tensor>& kv_num_blocks,
+    const std::optional<at::Tensor>& kv_indices, const std::optional<at::Tensor>& full_kv_num_blocks,
+    const std::optional<at::Tensor>& full_kv_indices, int64_t q_block_size, int64_t kv_block_size,
+    const Names& grad_buffer_names) {
+  return surface_errors("flexjit.flex_attention_backward", [&] {
+    ModArgs args = collect(buffers, buffer_names, param_names, param_values);
+    ModRef sm = make(score_mod_text, ModKind::Score, args), mm = make(mask_mod_text, ModKind::Mask, args);
+    check_all_used(args, {&sm, &mm});
+    std::optional<TorchBlockMask> mask = call_block_mask(query, key, mm, kv_num_blocks, kv_indices, full_kv_num_blocks,
+                                                         full_kv_indices, q_block_size, kv_block_size, 0, 0);
+    FlexOptions opt;
+    opt.scale = scale;
+    opt.enable_gqa = enable_gqa;
+    const std::vector<std::string> names = grad_buffer_names.value_or(std::vector<std::string>{});
+    FlexGrads g = flex_attention_backward(grad_out, query, key, value, out, lse, sm, mask ? &*mask : nullptr, opt, names);
+    std::vector<at::Tensor> dbuf;
+    for (const std::string& n : names) dbuf.push_back(g.buffers.at(n));
+    return std::make_tuple(g.dq, g.dk, g.dv, dbuf);
+  });
+}
+
+// Shapes only: the gradients have their inputs' shapes and dtypes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> flex_attention_backward_meta(
+    const at::Tensor&, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor&,
+    const at::Tensor&, const std::string&, const std::string&, const Tensors& buffers, const Names& buffer_names,
+    const Names&, at::ArrayRef<double>, std::optional<double>, bool, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+    int64_t, const Names& grad_buffer_names) {
+  std::vector<at::Tensor> dbuf;
+  for (const std::string& n : grad_buffer_names.value_or(std::vector<std::string>{})) {
+    const auto& names = buffer_names.value_or(std::vector<std::string>{});
+    auto it = std::find(names.begin(), names.end(), n);
+    TORCH_CHECK_VALUE(it != names.end() && buffers, "flexjit.flex_attention_backward: no buffer named '", n, "'");
+    dbuf.push_back(at::empty_like((*buffers)[size_t(it - names.begin())]));
+  }
+  return std::make_tuple(at::empty_like(query), at::empty_like(key), at::empty_like(value), dbuf);
+}
+
+// Autograd: forward runs the op (with the lse it needs for backward), backward runs
+// flex_attention_backward, an op of its own, so torch.compile sees both. Gradients flow to query,
+// key, value and the float buffers that require grad (learnable biases); lse is an extra output
+// (as PyTorch's flex_attention treats it) and takes no gradient.
+struct FlexAttentionCall {  // the op's arguments that are not differentiable inputs
+  std::string score_mod_text, mask_mod_text;
+  Names buffer_names, param_names;
+  std::vector<double> param_values;
+  std::optional<double> scale;
+  bool enable_gqa = false, return_lse = false;
+  std::optional<at::Tensor> kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices;
+  int64_t q_block_size = 128, kv_block_size = 128, BLOCK_M = 0, BLOCK_N = 0, USE_AMX = -1, PARTITION_SIZE = 0;
+  bool FORCE_USE_FLEX_ATTENTION = false;
+  int64_t USE_DPBF16 = -1;
+};
+
+std::vector<std::string> string_list(const c10::IValue& v) {
+  std::vector<std::string> r;
+  for (const c10::IValue& e : v.toListRef()) r.push_back(e.toStringRef());
+  return r;
+}
+
+struct FlexAttentionFunction : torch::autograd::Function<FlexAttentionFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& query,
+                                                const at::Tensor& key, const at::Tensor& value,
+                                                at::TensorList buffers, const FlexAttentionCall& c) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("flexjit::flex_attention", "")
+                         .typed<decltype(flex_attention_cpu)>();
+    const std::vector<at::Tensor> buf(buffers.begin(), buffers.end());
+    // The backward needs the lse: always computed here (one fp32 per query row), returned only
+    // when asked for.
+    auto [out, lse] = op.call(query, key, value, c.score_mod_text, c.mask_mod_text, buf, c.buffer_names,
+                              c.param_names, c.param_values, c.scale, c.enable_gqa, true, c.kv_num_blocks,
+                              c.kv_indices, c.full_kv_num_blocks, c.full_kv_indices, c.q_block_size,
+                              c.kv_block_size, c.BLOCK_M, c.BLOCK_N, c.USE_AMX, c.PARTITION_SIZE,
+                              c.FORCE_USE_FLEX_ATTENTION, c.USE_DPBF16);
+    std::vector<at::Tensor> saved{query, key, value, out, lse};
+    saved.insert(saved.end(), buf.begin(), buf.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["score_mod"] = c.score_mod_text;
+    ctx->saved_data["mask_mod"] = c.mask_mod_text;
+    ctx->saved_data["buffer_names"] = c.buffer_names.value_or(std::vector<std::string>{});
+    ctx->saved_data["param_names"] = c.param_names.value_or(std::vector<std::string>{});
+    ctx->saved_data["param_values"] = c.param_values;
+    ctx->saved_data["scale"] = c.scale;
+    ctx->saved_data["enable_gqa"] = c.enable_gqa;
+    ctx->saved_data["kv_num_blocks"] = c.kv_num_blocks;
+    ctx->saved_data["kv_indices"] = c.kv_indices;
+    ctx->saved_data["full_kv_num_blocks"] = c.full_kv_num_blocks;
+    ctx->saved_data["full_kv_indices"] = c.full_kv_indices;
+    ctx->saved_data["q_block_size"] = c.q_block_size;
+    ctx->saved_data["kv_block_size"] = c.kv_block_size;
+    at::Tensor lse_out = c.return_lse ? lse : at::empty({0}, query.options().dtype(at::kFloat));
+    ctx->mark_non_differentiable({lse_out});
+    return {out, lse_out};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("flexjit::flex_attention_backward", "")
+                         .typed<decltype(flex_attention_backward_cpu)>();
+    auto saved = ctx->get_saved_variables();
+    const std::vector<at::Tensor> buf(saved.begin() + 5, saved.end());
+    const auto names = string_list(ctx->saved_data["buffer_names"]);
+    // The float buffers whose gradient autograd wants (input i + 3: after query, key, value).
+    std::vector<std::string> wanted;
+    for (size_t i = 0; i < buf.size(); ++i)
+      if (ctx->needs_input_grad(3 + i) && at::isFloatingType(buf[i].scalar_type())) wanted.push_back(names[i]);
+    const bool any = ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2) ||
+                     !wanted.empty();
+    torch::autograd::variable_list result(4 + buf.size());
+    if (!any) return result;
+    at::Tensor g = grads[0].defined() ? grads[0] : at::zeros_like(saved[3]);
+    auto opt_tensor = [&](const char* k) {
+      const c10::IValue& v = ctx->saved_data[k];
+      return v.isNone() ? std::optional<at::Tensor>() : std::optional<at::Tensor>(v.toTensor());
+    };
+    const c10::IValue& scale = ctx->saved_data["scale"];
+    auto [dq, dk, dv, dbuf] =
+        op.call(g, saved[0], saved[1], saved[2], saved[3], saved[4], ctx->saved_data["score_mod"].toStringRef(),
+                ctx->saved_data["mask_mod"].toStringRef(), buf, names,
+                string_list(ctx->saved_data["param_names"]),
+                ctx->saved_data["param_values"].toDoubleVector(),
+                scale.isNone() ? std::optional<double>() : std::optional<double>(scale.toDouble()),
+                ctx->saved_data["enable_gqa"].toBool(), opt_tensor("kv_num_blocks"), opt_tensor("kv_indices"),
+                opt_tensor("full_kv_num_blocks"), opt_tensor("full_kv_indices"),
+                ctx->saved_data["q_block_size"].toInt(), ctx->saved_data["kv_block_size"].toInt(), wanted);
+    result[0] = ctx->needs_input_grad(0) ? dq : at::Tensor();
+    result[1] = ctx->needs_input_grad(1) ? dk : at::Tensor();
+    result[2] = ctx->needs_input_grad(2) ? dv : at::Tensor();
+    for (size_t i = 0, w = 0; i < buf.size(); ++i)
+      if (w < wanted.size() && names[i] == wanted[w]) result[3 + i] = dbuf[w++];
+    return result;
+  }
 };
 
 std::tuple<at::Tensor, at::Tensor> flex_attention_autograd(
@@ -254,11 +400,12 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_autograd(
     const std::optional<at::Tensor>& full_kv_indices, int64_t q_block_size, int64_t kv_block_size,
     int64_t BLOCK_M, int64_t BLOCK_N, int64_t USE_AMX, int64_t PARTITION_SIZE,
     bool FORCE_USE_FLEX_ATTENTION, int64_t USE_DPBF16) {
-  auto r = NoBackward<FlexAttentionOp>::apply(
-      query, key, value, score_mod_text, mask_mod_text, buffers, buffer_names, param_names,
-      param_values, scale, enable_gqa, return_lse, kv_num_blocks, kv_indices, full_kv_num_blocks,
-      full_kv_indices, q_block_size, kv_block_size, BLOCK_M, BLOCK_N, USE_AMX, PARTITION_SIZE,
-      FORCE_USE_FLEX_ATTENTION, USE_DPBF16);
+  FlexAttentionCall c{score_mod_text, mask_mod_text, buffer_names, param_names,
+                      std::vector<double>(param_values.begin(), param_values.end()), scale, enable_gqa, return_lse,
+                      kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_block_size, kv_block_size,
+                      BLOCK_M, BLOCK_N, USE_AMX, PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION, USE_DPBF16};
+  const std::vector<at::Tensor> none;
+  auto r = FlexAttentionFunction::apply(query, key, value, at::TensorList(buffers ? *buffers : none), c);
   return std::make_tuple(r[0], r[1]);
 }
 
@@ -332,7 +479,7 @@ std::tuple<at::Tensor, at::Tensor> paged_flex_attention_meta(
 struct PagedFlexAttentionOp {
   static constexpr const char* schema = "flexjit::paged_flex_attention";
   static constexpr const char* python_name = "flexjit.paged_flex_attention";
-  static constexpr const char* train_with = "PyTorch's flex_attention";
+  static constexpr const char* train_with = "flexjit.flex_attention on contiguous K/V";
   static constexpr bool lse_is_result = false;
   using Signature = decltype(paged_flex_attention_cpu);
 };
@@ -514,6 +661,13 @@ TORCH_LIBRARY(flexjit, m) {
         "int PARTITION_SIZE=0, bool FORCE_USE_FLEX_ATTENTION=False, int USE_DPBF16=-1) "
         "-> (Tensor out, Tensor lse)",
         {at::Tag::pt2_compliant_tag});
+  m.def("flex_attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
+        "Tensor lse, str score_mod=\"\", str mask_mod=\"\", Tensor[]? buffers=None, str[]? buffer_names=None, "
+        "str[]? param_names=None, float[] param_values=[], float? scale=None, bool enable_gqa=False, "
+        "Tensor? kv_num_blocks=None, Tensor? kv_indices=None, Tensor? full_kv_num_blocks=None, "
+        "Tensor? full_kv_indices=None, int q_block_size=128, int kv_block_size=128, "
+        "str[]? grad_buffer_names=None) -> (Tensor dq, Tensor dk, Tensor dv, Tensor[] dbuffers)",
+        {at::Tag::pt2_compliant_tag});
   m.def("paged_flex_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_table, "
         "Tensor seq_lens, str score_mod=\"\", str mask_mod=\"\", Tensor[]? buffers=None, "
         "str[]? buffer_names=None, str[]? param_names=None, float[] param_values=[], "
@@ -540,6 +694,7 @@ TORCH_LIBRARY(flexjit, m) {
 
 TORCH_LIBRARY_IMPL(flexjit, CPU, m) {
   m.impl("flex_attention", &flexjit::flex_attention_cpu);
+  m.impl("flex_attention_backward", &flexjit::flex_attention_backward_cpu);
   m.impl("paged_flex_attention", &flexjit::paged_flex_attention_cpu);
   m.impl("varlen_attention", &flexjit::varlen_attention_cpu);
   m.impl("merge_attention_states", &flexjit::merge_attention_states_cpu);
@@ -547,6 +702,7 @@ TORCH_LIBRARY_IMPL(flexjit, CPU, m) {
 
 TORCH_LIBRARY_IMPL(flexjit, Meta, m) {
   m.impl("flex_attention", &flexjit::flex_attention_meta);
+  m.impl("flex_attention_backward", &flexjit::flex_attention_backward_meta);
   m.impl("paged_flex_attention", &flexjit::paged_flex_attention_meta);
   m.impl("varlen_attention", &flexjit::varlen_attention_meta);
   m.impl("merge_attention_states", &flexjit::merge_attention_states_meta);

@@ -341,13 +341,20 @@ def test_other_errors_name_the_mod():
         flexjit.flex_attention(q.float(), k.float(), v.float(), lambda s, b, h, qi, kv: (s, s), enable_gqa=True)
     with pytest.raises(TypeError, match=r"must be a Python function .* not int"):
         flexjit.flex_attention(q.float(), k.float(), v.float(), 42, enable_gqa=True)
-    # No backward yet: a captured tensor that requires grad is refused, not given zero gradients.
+    # paged decoding has no backward: a captured tensor that requires grad is refused there, not
+    # given zero gradients (flex_attention trains it: tests/python/test_backward.py).
     bias = torch.nn.Parameter(torch.zeros(4))
     learned = lambda score, b, h, q_idx, kv_idx: score + bias[h]  # noqa: E731
-    with pytest.raises(ValueError, match=r"the tensor 'bias' captured by a mod requires grad"):
-        flexjit.flex_attention(q.float(), k.float(), v.float(), learned, enable_gqa=True)
+    k_cache, v_cache = k.float()[0].transpose(0, 1).contiguous(), v.float()[0].transpose(0, 1).contiguous()
+    k_cache, v_cache = k_cache.unsqueeze(0), v_cache.unsqueeze(0)  # one page of 97 slots
+    table, lens = torch.zeros(1, 1, dtype=torch.int32), torch.full((1,), 97, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"the tensor 'bias' of a mod requires grad, and paged_flex_attention has no"):
+        flexjit.paged_flex_attention(q.float()[:, :, :1], k_cache, v_cache, table, lens, learned, enable_gqa=True)
     with torch.no_grad():
-        flexjit.flex_attention(q.float(), k.float(), v.float(), learned, enable_gqa=True)
+        flexjit.paged_flex_attention(q.float()[:, :, :1], k_cache, v_cache, table, lens, learned, enable_gqa=True)
+    out = flexjit.flex_attention(q.float(), k.float(), v.float(), learned, enable_gqa=True)
+    out.sum().backward()
+    assert bias.grad is not None and bias.grad.shape == (4,)
 
 
 # ---- create_block_mask from a callable ----

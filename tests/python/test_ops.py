@@ -290,11 +290,17 @@ def test_errors_are_python_exceptions_with_flexjit_text():
                                **TOL[torch.float32])
 
 
-def test_no_backward_is_an_error_not_a_silent_zero_grad():
+def test_backward_matches_sdpa():
+    # The op has a backward (the full matrix is in test_backward.py): the same gradients as SDPA's.
     q, k, v = (t.requires_grad_() for t in qkv(torch.float32))
-    out = flexjit.flex_attention(q, k, v, mask_mod="causal", enable_gqa=True)
-    with pytest.raises(RuntimeError, match="no backward pass yet"):
-        out.sum().backward()
+    g = torch.randn(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    flexjit.flex_attention(q, k, v, mask_mod="causal", enable_gqa=True).backward(g)
+    ours = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(g)
+    for a, b in zip(ours, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
 
 
 # ---- grad modes and torch.compile ----

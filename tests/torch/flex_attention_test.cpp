@@ -383,6 +383,69 @@ FlexResult contiguous_alibi_causal(const at::Tensor& q, const PagedCache& c, con
   return r;
 }
 
+// flexjit::flex_attention_backward against libtorch autograd through plain ops (float64): a
+// learnable per-head bias and a causal BlockMask, GQA group 3, D 80, odd length, fp32 and bf16.
+TEST(TorchBackward, MatchesAutogradOfPlainOps) {
+  for (auto dt : {at::kFloat, at::kBFloat16}) {
+    SCOPED_TRACE(std::string(c10::toString(dt)));
+    const int64_t B = 2, Hq = 6, Hkv = 2, L = 97, D = 80;
+    at::manual_seed(7);
+    at::Tensor q = at::randn({B, Hq, L, D}).to(dt), k = at::randn({B, Hkv, L, D}).to(dt),
+               v = at::randn({B, Hkv, L, D}).to(dt), g = at::randn({B, Hq, L, D}).to(dt);
+    at::Tensor bias = at::randn({Hq});
+    ModRef sm = score_mod("score + bias[h] * (kv_idx - q_idx) / 16", {{"bias", bias}});
+    TorchBlockMask mask = create_block_mask(mask_mod("causal"), 1, 1, L, L);
+    FlexOptions o;
+    o.enable_gqa = true;
+    o.return_lse = true;
+    FlexResult fwd = flex_attention(q, k, v, sm, &mask, o);
+    FlexGrads gr = flex_attention_backward(g, q, k, v, fwd.out, fwd.lse, sm, &mask, o, {"bias"});
+    EXPECT_EQ(gr.dq.scalar_type(), dt);
+    EXPECT_EQ(gr.buffers.at("bias").scalar_type(), at::kFloat);
+
+    // The same in float64 plain ops, differentiated by autograd.
+    at::Tensor q64 = q.to(at::kDouble).requires_grad_(), k64 = k.to(at::kDouble).requires_grad_(),
+               v64 = v.to(at::kDouble).requires_grad_(), b64 = bias.to(at::kDouble).requires_grad_();
+    at::Tensor ke = k64.repeat_interleave(Hq / Hkv, 1), ve = v64.repeat_interleave(Hq / Hkv, 1);
+    at::Tensor pos = at::arange(L, at::kDouble);
+    at::Tensor rel = (pos.view({1, L}) - pos.view({L, 1})) / 16;  // kv_idx - q_idx
+    at::Tensor s = at::matmul(q64, ke.transpose(-2, -1)) / std::sqrt(double(D)) + b64.view({1, Hq, 1, 1}) * rel;
+    s = s.masked_fill(at::ones({L, L}, at::kBool).triu(1), -INFINITY);
+    at::Tensor out = at::matmul(at::softmax(s, -1), ve);
+    out.backward(g.to(at::kDouble));
+    const testing::Tolerance tol = testing::gradient_tolerance(dt == at::kFloat ? DType::F32 : DType::BF16);
+    auto scaled = [&](const at::Tensor& want) {
+      return testing::Tolerance{tol.atol * std::max(1.0, want.abs().max().item<double>()), tol.rtol};
+    };
+    // bf16 gradients are rounded to bf16 on return: allow that rounding on top.
+    const double round = dt == at::kFloat ? 0 : 8e-3;
+    for (auto [got, want] : {std::pair{gr.dq, q64.grad()}, {gr.dk, k64.grad()}, {gr.dv, v64.grad()},
+                             {gr.buffers.at("bias"), b64.grad()}}) {
+      testing::Tolerance t = scaled(want);
+      t.rtol += round;
+      EXPECT_TRUE(close(got, want, t));
+    }
+  }
+}
+
+TEST(TorchBackward, Errors) {
+  at::Tensor q = at::randn({1, 2, 17, 16}), k = at::randn({1, 2, 17, 16}), v = at::randn({1, 2, 17, 16});
+  FlexOptions o;
+  o.return_lse = true;
+  FlexResult f = flex_attention(q, k, v, {}, nullptr, o);
+  EXPECT_THROW(
+      {
+        try {
+          flex_attention_backward(f.out, q, k, v, f.out, f.lse, score_mod("score * 2"), nullptr, o, {"nope"});
+        } catch (const Error& e) {
+          EXPECT_NE(std::string(e.what()).find("buffer 'nope', which no mod reads"), std::string::npos) << e.what();
+          throw;
+        }
+      },
+      Error);
+  EXPECT_THROW(flex_attention_backward(f.out, q, k, v, f.out, f.lse.unsqueeze(0), {}, nullptr, o), Error);
+}
+
 TEST(TorchPaged, MatchesContiguousFlexAttentionOnGatheredKeys) {
   const std::vector<int64_t> lens = {300, 77, 0, 129};
   const int64_t B = int64_t(lens.size()), Hq = 8, Hkv = 2, D = 64;
