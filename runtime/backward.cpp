@@ -228,20 +228,31 @@ void flex_attention_backward(const TensorView& q, const TensorView& k, const Ten
   a.apply_grad = gk.apply_grad;
   a.mod = bound.args();
 
+  // KV chunks per (b, hkv): enough units of pass 1 to spread over threads (32 or more where the
+  // KV blocks allow), each with its own dQ partial. A function of the shape only: the sums, and so
+  // the bits, are the same for every thread count.
+  const int64_t nmb = (Lq + bm - 1) / bm, nnb = (Lkv + bn - 1) / bn, dp = (D + 15) / 16 * 16;
+  const int64_t part_floats = B * Hq * nmb * bm * dp;  // a [BLOCK_M][D rounded up to 16] tile per q-block
+  int64_t chunks = std::min(nnb, std::max<int64_t>(1, (32 + B * Hkv - 1) / (B * Hkv)));
+  while (chunks > 1 && chunks * part_floats * 4 > (int64_t(1) << 30)) --chunks;  // at most 1 GiB of partials
+  // The kernel reads and writes the partials' tiles as whole 64-byte vectors: align the base.
+  std::vector<float> dq_part(size_t(std::max<int64_t>(1, chunks) * part_floats + 16));
+  a.dq_part = dq_part.data() + (16 - (reinterpret_cast<uintptr_t>(dq_part.data()) / sizeof(float)) % 16) % 16;
+  a.kv_chunks = std::max<int64_t>(1, chunks);
+
   auto fn = reinterpret_cast<FlexBackwardFn>(kernels[0].fn);
-  const int64_t q_items = B * Hq * ((Lq + bm - 1) / bm), kv_items = B * Hkv * ((Lkv + bn - 1) / bn);
+  const int64_t q_items = B * Hq * nmb, units = B * Hkv * a.kv_chunks;
   auto t0 = std::chrono::steady_clock::now();
-  a.pass = 0;  // delta
+  a.pass = 0;  // delta, zeroed partials
   runtime::run_items(opt, q_items, false, [&](int64_t b0, int64_t e0) { fn(&a, b0, e0); });
-  a.pass = 1;  // dK, dV
-  runtime::run_items(opt, kv_items, true, [&](int64_t b0, int64_t e0) { fn(&a, b0, e0); });
-  a.pass = 2;  // dQ, buffer gradients
-  const int64_t groups = gk.num_grad_loads > 0 ? runtime::grad_groups(q_items, grad_elems) : 0;
+  a.pass = 1;  // dK, dV, dQ partials, buffer gradients
+  const int64_t groups = gk.num_grad_loads > 0 ? runtime::grad_groups(units, grad_elems) : 0;
   std::vector<float> acc;
   if (groups == 0) {
-    runtime::run_items(opt, q_items, true, [&](int64_t b0, int64_t e0) { fn(&a, b0, e0); });
+    // Units are ordered (b, hkv, chunk) and a causal chunk's cost falls with its position: zigzag.
+    runtime::run_items(opt, units, true, [&](int64_t b0, int64_t e0) { fn(&a, b0, e0); });
   } else {
-    // Each fixed group of items accumulates into its own block, items in order: no atomics, and
+    // Each fixed group of units accumulates into its own block, units in order: no atomics, and
     // the same sums in the same order however the groups are spread over threads.
     acc.assign(size_t(groups * grad_elems), 0.0f);
     std::vector<std::vector<float*>> slots(size_t(groups), std::vector<float*>(mods.buffers.size(), nullptr));
@@ -250,14 +261,16 @@ void flex_attention_backward(const TensorView& q, const TensorView& k, const Ten
       for (const Wanted& w : wanted) slots[g][w.slot] = acc.data() + g * grad_elems + w.offset;
       gargs[g].grads = slots[g].data();
     }
-    runtime::run_items(opt, groups, false, [&](int64_t g0, int64_t g1) {
+    runtime::run_items(opt, groups, true, [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1; ++g) {
         FlexBackwardArgs local = a;
         local.grad = &gargs[g];
-        fn(&local, g * q_items / groups, (g + 1) * q_items / groups);
+        fn(&local, g * units / groups, (g + 1) * units / groups);
       }
     });
   }
+  a.pass = 2;  // dQ: the partials summed
+  runtime::run_items(opt, q_items, false, [&](int64_t b0, int64_t e0) { fn(&a, b0, e0); });
   rep.kernel_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   bound.check_error_flag("flex_attention_backward");
 

@@ -213,15 +213,15 @@ typedef void (*FlexModKernelsFn)(struct FlexModKernels*);
 struct FlexGradArgs {
   float* const* grads;
 };
-// One tile for score_mod's backward, in the prefill layout (S^T: element (q0 + m, kv0 + n) at
-// [n * ld + m], for m < mvalid, n < nvalid). s holds the raw natural-scale scores (scale * q.k)
-// that score_mod saw; ds on entry dL/d(score_mod's output), on return dL/d(score). With
+// One tile for score_mod's backward: element (q0 + m, kv0 + n) at [n * ld + m * ld_m], for
+// m < mvalid, n < nvalid (ld == 1: keys along the unit stride; else ld_m == 1). s holds the raw
+// natural-scale scores (scale * q.k) that score_mod saw; ds on entry dL/d(score_mod's output), on return dL/d(score). With
 // grad != null, dL/d(buffer element) += ds * d score_mod / d element for every read of a buffer
 // whose accumulator is not null.
 struct FlexModGradTile {
   const float* s;
   float* ds;
-  fj_i64 ld;
+  fj_i64 ld, ld_m;
   fj_i64 b, h, q0, kv0;
   int mvalid, nvalid;
 };
@@ -237,18 +237,21 @@ typedef void (*FlexModGradKernelsFn)(struct FlexModGradKernels*);
 
 // One backward launch, FlashAttention-2 style: P is recomputed from q, k and the forward's lse
 // (no L x L buffer). Three passes over the same arguments, each its own item space:
-//   pass 0: delta = rowsum(dout * out)              items (b, hq, m_block)
-//   pass 1: dk, dv for one KV block of BLOCK_N rows  items (b, hkv, n_block): sums over the GQA
-//           group's heads and the q-blocks that visit the block (mask_t)
-//   pass 2: dq (and buffer gradients) for BLOCK_M query rows   items (b, hq, m_block)
+//   pass 0: delta = rowsum(dout * out), and zeroes the dq partials    items (b, hq, m_block)
+//   pass 1: units (b, hkv, chunk): the chunk's KV blocks of BLOCK_N rows in order, each with
+//           the GQA group's heads and the q-blocks that visit it (mask_t); dk, dv of those rows,
+//           and the chunk's share of dq added into its own partial (dq_part[chunk])
+//   pass 2: dq = scale * sum over chunks of the partials, in chunk order  items (b, hq, m_block)
 // Per visited (q-block, KV block): S = scale q k^T, score_mod and mask as in the forward,
 // P = exp(S' - lse), dP = dout v^T, dS' = P (dP - delta), dS = dS' * score_mod'(S) (apply_grad),
-// dv += P^T dout, dk += scale dS^T q, dq += scale dS k. Each item owns the rows it writes, so
-// the result does not depend on how items are spread over threads.
+// dv += P^T dout, dk += scale dS^T q, dq_part += dS k. Every unit owns the rows it writes and
+// adds in a fixed order, so the result does not depend on how units are spread over threads.
 // Layouts: q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv], out / dout [B, Hq, Lq, Dv]
 // (the kernel's dtype, any strides; the runtime expands a broadcast KV batch); lse [B, Hq, Lq]
 // fp32 natural log (-inf: a fully masked row, whose gradients are 0); delta fp32 contiguous
-// [B, Hq, Lq]; dq [B, Hq, Lq, D], dk [B, Hkv, Lkv, D], dv [B, Hkv, Lkv, Dv] fp32 contiguous.
+// [B, Hq, Lq]; dq [B, Hq, Lq, D], dk [B, Hkv, Lkv, D], dv [B, Hkv, Lkv, Dv] fp32 contiguous;
+// dq_part [kv_chunks, B, Hq, m_blocks, BLOCK_M, D rounded up to 16] fp32, 64-byte aligned.
+// Chunk c of a (b, hkv) holds KV blocks [c * n_blocks / kv_chunks, (c + 1) * n_blocks / kv_chunks).
 // mask: the forward's block mask (kv_num_blocks == null: every block, partial iff has_mask_mod);
 // mask_t: its transpose (kv_num_blocks / kv_indices list, per KV block of mask.kv_block_size,
 // the q-blocks of mask.q_block_size that visit it, ascending; same B, H, sizes; q_blocks and
@@ -264,6 +267,8 @@ struct FlexBackwardArgs {
   float* dq;
   float* dk;
   float* dv;
+  float* dq_part;
+  fj_i64 kv_chunks;
   fj_i64 B, Hq, Hkv, Lq, Lkv;
   fj_i64 q_strides[4];
   fj_i64 k_strides[4];
@@ -279,7 +284,7 @@ struct FlexBackwardArgs {
   int has_mask_mod;
   FlexApplyModsGradFn apply_grad;    // null: score_mod' = 1 (no score_mod)
   struct FlexModArgs mod;
-  const struct FlexGradArgs* grad;   // pass 2: buffer gradient accumulators (null: none)
+  const struct FlexGradArgs* grad;   // pass 1: buffer gradient accumulators (null: none)
   int pass;
 };
 //   extern "C" void ENTRY(const FlexBackwardArgs* args, fj_i64 begin, fj_i64 end);

@@ -7,15 +7,17 @@
 // apply_grad (templates/cpu/mods_grad.h), both compiled apart, so this kernel is compiled once
 // per shape for every mod set.
 //
-// Layout: query rows along the 16 vector lanes, as in the forward FMA engine. Per (q-block,
-// KV block) pair, with Q^T [d][m], dO^T [dv][m] packed once per q-block:
-//   S^T  [n][m] = K Q^T (scale folded into Q^T)      dP^T [n][m] = V dO^T
-//   P^T         = 2^(score_mod(S^T) log2 e - lse log2 e), masked -> 0
-//   dS'^T       = P^T (dP^T - delta)                  dS^T = apply_grad(S^T, dS'^T)
-// pass 1 (an item = one KV block): dV [n][dv] += P^T dO, dK [n][d] += dS^T Q (rows of dO / Q);
-// pass 2 (an item = one q-block):  dQ^T [d][m] += K^T dS^T.
-// All five products are one register-blocked routine, fjb_gemm: C[i][:] (+)= sum_k A(i, k) B[k][:]
-// with the B rows and C rows whole vectors and A read as broadcasts at any strides.
+// A unit of pass 1 walks a chunk of KV blocks; for each, the q-blocks that visit it. Layout: keys
+// along the 16 vector lanes. The KV block is packed once (K rows, K^T and V^T), and per visited
+// q-block only rows are packed (Q * scale and dO: contiguous, vectorised), so the per-pair
+// packing stays small next to the five products:
+//   S  [m][n] = (scale Q) K^T              dP [m][n] = dO V^T
+//   P         = 2^(score_mod(S) log2 e - lse log2 e), masked -> 0
+//   dS'       = P (dP - delta)             dS = apply_grad(S, dS')
+//   dV [n][dv] += P^T dO                   dK [n][d] += dS^T (scale Q)
+//   dQ [m][d]  += dS K                     (into the chunk's own partial; pass 2 sums them)
+// All five are one register-blocked routine, fjb_gemm: C[i][:] (+)= sum_k A(i, k) B[k][:] with
+// the B rows and C rows whole vectors and A read as broadcasts at any strides.
 
 #if !defined(FLEXJIT_DTYPE) || !defined(HEAD_DIM) || !defined(HEAD_DIM_V) || \
     !defined(BLOCK_M) || !defined(BLOCK_N) || !defined(GQA_GROUP) || !defined(FLEXJIT_ENTRY)
@@ -23,8 +25,8 @@
 #endif
 static_assert(HEAD_DIM >= 1 && HEAD_DIM_V >= 1 && BLOCK_M >= 1 && BLOCK_N >= 1 && GQA_GROUP >= 1, "bad spec");
 
-static constexpr int kMP = fjk_round_up(BLOCK_M, 16);   // query rows padded to whole vectors
-static constexpr int kDP = fjk_round_up(HEAD_DIM, 16);  // row strides of Q / K / dK rows
+static constexpr int kNP = fjk_round_up(BLOCK_N, 16);   // keys padded to whole vectors
+static constexpr int kDP = fjk_round_up(HEAD_DIM, 16);  // row strides of Q / K / dK / dQ rows
 static constexpr int kDVP = fjk_round_up(HEAD_DIM_V, 16);
 
 // ---- C[i][0, W) (+)= sum_{k < kdim} A[i * asi + k * ask] * B[k * ldb + (0, W)] ----
@@ -90,140 +92,40 @@ __attribute__((noinline)) static void fjb_gemm(int rows, int kdim, const float* 
 // ---- packing ----
 
 // dst[r][c] = fp32(src[r * s_row + c * s_col]) * mul for r < rows, c < width; columns
-// [width, dst_stride) and rows [rows, pad_rows) are zeroed.
+// [width, dst_stride) and rows [rows, pad_rows) are zeroed. Contiguous rows convert 16 at a time.
 __attribute__((noinline)) static void fjb_pack_rows(const fjk_elem* src, fj_i64 s_row, fj_i64 s_col,
                                                     int rows, int width, float mul, int dst_stride,
                                                     int pad_rows, float* __restrict dst) {
-  FJK_SCALAR_LOOP
+  const int vec = s_col == 1 ? width / 16 * 16 : 0;
+  FJK_ROLLED_LOOP
   for (int r = 0; r < rows; ++r) {
     const fjk_elem* s = src + r * s_row;
     float* d = dst + r * dst_stride;
-    for (int c = 0; c < width; ++c) d[c] = fjk_to_f32(s[c * s_col]) * mul;
+    FJK_ROLLED_LOOP
+    for (int c = 0; c < vec; c += 16) fjk_store(d + c, fjk_load16(s + c) * mul);
+    FJK_SCALAR_LOOP
+    for (int c = vec; c < width; ++c) d[c] = fjk_to_f32(s[c * s_col]) * mul;
+    FJK_SCALAR_LOOP
     for (int c = width; c < dst_stride; ++c) d[c] = 0.0f;
   }
   if (rows < pad_rows) __builtin_memset(dst + rows * dst_stride, 0, sizeof(float) * (pad_rows - rows) * dst_stride);
 }
 
-// Transposed: dst[c][m] = fp32(src[m * s_row + c * s_col]) * mul for m < rows (padding lanes 0).
+// Transposed: dst[c][n] = fp32(src[n * s_row + c * s_col]) for n < rows (lanes [rows, kNP) 0).
+// Once per KV block of a unit, so a plain scalar transpose.
 __attribute__((noinline)) static void fjb_pack_t(const fjk_elem* src, fj_i64 s_row, fj_i64 s_col, int rows,
-                                                 int width, float mul, float* __restrict dst) {
-  if (rows < kMP) __builtin_memset(dst, 0, sizeof(float) * width * kMP);
+                                                 int width, float* __restrict dst) {
+  if (rows < kNP) __builtin_memset(dst, 0, sizeof(float) * width * kNP);
   FJK_SCALAR_LOOP
-  for (int m = 0; m < rows; ++m) {
-    const fjk_elem* s = src + m * s_row;
+  for (int n = 0; n < rows; ++n) {
+    const fjk_elem* s = src + n * s_row;
     FJK_SCALAR_LOOP
-    for (int c = 0; c < width; ++c) dst[c * kMP + m] = fjk_to_f32(s[c * s_col]) * mul;
+    for (int c = 0; c < width; ++c) dst[c * kNP + n] = fjk_to_f32(s[c * s_col]);
   }
 }
-
-// ---- one q-block's operands: Q^T (scaled), dO^T, base-2 lse and delta per row ----
-struct FjbQ {
-  alignas(64) float qt[HEAD_DIM * kMP];    // Q^T * scale
-  alignas(64) float dot[HEAD_DIM_V * kMP]; // dO^T
-  alignas(64) float lse2[kMP];             // lse * log2 e; +inf for rows that take no gradient
-  alignas(64) float delta[kMP];
-  fj_i64 b, h, q0;
-  int mvalid;
-};
 
 static inline const fjk_elem* fjb_row(const void* base, const fj_i64* st, fj_i64 b, fj_i64 h, fj_i64 i) {
   return (const fjk_elem*)base + b * st[0] + h * st[1] + i * st[2];
-}
-
-static inline void fjb_load_q(const struct FlexBackwardArgs* a, fj_i64 b, fj_i64 h, fj_i64 q0,
-                              struct FjbQ* t) {
-  t->b = b;
-  t->h = h;
-  t->q0 = q0;
-  const fj_i64 left = a->Lq - q0;
-  t->mvalid = left < BLOCK_M ? (int)left : BLOCK_M;
-  fjb_pack_t(fjb_row(a->q, a->q_strides, b, h, q0), a->q_strides[2], a->q_strides[3], t->mvalid, HEAD_DIM,
-             a->scale, t->qt);
-  fjb_pack_t(fjb_row(a->dout, a->dout_strides, b, h, q0), a->dout_strides[2], a->dout_strides[3], t->mvalid,
-             HEAD_DIM_V, 1.0f, t->dot);
-  const float* delta = a->delta + (b * a->Hq + h) * a->Lq + q0;
-  FJK_SCALAR_LOOP
-  for (int m = 0; m < kMP; ++m) {
-    const float l = m < t->mvalid ? a->lse[b * a->lse_strides[0] + h * a->lse_strides[1] +
-                                           (q0 + m) * a->lse_strides[2]]
-                                  : FJK_NEG_INF;
-    // A row with lse = -inf (fully masked: out 0) or NaN gets P = 2^(s - inf) = 0: no gradient.
-    t->lse2[m] = l > FJK_NEG_INF ? l * FJK_LOG2E : __builtin_inff();
-    t->delta[m] = m < t->mvalid ? delta[m] : 0.0f;
-  }
-}
-
-// ---- one (q-block, KV block) pair: dS^T into ds, P^T into st ----
-struct FjbPair {
-  alignas(64) float st[BLOCK_N * kMP];    // S^T, then P^T
-  alignas(64) float ds[BLOCK_N * kMP];    // dP^T, then dS^T
-  alignas(64) float sraw[BLOCK_N * kMP];  // S^T as score_mod saw it (natural scale)
-};
-
-// kp [BLOCK_N][kDP], vp [BLOCK_N][kDVP]: the KV block in fp32, rows >= nvalid zero. partial:
-// evaluate mask_mod. grad: buffer gradient accumulators (pass 2) or null. Returns false when the
-// pair contributes nothing (every P is 0).
-static bool fjb_pair(const struct FlexBackwardArgs* a, const struct FjbQ* q, const float* kp,
-                     const float* vp, fj_i64 kv0, int nvalid, bool partial, const struct FlexGradArgs* grad,
-                     struct FjbPair* t) {
-  fjb_gemm<kMP>(nvalid, HEAD_DIM, kp, kDP, 1, q->qt, kMP, t->st, kMP, false);
-  const bool score_mod = a->apply_mods != nullptr && a->has_score_mod;
-  const bool mask = partial && a->apply_mods != nullptr && a->has_mask_mod;
-  if (score_mod && a->apply_grad != nullptr) __builtin_memcpy(t->sraw, t->st, sizeof(float) * nvalid * kMP);
-  if (!score_mod) {  // apply_mods takes base-2 scores without a score_mod
-    FJK_ROLLED_LOOP
-    for (int n = 0; n < nvalid; ++n)
-      for (int i = 0; i < kMP / 16; ++i)
-        fjk_store(t->st + n * kMP + 16 * i, fjk_load(t->st + n * kMP + 16 * i) * FJK_LOG2E);
-  }
-  if (score_mod || mask) {
-    struct FlexModTile tile;
-    tile.s = t->st;
-    tile.ld = kMP;
-    tile.ld_m = 1;
-    tile.b = q->b;
-    tile.h = q->h;
-    tile.q0 = q->q0;
-    tile.kv0 = kv0;
-    tile.mvalid = q->mvalid;
-    tile.nvalid = nvalid;
-    tile.mask = mask ? 1 : 0;
-    a->apply_mods(&tile, &a->mod);
-  }
-  // P^T = 2^(s - lse2): masked s = -inf and rows with lse2 = +inf give exactly 0.
-  fj_v16i any = {};
-  FJK_ROLLED_LOOP
-  for (int n = 0; n < nvalid; ++n)
-    for (int i = 0; i < kMP / 16; ++i) {
-      const fj_v16f p = fjk_exp2(fjk_load(t->st + n * kMP + 16 * i) - fjk_load(q->lse2 + 16 * i));
-      fjk_store(t->st + n * kMP + 16 * i, p);
-      any |= p > 0.0f;
-    }
-  if (!fjk_any(any)) return false;
-  // dP^T = V dO^T, then dS'^T = P^T (dP^T - delta).
-  fjb_gemm<kMP>(nvalid, HEAD_DIM_V, vp, kDVP, 1, q->dot, kMP, t->ds, kMP, false);
-  FJK_ROLLED_LOOP
-  for (int n = 0; n < nvalid; ++n)
-    for (int i = 0; i < kMP / 16; ++i) {
-      float* d = t->ds + n * kMP + 16 * i;
-      const fj_v16f p = fjk_load(t->st + n * kMP + 16 * i);
-      // p = 0 must give 0 even where dP is not finite (masked keys of a non-finite V row).
-      fjk_store(d, p == 0.0f ? fjk_splat(0.0f) : p * (fjk_load(d) - fjk_load(q->delta + 16 * i)));
-    }
-  if (score_mod && a->apply_grad != nullptr) {
-    struct FlexModGradTile gt;
-    gt.s = t->sraw;
-    gt.ds = t->ds;
-    gt.ld = kMP;
-    gt.b = q->b;
-    gt.h = q->h;
-    gt.q0 = q->q0;
-    gt.kv0 = kv0;
-    gt.mvalid = q->mvalid;
-    gt.nvalid = nvalid;
-    a->apply_grad(&gt, &a->mod, grad);
-  }
-  return true;
 }
 
 // ---- pass 0: delta = rowsum(dout * out) ----
@@ -242,9 +144,9 @@ static void fjb_delta_item(const struct FlexBackwardArgs* a, fj_i64 b, fj_i64 h,
 }
 
 // ---- the block lists of one mask row ----
-// Calls visit(pos, partial) for every BLOCK-sized sub-block (of `sub` per mask block, size
-// `step`) of the mask blocks listed in row `row` of m (partial list, then full), positions below
-// `limit`; without a block mask every sub-block of [0, limit), partial iff has_mask_mod.
+// Calls visit(pos, partial) for every sub-block (of size `step`) of the mask blocks (of size
+// `mask_block`) listed in row `row` of m (partial list, then full), positions below `limit`;
+// without a block mask every sub-block of [0, limit), partial iff has_mask_mod.
 template <typename F>
 static inline void fjb_walk(const struct FlexBackwardArgs* a, const struct FlexBlockMaskArgs* m, fj_i64 row,
                             fj_i64 mask_block, fj_i64 step, fj_i64 limit, F&& visit) {
@@ -264,30 +166,126 @@ static inline void fjb_walk(const struct FlexBackwardArgs* a, const struct FlexB
   }
 }
 
-// ---- pass 1: dK and dV of one KV block (b, hkv, n_block) ----
-struct FjbKv {
-  alignas(64) float kp[BLOCK_N * kDP];
-  alignas(64) float vp[BLOCK_N * kDVP];
-  alignas(64) float dk[BLOCK_N * kDP];
-  alignas(64) float dv[BLOCK_N * kDVP];
-  alignas(64) float qr[BLOCK_M * kDP];    // Q rows (unscaled)
-  alignas(64) float dor[BLOCK_M * kDVP];  // dO rows
-  struct FjbQ q;
-  struct FjbPair pair;
+// ---- pass 1 scratch: one KV block, one visiting q-block ----
+struct FjbTile {
+  alignas(64) float kp[BLOCK_N * kDP];      // K rows
+  alignas(64) float kt[HEAD_DIM * kNP];     // K^T
+  alignas(64) float vt[HEAD_DIM_V * kNP];   // V^T
+  alignas(64) float dk[BLOCK_N * kDP];      // dK rows (unit: scale Q)
+  alignas(64) float dv[BLOCK_N * kDVP];     // dV rows
+  alignas(64) float qr[BLOCK_M * kDP];      // Q rows * scale
+  alignas(64) float dor[BLOCK_M * kDVP];    // dO rows
+  alignas(64) float s[BLOCK_M * kNP];       // S, then P
+  alignas(64) float ds[BLOCK_M * kNP];      // dP, then dS
+  alignas(64) float sraw[BLOCK_M * kNP];    // S as score_mod saw it (natural scale)
+  fj_v16i key_valid[kNP / 16];              // lane n < nvalid
 };
-static_assert(sizeof(struct FjbKv) <= (3 << 19), "pass 1 scratch exceeds 1.5 MiB of stack");
+static_assert(sizeof(struct FjbTile) <= (3 << 19), "backward scratch exceeds 1.5 MiB of stack");
 
-__attribute__((noinline)) static void fjb_kv_item(const struct FlexBackwardArgs* a, fj_i64 b, fj_i64 hkv,
-                                                  fj_i64 nb) {
-  struct FjbKv t;
+// dQ partial tile of a q-block: rows [m][kDP].
+static inline float* fjb_dq_part(const struct FlexBackwardArgs* a, fj_i64 chunk, fj_i64 b, fj_i64 hq, fj_i64 mb) {
+  const fj_i64 nmb = (a->Lq + BLOCK_M - 1) / BLOCK_M;
+  return a->dq_part + (((chunk * a->B + b) * a->Hq + hq) * nmb + mb) * (BLOCK_M * kDP);
+}
+
+// One (q-block at q0 of head hq, KV block at kv0) pair: S, P, dP, dS in the tile, then the three
+// accumulations. partial: evaluate mask_mod.
+static void fjb_pair(const struct FlexBackwardArgs* a, struct FjbTile* t, fj_i64 b, fj_i64 hq, fj_i64 q0,
+                     fj_i64 kv0, int nvalid, bool partial, fj_i64 chunk) {
+  const int mvalid = a->Lq - q0 < BLOCK_M ? (int)(a->Lq - q0) : BLOCK_M;
+  alignas(64) float lse2[BLOCK_M], delta[BLOCK_M];
+  bool any_row = false;
+  FJK_SCALAR_LOOP
+  for (int m = 0; m < mvalid; ++m) {
+    const float l = a->lse[b * a->lse_strides[0] + hq * a->lse_strides[1] + (q0 + m) * a->lse_strides[2]];
+    // A row with lse = -inf (fully masked: out 0) or NaN gets P = 2^(s - inf) = 0: no gradient.
+    lse2[m] = l > FJK_NEG_INF ? l * FJK_LOG2E : __builtin_inff();
+    any_row |= l > FJK_NEG_INF;
+    delta[m] = a->delta[(b * a->Hq + hq) * a->Lq + q0 + m];
+  }
+  if (!any_row) return;
+  fjb_pack_rows(fjb_row(a->q, a->q_strides, b, hq, q0), a->q_strides[2], a->q_strides[3], mvalid, HEAD_DIM,
+                a->scale, kDP, 0, t->qr);
+  // S = (scale Q) K^T
+  fjb_gemm<kNP>(mvalid, HEAD_DIM, t->qr, kDP, 1, t->kt, kNP, t->s, kNP, false);
+  const bool score_mod = a->apply_mods != nullptr && a->has_score_mod;
+  const bool mask = partial && a->apply_mods != nullptr && a->has_mask_mod;
+  if (score_mod && a->apply_grad != nullptr) __builtin_memcpy(t->sraw, t->s, sizeof(float) * mvalid * kNP);
+  if (!score_mod) {  // apply_mods takes base-2 scores without a score_mod
+    FJK_ROLLED_LOOP
+    for (int m = 0; m < mvalid; ++m)
+      for (int i = 0; i < kNP / 16; ++i) fjk_store(t->s + m * kNP + 16 * i, fjk_load(t->s + m * kNP + 16 * i) * FJK_LOG2E);
+  }
+  if (score_mod || mask) {
+    struct FlexModTile tile;  // keys along the unit stride (the decode layout)
+    tile.s = t->s;
+    tile.ld = 1;
+    tile.ld_m = kNP;
+    tile.b = b;
+    tile.h = hq;
+    tile.q0 = q0;
+    tile.kv0 = kv0;
+    tile.mvalid = mvalid;
+    tile.nvalid = nvalid;
+    tile.mask = mask ? 1 : 0;
+    a->apply_mods(&tile, &a->mod);
+  }
+  // P = 2^(s - lse2), 0 on masked scores, rows that take no gradient and keys past the block.
+  fj_v16i any = {};
+  FJK_ROLLED_LOOP
+  for (int m = 0; m < mvalid; ++m)
+    for (int i = 0; i < kNP / 16; ++i) {
+      fj_v16f p = fjk_exp2(fjk_load(t->s + m * kNP + 16 * i) - lse2[m]);
+      p = t->key_valid[i] ? p : fjk_splat(0.0f);
+      fjk_store(t->s + m * kNP + 16 * i, p);
+      any |= p > 0.0f;
+    }
+  if (!fjk_any(any)) return;
+  fjb_pack_rows(fjb_row(a->dout, a->dout_strides, b, hq, q0), a->dout_strides[2], a->dout_strides[3], mvalid,
+                HEAD_DIM_V, 1.0f, kDVP, 0, t->dor);
+  // dP = dO V^T, then dS' = P (dP - delta).
+  fjb_gemm<kNP>(mvalid, HEAD_DIM_V, t->dor, kDVP, 1, t->vt, kNP, t->ds, kNP, false);
+  FJK_ROLLED_LOOP
+  for (int m = 0; m < mvalid; ++m)
+    for (int i = 0; i < kNP / 16; ++i) {
+      float* d = t->ds + m * kNP + 16 * i;
+      const fj_v16f p = fjk_load(t->s + m * kNP + 16 * i);
+      // p = 0 must give 0 even where dP is not finite (masked keys of a non-finite V row).
+      fjk_store(d, p == 0.0f ? fjk_splat(0.0f) : p * (fjk_load(d) - delta[m]));
+    }
+  if (score_mod && a->apply_grad != nullptr) {
+    struct FlexModGradTile gt;
+    gt.s = t->sraw;
+    gt.ds = t->ds;
+    gt.ld = 1;
+    gt.ld_m = kNP;
+    gt.b = b;
+    gt.h = hq;
+    gt.q0 = q0;
+    gt.kv0 = kv0;
+    gt.mvalid = mvalid;
+    gt.nvalid = nvalid;
+    a->apply_grad(&gt, &a->mod, a->grad);
+  }
+  fjb_gemm<kDVP>(nvalid, mvalid, t->s, 1, kNP, t->dor, kDVP, t->dv, kDVP, true);  // dV += P^T dO
+  fjb_gemm<kDP>(nvalid, mvalid, t->ds, 1, kNP, t->qr, kDP, t->dk, kDP, true);     // dK += dS^T (scale Q)
+  fjb_gemm<kDP>(mvalid, nvalid, t->ds, kNP, 1, t->kp, kDP, fjb_dq_part(a, chunk, b, hq, q0 / BLOCK_M), kDP,
+                true);                                                               // dQ += dS K
+}
+
+// ---- pass 1: one KV block of a unit: dK, dV of its rows ----
+static void fjb_kv_block(const struct FlexBackwardArgs* a, fj_i64 b, fj_i64 hkv, fj_i64 nb, fj_i64 chunk,
+                         struct FjbTile* t) {
   const fj_i64 kv0 = nb * BLOCK_N;
   const int nvalid = a->Lkv - kv0 < BLOCK_N ? (int)(a->Lkv - kv0) : BLOCK_N;
-  fjb_pack_rows(fjb_row(a->k, a->k_strides, b, hkv, kv0), a->k_strides[2], a->k_strides[3], nvalid, HEAD_DIM,
-                1.0f, kDP, BLOCK_N, t.kp);
-  fjb_pack_rows(fjb_row(a->v, a->v_strides, b, hkv, kv0), a->v_strides[2], a->v_strides[3], nvalid,
-                HEAD_DIM_V, 1.0f, kDVP, BLOCK_N, t.vp);
-  __builtin_memset(t.dk, 0, sizeof(t.dk));
-  __builtin_memset(t.dv, 0, sizeof(t.dv));
+  const fjk_elem* k = fjb_row(a->k, a->k_strides, b, hkv, kv0);
+  const fjk_elem* v = fjb_row(a->v, a->v_strides, b, hkv, kv0);
+  fjb_pack_rows(k, a->k_strides[2], a->k_strides[3], nvalid, HEAD_DIM, 1.0f, kDP, BLOCK_N, t->kp);
+  fjb_pack_t(k, a->k_strides[2], a->k_strides[3], nvalid, HEAD_DIM, t->kt);
+  fjb_pack_t(v, a->v_strides[2], a->v_strides[3], nvalid, HEAD_DIM_V, t->vt);
+  for (int i = 0; i < kNP / 16; ++i) t->key_valid[i] = fjk_iota() + (float)(16 * i) < (float)nvalid;
+  __builtin_memset(t->dk, 0, sizeof(t->dk));
+  __builtin_memset(t->dv, 0, sizeof(t->dv));
   const struct FlexBlockMaskArgs* m = &a->mask_t;
   for (fj_i64 g = 0; g < GQA_GROUP; ++g) {
     const fj_i64 hq = hkv * GQA_GROUP + g;
@@ -296,77 +294,63 @@ __attribute__((noinline)) static void fjb_kv_item(const struct FlexBackwardArgs*
       const fj_i64 mb = m->B == 1 ? 0 : b, mh = m->H == 1 ? 0 : hq;
       row = (mb * m->H + mh) * m->q_blocks + kv0 / m->kv_block_size;
     }
-    fjb_walk(a, m, row, m->q_block_size, BLOCK_M, a->Lq, [&](fj_i64 q0, bool partial) {
-      fjb_load_q(a, b, hq, q0, &t.q);
-      if (!fjb_pair(a, &t.q, t.kp, t.vp, kv0, nvalid, partial, nullptr, &t.pair)) return;
-      const int mv = t.q.mvalid;
-      fjb_pack_rows(fjb_row(a->dout, a->dout_strides, b, hq, q0), a->dout_strides[2], a->dout_strides[3], mv,
-                    HEAD_DIM_V, 1.0f, kDVP, 0, t.dor);
-      fjb_pack_rows(fjb_row(a->q, a->q_strides, b, hq, q0), a->q_strides[2], a->q_strides[3], mv, HEAD_DIM,
-                    1.0f, kDP, 0, t.qr);
-      fjb_gemm<kDVP>(nvalid, mv, t.pair.st, kMP, 1, t.dor, kDVP, t.dv, kDVP, true);  // dV += P^T dO
-      fjb_gemm<kDP>(nvalid, mv, t.pair.ds, kMP, 1, t.qr, kDP, t.dk, kDP, true);      // dK += dS^T Q
-    });
+    fjb_walk(a, m, row, m->q_block_size, BLOCK_M, a->Lq,
+             [&](fj_i64 q0, bool partial) { fjb_pair(a, t, b, hq, q0, kv0, nvalid, partial, chunk); });
   }
   float* dk = a->dk + ((b * a->Hkv + hkv) * a->Lkv + kv0) * HEAD_DIM;
   float* dv = a->dv + ((b * a->Hkv + hkv) * a->Lkv + kv0) * HEAD_DIM_V;
   FJK_SCALAR_LOOP
   for (int n = 0; n < nvalid; ++n) {
-    for (int d = 0; d < HEAD_DIM; ++d) dk[n * HEAD_DIM + d] = t.dk[n * kDP + d] * a->scale;
-    for (int d = 0; d < HEAD_DIM_V; ++d) dv[n * HEAD_DIM_V + d] = t.dv[n * kDVP + d];
+    for (int d = 0; d < HEAD_DIM; ++d) dk[n * HEAD_DIM + d] = t->dk[n * kDP + d];
+    for (int d = 0; d < HEAD_DIM_V; ++d) dv[n * HEAD_DIM_V + d] = t->dv[n * kDVP + d];
   }
 }
 
-// ---- pass 2: dQ (and buffer gradients) of one q-block (b, hq, m_block) ----
-struct FjbQItem {
-  alignas(64) float kp[BLOCK_N * kDP];
-  alignas(64) float vp[BLOCK_N * kDVP];
-  alignas(64) float dqt[HEAD_DIM * kMP];
-  struct FjbQ q;
-  struct FjbPair pair;
-};
-static_assert(sizeof(struct FjbQItem) <= (3 << 19), "pass 2 scratch exceeds 1.5 MiB of stack");
+__attribute__((noinline)) static void fjb_kv_unit(const struct FlexBackwardArgs* a, fj_i64 b, fj_i64 hkv,
+                                                  fj_i64 chunk) {
+  struct FjbTile t;
+  const fj_i64 nnb = (a->Lkv + BLOCK_N - 1) / BLOCK_N;
+  for (fj_i64 nb = chunk * nnb / a->kv_chunks; nb < (chunk + 1) * nnb / a->kv_chunks; ++nb)
+    fjb_kv_block(a, b, hkv, nb, chunk, &t);
+}
 
-__attribute__((noinline)) static void fjb_q_item(const struct FlexBackwardArgs* a, fj_i64 b, fj_i64 hq,
-                                                 fj_i64 mb) {
-  struct FjbQItem t;
-  const fj_i64 hkv = hq / GQA_GROUP;
-  fjb_load_q(a, b, hq, mb * BLOCK_M, &t.q);
-  __builtin_memset(t.dqt, 0, sizeof(t.dqt));
-  const struct FlexBlockMaskArgs* m = &a->mask;
-  fj_i64 row = 0;
-  if (m->kv_num_blocks != nullptr) {
-    const fj_i64 bb = m->B == 1 ? 0 : b, hh = m->H == 1 ? 0 : hq;
-    row = (bb * m->H + hh) * m->q_blocks + t.q.q0 / m->q_block_size;
+// ---- pass 2: dQ of one q-block (b, hq, m_block): the chunks' partials, summed in order ----
+static void fjb_dq_item(const struct FlexBackwardArgs* a, fj_i64 b, fj_i64 hq, fj_i64 mb) {
+  const fj_i64 q0 = mb * BLOCK_M;
+  const int mvalid = a->Lq - q0 < BLOCK_M ? (int)(a->Lq - q0) : BLOCK_M;
+  float* dq = a->dq + ((b * a->Hq + hq) * a->Lq + q0) * HEAD_DIM;
+  alignas(64) float sum[kDP];
+  FJK_ROLLED_LOOP
+  for (int m = 0; m < mvalid; ++m) {
+    for (int i = 0; i < kDP / 16; ++i) fjk_store(sum + 16 * i, fjk_splat(0.0f));
+    for (fj_i64 c = 0; c < a->kv_chunks; ++c) {
+      const float* p = fjb_dq_part(a, c, b, hq, mb) + m * kDP;
+      for (int i = 0; i < kDP / 16; ++i) fjk_store(sum + 16 * i, fjk_load(sum + 16 * i) + fjk_load(p + 16 * i));
+    }
+    FJK_SCALAR_LOOP
+    for (int d = 0; d < HEAD_DIM; ++d) dq[m * HEAD_DIM + d] = sum[d] * a->scale;
   }
-  fjb_walk(a, m, row, m->kv_block_size, BLOCK_N, a->Lkv, [&](fj_i64 kv0, bool partial) {
-    const int nvalid = a->Lkv - kv0 < BLOCK_N ? (int)(a->Lkv - kv0) : BLOCK_N;
-    fjb_pack_rows(fjb_row(a->k, a->k_strides, b, hkv, kv0), a->k_strides[2], a->k_strides[3], nvalid,
-                  HEAD_DIM, 1.0f, kDP, BLOCK_N, t.kp);
-    fjb_pack_rows(fjb_row(a->v, a->v_strides, b, hkv, kv0), a->v_strides[2], a->v_strides[3], nvalid,
-                  HEAD_DIM_V, 1.0f, kDVP, BLOCK_N, t.vp);
-    if (!fjb_pair(a, &t.q, t.kp, t.vp, kv0, nvalid, partial, a->grad, &t.pair)) return;
-    fjb_gemm<kMP>(HEAD_DIM, nvalid, t.kp, 1, kDP, t.pair.ds, kMP, t.dqt, kMP, true);  // dQ^T += K^T dS^T
-  });
-  float* dq = a->dq + ((b * a->Hq + hq) * a->Lq + t.q.q0) * HEAD_DIM;
-  FJK_SCALAR_LOOP
-  for (int m2 = 0; m2 < t.q.mvalid; ++m2)
-    for (int d = 0; d < HEAD_DIM; ++d) dq[m2 * HEAD_DIM + d] = t.dqt[d * kMP + m2] * a->scale;
+}
+
+// ---- pass 0: delta, and zeroed dQ partials ----
+static void fjb_prepare_item(const struct FlexBackwardArgs* a, fj_i64 b, fj_i64 hq, fj_i64 mb) {
+  fjb_delta_item(a, b, hq, mb);
+  for (fj_i64 c = 0; c < a->kv_chunks; ++c)
+    __builtin_memset(fjb_dq_part(a, c, b, hq, mb), 0, sizeof(float) * BLOCK_M * kDP);
 }
 
 extern "C" void FLEXJIT_ENTRY(const struct FlexBackwardArgs* a, fj_i64 begin, fj_i64 end) {
   if (a->pass == 1) {
-    const fj_i64 nnb = (a->Lkv + BLOCK_N - 1) / BLOCK_N;
-    for (fj_i64 item = begin; item < end; ++item) {
-      const fj_i64 bh = item / nnb;
-      fjb_kv_item(a, bh / a->Hkv, bh % a->Hkv, item % nnb);
+    for (fj_i64 unit = begin; unit < end; ++unit) {
+      const fj_i64 bh = unit / a->kv_chunks;
+      fjb_kv_unit(a, bh / a->Hkv, bh % a->Hkv, unit % a->kv_chunks);
     }
     return;
   }
   const fj_i64 nmb = (a->Lq + BLOCK_M - 1) / BLOCK_M;
   for (fj_i64 item = begin; item < end; ++item) {
     const fj_i64 bh = item / nmb;
-    if (a->pass == 0) fjb_delta_item(a, bh / a->Hq, bh % a->Hq, item % nmb);
-    else fjb_q_item(a, bh / a->Hq, bh % a->Hq, item % nmb);
+    if (a->pass == 0) fjb_prepare_item(a, bh / a->Hq, bh % a->Hq, item % nmb);
+    else fjb_dq_item(a, bh / a->Hq, bh % a->Hq, item % nmb);
   }
 }

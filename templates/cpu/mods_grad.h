@@ -12,14 +12,17 @@
 #error "mods_grad.h needs FLEXJIT_ENTRY and the generated derivatives before it"
 #endif
 
-// ds[m] *= score_mod'(s[m]) along one unit-stride run (the query rows of one key).
+// ds[i] *= score_mod'(s[i]) along one unit-stride run: the keys of one query row (kKeysInner)
+// or the query rows of one key.
+template <bool kKeysInner>
 static inline void fjk_grad_run(const float* __restrict s, float* __restrict ds, int inner, fj_i64 b,
-                                fj_i64 h, fj_i64 q_first, fj_i64 kv_idx, const struct FlexModArgs* mod) {
+                                fj_i64 h, fj_i64 q_first, fj_i64 kv_first, const struct FlexModArgs* mod) {
 #pragma clang loop interleave(disable) unroll(disable) vectorize_predicate(enable)
   for (int i = 0; i < inner; ++i) {
     // A zero gradient stays exactly 0 (masked scores: the derivative there may be inf or NaN).
     const float g = ds[i];
-    const float d = flexjit_score_mod_dscore(s[i], b, h, q_first + i, kv_idx, mod);
+    const float d = flexjit_score_mod_dscore(s[i], b, h, kKeysInner ? q_first : q_first + i,
+                                             kKeysInner ? kv_first + i : kv_first, mod);
     ds[i] = g == 0.0f ? 0.0f : g * d;
   }
 }
@@ -40,23 +43,29 @@ static void fjk_apply_grad(const struct FlexModGradTile* t, const struct FlexMod
   for (int i = 0; i < FLEXJIT_NUM_PARAMS; ++i) params[i] = shared->params[i];
   local.params = params;
 #endif
+  const bool keys_inner = t->ld == 1 && t->ld_m != 1;
+  const int outer = keys_inner ? t->mvalid : t->nvalid, inner = keys_inner ? t->nvalid : t->mvalid;
+  const fj_i64 ld_outer = keys_inner ? t->ld_m : t->ld;
   FJK_ROLLED_LOOP
-  for (int n = 0; n < t->nvalid; ++n) {
-    const float* s = t->s + n * t->ld;
-    float* ds = t->ds + n * t->ld;
-    const fj_i64 kv_idx = t->kv0 + n;
+  for (int o = 0; o < outer; ++o) {
+    const float* s = t->s + o * ld_outer;
+    float* ds = t->ds + o * ld_outer;
+    const fj_i64 q_first = keys_inner ? t->q0 + o : t->q0, kv_first = keys_inner ? t->kv0 : t->kv0 + o;
 #if FLEXJIT_NUM_GRAD_LOADS > 0
     // Buffer gradients first (they need dL/d(output) before it is chained through score),
     // element by element in a fixed order: the accumulators belong to this thread.
     if (grad != nullptr) {
       FJK_SCALAR_LOOP
-      for (int m = 0; m < t->mvalid; ++m)
-        if (ds[m] != 0.0f) flexjit_score_mod_dbuf(s[m], ds[m], t->b, t->h, t->q0 + m, kv_idx, &local, grad);
+      for (int i = 0; i < inner; ++i)
+        if (ds[i] != 0.0f)
+          flexjit_score_mod_dbuf(s[i], ds[i], t->b, t->h, keys_inner ? q_first : q_first + i,
+                                 keys_inner ? kv_first + i : kv_first, &local, grad);
     }
 #else
     (void)grad;
 #endif
-    fjk_grad_run(s, ds, t->mvalid, t->b, t->h, t->q0, kv_idx, &local);
+    if (keys_inner) fjk_grad_run<true>(s, ds, inner, t->b, t->h, q_first, kv_first, &local);
+    else fjk_grad_run<false>(s, ds, inner, t->b, t->h, q_first, kv_first, &local);
   }
   if (bad) __atomic_store_n(shared->error_flag, 1, __ATOMIC_RELAXED);
 }

@@ -179,6 +179,20 @@ std::vector<Case> cases() {
     c.mask_mod = "causal";
     add(c);
   }
+  {  // head dims that are not multiples of 16 (padded rows in every packed tile)
+    Case c;
+    c.D = 8;
+    c.Dv = 8;
+    c.Lq = c.Lkv = 9;
+    c.mask_mod = "causal";
+    c.score_mod = "softcap";
+    add(c);
+    c.D = 20;
+    c.Dv = 24;
+    c.Lq = 40;
+    c.Lkv = 70;
+    add(c);
+  }
   {  // GQA group 3, MQA, KV broadcast over the batch, strided inputs
     Case c;
     c.Hq = 6;
