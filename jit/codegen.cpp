@@ -277,21 +277,31 @@ class Emitter {
 // A bounds-checked reader for buffer slot `slot`: an index outside the tensor sets the error
 // flag (the runtime turns it into an error naming the buffer) and reads index 0 of that dim
 // instead (branch-free, see the helpers).
-std::string emit_buffer_reader(int slot, const ir::BufferDecl& d, Backend backend) {
-  const bool cuda = backend == Backend::Cuda;
-  std::ostringstream os;
-  const char* ret = d.elem_type() == Type::Float ? "float" : "fj_i64";
-  os << "FJ_FN " << ret << " fj_buf" << slot << "(";
+// The head of a function of buffer `slot`'s indices i0.. that computes `off`, with every index
+// bounds-checked as above. strided: off is the element's offset at the tensor's strides; else
+// its row-major offset in a dense array of the tensor's sizes (a gradient accumulator).
+void emit_index_head(std::ostringstream& os, const char* ret, const std::string& name, int slot,
+                     const ir::BufferDecl& d, bool strided) {
+  os << "FJ_FN " << ret << " " << name << "(";
   for (int i = 0; i < d.rank; ++i) os << "fj_i64 i" << i << ", ";
   os << "const struct FlexModArgs* fj_mod) {\n";
   os << "  const struct FlexBuffer* t = &fj_mod->buffers[" << slot << "];\n";
   os << "  fj_i64 off = 0;\n";
   for (int i = 0; i < d.rank; ++i) {
+    const std::string idx = "(bad" + std::to_string(i) + " ? 0 : i" + std::to_string(i) + ")";
     os << "  const bool bad" << i << " = (unsigned long long)i" << i << " >= (unsigned long long)t->sizes[" << i
        << "];\n";
     os << "  fj_flag_if(bad" << i << ", fj_mod);\n";
-    os << "  off += (bad" << i << " ? 0 : i" << i << ") * t->strides[" << i << "];\n";
+    if (strided) os << "  off += " << idx << " * t->strides[" << i << "];\n";
+    else os << "  off = off * t->sizes[" << i << "] + " << idx << ";\n";
   }
+}
+
+std::string emit_buffer_reader(int slot, const ir::BufferDecl& d, Backend backend) {
+  const bool cuda = backend == Backend::Cuda;
+  std::ostringstream os;
+  emit_index_head(os, d.elem_type() == Type::Float ? "float" : "fj_i64", "fj_buf" + std::to_string(slot), slot, d,
+                  true);
   // CUDA reads through the read-only data cache (the buffers never change during a launch).
   auto load = [&](const char* type) {
     std::string p = std::string("((const ") + type + "*)t->data)";
@@ -316,17 +326,7 @@ std::string emit_buffer_reader(int slot, const ir::BufferDecl& d, Backend backen
 // The dense row-major offset of an element of buffer `slot` in its gradient accumulator.
 std::string emit_grad_offset(int slot, const ir::BufferDecl& d) {
   std::ostringstream os;
-  os << "FJ_FN fj_i64 fj_goff" << slot << "(";
-  for (int i = 0; i < d.rank; ++i) os << "fj_i64 i" << i << ", ";
-  os << "const struct FlexModArgs* fj_mod) {\n";
-  os << "  const struct FlexBuffer* t = &fj_mod->buffers[" << slot << "];\n";
-  os << "  fj_i64 off = 0;\n";
-  for (int i = 0; i < d.rank; ++i) {
-    os << "  const bool bad" << i << " = (unsigned long long)i" << i << " >= (unsigned long long)t->sizes[" << i
-       << "];\n";
-    os << "  fj_flag_if(bad" << i << ", fj_mod);\n";
-    os << "  off = off * t->sizes[" << i << "] + (bad" << i << " ? 0 : i" << i << ");\n";
-  }
+  emit_index_head(os, "fj_i64", "fj_goff" + std::to_string(slot), slot, d, false);
   os << "  return off;\n}\n";
   return os.str();
 }
