@@ -806,6 +806,10 @@ def _step(obj, step):
     if k == "kwdefault":
         return obj.__kwdefaults__[a]
     if k == "global":
+        if torch.compiler.is_compiling() and obj.__module__ in sys.modules:
+            # torch.compile cannot read __globals__ of a function created inside the compiled
+            # code; the same value through the module object it can (and guards on it).
+            return getattr(sys.modules[obj.__module__], a)
         return obj.__globals__[a]
     if k == "item":
         return obj[a]
@@ -1405,13 +1409,81 @@ def _read_plan(plan, mods):
     return buffer_values, param_values
 
 
+_STAND_IN_CONSTANTS = (bool, int, float, str, type(None))
+
+
+def _stand_in_spec(fn):
+    """A description of a plain function made of constants only (its code, module, name, and per
+    closure cell / default either a constant or a tensor's dtype and shape), or None when a value
+    is of another kind. torch.compile cannot pass a function that was created inside the compiled
+    code (a score_mod closure defined in forward) to _constant_plan, but it can pass this."""
+    if not isinstance(fn, types.FunctionType):
+        return None
+    cells = []
+    for values in (tuple(c.cell_contents for c in fn.__closure__ or ()), tuple(fn.__defaults__ or ())):
+        desc = []
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                desc.append(("tensor", v.dtype, tuple(v.shape)))
+            elif isinstance(v, float):
+                # A captured float is a runtime param: the plan does not depend on its value (and
+                # torch.compile may hold it as a symbolic float, which is no constant).
+                desc.append(("float",))
+            elif isinstance(v, _STAND_IN_CONSTANTS):
+                desc.append(("const", v))
+            else:
+                return None
+        cells.append(tuple(desc))
+    return (fn.__code__, fn.__module__, fn.__name__, cells[0], cells[1])
+
+
+def _from_stand_in_spec(spec):
+    """A function with the spec's code whose closure and defaults hold stand-ins: the constants
+    themselves and zero tensors of the recorded dtype and shape (a trace reads only those of a
+    tensor; the plan's paths then read the real values from the real function)."""
+    code, module, name, closure, defaults = spec
+
+    def value(d):
+        if d[0] == "tensor":
+            return torch.zeros(d[2], dtype=d[1])
+        return 0.5 if d[0] == "float" else d[1]
+
+    module_globals = sys.modules[module].__dict__ if module in sys.modules else {}
+    return types.FunctionType(code, module_globals, name, tuple(value(d) for d in defaults) or None,
+                              tuple(types.CellType(value(d)) for d in closure) or None)
+
+
+@torch._dynamo.assume_constant_result
+def _constant_plan_of_specs(score_spec, score_self, mask_spec, mask_self, taken):
+    # As _constant_plan, for mods passed as stand-in specs (or as themselves: None specs are not
+    # used; see bind).
+    score_mod, mask_mod = score_spec, mask_spec
+    if isinstance(score_spec, tuple):
+        score_mod = _from_stand_in_spec(score_spec)
+    if isinstance(mask_spec, tuple):
+        mask_mod = _from_stand_in_spec(mask_spec)
+    if score_self is not None:
+        score_mod = types.MethodType(score_mod, score_self)
+    if mask_self is not None:
+        mask_mod = types.MethodType(mask_mod, mask_self)
+    return _plan(score_mod, mask_mod, taken)[0]
+
+
 def bind(score_mod=None, mask_mod=None, taken=()):
     """(score text, mask text, {buffer name: tensor}, {param name: float}) for a call's mods:
     callables are traced (memoised) and bound to the values they capture now; text and None pass
     through. `taken`: names the caller's own buffers / params use (traced ones are renamed)."""
     taken = tuple(sorted(taken))
     if torch.compiler.is_compiling():
-        plan = _constant_plan(*_split_method(score_mod), *_split_method(mask_mod), taken)
+        # Plain functions go to the plan as stand-in specs when they capture only tensors and
+        # constants (so closures created inside the compiled code work); anything else as itself.
+        score_spec, mask_spec = _stand_in_spec(score_mod), _stand_in_spec(mask_mod)
+        if score_spec is not None or mask_spec is not None:
+            (sf, ss), (mf, ms) = _split_method(score_mod), _split_method(mask_mod)
+            plan = _constant_plan_of_specs(score_spec if score_spec is not None else sf, ss,
+                                           mask_spec if mask_spec is not None else mf, ms, taken)
+        else:
+            plan = _constant_plan(*_split_method(score_mod), *_split_method(mask_mod), taken)
         buffer_values, param_values = _read_plan(plan, (score_mod, mask_mod))
     else:
         plan, buffer_values, param_values = _plan(score_mod, mask_mod, taken)

@@ -470,3 +470,55 @@ def test_torch_compile_fullgraph_module_with_method_mods():
     torch.testing.assert_close(compiled(q, k, v), m(q, k, v))
     m.cap = 4.0
     torch.testing.assert_close(compiled(q, k, v), m(q, k, v))
+
+
+_GLOBAL_GAIN = torch.tensor([1.0, 0.5, 2.0, 1.5])
+
+
+class ModsMadeInForward(torch.nn.Module):
+    """Mods written inside forward, as in most FlexAttention code: closures over locals (a tensor,
+    a float), a default argument and a module global."""
+
+    def __init__(self, variant):
+        super().__init__()
+        self.rel = torch.nn.Parameter(0.1 * torch.randn(4, 2 * 97, generator=torch.Generator().manual_seed(3)))
+        self.cap, self.variant = 20.0, variant
+
+    def forward(self, q, k, v):
+        rel, cap = self.rel, self.cap
+        if self.variant == "lambda":
+            score_mod = lambda score, b, h, q_idx, kv_idx: score + rel[h, q_idx - kv_idx + 97]  # noqa: E731
+        elif self.variant == "default":
+            score_mod = lambda score, b, h, q_idx, kv_idx, r=rel: score + r[h, q_idx - kv_idx + 97]  # noqa: E731
+        else:
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return cap * torch.tanh((score + rel[h, q_idx - kv_idx + 97]) * _GLOBAL_GAIN[h] / cap)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+
+        return flexjit.flex_attention(q, k, v, score_mod, enable_gqa=True, mask_mod=mask_mod)
+
+
+@pytest.mark.parametrize("variant", ["lambda", "default", "def_with_float_and_global"])
+def test_torch_compile_fullgraph_mods_made_inside_forward(variant):
+    torch._dynamo.reset()
+    m = ModsMadeInForward(variant)
+    q, k, v = (t.float().requires_grad_() for t in qkv(1, 4, 2, 97, seed=14))
+    explanation = torch._dynamo.explain(m)(q, k, v)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    for _ in range(2):  # the second time with a changed captured float: read again, never stale
+        eager = m(q, k, v)
+        eager.sum().backward()
+        want = [t.grad.clone() for t in (q, k, v, m.rel)]
+        for t in (q, k, v, m.rel):
+            t.grad = None
+        got = compiled(q, k, v)
+        got.sum().backward()
+        torch.testing.assert_close(got, eager)
+        for a, b in zip([t.grad for t in (q, k, v, m.rel)], want):
+            torch.testing.assert_close(a, b)
+        for t in (q, k, v, m.rel):
+            t.grad = None
+        m.cap = 3.0
