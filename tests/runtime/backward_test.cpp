@@ -7,8 +7,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
+#include "jit/compile.h"
 #include "runtime/attention.h"
 #include "runtime/backward.h"
 #include "runtime/reference.h"
@@ -19,6 +22,21 @@ namespace flexjit {
 namespace {
 
 using testing::make_tensor;
+
+// Under FLEXJIT_CPU_TARGET (ctest's backward@<target> entries) a target this host cannot run
+// skips the whole binary visibly (exit 77, ctest's SKIP_RETURN_CODE), as attention_test does.
+class CpuTargetCheck : public ::testing::Environment {
+ public:
+  void SetUp() override {
+    std::printf("compile target: %s\n", jit::cpu_target_name().c_str());
+    if (!jit::cpu_target_error().empty()) {
+      std::printf("SKIPPED: %s\n", jit::cpu_target_error().c_str());
+      std::fflush(stdout);
+      std::_Exit(77);
+    }
+  }
+};
+::testing::Environment* const kCpuTargetCheck = ::testing::AddGlobalTestEnvironment(new CpuTargetCheck);
 
 struct Case {
   DType dtype = DType::F32;
