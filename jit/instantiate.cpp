@@ -54,6 +54,8 @@ std::string spec_defines(const KernelSpec& s, const std::string& symbol) {
        << "#define BLOCK_N " << s.block_n << "\n"
        << "#define GQA_GROUP " << s.gqa_group << "\n";
     if (is_cuda(s)) os << "#define FLEXJIT_KV_STAGES " << s.kv_stages << "\n";
+    if (s.kind == KernelKind::Backward)
+      os << "#define FLEXJIT_BWD_DPBF16 " << (s.engine == PrefillEngine::Dpbf16 ? 1 : 0) << "\n";
   }
   os << "#define FLEXJIT_ENTRY " << symbol << "\n";
   return os.str();
@@ -136,8 +138,10 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods) {
 Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string& templates_hash) {
   if (!is_mods_kind(spec.kind)) {
     dtype_code(spec.dtype);
-    if (spec.kind == KernelKind::Backward && (spec.engine != PrefillEngine::Fma || is_cuda(spec)))
-      throw Error("the backward kernel runs on CPU with the default engine, got " + spec.str());
+    if (spec.kind == KernelKind::Backward &&
+        (spec.engine == PrefillEngine::Amx || (spec.engine == PrefillEngine::Dpbf16 && spec.dtype != DType::BF16) ||
+         is_cuda(spec)))
+      throw Error("the backward kernel runs on CPU with the FMA engine, or vdpbf16ps for bf16; got " + spec.str());
     const bool fma = spec.engine == PrefillEngine::Fma;
     if (spec.kind == KernelKind::Decode && (!fma || spec.block_n % 16 != 0 || spec.block_m < 1))
       throw Error("the decode kernel needs BLOCK_N a multiple of 16, BLOCK_M >= 1 and the default engine, got " +

@@ -162,6 +162,14 @@ void flex_attention_backward(const TensorView& q, const TensorView& k, const Ten
   spec.block_m = bm;
   spec.block_n = bn;
   spec.gqa_group = int(group);
+  // bf16 products on vdpbf16ps where the host has AVX512-BF16 (opt.use_dpbf16 / FLEXJIT_DPBF16 as
+  // for the forward: 0 forbids it, 1 requires it); else fp32 FMAs on the widened values.
+  if (q.dtype == DType::BF16 && opt.use_dpbf16 != 0) {
+    std::string why;
+    const bool can = dpbf16_available(&why);
+    REQUIRE(can || opt.use_dpbf16 != 1, "USE_DPBF16=1 but " + why);
+    if (can) spec.engine = PrefillEngine::Dpbf16;
+  }
   jit::KernelSpec mods_spec, grad_spec;
   mods_spec.kind = jit::KernelKind::Mods;
   grad_spec.kind = jit::KernelKind::ModsGrad;
@@ -299,7 +307,7 @@ void flex_attention_backward(const TensorView& q, const TensorView& k, const Ten
     rep.block_m = bm;
     rep.block_n = bn;
     rep.gqa_group = int(group);
-    rep.engine = "fma";
+    rep.engine = engine_name(spec.engine);
     rep.dtype = dtype_name(q.dtype);
     rep.tuning = opt.block_m || opt.block_n ? "user" : "default";
     *report = rep;

@@ -94,6 +94,168 @@ __attribute__((noinline)) static void fjb_gemm(int rows, int kdim, const float* 
   for (; r < rows; ++r) fjb_gemm_rows<W, 1>(kdim, A + r * asi, asi, ask, B, ldb, C + r * ldc, ldc, acc);
 }
 
+// ---- bf16 products on vdpbf16ps (FLEXJIT_BWD_DPBF16, bf16 inputs on hosts with AVX512-BF16) ----
+// The same products with the reduced dimension taken two at a time: a B row holds 16 lanes of
+// bf16 PAIRS (dwords) and A is read as one pair per step, so one vdpbf16ps does two
+// multiply-adds per lane. Q, K, V and dO are bf16 already (exact); P and dS are rounded to bf16
+// for the products, as FlashAttention does; every sum stays fp32.
+#ifndef FLEXJIT_BWD_DPBF16
+#define FLEXJIT_BWD_DPBF16 0
+#endif
+#if FLEXJIT_BWD_DPBF16
+#if FLEXJIT_DTYPE != 1 || !defined(__AVX512BF16__) || !defined(__AVX512BW__)
+#error "the backward's vdpbf16ps products need bf16 inputs and a host with AVX512-BF16"
+#endif
+typedef unsigned fjb_u32;
+typedef __bf16 fjb_v32bf __attribute__((vector_size(64)));
+typedef unsigned short fjb_v32h __attribute__((vector_size(64)));
+typedef unsigned short fjb_v16h_u __attribute__((vector_size(32), aligned(2)));
+typedef unsigned fjb_v16u_u __attribute__((vector_size(64), aligned(4)));
+static constexpr int kDPairs = (HEAD_DIM + 1) / 2, kDVPairs = (HEAD_DIM_V + 1) / 2;
+static constexpr int kMPairs = (BLOCK_M + 1) / 2, kNPairs = kNP / 2;
+
+template <int kCV, int kR>
+static inline void fjb_dpgemm_block(int kpairs, const fjb_u32* __restrict A, fj_i64 asi, fj_i64 ask,
+                                    const fjb_u32* __restrict B, fj_i64 ldb, float* __restrict C, fj_i64 ldc,
+                                    bool acc) {
+  fj_v16f c[kR][kCV];
+#pragma clang loop unroll(full)
+  for (int r = 0; r < kR; ++r)
+#pragma clang loop unroll(full)
+    for (int v = 0; v < kCV; ++v) c[r][v] = acc ? fjk_load(C + r * ldc + 16 * v) : fjk_splat(0.0f);
+  FJK_ROLLED_LOOP
+  for (int k = 0; k < kpairs; ++k) {
+    fjb_v32bf b[kCV];
+#pragma clang loop unroll(full)
+    for (int v = 0; v < kCV; ++v) b[v] = __builtin_bit_cast(fjb_v32bf, *(const fj_v16u*)(B + k * ldb + 16 * v));
+#pragma clang loop unroll(full)
+    for (int r = 0; r < kR; ++r) {
+      const fjb_v32bf a = __builtin_bit_cast(fjb_v32bf, (fj_v16u){} + A[r * asi + k * ask]);
+#pragma clang loop unroll(full)
+      for (int v = 0; v < kCV; ++v) c[r][v] = __builtin_ia32_dpbf16ps_512(c[r][v], b[v], a);
+    }
+  }
+#pragma clang loop unroll(full)
+  for (int r = 0; r < kR; ++r)
+#pragma clang loop unroll(full)
+    for (int v = 0; v < kCV; ++v) fjk_store(C + r * ldc + 16 * v, c[r][v]);
+}
+
+template <int W, int kR>
+static inline void fjb_dpgemm_rows(int kpairs, const fjb_u32* A, fj_i64 asi, fj_i64 ask, const fjb_u32* B,
+                                   fj_i64 ldb, float* C, fj_i64 ldc, bool acc) {
+  constexpr int kV = W / 16, kFull = kV / 4, kRem = kV % 4;
+  FJK_ROLLED_LOOP
+  for (int c = 0; c < kFull; ++c)
+    fjb_dpgemm_block<4, kR>(kpairs, A, asi, ask, B + 64 * c, ldb, C + 64 * c, ldc, acc);
+  if constexpr (kRem > 0)
+    fjb_dpgemm_block<kRem, kR>(kpairs, A, asi, ask, B + 64 * kFull, ldb, C + 64 * kFull, ldc, acc);
+}
+
+// C[i][0, W) (+)= sum_{k < kpairs} A(i, k) . B[k][0, W): A(i, k) = A[i * asi + k * ask], a bf16 pair.
+template <int W>
+__attribute__((noinline)) static void fjb_dpgemm(int rows, int kpairs, const fjb_u32* A, fj_i64 asi, fj_i64 ask,
+                                                 const fjb_u32* B, fj_i64 ldb, float* C, fj_i64 ldc, bool acc) {
+  static_assert(W % 16 == 0, "whole vectors");
+  int r = 0;
+  FJK_ROLLED_LOOP
+  for (; r + kFjbRows <= rows; r += kFjbRows)
+    fjb_dpgemm_rows<W, kFjbRows>(kpairs, A + r * asi, asi, ask, B, ldb, C + r * ldc, ldc, acc);
+  FJK_ROLLED_LOOP
+  for (; r < rows; ++r) fjb_dpgemm_rows<W, 1>(kpairs, A + r * asi, asi, ask, B, ldb, C + r * ldc, ldc, acc);
+}
+
+// dst[r][p] = (src[r][2p], src[r][2p + 1]) for r < rows, p < (width + 1) / 2 (an odd width's last
+// partner 0): bf16 rows as pairs, the A operand of S and dP.
+__attribute__((noinline)) static void fjb_pack_pairs(const unsigned short* src, fj_i64 s_row, fj_i64 s_col, int rows,
+                                                     int width, int dst_stride, fjb_u32* __restrict dst) {
+  FJK_SCALAR_LOOP
+  for (int r = 0; r < rows; ++r)
+    for (int p = 0; p < (width + 1) / 2; ++p) {
+      const unsigned lo = src[r * s_row + 2 * p * s_col];
+      const unsigned hi = 2 * p + 1 < width ? src[r * s_row + (2 * p + 1) * s_col] : 0u;
+      dst[r * dst_stride + p] = lo | (hi << 16);
+    }
+}
+
+// dst[p][c] = (src[2p][c], src[2p + 1][c]) for c < width (lanes up to dst_stride 0), a row past
+// `rows` 0: bf16 rows interleaved in pairs, the B operand when the reduction runs over rows.
+__attribute__((noinline)) static void fjb_pack_row_pairs(const unsigned short* src, fj_i64 s_row, fj_i64 s_col,
+                                                         int rows, int width, int dst_stride,
+                                                         fjb_u32* __restrict dst) {
+  const int vec = s_col == 1 ? width / 16 * 16 : 0;
+  FJK_ROLLED_LOOP
+  for (int p = 0; p < (rows + 1) / 2; ++p) {
+    const unsigned short* r0 = src + 2 * p * s_row;
+    const unsigned short* r1 = r0 + s_row;
+    const bool has1 = 2 * p + 1 < rows;
+    fjb_u32* d = dst + p * dst_stride;
+    FJK_ROLLED_LOOP
+    for (int c = 0; c < vec; c += 16) {
+      const fj_v16u lo = __builtin_convertvector(*(const fjb_v16h_u*)(r0 + c), fj_v16u);
+      const fj_v16u hi = has1 ? __builtin_convertvector(*(const fjb_v16h_u*)(r1 + c), fj_v16u) : (fj_v16u){};
+      *(fj_v16u*)(d + c) = lo | (hi << 16);
+    }
+    FJK_SCALAR_LOOP
+    for (int c = vec; c < width; ++c)
+      d[c] = (unsigned)r0[c * s_col] | ((has1 ? (unsigned)r1[c * s_col] : 0u) << 16);
+    FJK_SCALAR_LOOP
+    for (int c = width; c < dst_stride; ++c) d[c] = 0;
+  }
+}
+
+// dst[p][n] = (src[n][2p], src[n][2p + 1]) for n < rows (lanes [rows, kNP) 0): a KV block
+// transposed in pairs, the B operand of S (K) and dP (V). Once per KV block of a unit.
+__attribute__((noinline)) static void fjb_pack_t_pairs(const unsigned short* src, fj_i64 s_row, fj_i64 s_col, int rows,
+                                                       int width, fjb_u32* __restrict dst) {
+  const int pairs = (width + 1) / 2;
+  if (rows < kNP) __builtin_memset(dst, 0, sizeof(fjb_u32) * pairs * kNP);
+  FJK_SCALAR_LOOP
+  for (int n = 0; n < rows; ++n)
+    for (int p = 0; p < pairs; ++p) {
+      const unsigned lo = src[n * s_row + 2 * p * s_col];
+      const unsigned hi = 2 * p + 1 < width ? src[n * s_row + (2 * p + 1) * s_col] : 0u;
+      dst[p * kNP + n] = lo | (hi << 16);
+    }
+}
+
+// dst[p][n] = (bf16 x[2p][n], bf16 x[2p + 1][n]) for p < (rows + 1) / 2 (a row past `rows` 0), x
+// fp32 [m][kNP]: P or dS as the A operand of dV / dK (read with asi 1, ask kNP). Per 16 lanes:
+// one two-vector convert (round to nearest even) and one interleaving word permute.
+static inline void fjb_pack_f32_row_pairs(const float* __restrict x, int rows, fjb_u32* __restrict dst) {
+  FJK_ROLLED_LOOP
+  for (int p = 0; p < (rows + 1) / 2; ++p) {
+    const bool has1 = 2 * p + 1 < rows;
+    FJK_ROLLED_LOOP
+    for (int i = 0; i < kNP / 16; ++i) {
+      const fj_v16f lo = fjk_load(x + 2 * p * kNP + 16 * i);
+      const fj_v16f hi = has1 ? fjk_load(x + (2 * p + 1) * kNP + 16 * i) : fjk_splat(0.0f);
+      const fjb_v32h both = __builtin_bit_cast(fjb_v32h, __builtin_ia32_cvtne2ps2bf16_512(hi, lo));
+      *(fjb_v32h*)(dst + p * kNP + 16 * i) = __builtin_shufflevector(
+          both, both, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24, 9, 25, 10, 26, 11, 27, 12,
+          28, 13, 29, 14, 30, 15, 31);
+    }
+  }
+}
+
+// dst[m][p] = (bf16 x[m][2p], bf16 x[m][2p + 1]) for m < rows: dS rows in pairs of keys, the A
+// operand of dQ. Words 0-15 of the convert are the low vector's, so consecutive words pair up.
+static inline void fjb_pack_f32_pairs(const float* __restrict x, int rows, fjb_u32* __restrict dst) {
+  FJK_ROLLED_LOOP
+  for (int m = 0; m < rows; ++m) {
+    FJK_ROLLED_LOOP
+    for (int i = 0; i < kNP / 16; i += 2) {
+      const fj_v16f lo = fjk_load(x + m * kNP + 16 * i);
+      const fj_v16f hi = i + 1 < kNP / 16 ? fjk_load(x + m * kNP + 16 * (i + 1)) : fjk_splat(0.0f);
+      const fj_v16u w = __builtin_bit_cast(fj_v16u, __builtin_ia32_cvtne2ps2bf16_512(hi, lo));
+      fjb_u32* d = dst + m * kNPairs + 8 * i;
+      if (i + 1 < kNP / 16) *(fjb_v16u_u*)d = w;
+      else for (int j = 0; j < 8; ++j) d[j] = w[j];
+    }
+  }
+}
+#endif  // FLEXJIT_BWD_DPBF16
+
 // ---- packing ----
 
 // dst[r][c] = fp32(src[r * s_row + c * s_col]) * mul for r < rows, c < width; columns
@@ -184,8 +346,22 @@ struct FjbTile {
   alignas(64) float ds[BLOCK_M * kNP];      // dP, then dS
   alignas(64) float sraw[BLOCK_M * kNP];    // S as score_mod saw it (natural scale)
   fj_v16i key_valid[kNP / 16];              // lane n < nvalid
+#if FLEXJIT_BWD_DPBF16
+  alignas(64) fjb_u32 ktb[kDPairs * kNP];   // K^T in pairs [d/2][n]
+  alignas(64) fjb_u32 vtb[kDVPairs * kNP];  // V^T in pairs [dv/2][n]
+  alignas(64) fjb_u32 kib[kNPairs * kDP];   // K rows interleaved in pairs [n/2][d]
+  alignas(64) fjb_u32 qb[BLOCK_M * kDPairs];   // Q rows in pairs [m][d/2] (unscaled)
+  alignas(64) fjb_u32 dob[BLOCK_M * kDVPairs]; // dO rows in pairs [m][dv/2]
+  alignas(64) fjb_u32 qib[kMPairs * kDP];   // Q rows interleaved in pairs [m/2][d]
+  alignas(64) fjb_u32 doib[kMPairs * kDVP]; // dO rows interleaved in pairs [m/2][dv]
+  alignas(64) fjb_u32 pb[kMPairs * kNP];    // P in pairs of rows [m/2][n]
+  alignas(64) fjb_u32 dsbt[kMPairs * kNP];  // dS in pairs of rows [m/2][n]
+  alignas(64) fjb_u32 dsb[BLOCK_M * kNPairs];  // dS rows in pairs of keys [m][n/2]
+#endif
 };
 static_assert(sizeof(struct FjbTile) <= (3 << 19), "backward scratch exceeds 1.5 MiB of stack");
+// With vdpbf16ps Q is packed unscaled (bf16 pairs), so dK takes the scale on the way out.
+static constexpr bool kFjbDkScaled = !FLEXJIT_BWD_DPBF16;
 
 // dQ partial tile of a q-block: rows [m][kDP].
 static inline float* fjb_dq_part(const struct FlexBackwardArgs* a, fj_i64 chunk, fj_i64 b, fj_i64 hq, fj_i64 mb) {
@@ -209,10 +385,20 @@ static void fjb_pair(const struct FlexBackwardArgs* a, struct FjbTile* t, fj_i64
     delta[m] = a->delta[(b * a->Hq + hq) * a->Lq + q0 + m];
   }
   if (!any_row) return;
+#if FLEXJIT_BWD_DPBF16
+  // S = scale (Q K^T), the products on bf16 pairs
+  fjb_pack_pairs((const unsigned short*)fjb_row(a->q, a->q_strides, b, hq, q0), a->q_strides[2], a->q_strides[3],
+                 mvalid, HEAD_DIM, kDPairs, t->qb);
+  fjb_dpgemm<kNP>(mvalid, kDPairs, t->qb, kDPairs, 1, t->ktb, kNP, t->s, kNP, false);
+  FJK_ROLLED_LOOP
+  for (int m = 0; m < mvalid; ++m)
+    for (int i = 0; i < kNP / 16; ++i) fjk_store(t->s + m * kNP + 16 * i, fjk_load(t->s + m * kNP + 16 * i) * a->scale);
+#else
   fjb_pack_rows(fjb_row(a->q, a->q_strides, b, hq, q0), a->q_strides[2], a->q_strides[3], mvalid, HEAD_DIM,
                 a->scale, kDP, 0, t->qr);
   // S = (scale Q) K^T
   fjb_gemm<kNP>(mvalid, HEAD_DIM, t->qr, kDP, 1, t->kt, kNP, t->s, kNP, false);
+#endif
   const bool score_mod = a->apply_mods != nullptr && a->has_score_mod;
   const bool mask = partial && a->apply_mods != nullptr && a->has_mask_mod;
   if (score_mod && a->apply_grad != nullptr) __builtin_memcpy(t->sraw, t->s, sizeof(float) * mvalid * kNP);
@@ -246,10 +432,16 @@ static void fjb_pair(const struct FlexBackwardArgs* a, struct FjbTile* t, fj_i64
       any |= p > 0.0f;
     }
   if (!fjk_any(any)) return;
+  // dP = dO V^T, then dS' = P (dP - delta).
+#if FLEXJIT_BWD_DPBF16
+  fjb_pack_pairs((const unsigned short*)fjb_row(a->dout, a->dout_strides, b, hq, q0), a->dout_strides[2],
+                 a->dout_strides[3], mvalid, HEAD_DIM_V, kDVPairs, t->dob);
+  fjb_dpgemm<kNP>(mvalid, kDVPairs, t->dob, kDVPairs, 1, t->vtb, kNP, t->ds, kNP, false);
+#else
   fjb_pack_rows(fjb_row(a->dout, a->dout_strides, b, hq, q0), a->dout_strides[2], a->dout_strides[3], mvalid,
                 HEAD_DIM_V, 1.0f, kDVP, 0, t->dor);
-  // dP = dO V^T, then dS' = P (dP - delta).
   fjb_gemm<kNP>(mvalid, HEAD_DIM_V, t->dor, kDVP, 1, t->vt, kNP, t->ds, kNP, false);
+#endif
   FJK_ROLLED_LOOP
   for (int m = 0; m < mvalid; ++m)
     for (int i = 0; i < kNP / 16; ++i) {
@@ -272,10 +464,25 @@ static void fjb_pair(const struct FlexBackwardArgs* a, struct FjbTile* t, fj_i64
     gt.nvalid = nvalid;
     a->apply_grad(&gt, &a->mod, a->grad);
   }
+#if FLEXJIT_BWD_DPBF16
+  const int mpairs = (mvalid + 1) / 2, npairs = (nvalid + 1) / 2;
+  fjb_pack_f32_row_pairs(t->s, mvalid, t->pb);
+  fjb_pack_f32_row_pairs(t->ds, mvalid, t->dsbt);
+  fjb_pack_f32_pairs(t->ds, mvalid, t->dsb);
+  fjb_pack_row_pairs((const unsigned short*)fjb_row(a->q, a->q_strides, b, hq, q0), a->q_strides[2],
+                     a->q_strides[3], mvalid, HEAD_DIM, kDP, t->qib);
+  fjb_pack_row_pairs((const unsigned short*)fjb_row(a->dout, a->dout_strides, b, hq, q0), a->dout_strides[2],
+                     a->dout_strides[3], mvalid, HEAD_DIM_V, kDVP, t->doib);
+  fjb_dpgemm<kDVP>(nvalid, mpairs, t->pb, 1, kNP, t->doib, kDVP, t->dv, kDVP, true);   // dV += P^T dO
+  fjb_dpgemm<kDP>(nvalid, mpairs, t->dsbt, 1, kNP, t->qib, kDP, t->dk, kDP, true);    // dK += dS^T Q
+  fjb_dpgemm<kDP>(mvalid, npairs, t->dsb, kNPairs, 1, t->kib, kDP, fjb_dq_part(a, chunk, b, hq, q0 / BLOCK_M),
+                  kDP, true);                                                          // dQ += dS K
+#else
   fjb_gemm<kDVP>(nvalid, mvalid, t->s, 1, kNP, t->dor, kDVP, t->dv, kDVP, true);  // dV += P^T dO
   fjb_gemm<kDP>(nvalid, mvalid, t->ds, 1, kNP, t->qr, kDP, t->dk, kDP, true);     // dK += dS^T (scale Q)
   fjb_gemm<kDP>(mvalid, nvalid, t->ds, kNP, 1, t->kp, kDP, fjb_dq_part(a, chunk, b, hq, q0 / BLOCK_M), kDP,
                 true);                                                               // dQ += dS K
+#endif
 }
 
 // ---- pass 1: one KV block of a unit: dK, dV of its rows ----
@@ -285,9 +492,18 @@ static void fjb_kv_block(const struct FlexBackwardArgs* a, fj_i64 b, fj_i64 hkv,
   const int nvalid = a->Lkv - kv0 < BLOCK_N ? (int)(a->Lkv - kv0) : BLOCK_N;
   const fjk_elem* k = fjb_row(a->k, a->k_strides, b, hkv, kv0);
   const fjk_elem* v = fjb_row(a->v, a->v_strides, b, hkv, kv0);
+#if FLEXJIT_BWD_DPBF16
+  const unsigned short* kh = (const unsigned short*)k;
+  fjb_pack_t_pairs(kh, a->k_strides[2], a->k_strides[3], nvalid, HEAD_DIM, t->ktb);
+  fjb_pack_t_pairs((const unsigned short*)v, a->v_strides[2], a->v_strides[3], nvalid, HEAD_DIM_V, t->vtb);
+  fjb_pack_row_pairs(kh, a->k_strides[2], a->k_strides[3], nvalid, HEAD_DIM, kDP, t->kib);
+  if (nvalid < kNP)  // key pairs past the block read zeros
+    __builtin_memset(t->kib + (nvalid + 1) / 2 * kDP, 0, sizeof(fjb_u32) * (kNPairs - (nvalid + 1) / 2) * kDP);
+#else
   fjb_pack_rows(k, a->k_strides[2], a->k_strides[3], nvalid, HEAD_DIM, 1.0f, kDP, BLOCK_N, t->kp);
   fjb_pack_t(k, a->k_strides[2], a->k_strides[3], nvalid, HEAD_DIM, t->kt);
   fjb_pack_t(v, a->v_strides[2], a->v_strides[3], nvalid, HEAD_DIM_V, t->vt);
+#endif
   for (int i = 0; i < kNP / 16; ++i) t->key_valid[i] = fjk_iota() + (float)(16 * i) < (float)nvalid;
   __builtin_memset(t->dk, 0, sizeof(t->dk));
   __builtin_memset(t->dv, 0, sizeof(t->dv));
@@ -306,7 +522,7 @@ static void fjb_kv_block(const struct FlexBackwardArgs* a, fj_i64 b, fj_i64 hkv,
   float* dv = a->dv + ((b * a->Hkv + hkv) * a->Lkv + kv0) * HEAD_DIM_V;
   FJK_SCALAR_LOOP
   for (int n = 0; n < nvalid; ++n) {
-    for (int d = 0; d < HEAD_DIM; ++d) dk[n * HEAD_DIM + d] = t->dk[n * kDP + d];
+    for (int d = 0; d < HEAD_DIM; ++d) dk[n * HEAD_DIM + d] = kFjbDkScaled ? t->dk[n * kDP + d] : t->dk[n * kDP + d] * a->scale;
     for (int d = 0; d < HEAD_DIM_V; ++d) dv[n * HEAD_DIM_V + d] = t->dv[n * kDVP + d];
   }
 }

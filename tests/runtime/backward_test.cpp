@@ -302,6 +302,48 @@ std::vector<Case> cases() {
 INSTANTIATE_TEST_SUITE_P(All, Backward, ::testing::ValuesIn(cases()),
                          [](const ::testing::TestParamInfo<Case>& i) { return name_of(i.param); });
 
+// bf16 on both engines (vdpbf16ps products where the host has AVX512-BF16, fp32 FMAs on the
+// widened values), at odd D, Dv, lengths and GQA so every pair packing has a lone partner.
+TEST(BackwardEngines, Bf16OnFmaAndVdpbf16ps) {
+  Case c;
+  c.dtype = DType::BF16;
+  c.D = 45;
+  c.Dv = 23;
+  c.Lq = 97;
+  c.Lkv = 77;
+  c.Hq = 3;
+  c.Hkv = 1;
+  c.score_mod = "score + rel(h, q_idx - kv_idx + 77)";
+  c.buffers = {{"rel", {3, 174}}};
+  c.grad_buffers = {"rel"};
+  c.mask_mod = "kv_idx <= q_idx + 3";
+  BwdRun r;
+  setup(c, r);
+  flex_attention(r.q.view, r.k.view, r.v.view, r.out.view, &r.lse.view, r.mods, r.bind, nullptr, options(c));
+  RefGrads g = reference_attention_backward(r.q.view, r.k.view, r.v.view, r.dout.view, r.mods, r.bind,
+                                            1.0 / std::sqrt(double(c.D)), c.grad_buffers);
+  for (int dp : {0, 1}) {
+    SCOPED_TRACE(dp ? "vdpbf16ps" : "fma");
+    std::string why;
+    if (dp && !dpbf16_available(&why)) {
+      std::printf("vdpbf16ps backward not testable here: %s\n", why.c_str());
+      continue;
+    }
+    AttentionOptions opt = options(c);
+    opt.use_dpbf16 = dp;
+    OwnedTensor grel = OwnedTensor::make("g", DType::F32, {3, 174});
+    AttentionReport rep;
+    flex_attention_backward(r.q.view, r.k.view, r.v.view, r.out.view, r.dout.view, r.lse.view, r.dq.view,
+                            r.dk.view, r.dv.view, r.mods, r.bind, {{"rel", grel.view}}, nullptr, opt, &rep);
+    EXPECT_EQ(rep.engine, dp ? "dpbf16" : "fma");
+    EXPECT_EQ(rep.path, "backward");
+    expect_close(to_doubles(r.dq.view), g.dq, c.dtype, "dq");
+    expect_close(to_doubles(r.dk.view), g.dk, c.dtype, "dk");
+    expect_close(to_doubles(r.dv.view), g.dv, c.dtype, "dv");
+    expect_close(to_doubles(grel.view), g.dbuf[0], c.dtype, "drel");
+  }
+}
+
 TEST(BackwardDeterminism, BitwiseAcrossRunsAndThreadCounts) {
   Case c;
   c.B = 2;
