@@ -101,7 +101,8 @@ void flex_attention_backward(const TensorView& q, const TensorView& k, const Ten
                              const TensorView& dout, const TensorView& lse, const TensorView& dq,
                              const TensorView& dk, const TensorView& dv, const ModSet& mods,
                              const ModBindings& bind, const std::vector<BufferGrad>& buffer_grads,
-                             const BlockMask* block_mask, const AttentionOptions& opt, AttentionReport* report) {
+                             const BlockMask* block_mask, const AttentionOptions& opt, AttentionReport* report,
+                             const TensorView* dlse) {
   runtime::check_attention_inputs(q, k, v, out, &lse, opt);
   validate(mods);
   REQUIRE(dout.rank == 4 && dout.dtype == out.dtype &&
@@ -114,6 +115,11 @@ void flex_attention_backward(const TensorView& q, const TensorView& k, const Ten
   check_grad_view(dq, "dq", {B, Hq, Lq, D});
   check_grad_view(dk, "dk", {Bkv, Hkv, Lkv, D});
   check_grad_view(dv, "dv", {Bkv, Hkv, Lkv, Dv});
+  if (dlse)
+    REQUIRE(dlse->rank == 3 && dlse->dtype == DType::F32 && dlse->sizes[0] == B && dlse->sizes[1] == Hq &&
+                dlse->sizes[2] == Lq && dlse->data != nullptr,
+            "dlse must be fp32 [B, Hq, Lq] like lse, got " + std::string(dtype_name(dlse->dtype)) + " " +
+                dlse->shape_str());
   const int64_t group = Hq / Hkv;
 
   // Buffers whose gradients are wanted: float buffers the mods declare, bound to this call.
@@ -217,6 +223,10 @@ void flex_attention_backward(const TensorView& q, const TensorView& k, const Ten
   runtime::copy_strides(a.dout_strides, dout, 4);
   if (kv_broadcast) a.k_strides[0] = a.v_strides[0] = 0;
   a.delta = delta.data();
+  if (dlse) {
+    a.dlse = static_cast<const float*>(dlse->data);
+    runtime::copy_strides(a.dlse_strides, *dlse, 3);
+  }
   a.dq = static_cast<float*>(dq.data);
   a.dk = kv_broadcast ? dk_all.data() : static_cast<float*>(dk.data);
   a.dv = kv_broadcast ? dv_all.data() : static_cast<float*>(dv.data);

@@ -23,7 +23,9 @@ struct BufferGrad {
 //   dq [B, Hq, Lq, D], dk [Bkv, Hkv, Lkv, D], dv [Bkv, Hkv, Lkv, Dv]: fp32 contiguous, written
 //   (a broadcast KV batch, Bkv = 1 < B, gets the sum over the batch);
 //   buffer_grads: the buffers (by name) whose gradients are wanted: float buffers that the
-//   score_mod reads (mask_mods have no gradient).
+//   score_mod reads (mask_mods have no gradient);
+//   dlse: dL/d(lse), fp32 [B, Hq, Lq] any strides, when the lse output is used downstream (null:
+//   none; a fully masked row's entry is ignored).
 // Follows the forward's masking: a fully masked row (lse -inf) has zero gradients. The kernel
 // recomputes the scores from q, k and lse (memory linear in L). opt.block_m / block_n set the
 // backward's tiles (default 64 x 64; they must divide the BlockMask's blocks).
@@ -33,7 +35,7 @@ void flex_attention_backward(const TensorView& q, const TensorView& k, const Ten
                              const TensorView& dk, const TensorView& dv, const ModSet& mods,
                              const ModBindings& bind, const std::vector<BufferGrad>& buffer_grads = {},
                              const runtime::BlockMask* block_mask = nullptr, const AttentionOptions& opt = {},
-                             AttentionReport* report = nullptr);
+                             AttentionReport* report = nullptr, const TensorView* dlse = nullptr);
 
 namespace runtime {
 // The transpose of a block mask: per KV block of m, the q-blocks that visit it (partial and

@@ -128,7 +128,8 @@ RefResult reference_attention(const TensorView& q, const TensorView& k, const Te
 
 RefGrads reference_attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
                                       const TensorView& dout, const ModSet& mods, const ModBindings& bind,
-                                      double scale, const std::vector<std::string>& grad_buffers) {
+                                      double scale, const std::vector<std::string>& grad_buffers,
+                                      const TensorView* dlse) {
   const int64_t B = q.sizes[0], Hq = q.sizes[1], Lq = q.sizes[2], D = q.sizes[3];
   const int64_t Bkv = k.sizes[0], Hkv = k.sizes[1], Lkv = k.sizes[2], Dv = v.sizes[3];
   const int64_t group = Hq / Hkv;
@@ -195,6 +196,8 @@ RefGrads reference_attention_backward(const TensorView& q, const TensorView& k, 
           dp[size_t(j)] = x;
           delta += p[size_t(j)] * x;
         }
+        if (dlse)  // d lse / d z_j = P_j
+          delta -= read_element_f64(*dlse, b * dlse->strides[0] + h * dlse->strides[1] + i * dlse->strides[2]);
         for (int64_t j = 0; j < Lkv; ++j) {
           if (p[size_t(j)] == 0) continue;
           const double dz = p[size_t(j)] * (dp[size_t(j)] - delta);

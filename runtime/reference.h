@@ -54,9 +54,11 @@ struct RefGrads {
   std::vector<double> dq, dk, dv;
   std::vector<std::vector<double>> dbuf;
 };
+// dlse (optional, [B, Hq, Lq]): dL/d(lse) as well, adding dlse * P to dz.
 RefGrads reference_attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
                                       const TensorView& dout, const ModSet& mods, const ModBindings& bind,
-                                      double scale, const std::vector<std::string>& grad_buffers = {});
+                                      double scale, const std::vector<std::string>& grad_buffers = {},
+                                      const TensorView* dlse = nullptr);
 
 // Max |out - ref.out| over query rows `rows` of every (b, h); out is [B, Hq, Lq, Dv], any strides.
 double max_abs_error(const TensorView& out, const RefResult& ref, const std::vector<int64_t>& rows);

@@ -264,6 +264,8 @@ struct FlexBackwardArgs {
   const void* dout;
   const float* lse;
   float* delta;
+  const float* dlse;  // dL/d lse [B, Hq, Lq] at dlse_strides (null: none): dS' = P (dP - delta + dlse)
+  fj_i64 dlse_strides[3];
   float* dq;
   float* dk;
   float* dv;

@@ -244,7 +244,7 @@ FlexResult flex_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
 FlexGrads flex_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                   const ModRef& score_mod, const TorchBlockMask* block_mask, const FlexOptions& o,
-                                  const std::vector<std::string>& grad_buffers) {
+                                  const std::vector<std::string>& grad_buffers, const at::Tensor& dlse) {
   TensorView qv = view_of(q, "q"), kv = view_of(k, "k"), vv = view_of(v, "v");
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4)
     throw Error("flex_attention_backward: q, k, v must be 4-D [B, H, L, D]; got " + qv.shape_str() + ", " +
@@ -276,9 +276,12 @@ FlexGrads flex_attention_backward(const at::Tensor& dout, const at::Tensor& q, c
     buf_grads.emplace_back(n, t);
     bg.push_back({n, view_of(t, "the gradient of '" + n + "'")});
   }
+  const at::Tensor dl = dlse.defined() ? dlse.to(at::kFloat) : dlse;
+  TensorView dlv;
+  if (dl.defined()) dlv = view_of(dl, "dlse");
   flexjit::flex_attention_backward(qv, kv, vv, ov, gv, lv, view_of(dq, "dq"), view_of(dk, "dk"), view_of(dv, "dv"),
                                    mods, bind, bg, block_mask ? &block_mask->mask : nullptr, attention_options(o),
-                                   o.report);
+                                   o.report, dl.defined() ? &dlv : nullptr);
   FlexGrads r;
   r.dq = dq.to(q.scalar_type());
   r.dk = dk.to(k.scalar_type());

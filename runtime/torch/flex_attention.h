@@ -129,7 +129,8 @@ VarlenResult flash_attn_varlen_func(const at::Tensor& q, const at::Tensor& k, co
 // on CPU (no L x L buffer): given dout = dL/d(out), the forward's out and lse (call it with
 // return_lse), returns dq, dk, dv in q, k, v's dtypes (computed in fp32) and, for each name in
 // grad_buffers (float tensors the score_mod captured: learnable biases), dL/d(buffer) in that
-// buffer's dtype. Deterministic: bitwise the same for any thread count. options.kernel_options
+// buffer's dtype; dlse (optional, [B, Hq, Lq]) adds a gradient flowing in through the lse output.
+// Deterministic: bitwise the same for any thread count. options.kernel_options
 // BLOCK_M / BLOCK_N set the backward's tiles (default 64 x 64). A fully masked row has zero
 // gradients. Throws flexjit::Error on bad input.
 struct FlexGrads {
@@ -139,7 +140,8 @@ struct FlexGrads {
 FlexGrads flex_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                   const ModRef& score_mod = {}, const TorchBlockMask* block_mask = nullptr,
-                                  const FlexOptions& options = {}, const std::vector<std::string>& grad_buffers = {});
+                                  const FlexOptions& options = {}, const std::vector<std::string>& grad_buffers = {},
+                                  const at::Tensor& dlse = {});
 
 // Combines two attention states over disjoint sets of keys for the same queries into the state
 // over their union (runtime/merge.h): out_a / out_b [..., L, Dv] (2-4 dims, same shape and float

@@ -256,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> flex_att
     std::optional<double> scale, bool enable_gqa, const std::optional<at::Tensor>& kv_num_blocks,
     const std::optional<at::Tensor>& kv_indices, const std::optional<at::Tensor>& full_kv_num_blocks,
     const std::optional<at::Tensor>& full_kv_indices, int64_t q_block_size, int64_t kv_block_size,
-    const Names& grad_buffer_names) {
+    const Names& grad_buffer_names, const std::optional<at::Tensor>& grad_lse) {
   return surface_errors("flexjit.flex_attention_backward", [&] {
     ModArgs args = collect(buffers, buffer_names, param_names, param_values);
     ModRef sm = make(score_mod_text, ModKind::Score, args), mm = make(mask_mod_text, ModKind::Mask, args);
@@ -267,7 +267,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> flex_att
     opt.scale = scale;
     opt.enable_gqa = enable_gqa;
     const std::vector<std::string> names = grad_buffer_names.value_or(std::vector<std::string>{});
-    FlexGrads g = flex_attention_backward(grad_out, query, key, value, out, lse, sm, mask ? &*mask : nullptr, opt, names);
+    FlexGrads g = flex_attention_backward(grad_out, query, key, value, out, lse, sm, mask ? &*mask : nullptr, opt, names,
+                                          grad_lse.value_or(at::Tensor()));
     std::vector<at::Tensor> dbuf;
     for (const std::string& n : names) dbuf.push_back(g.buffers.at(n));
     return std::make_tuple(g.dq, g.dk, g.dv, dbuf);
@@ -280,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> flex_att
     const at::Tensor&, const std::string&, const std::string&, const Tensors& buffers, const Names& buffer_names,
     const Names&, at::ArrayRef<double>, std::optional<double>, bool, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
-    int64_t, const Names& grad_buffer_names) {
+    int64_t, const Names& grad_buffer_names, const std::optional<at::Tensor>&) {
   std::vector<at::Tensor> dbuf;
   for (const std::string& n : grad_buffer_names.value_or(std::vector<std::string>{})) {
     const auto& names = buffer_names.value_or(std::vector<std::string>{});
@@ -294,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> flex_att
 // Autograd: forward runs the op (with the lse it needs for backward), backward runs
 // flex_attention_backward, an op of its own, so torch.compile sees both. Gradients flow to query,
 // key, value and the float buffers that require grad (learnable biases); lse is an extra output
-// (as PyTorch's flex_attention treats it) and takes no gradient.
+// when asked for (return_lse) and takes its gradient too (d lse / d score = P).
 struct FlexAttentionCall {  // the op's arguments that are not differentiable inputs
   std::string score_mod_text, mask_mod_text;
   Names buffer_names, param_names;
@@ -345,9 +346,11 @@ struct FlexAttentionFunction : torch::autograd::Function<FlexAttentionFunction> 
     ctx->saved_data["full_kv_indices"] = c.full_kv_indices;
     ctx->saved_data["q_block_size"] = c.q_block_size;
     ctx->saved_data["kv_block_size"] = c.kv_block_size;
-    at::Tensor lse_out = c.return_lse ? lse : at::empty({0}, query.options().dtype(at::kFloat));
-    ctx->mark_non_differentiable({lse_out});
-    return {out, lse_out};
+    ctx->saved_data["return_lse"] = c.return_lse;
+    if (c.return_lse) return {out, lse};
+    at::Tensor none = at::empty({0}, query.options().dtype(at::kFloat));
+    ctx->mark_non_differentiable({none});
+    return {out, none};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -380,7 +383,9 @@ struct FlexAttentionFunction : torch::autograd::Function<FlexAttentionFunction> 
                 scale.isNone() ? std::optional<double>() : std::optional<double>(scale.toDouble()),
                 ctx->saved_data["enable_gqa"].toBool(), opt_tensor("kv_num_blocks"), opt_tensor("kv_indices"),
                 opt_tensor("full_kv_num_blocks"), opt_tensor("full_kv_indices"),
-                ctx->saved_data["q_block_size"].toInt(), ctx->saved_data["kv_block_size"].toInt(), wanted);
+                ctx->saved_data["q_block_size"].toInt(), ctx->saved_data["kv_block_size"].toInt(), wanted,
+                ctx->saved_data["return_lse"].toBool() && grads[1].defined() ? std::optional<at::Tensor>(grads[1])
+                                                                            : std::optional<at::Tensor>());
     result[0] = ctx->needs_input_grad(0) ? dq : at::Tensor();
     result[1] = ctx->needs_input_grad(1) ? dk : at::Tensor();
     result[2] = ctx->needs_input_grad(2) ? dv : at::Tensor();
@@ -666,7 +671,8 @@ TORCH_LIBRARY(flexjit, m) {
         "str[]? param_names=None, float[] param_values=[], float? scale=None, bool enable_gqa=False, "
         "Tensor? kv_num_blocks=None, Tensor? kv_indices=None, Tensor? full_kv_num_blocks=None, "
         "Tensor? full_kv_indices=None, int q_block_size=128, int kv_block_size=128, "
-        "str[]? grad_buffer_names=None) -> (Tensor dq, Tensor dk, Tensor dv, Tensor[] dbuffers)",
+        "str[]? grad_buffer_names=None, Tensor? grad_lse=None) "
+        "-> (Tensor dq, Tensor dk, Tensor dv, Tensor[] dbuffers)",
         {at::Tag::pt2_compliant_tag});
   m.def("paged_flex_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_table, "
         "Tensor seq_lens, str score_mod=\"\", str mask_mod=\"\", Tensor[]? buffers=None, "

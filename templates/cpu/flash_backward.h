@@ -295,7 +295,7 @@ static inline const fjk_elem* fjb_row(const void* base, const fj_i64* st, fj_i64
   return (const fjk_elem*)base + b * st[0] + h * st[1] + i * st[2];
 }
 
-// ---- pass 0: delta = rowsum(dout * out) ----
+// ---- pass 0: delta = rowsum(dout * out) (- dlse) ----
 static void fjb_delta_item(const struct FlexBackwardArgs* a, fj_i64 b, fj_i64 h, fj_i64 mb) {
   const fj_i64 q0 = mb * BLOCK_M;
   const fj_i64 q1 = q0 + BLOCK_M < a->Lq ? q0 + BLOCK_M : a->Lq;
@@ -306,6 +306,8 @@ static void fjb_delta_item(const struct FlexBackwardArgs* a, fj_i64 b, fj_i64 h,
     float s = 0.0f;
     for (int d = 0; d < HEAD_DIM_V; ++d)
       s += fjk_to_f32(o[d * a->out_strides[3]]) * fjk_to_f32(g[d * a->dout_strides[3]]);
+    // A gradient of the lse adds P dlse to dS' (d lse / d score = P): folded into delta.
+    if (a->dlse != nullptr) s -= a->dlse[b * a->dlse_strides[0] + h * a->dlse_strides[1] + i * a->dlse_strides[2]];
     a->delta[(b * a->Hq + h) * a->Lq + i] = s;
   }
 }

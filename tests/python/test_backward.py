@@ -701,3 +701,37 @@ def test_a_learnable_bias_trains_reproducibly():
         loss.backward()
         opt.step()
         assert loss.item() == pytest.approx(losses[i], rel=1e-3, abs=1e-5), i
+
+
+# ---- the lse output ----
+
+
+def test_gradient_through_the_lse_output():
+    # return_lse=True: the lse is differentiable too (d lse / d score = P), as a float64 torch
+    # logsumexp of the same scores says; GQA 3, a learnable bias, causal.
+    B, Hq, Hkv, L, D = 2, 6, 2, 41, 24
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = (torch.randn(B, h, L, D, generator=gen) for h in (Hq, Hkv, Hkv))
+    bias = torch.randn(Hq, generator=gen)
+    g, gl = torch.randn(B, Hq, L, D, generator=gen), torch.randn(B, Hq, L, generator=gen)
+
+    def score_mod_of(bias):
+        return lambda score, b, h, q_idx, kv_idx: score + bias[h] * (kv_idx - q_idx) / 8
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    out, lse = flexjit.flex_attention(*leaves[:3], score_mod_of(leaves[3]), mask_mod="causal", enable_gqa=True,
+                                      return_lse=True)
+    ((out * g).sum() + (lse * gl).sum()).backward()
+
+    ref = [t.double().requires_grad_() for t in (q, k, v, bias)]
+    qr, kr, vr, br = ref
+    kr_, vr_ = kr.repeat_interleave(Hq // Hkv, 1), vr.repeat_interleave(Hq // Hkv, 1)
+    pos = torch.arange(L, dtype=torch.float64)
+    s = qr @ kr_.transpose(-2, -1) / math.sqrt(D) + br.view(1, Hq, 1, 1) * (pos.view(1, L) - pos.view(L, 1)) / 8
+    s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    lse_ref = torch.logsumexp(s, -1)
+    out_ref = torch.softmax(s, -1) @ vr_
+    ((out_ref * g.double()).sum() + (lse_ref * gl.double()).sum()).backward()
+    torch.testing.assert_close(lse.double(), lse_ref.detach(), atol=1e-5, rtol=1e-5)
+    for name, a, b in zip(("dq", "dk", "dv", "dbias"), leaves, ref):
+        assert_close(a.grad, b.grad, torch.float32, name)
