@@ -21,6 +21,18 @@ using runtime::BlockMask;
     if (!(cond)) fail(msg);  \
   } while (0)
 
+// An upper bound on the backward kernel's per-thread stack scratch (FjbTile in
+// templates/cpu/flash_backward.h, with the vdpbf16ps arrays); the template static_asserts 1.5 MiB,
+// and checking here turns that compile error into a plain message.
+int64_t backward_scratch_bound(int64_t D, int64_t Dv, int64_t bm, int64_t bn) {
+  auto up = [](int64_t x) { return (x + 15) / 16 * 16; };
+  const int64_t dp = up(D), dvp = up(Dv), np = up(bn);
+  const int64_t floats = bn * dp * 2 + D * np + Dv * np + bn * dvp + bm * dp + bm * dvp + 3 * bm * np;
+  const int64_t dwords = (D + 1) / 2 * np + (Dv + 1) / 2 * np + np / 2 * dp + bm * ((D + 1) / 2) +
+                         bm * ((Dv + 1) / 2) + (bm + 1) / 2 * (dp + dvp + 2 * np) + bm * np / 2;
+  return 4 * (floats + dwords) + 8192;
+}
+
 bool is_contiguous_f32(const TensorView& t) {
   if (t.dtype != DType::F32) return false;
   int64_t expect = 1;
@@ -157,6 +169,12 @@ void flex_attention_backward(const TensorView& q, const TensorView& k, const Ten
     if (!opt.block_n && block_mask->kv_block_size % bn) bn = int(std::gcd(int64_t(bn), block_mask->kv_block_size));
     runtime::check_block_mask(*block_mask, B, Hq, Lq, Lkv, bm, bn, "flex_attention_backward");
   }
+  const int64_t scratch = backward_scratch_bound(D, Dv, bm, bn);
+  REQUIRE(scratch <= (int64_t(3) << 19),
+          "backward tiles " + std::to_string(bm) + "x" + std::to_string(bn) + " with D=" + std::to_string(D) +
+              ", Dv=" + std::to_string(Dv) + " need up to " + std::to_string(scratch / 1024) +
+              " KiB of per-thread scratch, over the kernel's 1.5 MiB; use smaller BLOCK_M / BLOCK_N, or the "
+              "defaults");
 
   AttentionReport rep;
   rep.path = "backward";

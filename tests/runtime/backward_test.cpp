@@ -438,6 +438,16 @@ TEST(BackwardErrors, SayWhatIsWrong) {
     flex_attention_backward(r.q.view, r.k.view, r.v.view, r.out.view, r.dout.view, r.lse.view, r.dq.view, r.dk.view,
                             r.dv.view, r.mods, r.bind, {{"doc", g.view}}, nullptr, opt);
   }, "it has no gradient");
+  AttentionOptions big = opt;
+  big.block_m = big.block_n = 128;
+  BwdRun wide;
+  Case cw;
+  cw.D = cw.Dv = 256;
+  setup(cw, wide);
+  expect_error([&] {
+    flex_attention_backward(wide.q.view, wide.k.view, wide.v.view, wide.out.view, wide.dout.view, wide.lse.view,
+                            wide.dq.view, wide.dk.view, wide.dv.view, wide.mods, wide.bind, {}, nullptr, big);
+  }, "KiB of per-thread scratch");
   OwnedTensor g2 = OwnedTensor::make("g", DType::F32, {2, 33});
   expect_error([&] {
     flex_attention_backward(r.q.view, r.k.view, r.v.view, r.out.view, r.dout.view, r.lse.view, r.dq.view, r.dk.view,
