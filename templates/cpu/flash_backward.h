@@ -17,7 +17,8 @@
 //   dV [n][dv] += P^T dO                   dK [n][d] += dS^T (scale Q)
 //   dQ [m][d]  += dS K                     (into the chunk's own partial; pass 2 sums them)
 // All five are one register-blocked routine, fjb_gemm: C[i][:] (+)= sum_k A(i, k) B[k][:] with
-// the B rows and C rows whole vectors and A read as broadcasts at any strides.
+// the B rows and C rows whole vectors and A read as broadcasts at any strides (fp32 FMAs, or
+// vdpbf16ps on bf16 pairs).
 
 #if !defined(FLEXJIT_DTYPE) || !defined(HEAD_DIM) || !defined(HEAD_DIM_V) || \
     !defined(BLOCK_M) || !defined(BLOCK_N) || !defined(GQA_GROUP) || !defined(FLEXJIT_ENTRY)
@@ -30,11 +31,20 @@ static constexpr int kDP = fjk_round_up(HEAD_DIM, 16);  // row strides of Q / K 
 static constexpr int kDVP = fjk_round_up(HEAD_DIM_V, 16);
 
 // ---- C[i][0, W) (+)= sum_{k < kdim} A[i * asi + k * ask] * B[k * ldb + (0, W)] ----
-// W, ldb, ldc multiples of 16 floats and B, C 64-byte aligned. A block is kR rows by kCV vectors
-// of accumulators (16 + 4 operand registers at the widest), over the whole k range.
-template <int kCV, int kR>
-static inline void fjb_gemm_block(int kdim, const float* __restrict A, fj_i64 asi, fj_i64 ask,
-                                  const float* __restrict B, fj_i64 ldb, float* __restrict C,
+// W, ldb, ldc multiples of 16 (elements of B / C) and B, C 64-byte aligned. A block is kR rows by
+// kCV vectors of accumulators (16 + 4 operand registers at the widest), over the whole k range.
+// The operands: FjbF32 (fp32 A and B, FMAs) or, with bf16 inputs, FjbBf16Pairs (below: every
+// element a bf16 pair along k, vdpbf16ps); C is fp32 either way.
+struct FjbF32 {
+  typedef float elem;
+  typedef fj_v16f vec;
+  static vec load(const elem* p) { return fjk_load(p); }
+  static fj_v16f madd(fj_v16f c, vec b, elem a) { return c + a * b; }
+};
+
+template <typename Op, int kCV, int kR>
+static inline void fjb_gemm_block(int kdim, const typename Op::elem* __restrict A, fj_i64 asi, fj_i64 ask,
+                                  const typename Op::elem* __restrict B, fj_i64 ldb, float* __restrict C,
                                   fj_i64 ldc, bool acc) {
   fj_v16f c[kR][kCV];
 #pragma clang loop unroll(full)
@@ -43,14 +53,14 @@ static inline void fjb_gemm_block(int kdim, const float* __restrict A, fj_i64 as
     for (int v = 0; v < kCV; ++v) c[r][v] = acc ? fjk_load(C + r * ldc + 16 * v) : fjk_splat(0.0f);
   FJK_ROLLED_LOOP
   for (int k = 0; k < kdim; ++k) {
-    fj_v16f b[kCV];
+    typename Op::vec b[kCV];
 #pragma clang loop unroll(full)
-    for (int v = 0; v < kCV; ++v) b[v] = fjk_load(B + k * ldb + 16 * v);
+    for (int v = 0; v < kCV; ++v) b[v] = Op::load(B + k * ldb + 16 * v);
 #pragma clang loop unroll(full)
     for (int r = 0; r < kR; ++r) {
-      const float a = A[r * asi + k * ask];
+      const typename Op::elem a = A[r * asi + k * ask];
 #pragma clang loop unroll(full)
-      for (int v = 0; v < kCV; ++v) c[r][v] += a * b[v];
+      for (int v = 0; v < kCV; ++v) c[r][v] = Op::madd(c[r][v], b[v], a);
     }
   }
 #pragma clang loop unroll(full)
@@ -65,33 +75,33 @@ static constexpr int kFjbRows = 4;  // 4 x 4 accumulators (6 x 4 measured no fas
 static constexpr int kFjbRows = 2;  // AVX2 / SSE: a 16-lane vector takes 2-4 registers
 #endif
 
-template <int W, int kR>
-static inline void fjb_gemm_rows(int kdim, const float* A, fj_i64 asi, fj_i64 ask, const float* B,
-                                 fj_i64 ldb, float* C, fj_i64 ldc, bool acc) {
+template <typename Op, int W, int kR>
+static inline void fjb_gemm_rows(int kdim, const typename Op::elem* A, fj_i64 asi, fj_i64 ask,
+                                 const typename Op::elem* B, fj_i64 ldb, float* C, fj_i64 ldc, bool acc) {
   constexpr int kV = W / 16, kFull = kV / 4, kRem = kV % 4;
   FJK_ROLLED_LOOP
   for (int c = 0; c < kFull; ++c)
-    fjb_gemm_block<4, kR>(kdim, A, asi, ask, B + 64 * c, ldb, C + 64 * c, ldc, acc);
+    fjb_gemm_block<Op, 4, kR>(kdim, A, asi, ask, B + 64 * c, ldb, C + 64 * c, ldc, acc);
   if constexpr (kRem > 0)
-    fjb_gemm_block<kRem, kR>(kdim, A, asi, ask, B + 64 * kFull, ldb, C + 64 * kFull, ldc, acc);
+    fjb_gemm_block<Op, kRem, kR>(kdim, A, asi, ask, B + 64 * kFull, ldb, C + 64 * kFull, ldc, acc);
 }
 
 // Rows in blocks of kFjbRows, then blocks of 2, then single rows.
-template <int W>
-__attribute__((noinline)) static void fjb_gemm(int rows, int kdim, const float* A, fj_i64 asi,
-                                               fj_i64 ask, const float* B, fj_i64 ldb, float* C,
+template <int W, typename Op = FjbF32>
+__attribute__((noinline)) static void fjb_gemm(int rows, int kdim, const typename Op::elem* A, fj_i64 asi,
+                                               fj_i64 ask, const typename Op::elem* B, fj_i64 ldb, float* C,
                                                fj_i64 ldc, bool acc) {
   static_assert(W % 16 == 0, "whole vectors");
   int r = 0;
   FJK_ROLLED_LOOP
   for (; r + kFjbRows <= rows; r += kFjbRows)
-    fjb_gemm_rows<W, kFjbRows>(kdim, A + r * asi, asi, ask, B, ldb, C + r * ldc, ldc, acc);
+    fjb_gemm_rows<Op, W, kFjbRows>(kdim, A + r * asi, asi, ask, B, ldb, C + r * ldc, ldc, acc);
   if constexpr (kFjbRows > 2) {
     FJK_ROLLED_LOOP
-    for (; r + 2 <= rows; r += 2) fjb_gemm_rows<W, 2>(kdim, A + r * asi, asi, ask, B, ldb, C + r * ldc, ldc, acc);
+    for (; r + 2 <= rows; r += 2) fjb_gemm_rows<Op, W, 2>(kdim, A + r * asi, asi, ask, B, ldb, C + r * ldc, ldc, acc);
   }
   FJK_ROLLED_LOOP
-  for (; r < rows; ++r) fjb_gemm_rows<W, 1>(kdim, A + r * asi, asi, ask, B, ldb, C + r * ldc, ldc, acc);
+  for (; r < rows; ++r) fjb_gemm_rows<Op, W, 1>(kdim, A + r * asi, asi, ask, B, ldb, C + r * ldc, ldc, acc);
 }
 
 // ---- bf16 products on vdpbf16ps (FLEXJIT_BWD_DPBF16, bf16 inputs on hosts with AVX512-BF16) ----
@@ -114,56 +124,16 @@ typedef unsigned fjb_v16u_u __attribute__((vector_size(64), aligned(4)));
 static constexpr int kDPairs = (HEAD_DIM + 1) / 2, kDVPairs = (HEAD_DIM_V + 1) / 2;
 static constexpr int kMPairs = (BLOCK_M + 1) / 2, kNPairs = kNP / 2;
 
-template <int kCV, int kR>
-static inline void fjb_dpgemm_block(int kpairs, const fjb_u32* __restrict A, fj_i64 asi, fj_i64 ask,
-                                    const fjb_u32* __restrict B, fj_i64 ldb, float* __restrict C, fj_i64 ldc,
-                                    bool acc) {
-  fj_v16f c[kR][kCV];
-#pragma clang loop unroll(full)
-  for (int r = 0; r < kR; ++r)
-#pragma clang loop unroll(full)
-    for (int v = 0; v < kCV; ++v) c[r][v] = acc ? fjk_load(C + r * ldc + 16 * v) : fjk_splat(0.0f);
-  FJK_ROLLED_LOOP
-  for (int k = 0; k < kpairs; ++k) {
-    fjb_v32bf b[kCV];
-#pragma clang loop unroll(full)
-    for (int v = 0; v < kCV; ++v) b[v] = __builtin_bit_cast(fjb_v32bf, *(const fj_v16u*)(B + k * ldb + 16 * v));
-#pragma clang loop unroll(full)
-    for (int r = 0; r < kR; ++r) {
-      const fjb_v32bf a = __builtin_bit_cast(fjb_v32bf, (fj_v16u){} + A[r * asi + k * ask]);
-#pragma clang loop unroll(full)
-      for (int v = 0; v < kCV; ++v) c[r][v] = __builtin_ia32_dpbf16ps_512(c[r][v], b[v], a);
-    }
+// The operands of fjb_gemm with bf16 pairs: kdim counts pairs; one vdpbf16ps per A pair and B
+// vector does two multiply-adds per lane.
+struct FjbBf16Pairs {
+  typedef fjb_u32 elem;
+  typedef fjb_v32bf vec;
+  static vec load(const elem* p) { return __builtin_bit_cast(fjb_v32bf, *(const fj_v16u*)p); }
+  static fj_v16f madd(fj_v16f c, vec b, elem a) {
+    return __builtin_ia32_dpbf16ps_512(c, b, __builtin_bit_cast(fjb_v32bf, (fj_v16u){} + a));
   }
-#pragma clang loop unroll(full)
-  for (int r = 0; r < kR; ++r)
-#pragma clang loop unroll(full)
-    for (int v = 0; v < kCV; ++v) fjk_store(C + r * ldc + 16 * v, c[r][v]);
-}
-
-template <int W, int kR>
-static inline void fjb_dpgemm_rows(int kpairs, const fjb_u32* A, fj_i64 asi, fj_i64 ask, const fjb_u32* B,
-                                   fj_i64 ldb, float* C, fj_i64 ldc, bool acc) {
-  constexpr int kV = W / 16, kFull = kV / 4, kRem = kV % 4;
-  FJK_ROLLED_LOOP
-  for (int c = 0; c < kFull; ++c)
-    fjb_dpgemm_block<4, kR>(kpairs, A, asi, ask, B + 64 * c, ldb, C + 64 * c, ldc, acc);
-  if constexpr (kRem > 0)
-    fjb_dpgemm_block<kRem, kR>(kpairs, A, asi, ask, B + 64 * kFull, ldb, C + 64 * kFull, ldc, acc);
-}
-
-// C[i][0, W) (+)= sum_{k < kpairs} A(i, k) . B[k][0, W): A(i, k) = A[i * asi + k * ask], a bf16 pair.
-template <int W>
-__attribute__((noinline)) static void fjb_dpgemm(int rows, int kpairs, const fjb_u32* A, fj_i64 asi, fj_i64 ask,
-                                                 const fjb_u32* B, fj_i64 ldb, float* C, fj_i64 ldc, bool acc) {
-  static_assert(W % 16 == 0, "whole vectors");
-  int r = 0;
-  FJK_ROLLED_LOOP
-  for (; r + kFjbRows <= rows; r += kFjbRows)
-    fjb_dpgemm_rows<W, kFjbRows>(kpairs, A + r * asi, asi, ask, B, ldb, C + r * ldc, ldc, acc);
-  FJK_ROLLED_LOOP
-  for (; r < rows; ++r) fjb_dpgemm_rows<W, 1>(kpairs, A + r * asi, asi, ask, B, ldb, C + r * ldc, ldc, acc);
-}
+};
 
 // dst[r][p] = (src[r][2p], src[r][2p + 1]) for r < rows, p < (width + 1) / 2 (an odd width's last
 // partner 0): bf16 rows as pairs, the A operand of S and dP.
@@ -391,7 +361,7 @@ static void fjb_pair(const struct FlexBackwardArgs* a, struct FjbTile* t, fj_i64
   // S = scale (Q K^T), the products on bf16 pairs
   fjb_pack_pairs((const unsigned short*)fjb_row(a->q, a->q_strides, b, hq, q0), a->q_strides[2], a->q_strides[3],
                  mvalid, HEAD_DIM, kDPairs, t->qb);
-  fjb_dpgemm<kNP>(mvalid, kDPairs, t->qb, kDPairs, 1, t->ktb, kNP, t->s, kNP, false);
+  fjb_gemm<kNP, FjbBf16Pairs>(mvalid, kDPairs, t->qb, kDPairs, 1, t->ktb, kNP, t->s, kNP, false);
   FJK_ROLLED_LOOP
   for (int m = 0; m < mvalid; ++m)
     for (int i = 0; i < kNP / 16; ++i) fjk_store(t->s + m * kNP + 16 * i, fjk_load(t->s + m * kNP + 16 * i) * a->scale);
@@ -438,7 +408,7 @@ static void fjb_pair(const struct FlexBackwardArgs* a, struct FjbTile* t, fj_i64
 #if FLEXJIT_BWD_DPBF16
   fjb_pack_pairs((const unsigned short*)fjb_row(a->dout, a->dout_strides, b, hq, q0), a->dout_strides[2],
                  a->dout_strides[3], mvalid, HEAD_DIM_V, kDVPairs, t->dob);
-  fjb_dpgemm<kNP>(mvalid, kDVPairs, t->dob, kDVPairs, 1, t->vtb, kNP, t->ds, kNP, false);
+  fjb_gemm<kNP, FjbBf16Pairs>(mvalid, kDVPairs, t->dob, kDVPairs, 1, t->vtb, kNP, t->ds, kNP, false);
 #else
   fjb_pack_rows(fjb_row(a->dout, a->dout_strides, b, hq, q0), a->dout_strides[2], a->dout_strides[3], mvalid,
                 HEAD_DIM_V, 1.0f, kDVP, 0, t->dor);
@@ -475,9 +445,9 @@ static void fjb_pair(const struct FlexBackwardArgs* a, struct FjbTile* t, fj_i64
                      a->q_strides[3], mvalid, HEAD_DIM, kDP, t->qib);
   fjb_pack_row_pairs((const unsigned short*)fjb_row(a->dout, a->dout_strides, b, hq, q0), a->dout_strides[2],
                      a->dout_strides[3], mvalid, HEAD_DIM_V, kDVP, t->doib);
-  fjb_dpgemm<kDVP>(nvalid, mpairs, t->pb, 1, kNP, t->doib, kDVP, t->dv, kDVP, true);   // dV += P^T dO
-  fjb_dpgemm<kDP>(nvalid, mpairs, t->dsbt, 1, kNP, t->qib, kDP, t->dk, kDP, true);    // dK += dS^T Q
-  fjb_dpgemm<kDP>(mvalid, npairs, t->dsb, kNPairs, 1, t->kib, kDP, fjb_dq_part(a, chunk, b, hq, q0 / BLOCK_M),
+  fjb_gemm<kDVP, FjbBf16Pairs>(nvalid, mpairs, t->pb, 1, kNP, t->doib, kDVP, t->dv, kDVP, true);   // dV += P^T dO
+  fjb_gemm<kDP, FjbBf16Pairs>(nvalid, mpairs, t->dsbt, 1, kNP, t->qib, kDP, t->dk, kDP, true);    // dK += dS^T Q
+  fjb_gemm<kDP, FjbBf16Pairs>(mvalid, npairs, t->dsb, kNPairs, 1, t->kib, kDP, fjb_dq_part(a, chunk, b, hq, q0 / BLOCK_M),
                   kDP, true);                                                          // dQ += dS K
 #else
   fjb_gemm<kDVP>(nvalid, mvalid, t->s, 1, kNP, t->dor, kDVP, t->dv, kDVP, true);  // dV += P^T dO

@@ -15,6 +15,7 @@
 #include "runtime/attention.h"
 #include "runtime/reference.h"
 #include "score_mods/registry.h"
+#include "tests/support/cpu_target.h"
 #include "tests/support/numerics.h"
 
 namespace flexjit {
@@ -61,21 +62,6 @@ std::string name_of(const Case& c) {
 using testing::make_tensor;
 using testing::round_to;
 
-// Under FLEXJIT_CPU_TARGET (ctest's numerics@<target> entries) a target this host cannot run
-// skips the whole binary visibly: exit 77 (ctest's SKIP_RETURN_CODE) with the reason, instead of
-// every case failing on the same compile error.
-class CpuTargetCheck : public ::testing::Environment {
- public:
-  void SetUp() override {
-    std::printf("compile target: %s\n", jit::cpu_target_name().c_str());
-    if (!jit::cpu_target_error().empty()) {
-      std::printf("SKIPPED: %s\n", jit::cpu_target_error().c_str());
-      std::fflush(stdout);
-      std::_Exit(77);
-    }
-  }
-};
-::testing::Environment* const kCpuTargetCheck = ::testing::AddGlobalTestEnvironment(new CpuTargetCheck);
 
 void run_case(const Case& c) {
   SCOPED_TRACE(name_of(c));

@@ -16,6 +16,7 @@
 #include "runtime/backward.h"
 #include "runtime/reference.h"
 #include "score_mods/registry.h"
+#include "tests/support/cpu_target.h"
 #include "tests/support/numerics.h"
 
 namespace flexjit {
@@ -23,20 +24,6 @@ namespace {
 
 using testing::make_tensor;
 
-// Under FLEXJIT_CPU_TARGET (ctest's backward@<target> entries) a target this host cannot run
-// skips the whole binary visibly (exit 77, ctest's SKIP_RETURN_CODE), as attention_test does.
-class CpuTargetCheck : public ::testing::Environment {
- public:
-  void SetUp() override {
-    std::printf("compile target: %s\n", jit::cpu_target_name().c_str());
-    if (!jit::cpu_target_error().empty()) {
-      std::printf("SKIPPED: %s\n", jit::cpu_target_error().c_str());
-      std::fflush(stdout);
-      std::_Exit(77);
-    }
-  }
-};
-::testing::Environment* const kCpuTargetCheck = ::testing::AddGlobalTestEnvironment(new CpuTargetCheck);
 
 struct Case {
   DType dtype = DType::F32;
