@@ -122,6 +122,11 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     (out, lse) with return_lse, or (out, AuxOutput(lse=...)) with return_aux=AuxRequest(lse=True)
     (lse: fp32 [B, Hq, Lq], natural log).
 
+    Differentiable on CPU (unlike PyTorch's): out.backward() gives gradients to query, key, value,
+    the float tensors a score_mod captures or `buffers` names (learnable biases) and, through a
+    returned lse, the lse's gradient too; deterministic to the bit on any thread count
+    (docs/backward.md).
+
     score_mod: a Python function (score, b, h, q_idx, kv_idx) -> score, as written for PyTorch
     (traced once into flexjit's expression language and memoised: captured tensors become buffers,
     captured ints / floats runtime params read again on every call, so changing one never
