@@ -1366,15 +1366,6 @@ def _rename(text, renames):
     return re.sub(pattern, lambda m: renames[m.group(1)], text)
 
 
-@torch._dynamo.assume_constant_result
-def _constant_plan(score_fn, score_self, mask_fn, mask_self, taken):
-    # torch.compile runs this once, outside its own tracing, and keeps the result as a constant.
-    # It cannot pass a bound method as a constant, but it can pass its function and its object.
-    score_mod = types.MethodType(score_fn, score_self) if score_self is not None else score_fn
-    mask_mod = types.MethodType(mask_fn, mask_self) if mask_self is not None else mask_fn
-    return _plan(score_mod, mask_mod, taken)[0]
-
-
 def _split_method(fn):
     if isinstance(fn, types.MethodType):
         return fn.__func__, fn.__self__
@@ -1454,19 +1445,23 @@ def _from_stand_in_spec(spec):
 
 
 @torch._dynamo.assume_constant_result
-def _constant_plan_of_specs(score_spec, score_self, mask_spec, mask_self, taken):
-    # As _constant_plan, for mods passed as stand-in specs (or as themselves: None specs are not
-    # used; see bind).
-    score_mod, mask_mod = score_spec, mask_spec
-    if isinstance(score_spec, tuple):
-        score_mod = _from_stand_in_spec(score_spec)
-    if isinstance(mask_spec, tuple):
-        mask_mod = _from_stand_in_spec(mask_spec)
+def _constant_plan(score_fn, score_self, mask_fn, mask_self, taken):
+    # torch.compile runs this once, outside its own tracing, and keeps the result as a constant.
+    # It cannot pass a bound method as a constant, but it can pass its function and its object;
+    # nor a function created inside the compiled code, but it can pass that one's stand-in spec.
+    score_mod = _from_stand_in_spec(score_fn) if isinstance(score_fn, tuple) else score_fn
+    mask_mod = _from_stand_in_spec(mask_fn) if isinstance(mask_fn, tuple) else mask_fn
     if score_self is not None:
         score_mod = types.MethodType(score_mod, score_self)
     if mask_self is not None:
         mask_mod = types.MethodType(mask_mod, mask_self)
     return _plan(score_mod, mask_mod, taken)[0]
+
+
+def _plan_args(mod):
+    """A mod as _constant_plan takes it: (function or stand-in spec, self or None)."""
+    spec = _stand_in_spec(mod)
+    return (spec, None) if spec is not None else _split_method(mod)
 
 
 def bind(score_mod=None, mask_mod=None, taken=()):
@@ -1477,13 +1472,7 @@ def bind(score_mod=None, mask_mod=None, taken=()):
     if torch.compiler.is_compiling():
         # Plain functions go to the plan as stand-in specs when they capture only tensors and
         # constants (so closures created inside the compiled code work); anything else as itself.
-        score_spec, mask_spec = _stand_in_spec(score_mod), _stand_in_spec(mask_mod)
-        if score_spec is not None or mask_spec is not None:
-            (sf, ss), (mf, ms) = _split_method(score_mod), _split_method(mask_mod)
-            plan = _constant_plan_of_specs(score_spec if score_spec is not None else sf, ss,
-                                           mask_spec if mask_spec is not None else mf, ms, taken)
-        else:
-            plan = _constant_plan(*_split_method(score_mod), *_split_method(mask_mod), taken)
+        plan = _constant_plan(*_plan_args(score_mod), *_plan_args(mask_mod), taken)
         buffer_values, param_values = _read_plan(plan, (score_mod, mask_mod))
     else:
         plan, buffer_values, param_values = _plan(score_mod, mask_mod, taken)
