@@ -11,6 +11,13 @@ int ModSet::buffer_slot(const std::string& name) const {
   return -1;
 }
 
+const TensorView* ModBindings::find_buffer(const std::string& name) const {
+  const TensorView* view = nullptr;
+  for (const auto& [n, v] : buffers)
+    if (n == name) view = &v;
+  return view;
+}
+
 int ModSet::param_slot(const std::string& name) const {
   for (size_t i = 0; i < params.size(); ++i)
     if (params[i].name == name) return static_cast<int>(i);

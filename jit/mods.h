@@ -28,6 +28,8 @@ struct ModSet {
 struct ModBindings {
   std::vector<std::pair<std::string, TensorView>> buffers;
   std::vector<std::pair<std::string, double>> params;
+  // The tensor bound to buffer `name` (the last binding of that name), or null.
+  const TensorView* find_buffer(const std::string& name) const;
 };
 
 // Checks that a mod set is well formed: score_mod is Float, mask_mod is Bool, a mask_mod does

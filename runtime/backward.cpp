@@ -148,9 +148,7 @@ void flex_attention_backward(const TensorView& q, const TensorView& k, const Ten
     REQUIRE(dtype_is_float(mods.buffers[slot].dtype),
             "buffer '" + bg.name + "' is " + dtype_name(mods.buffers[slot].dtype) + " (an index table): it has no gradient");
     for (const Wanted& w : wanted) REQUIRE(w.slot != slot, "buffer '" + bg.name + "' is listed twice");
-    const TensorView* bound = nullptr;
-    for (const auto& [n, t] : bind.buffers)
-      if (n == bg.name) bound = &t;
+    const TensorView* bound = bind.find_buffer(bg.name);
     REQUIRE(bound != nullptr, "buffer '" + bg.name + "' is not bound to a tensor in this call");
     REQUIRE(bg.grad.rank == bound->rank && std::equal(bound->sizes, bound->sizes + bound->rank, bg.grad.sizes) &&
                 is_contiguous_f32(bg.grad),

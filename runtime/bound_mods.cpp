@@ -4,9 +4,7 @@ namespace flexjit::runtime {
 
 BoundMods::BoundMods(const ModSet& mods, const ModBindings& bind) {
   for (const auto& d : mods.buffers) {
-    const TensorView* view = nullptr;
-    for (const auto& [n, v] : bind.buffers)
-      if (n == d.name) view = &v;
+    const TensorView* view = bind.find_buffer(d.name);
     if (!view)
       throw Error("the mods read buffer '" + d.name + "' but no tensor is bound to it; capture one " +
                   "(C++: flexjit::capture, CLI: --buffer " + d.name + "=FILE.npy)");

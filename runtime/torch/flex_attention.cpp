@@ -267,9 +267,7 @@ FlexGrads flex_attention_backward(const at::Tensor& dout, const at::Tensor& q, c
   std::vector<BufferGrad> bg;
   std::vector<std::pair<std::string, at::Tensor>> buf_grads;
   for (const std::string& n : grad_buffers) {
-    const TensorView* bound = nullptr;
-    for (const auto& [bn, t] : bind.buffers)
-      if (bn == n) bound = &t;
+    const TensorView* bound = bind.find_buffer(n);
     if (!bound)
       throw Error("flex_attention_backward: a gradient was asked for buffer '" + n + "', which no mod reads");
     at::Tensor t = at::empty(std::vector<int64_t>(bound->sizes, bound->sizes + bound->rank), f32);

@@ -114,9 +114,7 @@ void run_backward(const Case& c, BwdRun& r, int threads) {
   std::vector<BufferGrad> bg;
   r.grads.clear();
   for (const std::string& n : c.grad_buffers) {
-    const TensorView* bound = nullptr;
-    for (const auto& [bn, t] : r.bind.buffers)
-      if (bn == n) bound = &t;
+    const TensorView* bound = r.bind.find_buffer(n);
     ASSERT_NE(bound, nullptr) << n;
     r.grads.push_back(
         OwnedTensor::make("g_" + n, DType::F32, std::vector<int64_t>(bound->sizes, bound->sizes + bound->rank)));
