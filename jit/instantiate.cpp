@@ -63,14 +63,16 @@ std::string spec_defines(const KernelSpec& s, const std::string& symbol) {
 
 }  // namespace
 
-// The template files a kernel's translation unit is made of, in order (a Mods TU, and a CUDA
-// one, has the generated mod body before the last one). A CPU Prefill TU is the shared item
+// The template files a kernel's translation unit is made of, in order (a CUDA TU has the generated
+// mod body before its last file, a Mods / ModsGrad TU before cpu/mods_local.h, see make_source).
+// A CPU Prefill TU is the shared item
 // code, one engine (the tile scratch and the matmuls) and the driver.
 std::vector<std::string> template_files(const KernelSpec& s) {
   if (is_cuda(s)) return {"templates/mod_abi.h", "templates/cuda/abi.cuh", "templates/cuda/flash_prefill.cuh"};
-  if (s.kind == KernelKind::Mods) return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/mods.h"};
+  if (s.kind == KernelKind::Mods)
+    return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/mods_local.h", "templates/cpu/mods.h"};
   if (s.kind == KernelKind::ModsGrad)
-    return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/mods_grad.h"};
+    return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/mods_local.h", "templates/cpu/mods_grad.h"};
   if (s.kind == KernelKind::Backward)
     return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/elem.h", "templates/cpu/flash_backward.h"};
   if (s.kind == KernelKind::Decode)
@@ -205,10 +207,14 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
 std::string make_source(const KernelSpec& spec, const ModSet& mods, const std::string& symbol) {
   std::vector<std::string> files = template_files(spec);
   std::string src = spec_defines(spec, symbol);
+  // The generated mod body goes before the last file of a CUDA TU, before mods_local.h (which
+  // sizes its copies by the body's counts) and the kernel file of a Mods / ModsGrad TU.
+  const size_t body_at = is_cuda(spec) ? files.size() - 1 : is_mods_kind(spec.kind) ? files.size() - 2 : files.size();
   for (size_t i = 0; i < files.size(); ++i) {
-    if (i + 1 == files.size() && is_cuda(spec)) src += emit_mod_body(mods, Backend::Cuda);
-    if (i + 1 == files.size() && spec.kind == KernelKind::Mods) src += emit_mod_body(mods, Backend::Cpu);
-    if (i + 1 == files.size() && spec.kind == KernelKind::ModsGrad) src += emit_mod_grad_body(mods);
+    if (i == body_at)
+      src += is_cuda(spec) ? emit_mod_body(mods, Backend::Cuda)
+             : spec.kind == KernelKind::Mods ? emit_mod_body(mods, Backend::Cpu)
+                                             : emit_mod_grad_body(mods);
     src += "// ---- " + files[i] + " ----\n" + template_text(files[i]) + "\n";
   }
   return src;

@@ -2,7 +2,8 @@
 // by the attention kernels once per visited KV block, and block classification for building a
 // BlockMask from a mask_mod (no dense mask needed).
 //
-// Preceded in the TU by FLEXJIT_ENTRY, mod_abi.h, cpu/common.h and the generated mod body.
+// Preceded in the TU by FLEXJIT_ENTRY, mod_abi.h, cpu/common.h, the generated mod body and
+// cpu/mods_local.h.
 // Nothing here depends on shapes, dtypes or block sizes, so one compile of a mod set serves
 // every attention kernel; the attention kernels in turn are compiled once per shape, for all
 // mod sets.
@@ -52,22 +53,10 @@ static inline void fjk_apply_run(float* __restrict row, int inner, fj_i64 b, fj_
 
 template <bool kMask, bool kKeysInner>
 static void fjk_apply_tile(const struct FlexModTile* t, const struct FlexModArgs* shared) {
-  // The mods record errors in a local flag (no atomic store in the loop, so it vectorises);
-  // the shared flag is raised once per tile. The buffer descriptors and params are copied to
-  // locals too: stores to the scores cannot touch those, so their loads leave the loop.
-  int bad = 0;
-  struct FlexModArgs local = *shared;
-  local.error_flag = &bad;
-#if FLEXJIT_NUM_BUFFERS > 0
-  struct FlexBuffer bufs[FLEXJIT_NUM_BUFFERS];
-  for (int i = 0; i < FLEXJIT_NUM_BUFFERS; ++i) bufs[i] = shared->buffers[i];
-  local.buffers = bufs;
-#endif
-#if FLEXJIT_NUM_PARAMS > 0
-  float params[FLEXJIT_NUM_PARAMS];
-  for (int i = 0; i < FLEXJIT_NUM_PARAMS; ++i) params[i] = shared->params[i];
-  local.params = params;
-#endif
+  int bad;  // cpu/mods_local.h
+  struct FlexBuffer bufs[FJK_LOCAL_BUFFERS];
+  float params[FJK_LOCAL_PARAMS];
+  struct FlexModArgs local = fjk_local_mod(shared, &bad, bufs, params);
   const fj_i64 b = t->b, h = t->h, q0 = t->q0, kv0 = t->kv0;
   const int outer = kKeysInner ? t->mvalid : t->nvalid;
   const int inner = kKeysInner ? t->nvalid : t->mvalid;
@@ -77,7 +66,7 @@ static void fjk_apply_tile(const struct FlexModTile* t, const struct FlexModArgs
     fjk_apply_run<kMask, kKeysInner>(t->s + o * ld_outer, inner, b, h,
                                      kKeysInner ? q0 + o : q0, kKeysInner ? kv0 : kv0 + o,
                                      &local);
-  if (bad) __atomic_store_n(shared->error_flag, 1, __ATOMIC_RELAXED);
+  fjk_local_mod_end(bad, shared);
 }
 
 // The prefill layout (ld_m == 1): part 1.

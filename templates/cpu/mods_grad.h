@@ -1,8 +1,8 @@
 // A score_mod's backward kernels (FlexModGradKernels): over one tile of the backward pass, turn
 // dL/d(score_mod's output) into dL/d(score) and accumulate the captured buffers' gradients.
 //
-// Preceded in the TU by FLEXJIT_ENTRY, mod_abi.h, cpu/common.h and the generated mod body with
-// its derivatives (jit/codegen.h emit_mod_grad_body):
+// Preceded in the TU by FLEXJIT_ENTRY, mod_abi.h, cpu/common.h, the generated mod body with
+// its derivatives and cpu/mods_local.h (jit/codegen.h emit_mod_grad_body):
 //   flexjit_score_mod_dscore(score, b, h, q_idx, kv_idx, mod)  d score_mod / d score
 //   flexjit_score_mod_dbuf(score, g, b, h, q_idx, kv_idx, mod, grad)  buffer grads += g * partials
 // Like the forward mods kernel it depends on no shape, so one compile serves every backward
@@ -29,20 +29,10 @@ static inline void fjk_grad_run(const float* __restrict s, float* __restrict ds,
 
 static void fjk_apply_grad(const struct FlexModGradTile* t, const struct FlexModArgs* shared,
                            const struct FlexGradArgs* grad) {
-  // Local error flag and copies of the descriptors, as in the forward's mods kernel.
-  int bad = 0;
-  struct FlexModArgs local = *shared;
-  local.error_flag = &bad;
-#if FLEXJIT_NUM_BUFFERS > 0
-  struct FlexBuffer bufs[FLEXJIT_NUM_BUFFERS];
-  for (int i = 0; i < FLEXJIT_NUM_BUFFERS; ++i) bufs[i] = shared->buffers[i];
-  local.buffers = bufs;
-#endif
-#if FLEXJIT_NUM_PARAMS > 0
-  float params[FLEXJIT_NUM_PARAMS];
-  for (int i = 0; i < FLEXJIT_NUM_PARAMS; ++i) params[i] = shared->params[i];
-  local.params = params;
-#endif
+  int bad;  // cpu/mods_local.h
+  struct FlexBuffer bufs[FJK_LOCAL_BUFFERS];
+  float params[FJK_LOCAL_PARAMS];
+  struct FlexModArgs local = fjk_local_mod(shared, &bad, bufs, params);
   const bool keys_inner = t->ld == 1 && t->ld_m != 1;
   const int outer = keys_inner ? t->mvalid : t->nvalid, inner = keys_inner ? t->nvalid : t->mvalid;
   const fj_i64 ld_outer = keys_inner ? t->ld_m : t->ld;
@@ -67,7 +57,7 @@ static void fjk_apply_grad(const struct FlexModGradTile* t, const struct FlexMod
     if (keys_inner) fjk_grad_run<true>(s, ds, inner, t->b, t->h, q_first, kv_first, &local);
     else fjk_grad_run<false>(s, ds, inner, t->b, t->h, q_first, kv_first, &local);
   }
-  if (bad) __atomic_store_n(shared->error_flag, 1, __ATOMIC_RELAXED);
+  fjk_local_mod_end(bad, shared);
 }
 
 extern "C" void FLEXJIT_ENTRY(struct FlexModGradKernels* out) {
