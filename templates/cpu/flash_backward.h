@@ -307,13 +307,15 @@ static inline void fjb_walk(const struct FlexBackwardArgs* a, const struct FlexB
 
 // ---- pass 1 scratch: one KV block, one visiting q-block ----
 struct FjbTile {
+  alignas(64) float dk[BLOCK_N * kDP];      // dK rows (fp32 products: unit scale Q)
+  alignas(64) float dv[BLOCK_N * kDVP];     // dV rows
+#if !FLEXJIT_BWD_DPBF16                     // the fp32 products' operands
   alignas(64) float kp[BLOCK_N * kDP];      // K rows
   alignas(64) float kt[HEAD_DIM * kNP];     // K^T
   alignas(64) float vt[HEAD_DIM_V * kNP];   // V^T
-  alignas(64) float dk[BLOCK_N * kDP];      // dK rows (unit: scale Q)
-  alignas(64) float dv[BLOCK_N * kDVP];     // dV rows
   alignas(64) float qr[BLOCK_M * kDP];      // Q rows * scale
   alignas(64) float dor[BLOCK_M * kDVP];    // dO rows
+#endif
   alignas(64) float s[BLOCK_M * kNP];       // S, then P
   alignas(64) float ds[BLOCK_M * kNP];      // dP, then dS
   alignas(64) float sraw[BLOCK_M * kNP];    // S as score_mod saw it (natural scale)
