@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "jit/parser.h"
+#include "tests/support/ir_builders.h"
 
 namespace flexjit {
 namespace {
@@ -24,15 +25,8 @@ using ir::Expr;
 using ir::Op;
 using ir::Type;
 using ir::Var;
+using namespace testing;  // tests/support/ir_builders.h: score(), q(), f(), bin(), ...
 
-Expr score() { return ir::variable(Var::Score); }
-Expr hv() { return ir::variable(Var::H); }
-Expr q() { return ir::variable(Var::QIdx); }
-Expr kv() { return ir::variable(Var::KvIdx); }
-Expr f(double v) { return ir::constant(v); }
-Expr i(int64_t v) { return ir::constant_int(v); }
-Expr bin(Op op, Expr a, Expr b) { return ir::binary(op, std::move(a), std::move(b)); }
-Expr un(Op op, Expr a) { return ir::unary(op, std::move(a)); }
 
 // ---------------------------------------------------------------- test mods and environments
 

@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "tests/support/ir_builders.h"
+
 namespace flexjit {
 namespace {
 
@@ -19,17 +21,9 @@ using ir::Expr;
 using ir::Op;
 using ir::Type;
 using ir::Var;
+using namespace testing;  // tests/support/ir_builders.h: score(), q(), f(), bin(), ...
 
-Expr score() { return ir::variable(Var::Score); }
-Expr bv() { return ir::variable(Var::B); }
-Expr hv() { return ir::variable(Var::H); }
-Expr q() { return ir::variable(Var::QIdx); }
-Expr kv() { return ir::variable(Var::KvIdx); }
-Expr i(int64_t v) { return ir::constant_int(v); }
-Expr f(double v) { return ir::constant(v); }
 Expr yes() { return ir::constant_bool(true); }
-Expr bin(Op op, Expr a, Expr b) { return ir::binary(op, std::move(a), std::move(b)); }
-Expr un(Op op, Expr a) { return ir::unary(op, std::move(a)); }
 
 const ir::BufferDecl kSlopes{"slopes", DType::F32, 1};
 const ir::BufferDecl kBias2{"bias2", DType::F32, 2};
