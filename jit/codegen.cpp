@@ -1,8 +1,10 @@
 #include "jit/codegen.h"
 
 #include "jit/grad.h"
+#include "jit/interval.h"
 
 #include <cmath>
+#include <memory>
 #include <cstdio>
 #include <sstream>
 
@@ -230,7 +232,11 @@ class Emitter {
       case Op::Sigmoid: return "fj_sigmoidf(" + x + ")";
       case Op::Floor: return fn("__builtin_floorf", "floorf", x);
       case Op::Ceil: return fn("__builtin_ceilf", "ceilf", x);
-      case Op::ToFloat: return "((float)" + x + ")";
+      // An int64 -> float conversion has no vector instruction below AVX-512DQ (LLVM emits one
+      // scalar convert per lane on AVX2, ~20% of an ALiBi kernel there); a value that provably
+      // fits int32 converts through int32 instead, which every vector ISA (and CUDA) has. The
+      // result is the same: the integer is the same.
+      case Op::ToFloat: return a->type == Type::Int && fits_int32(a) ? "((float)(int)" + x + ")" : "((float)" + x + ")";
       case Op::ToInt: return a->type == Type::Float ? "fj_f2i(" + x + ")" : "((fj_i64)" + x + ")";
       case Op::ToBool: return "(" + x + " != 0)";
       default: break;
@@ -270,7 +276,35 @@ class Emitter {
     return s;
   }
 
+  // Whether an int expression's value lies in int32 for every call, from interval arithmetic
+  // over the mods' index contract (b, h, q_idx, kv_idx in [0, 2^31): runtime/bound_mods.h
+  // check_mod_index_range) and each int buffer's dtype range.
+  bool fits_int32(const Expr& e) {
+    if (!range_) {
+      range_ = std::make_unique<ir::IntervalEvaluator>(std::vector<std::pair<std::string, double>>{},
+                                                       std::vector<ir::BoundBuffer>{});
+      for (ir::Var v : {ir::Var::B, ir::Var::H, ir::Var::QIdx, ir::Var::KvIdx}) range_->set_range(v, 0, kModIndexLimit - 1);
+      for (const auto& d : mods_.buffers)
+        if (d.dtype == DType::I32) range_->set_load_range(d.name, {-2147483648.0, 2147483647.0});
+    }
+    const ir::Interval r = range_->eval(e);
+    return r.lo >= -2147483648.0 && r.hi <= 2147483647.0 && no_int64_overflow(e);
+  }
+  // Interval arithmetic is over the reals; the int ops wrap at 2^63. A subtree whose int nodes all
+  // stay inside int64 computes what the intervals say (else e.g. min(q_idx * huge, 5) could wrap
+  // to a large negative value while its interval reads [0, 5]).
+  bool no_int64_overflow(const Expr& e) {
+    if (e->type == Type::Int) {
+      const ir::Interval r = range_->eval(e);
+      if (!(r.lo > -9.2e18 && r.hi < 9.2e18)) return false;
+    }
+    for (const auto& a : e->args)
+      if (!no_int64_overflow(a)) return false;
+    return true;
+  }
+
   const ModSet& mods_;
+  std::unique_ptr<ir::IntervalEvaluator> range_;
   const bool cuda_;
 };
 

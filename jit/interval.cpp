@@ -55,6 +55,10 @@ void IntervalEvaluator::set_range(Var v, int64_t lo, int64_t hi) {
   vars_[int(v)] = {double(lo), double(hi)};
 }
 
+void IntervalEvaluator::set_load_range(const std::string& buffer, Interval r) {
+  load_hints_.emplace_back(buffer, r);
+}
+
 int IntervalEvaluator::decide(const Expr& e) {
   Interval r = as_bool(eval(e));
   return r.is_point() ? int(r.lo) : -1;
@@ -64,7 +68,11 @@ Interval IntervalEvaluator::load_range(const Node& n) {
   const BoundBuffer* buf = nullptr;
   for (const auto& b : buffers_)
     if (b.name == n.name) buf = &b;
-  if (!buf) return Interval::any();
+  if (!buf) {
+    for (const auto& [name, r] : load_hints_)
+      if (name == n.name) return r;
+    return Interval::any();
+  }
   const TensorView& t = buf->view;
   std::vector<Interval> idx;
   for (const auto& a : n.args) idx.push_back(eval(a));

@@ -33,6 +33,9 @@ class IntervalEvaluator {
                     std::vector<BoundBuffer> buffers);
   void set_point(Var v, int64_t value);              // b, h
   void set_range(Var v, int64_t lo, int64_t hi);     // q_idx, kv_idx (inclusive)
+  // The range of any element of a buffer that is not bound (codegen: an int32 buffer's values
+  // lie in int32's range without knowing the data). Unbound, unhinted loads are unbounded.
+  void set_load_range(const std::string& buffer, Interval r);
   Interval eval(const Expr& e);
 
   // Tri-state for a bool expression: 1 = true everywhere, 0 = false everywhere, -1 = unknown.
@@ -43,6 +46,7 @@ class IntervalEvaluator {
   Interval vars_[5];
   std::vector<std::pair<std::string, double>> params_;
   std::vector<BoundBuffer> buffers_;
+  std::vector<std::pair<std::string, Interval>> load_hints_;
   // (buffer, lo, hi) -> min/max of the slice: rows of blocks reuse the same q range.
   std::map<std::tuple<std::string, int64_t, int64_t>, Interval> slice_memo_;
 };

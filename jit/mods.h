@@ -10,6 +10,12 @@
 
 namespace flexjit {
 
+// The mods' index contract: every call gives b, h, q_idx and kv_idx values in [0, 2^31), as
+// PyTorch's int32 index tensors do (the runtime rejects larger batches, head counts and
+// lengths). Codegen relies on it: index arithmetic that provably stays in int32 converts to
+// float through int32, which vectorises on every ISA.
+inline constexpr int64_t kModIndexLimit = int64_t(1) << 31;
+
 struct ModSet {
   ir::Expr score_mod;                   // null = identity (score unchanged)
   ir::Expr mask_mod;                    // null = nothing masked

@@ -68,6 +68,7 @@ void check_inputs(const TensorView& q, const TensorView& k, const TensorView& v,
             "lse must be fp32 [B, Hq, Lq], got " + std::string(dtype_name(lse->dtype)) + " " + dims(*lse));
   }
   if (opt.scale) REQUIRE(std::isfinite(*opt.scale), "scale must be finite");
+  runtime::check_mod_index_range(q.sizes[0], Hq, q.sizes[2], k.sizes[2], "flex_attention");
 }
 
 // An upper bound on the attention kernel's per-thread stack scratch (FjkTile of the engine in

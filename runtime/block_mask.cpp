@@ -50,6 +50,7 @@ void check_sizes(int64_t B, int64_t H, int64_t Lq, int64_t Lkv, int64_t qbs, int
   if (qbs < 1 || kvbs < 1 || qbs > (1 << 20) || kvbs > (1 << 20))
     throw Error("create_block_mask: block sizes must be in 1..2^20 (got " + std::to_string(qbs) + "x" +
                 std::to_string(kvbs) + ")");
+  runtime::check_mod_index_range(B, H, Lq, Lkv, "create_block_mask");
   if (ceil_div(Lq, qbs) * ceil_div(Lkv, kvbs) * B * H > (int64_t(1) << 31))
     throw Error("create_block_mask: more than 2^31 blocks; use larger block sizes");
 }

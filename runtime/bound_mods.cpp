@@ -2,6 +2,13 @@
 
 namespace flexjit::runtime {
 
+void check_mod_index_range(int64_t B, int64_t H, int64_t Lq, int64_t Lkv, const std::string& what) {
+  for (auto [n, name] : {std::pair{B, "batch"}, {H, "head count"}, {Lq, "query length"}, {Lkv, "key length"}})
+    if (n >= kModIndexLimit)
+      throw Error(what + ": the " + name + " is " + std::to_string(n) + "; flexjit's mods index b, h, q_idx and " +
+                  "kv_idx below 2^31 (as PyTorch's int32 index tensors do): split the call");
+}
+
 BoundMods::BoundMods(const ModSet& mods, const ModBindings& bind) {
   for (const auto& d : mods.buffers) {
     const TensorView* view = bind.find_buffer(d.name);

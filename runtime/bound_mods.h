@@ -10,6 +10,11 @@
 
 namespace flexjit::runtime {
 
+// The mods' index contract (jit/mods.h kModIndexLimit): throws flexjit::Error unless the batch,
+// head counts and lengths of a call are below 2^31, so every b, h, q_idx and kv_idx a mod sees is.
+// `what` names the call.
+void check_mod_index_range(int64_t B, int64_t H, int64_t Lq, int64_t Lkv, const std::string& what);
+
 class BoundMods {
  public:
   BoundMods(const ModSet& mods, const ModBindings& bind);

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "runtime/attention.h"
+#include "runtime/bound_mods.h"
 #include "runtime/decode.h"
 
 namespace flexjit {
@@ -53,6 +54,7 @@ void paged_flex_attention(const TensorView& q, const TensorView& k_cache, const 
   REQUIRE(D <= 256 && Dv <= 256, "head dims up to 256 are supported on CPU, got D=" + num(D) + " Dv=" + num(Dv));
   REQUIRE(k_cache.strides[3] == 1 && v_cache.strides[3] == 1,
           "k_cache and v_cache must be contiguous in their last (head) dim; call .contiguous() on them");
+  runtime::check_mod_index_range(B, Hq, Lq, 1, "paged_flex_attention");  // positions: int32 seq_lens
   REQUIRE(Hq % Hkv == 0, "query heads (" + num(Hq) + ") must be a multiple of KV heads (" + num(Hkv) + ")");
   REQUIRE(Hq == Hkv || opt.enable_gqa,
           "q has " + num(Hq) + " heads but the caches have " + num(Hkv) + "; pass enable_gqa=true for GQA/MQA");

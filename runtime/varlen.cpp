@@ -184,6 +184,7 @@ void varlen_attention(const TensorView& q, const TensorView& k, const TensorView
                                           " sequences but cu_seqlens_k has " + str(int64_t(cu_k.size()) - 1) +
                                           "; both must be [batch + 1]");
   const int64_t batch = int64_t(cu_q.size()) - 1;
+  runtime::check_mod_index_range(batch, q.sizes[1], q.sizes[0], k.sizes[0], "varlen_attention");
   int64_t longest_q = 0, longest_k = 0;
   for (int64_t s = 0; s < batch; ++s) {
     longest_q = std::max<int64_t>(longest_q, cu_q[size_t(s) + 1] - cu_q[size_t(s)]);

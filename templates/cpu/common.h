@@ -30,6 +30,16 @@ typedef _Float16 fj_v16e_u __attribute__((vector_size(32), aligned(2)));
 // item, loops around an already register-blocked body) says so.
 #define FJK_SCALAR_LOOP _Pragma("clang loop vectorize(disable) interleave(disable) unroll(disable)")
 #define FJK_ROLLED_LOOP _Pragma("clang loop unroll(disable)")
+// The mods kernels' loops over one unit-stride run of scores: a predicated vector tail where the
+// target has cheap masked loads and stores (AVX-512 mask registers, SVE predicates), which halves
+// their code so a new mod compiles sooner; elsewhere a plain vector body and a scalar tail (AVX2's
+// masked store, vmaskmovps, is microcoded: on Zen 2 predicating every step made any score_mod
+// cost a quarter of the prefill kernel's time; NEON has no masked store at all).
+#if defined(__AVX512F__) || defined(__ARM_FEATURE_SVE)
+#define FJK_RUN_LOOP _Pragma("clang loop interleave(disable) unroll(disable) vectorize_predicate(enable)")
+#else
+#define FJK_RUN_LOOP _Pragma("clang loop interleave(disable) unroll(disable)")
+#endif
 #define FJK_LOG2E 1.44269504088896340736f
 #define FJK_LN2 0.693147180559945309417
 

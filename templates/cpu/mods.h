@@ -32,9 +32,9 @@ template <bool kMask, bool kKeysInner>
 static inline void fjk_apply_run(float* __restrict row, int inner, fj_i64 b, fj_i64 h,
                                  fj_i64 q_first, fj_i64 kv_first,
                                  const struct FlexModArgs* mod) {
-  // Predicated (masked) vector tail instead of a scalar epilogue: half the code, so a new mod
-  // compiles ~25% sooner, at no measured cost (rows are whole vectors but for the last tile).
-#pragma clang loop interleave(disable) unroll(disable) vectorize_predicate(enable)
+  // A predicated vector tail where masked stores are cheap (cpu/common.h FJK_RUN_LOOP): half the
+  // code, so a new mod compiles ~25% sooner (rows are whole vectors but for the last tile).
+  FJK_RUN_LOOP
   for (int i = 0; i < inner; ++i) {
     const fj_i64 q_idx = kKeysInner ? q_first : q_first + i;
     const fj_i64 kv_idx = kKeysInner ? kv_first + i : kv_first;

@@ -17,7 +17,7 @@
 template <bool kKeysInner>
 static inline void fjk_grad_run(const float* __restrict s, float* __restrict ds, int inner, fj_i64 b,
                                 fj_i64 h, fj_i64 q_first, fj_i64 kv_first, const struct FlexModArgs* mod) {
-#pragma clang loop interleave(disable) unroll(disable) vectorize_predicate(enable)
+  FJK_RUN_LOOP
   for (int i = 0; i < inner; ++i) {
     // A zero gradient stays exactly 0 (masked scores: the derivative there may be inf or NaN).
     const float g = ds[i];

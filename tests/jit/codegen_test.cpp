@@ -101,7 +101,37 @@ TEST(Codegen, AlibiReadsItsBufferThroughACheckedReader) {
       "  off += (bad0 ? 0 : i0) * t->strides[0];\n"
       "  return ((const float*)t->data)[off];\n"
       "}\n" +
-          functions("(score + (fj_buf0(h, fj_mod) * ((float)fj_isub(kv_idx, q_idx))))", "true"));
+          functions("(score + (fj_buf0(h, fj_mod) * ((float)(int)fj_isub(kv_idx, q_idx))))", "true"));
+}
+
+// int -> float goes through int32 exactly when interval arithmetic over the index contract
+// (b, h, q_idx, kv_idx in [0, 2^31)) and the buffers' dtypes proves the value fits (AVX2 has no
+// vector int64 -> float convert); anything that may leave int32 keeps the int64 conversion.
+TEST(Codegen, IntToFloatNarrowsOnlyWhatProvablyFitsInt32) {
+  struct Case {
+    const char* score;
+    bool narrowed;
+  };
+  const std::vector<ir::BufferDecl> bufs = {{"d32", DType::I32, 1}, {"d64", DType::I64, 1}};
+  for (const Case& c : std::vector<Case>{
+           {"score + (kv_idx - q_idx)", true},           // [-(2^31 - 1), 2^31 - 1]
+           {"score + abs(q_idx - kv_idx) / 2", true},
+           {"score + h", true},
+           {"score + d32[q_idx]", true},                 // an int32 buffer's values
+           {"score + (q_idx + kv_idx)", false},          // up to 2^32 - 2
+           {"score + q_idx * kv_idx", false},
+           {"score + (kv_idx - q_idx) * 2", false},
+           {"score + d64[q_idx]", false},                // an int64 buffer's values
+           {"score + float(d32[q_idx] - kv_idx)", false},  // int32 minus [0, 2^31) leaves int32
+           {"score + int(score * 1000.0)", false},  // a float's conversion: unbounded
+           {"score + min(q_idx * kv_idx * 4, 5)", false},  // the product may wrap past int64
+           {"score + min(q_idx * kv_idx, 5)", true},       // below 2^62: no wrap
+       }) {
+    const std::string body = jit::emit_mod_body(mods(c.score, "", bufs));
+    const bool narrowed = body.find("((float)(int)") != std::string::npos;
+    EXPECT_EQ(narrowed, c.narrowed) << c.score << "\n" << mod_part(body);
+    EXPECT_EQ(body.find("((float)") != std::string::npos, true) << c.score;
+  }
 }
 
 TEST(Codegen, SoftcapReadsItsParamBySlot) {
@@ -116,7 +146,7 @@ TEST(Codegen, IntDivisionAndModuloGoThroughCheckedHelpers) {
                 mods("score + float((q_idx - kv_idx) / 3)", "q_idx % 4 != kv_idx / h"))),
             "#define FLEXJIT_HAS_SCORE_MOD 1\n"
             "#define FLEXJIT_HAS_MASK_MOD 1\n" +
-                functions("(score + ((float)fj_idiv(fj_isub(q_idx, kv_idx), 3LL, fj_mod)))",
+                functions("(score + ((float)(int)fj_idiv(fj_isub(q_idx, kv_idx), 3LL, fj_mod)))",
                           "(fj_imod(q_idx, 4LL, fj_mod) != fj_idiv(kv_idx, h, fj_mod))"));
 }
 

@@ -12,6 +12,7 @@
 
 #include "jit/parser.h"
 #include "runtime/attention.h"
+#include "runtime/block_mask.h"
 #include "runtime/reference.h"
 #include "score_mods/registry.h"
 #include "tests/tolerances.h"
@@ -149,6 +150,21 @@ TEST(Errors, HeadsAndBatch) {
   f.k = tensor(DType::F32, {1, 2, 0, 32});
   f.v = tensor(DType::F32, {1, 2, 0, 32});
   expect_error([&] { f.run(); }, {"k has an empty dim"});
+}
+
+// The mods' index contract (b, h, q_idx, kv_idx below 2^31, which codegen relies on): a key length
+// of 2^31 is refused before any element is read (a broadcast view over 32 floats: stride 0).
+TEST(Errors, LengthsBeyondTheModIndexRange) {
+  Call c;
+  const int64_t big = int64_t(1) << 31;
+  for (OwnedTensor* t : {&c.k, &c.v}) {
+    t->view.sizes[2] = big;
+    t->view.strides[2] = 0;
+  }
+  expect_error([&] { c.run(); }, {"flex_attention: the key length is 2147483648", "below 2^31", "split the call"});
+  auto [mods, bind] = text_mods("", "q_idx >= kv_idx");
+  expect_error([&] { (void)runtime::create_block_mask(mods, bind, 1, 1, big, 128, 1 << 20, 128); },
+               {"create_block_mask: the query length is 2147483648", "below 2^31"});
 }
 
 TEST(Errors, WrongDtypes) {
