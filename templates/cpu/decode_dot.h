@@ -62,24 +62,40 @@ static constexpr int kDVV = FJK_DEC_BF16DOT ? 2 * kDVChunks : kDVChunks;  // O v
 static constexpr int kDVP = 16 * kDVV;                               // O row stride
 static constexpr int kNP = BLOCK_N;                                  // S row stride
 
-// Rows per register tile: BLOCK_M itself up to 4, else whichever of 8, 6, 4 pads least.
+// Register tiles. With AVX-512 (32 registers, one per 16-lane vector): rows per tile BLOCK_M
+// itself up to 4, else whichever of 8, 6, 4 pads least; kRC * kNR Q K^T accumulators and
+// kRC * kDC P V accumulators up to 16. Without it (AVX2: 16 ymm registers, two per 16-lane
+// vector) the tiles shrink to fit: at most 4 rows, about 8 accumulator registers for Q K^T
+// and 12 for P V (the AVX-512 tiles spilled there and held decode at ~20% of the FMA rate).
+#if defined(__AVX512F__) || (FLEXJIT_DTYPE == 0 && BLOCK_M <= 4)
+#define FJK_DEC_WIDE 1
+static constexpr int kMaxRC = 8, kMaxAccPV = 16;
+#else
+#define FJK_DEC_WIDE 0
+static constexpr int kMaxRC = 4, kMaxAccPV = 6;
+#endif
 static constexpr int fjk_pick_rc(int m) {
   if (m <= 4) return m;
-  int best = 8;
-  if (fjk_round_up(m, 6) < fjk_round_up(m, best)) best = 6;
+  int best = kMaxRC;
+  if (kMaxRC >= 6 && fjk_round_up(m, 6) < fjk_round_up(m, best)) best = 6;
   if (fjk_round_up(m, 4) < fjk_round_up(m, best)) best = 4;
+  if (kMaxRC < 6 && fjk_round_up(m, 3) < fjk_round_up(m, best)) best = 3;
   return best;
 }
 static constexpr int kRC = fjk_pick_rc(BLOCK_M);
 static constexpr int kRP = fjk_round_up(BLOCK_M, kRC);  // rows in scratch
 // Keys per Q K^T register tile (divides 16): kRC * kNR accumulators, kRC Q vectors.
+#if FJK_DEC_WIDE
 static constexpr int kNR = kRC <= 2 ? 8 : kRC <= 4 ? 4 : 2;
-// Output vectors per P V register tile: the largest divisor of kDVV with kRC * kDC <= 16
+#else
+static constexpr int kNR = kRC == 1 ? 4 : kRC == 2 ? 2 : 1;
+#endif
+// Output vectors per P V register tile: the largest divisor of kDVV with kRC * kDC <= kMaxAccPV
 // (with dot products an even number: each V chunk gives two).
 static constexpr int fjk_pick_dc() {
   int best = FJK_DEC_BF16DOT ? 2 : 1;
   for (int dc = 1; dc <= kDVV; ++dc)
-    if (kDVV % dc == 0 && kRC * dc <= 16 && (!FJK_DEC_BF16DOT || dc % 2 == 0)) best = dc;
+    if (kDVV % dc == 0 && kRC * dc <= kMaxAccPV && (!FJK_DEC_BF16DOT || dc % 2 == 0)) best = dc;
   return best;
 }
 static constexpr int kDC = fjk_pick_dc();
@@ -96,6 +112,16 @@ typedef float fjk_qelem;           // Q widened and pre-multiplied by the scale
 #endif
 
 static constexpr int kZeroRow = kDP > kDVChunks * kLane ? kDP : kDVChunks * kLane;
+// Without AVX-512, P V reads a block's V rows in several passes (one per register tile of
+// output vectors, about six for D 128). Rows a page apart in a paged cache (Hkv * D elements:
+// a multiple of 4 KiB) share L1 sets, so every pass missed L1: such blocks are first copied
+// into a dense scratch (measured on Zen 2, fp32 paged Llama-8B decode: 80 -> 59 ms at B 4).
+#if FJK_DEC_WIDE
+static constexpr bool kDecPackV = false;
+#else
+static constexpr bool kDecPackV = true;
+#endif
+static constexpr int kVPS = kDVChunks * kLane;  // packed V row stride
 // Head units per work item, at most: an item may hold several heads' rows (each its own online
 // softmax, see flash_decode.h) so that a paged cache's pages are read once for all their heads.
 // Up to 16 units and 128 rows in all.
@@ -106,6 +132,7 @@ struct FjkDecTile {
   alignas(64) float o[kMaxUnits * kRP * kDVP];
   alignas(64) float red[kRC * 16 * 16];  // partial dot products [row][key][16 lanes]
   alignas(64) fjk_elem zero_row[kZeroRow];  // what keys past the block read
+  alignas(64) fjk_elem vpack[kDecPackV ? BLOCK_N * kVPS : 1];  // V rows copied densely (kDecPackV)
 #if FJK_DEC_BF16DOT
   alignas(64) unsigned short pb[kRP * kNP];  // P rounded to bf16 [r][n]
   float qscale;                              // what S = Q K^T is multiplied by
@@ -440,6 +467,16 @@ static inline void fjk_pv_rows(struct FjkDecTile* t, const struct FjkDecUnit* u,
   if constexpr (kFirst < kDVV) {
     fjk_pv_tile<kFirst>(t, u, row0, nvalid);
     fjk_pv_rows<kFirst + kDC>(t, u, row0, nvalid);
+  }
+}
+// V rows [0, nvalid) into the dense scratch, repointing vrow (kDecPackV; `sparse`: the rows are
+// not already one dense run).
+static inline void fjk_dec_pack_v(struct FjkDecTile* t, int nvalid, bool sparse) {
+  if (!kDecPackV || !sparse) return;
+  FJK_ROLLED_LOOP
+  for (int n = 0; n < nvalid; ++n) {
+    __builtin_memcpy(t->vpack + n * kVPS, t->vrow[n], sizeof(fjk_elem) * HEAD_DIM_V);
+    t->vrow[n] = t->vpack + n * kVPS;
   }
 }
 static inline void fjk_dec_pv(struct FjkDecTile* t, const struct FjkDecUnit* u, int mvalid, int nvalid) {

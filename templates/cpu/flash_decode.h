@@ -152,7 +152,10 @@ FJK_SPLIT_LINKAGE __attribute__((noinline)) void fjk_dec_visit(const struct Flex
     const struct FjkDecUnit unit = fjk_dec_unit(t, u);
     fjk_dec_scores(t, &unit, it->mvalid, nvalid);
     fjk_dec_apply_mods(a, it, u, t, kv0, nvalid, partial);
-    if (fjk_dec_softmax(t, &unit, it->mvalid, nvalid)) fjk_dec_pv(t, &unit, it->mvalid, nvalid);
+    if (fjk_dec_softmax(t, &unit, it->mvalid, nvalid)) {
+      fjk_dec_pack_v(t, nvalid, a->block_table != nullptr || a->v_strides[2] != HEAD_DIM_V);
+      fjk_dec_pv(t, &unit, it->mvalid, nvalid);
+    }
   }
 }
 #endif  // FLEXJIT_PART != 2
