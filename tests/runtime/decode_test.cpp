@@ -19,6 +19,7 @@
 #include "runtime/reference.h"
 #include "runtime/tuning.h"
 #include "score_mods/registry.h"
+#include "tests/support/cpu_target.h"
 #include "tests/support/numerics.h"
 
 namespace flexjit {
