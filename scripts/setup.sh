@@ -9,6 +9,7 @@ APT_PACKAGES=(
   libtbb-dev                                     # CPU parallelism
   libgtest-dev libbenchmark-dev                  # tests and benchmarks
   nlohmann-json3-dev libcli11-dev                # JSON reports, the command line
+  g++-aarch64-linux-gnu qemu-user-static         # Arm kernels linked and run under emulation (tests)
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
