@@ -24,8 +24,15 @@
 #if FLEXJIT_DTYPE != 1
 #error "the vdpbf16ps engine is bf16 only"
 #endif
-#if !defined(__AVX512BF16__) || !defined(__AVX512BW__)
-#error "the vdpbf16ps engine needs a host with AVX512-BF16 and AVX512-BW"
+// x86: AVX512-BF16's vdpbf16ps. Arm (FEAT_BF16: Neoverse V1 / N2 / V2, Graviton 3 and 4):
+// BFDOT, whose lanes pair their operands the same way (lane i += a[2i] b[2i] + a[2i+1] b[2i+1]),
+// four 128-bit BFDOTs per 16-lane step; the layout, packing and driver are shared.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define FJK_DP_X86 1
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC)
+#define FJK_DP_X86 0
+#else
+#error "the bf16 dot-product engine needs AVX512-BF16 + AVX512-BW (x86) or FEAT_BF16 (Arm)"
 #endif
 
 typedef unsigned fjk_u32;
@@ -58,11 +65,33 @@ struct FjkTile {
 };
 static_assert(sizeof(struct FjkTile) <= (1 << 20), "tile scratch exceeds 1 MiB of stack");
 
-// acc += a . b with b one dword broadcast to every lane: vdpbf16ps zmm, zmm, m32{1to16}.
+// acc += a . b with b one dword broadcast to every lane: vdpbf16ps zmm, zmm, m32{1to16}; on Arm
+// four BFDOTs (by quarters: bfdot v.4s, v.8h, v.8h).
+#if FJK_DP_X86
 static inline fj_v16f fjk_dp(fj_v16f acc, fj_v16u a, fjk_u32 b) {
   return __builtin_ia32_dpbf16ps_512(acc, __builtin_bit_cast(fj_v32bf, a),
                                      __builtin_bit_cast(fj_v32bf, (fj_v16u){} + b));
 }
+#else
+typedef signed char fj_n_i8x16 __attribute__((neon_vector_type(16)));
+typedef unsigned fj_v4u __attribute__((vector_size(16)));
+typedef float fj_v4f __attribute__((vector_size(16)));
+static inline fj_v4f fjk_bfdot4(fj_v4f acc, fj_v4u a, fj_n_i8x16 b) {
+  // 41: the element-type code arm_neon.h's vbfdotq_f32 passes (float32x4_t result).
+  return __builtin_bit_cast(fj_v4f, __builtin_neon_vbfdotq_f32(__builtin_bit_cast(fj_n_i8x16, acc),
+                                                               __builtin_bit_cast(fj_n_i8x16, a), b, 41));
+}
+static inline fj_v16f fjk_dp(fj_v16f acc, fj_v16u a, fjk_u32 b) {
+  const fj_n_i8x16 bb = __builtin_bit_cast(fj_n_i8x16, (fj_v4u){b, b, b, b});
+  const fj_v4f r0 = fjk_bfdot4(__builtin_shufflevector(acc, acc, 0, 1, 2, 3), __builtin_shufflevector(a, a, 0, 1, 2, 3), bb);
+  const fj_v4f r1 = fjk_bfdot4(__builtin_shufflevector(acc, acc, 4, 5, 6, 7), __builtin_shufflevector(a, a, 4, 5, 6, 7), bb);
+  const fj_v4f r2 = fjk_bfdot4(__builtin_shufflevector(acc, acc, 8, 9, 10, 11), __builtin_shufflevector(a, a, 8, 9, 10, 11), bb);
+  const fj_v4f r3 = fjk_bfdot4(__builtin_shufflevector(acc, acc, 12, 13, 14, 15), __builtin_shufflevector(a, a, 12, 13, 14, 15), bb);
+  return __builtin_shufflevector(__builtin_shufflevector(r0, r1, 0, 1, 2, 3, 4, 5, 6, 7),
+                                 __builtin_shufflevector(r2, r3, 0, 1, 2, 3, 4, 5, 6, 7), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
+                                 10, 11, 12, 13, 14, 15);
+}
+#endif
 static inline fj_v16u fjk_load_u(const fjk_u32* p) { return *(const fj_v16u*)p; }  // aligned
 
 // ---- packing ----
@@ -150,6 +179,21 @@ __attribute__((noinline)) static void fjk_pack_v(const fjk_elem* src, fj_i64 s_r
   }
 }
 
+// (bf16(lo), bf16(hi)) as 32 words, rounded to nearest even: vcvtne2ps2bf16 on x86; on Arm the
+// same rounding in integer arithmetic (P is finite and >= 0, so no NaN case).
+static inline fj_v32h fjk_cvt2_bf16(fj_v16f hi, fj_v16f lo) {
+#if FJK_DP_X86
+  return __builtin_bit_cast(fj_v32h, __builtin_ia32_cvtne2ps2bf16_512(hi, lo));
+#else
+  const fj_v16u l = __builtin_bit_cast(fj_v16u, lo), h = __builtin_bit_cast(fj_v16u, hi);
+  const fj_v16u lr = (l + 0x7fffu + ((l >> 16) & 1u)) >> 16, hr = (h + 0x7fffu + ((h >> 16) & 1u)) >> 16;
+  typedef unsigned short fj_v16w __attribute__((vector_size(32)));
+  const fj_v16w lw = __builtin_convertvector(lr, fj_v16w), hw = __builtin_convertvector(hr, fj_v16w);
+  return __builtin_shufflevector(lw, hw, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
+                                 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
+#endif
+}
+
 // pb[p][m] = (bf16 P^T[2p][m], bf16 P^T[2p + 1][m]) for p < ceil(nvalid / 2); the partner row
 // of an odd nvalid is 0. Per 16 rows of m: two loads, one two-vector convert (round to nearest
 // even) and one interleaving word permute.
@@ -164,7 +208,7 @@ static inline void fjk_pack_p(const float* __restrict st, int nvalid, fjk_u32* _
       const fj_v16f lo = fjk_load(r0 + 16 * i);
       const fj_v16f hi = has1 ? fjk_load(r0 + kMP + 16 * i) : fjk_splat(0.0f);
       // The second operand converts into the low half: words 0-15 = lo, 16-31 = hi.
-      const fj_v32h both = __builtin_bit_cast(fj_v32h, __builtin_ia32_cvtne2ps2bf16_512(hi, lo));
+      const fj_v32h both = fjk_cvt2_bf16(hi, lo);
       *(fj_v32h*)(pb + p * kMP + 16 * i) = __builtin_shufflevector(
           both, both, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24, 9, 25, 10, 26,
           11, 27, 12, 28, 13, 29, 14, 30, 15, 31);

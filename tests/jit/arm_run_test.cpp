@@ -3,7 +3,8 @@
 // the JIT's own pipeline (jit::cross_compile_cpp_to_object) for Neoverse N1 (NEON) and Neoverse
 // V1 with 256-bit SVE, are linked statically with tests/arm/prefill_harness.cpp by the aarch64
 // cross g++ and run under QEMU's user-mode emulator, which checks them against a float64
-// reference (ALiBi + causal, GQA 3, Lq 97, Lkv 129, D 80). This proves what the Arm build
+// reference (ALiBi + causal, GQA 3, Lq 97, Lkv 129, D 80), bf16 also on the dot-product engine
+// (BFDOT on Arm, templates/cpu/prefill_dpbf16.h). This proves what the Arm build
 // computes, not how fast: timing an emulator means nothing. Skips, saying why, when the cross
 // g++ or qemu-aarch64 is missing (scripts/setup.sh installs both).
 #include <gtest/gtest.h>
@@ -11,6 +12,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -69,7 +71,19 @@ struct ArmCase {
   CrossTarget target;
   const char* qemu_cpu;
   DType dtype;
+  PrefillEngine engine = PrefillEngine::Fma;  // Dpbf16: BFDOT on Arm
 };
+
+// Whether an AArch64 object holds a vector BFDOT (bfdot v.4s, v.8h, v.8h: 0x6e40fc00 with Rm, Rn,
+// Rd in the mask's zero bits), scanning 4-byte words.
+bool has_bfdot(const std::string& object) {
+  for (size_t i = 0; i + 4 <= object.size(); i += 4) {
+    uint32_t w;
+    std::memcpy(&w, object.data() + i, 4);
+    if ((w & 0xffe0fc00u) == 0x6e40fc00u) return true;
+  }
+  return false;
+}
 
 class ArmRun : public ::testing::TestWithParam<ArmCase> {};
 
@@ -88,6 +102,7 @@ TEST_P(ArmRun, PrefillMatchesFloat64Reference) {
   spec.block_m = 32;
   spec.block_n = 64;
   spec.gqa_group = 3;
+  spec.engine = c.engine;
   KernelSpec mods_spec;
   mods_spec.kind = KernelKind::Mods;
   ShapeInfo shape{1, 6, 2, 97, 129};
@@ -108,6 +123,7 @@ TEST_P(ArmRun, PrefillMatchesFloat64Reference) {
   ASSERT_NO_THROW(kr = cross_compile_cpp_to_object(make_source(spec, ModSet{}, entry), "arm_prefill.cpp", c.target));
   ASSERT_NO_THROW(mr = cross_compile_cpp_to_object(make_source(mods_spec, mods, mods_entry), "arm_mods.cpp", c.target));
   const fs::path kobj = write_object(dir, "prefill", kr.object), mobj = write_object(dir, "mods", mr.object);
+  EXPECT_EQ(has_bfdot(kr.object), c.engine == PrefillEngine::Dpbf16) << c.what << ": BFDOT in the kernel";
 
   std::string out;
   for (const fs::path& o : {kobj, mobj})  // a split kernel's archive needs a symbol index to link
@@ -148,7 +164,9 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(ArmCase{"neon fp32", kNeon, "neoverse-n1", DType::F32},
                       ArmCase{"neon bf16", kNeon, "neoverse-n1", DType::BF16},
                       ArmCase{"sve256 fp32", kSve, "max,sve-default-vector-length=32", DType::F32},
-                      ArmCase{"sve256 bf16", kSve, "max,sve-default-vector-length=32", DType::BF16}),
+                      ArmCase{"sve256 bf16", kSve, "max,sve-default-vector-length=32", DType::BF16},
+                      ArmCase{"sve256 bf16 bfdot", kSve, "max,sve-default-vector-length=32", DType::BF16,
+                              PrefillEngine::Dpbf16}),
     [](const ::testing::TestParamInfo<ArmCase>& i) {
       std::string n = i.param.what;
       for (char& ch : n)
