@@ -1,9 +1,10 @@
 // LABELS: numerics cross
-// Arm (aarch64) run under emulation: the prefill kernel and its mods kernel, cross-compiled by
+// Arm (aarch64) run under emulation: the prefill and decode kernels and their mods kernel, cross-compiled by
 // the JIT's own pipeline (jit::cross_compile_cpp_to_object) for Neoverse N1 (NEON) and Neoverse
 // V1 with 256-bit SVE, are linked statically with tests/arm/prefill_harness.cpp by the aarch64
 // cross g++ and run under QEMU's user-mode emulator, which checks them against a float64
-// reference (ALiBi + causal, GQA 3, Lq 97, Lkv 129, D 80), bf16 also on the dot-product engine
+// reference (ALiBi + causal, GQA 3, D 80; prefill Lq 97 Lkv 129, decode a shuffled paged cache
+// of 3 sequences with Lq 2), bf16 prefill also on the dot-product engine
 // (BFDOT on Arm, templates/cpu/prefill_dpbf16.h). This proves what the Arm build
 // computes, not how fast: timing an emulator means nothing. Skips, saying why, when the cross
 // g++ or qemu-aarch64 is missing (scripts/setup.sh installs both).
@@ -72,6 +73,7 @@ struct ArmCase {
   const char* qemu_cpu;
   DType dtype;
   PrefillEngine engine = PrefillEngine::Fma;  // Dpbf16: BFDOT on Arm
+  KernelKind kind = KernelKind::Prefill;      // or Decode (paged, tests/arm/decode_harness.cpp)
 };
 
 // Whether an AArch64 object holds a vector BFDOT (bfdot v.4s, v.8h, v.8h: 0x6e40fc00 with Rm, Rn,
@@ -87,7 +89,7 @@ bool has_bfdot(const std::string& object) {
 
 class ArmRun : public ::testing::TestWithParam<ArmCase> {};
 
-TEST_P(ArmRun, PrefillMatchesFloat64Reference) {
+TEST_P(ArmRun, MatchesFloat64Reference) {
   const ArmCase& c = GetParam();
   const std::string gxx = find_tool({"aarch64-linux-gnu-g++"}), ranlib = find_tool({"aarch64-linux-gnu-ranlib"});
   const std::string qemu = find_tool({"qemu-aarch64-static", "qemu-aarch64"});
@@ -95,11 +97,12 @@ TEST_P(ArmRun, PrefillMatchesFloat64Reference) {
     GTEST_SKIP() << "needs aarch64-linux-gnu-g++ and qemu-aarch64 (apt: g++-aarch64-linux-gnu "
                     "qemu-user-static; scripts/setup.sh installs them)";
 
+  const bool decode = c.kind == KernelKind::Decode;
   KernelSpec spec;
-  spec.kind = KernelKind::Prefill;
+  spec.kind = c.kind;
   spec.dtype = c.dtype;
   spec.head_dim = spec.head_dim_v = 80;
-  spec.block_m = 32;
+  spec.block_m = decode ? 8 : 32;  // decode: the 6 packed (head, query) rows of a GQA group
   spec.block_n = 64;
   spec.gqa_group = 3;
   spec.engine = c.engine;
@@ -118,9 +121,9 @@ TEST_P(ArmRun, PrefillMatchesFloat64Reference) {
     if (ch == ' ') ch = '_';
   const fs::path dir = fs::temp_directory_path() / ("flexjit_arm_" + std::to_string(::getpid()) + "_" + tag);
   fs::create_directories(dir);
-  const std::string entry = "flexjit_arm_prefill", mods_entry = "flexjit_arm_mods";
+  const std::string entry = decode ? "flexjit_arm_decode" : "flexjit_arm_prefill", mods_entry = "flexjit_arm_mods";
   CompileResult kr, mr;
-  ASSERT_NO_THROW(kr = cross_compile_cpp_to_object(make_source(spec, ModSet{}, entry), "arm_prefill.cpp", c.target));
+  ASSERT_NO_THROW(kr = cross_compile_cpp_to_object(make_source(spec, ModSet{}, entry), entry + ".cpp", c.target));
   ASSERT_NO_THROW(mr = cross_compile_cpp_to_object(make_source(mods_spec, mods, mods_entry), "arm_mods.cpp", c.target));
   const fs::path kobj = write_object(dir, "prefill", kr.object), mobj = write_object(dir, "mods", mr.object);
   EXPECT_EQ(has_bfdot(kr.object), c.engine == PrefillEngine::Dpbf16) << c.what << ": BFDOT in the kernel";
@@ -135,8 +138,10 @@ TEST_P(ArmRun, PrefillMatchesFloat64Reference) {
   const std::string link = gxx + " -std=c++17 -O1 -static " + arch + " -I" + repo_root().string() +
                            " -DENTRY=" + entry + " -DMODS_ENTRY=" + mods_entry + " -DDTYPE=" +
                            (c.dtype == DType::F32 ? "0" : "1") +
-                           " -DHEAD_DIM=80 -DHEAD_DIM_V=80 -DBLOCK_M=32 -DGQA_GROUP=3 " +
-                           (repo_root() / "tests/arm/prefill_harness.cpp").string() + " " + kobj.string() + " " +
+                           " -DHEAD_DIM=80 -DHEAD_DIM_V=80 -DBLOCK_M=" + std::to_string(spec.block_m) +
+                           " -DGQA_GROUP=3 " +
+                           (repo_root() / (decode ? "tests/arm/decode_harness.cpp" : "tests/arm/prefill_harness.cpp")).string() +
+                           " " + kobj.string() + " " +
                            mobj.string() + " -lm -o " + exe.string();
   ASSERT_EQ(run(link, &out), 0) << link << "\n" << out;
   const std::string cmd = qemu + " -cpu " + c.qemu_cpu + " " + exe.string();
@@ -166,7 +171,11 @@ INSTANTIATE_TEST_SUITE_P(
                       ArmCase{"sve256 fp32", kSve, "max,sve-default-vector-length=32", DType::F32},
                       ArmCase{"sve256 bf16", kSve, "max,sve-default-vector-length=32", DType::BF16},
                       ArmCase{"sve256 bf16 bfdot", kSve, "max,sve-default-vector-length=32", DType::BF16,
-                              PrefillEngine::Dpbf16}),
+                              PrefillEngine::Dpbf16},
+                      ArmCase{"neon decode fp32", kNeon, "neoverse-n1", DType::F32, PrefillEngine::Fma, KernelKind::Decode},
+                      ArmCase{"neon decode bf16", kNeon, "neoverse-n1", DType::BF16, PrefillEngine::Fma, KernelKind::Decode},
+                      ArmCase{"sve256 decode bf16", kSve, "max,sve-default-vector-length=32", DType::BF16,
+                              PrefillEngine::Fma, KernelKind::Decode}),
     [](const ::testing::TestParamInfo<ArmCase>& i) {
       std::string n = i.param.what;
       for (char& ch : n)

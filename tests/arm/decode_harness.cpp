@@ -1,0 +1,158 @@
+// Runs one cross-compiled decode kernel (paged KV) with its mods kernel on an aarch64 machine
+// (QEMU's user-mode emulator) against a float64 reference: see prefill_harness.cpp, whose
+// conventions it shares. The cache is paged (pages of 16 keys, shuffled page table, 3 sequences
+// of different lengths), Lq = 2 queries at absolute positions seq_len - 2 + i (speculative
+// decoding), GQA packed (pack_gqa), one partition; mods ALiBi + causal at those positions.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "templates/mod_abi.h"
+
+extern "C" void ENTRY(const struct FlexDecodeArgs*, fj_i64, fj_i64);
+extern "C" void MODS_ENTRY(struct FlexModKernels*);
+
+namespace {
+
+constexpr int kB = 3, kHkv = 2, kHq = kHkv * GQA_GROUP, kLq = 2, kD = HEAD_DIM, kDv = HEAD_DIM_V, kPage = 16;
+constexpr int kSeq[kB] = {2, 97, 130};  // keys per sequence, its kLq new tokens included
+
+uint64_t rng = 0x9e3779b97f4a7c15ull;
+float uniform() {  // [-1, 1)
+  rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+  return float(int64_t(rng >> 40) - (int64_t(1) << 23)) / float(1 << 23);
+}
+uint16_t to_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+float from_bf16(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+#if DTYPE == 0
+typedef float elem;
+elem store(float x, float* exact) { *exact = x; return x; }
+float load(elem e) { return e; }
+#else
+typedef uint16_t elem;
+elem store(float x, float* exact) { const uint16_t h = to_bf16(x); *exact = from_bf16(h); return h; }
+float load(elem e) { return from_bf16(e); }
+#endif
+
+}  // namespace
+
+int main() {
+  int max_len = 0, pages_per_seq = 0;
+  for (int b = 0; b < kB; ++b) max_len = kSeq[b] > max_len ? kSeq[b] : max_len;
+  pages_per_seq = (max_len + kPage - 1) / kPage;
+  const int num_pages = kB * pages_per_seq + 1;
+  std::vector<int> table(size_t(kB) * pages_per_seq), seq_lens(kSeq, kSeq + kB);
+  for (int i = 0; i < kB * pages_per_seq; ++i) table[i] = (i * 5 + 3) % num_pages;  // shuffled (5, num_pages coprime)
+  const size_t nq = size_t(kB) * kHq * kLq * kD, nkc = size_t(num_pages) * kPage * kHkv * kD,
+               nvc = size_t(num_pages) * kPage * kHkv * kDv, no = size_t(kB) * kHq * kLq * kDv;
+  std::vector<elem> q(nq), kc(nkc), vc(nvc), out(no);
+  std::vector<float> qx(nq), kx(nkc), vx(nvc), slopes(kHq), lse(size_t(kB) * kHq * kLq);
+  for (size_t i = 0; i < nq; ++i) q[i] = store(uniform(), &qx[i]);
+  for (size_t i = 0; i < nkc; ++i) kc[i] = store(uniform(), &kx[i]);
+  for (size_t i = 0; i < nvc; ++i) vc[i] = store(uniform(), &vx[i]);
+  for (int h = 0; h < kHq; ++h) slopes[h] = std::exp2(-8.0f * float(h + 1) / float(kHq));
+  const float scale = 1.0f / std::sqrt(float(kD));
+
+  struct FlexModKernels mk;
+  std::memset(&mk, 0, sizeof mk);
+  MODS_ENTRY(&mk);
+  if (!mk.apply || !mk.has_score_mod || !mk.has_mask_mod) {
+    std::printf("harness: the mods kernel did not report ALiBi + causal\n");
+    return 2;
+  }
+  struct FlexBuffer slopes_buf;
+  std::memset(&slopes_buf, 0, sizeof slopes_buf);
+  slopes_buf.data = slopes.data();
+  slopes_buf.sizes[0] = kHq;
+  slopes_buf.strides[0] = 1;
+  for (int i = 1; i < 4; ++i) slopes_buf.sizes[i] = 1;
+  int error_flag = 0;
+
+  struct FlexDecodeArgs a;
+  std::memset(&a, 0, sizeof a);
+  a.q = q.data(), a.k = kc.data(), a.v = vc.data(), a.out = out.data(), a.lse = lse.data();
+  a.B = kB, a.Hq = kHq, a.Hkv = kHkv, a.Lq = kLq, a.Lkv = max_len, a.Bkv = 1;
+  const fj_i64 qs[4] = {fj_i64(kHq) * kLq * kD, fj_i64(kLq) * kD, kD, 1};
+  const fj_i64 ks[4] = {fj_i64(kPage) * kHkv * kD, fj_i64(kHkv) * kD, kD, 1};  // (page, slot, h, d)
+  const fj_i64 vs[4] = {fj_i64(kPage) * kHkv * kDv, fj_i64(kHkv) * kDv, kDv, 1};
+  const fj_i64 os[4] = {fj_i64(kHq) * kLq * kDv, fj_i64(kLq) * kDv, kDv, 1};
+  for (int i = 0; i < 4; ++i)
+    a.q_strides[i] = qs[i], a.k_strides[i] = ks[i], a.v_strides[i] = vs[i], a.out_strides[i] = os[i];
+  a.lse_strides[0] = fj_i64(kHq) * kLq, a.lse_strides[1] = kLq, a.lse_strides[2] = 1;
+  a.scale = scale;
+  a.block_table = table.data();
+  a.block_table_stride = pages_per_seq;
+  a.page_size = kPage;
+  a.seq_lens = seq_lens.data();
+  a.partition_size = fj_i64(pages_per_seq) * kPage;  // one partition: out and lse written directly
+  a.num_partitions = 1;
+  a.heads_per_item = 1;
+  a.apply_mods = mk.apply;
+  a.has_score_mod = 1;
+  a.has_mask_mod = 1;
+  a.pack_gqa = 1;
+  a.mod.buffers = &slopes_buf;
+  a.mod.error_flag = &error_flag;
+  const int rows = GQA_GROUP * kLq;
+  const fj_i64 items = fj_i64(kB) * kHkv * ((rows + BLOCK_M - 1) / BLOCK_M);
+  ENTRY(&a, 0, items);
+  if (error_flag) {
+    std::printf("harness: the mods raised their error flag\n");
+    return 2;
+  }
+
+  double max_err = 0, max_ref = 0, max_lse_err = 0, max_lse = 0;
+  for (int b = 0; b < kB; ++b)
+    for (int h = 0; h < kHq; ++h) {
+      const int hk = h / GQA_GROUP;
+      for (int i = 0; i < kLq; ++i) {
+        const int qpos = kSeq[b] - kLq + i;
+        std::vector<double> s(size_t(kSeq[b]));
+        double m = -INFINITY;
+        for (int j = 0; j < kSeq[b]; ++j) {
+          const size_t row = (size_t(table[size_t(b) * pages_per_seq + j / kPage]) * kPage + j % kPage) * kHkv + hk;
+          double dot = 0;
+          for (int d = 0; d < kD; ++d) dot += double(qx[((size_t(b) * kHq + h) * kLq + i) * kD + d]) * kx[row * kD + d];
+          s[j] = qpos >= j ? dot * scale + double(slopes[h]) * double(j - qpos) : -INFINITY;
+          m = std::fmax(m, s[j]);
+        }
+        double l = 0;
+        for (int j = 0; j < kSeq[b]; ++j) l += s[j] == -INFINITY ? 0 : std::exp(s[j] - m);
+        for (int e = 0; e < kDv; ++e) {
+          double o = 0;
+          for (int j = 0; j < kSeq[b]; ++j) {
+            if (s[j] == -INFINITY) continue;
+            const size_t row = (size_t(table[size_t(b) * pages_per_seq + j / kPage]) * kPage + j % kPage) * kHkv + hk;
+            o += std::exp(s[j] - m) * vx[row * kDv + e];
+          }
+          o = l > 0 ? o / l : 0.0;
+          const double got = load(out[((size_t(b) * kHq + h) * kLq + i) * kDv + e]);
+          max_err = std::fmax(max_err, std::fabs(got - o));
+          max_ref = std::fmax(max_ref, std::fabs(o));
+        }
+        const double want = l > 0 ? m + std::log(l) : -INFINITY;
+        const double got = lse[(size_t(b) * kHq + h) * kLq + i];
+        if (want == -INFINITY) {
+          if (got != -INFINITY) max_lse_err = INFINITY;  // a fully masked row must give -inf
+        } else {
+          max_lse_err = std::fmax(max_lse_err, std::fabs(got - want));
+          max_lse = std::fmax(max_lse, std::fabs(want));
+        }
+      }
+    }
+  std::printf("max_abs_err %.3e max_abs_ref %.3e max_lse_err %.3e max_abs_lse %.3e\n", max_err, max_ref, max_lse_err,
+              max_lse);
+  return 0;
+}
