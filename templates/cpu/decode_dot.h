@@ -46,8 +46,14 @@ static_assert(HEAD_DIM >= 1 && HEAD_DIM_V >= 1 && BLOCK_M >= 1 && BLOCK_N >= 16,
 static_assert(BLOCK_N % 16 == 0, "decode BLOCK_N must be a multiple of 16");
 static_assert(GQA_GROUP >= 1, "bad GQA_GROUP");
 
+// bf16 pair dot products: x86 vdpbf16ps (AVX512-BF16), or Arm BFDOT (FEAT_BF16), which pairs its
+// operands the same way, four 128-bit BFDOTs per 16-lane step (FJK_DEC_X86 picks the spelling).
 #if FLEXJIT_DTYPE == 1 && defined(__AVX512BF16__)
 #define FJK_DEC_BF16DOT 1
+#define FJK_DEC_X86 1
+#elif FLEXJIT_DTYPE == 1 && defined(__aarch64__) && defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC)
+#define FJK_DEC_BF16DOT 1
+#define FJK_DEC_X86 0
 #else
 #define FJK_DEC_BF16DOT 0
 #endif
@@ -191,9 +197,44 @@ static inline fj_v32bf fjk_load32bf_chunk(const unsigned short* p) {
   if constexpr (kCount >= 32) return fjk_load32bf(p);
   else return fjk_load32bf_part<kCount>(p);
 }
+#if FJK_DEC_X86
 static inline fj_v16f fjk_dpbf16(fj_v16f acc, fj_v32bf a, fj_v32bf b) {
   return __builtin_ia32_dpbf16ps_512(acc, a, b);
 }
+static inline fj_v16bf fjk_to_bf16x16(fj_v16f x) {  // round to nearest even
+  return __builtin_ia32_cvtneps2bf16_512_mask(x, (fj_v16bf){}, (unsigned short)0xffff);
+}
+#else
+typedef signed char fj_n_i8x16 __attribute__((neon_vector_type(16)));
+typedef float fj_v4f __attribute__((vector_size(16)));
+typedef unsigned fj_v4u __attribute__((vector_size(16)));
+static inline fj_v4f fjk_bfdot4(fj_v4f acc, fj_v4u a, fj_v4u b) {
+  // 41: the element-type code arm_neon.h's vbfdotq_f32 passes (float32x4_t result).
+  return __builtin_bit_cast(fj_v4f, __builtin_neon_vbfdotq_f32(__builtin_bit_cast(fj_n_i8x16, acc),
+                                                               __builtin_bit_cast(fj_n_i8x16, a),
+                                                               __builtin_bit_cast(fj_n_i8x16, b), 41));
+}
+static inline fj_v16f fjk_dpbf16(fj_v16f acc, fj_v32bf a, fj_v32bf b) {
+  const fj_v16u au = __builtin_bit_cast(fj_v16u, a), bu = __builtin_bit_cast(fj_v16u, b);
+  const fj_v4f r0 = fjk_bfdot4(__builtin_shufflevector(acc, acc, 0, 1, 2, 3), __builtin_shufflevector(au, au, 0, 1, 2, 3),
+                               __builtin_shufflevector(bu, bu, 0, 1, 2, 3));
+  const fj_v4f r1 = fjk_bfdot4(__builtin_shufflevector(acc, acc, 4, 5, 6, 7), __builtin_shufflevector(au, au, 4, 5, 6, 7),
+                               __builtin_shufflevector(bu, bu, 4, 5, 6, 7));
+  const fj_v4f r2 = fjk_bfdot4(__builtin_shufflevector(acc, acc, 8, 9, 10, 11),
+                               __builtin_shufflevector(au, au, 8, 9, 10, 11), __builtin_shufflevector(bu, bu, 8, 9, 10, 11));
+  const fj_v4f r3 = fjk_bfdot4(__builtin_shufflevector(acc, acc, 12, 13, 14, 15),
+                               __builtin_shufflevector(au, au, 12, 13, 14, 15),
+                               __builtin_shufflevector(bu, bu, 12, 13, 14, 15));
+  return __builtin_shufflevector(__builtin_shufflevector(r0, r1, 0, 1, 2, 3, 4, 5, 6, 7),
+                                 __builtin_shufflevector(r2, r3, 0, 1, 2, 3, 4, 5, 6, 7), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
+                                 10, 11, 12, 13, 14, 15);
+}
+static inline fj_v16bf fjk_to_bf16x16(fj_v16f x) {  // round to nearest even (P: finite, >= 0)
+  const fj_v16u u = __builtin_bit_cast(fj_v16u, x);
+  typedef unsigned short fj_v16w __attribute__((vector_size(32)));
+  return __builtin_bit_cast(fj_v16bf, __builtin_convertvector((u + 0x7fffu + ((u >> 16) & 1u)) >> 16, fj_v16w));
+}
+#endif
 #endif
 
 static inline float fjk_hmax(fj_v16f v) {
@@ -367,8 +408,7 @@ static inline bool fjk_dec_softmax(struct FjkDecTile* t, const struct FjkDecUnit
     for (int v = 0; v < nvec; ++v) {
       const fj_v16f e = fjk_exp2(fjk_load(s + 16 * v) - ref);  // s = -inf gives exactly 0
 #if FJK_DEC_BF16DOT
-      *(fj_v16bf*)(t->pb + r * kNP + 16 * v) =
-          __builtin_ia32_cvtneps2bf16_512_mask(e, (fj_v16bf){}, (unsigned short)0xffff);
+      *(fj_v16bf*)(t->pb + r * kNP + 16 * v) = fjk_to_bf16x16(e);
 #else
       fjk_store(s + 16 * v, e);
 #endif
