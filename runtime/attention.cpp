@@ -134,7 +134,11 @@ bool amx_available(std::string* why) {
 
 bool dpbf16_available(std::string* why) {
   static const std::string reason = [] {
+#if defined(__aarch64__)
+    for (const char* f : {"bf16"})  // FEAT_BF16: BFDOT (templates/cpu/prefill_dpbf16.h's Arm spelling)
+#else
     for (const char* f : {"avx512bf16", "avx512bw"})
+#endif
       if (!jit::target_has_feature(f)) return lacks(f);
     return std::string();
   }();
