@@ -118,6 +118,38 @@ static inline fj_v16f fjk_exp2(fj_v16f x) {
 #endif
 }
 
+// ---- bf16 helpers shared by the dot-product paths (prefill_dpbf16.h, decode_dot.h) ----
+// The bf16 bits of 16 finite floats, rounded to nearest even, in the low halves of 16 u32 (the
+// portable form of vcvtneps2bf16; used where the target has no such instruction).
+static inline fj_v16u fjk_bf16_rne_bits(fj_v16f x) {
+  const fj_v16u u = __builtin_bit_cast(fj_v16u, x);
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+#if defined(__aarch64__) && defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC)
+// acc[i] += a[2i] b[2i] + a[2i+1] b[2i+1] over 16 fp32 lanes of bf16 pairs: Arm's BFDOT, which
+// pairs its operands as x86's vdpbf16ps does, four 128-bit BFDOTs (bfdot v.4s, v.8h, v.8h).
+typedef signed char fj_n_i8x16 __attribute__((neon_vector_type(16)));
+typedef float fj_v4f __attribute__((vector_size(16)));
+typedef unsigned fj_v4u __attribute__((vector_size(16)));
+static inline fj_v4f fjk_bfdot4(fj_v4f acc, fj_v4u a, fj_v4u b) {
+  // 41: the element-type code arm_neon.h's vbfdotq_f32 passes (float32x4_t result).
+  return __builtin_bit_cast(fj_v4f, __builtin_neon_vbfdotq_f32(__builtin_bit_cast(fj_n_i8x16, acc),
+                                                               __builtin_bit_cast(fj_n_i8x16, a),
+                                                               __builtin_bit_cast(fj_n_i8x16, b), 41));
+}
+static inline fj_v16f fjk_bfdot16(fj_v16f acc, fj_v16u a, fj_v16u b) {
+#define FJK_BFDOT_Q(i0, i1, i2, i3)                                                      \
+  fjk_bfdot4(__builtin_shufflevector(acc, acc, i0, i1, i2, i3), __builtin_shufflevector(a, a, i0, i1, i2, i3), \
+             __builtin_shufflevector(b, b, i0, i1, i2, i3))
+  const fj_v4f r0 = FJK_BFDOT_Q(0, 1, 2, 3), r1 = FJK_BFDOT_Q(4, 5, 6, 7), r2 = FJK_BFDOT_Q(8, 9, 10, 11),
+               r3 = FJK_BFDOT_Q(12, 13, 14, 15);
+#undef FJK_BFDOT_Q
+  return __builtin_shufflevector(__builtin_shufflevector(r0, r1, 0, 1, 2, 3, 4, 5, 6, 7),
+                                 __builtin_shufflevector(r2, r3, 0, 1, 2, 3, 4, 5, 6, 7), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
+                                 10, 11, 12, 13, 14, 15);
+}
+#endif
+
 // ---- log2 for one normal, positive, finite fp32 (per-row LSE; computed in double) ----
 // x = 2^e * m with m in [sqrt(1/2), sqrt(2)); ln m = 2 atanh(t), t = (m-1)/(m+1), |t| < 0.172,
 // whose odd series to t^13 is exact to ~1e-12 relative. The softmax sum it is used on is >= 1

@@ -204,35 +204,13 @@ static inline fj_v16f fjk_dpbf16(fj_v16f acc, fj_v32bf a, fj_v32bf b) {
 static inline fj_v16bf fjk_to_bf16x16(fj_v16f x) {  // round to nearest even
   return __builtin_ia32_cvtneps2bf16_512_mask(x, (fj_v16bf){}, (unsigned short)0xffff);
 }
-#else
-typedef signed char fj_n_i8x16 __attribute__((neon_vector_type(16)));
-typedef float fj_v4f __attribute__((vector_size(16)));
-typedef unsigned fj_v4u __attribute__((vector_size(16)));
-static inline fj_v4f fjk_bfdot4(fj_v4f acc, fj_v4u a, fj_v4u b) {
-  // 41: the element-type code arm_neon.h's vbfdotq_f32 passes (float32x4_t result).
-  return __builtin_bit_cast(fj_v4f, __builtin_neon_vbfdotq_f32(__builtin_bit_cast(fj_n_i8x16, acc),
-                                                               __builtin_bit_cast(fj_n_i8x16, a),
-                                                               __builtin_bit_cast(fj_n_i8x16, b), 41));
-}
+#else  // Arm: BFDOT (cpu/common.h) and the portable rounding (P is finite)
 static inline fj_v16f fjk_dpbf16(fj_v16f acc, fj_v32bf a, fj_v32bf b) {
-  const fj_v16u au = __builtin_bit_cast(fj_v16u, a), bu = __builtin_bit_cast(fj_v16u, b);
-  const fj_v4f r0 = fjk_bfdot4(__builtin_shufflevector(acc, acc, 0, 1, 2, 3), __builtin_shufflevector(au, au, 0, 1, 2, 3),
-                               __builtin_shufflevector(bu, bu, 0, 1, 2, 3));
-  const fj_v4f r1 = fjk_bfdot4(__builtin_shufflevector(acc, acc, 4, 5, 6, 7), __builtin_shufflevector(au, au, 4, 5, 6, 7),
-                               __builtin_shufflevector(bu, bu, 4, 5, 6, 7));
-  const fj_v4f r2 = fjk_bfdot4(__builtin_shufflevector(acc, acc, 8, 9, 10, 11),
-                               __builtin_shufflevector(au, au, 8, 9, 10, 11), __builtin_shufflevector(bu, bu, 8, 9, 10, 11));
-  const fj_v4f r3 = fjk_bfdot4(__builtin_shufflevector(acc, acc, 12, 13, 14, 15),
-                               __builtin_shufflevector(au, au, 12, 13, 14, 15),
-                               __builtin_shufflevector(bu, bu, 12, 13, 14, 15));
-  return __builtin_shufflevector(__builtin_shufflevector(r0, r1, 0, 1, 2, 3, 4, 5, 6, 7),
-                                 __builtin_shufflevector(r2, r3, 0, 1, 2, 3, 4, 5, 6, 7), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
-                                 10, 11, 12, 13, 14, 15);
+  return fjk_bfdot16(acc, __builtin_bit_cast(fj_v16u, a), __builtin_bit_cast(fj_v16u, b));
 }
-static inline fj_v16bf fjk_to_bf16x16(fj_v16f x) {  // round to nearest even (P: finite, >= 0)
-  const fj_v16u u = __builtin_bit_cast(fj_v16u, x);
+static inline fj_v16bf fjk_to_bf16x16(fj_v16f x) {
   typedef unsigned short fj_v16w __attribute__((vector_size(32)));
-  return __builtin_bit_cast(fj_v16bf, __builtin_convertvector((u + 0x7fffu + ((u >> 16) & 1u)) >> 16, fj_v16w));
+  return __builtin_bit_cast(fj_v16bf, __builtin_convertvector(fjk_bf16_rne_bits(x), fj_v16w));
 }
 #endif
 #endif

@@ -73,24 +73,7 @@ static inline fj_v16f fjk_dp(fj_v16f acc, fj_v16u a, fjk_u32 b) {
                                      __builtin_bit_cast(fj_v32bf, (fj_v16u){} + b));
 }
 #else
-typedef signed char fj_n_i8x16 __attribute__((neon_vector_type(16)));
-typedef unsigned fj_v4u __attribute__((vector_size(16)));
-typedef float fj_v4f __attribute__((vector_size(16)));
-static inline fj_v4f fjk_bfdot4(fj_v4f acc, fj_v4u a, fj_n_i8x16 b) {
-  // 41: the element-type code arm_neon.h's vbfdotq_f32 passes (float32x4_t result).
-  return __builtin_bit_cast(fj_v4f, __builtin_neon_vbfdotq_f32(__builtin_bit_cast(fj_n_i8x16, acc),
-                                                               __builtin_bit_cast(fj_n_i8x16, a), b, 41));
-}
-static inline fj_v16f fjk_dp(fj_v16f acc, fj_v16u a, fjk_u32 b) {
-  const fj_n_i8x16 bb = __builtin_bit_cast(fj_n_i8x16, (fj_v4u){b, b, b, b});
-  const fj_v4f r0 = fjk_bfdot4(__builtin_shufflevector(acc, acc, 0, 1, 2, 3), __builtin_shufflevector(a, a, 0, 1, 2, 3), bb);
-  const fj_v4f r1 = fjk_bfdot4(__builtin_shufflevector(acc, acc, 4, 5, 6, 7), __builtin_shufflevector(a, a, 4, 5, 6, 7), bb);
-  const fj_v4f r2 = fjk_bfdot4(__builtin_shufflevector(acc, acc, 8, 9, 10, 11), __builtin_shufflevector(a, a, 8, 9, 10, 11), bb);
-  const fj_v4f r3 = fjk_bfdot4(__builtin_shufflevector(acc, acc, 12, 13, 14, 15), __builtin_shufflevector(a, a, 12, 13, 14, 15), bb);
-  return __builtin_shufflevector(__builtin_shufflevector(r0, r1, 0, 1, 2, 3, 4, 5, 6, 7),
-                                 __builtin_shufflevector(r2, r3, 0, 1, 2, 3, 4, 5, 6, 7), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
-                                 10, 11, 12, 13, 14, 15);
-}
+static inline fj_v16f fjk_dp(fj_v16f acc, fj_v16u a, fjk_u32 b) { return fjk_bfdot16(acc, a, (fj_v16u){} + b); }
 #endif
 static inline fj_v16u fjk_load_u(const fjk_u32* p) { return *(const fj_v16u*)p; }  // aligned
 
@@ -180,15 +163,14 @@ __attribute__((noinline)) static void fjk_pack_v(const fjk_elem* src, fj_i64 s_r
 }
 
 // (bf16(lo), bf16(hi)) as 32 words, rounded to nearest even: vcvtne2ps2bf16 on x86; on Arm the
-// same rounding in integer arithmetic (P is finite and >= 0, so no NaN case).
+// same rounding in integer arithmetic (fjk_bf16_rne_bits: P is finite, so no NaN case).
 static inline fj_v32h fjk_cvt2_bf16(fj_v16f hi, fj_v16f lo) {
 #if FJK_DP_X86
   return __builtin_bit_cast(fj_v32h, __builtin_ia32_cvtne2ps2bf16_512(hi, lo));
 #else
-  const fj_v16u l = __builtin_bit_cast(fj_v16u, lo), h = __builtin_bit_cast(fj_v16u, hi);
-  const fj_v16u lr = (l + 0x7fffu + ((l >> 16) & 1u)) >> 16, hr = (h + 0x7fffu + ((h >> 16) & 1u)) >> 16;
   typedef unsigned short fj_v16w __attribute__((vector_size(32)));
-  const fj_v16w lw = __builtin_convertvector(lr, fj_v16w), hw = __builtin_convertvector(hr, fj_v16w);
+  const fj_v16w lw = __builtin_convertvector(fjk_bf16_rne_bits(lo), fj_v16w),
+                hw = __builtin_convertvector(fjk_bf16_rne_bits(hi), fj_v16w);
   return __builtin_shufflevector(lw, hw, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
                                  21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
 #endif

@@ -3,49 +3,16 @@
 // conventions it shares. The cache is paged (pages of 16 keys, shuffled page table, 3 sequences
 // of different lengths), Lq = 2 queries at absolute positions seq_len - 2 + i (speculative
 // decoding), GQA packed (pack_gqa), one partition; mods ALiBi + causal at those positions.
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstring>
-#include <vector>
-
-#include "templates/mod_abi.h"
+#include "tests/arm/harness_common.h"
 
 extern "C" void ENTRY(const struct FlexDecodeArgs*, fj_i64, fj_i64);
 extern "C" void MODS_ENTRY(struct FlexModKernels*);
 
-namespace {
+using namespace arm_harness;
 
+namespace {
 constexpr int kB = 3, kHkv = 2, kHq = kHkv * GQA_GROUP, kLq = 2, kD = HEAD_DIM, kDv = HEAD_DIM_V, kPage = 16;
 constexpr int kSeq[kB] = {2, 97, 130};  // keys per sequence, its kLq new tokens included
-
-uint64_t rng = 0x9e3779b97f4a7c15ull;
-float uniform() {  // [-1, 1)
-  rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-  return float(int64_t(rng >> 40) - (int64_t(1) << 23)) / float(1 << 23);
-}
-uint16_t to_bf16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
-float from_bf16(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
-#if DTYPE == 0
-typedef float elem;
-elem store(float x, float* exact) { *exact = x; return x; }
-float load(elem e) { return e; }
-#else
-typedef uint16_t elem;
-elem store(float x, float* exact) { const uint16_t h = to_bf16(x); *exact = from_bf16(h); return h; }
-float load(elem e) { return from_bf16(e); }
-#endif
-
 }  // namespace
 
 int main() {
@@ -55,29 +22,16 @@ int main() {
   const int num_pages = kB * pages_per_seq + 1;
   std::vector<int> table(size_t(kB) * pages_per_seq), seq_lens(kSeq, kSeq + kB);
   for (int i = 0; i < kB * pages_per_seq; ++i) table[i] = (i * 5 + 3) % num_pages;  // shuffled (5, num_pages coprime)
-  const size_t nq = size_t(kB) * kHq * kLq * kD, nkc = size_t(num_pages) * kPage * kHkv * kD,
-               nvc = size_t(num_pages) * kPage * kHkv * kDv, no = size_t(kB) * kHq * kLq * kDv;
-  std::vector<elem> q(nq), kc(nkc), vc(nvc), out(no);
-  std::vector<float> qx(nq), kx(nkc), vx(nvc), slopes(kHq), lse(size_t(kB) * kHq * kLq);
-  for (size_t i = 0; i < nq; ++i) q[i] = store(uniform(), &qx[i]);
-  for (size_t i = 0; i < nkc; ++i) kc[i] = store(uniform(), &kx[i]);
-  for (size_t i = 0; i < nvc; ++i) vc[i] = store(uniform(), &vx[i]);
-  for (int h = 0; h < kHq; ++h) slopes[h] = std::exp2(-8.0f * float(h + 1) / float(kHq));
+  std::vector<elem> q, kc, vc, out(size_t(kB) * kHq * kLq * kDv);
+  std::vector<float> qx, kx, vx, lse(size_t(kB) * kHq * kLq);
+  fill(&q, &qx, size_t(kB) * kHq * kLq * kD);
+  fill(&kc, &kx, size_t(num_pages) * kPage * kHkv * kD);
+  fill(&vc, &vx, size_t(num_pages) * kPage * kHkv * kDv);
+  const std::vector<float> slopes = alibi_slopes(kHq);
+  const struct FlexBuffer slopes_buf = vector_buffer(slopes);
   const float scale = 1.0f / std::sqrt(float(kD));
-
   struct FlexModKernels mk;
-  std::memset(&mk, 0, sizeof mk);
-  MODS_ENTRY(&mk);
-  if (!mk.apply || !mk.has_score_mod || !mk.has_mask_mod) {
-    std::printf("harness: the mods kernel did not report ALiBi + causal\n");
-    return 2;
-  }
-  struct FlexBuffer slopes_buf;
-  std::memset(&slopes_buf, 0, sizeof slopes_buf);
-  slopes_buf.data = slopes.data();
-  slopes_buf.sizes[0] = kHq;
-  slopes_buf.strides[0] = 1;
-  for (int i = 1; i < 4; ++i) slopes_buf.sizes[i] = 1;
+  if (!load_mods(MODS_ENTRY, &mk)) return 2;
   int error_flag = 0;
 
   struct FlexDecodeArgs a;
@@ -113,7 +67,7 @@ int main() {
     return 2;
   }
 
-  double max_err = 0, max_ref = 0, max_lse_err = 0, max_lse = 0;
+  Errors err;
   for (int b = 0; b < kB; ++b)
     for (int h = 0; h < kHq; ++h) {
       const int hk = h / GQA_GROUP;
@@ -137,22 +91,10 @@ int main() {
             const size_t row = (size_t(table[size_t(b) * pages_per_seq + j / kPage]) * kPage + j % kPage) * kHkv + hk;
             o += std::exp(s[j] - m) * vx[row * kDv + e];
           }
-          o = l > 0 ? o / l : 0.0;
-          const double got = load(out[((size_t(b) * kHq + h) * kLq + i) * kDv + e]);
-          max_err = std::fmax(max_err, std::fabs(got - o));
-          max_ref = std::fmax(max_ref, std::fabs(o));
+          err.add_out(load(out[((size_t(b) * kHq + h) * kLq + i) * kDv + e]), l > 0 ? o / l : 0.0);
         }
-        const double want = l > 0 ? m + std::log(l) : -INFINITY;
-        const double got = lse[(size_t(b) * kHq + h) * kLq + i];
-        if (want == -INFINITY) {
-          if (got != -INFINITY) max_lse_err = INFINITY;  // a fully masked row must give -inf
-        } else {
-          max_lse_err = std::fmax(max_lse_err, std::fabs(got - want));
-          max_lse = std::fmax(max_lse, std::fabs(want));
-        }
+        err.add_lse(lse[(size_t(b) * kHq + h) * kLq + i], l > 0 ? m + std::log(l) : -INFINITY);
       }
     }
-  std::printf("max_abs_err %.3e max_abs_ref %.3e max_lse_err %.3e max_abs_lse %.3e\n", max_err, max_ref, max_lse_err,
-              max_lse);
-  return 0;
+  return err.report();
 }

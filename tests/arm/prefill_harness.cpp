@@ -4,79 +4,31 @@
 // tests/jit/arm_run_test.cpp with the aarch64 cross g++, linked statically with the kernel and
 // mods objects the JIT emitted for Arm, never by CMake.
 //
-// The kernel: ENTRY (prefill, dtype DTYPE 0 fp32 / 1 bf16, HEAD_DIM, HEAD_DIM_V, GQA_GROUP); the
-// mods: MODS_ENTRY, score_mod ALiBi (buffer "slopes" [Hq]) and mask_mod causal. Prints
-// "max_abs_err <x> max_abs_ref <y> max_lse_err <z> max_abs_lse <w>" and exits 0; a harness failure exits 2.
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstring>
-#include <vector>
-
-#include "templates/mod_abi.h"
+// The kernel: ENTRY (prefill, dtype DTYPE 0 fp32 / 1 bf16, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
+// GQA_GROUP); the mods: MODS_ENTRY, score_mod ALiBi (buffer "slopes" [Hq]) and mask_mod causal.
+// Prints the line of harness_common.h's Errors and exits 0; a harness failure exits 2.
+#include "tests/arm/harness_common.h"
 
 extern "C" void ENTRY(const struct FlexPrefillArgs*, fj_i64, fj_i64);
 extern "C" void MODS_ENTRY(struct FlexModKernels*);
 
+using namespace arm_harness;
+
 namespace {
-
 constexpr int kB = 1, kHkv = 2, kHq = kHkv * GQA_GROUP, kLq = 97, kLkv = 129, kD = HEAD_DIM, kDv = HEAD_DIM_V;
-
-uint64_t rng = 0x9e3779b97f4a7c15ull;
-float uniform() {  // [-1, 1)
-  rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-  return float(int64_t(rng >> 40) - (int64_t(1) << 23)) / float(1 << 23);
-}
-
-uint16_t to_bf16(float x) {  // round to nearest even
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
-float from_bf16(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
-
-#if DTYPE == 0
-typedef float elem;
-elem store(float x, float* exact) { *exact = x; return x; }
-float load(elem e) { return e; }
-#else
-typedef uint16_t elem;
-elem store(float x, float* exact) { const uint16_t h = to_bf16(x); *exact = from_bf16(h); return h; }
-float load(elem e) { return from_bf16(e); }
-#endif
-
 }  // namespace
 
 int main() {
-  const size_t nq = size_t(kB) * kHq * kLq * kD, nk = size_t(kB) * kHkv * kLkv * kD,
-               nv = size_t(kB) * kHkv * kLkv * kDv, no = size_t(kB) * kHq * kLq * kDv;
-  std::vector<elem> q(nq), k(nk), v(nv), out(no);
-  std::vector<float> qx(nq), kx(nk), vx(nv), slopes(kHq), lse(size_t(kB) * kHq * kLq);
-  for (size_t i = 0; i < nq; ++i) q[i] = store(uniform(), &qx[i]);
-  for (size_t i = 0; i < nk; ++i) k[i] = store(uniform(), &kx[i]);
-  for (size_t i = 0; i < nv; ++i) v[i] = store(uniform(), &vx[i]);
-  for (int h = 0; h < kHq; ++h) slopes[h] = std::exp2(-8.0f * float(h + 1) / float(kHq));
+  std::vector<elem> q, k, v, out(size_t(kB) * kHq * kLq * kDv);
+  std::vector<float> qx, kx, vx, lse(size_t(kB) * kHq * kLq);
+  fill(&q, &qx, size_t(kB) * kHq * kLq * kD);
+  fill(&k, &kx, size_t(kB) * kHkv * kLkv * kD);
+  fill(&v, &vx, size_t(kB) * kHkv * kLkv * kDv);
+  const std::vector<float> slopes = alibi_slopes(kHq);
+  const struct FlexBuffer slopes_buf = vector_buffer(slopes);
   const float scale = 1.0f / std::sqrt(float(kD));
-
   struct FlexModKernels mk;
-  std::memset(&mk, 0, sizeof mk);
-  MODS_ENTRY(&mk);
-  if (!mk.apply || !mk.has_score_mod || !mk.has_mask_mod) {
-    std::printf("harness: the mods kernel did not report ALiBi + causal\n");
-    return 2;
-  }
-  struct FlexBuffer slopes_buf;
-  std::memset(&slopes_buf, 0, sizeof slopes_buf);
-  slopes_buf.data = slopes.data();
-  slopes_buf.sizes[0] = kHq;
-  slopes_buf.strides[0] = 1;
-  for (int i = 1; i < 4; ++i) slopes_buf.sizes[i] = 1;
+  if (!load_mods(MODS_ENTRY, &mk)) return 2;
   int error_flag = 0;
 
   struct FlexPrefillArgs a;
@@ -95,17 +47,15 @@ int main() {
   a.has_score_mod = 1;
   a.has_mask_mod = 1;  // no block mask: every block is partial
   a.mod.buffers = &slopes_buf;
-  a.mod.params = nullptr;
   a.mod.error_flag = &error_flag;
   a.window_left = a.window_right = -1;
-  const fj_i64 items = fj_i64(kB) * kHq * ((kLq + BLOCK_M - 1) / BLOCK_M);
-  ENTRY(&a, 0, items);
+  ENTRY(&a, 0, fj_i64(kB) * kHq * ((kLq + BLOCK_M - 1) / BLOCK_M));
   if (error_flag) {
     std::printf("harness: the mods raised their error flag\n");
     return 2;
   }
 
-  double max_err = 0, max_ref = 0, max_lse_err = 0, max_lse = 0;
+  Errors err;
   std::vector<double> s(kLkv);
   for (int b = 0; b < kB; ++b)
     for (int h = 0; h < kHq; ++h) {
@@ -126,16 +76,10 @@ int main() {
           double o = 0;
           for (int j = 0; j < kLkv; ++j)
             if (s[j] != -INFINITY) o += std::exp(s[j] - m) * vx[((size_t(b) * kHkv + hk) * kLkv + j) * kDv + e];
-          o /= l;
-          const double got = load(out[((size_t(b) * kHq + h) * kLq + i) * kDv + e]);
-          max_err = std::fmax(max_err, std::fabs(got - o));
-          max_ref = std::fmax(max_ref, std::fabs(o));
+          err.add_out(load(out[((size_t(b) * kHq + h) * kLq + i) * kDv + e]), o / l);
         }
-        max_lse_err = std::fmax(max_lse_err, std::fabs(double(lse[(size_t(b) * kHq + h) * kLq + i]) - (m + std::log(l))));
-        max_lse = std::fmax(max_lse, std::fabs(m + std::log(l)));
+        err.add_lse(lse[(size_t(b) * kHq + h) * kLq + i], m + std::log(l));
       }
     }
-  std::printf("max_abs_err %.3e max_abs_ref %.3e max_lse_err %.3e max_abs_lse %.3e\n", max_err, max_ref, max_lse_err,
-              max_lse);
-  return 0;
+  return err.report();
 }
