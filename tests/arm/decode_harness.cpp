@@ -27,24 +27,16 @@ int main() {
   fill(&q, &qx, size_t(kB) * kHq * kLq * kD);
   fill(&kc, &kx, size_t(num_pages) * kPage * kHkv * kD);
   fill(&vc, &vx, size_t(num_pages) * kPage * kHkv * kDv);
-  const std::vector<float> slopes = alibi_slopes(kHq);
-  const struct FlexBuffer slopes_buf = vector_buffer(slopes);
+  Mods mods(kHq, MODS_ENTRY);
+  if (!mods.ok) return 2;
+  const std::vector<float>& slopes = mods.slopes;
   const float scale = 1.0f / std::sqrt(float(kD));
-  struct FlexModKernels mk;
-  if (!load_mods(MODS_ENTRY, &mk)) return 2;
-  int error_flag = 0;
 
   struct FlexDecodeArgs a;
   std::memset(&a, 0, sizeof a);
-  a.q = q.data(), a.k = kc.data(), a.v = vc.data(), a.out = out.data(), a.lse = lse.data();
+  set_tensors(&a, q.data(), {kB, kHq, kLq, kD}, kc.data(), {num_pages, kPage, kHkv, kD}, vc.data(),
+              {num_pages, kPage, kHkv, kDv}, out.data(), {kB, kHq, kLq, kDv}, lse.data(), {kB, kHq, kLq});
   a.B = kB, a.Hq = kHq, a.Hkv = kHkv, a.Lq = kLq, a.Lkv = max_len, a.Bkv = 1;
-  const fj_i64 qs[4] = {fj_i64(kHq) * kLq * kD, fj_i64(kLq) * kD, kD, 1};
-  const fj_i64 ks[4] = {fj_i64(kPage) * kHkv * kD, fj_i64(kHkv) * kD, kD, 1};  // (page, slot, h, d)
-  const fj_i64 vs[4] = {fj_i64(kPage) * kHkv * kDv, fj_i64(kHkv) * kDv, kDv, 1};
-  const fj_i64 os[4] = {fj_i64(kHq) * kLq * kDv, fj_i64(kLq) * kDv, kDv, 1};
-  for (int i = 0; i < 4; ++i)
-    a.q_strides[i] = qs[i], a.k_strides[i] = ks[i], a.v_strides[i] = vs[i], a.out_strides[i] = os[i];
-  a.lse_strides[0] = fj_i64(kHq) * kLq, a.lse_strides[1] = kLq, a.lse_strides[2] = 1;
   a.scale = scale;
   a.block_table = table.data();
   a.block_table_stride = pages_per_seq;
@@ -53,16 +45,12 @@ int main() {
   a.partition_size = fj_i64(pages_per_seq) * kPage;  // one partition: out and lse written directly
   a.num_partitions = 1;
   a.heads_per_item = 1;
-  a.apply_mods = mk.apply;
-  a.has_score_mod = 1;
-  a.has_mask_mod = 1;
+  mods.bind(&a);
   a.pack_gqa = 1;
-  a.mod.buffers = &slopes_buf;
-  a.mod.error_flag = &error_flag;
   const int rows = GQA_GROUP * kLq;
   const fj_i64 items = fj_i64(kB) * kHkv * ((rows + BLOCK_M - 1) / BLOCK_M);
   ENTRY(&a, 0, items);
-  if (error_flag) {
+  if (mods.error_flag) {
     std::printf("harness: the mods raised their error flag\n");
     return 2;
   }

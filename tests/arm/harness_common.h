@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <initializer_list>
 #include <vector>
 
 #include "templates/mod_abi.h"
@@ -73,6 +74,51 @@ inline bool load_mods(void (*entry)(struct FlexModKernels*), struct FlexModKerne
   if (mk->apply && mk->has_score_mod && mk->has_mask_mod) return true;
   std::printf("harness: the mods kernel did not report ALiBi + causal\n");
   return false;
+}
+
+// The ALiBi + causal mods of a launch: the slopes, their buffer, the mods kernel's table and the
+// error flag; bind() sets a launch struct's mod fields.
+struct Mods {
+  std::vector<float> slopes;
+  struct FlexBuffer buf;
+  struct FlexModKernels mk;
+  int error_flag = 0;
+  bool ok = false;
+  Mods(int hq, void (*entry)(struct FlexModKernels*)) : slopes(alibi_slopes(hq)) {
+    buf = vector_buffer(slopes);
+    ok = load_mods(entry, &mk);
+  }
+  template <typename Args>
+  void bind(Args* a) {
+    a->apply_mods = mk.apply;
+    a->has_score_mod = 1;
+    a->has_mask_mod = 1;
+    a->mod.buffers = &buf;
+    a->mod.error_flag = &error_flag;
+  }
+};
+
+// Dense row-major strides of a tensor of the given sizes.
+inline void dense_strides(std::initializer_list<fj_i64> sizes, fj_i64* strides) {
+  const int n = int(sizes.size());
+  fj_i64 s = 1;
+  for (int i = n - 1; i >= 0; --i) {
+    strides[i] = s;
+    s *= sizes.begin()[i];
+  }
+}
+
+// The five tensors of a launch struct (FlexPrefillArgs, FlexDecodeArgs), dense, of these sizes.
+template <typename Args>
+void set_tensors(Args* a, const elem* q, std::initializer_list<fj_i64> qs, const elem* k, std::initializer_list<fj_i64> ks,
+                 const elem* v, std::initializer_list<fj_i64> vs, elem* out, std::initializer_list<fj_i64> os, float* lse,
+                 std::initializer_list<fj_i64> ls) {
+  a->q = q, a->k = k, a->v = v, a->out = out, a->lse = lse;
+  dense_strides(qs, a->q_strides);
+  dense_strides(ks, a->k_strides);
+  dense_strides(vs, a->v_strides);
+  dense_strides(os, a->out_strides);
+  dense_strides(ls, a->lse_strides);
 }
 
 // Accumulates |kernel - reference| over outputs and LSEs, and prints the line the test parses.

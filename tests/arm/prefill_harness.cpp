@@ -24,33 +24,21 @@ int main() {
   fill(&q, &qx, size_t(kB) * kHq * kLq * kD);
   fill(&k, &kx, size_t(kB) * kHkv * kLkv * kD);
   fill(&v, &vx, size_t(kB) * kHkv * kLkv * kDv);
-  const std::vector<float> slopes = alibi_slopes(kHq);
-  const struct FlexBuffer slopes_buf = vector_buffer(slopes);
+  Mods mods(kHq, MODS_ENTRY);
+  if (!mods.ok) return 2;
+  const std::vector<float>& slopes = mods.slopes;
   const float scale = 1.0f / std::sqrt(float(kD));
-  struct FlexModKernels mk;
-  if (!load_mods(MODS_ENTRY, &mk)) return 2;
-  int error_flag = 0;
 
   struct FlexPrefillArgs a;
   std::memset(&a, 0, sizeof a);
-  a.q = q.data(), a.k = k.data(), a.v = v.data(), a.out = out.data(), a.lse = lse.data();
+  set_tensors(&a, q.data(), {kB, kHq, kLq, kD}, k.data(), {kB, kHkv, kLkv, kD}, v.data(), {kB, kHkv, kLkv, kDv},
+              out.data(), {kB, kHq, kLq, kDv}, lse.data(), {kB, kHq, kLq});
   a.B = kB, a.Hq = kHq, a.Hkv = kHkv, a.Lq = kLq, a.Lkv = kLkv, a.Bkv = kB;
-  const fj_i64 qs[4] = {fj_i64(kHq) * kLq * kD, fj_i64(kLq) * kD, kD, 1};
-  const fj_i64 ks[4] = {fj_i64(kHkv) * kLkv * kD, fj_i64(kLkv) * kD, kD, 1};
-  const fj_i64 vs[4] = {fj_i64(kHkv) * kLkv * kDv, fj_i64(kLkv) * kDv, kDv, 1};
-  const fj_i64 os[4] = {fj_i64(kHq) * kLq * kDv, fj_i64(kLq) * kDv, kDv, 1};
-  for (int i = 0; i < 4; ++i)
-    a.q_strides[i] = qs[i], a.k_strides[i] = ks[i], a.v_strides[i] = vs[i], a.out_strides[i] = os[i];
-  a.lse_strides[0] = fj_i64(kHq) * kLq, a.lse_strides[1] = kLq, a.lse_strides[2] = 1;
   a.scale = scale;
-  a.apply_mods = mk.apply;
-  a.has_score_mod = 1;
-  a.has_mask_mod = 1;  // no block mask: every block is partial
-  a.mod.buffers = &slopes_buf;
-  a.mod.error_flag = &error_flag;
+  mods.bind(&a);  // no block mask: every block is partial
   a.window_left = a.window_right = -1;
   ENTRY(&a, 0, fj_i64(kB) * kHq * ((kLq + BLOCK_M - 1) / BLOCK_M));
-  if (error_flag) {
+  if (mods.error_flag) {
     std::printf("harness: the mods raised their error flag\n");
     return 2;
   }
