@@ -4,8 +4,8 @@
 #include "jit/interval.h"
 
 #include <cmath>
-#include <memory>
 #include <cstdio>
+#include <memory>
 #include <sstream>
 
 namespace flexjit::jit {

@@ -119,11 +119,11 @@ static inline fj_v16f fjk_exp2(fj_v16f x) {
 }
 
 // ---- bf16 helpers shared by the dot-product paths (prefill_dpbf16.h, decode_dot.h) ----
-// The bf16 bits of 16 finite floats, rounded to nearest even, in the low halves of 16 u32 (the
-// portable form of vcvtneps2bf16; used where the target has no such instruction).
-static inline fj_v16u fjk_bf16_rne_bits(fj_v16f x) {
+// The bf16 bits of 16 finite floats, rounded to nearest even (the portable form of
+// vcvtneps2bf16; used where the target has no such instruction).
+static inline fj_v16h fjk_bf16_rne(fj_v16f x) {
   const fj_v16u u = __builtin_bit_cast(fj_v16u, x);
-  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return __builtin_convertvector((u + 0x7fffu + ((u >> 16) & 1u)) >> 16, fj_v16h);
 }
 #if defined(__aarch64__) && defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC)
 // acc[i] += a[2i] b[2i] + a[2i+1] b[2i+1] over 16 fp32 lanes of bf16 pairs: Arm's BFDOT, which

@@ -73,6 +73,8 @@ static constexpr int kNP = BLOCK_N;                                  // S row st
 // kRC * kDC P V accumulators up to 16. Without it (AVX2: 16 ymm registers, two per 16-lane
 // vector) the tiles shrink to fit: at most 4 rows, about 8 accumulator registers for Q K^T
 // and 12 for P V (the AVX-512 tiles spilled there and held decode at ~20% of the FMA rate).
+// Measured exception: fp32 caches with <= 4 rows keep the wide tiles everywhere; memory-bound,
+// they ran 0-12% faster than the narrow ones on Zen 2 (not explained beyond that).
 #if defined(__AVX512F__) || (FLEXJIT_DTYPE == 0 && BLOCK_M <= 4)
 #define FJK_DEC_WIDE 1
 static constexpr int kMaxRC = 8, kMaxAccPV = 16;
@@ -118,15 +120,11 @@ typedef float fjk_qelem;           // Q widened and pre-multiplied by the scale
 #endif
 
 static constexpr int kZeroRow = kDP > kDVChunks * kLane ? kDP : kDVChunks * kLane;
-// Without AVX-512, P V reads a block's V rows in several passes (one per register tile of
+// With the narrow tiles, P V reads a block's V rows in several passes (one per register tile of
 // output vectors, about six for D 128). Rows a page apart in a paged cache (Hkv * D elements:
 // a multiple of 4 KiB) share L1 sets, so every pass missed L1: such blocks are first copied
 // into a dense scratch (measured on Zen 2, fp32 paged Llama-8B decode: 80 -> 59 ms at B 4).
-#if FJK_DEC_WIDE
-static constexpr bool kDecPackV = false;
-#else
-static constexpr bool kDecPackV = true;
-#endif
+static constexpr bool kDecPackV = !FJK_DEC_WIDE;
 static constexpr int kVPS = kDVChunks * kLane;  // packed V row stride
 // Head units per work item, at most: an item may hold several heads' rows (each its own online
 // softmax, see flash_decode.h) so that a paged cache's pages are read once for all their heads.
@@ -208,10 +206,7 @@ static inline fj_v16bf fjk_to_bf16x16(fj_v16f x) {  // round to nearest even
 static inline fj_v16f fjk_dpbf16(fj_v16f acc, fj_v32bf a, fj_v32bf b) {
   return fjk_bfdot16(acc, __builtin_bit_cast(fj_v16u, a), __builtin_bit_cast(fj_v16u, b));
 }
-static inline fj_v16bf fjk_to_bf16x16(fj_v16f x) {
-  typedef unsigned short fj_v16w __attribute__((vector_size(32)));
-  return __builtin_bit_cast(fj_v16bf, __builtin_convertvector(fjk_bf16_rne_bits(x), fj_v16w));
-}
+static inline fj_v16bf fjk_to_bf16x16(fj_v16f x) { return __builtin_bit_cast(fj_v16bf, fjk_bf16_rne(x)); }
 #endif
 #endif
 

@@ -163,15 +163,12 @@ __attribute__((noinline)) static void fjk_pack_v(const fjk_elem* src, fj_i64 s_r
 }
 
 // (bf16(lo), bf16(hi)) as 32 words, rounded to nearest even: vcvtne2ps2bf16 on x86; on Arm the
-// same rounding in integer arithmetic (fjk_bf16_rne_bits: P is finite, so no NaN case).
+// same rounding in integer arithmetic (fjk_bf16_rne: P is finite, so no NaN case).
 static inline fj_v32h fjk_cvt2_bf16(fj_v16f hi, fj_v16f lo) {
 #if FJK_DP_X86
   return __builtin_bit_cast(fj_v32h, __builtin_ia32_cvtne2ps2bf16_512(hi, lo));
 #else
-  typedef unsigned short fj_v16w __attribute__((vector_size(32)));
-  const fj_v16w lw = __builtin_convertvector(fjk_bf16_rne_bits(lo), fj_v16w),
-                hw = __builtin_convertvector(fjk_bf16_rne_bits(hi), fj_v16w);
-  return __builtin_shufflevector(lw, hw, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
+  return __builtin_shufflevector(fjk_bf16_rne(lo), fjk_bf16_rne(hi), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
                                  21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
 #endif
 }
