@@ -6,7 +6,10 @@
 Each input is a prefill_bench --benchmark_out JSON (medians are used when repetitions were
 aggregated). Every flexjit row is labelled engine@target by the benchmark; SDPA rows are
 columns of their own. Cells: GFLOP/s (% of the measured ceiling of the engine's instruction).
-The ceilings come from each file's context.
+The ceilings come from each file's context. A torch.compile(flex_attention) file written by
+bench/engines_torch.py adds a `torch.compile` column per dtype; then a second table gives the
+first file's flexjit column of each dtype (the host's default engine) over SDPA and over
+torch.compile (> 1: flexjit faster; the same FLOP count on every side, so this is the time ratio).
 """
 import json
 import sys
@@ -33,6 +36,7 @@ def rows(path):
 
 def main(paths):
     table = OrderedDict()
+    raw = {}
     cols = []
     ceilings = []
     for p in paths:
@@ -46,10 +50,35 @@ def main(paths):
                 cols.append(col)
             cell = f"{gf:.0f}" + (f" ({pct:.0f}%)" if pct is not None else "")
             table.setdefault(shape, {})[col] = cell
+            raw[(shape, col)] = gf
     print("| case | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
     for shape, cells in table.items():
         print(f"| {shape} | " + " | ".join(cells.get(c, "") for c in cols) + " |")
+    default = {}
+    for c in cols:
+        dtype, impl = c.split(" ", 1)
+        if "@" in impl and dtype not in default:
+            default[dtype] = c
+    ratio_cols = [(d, base) for d in default for base in ("sdpa", "torch.compile") if f"{d} {base}" in cols]
+    if ratio_cols:
+        print()
+        print("| case | " + " | ".join(f"{default[d]} / {base}" for d, base in ratio_cols) + " |")
+        print("|---|" + "---:|" * len(ratio_cols))
+        spans = {}
+        for shape in table:
+            cells = []
+            for d, base in ratio_cols:
+                a, b = raw.get((shape, default[d])), raw.get((shape, f"{d} {base}"))
+                if a and b:
+                    cells.append(f"{a / b:.2f}x")
+                    spans.setdefault((d, base), []).append(a / b)
+                else:
+                    cells.append("")
+            print(f"| {shape} | " + " | ".join(cells) + " |")
+        print()
+        for (d, base), xs in spans.items():
+            print(f"- {default[d]} over {d} {base}: {min(xs):.2f}x - {max(xs):.2f}x over {len(xs)} cases")
     print()
     print("Ceilings measured by each run (GFLOP/s, 2 threads): file, target, fma512, fma256, vdpbf16ps, commit, CPU")
     for c in ceilings:
