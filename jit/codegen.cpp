@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <map>
 #include <memory>
 #include <sstream>
 
@@ -42,6 +43,9 @@ FJ_FN fj_i64 fj_imod(fj_i64 a, fj_i64 b, const struct FlexModArgs* m) {
   const fj_i64 d = b == 0 || b == -1 ? 1 : b;
   return b == 0 || b == -1 ? 0 : a % d;
 }
+FJ_FN int fj_iabs32(int a) { return a < 0 ? -a : a; }
+FJ_FN int fj_imin32(int a, int b) { return b < a ? b : a; }
+FJ_FN int fj_imax32(int a, int b) { return a < b ? b : a; }
 FJ_FN fj_i64 fj_f2i(float x) {
   return (x > -9.2233720368547758e18f && x < 9.2233720368547758e18f) ? (fj_i64)x : (fj_i64)(1ull << 63);
 }
@@ -191,6 +195,8 @@ class Emitter {
   Emitter(const ModSet& mods, Backend backend) : mods_(mods), cuda_(backend == Backend::Cuda) {}
 
   std::string emit(const Expr& e) {
+    // An int computation that provably stays in int32 is done in int32 (see all_int32).
+    if (e->type == Type::Int && !is_leaf(e->op) && all_int32(e)) return "((fj_i64)" + emit32(e) + ")";
     switch (e->op) {
       case Op::ConstFloat: return float_literal(e->fval, cuda_ ? Backend::Cuda : Backend::Cpu);
       case Op::ConstInt: return e->ival < 0 ? "(" + std::to_string(e->ival) + "LL)" : std::to_string(e->ival) + "LL";
@@ -202,8 +208,15 @@ class Emitter {
         for (const auto& i : e->args) s += emit(i) + ", ";
         return s + "fj_mod)";
       }
-      case Op::Select:
-        return "(" + emit(e->args[0]) + " ? " + emit(e->args[1]) + " : " + emit(e->args[2]) + ")";
+      case Op::Select: {
+        // C's ?: evaluates only the branch taken, so each branch may use what its side of the
+        // condition implies (a narrower int range); the vectorised select computes both but
+        // keeps only the taken lane (poison in the other is harmless).
+        const std::string c = emit(e->args[0]);
+        const std::string t = in_branch(e->args[0], true, [&] { return emit(e->args[1]); });
+        const std::string f = in_branch(e->args[0], false, [&] { return emit(e->args[2]); });
+        return "(" + c + " ? " + t + " : " + f + ")";
+      }
       default: break;
     }
     if (ir::is_unary(e->op)) return emit_unary(e);
@@ -236,7 +249,9 @@ class Emitter {
       // scalar convert per lane on AVX2, ~20% of an ALiBi kernel there); a value that provably
       // fits int32 converts through int32 instead, which every vector ISA (and CUDA) has. The
       // result is the same: the integer is the same.
-      case Op::ToFloat: return a->type == Type::Int && fits_int32(a) ? "((float)(int)" + x + ")" : "((float)" + x + ")";
+      case Op::ToFloat:
+        if (a->type == Type::Int && all_int32(a)) return "((float)" + emit32(a) + ")";
+        return a->type == Type::Int && fits_int32(a) ? "((float)(int)" + x + ")" : "((float)" + x + ")";
       case Op::ToInt: return a->type == Type::Float ? "fj_f2i(" + x + ")" : "((fj_i64)" + x + ")";
       case Op::ToBool: return "(" + x + " != 0)";
       default: break;
@@ -249,6 +264,9 @@ class Emitter {
   }
 
   std::string emit_binary(const Expr& e) {
+    if (is_comparison(e->op) && e->args[0]->type == Type::Int && e->args[1]->type == Type::Int &&
+        all_int32(e->args[0]) && all_int32(e->args[1]))
+      return "(" + emit32(e->args[0]) + " " + ir::op_name(e->op) + " " + emit32(e->args[1]) + ")";
     std::string x = emit(e->args[0]), y = emit(e->args[1]);
     bool int_operands = e->args[0]->type != Type::Float;
     auto call = [&](const char* f) { return std::string(f) + "(" + x + ", " + y + ")"; };
@@ -280,14 +298,7 @@ class Emitter {
   // over the mods' index contract (b, h, q_idx, kv_idx in [0, 2^31): runtime/bound_mods.h
   // check_mod_index_range) and each int buffer's dtype range.
   bool fits_int32(const Expr& e) {
-    if (!range_) {
-      range_ = std::make_unique<ir::IntervalEvaluator>(std::vector<std::pair<std::string, double>>{},
-                                                       std::vector<ir::BoundBuffer>{});
-      for (ir::Var v : {ir::Var::B, ir::Var::H, ir::Var::QIdx, ir::Var::KvIdx}) range_->set_range(v, 0, kModIndexLimit - 1);
-      for (const auto& d : mods_.buffers)
-        if (d.dtype == DType::I32) range_->set_load_range(d.name, {-2147483648.0, 2147483647.0});
-    }
-    const ir::Interval r = range_->eval(e);
+    const ir::Interval r = range().eval(e);
     return r.lo >= -2147483648.0 && r.hi <= 2147483647.0 && no_int64_overflow(e);
   }
   // Interval arithmetic is over the reals; the int ops wrap at 2^63. A subtree whose int nodes all
@@ -295,7 +306,7 @@ class Emitter {
   // to a large negative value while its interval reads [0, 5]).
   bool no_int64_overflow(const Expr& e) {
     if (e->type == Type::Int) {
-      const ir::Interval r = range_->eval(e);
+      const ir::Interval r = range().eval(e);
       if (!(r.lo > -9.2e18 && r.hi < 9.2e18)) return false;
     }
     for (const auto& a : e->args)
@@ -303,8 +314,130 @@ class Emitter {
     return true;
   }
 
+  // The value ranges codegen reasons with: the mods' index contract (b, h, q_idx, kv_idx in
+  // [0, 2^31): runtime/bound_mods.h check_mod_index_range), each int32 buffer's dtype range, and
+  // inside a where() what its condition implies.
+  ir::IntervalEvaluator& range() {
+    if (!range_) {
+      range_ = std::make_unique<ir::IntervalEvaluator>(std::vector<std::pair<std::string, double>>{},
+                                                       std::vector<ir::BoundBuffer>{});
+      for (ir::Var v : {ir::Var::B, ir::Var::H, ir::Var::QIdx, ir::Var::KvIdx}) range_->set_range(v, 0, kModIndexLimit - 1);
+      for (const auto& d : mods_.buffers)
+        if (d.dtype == DType::I32) range_->set_load_range(d.name, {-2147483648.0, 2147483647.0});
+      range_->set_refine_selects(true);
+    }
+    return *range_;
+  }
+
+  template <class F>
+  std::string in_branch(const Expr& cond, bool taken, F&& emit_branch) {
+    const size_t mark = range().refinement_mark();
+    range().push_refinement(cond, taken);
+    std::string s = emit_branch();
+    range().pop_refinement(mark);
+    return s;
+  }
+
+  static bool is_leaf(Op op) {
+    return op == Op::ConstFloat || op == Op::ConstInt || op == Op::ConstBool || op == Op::Variable || op == Op::Param ||
+           op == Op::Load;
+  }
+  static bool is_comparison(Op op) {
+    return op == Op::Lt || op == Op::Le || op == Op::Gt || op == Op::Ge || op == Op::Eq || op == Op::Ne;
+  }
+
+  // ---- int32 narrowing ----
+  // Mods compute indices in int64 (the IR's int), which vector units handle badly below AVX-512
+  // (no 64-bit multiply, min/max or float conversion on AVX2: LLVM scalarises them) and GPUs run
+  // at a fraction of int32's rate. An int subtree is computed in int32 instead when every int
+  // node in it provably lies in int32, so no int32 operation can overflow and each gives the
+  // value int64 would: interval arithmetic over range() (a where()'s branches under its
+  // condition); a float -> int conversion only of a finite value well inside int32 (out of range
+  // fj_f2i gives INT64_MIN, which int32 cannot); / and % only by a divisor >= 1 (fj_idiv and
+  // fj_imod's checks are then moot and C's / and % agree with them). Trees past kNarrowMaxNodes
+  // skip the analysis (it costs O(nodes^2)).
+  static constexpr int kNarrowMaxNodes = 400;
+  static bool in_int32(ir::Interval r) { return r.lo >= -2147483648.0 && r.hi <= 2147483647.0; }
+
+  bool all_int32(const Expr& e) {
+    if (e->type != Type::Int || count_nodes(e, kNarrowMaxNodes + 1) > kNarrowMaxNodes) return false;
+    const auto key = std::make_pair(e.get(), range().refinement_id());
+    auto it = int32_memo_.find(key);
+    if (it != int32_memo_.end()) return it->second.second;
+    const bool ok = all_int32_uncached(e);
+    int32_memo_.emplace(key, std::make_pair(e, ok));  // holds e: its address stays its own
+    return ok;
+  }
+  bool all_int32_uncached(const Expr& e) {
+    if (!in_int32(range().eval(e))) return false;
+    const auto& a = e->args;
+    switch (e->op) {
+      case Op::ConstInt: case Op::Variable: case Op::Load: return true;
+      case Op::Neg: case Op::Abs: return all_int32(a[0]);
+      case Op::Add: case Op::Sub: case Op::Mul: case Op::Min: case Op::Max: return all_int32(a[0]) && all_int32(a[1]);
+      case Op::Div: case Op::Mod: return range().eval(a[1]).lo >= 1 && all_int32(a[0]) && all_int32(a[1]);
+      case Op::Select: {
+        const size_t mark = range().refinement_mark();
+        range().push_refinement(a[0], true);
+        bool ok = all_int32(a[1]);
+        range().pop_refinement(mark);
+        if (!ok) return false;
+        range().push_refinement(a[0], false);
+        ok = all_int32(a[2]);
+        range().pop_refinement(mark);
+        return ok;
+      }
+      case Op::ToInt: {
+        if (a[0]->type == Type::Bool) return true;
+        if (a[0]->type == Type::Int) return all_int32(a[0]);
+        const ir::Interval r = range().eval(a[0]);
+        return std::isfinite(r.lo) && std::isfinite(r.hi) && r.lo > -1073741824.0 && r.hi < 1073741824.0;
+      }
+      default: return false;
+    }
+  }
+
+  // The C `int` expression of an int subtree all_int32 accepted.
+  std::string emit32(const Expr& e) {
+    const auto& a = e->args;
+    auto call = [&](const char* f) { return std::string(f) + "(" + emit32(a[0]) + ", " + emit32(a[1]) + ")"; };
+    switch (e->op) {
+      case Op::ConstInt: return e->ival < 0 ? "((int)(" + std::to_string(e->ival) + "LL))" : std::to_string(e->ival);
+      case Op::Variable: return "((int)" + std::string(ir::var_name(e->var)) + ")";
+      case Op::Load: return "((int)" + emit(e) + ")";
+      case Op::Neg: return "(-" + emit32(a[0]) + ")";
+      case Op::Abs: return "fj_iabs32(" + emit32(a[0]) + ")";
+      case Op::Add: return "(" + emit32(a[0]) + " + " + emit32(a[1]) + ")";
+      case Op::Sub: return "(" + emit32(a[0]) + " - " + emit32(a[1]) + ")";
+      case Op::Mul: return "(" + emit32(a[0]) + " * " + emit32(a[1]) + ")";
+      case Op::Div: return "(" + emit32(a[0]) + " / " + emit32(a[1]) + ")";
+      case Op::Mod: return "(" + emit32(a[0]) + " % " + emit32(a[1]) + ")";
+      case Op::Min: return call("fj_imin32");
+      case Op::Max: return call("fj_imax32");
+      case Op::Select: {
+        const std::string c = emit(a[0]);
+        const std::string t = in_branch(a[0], true, [&] { return emit32(a[1]); });
+        const std::string f = in_branch(a[0], false, [&] { return emit32(a[2]); });
+        return "(" + c + " ? " + t + " : " + f + ")";
+      }
+      case Op::ToInt: return a[0]->type == Type::Int ? emit32(a[0]) : "((int)" + emit(a[0]) + ")";
+      default: break;
+    }
+    internal_error(__FILE__, __LINE__, std::string("codegen: int32 op ") + ir::op_name(e->op));
+  }
+
+  static int count_nodes(const Expr& e, int limit) {
+    int n = 1;
+    for (const auto& x : e->args) {
+      if (n > limit) break;
+      n += count_nodes(x, limit - n);
+    }
+    return n;
+  }
+
   const ModSet& mods_;
   std::unique_ptr<ir::IntervalEvaluator> range_;
+  std::map<std::pair<const ir::Node*, uint64_t>, std::pair<Expr, bool>> int32_memo_;  // (node, refinement_id())
   const bool cuda_;
 };
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 
 namespace flexjit::ir {
@@ -117,6 +118,59 @@ Interval IntervalEvaluator::load_range(const Node& n) {
 }
 
 Interval IntervalEvaluator::eval(const Expr& e) {
+  Interval r = eval_node(e);
+  return assumed_.empty() ? r : apply_assumed(e, r);
+}
+
+Interval IntervalEvaluator::apply_assumed(const Expr& e, Interval r) {
+  std::string text;
+  for (const Assumed& a : assumed_) {
+    if (a.node->op != e->op || a.node->type != e->type || a.node->args.size() != e->args.size()) continue;
+    if (a.node != e) {
+      if (text.empty()) text = to_string(e);
+      if (text != a.text) continue;
+    }
+    r = {std::max(r.lo, a.range.lo), std::min(r.hi, a.range.hi)};  // may be empty: unreachable
+  }
+  return r;
+}
+
+void IntervalEvaluator::assume(const Expr& e, Interval r) {
+  if (e->op == Op::ConstFloat || e->op == Op::ConstInt || e->op == Op::ConstBool) return;
+  std::string text = to_string(e);
+  uint64_t id = refinement_id() ^ 0x9e3779b97f4a7c15ull;
+  for (char ch : text) id = (id ^ uint8_t(ch)) * 0x100000001b3ull;
+  for (double d : {r.lo, r.hi}) id = (id ^ std::hash<double>{}(d)) * 0x100000001b3ull;
+  assumed_.push_back({e, std::move(text), r, id});
+}
+
+void IntervalEvaluator::push_refinement(const Expr& cond, bool taken) {
+  const Node& c = *cond;
+  if (c.op == Op::Not) return push_refinement(c.args[0], !taken);
+  if ((c.op == Op::And && taken) || (c.op == Op::Or && !taken)) {
+    push_refinement(c.args[0], taken);
+    push_refinement(c.args[1], taken);
+    return;
+  }
+  if (c.op != Op::Lt && c.op != Op::Le && c.op != Op::Gt && c.op != Op::Ge) return;
+  // Normalise to x < y (strict) or x <= y on the side that holds.
+  Expr x = c.args[0], y = c.args[1];
+  bool strict = c.op == Op::Lt || c.op == Op::Gt;
+  if (c.op == Op::Gt || c.op == Op::Ge) std::swap(x, y);  // x > y  <=>  y < x
+  if (!taken) {  // !(x < y) <=> y <= x;  !(x <= y) <=> y < x
+    std::swap(x, y);
+    strict = !strict;
+  }
+  const bool ints = x->type != Type::Float;
+  const Interval a = eval(x), b = eval(y);
+  // A float comparison with a NaN is false whatever the ranges say; finite ranges have no NaN.
+  if (!ints && !(std::isfinite(a.lo) && std::isfinite(a.hi) && std::isfinite(b.lo) && std::isfinite(b.hi))) return;
+  const double step = strict && ints ? 1 : 0;  // x < y on ints: x <= y - 1
+  assume(x, {-kInf, b.hi - step});
+  assume(y, {a.lo + step, kInf});
+}
+
+Interval IntervalEvaluator::eval_node(const Expr& e) {
   const Node& n = *e;
   switch (n.op) {
     case Op::ConstFloat: case Op::ConstInt: case Op::ConstBool:
@@ -130,7 +184,17 @@ Interval IntervalEvaluator::eval(const Expr& e) {
     case Op::Select: {
       Interval c = as_bool(eval(n.args[0]));
       if (c.is_point()) return eval(c.lo != 0 ? n.args[1] : n.args[2]);
-      return hull(eval(n.args[1]), eval(n.args[2]));
+      if (!refine_selects_) return hull(eval(n.args[1]), eval(n.args[2]));
+      const size_t mark = refinement_mark();
+      push_refinement(n.args[0], true);
+      const Interval t = eval(n.args[1]);
+      pop_refinement(mark);
+      push_refinement(n.args[0], false);
+      const Interval f = eval(n.args[2]);
+      pop_refinement(mark);
+      if (t.lo > t.hi) return f;  // a branch no value reaches
+      if (f.lo > f.hi) return t;
+      return hull(t, f);
     }
     default: break;
   }
@@ -150,9 +214,16 @@ Interval IntervalEvaluator::eval(const Expr& e) {
       case Op::Floor: return monotone(a, [](double x) { return std::floor(x); });
       case Op::Ceil: return monotone(a, [](double x) { return std::ceil(x); });
       case Op::ToFloat: return a;
-      case Op::ToInt:  // out of int64 range the conversion gives INT64_MIN: no monotone bound
+      case Op::ToInt: {  // out of int64 range the conversion gives INT64_MIN: no monotone bound
         if (!(a.lo > -9.2233720368547758e18 && a.hi < 9.2233720368547758e18)) return Interval::any();
+        if (n.args[0]->type == Type::Float && n.args[0]->op != Op::ConstFloat) {
+          // The operand is computed in fp32 with approximate math, over the reals here: its value
+          // may sit an ulp or so outside [a.lo, a.hi], and its truncation one integer beyond.
+          const double slack = 1 + std::max(std::fabs(a.lo), std::fabs(a.hi)) * 0x1p-12;
+          return {std::trunc(a.lo - slack), std::trunc(a.hi + slack)};
+        }
         return monotone(a, [](double x) { return std::trunc(x); });
+      }
       case Op::ToBool: return as_bool(a);
       case Op::Log: case Op::Log2: case Op::Sqrt: case Op::Rsqrt:
         if (a.lo <= 0) return Interval::any();  // domain edge: leave it to exact evaluation
@@ -189,6 +260,10 @@ Interval IntervalEvaluator::eval(const Expr& e) {
         if (a.hi - a.lo < m && std::fmod(a.lo, m) <= std::fmod(a.hi, m))
           return {std::fmod(a.lo, m), std::fmod(a.hi, m)};
         return {0, m - 1};
+      }
+      if (b.lo >= 1) {  // |a % b| < b and |a % b| <= |a|, with a's sign (C's truncating %)
+        const double m = b.hi - 1;
+        return {a.lo < 0 ? std::max(-m, a.lo) : 0.0, a.hi > 0 ? std::min(m, a.hi) : 0.0};
       }
       return Interval::any();
     case Op::Lt: return truth(a.hi < b.lo, a.lo >= b.hi);

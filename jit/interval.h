@@ -41,7 +41,33 @@ class IntervalEvaluator {
   // Tri-state for a bool expression: 1 = true everywhere, 0 = false everywhere, -1 = unknown.
   int decide(const Expr& e);
 
+  // Path refinement through where(c, a, b) (off by default; codegen turns it on): `a` is
+  // evaluated knowing c holds and `b` knowing it does not, when c is a comparison (<, <=, >, >=)
+  // of int operands or of floats with finite ranges, or a conjunction (true side) / disjunction
+  // (false side) of such. The known range is attached to the compared subexpression and applies
+  // to every structurally equal subexpression of that branch: in
+  // where(d < 8, d, min(8 + int(log(float(d) / 8) * 2), 15)) the log's argument is >= 1.
+  void set_refine_selects(bool on) { refine_selects_ = on; }
+  // Evaluate (or emit) a select's branch under the same refinement: push what `cond` == `taken`
+  // implies; pop_refinement(mark) drops everything pushed since mark = refinement_mark().
+  size_t refinement_mark() const { return assumed_.size(); }
+  void push_refinement(const Expr& cond, bool taken);
+  void pop_refinement(size_t mark) { assumed_.resize(mark); }
+  // Identifies what is assumed now (equal stacks give equal values): a memo key for callers.
+  uint64_t refinement_id() const { return assumed_.empty() ? 0 : assumed_.back().id; }
+
  private:
+  struct Assumed {
+    Expr node;
+    std::string text;  // to_string(node): structurally equal subtrees match
+    Interval range;
+    uint64_t id;  // hash of this entry and those below it
+  };
+  Interval eval_node(const Expr& e);
+  Interval apply_assumed(const Expr& e, Interval r);
+  void assume(const Expr& e, Interval r);
+  bool refine_selects_ = false;
+  std::vector<Assumed> assumed_;
   Interval load_range(const Node& n);
   Interval vars_[5];
   std::vector<std::pair<std::string, double>> params_;

@@ -44,7 +44,9 @@ has() { [[ " $flags " == *" $1 "* ]]; }
 log() { echo "engines_bench: $*" >&2; }
 log "host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores, commit $(git -C "$ROOT" rev-parse --short HEAD)"
 export FLEXJIT_CACHE_DIR=$(mktemp -d /tmp/flexjit-engines-XXXXXX)
-trap 'rm -rf "$FLEXJIT_CACHE_DIR"' EXIT
+# A fresh Inductor cache too, so torch.json's first_call_ms are real compiles.
+export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d /tmp/flexjit-engines-inductor-XXXXXX)
+trap 'rm -rf "$FLEXJIT_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR"' EXIT
 
 files=()
 log "prefill, host target, default engines, with SDPA"

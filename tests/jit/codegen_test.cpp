@@ -83,7 +83,7 @@ TEST(Codegen, Causal) {
   EXPECT_EQ(mod_part(jit::emit_mod_body(mods("", "q_idx >= kv_idx"))),
             "#define FLEXJIT_HAS_SCORE_MOD 0\n"
             "#define FLEXJIT_HAS_MASK_MOD 1\n" +
-                functions("score", "(q_idx >= kv_idx)"));
+                functions("score", "(((int)q_idx) >= ((int)kv_idx))"));
 }
 
 // clang-format off: goldens keep one generated line per source line
@@ -101,7 +101,7 @@ TEST(Codegen, AlibiReadsItsBufferThroughACheckedReader) {
       "  off += (bad0 ? 0 : i0) * t->strides[0];\n"
       "  return ((const float*)t->data)[off];\n"
       "}\n" +
-          functions("(score + (fj_buf0(h, fj_mod) * ((float)(int)fj_isub(kv_idx, q_idx))))", "true"));
+          functions("(score + (fj_buf0(h, fj_mod) * ((float)(((int)kv_idx) - ((int)q_idx)))))", "true"));
 }
 
 // int -> float goes through int32 exactly when interval arithmetic over the index contract
@@ -110,27 +110,66 @@ TEST(Codegen, AlibiReadsItsBufferThroughACheckedReader) {
 TEST(Codegen, IntToFloatNarrowsOnlyWhatProvablyFitsInt32) {
   struct Case {
     const char* score;
-    bool narrowed;
+    const char* conversion;  // how float(...) is spelled
   };
   const std::vector<ir::BufferDecl> bufs = {{"d32", DType::I32, 1}, {"d64", DType::I64, 1}};
   for (const Case& c : std::vector<Case>{
-           {"score + (kv_idx - q_idx)", true},           // [-(2^31 - 1), 2^31 - 1]
-           {"score + abs(q_idx - kv_idx) / 2", true},
-           {"score + h", true},
-           {"score + d32[q_idx]", true},                 // an int32 buffer's values
-           {"score + (q_idx + kv_idx)", false},          // up to 2^32 - 2
-           {"score + q_idx * kv_idx", false},
-           {"score + (kv_idx - q_idx) * 2", false},
-           {"score + d64[q_idx]", false},                // an int64 buffer's values
-           {"score + float(d32[q_idx] - kv_idx)", false},  // int32 minus [0, 2^31) leaves int32
-           {"score + int(score * 1000.0)", false},  // a float's conversion: unbounded
-           {"score + min(q_idx * kv_idx * 4, 5)", false},  // the product may wrap past int64
-           {"score + min(q_idx * kv_idx, 5)", true},       // below 2^62: no wrap
+           // computed in int32 (every node fits; see IntSubtreesProvablyInInt32AreComputedInInt32)
+           {"score + (kv_idx - q_idx)", "((float)(((int)kv_idx) - ((int)q_idx)))"},  // [-(2^31 - 1), 2^31 - 1]
+           {"score + abs(q_idx - kv_idx) / 2", "((float)(fj_iabs32((((int)q_idx) - ((int)kv_idx))) / 2))"},
+           {"score + h", "((float)((int)h))"},
+           {"score + d32[q_idx]", "((float)((int)fj_buf0(q_idx, fj_mod)))"},  // an int32 buffer's values
+           // computed in int64, the result fits: converted through int32
+           {"score + min(q_idx * kv_idx, 5)", "((float)(int)fj_imin(fj_imul(q_idx, kv_idx), 5LL))"},  // below 2^62
+           // int64 throughout
+           {"score + (q_idx + kv_idx)", "((float)fj_iadd(q_idx, kv_idx))"},  // up to 2^32 - 2
+           {"score + q_idx * kv_idx", "((float)fj_imul(q_idx, kv_idx))"},
+           {"score + (kv_idx - q_idx) * 2", "((float)fj_imul("},
+           {"score + d64[q_idx]", "((float)fj_buf1(q_idx, fj_mod))"},  // an int64 buffer's values
+           {"score + float(d32[q_idx] - kv_idx)", "((float)fj_isub("},  // int32 minus [0, 2^31) leaves int32
+           {"score + int(score * 1000.0)", "((float)fj_f2i("},          // a float's conversion: unbounded
+           {"score + min(q_idx * kv_idx * 4, 5)", "((float)fj_imin("},  // the product may wrap past int64
        }) {
     const std::string body = jit::emit_mod_body(mods(c.score, "", bufs));
-    const bool narrowed = body.find("((float)(int)") != std::string::npos;
-    EXPECT_EQ(narrowed, c.narrowed) << c.score << "\n" << mod_part(body);
-    EXPECT_EQ(body.find("((float)") != std::string::npos, true) << c.score;
+    EXPECT_NE(body.find(c.conversion), std::string::npos) << c.score << "\n" << mod_part(body);
+  }
+}
+
+// Int subtrees whose every int node provably stays in int32 are computed in int32 (vector
+// units have no 64-bit multiply, min or float conversion below AVX-512; GPUs run int64 slowly),
+// everything else in int64 through the wrapping / checked helpers.
+TEST(Codegen, IntSubtreesProvablyInInt32AreComputedInInt32) {
+  struct Case {
+    const char* score;
+    const char* must;      // in the score_mod's text
+    const char* must_not;  // not in it
+  };
+  const std::vector<ir::BufferDecl> bufs = {{"bias", DType::F32, 2}, {"d32", DType::I32, 1}, {"d64", DType::I64, 1}};
+  // T5's relative bucket as the Python tracer writes it: the where() bounds the log's argument
+  // (>= 1 where the distance is >= 8), so the float -> int conversion and the bucket are int32.
+  const std::string t5 =
+      "score + bias(h, int(kv_idx - q_idx > 0) * 16 + where(abs(kv_idx - q_idx) < 8, abs(kv_idx - q_idx), "
+      "min(8 + int(log(float(abs(kv_idx - q_idx)) / 8.0) / 2.7725887 * 8.0), 15)))";
+  for (const Case& c : std::vector<Case>{
+           {t5.c_str(), "((int)((fj_logf(", "fj_f2i("},
+           {t5.c_str(), "fj_imin32(", "fj_imin("},
+           {"score + float((q_idx - kv_idx) % 7)", "(((int)q_idx) - ((int)kv_idx)) % 7)", "fj_imod("},
+           {"score + float(q_idx / 64 - kv_idx / 64)", "(((int)q_idx) / 64)", "fj_idiv("},
+           {"score + float(q_idx / (kv_idx - 5))", "fj_idiv(q_idx, ", "fj_idiv(((fj_i64)"},  // divisor may be 0
+           {"score + float(q_idx % h)", "fj_imod(q_idx, h, ", " % "},        // h may be 0
+           {"score + float(int(score * 1000.0))", "fj_f2i(", "((int)fj"},     // an unbounded float
+           {"score + float(q_idx * kv_idx)", "fj_imul(", "(int)"},             // up to 2^62
+           {"score + float(d32[q_idx] + 1)", "fj_iadd(", "(int)fj_buf"},      // 2^31 - 1 + 1 leaves int32
+           {"score + float(d32[q_idx] / 2 + 1)", "((int)fj_buf1(", "fj_iadd("},
+           {"score + float(d64[q_idx] / 2)", "fj_buf2(", "(int)fj_buf"},      // int64 values
+           {"score + float(abs(q_idx - kv_idx))", "fj_iabs32(", "fj_iabs("},
+           {"where(q_idx - kv_idx < 5, score, 0.0)", "((((int)q_idx) - ((int)kv_idx)) < 5)", "fj_isub("},
+       }) {
+    const std::string body = jit::emit_mod_body(mods(c.score, "", bufs));
+    const std::string fn = body.substr(body.find("flexjit_score_mod("));
+    const std::string score_fn = fn.substr(0, fn.find("flexjit_mask_mod("));
+    EXPECT_NE(score_fn.find(c.must), std::string::npos) << c.score << "\n" << score_fn;
+    EXPECT_EQ(score_fn.find(c.must_not), std::string::npos) << c.score << "\n" << score_fn;
   }
 }
 
@@ -142,12 +181,14 @@ TEST(Codegen, SoftcapReadsItsParamBySlot) {
 }
 
 TEST(Codegen, IntDivisionAndModuloGoThroughCheckedHelpers) {
+  // Divisors that may be 0 (h) take the checked helpers; a divisor >= 1 is plain C / and % in
+  // int32 (IntSubtreesProvablyInInt32AreComputedInInt32).
   EXPECT_EQ(mod_part(jit::emit_mod_body(
-                mods("score + float((q_idx - kv_idx) / 3)", "q_idx % 4 != kv_idx / h"))),
+                mods("score + float((q_idx - kv_idx) / h)", "q_idx % h != kv_idx / (h - 1)"))),
             "#define FLEXJIT_HAS_SCORE_MOD 1\n"
             "#define FLEXJIT_HAS_MASK_MOD 1\n" +
-                functions("(score + ((float)(int)fj_idiv(fj_isub(q_idx, kv_idx), 3LL, fj_mod)))",
-                          "(fj_imod(q_idx, 4LL, fj_mod) != fj_idiv(kv_idx, h, fj_mod))"));
+                functions("(score + ((float)fj_idiv(((fj_i64)(((int)q_idx) - ((int)kv_idx))), h, fj_mod)))",
+                          "(fj_imod(q_idx, h, fj_mod) != fj_idiv(kv_idx, ((fj_i64)(((int)h) - 1)), fj_mod))"));
 }
 
 TEST(Codegen, ScoreAndMaskWithSeveralBuffersAndDtypes) {
@@ -177,7 +218,7 @@ TEST(Codegen, ScoreAndMaskWithSeveralBuffersAndDtypes) {
       "  off += (bad0 ? 0 : i0) * t->strides[0];\n"
       "  return ((const fj_i64*)t->data)[off];\n"
       "}\n" +
-          functions("(score + (fj_buf0(h, fj_iadd(fj_isub(kv_idx, q_idx), 8LL), fj_mod) * "
+          functions("(score + (fj_buf0(h, fj_iadd(((fj_i64)(((int)kv_idx) - ((int)q_idx))), 8LL), fj_mod) * "
                     "fj_mod->params[0]))",
                     "(fj_buf1(q_idx, fj_mod) == fj_buf1(kv_idx, fj_mod))"));
 }
@@ -218,7 +259,7 @@ TEST(Codegen, LiteralsAreReprinted) {
             "#define FLEXJIT_HAS_SCORE_MOD 1\n"
             "#define FLEXJIT_HAS_MASK_MOD 0\n" +
                 functions("((((score * 1.0f) + 0.5f) - ((float)fj_imul(7LL, q_idx))) + "
-                          "((kv_idx > fj_ineg(3LL)) ? (-__builtin_inff()) : 0.0025f))",
+                          "((((int)kv_idx) > (-3)) ? (-__builtin_inff()) : 0.0025f))",
                           "true"));
 }
 
@@ -233,7 +274,7 @@ TEST(Codegen, NegatedNegativeLiterals) {
   std::string part = mod_part(jit::emit_mod_body(m));
   EXPECT_EQ(part.find("--"), std::string::npos) << part;
   EXPECT_NE(part.find("(-(-2.5f))"), std::string::npos) << part;
-  EXPECT_NE(part.find("fj_ineg((-3LL))"), std::string::npos) << part;
+  EXPECT_NE(part.find("(-((int)(-3LL)))"), std::string::npos) << part;  // in int32: see IntSubtrees...
 }
 
 TEST(Codegen, UserNamesNeverReachTheOutput) {

@@ -48,8 +48,9 @@ struct Counts {
 // when a decided box has a point that disagrees.
 int check_box(const ir::Expr& e, const std::vector<std::pair<std::string, double>>& params,
               const std::vector<ir::BoundBuffer>& buffers, const Box& box, const std::string& what,
-              bool* failed = nullptr) {
+              bool* failed = nullptr, bool refine = false) {
   ir::IntervalEvaluator iv(params, buffers);
+  iv.set_refine_selects(refine);
   iv.set_point(ir::Var::B, box.b);
   iv.set_point(ir::Var::H, box.h);
   iv.set_range(ir::Var::QIdx, box.q_lo, box.q_hi);
@@ -96,11 +97,11 @@ std::vector<Box> random_boxes(uint32_t seed, int n, int64_t B = 2, int64_t H = 3
 
 Counts check_expr(const ir::Expr& e, const std::vector<std::pair<std::string, double>>& params,
                   const std::vector<ir::BoundBuffer>& buffers, const std::string& what,
-                  uint32_t seed) {
+                  uint32_t seed, bool refine = false) {
   Counts c;
   bool failed = false;
   for (const Box& box : random_boxes(seed, 400)) {
-    int d = check_box(e, params, buffers, box, what, &failed);
+    int d = check_box(e, params, buffers, box, what, &failed, refine);
     (d == 1 ? c.decided_true : d == 0 ? c.decided_false : c.undecided)++;
     if (failed) break;  // one counterexample per expression is enough
   }
@@ -240,6 +241,78 @@ TEST(IntervalSoundness, TrickyExpressions) {
   }
   EXPECT_GT(total.decided_true, 1000);
   EXPECT_GT(total.decided_false, 1000);
+}
+
+// where()'s branches evaluated under their condition (what codegen's int32 narrowing uses):
+// every tricky expression and some built on where() stay sound with the refinement on.
+TEST(IntervalSoundness, WhereBranchesUnderTheirCondition) {
+  Fixture f;
+  std::vector<std::string> texts = tricky_expressions();
+  for (const char* t : {
+           // T5's bucket: the log's argument is >= 1 in the branch where the distance is >= 8
+           "where(abs(kv_idx - q_idx) < 8, abs(kv_idx - q_idx), "
+           "min(8 + int(log(float(abs(kv_idx - q_idx)) / 8.0) / 2.7725887 * 8.0), 15)) < 12",
+           "where(q_idx > kv_idx, q_idx - kv_idx, kv_idx - q_idx) <= 5",
+           "where(!(q_idx <= 50), q_idx / (q_idx - 40), 0) > 2",
+           "where(q_idx >= 10 && kv_idx < 90, q_idx * kv_idx, -1) > 800",
+           "where(q_idx < 10 || kv_idx >= 90, 0.0, log(float(q_idx - 9)) * float(90 - kv_idx)) > 20",
+           "where(float(q_idx) * 0.5 < 20.0, 1, int(float(q_idx) * 0.5)) > 30",
+           "where(float(q_idx) * 0.5 < float(kv_idx), kv_idx, q_idx) > 50",
+           "where(ramp[kv_idx] < 0.0, kv_idx, 200) > 60",
+           "where(q_idx - kv_idx >= w, q_idx, kv_idx) < 30",
+           "where(doc[q_idx] < doc[kv_idx], doc[kv_idx] - doc[q_idx], 0) > 2",
+       })
+    texts.push_back(t);
+  uint32_t seed = 500;
+  Counts total;
+  for (const std::string& text : texts) {
+    SCOPED_TRACE(text);
+    ir::Expr e = ir::cast(parse_expr(text, f.scope, "mask_mod"), ir::Type::Bool);
+    Counts c = check_expr(e, f.params, f.buffers, text, seed++, /*refine=*/true);
+    total.decided_true += c.decided_true;
+    total.decided_false += c.decided_false;
+  }
+  EXPECT_GT(total.decided_true, 1000);
+  EXPECT_GT(total.decided_false, 1000);
+}
+
+// What the refinement buys: T5's bucket over the whole index contract is [0, 31] with it, and
+// unbounded below without (log(0) = -inf, whose int() is INT64_MIN).
+TEST(IntervalPrecision, WhereRefinementBoundsT5Buckets) {
+  ParseScope s;
+  s.allow_score = false;
+  ir::Expr bucket = parse_expr(
+      "int(kv_idx - q_idx > 0) * 16 + where(abs(kv_idx - q_idx) < 8, abs(kv_idx - q_idx), "
+      "min(8 + int(log(float(abs(kv_idx - q_idx)) / 8.0) / 2.7725887 * 8.0), 15))",
+      s, "mask_mod");
+  for (bool refine : {false, true}) {
+    ir::IntervalEvaluator iv({}, {});
+    iv.set_refine_selects(refine);
+    for (ir::Var v : {ir::Var::B, ir::Var::H, ir::Var::QIdx, ir::Var::KvIdx}) iv.set_range(v, 0, (int64_t(1) << 31) - 1);
+    const ir::Interval r = iv.eval(bucket);
+    if (refine) {
+      EXPECT_EQ(r.lo, 0);
+      EXPECT_EQ(r.hi, 31);
+    } else {
+      EXPECT_LT(r.lo, -1e9);
+    }
+    EXPECT_EQ(iv.refinement_mark(), 0u);  // nothing left pushed
+  }
+}
+
+// int(x) of a float computed in fp32 (approximate math) may truncate one integer beyond the
+// real-number range: the interval allows for it, so int32 narrowing never relies on an exact edge.
+TEST(IntervalSoundness, FloatToIntAllowsForFp32Rounding) {
+  ParseScope s;
+  s.allow_score = false;
+  ir::IntervalEvaluator iv({}, {});
+  iv.set_range(ir::Var::QIdx, 0, 100);
+  const ir::Interval r = iv.eval(parse_expr("int(float(q_idx) * 0.5)", s, "mask_mod"));
+  EXPECT_LE(r.lo, -1);
+  EXPECT_GE(r.hi, 51);
+  const ir::Interval c = iv.eval(parse_expr("int(2.5)", s, "mask_mod"));  // a literal is exact
+  EXPECT_EQ(c.lo, 2);
+  EXPECT_EQ(c.hi, 2);
 }
 
 // Document ids are often 64-bit hashes. Two ids that differ only below the 53rd bit are the
