@@ -118,12 +118,24 @@ static inline fj_v16f fjk_exp2(fj_v16f x) {
 #endif
 }
 
-// ---- bf16 helpers shared by the dot-product paths (prefill_dpbf16.h, decode_dot.h) ----
+// ---- bf16 helpers shared by the dot-product paths (prefill_dpbf16.h, decode_dot.h, flash_backward.h) ----
 // The bf16 bits of 16 finite floats, rounded to nearest even (the portable form of
 // vcvtneps2bf16; used where the target has no such instruction).
 static inline fj_v16h fjk_bf16_rne(fj_v16f x) {
   const fj_v16u u = __builtin_bit_cast(fj_v16u, x);
   return __builtin_convertvector((u + 0x7fffu + ((u >> 16) & 1u)) >> 16, fj_v16h);
+}
+typedef unsigned short fj_v32h __attribute__((vector_size(64)));  // 32 x bf16 bits
+// (bf16(lo), bf16(hi)) as 32 words, rounded to nearest even: vcvtne2ps2bf16 where the target has
+// AVX512-BF16; elsewhere the same rounding in integer arithmetic (fjk_bf16_rne: the callers' values
+// are finite, so no NaN case).
+static inline fj_v32h fjk_cvt2_bf16(fj_v16f hi, fj_v16f lo) {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  return __builtin_bit_cast(fj_v32h, __builtin_ia32_cvtne2ps2bf16_512(hi, lo));
+#else
+  return __builtin_shufflevector(fjk_bf16_rne(lo), fjk_bf16_rne(hi), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
+                                 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
+#endif
 }
 #if defined(__aarch64__) && defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC)
 // acc[i] += a[2i] b[2i] + a[2i+1] b[2i+1] over 16 fp32 lanes of bf16 pairs: Arm's BFDOT, which

@@ -111,7 +111,6 @@ static constexpr int kDC = fjk_pick_dc();
 #if FJK_DEC_BF16DOT
 typedef __bf16 fj_v32bf __attribute__((vector_size(64)));                 // 32 x bf16
 typedef __bf16 fj_v16bf __attribute__((vector_size(32)));                 // 16 x bf16
-typedef unsigned short fj_v32h __attribute__((vector_size(64)));          // 32 x bf16 bits
 typedef unsigned short fj_v32h_u __attribute__((vector_size(64), aligned(2)));
 typedef unsigned fj_v16u_u __attribute__((vector_size(64), aligned(4)));
 typedef unsigned short fjk_qelem;  // Q as given (bf16 bits); the scale is applied to S

@@ -104,21 +104,29 @@ __attribute__((noinline)) static void fjb_gemm(int rows, int kdim, const typenam
   for (; r < rows; ++r) fjb_gemm_rows<Op, W, 1>(kdim, A + r * asi, asi, ask, B, ldb, C + r * ldc, ldc, acc);
 }
 
-// ---- bf16 products on vdpbf16ps (FLEXJIT_BWD_DPBF16, bf16 inputs on hosts with AVX512-BF16) ----
+// ---- bf16 products on vdpbf16ps / BFDOT (FLEXJIT_BWD_DPBF16, bf16 inputs on hosts with
+// AVX512-BF16, or Arm's FEAT_BF16) ----
 // The same products with the reduced dimension taken two at a time: a B row holds 16 lanes of
-// bf16 PAIRS (dwords) and A is read as one pair per step, so one vdpbf16ps does two
+// bf16 PAIRS (dwords) and A is read as one pair per step, so one vdpbf16ps (four 128-bit BFDOTs
+// on Arm, which pair their operands the same way: cpu/common.h fjk_bfdot16) does two
 // multiply-adds per lane. Q, K, V and dO are bf16 already (exact); P and dS are rounded to bf16
 // for the products, as FlashAttention does; every sum stays fp32.
 #ifndef FLEXJIT_BWD_DPBF16
 #define FLEXJIT_BWD_DPBF16 0
 #endif
 #if FLEXJIT_BWD_DPBF16
-#if FLEXJIT_DTYPE != 1 || !defined(__AVX512BF16__) || !defined(__AVX512BW__)
-#error "the backward's vdpbf16ps products need bf16 inputs and a host with AVX512-BF16"
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define FJB_DP_X86 1
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC)
+#define FJB_DP_X86 0
+#else
+#error "the backward's bf16 dot products need AVX512-BF16 + AVX512-BW (x86) or FEAT_BF16 (Arm)"
+#endif
+#if FLEXJIT_DTYPE != 1
+#error "the backward's bf16 dot products need bf16 inputs"
 #endif
 typedef unsigned fjb_u32;
-typedef __bf16 fjb_v32bf __attribute__((vector_size(64)));
-typedef unsigned short fjb_v32h __attribute__((vector_size(64)));
+typedef fj_v32h fjb_v32h;
 typedef unsigned short fjb_v16h_u __attribute__((vector_size(32), aligned(2)));
 typedef unsigned fjb_v16u_u __attribute__((vector_size(64), aligned(4)));
 static constexpr int kDPairs = (HEAD_DIM + 1) / 2, kDVPairs = (HEAD_DIM_V + 1) / 2;
@@ -128,11 +136,17 @@ static constexpr int kMPairs = (BLOCK_M + 1) / 2, kNPairs = kNP / 2;
 // vector does two multiply-adds per lane.
 struct FjbBf16Pairs {
   typedef fjb_u32 elem;
-  typedef fjb_v32bf vec;
-  static vec load(const elem* p) { return __builtin_bit_cast(fjb_v32bf, *(const fj_v16u*)p); }
+#if FJB_DP_X86
+  typedef __bf16 vec __attribute__((vector_size(64)));
+  static vec load(const elem* p) { return __builtin_bit_cast(vec, *(const fj_v16u*)p); }
   static fj_v16f madd(fj_v16f c, vec b, elem a) {
-    return __builtin_ia32_dpbf16ps_512(c, b, __builtin_bit_cast(fjb_v32bf, (fj_v16u){} + a));
+    return __builtin_ia32_dpbf16ps_512(c, b, __builtin_bit_cast(vec, (fj_v16u){} + a));
   }
+#else
+  typedef fj_v16u vec;
+  static vec load(const elem* p) { return *(const fj_v16u*)p; }
+  static fj_v16f madd(fj_v16f c, vec b, elem a) { return fjk_bfdot16(c, b, (fj_v16u){} + a); }
+#endif
 };
 
 // dst[r][p] = (src[r][2p], src[r][2p + 1]) for r < rows, p < (width + 1) / 2 (an odd width's last
@@ -200,7 +214,7 @@ static inline void fjb_pack_f32_row_pairs(const float* __restrict x, int rows, f
     for (int i = 0; i < kNP / 16; ++i) {
       const fj_v16f lo = fjk_load(x + 2 * p * kNP + 16 * i);
       const fj_v16f hi = has1 ? fjk_load(x + (2 * p + 1) * kNP + 16 * i) : fjk_splat(0.0f);
-      const fjb_v32h both = __builtin_bit_cast(fjb_v32h, __builtin_ia32_cvtne2ps2bf16_512(hi, lo));
+      const fjb_v32h both = fjk_cvt2_bf16(hi, lo);
       *(fjb_v32h*)(dst + p * kNP + 16 * i) = __builtin_shufflevector(
           both, both, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24, 9, 25, 10, 26, 11, 27, 12,
           28, 13, 29, 14, 30, 15, 31);
@@ -217,7 +231,7 @@ static inline void fjb_pack_f32_pairs(const float* __restrict x, int rows, fjb_u
     for (int i = 0; i < kNP / 16; i += 2) {
       const fj_v16f lo = fjk_load(x + m * kNP + 16 * i);
       const fj_v16f hi = i + 1 < kNP / 16 ? fjk_load(x + m * kNP + 16 * (i + 1)) : fjk_splat(0.0f);
-      const fj_v16u w = __builtin_bit_cast(fj_v16u, __builtin_ia32_cvtne2ps2bf16_512(hi, lo));
+      const fj_v16u w = __builtin_bit_cast(fj_v16u, fjk_cvt2_bf16(hi, lo));
       fjb_u32* d = dst + m * kNPairs + 8 * i;
       if (i + 1 < kNP / 16) *(fjb_v16u_u*)d = w;
       else for (int j = 0; j < 8; ++j) d[j] = w[j];

@@ -30,7 +30,6 @@
 static_assert(BLOCK_N % 32 == 0, "the AMX engine needs BLOCK_N to be a multiple of 32");
 
 typedef unsigned fjk_u32;
-typedef unsigned short fj_v32h __attribute__((vector_size(64)));              // 32 x bf16 bits
 typedef unsigned short fj_v32h_u __attribute__((vector_size(64), aligned(2)));
 typedef __bf16 fj_v32bf __attribute__((vector_size(64)));
 

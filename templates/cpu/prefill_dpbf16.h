@@ -36,7 +36,6 @@
 #endif
 
 typedef unsigned fjk_u32;
-typedef unsigned short fj_v32h __attribute__((vector_size(64)));              // 32 x bf16 bits
 typedef unsigned short fj_v32h_u __attribute__((vector_size(64), aligned(2)));
 typedef __bf16 fj_v32bf __attribute__((vector_size(64)));                     // vdpbf16ps operand
 
@@ -160,17 +159,6 @@ __attribute__((noinline)) static void fjk_pack_v(const fjk_elem* src, fj_i64 s_r
     for (int c = 0; c < HEAD_DIM_V; ++c)
       vb[p * kVS + c] = (fjk_u32)r0[c * s_col] | (has1 ? (fjk_u32)r0[s_row + c * s_col] << 16 : 0u);
   }
-}
-
-// (bf16(lo), bf16(hi)) as 32 words, rounded to nearest even: vcvtne2ps2bf16 on x86; on Arm the
-// same rounding in integer arithmetic (fjk_bf16_rne: P is finite, so no NaN case).
-static inline fj_v32h fjk_cvt2_bf16(fj_v16f hi, fj_v16f lo) {
-#if FJK_DP_X86
-  return __builtin_bit_cast(fj_v32h, __builtin_ia32_cvtne2ps2bf16_512(hi, lo));
-#else
-  return __builtin_shufflevector(fjk_bf16_rne(lo), fjk_bf16_rne(hi), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
-                                 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
-#endif
 }
 
 // pb[p][m] = (bf16 P^T[2p][m], bf16 P^T[2p + 1][m]) for p < ceil(nvalid / 2); the partner row

@@ -5,7 +5,8 @@
 // cross g++ and run under QEMU's user-mode emulator, which checks them against a float64
 // reference (ALiBi + causal, GQA 3, D 80; prefill Lq 97 Lkv 129, decode a shuffled paged cache
 // of 3 sequences with Lq 2), bf16 prefill also on the dot-product engine
-// (BFDOT on Arm, templates/cpu/prefill_dpbf16.h). This proves what the Arm build
+// (BFDOT on Arm, templates/cpu/prefill_dpbf16.h); and the backward pass (no mods; dQ, dK, dV
+// against float64, tests/arm/backward_harness.cpp), bf16 also on BFDOT. This proves what the Arm build
 // computes, not how fast: timing an emulator means nothing. Skips, saying why, when the cross
 // g++ or qemu-aarch64 is missing (scripts/setup.sh installs both).
 #include <gtest/gtest.h>
@@ -73,7 +74,7 @@ struct ArmCase {
   const char* qemu_cpu;
   DType dtype;
   PrefillEngine engine = PrefillEngine::Fma;  // Dpbf16: BFDOT on Arm
-  KernelKind kind = KernelKind::Prefill;      // or Decode (paged, tests/arm/decode_harness.cpp)
+  KernelKind kind = KernelKind::Prefill;      // or Decode (paged, tests/arm/decode_harness.cpp), Backward
 };
 
 // Whether an AArch64 object holds a vector BFDOT (bfdot v.4s, v.8h, v.8h: 0x6e40fc00 with Rm, Rn,
@@ -97,7 +98,7 @@ TEST_P(ArmRun, MatchesFloat64Reference) {
     GTEST_SKIP() << "needs aarch64-linux-gnu-g++ and qemu-aarch64 (apt: g++-aarch64-linux-gnu "
                     "qemu-user-static; scripts/setup.sh installs them)";
 
-  const bool decode = c.kind == KernelKind::Decode;
+  const bool decode = c.kind == KernelKind::Decode, backward = c.kind == KernelKind::Backward;
   KernelSpec spec;
   spec.kind = c.kind;
   spec.dtype = c.dtype;
@@ -121,12 +122,17 @@ TEST_P(ArmRun, MatchesFloat64Reference) {
     if (ch == ' ') ch = '_';
   const fs::path dir = fs::temp_directory_path() / ("flexjit_arm_" + std::to_string(::getpid()) + "_" + tag);
   fs::create_directories(dir);
-  const std::string entry = decode ? "flexjit_arm_decode" : "flexjit_arm_prefill", mods_entry = "flexjit_arm_mods";
+  const std::string entry = decode ? "flexjit_arm_decode" : backward ? "flexjit_arm_backward" : "flexjit_arm_prefill",
+                    mods_entry = "flexjit_arm_mods";
   CompileResult kr, mr;
   ASSERT_NO_THROW(kr = cross_compile_cpp_to_object(make_source(spec, ModSet{}, entry), entry + ".cpp", c.target));
-  ASSERT_NO_THROW(mr = cross_compile_cpp_to_object(make_source(mods_spec, mods, mods_entry), "arm_mods.cpp", c.target));
-  const fs::path kobj = write_object(dir, "prefill", kr.object), mobj = write_object(dir, "mods", mr.object);
-  // BFDOT: the prefill dot-product engine, and decode of bf16 wherever the target has FEAT_BF16.
+  const fs::path kobj = write_object(dir, "kernel", kr.object);
+  fs::path mobj;  // the backward harness runs without mods
+  if (!backward) {
+    ASSERT_NO_THROW(mr = cross_compile_cpp_to_object(make_source(mods_spec, mods, mods_entry), "arm_mods.cpp", c.target));
+    mobj = write_object(dir, "mods", mr.object);
+  }
+  // BFDOT: the dot-product engines (prefill, backward), and decode of bf16 wherever the target has FEAT_BF16.
   const bool bfdot = c.engine == PrefillEngine::Dpbf16 ||
                      (decode && c.dtype == DType::BF16 && c.target.cpu == std::string("neoverse-v1"));
   EXPECT_EQ(has_bfdot(kr.object), bfdot) << c.what << ": BFDOT in the kernel";
@@ -134,6 +140,8 @@ TEST_P(ArmRun, MatchesFloat64Reference) {
   std::string out;
   for (const fs::path& o : {kobj, mobj})  // a split kernel's archive needs a symbol index to link
     if (o.extension() == ".a") ASSERT_EQ(run(ranlib + " " + o.string(), &out), 0) << out;
+  const char* harness = decode ? "tests/arm/decode_harness.cpp" : backward ? "tests/arm/backward_harness.cpp"
+                                                                             : "tests/arm/prefill_harness.cpp";
   const fs::path exe = dir / "harness";
   std::string arch = "-march=armv8.2-a";
   for (const auto& f : c.target.extra_flags) arch += " " + f;
@@ -143,9 +151,8 @@ TEST_P(ArmRun, MatchesFloat64Reference) {
                            (c.dtype == DType::F32 ? "0" : "1") +
                            " -DHEAD_DIM=80 -DHEAD_DIM_V=80 -DBLOCK_M=" + std::to_string(spec.block_m) +
                            " -DGQA_GROUP=3 " +
-                           (repo_root() / (decode ? "tests/arm/decode_harness.cpp" : "tests/arm/prefill_harness.cpp")).string() +
-                           " " + kobj.string() + " " +
-                           mobj.string() + " -lm -o " + exe.string();
+                           (repo_root() / harness).string() + " " + kobj.string() + " " + mobj.string() +
+                           " -lm -o " + exe.string();
   ASSERT_EQ(run(link, &out), 0) << link << "\n" << out;
   const std::string cmd = qemu + " -cpu " + c.qemu_cpu + " " + exe.string();
   const int rc = run(cmd, &out);
@@ -157,7 +164,7 @@ TEST_P(ArmRun, MatchesFloat64Reference) {
             4)
       << out;
   // The elementwise bounds of tests/tolerances.h, taken at the largest magnitude (looser).
-  const testing::Tolerance tol = testing::output_tolerance(c.dtype);
+  const testing::Tolerance tol = backward ? testing::gradient_tolerance(c.dtype) : testing::output_tolerance(c.dtype);
   EXPECT_LE(err, tol.atol + tol.rtol * ref) << c.what;
   EXPECT_LE(lse_err, testing::kLseTolerance.atol + testing::kLseTolerance.rtol * lse) << c.what;
   EXPECT_GT(ref, 0.01) << "the reference is degenerate";
@@ -178,7 +185,13 @@ INSTANTIATE_TEST_SUITE_P(
                       ArmCase{"neon decode fp32", kNeon, "neoverse-n1", DType::F32, PrefillEngine::Fma, KernelKind::Decode},
                       ArmCase{"neon decode bf16", kNeon, "neoverse-n1", DType::BF16, PrefillEngine::Fma, KernelKind::Decode},
                       ArmCase{"sve256 decode bf16", kSve, "max,sve-default-vector-length=32", DType::BF16,
-                              PrefillEngine::Fma, KernelKind::Decode}),
+                              PrefillEngine::Fma, KernelKind::Decode},
+                      ArmCase{"neon backward fp32", kNeon, "neoverse-n1", DType::F32, PrefillEngine::Fma,
+                              KernelKind::Backward},
+                      ArmCase{"neon backward bf16", kNeon, "neoverse-n1", DType::BF16, PrefillEngine::Fma,
+                              KernelKind::Backward},
+                      ArmCase{"sve256 backward bf16 bfdot", kSve, "max,sve-default-vector-length=32", DType::BF16,
+                              PrefillEngine::Dpbf16, KernelKind::Backward}),
     [](const ::testing::TestParamInfo<ArmCase>& i) {
       std::string n = i.param.what;
       for (char& ch : n)
