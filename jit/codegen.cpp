@@ -204,8 +204,11 @@ class Emitter {
       case Op::Variable: return ir::var_name(e->var);
       case Op::Param: return "fj_mod->params[" + std::to_string(slot_of_param(e->name)) + "]";
       case Op::Load: {
-        std::string s = "fj_buf" + std::to_string(slot_of_buffer(e->name)) + "(";
-        for (const auto& i : e->args) s += emit(i) + ", ";
+        // Indices all computed in int32 go to the reader with an int32 bounds check.
+        bool index32 = true;
+        for (const auto& i : e->args) index32 = index32 && all_int32(i);
+        std::string s = "fj_buf" + std::to_string(slot_of_buffer(e->name)) + (index32 ? "_32(" : "(");
+        for (const auto& i : e->args) s += (index32 ? emit32(i) : emit(i)) + ", ";
         return s + "fj_mod)";
       }
       case Op::Select: {
@@ -445,30 +448,37 @@ class Emitter {
 // flag (the runtime turns it into an error naming the buffer) and reads index 0 of that dim
 // instead (branch-free, see the helpers).
 // The head of a function of buffer `slot`'s indices i0.. that computes `off`, with every index
-// bounds-checked as above. strided: off is the element's offset at the tensor's strides; else
-// its row-major offset in a dense array of the tensor's sizes (a gradient accumulator).
+// bounds-checked as above. strided: off is the element's offset at the tensor's strides, in int32
+// (runtime::BoundMods admits only buffers whose sizes and extent sum((size - 1) * |stride|) are
+// below 2^31, so a checked index and every partial sum fit); index32: the indices are ints (the
+// caller computed them in int32) and so is the check. Else (!strided) its row-major offset in a
+// dense array of the tensor's sizes (a gradient accumulator), in int64.
 void emit_index_head(std::ostringstream& os, const char* ret, const std::string& name, int slot,
-                     const ir::BufferDecl& d, bool strided) {
+                     const ir::BufferDecl& d, bool strided, bool index32 = false) {
   os << "FJ_FN " << ret << " " << name << "(";
-  for (int i = 0; i < d.rank; ++i) os << "fj_i64 i" << i << ", ";
+  for (int i = 0; i < d.rank; ++i) os << (index32 ? "int i" : "fj_i64 i") << i << ", ";
   os << "const struct FlexModArgs* fj_mod) {\n";
   os << "  const struct FlexBuffer* t = &fj_mod->buffers[" << slot << "];\n";
-  os << "  fj_i64 off = 0;\n";
+  os << (strided ? "  int off = 0;\n" : "  fj_i64 off = 0;\n");
   for (int i = 0; i < d.rank; ++i) {
-    const std::string idx = "(bad" + std::to_string(i) + " ? 0 : i" + std::to_string(i) + ")";
-    os << "  const bool bad" << i << " = (unsigned long long)i" << i << " >= (unsigned long long)t->sizes[" << i
-       << "];\n";
-    os << "  fj_flag_if(bad" << i << ", fj_mod);\n";
-    if (strided) os << "  off += " << idx << " * t->strides[" << i << "];\n";
-    else os << "  off = off * t->sizes[" << i << "] + " << idx << ";\n";
+    const std::string n = std::to_string(i);
+    if (index32)
+      os << "  const bool bad" << n << " = (unsigned)i" << n << " >= (unsigned)t->sizes[" << n << "];\n";
+    else
+      os << "  const bool bad" << n << " = (unsigned long long)i" << n << " >= (unsigned long long)t->sizes[" << n
+         << "];\n";
+    os << "  fj_flag_if(bad" << n << ", fj_mod);\n";
+    if (strided) os << "  off += (bad" << n << " ? 0 : (int)i" << n << ") * (int)t->strides[" << n << "];\n";
+    else os << "  off = off * t->sizes[" << n << "] + (bad" << n << " ? 0 : i" << n << ");\n";
   }
 }
 
-std::string emit_buffer_reader(int slot, const ir::BufferDecl& d, Backend backend) {
+// fj_bufN takes int64 indices; fj_bufN_32 int indices (what int32-narrowed index math passes).
+std::string emit_buffer_reader(int slot, const ir::BufferDecl& d, Backend backend, bool index32) {
   const bool cuda = backend == Backend::Cuda;
   std::ostringstream os;
-  emit_index_head(os, d.elem_type() == Type::Float ? "float" : "fj_i64", "fj_buf" + std::to_string(slot), slot, d,
-                  true);
+  emit_index_head(os, d.elem_type() == Type::Float ? "float" : "fj_i64",
+                  "fj_buf" + std::to_string(slot) + (index32 ? "_32" : ""), slot, d, true, index32);
   // CUDA reads through the read-only data cache (the buffers never change during a launch).
   auto load = [&](const char* type) {
     std::string p = std::string("((const ") + type + "*)t->data)";
@@ -547,7 +557,7 @@ std::string emit_mod_body(const ModSet& mods, Backend backend) {
   os << "#define FLEXJIT_NUM_PARAMS " << mods.params.size() << "\n";
   os << (cuda ? kCudaPrelude : kCpuPrelude) << kPortableHelpers << (cuda ? kCudaMath : kCpuHelpers);
   for (size_t i = 0; i < mods.buffers.size(); ++i)
-    os << emit_buffer_reader(static_cast<int>(i), mods.buffers[i], backend);
+    for (bool index32 : {false, true}) os << emit_buffer_reader(static_cast<int>(i), mods.buffers[i], backend, index32);
   Emitter em(mods, backend);
   os << "FJ_FN float flexjit_score_mod(float score, fj_i64 b, fj_i64 h, fj_i64 q_idx, "
         "fj_i64 kv_idx, const struct FlexModArgs* fj_mod) {\n"

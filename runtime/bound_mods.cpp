@@ -1,5 +1,7 @@
 #include "runtime/bound_mods.h"
 
+#include <cmath>
+
 namespace flexjit::runtime {
 
 void check_mod_index_range(int64_t B, int64_t H, int64_t Lq, int64_t Lkv, const std::string& what) {
@@ -20,6 +22,18 @@ BoundMods::BoundMods(const ModSet& mods, const ModBindings& bind) {
                   std::to_string(view->rank) + " but the mod was built for " + dtype_name(d.dtype) +
                   " rank " + std::to_string(d.rank));
     if (!view->data && view->numel() > 0) throw Error("buffer '" + d.name + "' has no data pointer");
+    // Generated readers address a buffer in int32 (jit/codegen.cpp emit_index_head): every size and
+    // the extent sum((size - 1) * |stride|) must stay below 2^31 elements.
+    double extent = 0;
+    bool big = false;
+    for (int i = 0; i < view->rank; ++i) {
+      big = big || view->sizes[i] >= kModIndexLimit;
+      if (view->sizes[i] > 0) extent += double(view->sizes[i] - 1) * std::fabs(double(view->strides[i]));
+    }
+    if (big || extent >= double(kModIndexLimit))
+      throw Error("buffer '" + d.name + "' " + view->shape_str() + " spans " + std::to_string(int64_t(extent) + 1) +
+                  " elements; a captured tensor must stay below 2^31 elements in every size and in its extent " +
+                  "(mods address it with 32-bit offsets): slice it, or make it contiguous if it is a strided view");
     FlexBuffer fb{};
     fb.data = view->data;
     for (int i = 0; i < 4; ++i) {

@@ -95,13 +95,21 @@ TEST(Codegen, AlibiReadsItsBufferThroughACheckedReader) {
       "#define FLEXJIT_HAS_MASK_MOD 0\n"
       "FJ_FN float fj_buf0(fj_i64 i0, const struct FlexModArgs* fj_mod) {\n"
       "  const struct FlexBuffer* t = &fj_mod->buffers[0];\n"
-      "  fj_i64 off = 0;\n"
+      "  int off = 0;\n"
       "  const bool bad0 = (unsigned long long)i0 >= (unsigned long long)t->sizes[0];\n"
       "  fj_flag_if(bad0, fj_mod);\n"
-      "  off += (bad0 ? 0 : i0) * t->strides[0];\n"
+      "  off += (bad0 ? 0 : (int)i0) * (int)t->strides[0];\n"
+      "  return ((const float*)t->data)[off];\n"
+      "}\n"
+      "FJ_FN float fj_buf0_32(int i0, const struct FlexModArgs* fj_mod) {\n"
+      "  const struct FlexBuffer* t = &fj_mod->buffers[0];\n"
+      "  int off = 0;\n"
+      "  const bool bad0 = (unsigned)i0 >= (unsigned)t->sizes[0];\n"
+      "  fj_flag_if(bad0, fj_mod);\n"
+      "  off += (bad0 ? 0 : (int)i0) * (int)t->strides[0];\n"
       "  return ((const float*)t->data)[off];\n"
       "}\n" +
-          functions("(score + (fj_buf0(h, fj_mod) * ((float)(((int)kv_idx) - ((int)q_idx)))))", "true"));
+          functions("(score + (fj_buf0_32(((int)h), fj_mod) * ((float)(((int)kv_idx) - ((int)q_idx)))))", "true"));
 }
 
 // int -> float goes through int32 exactly when interval arithmetic over the index contract
@@ -118,14 +126,14 @@ TEST(Codegen, IntToFloatNarrowsOnlyWhatProvablyFitsInt32) {
            {"score + (kv_idx - q_idx)", "((float)(((int)kv_idx) - ((int)q_idx)))"},  // [-(2^31 - 1), 2^31 - 1]
            {"score + abs(q_idx - kv_idx) / 2", "((float)(fj_iabs32((((int)q_idx) - ((int)kv_idx))) / 2))"},
            {"score + h", "((float)((int)h))"},
-           {"score + d32[q_idx]", "((float)((int)fj_buf0(q_idx, fj_mod)))"},  // an int32 buffer's values
+           {"score + d32[q_idx]", "((float)((int)fj_buf0_32(((int)q_idx), fj_mod)))"},  // an int32 buffer's values
            // computed in int64, the result fits: converted through int32
            {"score + min(q_idx * kv_idx, 5)", "((float)(int)fj_imin(fj_imul(q_idx, kv_idx), 5LL))"},  // below 2^62
            // int64 throughout
            {"score + (q_idx + kv_idx)", "((float)fj_iadd(q_idx, kv_idx))"},  // up to 2^32 - 2
            {"score + q_idx * kv_idx", "((float)fj_imul(q_idx, kv_idx))"},
            {"score + (kv_idx - q_idx) * 2", "((float)fj_imul("},
-           {"score + d64[q_idx]", "((float)fj_buf1(q_idx, fj_mod))"},  // an int64 buffer's values
+           {"score + d64[q_idx]", "((float)fj_buf1_32(((int)q_idx), fj_mod))"},  // an int64 buffer's values
            {"score + float(d32[q_idx] - kv_idx)", "((float)fj_isub("},  // int32 minus [0, 2^31) leaves int32
            {"score + int(score * 1000.0)", "((float)fj_f2i("},          // a float's conversion: unbounded
            {"score + min(q_idx * kv_idx * 4, 5)", "((float)fj_imin("},  // the product may wrap past int64
@@ -160,8 +168,8 @@ TEST(Codegen, IntSubtreesProvablyInInt32AreComputedInInt32) {
            {"score + float(int(score * 1000.0))", "fj_f2i(", "((int)fj"},     // an unbounded float
            {"score + float(q_idx * kv_idx)", "fj_imul(", "(int)"},             // up to 2^62
            {"score + float(d32[q_idx] + 1)", "fj_iadd(", "(int)fj_buf"},      // 2^31 - 1 + 1 leaves int32
-           {"score + float(d32[q_idx] / 2 + 1)", "((int)fj_buf1(", "fj_iadd("},
-           {"score + float(d64[q_idx] / 2)", "fj_buf2(", "(int)fj_buf"},      // int64 values
+           {"score + float(d32[q_idx] / 2 + 1)", "((int)fj_buf1_32(", "fj_iadd("},
+           {"score + float(d64[q_idx] / 2)", "fj_buf2_32(", "(int)fj_buf"},   // int64 values
            {"score + float(abs(q_idx - kv_idx))", "fj_iabs32(", "fj_iabs("},
            {"where(q_idx - kv_idx < 5, score, 0.0)", "((((int)q_idx) - ((int)kv_idx)) < 5)", "fj_isub("},
        }) {
@@ -201,26 +209,45 @@ TEST(Codegen, ScoreAndMaskWithSeveralBuffersAndDtypes) {
       "#define FLEXJIT_HAS_MASK_MOD 1\n"
       "FJ_FN float fj_buf0(fj_i64 i0, fj_i64 i1, const struct FlexModArgs* fj_mod) {\n"
       "  const struct FlexBuffer* t = &fj_mod->buffers[0];\n"
-      "  fj_i64 off = 0;\n"
+      "  int off = 0;\n"
       "  const bool bad0 = (unsigned long long)i0 >= (unsigned long long)t->sizes[0];\n"
       "  fj_flag_if(bad0, fj_mod);\n"
-      "  off += (bad0 ? 0 : i0) * t->strides[0];\n"
+      "  off += (bad0 ? 0 : (int)i0) * (int)t->strides[0];\n"
       "  const bool bad1 = (unsigned long long)i1 >= (unsigned long long)t->sizes[1];\n"
       "  fj_flag_if(bad1, fj_mod);\n"
-      "  off += (bad1 ? 0 : i1) * t->strides[1];\n"
+      "  off += (bad1 ? 0 : (int)i1) * (int)t->strides[1];\n"
+      "  return fj_bf16_to_f32(((const unsigned short*)t->data)[off]);\n"
+      "}\n"
+      "FJ_FN float fj_buf0_32(int i0, int i1, const struct FlexModArgs* fj_mod) {\n"
+      "  const struct FlexBuffer* t = &fj_mod->buffers[0];\n"
+      "  int off = 0;\n"
+      "  const bool bad0 = (unsigned)i0 >= (unsigned)t->sizes[0];\n"
+      "  fj_flag_if(bad0, fj_mod);\n"
+      "  off += (bad0 ? 0 : (int)i0) * (int)t->strides[0];\n"
+      "  const bool bad1 = (unsigned)i1 >= (unsigned)t->sizes[1];\n"
+      "  fj_flag_if(bad1, fj_mod);\n"
+      "  off += (bad1 ? 0 : (int)i1) * (int)t->strides[1];\n"
       "  return fj_bf16_to_f32(((const unsigned short*)t->data)[off]);\n"
       "}\n"
       "FJ_FN fj_i64 fj_buf1(fj_i64 i0, const struct FlexModArgs* fj_mod) {\n"
       "  const struct FlexBuffer* t = &fj_mod->buffers[1];\n"
-      "  fj_i64 off = 0;\n"
+      "  int off = 0;\n"
       "  const bool bad0 = (unsigned long long)i0 >= (unsigned long long)t->sizes[0];\n"
       "  fj_flag_if(bad0, fj_mod);\n"
-      "  off += (bad0 ? 0 : i0) * t->strides[0];\n"
+      "  off += (bad0 ? 0 : (int)i0) * (int)t->strides[0];\n"
+      "  return ((const fj_i64*)t->data)[off];\n"
+      "}\n"
+      "FJ_FN fj_i64 fj_buf1_32(int i0, const struct FlexModArgs* fj_mod) {\n"
+      "  const struct FlexBuffer* t = &fj_mod->buffers[1];\n"
+      "  int off = 0;\n"
+      "  const bool bad0 = (unsigned)i0 >= (unsigned)t->sizes[0];\n"
+      "  fj_flag_if(bad0, fj_mod);\n"
+      "  off += (bad0 ? 0 : (int)i0) * (int)t->strides[0];\n"
       "  return ((const fj_i64*)t->data)[off];\n"
       "}\n" +
           functions("(score + (fj_buf0(h, fj_iadd(((fj_i64)(((int)kv_idx) - ((int)q_idx))), 8LL), fj_mod) * "
                     "fj_mod->params[0]))",
-                    "(fj_buf1(q_idx, fj_mod) == fj_buf1(kv_idx, fj_mod))"));
+                    "(fj_buf1_32(((int)q_idx), fj_mod) == fj_buf1_32(((int)kv_idx), fj_mod))"));
 }
 
 // clang-format on
@@ -285,8 +312,8 @@ TEST(Codegen, UserNamesNeverReachTheOutput) {
   std::string body = jit::emit_mod_body(m);
   for (const char* name : {"evil", "system", "rm_rf"})
     EXPECT_EQ(body.find(name), std::string::npos) << name << " appears in\n" << mod_part(body);
-  EXPECT_NE(body.find("fj_buf0(h, fj_mod)"), std::string::npos);      // evil
-  EXPECT_NE(body.find("fj_buf1(q_idx, fj_mod)"), std::string::npos);  // system
+  EXPECT_NE(body.find("fj_buf0_32(((int)h), fj_mod)"), std::string::npos);      // evil
+  EXPECT_NE(body.find("fj_buf1_32(((int)q_idx), fj_mod)"), std::string::npos);  // system
   EXPECT_NE(body.find("fj_mod->params[0]"), std::string::npos);       // rm_rf
 
   // Traced names are not checked as identifiers at capture time; codegen still never prints them.

@@ -333,6 +333,14 @@ TEST(Errors, BuffersAndParams) {
   OwnedTensor rank2 = OwnedTensor::make("slopes", DType::F32, {2, 1});
   c.bind.buffers = {{"slopes", rank2.view}};
   expect_error([&] { c.run(); }, {"rank 2", "fp32 rank 1"});
+  // Mods address buffers with 32-bit offsets: an extent of 2^31 elements or more is refused
+  // before any kernel reads it (a strided view over a huge tensor: two elements 2^31 apart).
+  TensorView far = slopes.view;
+  far.strides[0] = int64_t(1) << 31;
+  c.bind.params = bind.params;
+  c.bind.buffers = {{"slopes", far}};
+  expect_error([&] { c.run(); }, {"buffer 'slopes' [2] spans 2147483649 elements", "below 2^31", "slice it",
+                                  "make it contiguous"});
   c.bind = bind;
   EXPECT_NO_THROW(c.run());
   EXPECT_LT(c.error(), 1e-4);
