@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <map>
 #include <memory>
 #include <sstream>
@@ -43,6 +44,7 @@ FJ_FN fj_i64 fj_imod(fj_i64 a, fj_i64 b, const struct FlexModArgs* m) {
   const fj_i64 d = b == 0 || b == -1 ? 1 : b;
   return b == 0 || b == -1 ? 0 : a % d;
 }
+FJ_FN int fj_f2i32(float x, float lo, float hi) { return (int)(x > lo ? (x < hi ? x : hi) : lo); }
 FJ_FN int fj_iabs32(int a) { return a < 0 ? -a : a; }
 FJ_FN int fj_imin32(int a, int b) { return b < a ? b : a; }
 FJ_FN int fj_imax32(int a, int b) { return a < b ? b : a; }
@@ -356,7 +358,8 @@ class Emitter {
   // node in it provably lies in int32, so no int32 operation can overflow and each gives the
   // value int64 would: interval arithmetic over range() (a where()'s branches under its
   // condition); a float -> int conversion only of a finite value well inside int32 (out of range
-  // fj_f2i gives INT64_MIN, which int32 cannot); / and % only by a divisor >= 1 (fj_idiv and
+  // fj_f2i gives INT64_MIN, which int32 cannot), clamped to its proved range (fj_f2i32); / and
+  // % only by a divisor >= 1 (fj_idiv and
   // fj_imod's checks are then moot and C's / and % agree with them). Trees past kNarrowMaxNodes
   // skip the analysis (it costs O(nodes^2)).
   static constexpr int kNarrowMaxNodes = 400;
@@ -423,7 +426,18 @@ class Emitter {
         const std::string f = in_branch(a[0], false, [&] { return emit32(a[2]); });
         return "(" + c + " ? " + t + " : " + f + ")";
       }
-      case Op::ToInt: return a[0]->type == Type::Int ? emit32(a[0]) : "((int)" + emit(a[0]) + ")";
+      case Op::ToInt: {
+        if (a[0]->type != Type::Float) return a[0]->type == Type::Int ? emit32(a[0]) : "((int)" + emit(a[0]) + ")";
+        // Clamped to the range the analysis proved (with its fp32 rounding slack), as floats
+        // inside it, so the int32 arithmetic downstream cannot overflow even if rounding in a
+        // pathological float expression strays further; within the range it is plain truncation.
+        const ir::Interval r = range().eval(e);
+        float lo = float(r.lo), hi = float(r.hi);
+        if (double(lo) < r.lo) lo = std::nextafter(lo, std::numeric_limits<float>::infinity());
+        if (double(hi) > r.hi) hi = std::nextafter(hi, -std::numeric_limits<float>::infinity());
+        return "fj_f2i32(" + emit(a[0]) + ", " + float_literal(lo, cuda_ ? Backend::Cuda : Backend::Cpu) + ", " +
+               float_literal(hi, cuda_ ? Backend::Cuda : Backend::Cpu) + ")";
+      }
       default: break;
     }
     internal_error(__FILE__, __LINE__, std::string("codegen: int32 op ") + ir::op_name(e->op));

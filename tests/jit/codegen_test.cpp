@@ -159,7 +159,7 @@ TEST(Codegen, IntSubtreesProvablyInInt32AreComputedInInt32) {
       "score + bias(h, int(kv_idx - q_idx > 0) * 16 + where(abs(kv_idx - q_idx) < 8, abs(kv_idx - q_idx), "
       "min(8 + int(log(float(abs(kv_idx - q_idx)) / 8.0) / 2.7725887 * 8.0), 15)))";
   for (const Case& c : std::vector<Case>{
-           {t5.c_str(), "((int)((fj_logf(", "fj_f2i("},
+           {t5.c_str(), "fj_f2i32(((fj_logf(", "fj_f2i("},
            {t5.c_str(), "fj_imin32(", "fj_imin("},
            {"score + float((q_idx - kv_idx) % 7)", "(((int)q_idx) - ((int)kv_idx)) % 7)", "fj_imod("},
            {"score + float(q_idx / 64 - kv_idx / 64)", "(((int)q_idx) / 64)", "fj_idiv("},
