@@ -152,7 +152,11 @@ TEST(NvrtcMods, BufferModsOfEveryDtypeAndRankCompile) {
                  " + where(ids(b, q_idx) == ids(b, kv_idx), log(abs(score) + 1.0), exp(score) - exp2(w))"
                  " + sqrt(abs(score)) + rsqrt(abs(score) + 1.0) + sigmoid(score) + floor(score) + ceil(score)"
                  " + sin(score) * cos(score) + tan(score) + log2(abs(score) + 2.0) + float(big[kv_idx] % 5)"
-                 " + float(min(q_idx, kv_idx)) - max(score, -1.0)",
+                 " + float(min(q_idx, kv_idx)) - max(score, -1.0)"
+                 // T5's bucket: int32 index math, a where() analysed per branch, a clamped
+                 // float -> int32 conversion and an int32-indexed reader (jit/codegen narrowing)
+                 " + f(b, h, int(kv_idx > q_idx) * 16 + where(abs(kv_idx - q_idx) < 8, abs(kv_idx - q_idx),"
+                 " min(8 + int(log(float(abs(kv_idx - q_idx)) / 8.0) / 2.7725887 * 8.0), 15)))",
                  scope),
       ir::Type::Float);
   ParseScope mask_scope = scope;
@@ -165,6 +169,8 @@ TEST(NvrtcMods, BufferModsOfEveryDtypeAndRankCompile) {
   const std::string src = probe_source(mods);
   EXPECT_EQ(src.find("__builtin_"), std::string::npos) << "a CPU spelling leaked into CUDA code";
   EXPECT_NE(src.find("__ldg("), std::string::npos);
+  EXPECT_NE(src.find("fj_f2i32("), std::string::npos) << "the bucket's conversion was not narrowed";
+  EXPECT_NE(src.find("_32(((int)b)"), std::string::npos) << "no int32-indexed buffer read";
   for (const std::string& arch : kArchs)
     EXPECT_NO_THROW(compile_cuda(src, "buffers.cu", arch)) << arch << ":\n" << src;
 }
