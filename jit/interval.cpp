@@ -218,7 +218,9 @@ Interval IntervalEvaluator::eval_node(const Expr& e) {
         if (!(a.lo > -9.2233720368547758e18 && a.hi < 9.2233720368547758e18)) return Interval::any();
         if (n.args[0]->type == Type::Float && n.args[0]->op != Op::ConstFloat) {
           // The operand is computed in fp32 with approximate math, over the reals here: its value
-          // may sit an ulp or so outside [a.lo, a.hi], and its truncation one integer beyond.
+          // may sit a few ulps outside [a.lo, a.hi], and its truncation an integer beyond. The
+          // slack (one integer plus 2^-12 of the larger bound) is generous for that; codegen's
+          // int32 narrowing also clamps the converted value to this range (fj_f2i32).
           const double slack = 1 + std::max(std::fabs(a.lo), std::fabs(a.hi)) * 0x1p-12;
           return {std::trunc(a.lo - slack), std::trunc(a.hi + slack)};
         }
