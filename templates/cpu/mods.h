@@ -76,21 +76,23 @@ FJK_SPLIT_LINKAGE __attribute__((noinline)) void fjk_apply_q_inner(const struct 
     ;
 #else
 {
-  if (FLEXJIT_HAS_MASK_MOD && t->mask) fjk_apply_tile<true, false>(t, mod);
-  else if (FLEXJIT_HAS_SCORE_MOD) fjk_apply_tile<false, false>(t, mod);
+  // `if constexpr`: a variant that cannot run (a mask pass without a mask_mod, a score pass
+  // without a score_mod) is never instantiated, so a new mod compiles only the loops it uses.
+  if constexpr (FLEXJIT_HAS_MASK_MOD) {
+    if (t->mask) return fjk_apply_tile<true, false>(t, mod);
+  }
+  if constexpr (FLEXJIT_HAS_SCORE_MOD) fjk_apply_tile<false, false>(t, mod);
 }
 #endif
 
 #if FLEXJIT_PART != 1  // the rest: part 2 (or the whole kernel)
 static void fjk_apply(const struct FlexModTile* t, const struct FlexModArgs* mod) {
   const bool keys_inner = t->ld == 1 && t->ld_m != 1;
-  if (!keys_inner) {
-    fjk_apply_q_inner(t, mod);
-  } else if (FLEXJIT_HAS_MASK_MOD && t->mask) {
-    fjk_apply_tile<true, true>(t, mod);
-  } else if (FLEXJIT_HAS_SCORE_MOD) {
-    fjk_apply_tile<false, true>(t, mod);
+  if (!keys_inner) return fjk_apply_q_inner(t, mod);
+  if constexpr (FLEXJIT_HAS_MASK_MOD) {  // as in fjk_apply_q_inner: only the variants that can run
+    if (t->mask) return fjk_apply_tile<true, true>(t, mod);
   }
+  if constexpr (FLEXJIT_HAS_SCORE_MOD) fjk_apply_tile<false, true>(t, mod);
 }
 
 // ---- classify ----
