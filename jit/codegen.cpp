@@ -48,12 +48,10 @@ FJ_FN int fj_f2i32(float x, float lo, float hi) { return (int)(x > lo ? (x < hi 
 FJ_FN int fj_iabs32(int a) { return a < 0 ? -a : a; }
 FJ_FN int fj_imin32(int a, int b) { return b < a ? b : a; }
 FJ_FN int fj_imax32(int a, int b) { return a < b ? b : a; }
-FJ_FN fj_i64 fj_f2i(float x) {
-  return (x > -9.2233720368547758e18f && x < 9.2233720368547758e18f) ? (fj_i64)x : (fj_i64)(1ull << 63);
-}
 )";
 
-// What each backend defines before the portable helpers: FJ_FN, the error flag and bit casts.
+// What each backend defines before the portable helpers: FJ_FN, the error flag, bit casts and
+// float -> int64 (fj_f2i: out of range gives INT64_MIN).
 // CPU: the flag is a per-tile local, so `|=` keeps the loop branch-free. CUDA: the flag is
 // shared by many threads, and a read-modify-write that stores 0 could erase another thread's 1,
 // so only a bad index stores (always 1).
@@ -61,11 +59,30 @@ constexpr const char* kCpuPrelude = R"(
 #define FJ_FN static inline
 static inline void fj_flag_if(bool bad, const struct FlexModArgs* m) { *m->error_flag |= bad ? 1 : 0; }
 static inline float fj_bf16_to_f32(unsigned short x) { return __builtin_bit_cast(float, (unsigned)x << 16); }
+#if defined(__x86_64__) && !defined(__AVX512DQ__)
+// Below AVX-512DQ x86 has no vector float -> int64 convert (LLVM scalarises one per lane), so the
+// conversion is spelled in integer arithmetic that vectorises (variable 64-bit shifts are AVX2):
+// x = m 2^e with m the 24-bit significand; |x| >= 2^63, inf and NaN (e > 39) give INT64_MIN.
+FJ_FN fj_i64 fj_f2i(float x) {
+  const unsigned u = __builtin_bit_cast(unsigned, x);
+  const int e = (int)((u >> 23) & 255u) - 150;
+  const fj_i64 m = (fj_i64)((u & 0x7fffffu) | 0x800000u);
+  const fj_i64 mag = e >= 0 ? m << (e < 63 ? e : 63) : m >> (-e < 63 ? -e : 63);
+  return e > 39 ? (fj_i64)(1ull << 63) : ((int)u < 0 ? -mag : mag);
+}
+#else
+FJ_FN fj_i64 fj_f2i(float x) {
+  return (x > -9.2233720368547758e18f && x < 9.2233720368547758e18f) ? (fj_i64)x : (fj_i64)(1ull << 63);
+}
+#endif
 )";
 constexpr const char* kCudaPrelude = R"(
 #define FJ_FN static __device__ __forceinline__
 FJ_FN void fj_flag_if(bool bad, const struct FlexModArgs* m) { if (bad) *m->error_flag = 1; }
 FJ_FN float fj_bf16_to_f32(unsigned short x) { return __uint_as_float((unsigned)x << 16); }
+FJ_FN fj_i64 fj_f2i(float x) {
+  return (x > -9.2233720368547758e18f && x < 9.2233720368547758e18f) ? (fj_i64)x : (fj_i64)(1ull << 63);
+}
 FJ_FN float fj_f16_to_f32(unsigned short x) {
   float f;
   asm("{ .reg .b16 h; mov.b16 h, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "h"(x));

@@ -4,7 +4,9 @@
 // including inf, -inf, NaN and the overflow/underflow edges.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -135,6 +137,44 @@ TEST(ModMath, Log2MatchesLibmAndIsExactOnPowersOfTwo) {
   expect_log_close(f, [](double x) { return std::log2(x); }, log_args(), 1.0, "log2");
   expect_log_specials(f, "log2");
   for (int e = -149; e <= 127; ++e) EXPECT_EQ(f(std::ldexp(1.0f, e)), float(e)) << "log2(2^" << e << ")";
+}
+
+// float -> int64 (`int(x)`): truncation toward zero, INT64_MIN for |x| >= 2^63, inf and NaN (as
+// x86 and the reference evaluator do), exactly, in the vectorised loop a mod runs in (below
+// AVX-512DQ the conversion is spelled in integer arithmetic: jit/codegen.cpp fj_f2i).
+TEST(ModMath, FloatToInt64IsExactInVectorLoops) {
+  ModSet mods;
+  // Clamped to +-2^24 (exact in float): below that the value itself is checked; above, its sign;
+  // INT64_MIN (out of range, inf, NaN) reads -2^24 where a saturating conversion would give +2^24.
+  // (A loop LLVM vectorises: no int64 division, whose absence keeps x86 loops scalar.)
+  mods.score_mod = ir::cast(parse_expr("float(max(min(int(score), 16777216), -16777216))", ParseScope{}),
+                            ir::Type::Float);
+  std::string src = "typedef long long fj_i64;\n"
+                    "struct FlexBuffer { const void* data; fj_i64 sizes[4]; fj_i64 strides[4]; };\n"
+                    "struct FlexModArgs { const struct FlexBuffer* buffers; const float* params; int* error_flag; };\n" +
+                    jit::emit_mod_body(mods) +
+                    "extern \"C\" void f2i_entry(const float* __restrict x, float* __restrict y, int n) {\n"
+                    "  static int flag; struct FlexModArgs m = {0, 0, &flag};\n"
+                    "  for (int i = 0; i < n; ++i) y[i] = flexjit_score_mod(x[i], 0, 0, 0, 0, &m);\n}\n";
+  jit::CompileResult r = jit::compile_cpp_to_object(src, "f2i_test.cpp");
+  auto f = reinterpret_cast<void (*)(const float*, float*, int)>(jit::load_object(r.object, "f2i_entry"));
+  std::vector<float> xs = {0.0f, -0.0f, 0.5f, -0.5f, 0.99999994f, -0.99999994f, 1.0f, -1.0f, 1e-45f, -1e-45f,
+                           1e-38f, 8388607.5f, -8388607.5f, 16777216.0f, 9.2233715e18f, -9.2233715e18f,
+                           9.2233720e18f, -9.2233720e18f, 1e30f, -1e30f, std::numeric_limits<float>::infinity(),
+                           -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()};
+  for (int e = -30; e <= 70; ++e)
+    for (int k = 0; k < 16; ++k)
+      for (float sign : {1.0f, -1.0f}) xs.push_back(sign * std::ldexp(1.0f + float(k) / 16.0f + 1e-7f * float(k), e));
+  while (xs.size() % 16) xs.push_back(3.75f);  // whole vectors, and a scalar tail checked too
+  xs.push_back(-7.25f);
+  std::vector<float> got(xs.size());
+  f(xs.data(), got.data(), int(xs.size()));
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const float x = xs[i];
+    const int64_t want_i = (x > -9.2233720368547758e18f && x < 9.2233720368547758e18f) ? int64_t(x) : INT64_MIN;
+    const float want = float(std::max<int64_t>(std::min<int64_t>(want_i, 16777216), -16777216));
+    EXPECT_EQ(got[i], want) << "int(" << x << ")";
+  }
 }
 
 }  // namespace
