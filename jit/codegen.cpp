@@ -383,11 +383,11 @@ class Emitter {
   static bool in_int32(ir::Interval r) { return r.lo >= -2147483648.0 && r.hi <= 2147483647.0; }
 
   bool all_int32(const Expr& e) {
-    if (e->type != Type::Int || count_nodes(e, kNarrowMaxNodes + 1) > kNarrowMaxNodes) return false;
+    if (e->type != Type::Int) return false;
     const auto key = std::make_pair(e.get(), range().refinement_id());
     auto it = int32_memo_.find(key);
     if (it != int32_memo_.end()) return it->second.second;
-    const bool ok = all_int32_uncached(e);
+    const bool ok = count_nodes(e, kNarrowMaxNodes + 1) <= kNarrowMaxNodes && all_int32_uncached(e);
     int32_memo_.emplace(key, std::make_pair(e, ok));  // holds e: its address stays its own
     return ok;
   }

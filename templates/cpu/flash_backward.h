@@ -126,7 +126,6 @@ __attribute__((noinline)) static void fjb_gemm(int rows, int kdim, const typenam
 #error "the backward's bf16 dot products need bf16 inputs"
 #endif
 typedef unsigned fjb_u32;
-typedef fj_v32h fjb_v32h;
 typedef unsigned short fjb_v16h_u __attribute__((vector_size(32), aligned(2)));
 typedef unsigned fjb_v16u_u __attribute__((vector_size(64), aligned(4)));
 static constexpr int kDPairs = (HEAD_DIM + 1) / 2, kDVPairs = (HEAD_DIM_V + 1) / 2;
@@ -214,8 +213,8 @@ static inline void fjb_pack_f32_row_pairs(const float* __restrict x, int rows, f
     for (int i = 0; i < kNP / 16; ++i) {
       const fj_v16f lo = fjk_load(x + 2 * p * kNP + 16 * i);
       const fj_v16f hi = has1 ? fjk_load(x + (2 * p + 1) * kNP + 16 * i) : fjk_splat(0.0f);
-      const fjb_v32h both = fjk_cvt2_bf16(hi, lo);
-      *(fjb_v32h*)(dst + p * kNP + 16 * i) = __builtin_shufflevector(
+      const fj_v32h both = fjk_cvt2_bf16(hi, lo);
+      *(fj_v32h*)(dst + p * kNP + 16 * i) = __builtin_shufflevector(
           both, both, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24, 9, 25, 10, 26, 11, 27, 12,
           28, 13, 29, 14, 30, 15, 31);
     }

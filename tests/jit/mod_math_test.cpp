@@ -19,19 +19,25 @@ namespace {
 
 using ScoreFn = float (*)(float);
 
-// Compiles `text` as a score_mod and returns a scalar entry point score -> score_mod(score).
-ScoreFn compile_score_mod(const std::string& text) {
+// Compiles `text` as a score_mod, followed by `entry` (C++ defining the extern "C" function
+// `name`, which may use `m`, a FlexModArgs without buffers or params), and returns `name`.
+void* compile_with_entry(const std::string& text, const std::string& entry, const std::string& name) {
   ModSet mods;
   mods.score_mod = ir::cast(parse_expr(text, ParseScope{}), ir::Type::Float);
   std::string src = "typedef long long fj_i64;\n"
                     "struct FlexBuffer { const void* data; fj_i64 sizes[4]; fj_i64 strides[4]; };\n"
                     "struct FlexModArgs { const struct FlexBuffer* buffers; const float* params; int* error_flag; };\n" +
                     jit::emit_mod_body(mods) +
-                    "extern \"C\" float mod_math_entry(float s) {\n"
-                    "  static int flag; struct FlexModArgs m = {0, 0, &flag};\n"
-                    "  return flexjit_score_mod(s, 0, 0, 0, 0, &m);\n}\n";
-  jit::CompileResult r = jit::compile_cpp_to_object(src, "mod_math_test.cpp");
-  return reinterpret_cast<ScoreFn>(jit::load_object(r.object, "mod_math_entry"));
+                    "static int flag;\nstatic struct FlexModArgs m = {0, 0, &flag};\n" + entry;
+  jit::CompileResult r = jit::compile_cpp_to_object(src, name + ".cpp");
+  return jit::load_object(r.object, name);
+}
+
+// Compiles `text` as a score_mod and returns a scalar entry point score -> score_mod(score).
+ScoreFn compile_score_mod(const std::string& text) {
+  return reinterpret_cast<ScoreFn>(compile_with_entry(
+      text, "extern \"C\" float mod_math_entry(float s) { return flexjit_score_mod(s, 0, 0, 0, 0, &m); }\n",
+      "mod_math_entry"));
 }
 
 std::vector<float> sweep(float lo, float hi, int n) {
@@ -143,21 +149,14 @@ TEST(ModMath, Log2MatchesLibmAndIsExactOnPowersOfTwo) {
 // x86 and the reference evaluator do), exactly, in the vectorised loop a mod runs in (below
 // AVX-512DQ the conversion is spelled in integer arithmetic: jit/codegen.cpp fj_f2i).
 TEST(ModMath, FloatToInt64IsExactInVectorLoops) {
-  ModSet mods;
   // Clamped to +-2^24 (exact in float): below that the value itself is checked; above, its sign;
   // INT64_MIN (out of range, inf, NaN) reads -2^24 where a saturating conversion would give +2^24.
   // (A loop LLVM vectorises: no int64 division, whose absence keeps x86 loops scalar.)
-  mods.score_mod = ir::cast(parse_expr("float(max(min(int(score), 16777216), -16777216))", ParseScope{}),
-                            ir::Type::Float);
-  std::string src = "typedef long long fj_i64;\n"
-                    "struct FlexBuffer { const void* data; fj_i64 sizes[4]; fj_i64 strides[4]; };\n"
-                    "struct FlexModArgs { const struct FlexBuffer* buffers; const float* params; int* error_flag; };\n" +
-                    jit::emit_mod_body(mods) +
-                    "extern \"C\" void f2i_entry(const float* __restrict x, float* __restrict y, int n) {\n"
-                    "  static int flag; struct FlexModArgs m = {0, 0, &flag};\n"
-                    "  for (int i = 0; i < n; ++i) y[i] = flexjit_score_mod(x[i], 0, 0, 0, 0, &m);\n}\n";
-  jit::CompileResult r = jit::compile_cpp_to_object(src, "f2i_test.cpp");
-  auto f = reinterpret_cast<void (*)(const float*, float*, int)>(jit::load_object(r.object, "f2i_entry"));
+  auto f = reinterpret_cast<void (*)(const float*, float*, int)>(compile_with_entry(
+      "float(max(min(int(score), 16777216), -16777216))",
+      "extern \"C\" void f2i_entry(const float* __restrict x, float* __restrict y, int n) {\n"
+      "  for (int i = 0; i < n; ++i) y[i] = flexjit_score_mod(x[i], 0, 0, 0, 0, &m);\n}\n",
+      "f2i_entry"));
   std::vector<float> xs = {0.0f, -0.0f, 0.5f, -0.5f, 0.99999994f, -0.99999994f, 1.0f, -1.0f, 1e-45f, -1e-45f,
                            1e-38f, 8388607.5f, -8388607.5f, 16777216.0f, 9.2233715e18f, -9.2233715e18f,
                            9.2233720e18f, -9.2233720e18f, 1e30f, -1e30f, std::numeric_limits<float>::infinity(),
