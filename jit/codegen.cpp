@@ -4,7 +4,9 @@
 #include "jit/interval.h"
 
 #include <cmath>
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <map>
 #include <memory>
@@ -213,7 +215,15 @@ class Emitter {
  public:
   Emitter(const ModSet& mods, Backend backend) : mods_(mods), cuda_(backend == Backend::Cuda) {}
 
+  // From now on `e` (the node itself, by address) is spelled as the local `name` holding its
+  // value: an int32 one when `int32`, else the node's own type (jit/codegen.cpp DiagPlan).
+  void substitute(const ir::Node* e, const std::string& name, bool int32) { subs_[e] = {name, int32}; }
+  // Whether this int expression is computed in int32 (so a table of it can hold int).
+  bool int32_valued(const Expr& e) { return all_int32(e); }
+
   std::string emit(const Expr& e) {
+    if (auto it = subs_.find(e.get()); it != subs_.end())
+      return it->second.second ? "((fj_i64)" + it->second.first + ")" : it->second.first;
     // An int computation that provably stays in int32 is done in int32 (see all_int32).
     if (e->type == Type::Int && !is_leaf(e->op) && all_int32(e)) return "((fj_i64)" + emit32(e) + ")";
     switch (e->op) {
@@ -422,6 +432,7 @@ class Emitter {
 
   // The C `int` expression of an int subtree all_int32 accepted.
   std::string emit32(const Expr& e) {
+    if (auto it = subs_.find(e.get()); it != subs_.end()) return "((int)" + it->second.first + ")";
     const auto& a = e->args;
     auto call = [&](const char* f) { return std::string(f) + "(" + emit32(a[0]) + ", " + emit32(a[1]) + ")"; };
     switch (e->op) {
@@ -470,6 +481,7 @@ class Emitter {
   }
 
   const ModSet& mods_;
+  std::map<const ir::Node*, std::pair<std::string, bool>> subs_;  // substitute()
   std::unique_ptr<ir::IntervalEvaluator> range_;
   std::map<std::pair<const ir::Node*, uint64_t>, std::pair<Expr, bool>> int32_memo_;  // (node, refinement_id())
   const bool cuda_;
@@ -539,6 +551,135 @@ std::string emit_grad_offset(int slot, const ir::BufferDecl& d) {
   return os.str();
 }
 
+// ---- relative-position tables (CPU) ----
+// A score_mod term that depends on q_idx and kv_idx only through their difference (T5's bucketed
+// bias[h, bucket(kv_idx - q_idx)], any relative-position table or decay) takes only
+// rows + cols - 1 values over a rows x cols tile, where the tile has rows * cols scores. Such
+// terms, when they cost more than a table read (a transcendental, an int division, a float -> int
+// conversion, or a buffer read indexed by the difference), are evaluated once per difference into
+// a table of the tile's diagonals and read back per score (templates/cpu/mods.h). Each table
+// entry is computed from a real (q_idx, kv_idx) pair of the tile with that difference, so the
+// term sees exactly the arguments it would have seen, and no others.
+//
+// A term under a where() branch or the right operand of && / || (evaluated only where the
+// condition allows) is tabulated only when it cannot raise the error flag (no buffer read, no
+// int / or %): computing it for every difference must not report an error the mod would not.
+constexpr int kMaxDiagTables = 4;
+
+class DiagPlanner {
+ public:
+  std::vector<Expr> terms;  // tabulated terms, one table each (structurally distinct)
+
+  void plan(const Expr& score_mod) { visit(score_mod, false); }
+  // The table each occurrence of a term uses: occurrence node -> index into `terms`.
+  const std::map<const ir::Node*, int>& uses() const { return uses_; }
+
+ private:
+  enum Kind { kInvariant = 0, kDiagonal = 1, kOther = 2 };
+
+  Kind kind(const Expr& e) {
+    if (auto it = kind_.find(e.get()); it != kind_.end()) return it->second;
+    Kind k = kInvariant;
+    if (e->op == Op::Variable) {
+      k = (e->var == ir::Var::B || e->var == ir::Var::H) ? kInvariant : kOther;
+    } else if (e->op == Op::Sub && e->args[0]->op == Op::Variable && e->args[1]->op == Op::Variable &&
+               ((e->args[0]->var == ir::Var::KvIdx && e->args[1]->var == ir::Var::QIdx) ||
+                (e->args[0]->var == ir::Var::QIdx && e->args[1]->var == ir::Var::KvIdx))) {
+      k = kDiagonal;
+    } else {
+      for (const auto& a : e->args) k = std::max(k, kind(a));
+    }
+    kind_.emplace(e.get(), k);
+    return k;
+  }
+  // Worth a table read: something per score costlier than a load.
+  bool costly(const Expr& e) {
+    switch (e->op) {
+      case Op::Exp: case Op::Exp2: case Op::Log: case Op::Log2: case Op::Tanh: case Op::Sin: case Op::Cos:
+      case Op::Tan: case Op::Sqrt: case Op::Rsqrt: case Op::Sigmoid:
+        return true;
+      case Op::Div: case Op::Mod: return e->type == Type::Int;
+      case Op::ToInt: if (e->args[0]->type == Type::Float) return true; break;
+      case Op::Load:
+        for (const auto& a : e->args)
+          if (kind(a) == kDiagonal) return true;
+        break;
+      default: break;
+    }
+    for (const auto& a : e->args)
+      if (costly(a)) return true;
+    return false;
+  }
+  static bool may_flag(const Expr& e) {
+    if (e->op == Op::Load || ((e->op == Op::Div || e->op == Op::Mod) && e->type == Type::Int)) return true;
+    for (const auto& a : e->args)
+      if (may_flag(a)) return true;
+    return false;
+  }
+  void visit(const Expr& e, bool conditional) {
+    if (e->type != Type::Bool && kind(e) == kDiagonal && costly(e) && !(conditional && may_flag(e))) {
+      const std::string key = ir::to_string(e);
+      auto it = index_.find(key);
+      if (it == index_.end()) {
+        if (static_cast<int>(terms.size()) >= kMaxDiagTables) return;
+        it = index_.emplace(key, static_cast<int>(terms.size())).first;
+        terms.push_back(e);
+      }
+      uses_[e.get()] = it->second;
+      return;
+    }
+    const bool branchy = e->op == Op::Select || e->op == Op::And || e->op == Op::Or;
+    for (size_t i = 0; i < e->args.size(); ++i) visit(e->args[i], conditional || (branchy && i > 0));
+  }
+
+  std::map<const ir::Node*, Kind> kind_;
+  std::map<std::string, int> index_;
+  std::map<const ir::Node*, int> uses_;
+};
+
+// Whether the tables are wanted (FLEXJIT_MOD_TABLES=0 turns them off, to measure what they buy).
+bool diag_tables_enabled() {
+  const char* v = std::getenv("FLEXJIT_MOD_TABLES");
+  return !(v && std::string(v) == "0");
+}
+
+// The tables' part of a CPU mod body (see templates/cpu/mods.h):
+//   #define FLEXJIT_SCORE_DIAGS n          (0: the rest is absent)
+//   #define FLEXJIT_DIAG_CHUNK c           (tiles are tabulated in chunks of c x c at most)
+//   struct FjScoreDiags                    (n tables of 2c - 1 entries)
+//   flexjit_score_diags_fill(T, u, b, h, q_idx, kv_idx, fj_mod)    entry u of every table
+//   flexjit_score_mod_diags(score, b, h, q_idx, kv_idx, fj_mod, T, u)  score_mod reading entry u
+std::string emit_diag_tables(const ModSet& mods) {
+  DiagPlanner planner;
+  if (mods.score_mod && diag_tables_enabled()) planner.plan(mods.score_mod);
+  std::ostringstream os;
+  os << "#define FLEXJIT_SCORE_DIAGS " << planner.terms.size() << "\n";
+  if (planner.terms.empty()) return os.str();
+  Emitter fill(mods, Backend::Cpu), use(mods, Backend::Cpu);
+  std::vector<std::string> types;
+  for (const auto& t : planner.terms)
+    types.push_back(t->type == Type::Float ? "float" : fill.int32_valued(t) ? "int" : "fj_i64");
+  os << "#define FLEXJIT_DIAG_CHUNK 256\n";
+  os << "struct FjScoreDiags {\n";
+  for (size_t k = 0; k < types.size(); ++k) os << "  " << types[k] << " t" << k << "[2 * FLEXJIT_DIAG_CHUNK - 1];\n";
+  os << "};\n";
+  os << "FJ_FN void flexjit_score_diags_fill(struct FjScoreDiags* fj_t, int fj_u, fj_i64 b, fj_i64 h, fj_i64 q_idx, "
+        "fj_i64 kv_idx, const struct FlexModArgs* fj_mod) {\n"
+     << "  (void)b; (void)h; (void)q_idx; (void)kv_idx; (void)fj_mod;\n";
+  for (size_t k = 0; k < types.size(); ++k)
+    os << "  fj_t->t" << k << "[fj_u] = (" << types[k] << ")" << fill.emit(planner.terms[k]) << ";\n";
+  os << "}\n";
+  for (const auto& [node, k] : planner.uses())  // nodes of mods.score_mod, alive while it is
+    use.substitute(node, "fj_dg" + std::to_string(k), types[size_t(k)] == "int");
+  os << "FJ_FN float flexjit_score_mod_diags(float score, fj_i64 b, fj_i64 h, fj_i64 q_idx, fj_i64 kv_idx, "
+        "const struct FlexModArgs* fj_mod, const struct FjScoreDiags* fj_t, int fj_u) {\n"
+     << "  (void)b; (void)h; (void)q_idx; (void)kv_idx; (void)fj_mod;\n";
+  for (size_t k = 0; k < types.size(); ++k)
+    os << "  const " << types[k] << " fj_dg" << k << " = fj_t->t" << k << "[fj_u];\n";
+  os << "  return " << use.emit(mods.score_mod) << ";\n}\n";
+  return os.str();
+}
+
 }  // namespace
 
 std::string emit_mod_grad_body(const ModSet& mods) {
@@ -577,6 +718,11 @@ std::string emit_mod_grad_body(const ModSet& mods) {
   return s;
 }
 
+std::string codegen_identity(Backend backend) {
+  if (backend == Backend::Cuda) return "cuda-v1";
+  return diag_tables_enabled() ? "cpu-v3" : "cpu-v3;tables=0";  // v3: relative-position tables
+}
+
 std::string emit_mod_body(const ModSet& mods, Backend backend) {
   validate(mods);
   const bool cuda = backend == Backend::Cuda;
@@ -598,6 +744,7 @@ std::string emit_mod_body(const ModSet& mods, Backend backend) {
         "const struct FlexModArgs* fj_mod) {\n"
      << "  (void)b; (void)h; (void)q_idx; (void)kv_idx; (void)fj_mod;\n"
      << "  return " << (mods.mask_mod ? em.emit(mods.mask_mod) : "true") << ";\n}\n";
+  if (!cuda) os << emit_diag_tables(mods);
   os << "// == end of generated mod ==\n";
   std::string s = os.str();
   if (s.size() > (1u << 20))

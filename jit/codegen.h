@@ -24,6 +24,11 @@ enum class Backend { Cpu, Cuda };
 
 std::string emit_mod_body(const ModSet& mods, Backend backend = Backend::Cpu);
 
+// What, besides the mods and the templates, decides the text emit_mod_body writes: a version
+// (bumped when the generated code changes) and the switches it reads (FLEXJIT_MOD_TABLES=0 turns
+// the CPU's relative-position tables off). Part of every kernel's cache key.
+std::string codegen_identity(Backend backend);
+
 // The CPU mod body plus the score_mod's derivatives (jit/grad.h), for the backward pass
 // (templates/cpu/mods_grad.h):
 //   #define FLEXJIT_NUM_GRAD_LOADS n   (differentiable buffer reads)

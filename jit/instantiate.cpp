@@ -178,7 +178,7 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
     inst.key = make_key({{"templates", templates_hash},
                          {"spec", spec.str()},
                          {"mods", eff.signature()},
-                         {"codegen", "cuda-v1"}},
+                         {"codegen", codegen_identity(Backend::Cuda)}},
                         "nvrtc=" + nvrtc_version() + ";arch=" + spec.arch);
   } else {
 #ifdef FLEXJIT_NO_CPU_BACKEND
@@ -188,7 +188,7 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
     inst.key = make_key({{"templates", templates_hash},
                          {"spec", spec.str()},
                          {"mods", eff.signature()},
-                         {"codegen", "cpu-v2"}});
+                         {"codegen", codegen_identity(Backend::Cpu)}});
 #endif
   }
   std::ostringstream sym;

@@ -51,6 +51,62 @@ static inline void fjk_apply_run(float* __restrict row, int inner, fj_i64 b, fj_
   (void)b; (void)h; (void)mod;
 }
 
+#if FLEXJIT_SCORE_DIAGS > 0
+// fjk_apply_run for a score_mod with relative-position tables (jit/codegen.cpp DiagPlanner):
+// score i of the run reads entry u0 + i of the tables.
+template <bool kMask, bool kKeysInner>
+static inline void fjk_apply_run_diags(float* __restrict row, int inner, fj_i64 b, fj_i64 h,
+                                       fj_i64 q_first, fj_i64 kv_first,
+                                       const struct FlexModArgs* mod,
+                                       const struct FjScoreDiags* tabs, int u0) {
+  FJK_RUN_LOOP
+  for (int i = 0; i < inner; ++i) {
+    const fj_i64 q_idx = kKeysInner ? q_first : q_first + i;
+    const fj_i64 kv_idx = kKeysInner ? kv_first + i : kv_first;
+    float s = flexjit_score_mod_diags(row[i], b, h, q_idx, kv_idx, mod, tabs, u0 + i) * FJK_LOG2E;
+#if FLEXJIT_HAS_MASK_MOD
+    if (kMask) s = flexjit_mask_mod(b, h, q_idx, kv_idx, mod) ? s : FJK_NEG_INF;
+#endif
+    row[i] = s;
+  }
+}
+
+// The tile in chunks of at most FLEXJIT_DIAG_CHUNK x FLEXJIT_DIAG_CHUNK. Entry u of a chunk's
+// tables holds the terms at inner offset - outer offset = u - (co - 1); it is computed at the
+// chunk's pair (i, o) = (u - (co - 1), 0) or (0, co - 1 - u), which has that difference. Every
+// difference a co x ci chunk holds is in [-(co - 1), ci - 1], and each occurs in it.
+template <bool kMask, bool kKeysInner>
+static inline void fjk_apply_tile_diags(const struct FlexModTile* t, fj_i64 b, fj_i64 h,
+                                        const struct FlexModArgs* mod) {
+  struct FjScoreDiags tabs;
+  const int outer = kKeysInner ? t->mvalid : t->nvalid;
+  const int inner = kKeysInner ? t->nvalid : t->mvalid;
+  const fj_i64 ld_outer = kKeysInner ? t->ld_m : t->ld;
+  FJK_ROLLED_LOOP
+  for (int o0 = 0; o0 < outer; o0 += FLEXJIT_DIAG_CHUNK) {
+    const int co = outer - o0 < FLEXJIT_DIAG_CHUNK ? outer - o0 : FLEXJIT_DIAG_CHUNK;
+    FJK_ROLLED_LOOP
+    for (int i0 = 0; i0 < inner; i0 += FLEXJIT_DIAG_CHUNK) {
+      const int ci = inner - i0 < FLEXJIT_DIAG_CHUNK ? inner - i0 : FLEXJIT_DIAG_CHUNK;
+      const fj_i64 q_base = t->q0 + (kKeysInner ? o0 : i0), kv_base = t->kv0 + (kKeysInner ? i0 : o0);
+      FJK_RUN_LOOP
+      for (int u = 0; u < ci + co - 1; ++u) {
+        const int r = u - (co - 1);
+        const int i = r > 0 ? r : 0, o = r > 0 ? 0 : -r;
+        flexjit_score_diags_fill(&tabs, u, b, h, q_base + (kKeysInner ? o : i),
+                                 kv_base + (kKeysInner ? i : o), mod);
+      }
+      FJK_ROLLED_LOOP
+      for (int o = 0; o < co; ++o)
+        fjk_apply_run_diags<kMask, kKeysInner>(t->s + (o0 + o) * ld_outer + i0, ci, b, h,
+                                               kKeysInner ? q_base + o : q_base,
+                                               kKeysInner ? kv_base : kv_base + o, mod, &tabs,
+                                               co - 1 - o);
+    }
+  }
+}
+#endif
+
 template <bool kMask, bool kKeysInner>
 static void fjk_apply_tile(const struct FlexModTile* t, const struct FlexModArgs* shared) {
   int bad;  // cpu/mods_local.h
@@ -58,6 +114,10 @@ static void fjk_apply_tile(const struct FlexModTile* t, const struct FlexModArgs
   float params[FJK_LOCAL_PARAMS];
   struct FlexModArgs local = fjk_local_mod(shared, &bad, bufs, params);
   const fj_i64 b = t->b, h = t->h, q0 = t->q0, kv0 = t->kv0;
+#if FLEXJIT_SCORE_DIAGS > 0
+  (void)q0; (void)kv0;
+  fjk_apply_tile_diags<kMask, kKeysInner>(t, b, h, &local);
+#else
   const int outer = kKeysInner ? t->mvalid : t->nvalid;
   const int inner = kKeysInner ? t->nvalid : t->mvalid;
   const fj_i64 ld_outer = kKeysInner ? t->ld_m : t->ld;
@@ -66,6 +126,7 @@ static void fjk_apply_tile(const struct FlexModTile* t, const struct FlexModArgs
     fjk_apply_run<kMask, kKeysInner>(t->s + o * ld_outer, inner, b, h,
                                      kKeysInner ? q0 + o : q0, kKeysInner ? kv0 : kv0 + o,
                                      &local);
+#endif
   fjk_local_mod_end(bad, shared);
 }
 

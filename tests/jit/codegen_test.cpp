@@ -7,6 +7,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <limits>
 #include <sstream>
 #include <string>
@@ -19,19 +20,30 @@ namespace {
 
 // The parts of a generated body that depend on the mods: the #define lines, then everything
 // from the first buffer reader (or the score_mod function) to the end.
+// The relative-position tables' section (#define FLEXJIT_SCORE_DIAGS to the end marker) is left
+// out: diag_part() has it.
 std::string mod_part(const std::string& body) {
   std::istringstream in(body);
   std::string line, defines, rest;
-  bool in_rest = false;
+  bool in_rest = false, in_diags = false;
   while (std::getline(in, line)) {
     if (line.rfind("#define FLEXJIT_HAS_", 0) == 0) defines += line + "\n";
     if (!in_rest && line.rfind("FJ_FN ", 0) == 0 &&
         (line.find(" fj_buf0(") != std::string::npos ||
          line.find(" flexjit_score_mod(") != std::string::npos))
       in_rest = true;
-    if (in_rest) rest += line + "\n";
+    if (line.rfind("#define FLEXJIT_SCORE_DIAGS ", 0) == 0) in_diags = true;
+    if (line.rfind("// == end of generated mod", 0) == 0) in_diags = false;
+    if (in_rest && !in_diags) rest += line + "\n";
   }
   return defines + rest;
+}
+
+// The tables' section of a body: from #define FLEXJIT_SCORE_DIAGS to the end marker.
+std::string diag_part(const std::string& body) {
+  const size_t from = body.find("#define FLEXJIT_SCORE_DIAGS ");
+  const size_t to = body.find("// == end of generated mod");
+  return from == std::string::npos || to == std::string::npos ? "" : body.substr(from, to - from);
 }
 
 ParseScope scope(bool mask, std::vector<ir::BufferDecl> bufs = {},
@@ -179,6 +191,58 @@ TEST(Codegen, IntSubtreesProvablyInInt32AreComputedInInt32) {
     EXPECT_NE(score_fn.find(c.must), std::string::npos) << c.score << "\n" << score_fn;
     EXPECT_EQ(score_fn.find(c.must_not), std::string::npos) << c.score << "\n" << score_fn;
   }
+}
+
+// Score terms that depend on q_idx and kv_idx only through kv_idx - q_idx, and cost more than a
+// table read, are computed once per diagonal of a tile (jit/codegen.cpp DiagPlanner); cheap ones,
+// terms of the score, of q_idx or kv_idx alone, and terms that could raise the error flag under a
+// where() branch are not.
+TEST(Codegen, RelativePositionTermsAreTabulatedPerDiagonal) {
+  const std::vector<ir::BufferDecl> bufs = {{"bias", DType::F32, 2}, {"rel", DType::F32, 1}};
+  const std::string t5 =
+      "score + bias(h, int(kv_idx - q_idx > 0) * 16 + where(abs(kv_idx - q_idx) < 8, abs(kv_idx - q_idx), "
+      "min(8 + int(log(float(abs(kv_idx - q_idx)) / 8.0) / 2.7725887 * 8.0), 15)))";
+  struct Case {
+    std::string score;
+    int tables;
+    const char* use;  // in flexjit_score_mod_diags's return ("" = no check)
+  };
+  for (const Case& c : std::vector<Case>{
+           {t5, 1, "return (score + fj_dg0);"},
+           {"score + rel(min(max(kv_idx - q_idx, -128), 128) + 128)", 1, "return (score + fj_dg0);"},
+           {"score * exp(-float(abs(q_idx - kv_idx)) / 10.0)", 1, "return (score * fj_dg0);"},
+           {"score + exp(float(kv_idx - q_idx) / 9.0) * score * exp(float(kv_idx - q_idx) / 9.0)", 1,
+            "return (score + ((fj_dg0 * score) * fj_dg0));"},  // one table for equal terms
+           {"score + log(1.0 + float(abs(kv_idx - q_idx))) + h * sqrt(float(abs(q_idx - kv_idx)))", 2, ""},
+           {"score + float((kv_idx - q_idx) / 7)", 1, "return (score + fj_dg0);"},
+           {"where(score > 0.0, score + exp(float(kv_idx - q_idx)), score)", 1, "fj_dg0"},  // pure: tabulated
+           {"where(score > 0.0, score + rel(kv_idx - q_idx), score)", 0, ""},  // may flag under a branch
+           {"score + bias(h, 1) * float(kv_idx - q_idx)", 0, ""},              // ALiBi: cheaper than a table read
+           {"score + bias(h, q_idx)", 0, ""},                                  // not a difference
+           {"score + log(float(q_idx + kv_idx + 1))", 0, ""},
+           {"score + exp(score - float(kv_idx - q_idx))", 0, ""},              // reads the score
+           {"score + exp(float(kv_idx)) - exp(float(q_idx))", 0, ""},
+           {"score + exp(float(kv_idx - q_idx)) + log(float(abs(kv_idx - q_idx)) + 1.0) + sqrt(float(abs(kv_idx - q_idx))) + "
+            "tanh(float(kv_idx - q_idx)) + sigmoid(float(kv_idx - q_idx))", 4, ""},  // at most 4 tables
+       }) {
+    const std::string diags = diag_part(jit::emit_mod_body(mods(c.score, "", bufs)));
+    EXPECT_NE(diags.find("#define FLEXJIT_SCORE_DIAGS " + std::to_string(c.tables) + "\n"), std::string::npos)
+        << c.score << "\n" << diags;
+    if (*c.use) EXPECT_NE(diags.find(c.use), std::string::npos) << c.score << "\n" << diags;
+  }
+  // The whole section for T5: one float table filled with the bucketed read, int32 index math in it.
+  const std::string diags = diag_part(jit::emit_mod_body(mods(t5, "", bufs)));
+  EXPECT_NE(diags.find("  float t0[2 * FLEXJIT_DIAG_CHUNK - 1];\n"), std::string::npos) << diags;
+  EXPECT_NE(diags.find("fj_t->t0[fj_u] = (float)fj_buf0_32(((int)h), "), std::string::npos) << diags;
+  EXPECT_NE(diags.find("fj_f2i32(((fj_logf("), std::string::npos) << diags;
+  // An int term the analysis proves int32 gets an int table.
+  const std::string idiv = diag_part(jit::emit_mod_body(mods("score + float(rel((kv_idx - q_idx) / 7 + 300))", "", bufs)));
+  EXPECT_NE(idiv.find("#define FLEXJIT_SCORE_DIAGS 1\n"), std::string::npos) << idiv;
+  // Off with FLEXJIT_MOD_TABLES=0; no tables for CUDA.
+  ::setenv("FLEXJIT_MOD_TABLES", "0", 1);
+  EXPECT_NE(jit::emit_mod_body(mods(t5, "", bufs)).find("#define FLEXJIT_SCORE_DIAGS 0\n"), std::string::npos);
+  ::unsetenv("FLEXJIT_MOD_TABLES");
+  EXPECT_EQ(jit::emit_mod_body(mods(t5, "", bufs), jit::Backend::Cuda).find("FLEXJIT_SCORE_DIAGS"), std::string::npos);
 }
 
 TEST(Codegen, SoftcapReadsItsParamBySlot) {

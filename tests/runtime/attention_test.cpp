@@ -270,6 +270,37 @@ std::vector<Case> special_cases() {
       out.push_back(p);
     }
   }
+  // Score terms of kv_idx - q_idx alone, tabulated per diagonal of each tile (jit/codegen.cpp
+  // DiagPlanner): a buffer read (rel_pos), a log, an int division, an exp under a where() branch;
+  // tiles larger than a table chunk (256) along the keys (BLOCK_N 512: two chunks along the prefill
+  // layout's outer dim, along the decode layout's inner one), GQA 3.
+  {
+    Case r = c;
+    r.Hq = 3;
+    r.Hkv = 1;
+    r.Lq = 300;
+    r.Lkv = 1100;
+    r.block_m = 64;
+    r.block_n = 512;
+    for (const char* mod : {"rel_pos", "score - log(1.0 + float(abs(kv_idx - q_idx)))",
+                            "score + float((kv_idx - q_idx) / 7) * 0.01",
+                            "where(score > 0.0, score * exp(-float(abs(q_idx - kv_idx)) / 64.0), score)"}) {
+      r.score_mod = mod;
+      r.mask_mod = "";
+      out.push_back(r);
+      r.mask_mod = "causal";
+      out.push_back(r);
+    }
+    Case d = r;
+    d.Lq = 5;
+    d.Lkv = 1300;
+    d.block_m = 0;
+    d.score_mod = "score - log(1.0 + float(abs(kv_idx - q_idx)))";
+    out.push_back(d);
+    d.score_mod = "rel_pos";
+    d.force_prefill = true;
+    out.push_back(d);
+  }
   return out;
 }
 INSTANTIATE_TEST_SUITE_P(Special, Numerics, ::testing::ValuesIn(special_cases()),
