@@ -15,10 +15,12 @@
 // ---- split compilation (cpu/common.h) ----
 // Part 1 is the prefill layout's apply (queries along the unit-stride dim), part 2 the decode
 // layout's, block classification and the entry: a new mod's compile, which the first call of
-// every new mod waits for, runs on two cores.
+// every new mod waits for, runs on two cores. With relative-position tables part 1 also holds
+// the tables' fill (the score_mod's costly terms, compiled once for both layouts).
 #define FLEXJIT_PARTS 2
 #if FLEXJIT_PART != 0
 #define fjk_apply_q_inner FJK_PASTE(FLEXJIT_ENTRY, _apply_q_inner)
+#define fjk_fill_diags FJK_PASTE(FLEXJIT_ENTRY, _fill_diags)
 #endif
 
 // ---- apply: s = score_mod(s) * log2 e, then mask_mod on partial blocks ----
@@ -71,10 +73,40 @@ static inline void fjk_apply_run_diags(float* __restrict row, int inner, fj_i64 
   }
 }
 
+// Entries [0, ci + co - 1) of a chunk's tables (see below): part 1, shared by both layouts. The
+// pair of entry u is blended from its inner and outer offsets with a 0/1 factor rather than a
+// branch on the layout, so the loop is not unswitched into two copies of the mod's terms.
+// `tabs` is restrict and the error flag a local of its own (raised once at the end), so the
+// table stores provably touch neither the buffers the terms read nor the flag. The loop stays
+// scalar on purpose: it runs rows + cols - 1 times per tile, and vectorised (a gather-heavy T5
+// bucket on AVX2) it cost a new mod's compile 10-25 ms for ~5 ms of a 65 ms call (Zen 2).
+FJK_SPLIT_LINKAGE __attribute__((noinline)) void fjk_fill_diags(struct FjScoreDiags* __restrict tabs, int ci,
+                                                                int co, fj_i64 b, fj_i64 h, fj_i64 q_base,
+                                                                fj_i64 kv_base, int keys_inner,
+                                                                const struct FlexModArgs* mod)
+#if FLEXJIT_PART == 2
+    ;
+#else
+{
+  int bad = 0;
+  struct FlexModArgs local = *mod;
+  local.error_flag = &bad;
+  const int k = keys_inner ? 1 : 0;
+  FJK_SCALAR_LOOP
+  for (int u = 0; u < ci + co - 1; ++u) {
+    const int r = u - (co - 1);
+    const int i = r > 0 ? r : 0, o = r > 0 ? 0 : -r;  // inner and outer offsets
+    flexjit_score_diags_fill(tabs, u, b, h, q_base + (i + k * (o - i)), kv_base + (o + k * (i - o)), &local);
+  }
+  if (bad) *mod->error_flag = 1;
+}
+#endif
+
 // The tile in chunks of at most FLEXJIT_DIAG_CHUNK x FLEXJIT_DIAG_CHUNK. Entry u of a chunk's
 // tables holds the terms at inner offset - outer offset = u - (co - 1); it is computed at the
-// chunk's pair (i, o) = (u - (co - 1), 0) or (0, co - 1 - u), which has that difference. Every
-// difference a co x ci chunk holds is in [-(co - 1), ci - 1], and each occurs in it.
+// chunk's pair (i, o) = (0, co - 1 - u) for u < co - 1, else (u - (co - 1), 0), which has that
+// difference. Every difference a co x ci chunk holds is in [-(co - 1), ci - 1], and each occurs
+// in it.
 template <bool kMask, bool kKeysInner>
 static inline void fjk_apply_tile_diags(const struct FlexModTile* t, fj_i64 b, fj_i64 h,
                                         const struct FlexModArgs* mod) {
@@ -89,13 +121,7 @@ static inline void fjk_apply_tile_diags(const struct FlexModTile* t, fj_i64 b, f
     for (int i0 = 0; i0 < inner; i0 += FLEXJIT_DIAG_CHUNK) {
       const int ci = inner - i0 < FLEXJIT_DIAG_CHUNK ? inner - i0 : FLEXJIT_DIAG_CHUNK;
       const fj_i64 q_base = t->q0 + (kKeysInner ? o0 : i0), kv_base = t->kv0 + (kKeysInner ? i0 : o0);
-      FJK_RUN_LOOP
-      for (int u = 0; u < ci + co - 1; ++u) {
-        const int r = u - (co - 1);
-        const int i = r > 0 ? r : 0, o = r > 0 ? 0 : -r;
-        flexjit_score_diags_fill(&tabs, u, b, h, q_base + (kKeysInner ? o : i),
-                                 kv_base + (kKeysInner ? i : o), mod);
-      }
+      fjk_fill_diags(&tabs, ci, co, b, h, q_base, kv_base, kKeysInner ? 1 : 0, mod);
       FJK_ROLLED_LOOP
       for (int o = 0; o < co; ++o)
         fjk_apply_run_diags<kMask, kKeysInner>(t->s + (o0 + o) * ld_outer + i0, ci, b, h,
