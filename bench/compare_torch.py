@@ -46,7 +46,11 @@ Inductor's a fresh TORCHINDUCTOR_CACHE_DIR (unless --inductor-cache), and torch.
 runs before each case. flexjit's attention kernel depends on the dtype and path, not on the
 mods (which are a small module of their own), so later cases reuse it: new objects in the disk
 cache are counted, and a first call that compiled nothing is marked `*` in the table. The
-summary gives geomeans over all cases and over those whose first call compiled.
+summary gives geomeans over all cases and over those whose first call compiled. By default the
+build's prebuilt attention kernels (<build>/flexjit-kernels, compiled at build time by `flexjit
+cache warm`; jit/cache.h) serve flexjit's attention kernels where a case's shape is among them,
+so first calls compile only mods; --cold turns that tier off (FLEXJIT_PREBUILT_DIR=off) and
+every kernel is compiled in the run. The report says which.
 
 Numerics: every implementation against a float64 unfused reference on the same (rounded)
 inputs; max abs error, tolerance 1e-3 (fp32) / 3e-2 (bf16). The process exits 1 (after
@@ -698,7 +702,20 @@ def environment(threads):
                 git_commit=commit, git_dirty=bool(dirty), torch=torch.__version__, python=platform.python_version(),
                 cpu=cpu, nproc=os.cpu_count(), affinity=len(os.sched_getaffinity(0)), threads=threads,
                 torch_threads=torch.get_num_threads(), loadavg=list(os.getloadavg()),
-                flexjit_library=str(flexjit.library_path()))
+                flexjit_library=str(flexjit.library_path()), flexjit_prebuilt=prebuilt_tier())
+
+
+def prebuilt_tier():
+    """The prebuilt kernel directory flexjit's op library uses (jit/cache.h: $FLEXJIT_PREBUILT_DIR,
+    else flexjit-kernels beside the library) and how many kernels it holds; None when off."""
+    env = os.environ.get("FLEXJIT_PREBUILT_DIR")
+    if env is not None:
+        d = None if env in ("", "off", "0", "none") else Path(env)
+    else:
+        d = Path(flexjit.library_path()).resolve().parent / "flexjit-kernels"
+    if d is None or not d.is_dir():
+        return None
+    return dict(dir=str(d), kernels=len(list(d.glob("*.o"))))
 
 
 def fmt(x, spec=".2f", none="—", suffix=""):
@@ -711,6 +728,15 @@ def fmt_ms(x):
     return format(x, ".0f" if x >= 100 else ".1f" if x >= 10 else ".2f" if x >= 1 else ".3f")
 
 
+def prebuilt_line(pre):
+    if not pre:
+        return ("flexjit's kernels: **cold**, nothing prebuilt (--cold, or no prebuilt tier): every first call "
+                "compiles the kernels it uses, attention kernel included.")
+    return (f"flexjit's kernels: attention kernels of common shapes from the build's **prebuilt tier** "
+            f"({pre['kernels']} kernels in `{pre['dir']}`, compiled at build time by `flexjit cache warm`, "
+            f"mod-free), mods compiled in the run; `--cold` measures without them.")
+
+
 def markdown(report):
     env, cases, s = report["env"], report["cases"], report["summary"]
     lines = [
@@ -720,12 +746,13 @@ def markdown(report):
         f"{env['cpu']}, {env['threads']} threads ({env['nproc']} cores), 1-min load average before the run "
         f"{env['loadavg_start'][0]:.2f}. Medians of {report['config']['reps']} "
         f"interleaved repetitions{' (--quick sizes)' if report['config']['quick'] else ''}.", "",
+        prebuilt_line(env.get("flexjit_prebuilt")), "",
         "Ratios are flexjit's speed over the baseline's (> 1: flexjit faster). First call: the first "
         "attention call of the case (compile + run), after `(+N)` ms of building its BlockMask; the "
         "first-call ratio is torch.compile's over flexjit's, `incl. BlockMask` adds both BlockMask "
         "builds (> 1: flexjit's first result sooner). `*`: flexjit compiled nothing in that call, its "
-        "attention kernel (per dtype, shared by all mods) came from an earlier case and the mod module "
-        "from create_block_mask. Rates: prefill GFLOP/s over unmasked (q, kv) pairs (4*B*Hq*D per pair), "
+        "attention kernel (per dtype, shared by all mods) came from an earlier case or the prebuilt tier "
+        "and the mod module from create_block_mask. Rates: prefill GFLOP/s over unmasked (q, kv) pairs (4*B*Hq*D per pair), "
         "decode GB/s of K+V over kept keys; the same count for every implementation.", "",
         "| case | shape | flexjit ms | flexjit rate | ×compile | ×SDPA | SDPA used | ×unfused | "
         "first call flexjit ms | first call compile ms | first-call ratio | incl. BlockMask | "
@@ -765,7 +792,7 @@ def markdown(report):
               + f". First result sooner than torch.compile's by {fmt(s['geomean first_call (all)'], '.0f', suffix='x')} "
               f"(first call), {fmt(s['geomean first_result (all)'], '.0f', suffix='x')} (incl. BlockMask), "
               f"{fmt(cold_fc, '.0f', suffix='x')} over the cases where "
-              f"flexjit's first call compiled its attention kernel. Warm-up (one-time, per process, not in the "
+              f"flexjit's first call compiled a kernel. Warm-up (one-time, per process, not in the "
               f"table): flexjit {fmt(report['warmup'].get('flexjit_ms'), '.0f')} ms, torch.compile "
               f"{fmt(report['warmup'].get('compile_ms'), '.0f')} ms.", ""]
     lines.append("**flexjit is slower** in " + (f"{len(s['slower'])} comparisons: " + "; ".join(s["slower"])
@@ -855,6 +882,9 @@ def parse_args(argv=None):
     p.add_argument("--markdown", default="docs/compare-torch.md", help='path, or "-"/none to skip')
     p.add_argument("--chart", default="docs/compare-torch.png", help='path, or "-"/none to skip')
     p.add_argument("--keep-cache", action="store_true", help="keep the temporary kernel cache dirs")
+    p.add_argument("--cold", action="store_true",
+                   help="ignore the build's prebuilt attention kernels (FLEXJIT_PREBUILT_DIR=off): flexjit's first "
+                        "calls compile every kernel they use")
     p.add_argument("--inductor-cache", default=None, metavar="DIR",
                    help="use this TORCHINDUCTOR_CACHE_DIR instead of a fresh one (a warm one makes "
                         "torch.compile's first calls cache hits: for smoke tests, not for measurements)")
@@ -887,6 +917,8 @@ def main(argv=None):
         os.sched_setaffinity(0, all_cpus[:threads])
     tmp = Path(tempfile.mkdtemp(prefix="flexjit-compare-"))
     os.environ["FLEXJIT_CACHE_DIR"] = str(tmp / "flexjit")
+    if args.cold:
+        os.environ["FLEXJIT_PREBUILT_DIR"] = "off"
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.inductor_cache or str(tmp / "inductor")
     (tmp / "flexjit").mkdir()
     try:

@@ -515,6 +515,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   setenv("FLEXJIT_CACHE_DIR", dir, 1);
+  setenv("FLEXJIT_PREBUILT_DIR", "off", 1);  // nor the build's prebuilt kernels
 
   add_context(__FILE__, int(std::thread::hardware_concurrency()));
   benchmark::AddCustomContext("flexjit_cache_dir", dir);

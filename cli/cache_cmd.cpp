@@ -68,7 +68,10 @@ void warm(const WarmArgs& w) {
         const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
         char buf[64];
         std::snprintf(buf, sizeof(buf), " (%.0f ms)", ms);
-        line += (rep.cache == "miss" ? "compiled" : rep.cache == "disk" ? "on disk" : "in memory") +
+        line += (rep.cache == "miss"       ? "compiled"
+                 : rep.cache == "disk"     ? "on disk"
+                 : rep.cache == "prebuilt" ? "prebuilt (" + jit::KernelCache::global().prebuilt_dir() + ")"
+                                           : "in memory") +
                 std::string(buf) + " " + rep.symbol + " BLOCK " + std::to_string(rep.block_m) + "x" +
                 std::to_string(rep.block_n) + " " + rep.engine;
       } catch (const std::exception& e) {

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <dlfcn.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -138,6 +139,23 @@ std::string default_cache_dir() {
   return "/tmp/flexjit-cache-" + std::to_string(::getuid());
 }
 
+std::string default_prebuilt_dir() {
+  if (const char* d = std::getenv("FLEXJIT_PREBUILT_DIR")) {
+    const std::string v = d;
+    return v.empty() || v == "off" || v == "0" || v == "none" ? std::string() : v;
+  }
+  // <directory of the binary holding this code>/flexjit-kernels: the CLI and the torch op library
+  // sit beside it in the build tree (and in an install, if it is copied there).
+  Dl_info info;
+  if (::dladdr(reinterpret_cast<void*>(&default_prebuilt_dir), &info) == 0 || info.dli_fname == nullptr)
+    return {};
+  std::error_code ec;
+  const fs::path bin = fs::canonical(fs::path(info.dli_fname), ec);
+  if (ec) return {};
+  const fs::path dir = bin.parent_path() / "flexjit-kernels";
+  return fs::is_directory(dir, ec) ? dir.string() : std::string();
+}
+
 }  // namespace detail
 
 using namespace detail;
@@ -179,6 +197,8 @@ const char* cache_hit_name(CacheHit h) {
       return "memory";
     case CacheHit::Disk:
       return "disk";
+    case CacheHit::Prebuilt:
+      return "prebuilt";
   }
   return "?";
 }
@@ -187,12 +207,15 @@ const char* cache_hit_name(CacheHit h) {
 // (under KernelCache::mu_) until done.
 KernelCache& KernelCache::global() {
   // Never destroyed: kernels handed out stay callable until exit.
-  static KernelCache* cache = new KernelCache(default_cache_dir());
+  static KernelCache* cache = new KernelCache(default_cache_dir(), default_prebuilt_dir());
   return *cache;
 }
 
-KernelCache::KernelCache(std::string dir) : dir_(std::move(dir)) {
+KernelCache::KernelCache(std::string dir, std::string prebuilt_dir)
+    : dir_(std::move(dir)), prebuilt_dir_(std::move(prebuilt_dir)) {
   while (dir_.size() > 1 && dir_.back() == '/') dir_.pop_back();
+  while (prebuilt_dir_.size() > 1 && prebuilt_dir_.back() == '/') prebuilt_dir_.pop_back();
+  if (prebuilt_dir_ == dir_) prebuilt_dir_.clear();  // one tier, not two views of it
   std::error_code ec;
   fs::create_directories(dir_, ec);
   disk_writable_ = fs::is_directory(dir_, ec) && ::access(dir_.c_str(), W_OK | X_OK) == 0;

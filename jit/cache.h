@@ -11,6 +11,14 @@
 //   failed/<key>.cpp the source of a kernel that did not compile
 //   locks/<key>.lock the per-key lock file (flock)
 //   .tmp-*           files being written (renamed into place when complete)
+//
+// Prebuilt tier: a second, read-only directory of the same layout (prebuilt_dir()), looked up
+// after the disk cache and before compiling. The build fills <build>/flexjit-kernels next to the
+// libraries with `flexjit cache warm` (the attention and decode kernels of common shapes: they
+// hold no mod code, so they serve every mod), like a library shipping compiled kernels; the mods
+// are always compiled here. Its entries are checked exactly like the disk cache's (a bad one is a
+// miss) and never written. FLEXJIT_PREBUILT_DIR names another directory, or turns it off with
+// "off" (or "0", "none", empty).
 #pragma once
 
 #include <cstddef>
@@ -37,8 +45,8 @@ std::string make_key(std::vector<std::pair<std::string, std::string>> fields);
 // and GPU arch; the host CPU does not affect them, so a cache warmed elsewhere still hits).
 std::string make_key(std::vector<std::pair<std::string, std::string>> fields, const std::string& compiler);
 
-enum class CacheHit { Miss, Memory, Disk };
-const char* cache_hit_name(CacheHit h);  // "miss", "memory", "disk"
+enum class CacheHit { Miss, Memory, Disk, Prebuilt };
+const char* cache_hit_name(CacheHit h);  // "miss", "memory", "disk", "prebuilt"
 
 struct CachedKernel {
   void* fn = nullptr;
@@ -50,7 +58,7 @@ struct CachedKernel {
 };
 
 struct CacheStats {
-  long compiles = 0, memory_hits = 0, disk_hits = 0, disk_corrupt = 0;
+  long compiles = 0, memory_hits = 0, disk_hits = 0, disk_corrupt = 0, prebuilt_hits = 0;
 };
 
 class KernelCache {
@@ -58,7 +66,7 @@ class KernelCache {
   // dir from env FLEXJIT_CACHE_DIR, else $XDG_CACHE_HOME/flexjit, else ~/.cache/flexjit.
   // Created on first use, never destroyed (loaded kernels live for the whole process).
   static KernelCache& global();
-  explicit KernelCache(std::string dir);  // for tests and tools
+  explicit KernelCache(std::string dir, std::string prebuilt_dir = {});  // for tests and tools
   ~KernelCache();
   KernelCache(const KernelCache&) = delete;
   KernelCache& operator=(const KernelCache&) = delete;
@@ -95,6 +103,7 @@ class KernelCache {
   CacheStats stats() const;
   void clear_memory();  // drop the memory cache (loaded code stays mapped); for tests
   const std::string& dir() const { return dir_; }
+  const std::string& prebuilt_dir() const { return prebuilt_dir_; }  // "" when there is none
   bool disk_writable() const { return disk_writable_; }
 
   // For the CLI's `cache` command.
@@ -112,8 +121,10 @@ class KernelCache {
                                const std::function<std::string()>& make_source);
   bool try_disk(const std::string& key, const std::string& symbol, bool& corrupt_counted,
                 CachedKernel& out);
+  bool try_prebuilt(const std::string& key, const std::string& symbol, CachedKernel& out);
 
   std::string dir_;
+  std::string prebuilt_dir_;
   bool disk_writable_ = false;
   mutable std::mutex mu_;  // guards slots_, stats_ and every Slot
   std::unordered_map<std::string, std::shared_ptr<Slot>> slots_;

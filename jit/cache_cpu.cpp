@@ -102,11 +102,33 @@ bool KernelCache::try_disk(const std::string& key, const std::string& symbol, bo
   return true;
 }
 
+// The read-only prebuilt tier (cache.h): a valid entry the JIT accepts is a hit; anything else
+// falls through to compiling (nothing there is counted as corrupt, rewritten or removed).
+bool KernelCache::try_prebuilt(const std::string& key, const std::string& symbol, CachedKernel& out) {
+  if (prebuilt_dir_.empty()) return false;
+  auto t0 = Clock::now();
+  std::string object;
+  if (read_entry(prebuilt_dir_, key, symbol, object) != DiskState::Valid) return false;
+  void* fn = nullptr;
+  try {
+    fn = load_object(object, symbol);
+  } catch (const flexjit::Error&) {
+    return false;
+  }
+  out.fn = fn;
+  out.hit = CacheHit::Prebuilt;
+  out.load_ms = ms_since(t0);
+  std::lock_guard<std::mutex> lock(mu_);
+  ++stats_.prebuilt_hits;
+  return true;
+}
+
 CachedKernel KernelCache::load_or_compile(const std::string& key, const std::string& symbol,
                                           const std::function<std::string()>& make_source) {
   CachedKernel out;
   bool corrupt_counted = false;
   if (try_disk(key, symbol, corrupt_counted, out)) return out;
+  if (try_prebuilt(key, symbol, out)) return out;
 
   // One compile per key across processes: whoever takes the lock first compiles; the others
   // block here and then find its entry on disk.

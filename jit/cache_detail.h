@@ -49,6 +49,9 @@ enum class DiskState { Absent, Valid, Corrupt };
 DiskState read_entry(const std::string& dir, const std::string& key, const std::string& symbol,
                      std::string& object, const char* ext = ".o");
 std::string default_cache_dir();
+// The prebuilt tier's directory (jit/cache.h): $FLEXJIT_PREBUILT_DIR, else flexjit-kernels beside
+// the binary that holds this code if it exists; "" for none.
+std::string default_prebuilt_dir();
 
 // An exclusive flock on `path` for the lifetime of the object; held() is false (and nothing is
 // locked) if the file cannot be created, e.g. on a read-only cache dir.

@@ -47,7 +47,7 @@ struct AttentionOptions {
 // One JIT kernel a call used.
 struct KernelUse {
   std::string role;        // "attention" (shape-specialised) or "mods" (the mod set's kernels)
-  std::string cache;       // miss / memory / disk
+  std::string cache;       // miss / memory / disk / prebuilt (the costliest of the kernels')
   double compile_ms = 0;   // when cache == miss
   double load_ms = 0;      // when cache == disk
   std::string symbol, key, source_path;
@@ -66,7 +66,7 @@ struct AttentionReport {
   int64_t num_partitions = 0;    // decode: partitions per sequence (1: no split, no merge)
   std::string tuning;            // where the block sizes (and PARTITION_SIZE) came from: tuned, default or user
   double merge_ms = 0;           // decode: merging the partitions' states
-  std::string cache;         // miss / memory / disk
+  std::string cache;         // miss / memory / disk / prebuilt
   double compile_ms = 0;     // when cache == miss
   double load_ms = 0;        // when cache == disk
   double lookup_us = 0;      // kernel lookup overhead of this call

@@ -631,6 +631,69 @@ TEST_F(Cli, CacheWarmPrecompilesTheAttentionKernelARunUses) {
   if (prev) ::setenv("FLEXJIT_CACHE_DIR", saved.c_str(), 1); else ::unsetenv("FLEXJIT_CACHE_DIR");
 }
 
+// The prebuilt tier (FLEXJIT_PREBUILT_DIR, jit/cache.h): attention kernels warmed into one
+// directory serve a run whose own cache is empty, which then compiles only its mods kernel; the
+// prebuilt directory is never written. "off" turns the tier off.
+TEST_F(Cli, PrebuiltTierServesTheAttentionKernel) {
+  const char* prev_cache = std::getenv("FLEXJIT_CACHE_DIR");
+  const char* prev_pre = std::getenv("FLEXJIT_PREBUILT_DIR");
+  const std::string saved_cache = prev_cache ? prev_cache : "", saved_pre = prev_pre ? prev_pre : "";
+  ::setenv("FLEXJIT_PREBUILT_DIR", "off", 1);
+  ::setenv("FLEXJIT_CACHE_DIR", path("prebuilt").c_str(), 1);
+  Result w = run_sub("cache", {"warm", "--dtype", "fp32", "--head-dim", "40", "--lq", "100"});
+  EXPECT_EQ(w.code, 0) << w.err;
+  auto listing = [](const fs::path& d) {
+    std::vector<std::string> names;
+    for (const auto& e : fs::recursive_directory_iterator(d))
+      if (e.is_regular_file()) names.push_back(e.path().string() + ":" + std::to_string(e.file_size()));
+    std::sort(names.begin(), names.end());
+    return names;
+  };
+  const auto before = listing(dir_ / "prebuilt");
+
+  write_qkv(random_f32("q", {1, 1, 100, 40}, 1), random_f32("k", {1, 1, 37, 40}, 2), random_f32("v", {1, 1, 37, 40}, 3));
+  auto run_report = [&](const std::string& cache_dir, const std::string& prebuilt) {
+    ::setenv("FLEXJIT_CACHE_DIR", path(cache_dir).c_str(), 1);
+    ::setenv("FLEXJIT_PREBUILT_DIR", prebuilt.c_str(), 1);
+    Result r = run(qkv_args() + std::vector<std::string>{"--score-mod", "score * 0.25 + 2", "--report", path("r.json"),
+                                                         "--check"});
+    EXPECT_EQ(r.code, 0) << r.err;
+    return nlohmann::json::parse(slurp(dir_ / "r.json"));
+  };
+  nlohmann::json j = run_report("own", path("prebuilt"));
+  ASSERT_EQ(j["kernels"].size(), 2u) << j.dump(2);
+  EXPECT_EQ(j["kernels"][0]["role"], "attention");
+  EXPECT_EQ(j["kernels"][0]["cache"], "prebuilt");
+  EXPECT_EQ(j["kernels"][0]["compile_ms"], 0.0);
+  EXPECT_EQ(j["kernels"][1]["cache"], "miss");
+  EXPECT_EQ(listing(dir_ / "prebuilt"), before) << "the prebuilt tier is read-only";
+  EXPECT_FALSE(fs::exists(dir_ / "own" / (j["kernels"][0]["key"].get<std::string>() + ".o")));
+
+  j = run_report("own2", "off");
+  EXPECT_EQ(j["kernels"][0]["cache"], "miss");
+
+  if (prev_cache) ::setenv("FLEXJIT_CACHE_DIR", saved_cache.c_str(), 1); else ::unsetenv("FLEXJIT_CACHE_DIR");
+  if (prev_pre) ::setenv("FLEXJIT_PREBUILT_DIR", saved_pre.c_str(), 1); else ::unsetenv("FLEXJIT_PREBUILT_DIR");
+}
+
+// The build's own prebuilt kernels (FLEXJIT_PREBUILD_KERNELS: <build>/flexjit-kernels, found
+// beside the binary when FLEXJIT_PREBUILT_DIR is unset) cover the default prefill shapes.
+TEST_F(Cli, BuildPrebuiltKernelsAreFoundBesideTheBinary) {
+  const fs::path pre = exe_.parent_path() / "flexjit-kernels";
+  if (!fs::is_directory(pre)) GTEST_SKIP() << pre << " does not exist (built with FLEXJIT_PREBUILD_KERNELS=OFF)";
+  const char* prev_cache = std::getenv("FLEXJIT_CACHE_DIR");
+  const char* prev_pre = std::getenv("FLEXJIT_PREBUILT_DIR");
+  const std::string saved_cache = prev_cache ? prev_cache : "", saved_pre = prev_pre ? prev_pre : "";
+  ::unsetenv("FLEXJIT_PREBUILT_DIR");
+  ::setenv("FLEXJIT_CACHE_DIR", path("own").c_str(), 1);
+  Result w = run_sub("cache", {"warm", "--dtype", "fp32", "--head-dim", "64", "--lq", "4096"});
+  EXPECT_EQ(w.code, 0) << w.err;
+  EXPECT_NE(w.out.find("fp32 D=64 GQA=1 Lq=4096: prebuilt (" + fs::canonical(pre).string() + ")"), std::string::npos)
+      << w.out;
+  if (prev_cache) ::setenv("FLEXJIT_CACHE_DIR", saved_cache.c_str(), 1); else ::unsetenv("FLEXJIT_CACHE_DIR");
+  if (prev_pre) ::setenv("FLEXJIT_PREBUILT_DIR", saved_pre.c_str(), 1);
+}
+
 // `cache warm --device cuda` compiles CUDA kernels with NVRTC on a machine without a GPU (a
 // build box warming a fleet's cache), says what it wrote, and finds them on disk the next time.
 TEST_F(Cli, CacheWarmCompilesCudaKernelsWithoutAGpu) {

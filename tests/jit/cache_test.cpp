@@ -17,6 +17,7 @@
 #include <fstream>
 #include <sstream>
 #include <thread>
+#include <map>
 #include <vector>
 
 #include "jit/compile.h"
@@ -281,6 +282,60 @@ TEST(CacheHitName, Names) {
   EXPECT_STREQ(cache_hit_name(CacheHit::Miss), "miss");
   EXPECT_STREQ(cache_hit_name(CacheHit::Memory), "memory");
   EXPECT_STREQ(cache_hit_name(CacheHit::Disk), "disk");
+  EXPECT_STREQ(cache_hit_name(CacheHit::Prebuilt), "prebuilt");
+}
+
+// Every file under `dir` with its size and contents: a read-only tier must leave it unchanged.
+std::map<std::string, std::string> snapshot(const std::string& dir) {
+  std::map<std::string, std::string> files;
+  for (const auto& e : fs::recursive_directory_iterator(dir))
+    if (e.is_regular_file()) files[e.path().string()] = read_all(e.path().string());
+  return files;
+}
+
+// The prebuilt tier (a second, read-only directory): a hit there loads without compiling and
+// writes nothing anywhere; a damaged entry there is a miss that compiles into the cache's own
+// directory and leaves the prebuilt one as it was.
+TEST_F(CacheTest, PrebuiltTierServesHitsAndIsNeverWritten) {
+  const std::string pre = dir_ + "/prebuilt", own = dir_ + "/own", own2 = dir_ + "/own2";
+  const std::string key = key_for("prebuilt");
+  KernelCache(pre).get_or_compile(key, "k_pre", [] { return kernel_source("k_pre", 3); });
+  const auto before = snapshot(pre);
+
+  KernelCache cache(own, pre);
+  EXPECT_EQ(cache.prebuilt_dir(), pre);
+  CachedKernel k = cache.get_or_compile(key, "k_pre", []() -> std::string {
+    ADD_FAILURE() << "make_source must not run on a prebuilt hit";
+    return "";
+  });
+  EXPECT_EQ(k.hit, CacheHit::Prebuilt);
+  EXPECT_EQ(k.compile_ms, 0);
+  EXPECT_FLOAT_EQ(call(k, 2.0f), 7.0f);
+  EXPECT_EQ(cache.stats().prebuilt_hits, 1);
+  EXPECT_EQ(cache.stats().compiles, 0);
+  EXPECT_EQ(cache.get_or_compile(key, "k_pre", [] { return std::string(); }).hit, CacheHit::Memory);
+  EXPECT_FALSE(fs::exists(own + "/" + key + ".o")) << "a prebuilt hit is not copied";
+  EXPECT_EQ(snapshot(pre), before);
+
+  // The cache's own directory comes first: an entry there is a disk hit.
+  KernelCache(own).get_or_compile(key, "k_pre", [] { return kernel_source("k_pre", 3); });
+  EXPECT_EQ(KernelCache(own, pre).get_or_compile(key, "k_pre", [] { return std::string(); }).hit, CacheHit::Disk);
+
+  // A truncated prebuilt object: compiled into own2, the prebuilt file untouched.
+  const std::string obj = pre + "/" + key + ".o";
+  const std::string bytes = read_all(obj);
+  write_all(obj, bytes.substr(0, bytes.size() / 2));
+  const auto damaged = snapshot(pre);
+  KernelCache other(own2, pre);
+  CachedKernel c = other.get_or_compile(key, "k_pre", [] { return kernel_source("k_pre", 3); });
+  EXPECT_EQ(c.hit, CacheHit::Miss);
+  EXPECT_FLOAT_EQ(call(c, 1.0f), 4.0f);
+  EXPECT_EQ(other.stats().disk_corrupt, 0) << "the prebuilt tier's entries are not the cache's to count";
+  EXPECT_TRUE(fs::exists(own2 + "/" + key + ".o"));
+  EXPECT_EQ(snapshot(pre), damaged);
+
+  // A prebuilt directory that is the cache's own is one tier, not two.
+  EXPECT_EQ(KernelCache(pre, pre + "/").prebuilt_dir(), "");
 }
 
 TEST_F(CacheTest, CompileErrorNamesFailedSourceAndIsNotCached) {

@@ -8,6 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "python"))
 os.environ.setdefault("FLEXJIT_CACHE_DIR", str(ROOT / "build" / "test-cache"))
+# Tests that count compiles see only that cache, not the build's prebuilt kernels (jit/cache.h).
+os.environ.setdefault("FLEXJIT_PREBUILT_DIR", "off")
 
 
 def pytest_configure(config):

@@ -144,6 +144,22 @@ def test_script_smoke(tmp_path):
     assert "geomean flexjit/compile (all)" in report["summary"]
     md = paths["md"].read_text()
     assert "| prefill/fp32/causal |" in md and "**Summary.**" in md
+    # The run inherits FLEXJIT_PREBUILT_DIR=off (conftest): reported as cold.
+    assert report["env"]["flexjit_prebuilt"] is None and "**cold**" in md
+
+
+def test_prebuilt_tier_is_reported(tmp_path, monkeypatch):
+    # Where the op library's prebuilt kernels are (jit/cache.h) and how the report words it.
+    (tmp_path / "a.o").write_bytes(b"x")
+    monkeypatch.setenv("FLEXJIT_PREBUILT_DIR", str(tmp_path))
+    assert ct.prebuilt_tier() == dict(dir=str(tmp_path), kernels=1)
+    assert "prebuilt tier" in ct.prebuilt_line(ct.prebuilt_tier()) and str(tmp_path) in ct.prebuilt_line(ct.prebuilt_tier())
+    for off in ("off", "0", "none", ""):
+        monkeypatch.setenv("FLEXJIT_PREBUILT_DIR", off)
+        assert ct.prebuilt_tier() is None
+    monkeypatch.delenv("FLEXJIT_PREBUILT_DIR")
+    beside = Path(flexjit.library_path()).resolve().parent / "flexjit-kernels"
+    assert ct.prebuilt_tier() == (dict(dir=str(beside), kernels=len(list(beside.glob("*.o")))) if beside.is_dir() else None)
 
 
 def test_flexjit_bench_cli_runs_the_same_suite():
