@@ -77,6 +77,22 @@ FJ_FN fj_i64 fj_f2i(float x) {
   return (x > -9.2233720368547758e18f && x < 9.2233720368547758e18f) ? (fj_i64)x : (fj_i64)(1ull << 63);
 }
 #endif
+// Int / and % of a dividend codegen proved to lie in (-2^31, 2^31) by a divisor it could not bound
+// (an int64 division per lane, scalarised inside a vector loop, runs ~10x slower than vdivpd):
+// through doubles. The quotient of |a| < 2^53 rounds by less than its distance to the next
+// integer, so truncation gives exactly C's quotient; |q| <= |a| and |q b| <= |a| fit int32 and a
+// double. A divisor of 0 flags and gives 0, as fj_idiv / fj_imod do; -1 needs no special case.
+FJ_FN fj_i64 fj_idiv_a32(int a, fj_i64 b, const struct FlexModArgs* m) {
+  fj_flag_if(b == 0, m);
+  const double q = (double)a / (double)(b == 0 ? 1 : b);
+  return b == 0 ? 0 : (fj_i64)(int)q;
+}
+FJ_FN fj_i64 fj_imod_a32(int a, fj_i64 b, const struct FlexModArgs* m) {
+  fj_flag_if(b == 0, m);
+  const double d = (double)(b == 0 ? 1 : b);
+  const double q = (double)(int)((double)a / d);
+  return b == 0 ? 0 : (fj_i64)(int)((double)a - q * d);
+}
 )";
 constexpr const char* kCudaPrelude = R"(
 #define FJ_FN static __device__ __forceinline__
@@ -306,13 +322,24 @@ class Emitter {
       case Op::Add: return int_operands ? call("fj_iadd") : "(" + x + " + " + y + ")";
       case Op::Sub: return int_operands ? call("fj_isub") : "(" + x + " - " + y + ")";
       case Op::Mul: return int_operands ? call("fj_imul") : "(" + x + " * " + y + ")";
-      case Op::Div: return int_operands ? "fj_idiv(" + x + ", " + y + ", fj_mod)" : "(" + x + " / " + y + ")";
-      case Op::Mod: return "fj_imod(" + x + ", " + y + ", fj_mod)";
+      case Op::Div:
+        if (!int_operands) return "(" + x + " / " + y + ")";
+        if (dividend_a32(e->args[0])) return "fj_idiv_a32(" + emit32(e->args[0]) + ", " + y + ", fj_mod)";
+        return "fj_idiv(" + x + ", " + y + ", fj_mod)";
+      case Op::Mod:
+        if (dividend_a32(e->args[0])) return "fj_imod_a32(" + emit32(e->args[0]) + ", " + y + ", fj_mod)";
+        return "fj_imod(" + x + ", " + y + ", fj_mod)";
       case Op::Min: return call(int_operands ? "fj_imin" : "fj_fmin");
       case Op::Max: return call(int_operands ? "fj_imax" : "fj_fmax");
       default: break;
     }
     return "(" + x + " " + ir::op_name(e->op) + " " + y + ")";
+  }
+
+  // CPU: an int dividend computed in int32 and above INT32_MIN (so neither |a| nor a / -1 leaves
+  // int32) is divided through doubles (fj_idiv_a32). CUDA keeps int64 division.
+  bool dividend_a32(const Expr& a) {
+    return !cuda_ && a->type == Type::Int && all_int32(a) && range().eval(a).lo > -2147483648.0;
   }
 
   int slot_of_buffer(const std::string& n) {
@@ -720,7 +747,8 @@ std::string emit_mod_grad_body(const ModSet& mods) {
 
 std::string codegen_identity(Backend backend) {
   if (backend == Backend::Cuda) return "cuda-v1";
-  return diag_tables_enabled() ? "cpu-v3" : "cpu-v3;tables=0";  // v3: relative-position tables
+  // v3: relative-position tables; v4: int32 dividends divided through doubles
+  return diag_tables_enabled() ? "cpu-v4" : "cpu-v4;tables=0";
 }
 
 std::string emit_mod_body(const ModSet& mods, Backend backend) {

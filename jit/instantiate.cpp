@@ -185,10 +185,12 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
     throw Error("this flexjit was built without the CPU backend (FLEXJIT_CPU_BACKEND=OFF), so it cannot make " +
                 spec.str() + "; use CUDA tensors, or a build with the CPU backend");
 #else
+    // Only the mods kinds hold generated code: an attention kernel's key leaves codegen out, so a
+    // codegen change (or FLEXJIT_MOD_TABLES) does not recompile them.
     inst.key = make_key({{"templates", templates_hash},
                          {"spec", spec.str()},
                          {"mods", eff.signature()},
-                         {"codegen", codegen_identity(Backend::Cpu)}});
+                         {"codegen", is_mods_kind(spec.kind) ? codegen_identity(Backend::Cpu) : "none"}});
 #endif
   }
   std::ostringstream sym;

@@ -175,8 +175,10 @@ TEST(Codegen, IntSubtreesProvablyInInt32AreComputedInInt32) {
            {t5.c_str(), "fj_imin32(", "fj_imin("},
            {"score + float((q_idx - kv_idx) % 7)", "(((int)q_idx) - ((int)kv_idx)) % 7)", "fj_imod("},
            {"score + float(q_idx / 64 - kv_idx / 64)", "(((int)q_idx) / 64)", "fj_idiv("},
-           {"score + float(q_idx / (kv_idx - 5))", "fj_idiv(q_idx, ", "fj_idiv(((fj_i64)"},  // divisor may be 0
-           {"score + float(q_idx % h)", "fj_imod(q_idx, h, ", " % "},        // h may be 0
+           // A divisor that may be 0 takes the checked helpers; an int32 dividend goes through doubles.
+           {"score + float(q_idx / (kv_idx - 5))", "fj_idiv_a32(((int)q_idx), ", "fj_idiv(((fj_i64)"},
+           {"score + float(q_idx % h)", "fj_imod_a32(((int)q_idx), h, ", " % "},
+           {"score + float((q_idx * kv_idx) / h)", "fj_idiv(fj_imul(", "fj_idiv_a32("},  // an int64 dividend
            {"score + float(int(score * 1000.0))", "fj_f2i(", "((int)fj"},     // an unbounded float
            {"score + float(q_idx * kv_idx)", "fj_imul(", "(int)"},             // up to 2^62
            {"score + float(d32[q_idx] + 1)", "fj_iadd(", "(int)fj_buf"},      // 2^31 - 1 + 1 leaves int32
@@ -253,14 +255,18 @@ TEST(Codegen, SoftcapReadsItsParamBySlot) {
 }
 
 TEST(Codegen, IntDivisionAndModuloGoThroughCheckedHelpers) {
-  // Divisors that may be 0 (h) take the checked helpers; a divisor >= 1 is plain C / and % in
+  // Divisors that may be 0 (h) take the checked helpers (through doubles for an int32 dividend:
+  // ModMath.Int32DividendDivisionThroughDoublesIsExact); a divisor >= 1 is plain C / and % in
   // int32 (IntSubtreesProvablyInInt32AreComputedInInt32).
   EXPECT_EQ(mod_part(jit::emit_mod_body(
                 mods("score + float((q_idx - kv_idx) / h)", "q_idx % h != kv_idx / (h - 1)"))),
             "#define FLEXJIT_HAS_SCORE_MOD 1\n"
             "#define FLEXJIT_HAS_MASK_MOD 1\n" +
-                functions("(score + ((float)fj_idiv(((fj_i64)(((int)q_idx) - ((int)kv_idx))), h, fj_mod)))",
-                          "(fj_imod(q_idx, h, fj_mod) != fj_idiv(kv_idx, ((fj_i64)(((int)h) - 1)), fj_mod))"));
+                functions("(score + ((float)fj_idiv_a32((((int)q_idx) - ((int)kv_idx)), h, fj_mod)))",
+                          "(fj_imod_a32(((int)q_idx), h, fj_mod) != fj_idiv_a32(((int)kv_idx), ((fj_i64)(((int)h) - 1)), fj_mod))"));
+  // CUDA keeps int64 division.
+  const std::string cuda = jit::emit_mod_body(mods("score + float((q_idx - kv_idx) / h)", ""), jit::Backend::Cuda);
+  EXPECT_NE(cuda.find("fj_idiv(((fj_i64)(((int)q_idx) - ((int)kv_idx))), h, fj_mod)"), std::string::npos) << cuda;
 }
 
 TEST(Codegen, ScoreAndMaskWithSeveralBuffersAndDtypes) {

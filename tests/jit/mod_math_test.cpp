@@ -176,5 +176,56 @@ TEST(ModMath, FloatToInt64IsExactInVectorLoops) {
   }
 }
 
+// Int / and % of an int32 dividend by a divisor codegen cannot bound go through doubles on CPU
+// (fj_idiv_a32 / fj_imod_a32: an int64 division per lane, scalarised in a vector loop, was 10x
+// slower). They must give C's truncating quotient and remainder exactly, 0 (and the error flag)
+// for a divisor of 0, and -a / 0 for -1, in a vector loop and its scalar tail.
+TEST(ModMath, Int32DividendDivisionThroughDoublesIsExact) {
+  using Fn = void (*)(const float*, const long long*, const long long*, float*, int);
+  const std::string entry =
+      "extern \"C\" void NAME(const float* __restrict s, const long long* __restrict q, "
+      "const long long* __restrict kv, float* __restrict y, int n) {\n"
+      "  for (int i = 0; i < n; ++i) y[i] = flexjit_score_mod(s[i], 0, 0, q[i], kv[i], &m);\n}\n";
+  auto build = [&](const std::string& text, const std::string& name) {
+    ModSet mods;
+    mods.score_mod = ir::cast(parse_expr(text, ParseScope{}), ir::Type::Float);
+    EXPECT_NE(jit::emit_mod_body(mods).find(name == "div_entry" ? "fj_idiv_a32(" : "fj_imod_a32("), std::string::npos)
+        << text;
+    std::string e = entry;
+    e.replace(e.find("NAME"), 4, name);
+    return reinterpret_cast<Fn>(compile_with_entry(text, e, name));
+  };
+  Fn div = build("float((q_idx - kv_idx) / int(score))", "div_entry");
+  Fn mod = build("float((q_idx - kv_idx) % int(score))", "mod_entry");
+  const long long big = 2147483647LL;
+  const std::vector<long long> idx = {0, 1, 2, 5, 7, 1000, 65536, 123456789, big / 2, big - 2, big - 1, big};
+  const std::vector<float> divisors = {0.0f, 1.0f, -1.0f, 2.0f, -2.0f, 3.0f, 7.0f, -7.0f, 255.0f, 256.0f, 1000.0f,
+                                       -1000.0f, 65537.0f, 1048576.0f, 16777216.0f, 2147483648.0f, -2147483648.0f,
+                                       1099511627776.0f, -1099511627776.0f, 4.6116860e18f, 1e19f,
+                                       -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()};
+  std::vector<float> s;
+  std::vector<long long> q, kv;
+  for (long long a : idx)
+    for (long long c : idx)
+      for (float d : divisors) {
+        if (a > big - 1 || c > big - 1) continue;  // the index contract: q_idx, kv_idx < 2^31 - 1
+        s.push_back(d);
+        q.push_back(a);
+        kv.push_back(c);
+      }
+  std::vector<float> got_div(s.size()), got_mod(s.size());
+  div(s.data(), q.data(), kv.data(), got_div.data(), int(s.size()));
+  mod(s.data(), q.data(), kv.data(), got_mod.data(), int(s.size()));
+  for (size_t i = 0; i < s.size(); ++i) {
+    const long long a = q[i] - kv[i];
+    const float x = s[i];
+    const long long b = (x > -9.2233720368547758e18f && x < 9.2233720368547758e18f) ? (long long)x : INT64_MIN;
+    const long long want_div = b == 0 ? 0 : b == -1 ? -a : a / b;
+    const long long want_mod = b == 0 || b == -1 ? 0 : a % b;
+    EXPECT_EQ(got_div[i], float(want_div)) << a << " / " << b;
+    EXPECT_EQ(got_mod[i], float(want_mod)) << a << " % " << b;
+  }
+}
+
 }  // namespace
 }  // namespace flexjit
