@@ -85,6 +85,11 @@ TEST(ModMath, TanhMatchesLibm) {
   EXPECT_EQ(f(std::numeric_limits<float>::infinity()), 1.0f);
   EXPECT_EQ(f(-std::numeric_limits<float>::infinity()), -1.0f);
   EXPECT_EQ(f(100.0f), 1.0f);
+  EXPECT_TRUE(std::isnan(f(std::numeric_limits<float>::quiet_NaN())));
+  // Around where the large branch's exponent is clamped (|x| = 9.5) and where it begins (0.625).
+  expect_close(f, [](double x) { return std::tanh(x); }, sweep(9.0f, 10.0f, 4000), "tanh near 9.5");
+  expect_close(f, [](double x) { return std::tanh(x); }, sweep(-10.0f, -9.0f, 4000), "tanh near -9.5");
+  expect_close(f, [](double x) { return std::tanh(x); }, sweep(0.6f, 0.65f, 4000), "tanh near 0.625");
 }
 
 TEST(ModMath, SoftcapAndSigmoid) {
