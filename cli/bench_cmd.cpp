@@ -239,13 +239,15 @@ void run_bench(const BenchArgs& a) {
   if (a.reps < 1) throw Error("bench: --reps must be at least 1");
 
   // A private cache, set before anything asks for KernelCache::global(): first calls are cold
-  // compiles and the user's cache is neither read nor filled.
+  // compiles and the user's cache is neither read nor filled, nor are the build's prebuilt
+  // kernels used (jit/cache.h).
   std::string tmp;
   if (!a.warm_cache) {
     char dir[] = "/tmp/flexjit-bench-XXXXXX";
     if (!mkdtemp(dir)) throw Error("bench: cannot create a temporary cache directory under /tmp");
     tmp = dir;
     setenv("FLEXJIT_CACHE_DIR", dir, 1);
+    setenv("FLEXJIT_PREBUILT_DIR", "off", 1);
   }
   nlohmann::json results = nlohmann::json::array();
   bool all_ok = true;
@@ -298,7 +300,8 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--threads", a->threads, "worker threads (default: all cores)");
   cmd->add_option("--json", a->json, "write every sample, median and check here");
   cmd->add_flag("--warm-cache", a->warm_cache,
-                "use the normal kernel cache (first calls may then be disk hits) instead of a fresh one");
+                "use the normal kernel cache and the build's prebuilt kernels (first calls may then be disk or "
+                "prebuilt hits) instead of a fresh cache and none");
   cmd->callback([a] { run_bench(*a); });
 }
 
