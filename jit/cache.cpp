@@ -6,6 +6,7 @@
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <dlfcn.h>
+#include <link.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -145,12 +146,17 @@ std::string default_prebuilt_dir() {
     return v.empty() || v == "off" || v == "0" || v == "none" ? std::string() : v;
   }
   // <directory of the binary holding this code>/flexjit-kernels: the CLI and the torch op library
-  // sit beside it in the build tree (and in an install, if it is copied there).
+  // sit beside it in the build tree (and in an install, if it is copied there). The main program's
+  // link map has an empty name (dladdr would give argv[0], e.g. a bare "flexjit" found on PATH):
+  // it is /proc/self/exe.
   Dl_info info;
-  if (::dladdr(reinterpret_cast<void*>(&default_prebuilt_dir), &info) == 0 || info.dli_fname == nullptr)
+  struct link_map* map = nullptr;
+  if (::dladdr1(reinterpret_cast<void*>(&default_prebuilt_dir), &info, reinterpret_cast<void**>(&map),
+                RTLD_DL_LINKMAP) == 0 || map == nullptr)
     return {};
+  const std::string file = map->l_name && *map->l_name ? std::string(map->l_name) : std::string("/proc/self/exe");
   std::error_code ec;
-  const fs::path bin = fs::canonical(fs::path(info.dli_fname), ec);
+  const fs::path bin = fs::canonical(fs::path(file), ec);
   if (ec) return {};
   const fs::path dir = bin.parent_path() / "flexjit-kernels";
   return fs::is_directory(dir, ec) ? dir.string() : std::string();

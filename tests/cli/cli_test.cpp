@@ -151,7 +151,7 @@ class Cli : public ::testing::Test {
   // Starts `flexjit <subcommand> args...` without waiting; its stdout and stderr go to
   // <tag>out.txt / <tag>err.txt in the temp dir. -1 when it could not start.
   pid_t start_sub(const std::string& subcommand, const std::vector<std::string>& args, const std::string& tag) {
-    std::vector<std::string> argv_s = {exe_.string(), subcommand};
+    std::vector<std::string> argv_s = {via_path_ ? exe_.filename().string() : exe_.string(), subcommand};
     argv_s.insert(argv_s.end(), args.begin(), args.end());
     std::vector<char*> argv;
     for (auto& a : argv_s) argv.push_back(a.data());
@@ -163,7 +163,9 @@ class Cli : public ::testing::Test {
     posix_spawn_file_actions_addopen(&fa, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     posix_spawn_file_actions_addchdir_np(&fa, dir_.c_str());
     pid_t pid = 0;
-    int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
+    // via_path_: spawned as a bare name found on PATH (argv[0] without a directory).
+    int rc = via_path_ ? posix_spawnp(&pid, argv[0], &fa, nullptr, argv.data(), environ)
+                       : posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
     posix_spawn_file_actions_destroy(&fa);
     if (rc != 0) {
       ADD_FAILURE() << "posix_spawn failed: " << std::strerror(rc);
@@ -209,6 +211,7 @@ class Cli : public ::testing::Test {
   }
 
   fs::path exe_, dir_;
+  bool via_path_ = false;
 };
 
 std::vector<std::string> operator+(std::vector<std::string> a, const std::vector<std::string>& b) {
@@ -690,6 +693,17 @@ TEST_F(Cli, BuildPrebuiltKernelsAreFoundBesideTheBinary) {
   EXPECT_EQ(w.code, 0) << w.err;
   EXPECT_NE(w.out.find("fp32 D=64 GQA=1 Lq=4096: prebuilt (" + fs::canonical(pre).string() + ")"), std::string::npos)
       << w.out;
+  // Started as a bare `flexjit` found on PATH (argv[0] has no directory), from another directory.
+  const char* prev_path = std::getenv("PATH");
+  const std::string saved_path = prev_path ? prev_path : "";
+  ::setenv("PATH", (exe_.parent_path().string() + ":" + saved_path).c_str(), 1);
+  ::setenv("FLEXJIT_CACHE_DIR", path("own2").c_str(), 1);
+  via_path_ = true;
+  Result p = run_sub("cache", {"warm", "--dtype", "fp32", "--head-dim", "64", "--lq", "4096"});
+  via_path_ = false;
+  ::setenv("PATH", saved_path.c_str(), 1);
+  EXPECT_EQ(p.code, 0) << p.err;
+  EXPECT_NE(p.out.find("Lq=4096: prebuilt (" + fs::canonical(pre).string() + ")"), std::string::npos) << p.out;
   if (prev_cache) ::setenv("FLEXJIT_CACHE_DIR", saved_cache.c_str(), 1); else ::unsetenv("FLEXJIT_CACHE_DIR");
   if (prev_pre) ::setenv("FLEXJIT_PREBUILT_DIR", saved_pre.c_str(), 1);
 }
