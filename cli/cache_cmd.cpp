@@ -1,8 +1,10 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -25,6 +27,7 @@ struct WarmArgs {
   std::vector<int> head_dims{64, 128};
   std::vector<int> gqa{1};
   std::vector<int64_t> lq{1, 4096};
+  bool prune = false;  // remove the cache's other entries (the build's prebuilt directory)
 };
 
 // Compiles (or finds) the attention kernel that a call of each shape would use, by making that
@@ -50,6 +53,7 @@ void warm(const WarmArgs& w) {
   std::atomic<size_t> next{0};
   std::mutex out_mu;
   int failures = 0;
+  std::set<std::string> keys;  // every kernel these shapes use (guarded by out_mu)
   auto worker = [&] {
     for (size_t i; (i = next++) < jobs.size();) {
       const Job& j = jobs[i];
@@ -68,6 +72,10 @@ void warm(const WarmArgs& w) {
         const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
         char buf[64];
         std::snprintf(buf, sizeof(buf), " (%.0f ms)", ms);
+        {
+          std::lock_guard<std::mutex> lock(out_mu);
+          for (const auto& k : rep.kernels) keys.insert(k.key);
+        }
         line += (rep.cache == "miss"       ? "compiled"
                  : rep.cache == "disk"     ? "on disk"
                  : rep.cache == "prebuilt" ? "prebuilt (" + jit::KernelCache::global().prebuilt_dir() + ")"
@@ -90,6 +98,18 @@ void warm(const WarmArgs& w) {
   for (auto& t : threads) t.join();
   std::printf("%zu attention kernels ready in %s\n", jobs.size() - failures, jit::KernelCache::global().dir().c_str());
   if (failures) throw Error(std::to_string(failures) + " of " + std::to_string(jobs.size()) + " kernels failed (see above)");
+  if (w.prune) {
+    // Entries these shapes did not use: kernels of older templates, codegen or another CPU.
+    auto& cache = jit::KernelCache::global();
+    size_t removed = 0;
+    for (const auto& e : cache.list()) {
+      if (keys.count(e.key)) continue;
+      std::error_code ec;
+      for (const char* ext : {".o", ".meta", ".cpp"}) std::filesystem::remove(cache.dir() + "/" + e.key + ext, ec);
+      ++removed;
+    }
+    std::printf("pruned %zu other entries from %s\n", removed, cache.dir().c_str());
+  }
 }
 
 // CUDA kernels for a GPU this machine may not have: NVRTC compiles each (dtype, D, GQA group)
@@ -160,6 +180,9 @@ void add_cache_command(CLI::App& app) {
   cmd->add_option("--gqa", w->gqa, "warm: GQA group sizes Hq/Hkv (default 1)")->delimiter(',');
   cmd->add_option("--lq", w->lq, "warm: query lengths, which pick the block sizes (default 1,4096: decode and prefill)")
       ->delimiter(',');
+  cmd->add_flag("--prune", w->prune,
+                "warm (cpu): afterwards remove every other entry from the cache directory (for a directory that "
+                "holds only warmed kernels, like the build's prebuilt tier)");
   cmd->add_option("--device", w->device, "warm: cpu (default) or cuda (NVRTC only, no GPU needed)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--arch", w->arch, "warm --device cuda: the GPU arch to compile for (sm_80, sm_86, sm_89, sm_90, ...)");
@@ -168,6 +191,7 @@ void add_cache_command(CLI::App& app) {
   cmd->callback([action, w, dtype_opt] {
     auto& cache = jit::KernelCache::global();
     if (*action == "warm" && w->device == "cuda") {
+      if (w->prune) throw Error("cache warm: --prune goes with CPU kernels, not --device cuda");
       WarmArgs cw = *w;
       if (dtype_opt->count() == 0) cw.dtypes = {"bf16"};  // CUDA kernels take bf16 or fp16
       warm_cuda(cw);
@@ -188,6 +212,15 @@ void add_cache_command(CLI::App& app) {
         total += e.bytes;
       }
       std::printf("%zu kernels, %ld bytes in %s\n", entries.size(), total, cache.dir().c_str());
+      // The read-only prebuilt tier (jit/cache.h), if there is one: counted, never listed or cleared here.
+      if (!cache.prebuilt_dir().empty()) {
+        std::error_code ec;
+        size_t n = 0;
+        for (const auto& e : std::filesystem::directory_iterator(cache.prebuilt_dir(), ec))
+          if (e.path().extension() == ".o") ++n;
+        std::printf("prebuilt tier (read-only, FLEXJIT_PREBUILT_DIR=off ignores it): %zu kernels in %s\n", n,
+                    cache.prebuilt_dir().c_str());
+      }
     }
   });
 }

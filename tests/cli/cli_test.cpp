@@ -627,6 +627,16 @@ TEST_F(Cli, CacheWarmPrecompilesTheAttentionKernelARunUses) {
   EXPECT_EQ(j["kernels"][1]["role"], "mods");
   EXPECT_EQ(j["kernels"][1]["cache"], "miss");
 
+  // --prune keeps only what this warm uses: the Lq=100 kernel stays, the Lq=1 one and the run's
+  // mods kernel go (how the build keeps its prebuilt directory to the current kernels).
+  Result pruned = run_sub("cache", {"warm", "--dtype", "fp32", "--head-dim", "40", "--lq", "100", "--prune"});
+  EXPECT_EQ(pruned.code, 0) << pruned.err;
+  EXPECT_NE(pruned.out.find("pruned 2 other entries"), std::string::npos) << pruned.out;
+  Result listed = run_sub("cache", {"list"});
+  EXPECT_NE(listed.out.find("\n1 kernels, "), std::string::npos) << listed.out;
+  EXPECT_NE(listed.out.find(j["kernels"][0]["key"].get<std::string>()), std::string::npos) << listed.out;
+  expect_error_line(run_sub("cache", {"warm", "--device", "cuda", "--arch", "sm_90", "--prune"}), {"--prune"});
+
   expect_error_line(run_sub("cache", {"warm", "--dtype", "fp8"}), {"--dtype fp8", "fp32, bf16 or fp16"});
   expect_error_line(run_sub("cache", {"warm", "--arch", "sm_90"}), {"--device cuda"});
   expect_error_line(run_sub("cache", {"warm", "--device", "cuda"}), {"needs --arch", "sm_90"});
