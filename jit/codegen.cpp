@@ -121,22 +121,30 @@ constexpr const char* kCpuHelpers =
 // for e^r (~1 ulp); 2^n is applied as two factors so n in [-150, 128] never overflows the
 // exponent field. inf, -inf and NaN come out as libm gives them.
 R"(
-static inline float fj_exp_core(float r, float n) {
+// e^r for |r| <= ln2/2.
+static inline float fj_exp_poly(float r) {
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  float y = p * r * r + r + 1.0f;
+  return p * r * r + r + 1.0f;
+}
+// Cody-Waite: x = n ln2 + r; returns r, n in *n.
+static inline float fj_exp_reduce(float x, float* n) {
+  *n = __builtin_rintf(x * 1.44269504088896341f);
+  const float r = x - *n * 0.693359375f;
+  return r - *n * -2.12194440e-4f;
+}
+static inline float fj_exp_core(float r, float n) {
   int ni = (int)n, n1 = ni >> 1, n2 = ni - n1;
-  return y * __builtin_bit_cast(float, (n1 + 127) << 23) * __builtin_bit_cast(float, (n2 + 127) << 23);
+  return fj_exp_poly(r) * __builtin_bit_cast(float, (n1 + 127) << 23) * __builtin_bit_cast(float, (n2 + 127) << 23);
 }
 static inline float fj_expf(float x) {
   float xc = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);
-  float n = __builtin_rintf(xc * 1.44269504088896341f);
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
+  float n;
+  const float r = fj_exp_reduce(xc, &n);
   float y = fj_exp_core(r, n);
   y = x > 88.72283905f ? __builtin_inff() : y;
   y = x < -103.972077f ? 0.0f : y;
@@ -161,17 +169,9 @@ static inline float fj_tanhf(float x) {
   float small = p * z * x + x;
   // e^2|x| for |x| in [0.625, 9.5] only (tanh(9.5) rounds to 1, as does every larger |x|): no
   // overflow, underflow or NaN cases, and 2^n in one factor (n <= 28); NaN is passed at the end.
-  const float t = 2.0f * (a < 9.5f ? a : 9.5f);
-  const float n = __builtin_rintf(t * 1.44269504088896341f);
-  float r = t - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float e = 1.9875691500e-4f;
-  e = e * r + 1.3981999507e-3f;
-  e = e * r + 8.3334519073e-3f;
-  e = e * r + 4.1665795894e-2f;
-  e = e * r + 1.6666665459e-1f;
-  e = e * r + 5.0000001201e-1f;
-  e = (e * r * r + r + 1.0f) * __builtin_bit_cast(float, ((int)n + 127) << 23);
+  float n;
+  const float r = fj_exp_reduce(2.0f * (a < 9.5f ? a : 9.5f), &n);
+  const float e = fj_exp_poly(r) * __builtin_bit_cast(float, ((int)n + 127) << 23);
   float big = 1.0f - 2.0f / (e + 1.0f);
   big = x < 0 ? -big : big;
   return x != x ? x : (a < 0.625f ? small : big);
@@ -328,6 +328,9 @@ class Emitter {
     if (is_comparison(e->op) && e->args[0]->type == Type::Int && e->args[1]->type == Type::Int &&
         all_int32(e->args[0]) && all_int32(e->args[1]))
       return "(" + emit32(e->args[0]) + " " + ir::op_name(e->op) + " " + emit32(e->args[1]) + ")";
+    if ((e->op == Op::Div || e->op == Op::Mod) && dividend_a32(e->args[0]))
+      return std::string(e->op == Op::Div ? "fj_idiv_a32(" : "fj_imod_a32(") + emit32(e->args[0]) + ", " +
+             emit(e->args[1]) + ", fj_mod)";
     std::string x = emit(e->args[0]), y = emit(e->args[1]);
     bool int_operands = e->args[0]->type != Type::Float;
     auto call = [&](const char* f) { return std::string(f) + "(" + x + ", " + y + ")"; };
@@ -335,13 +338,8 @@ class Emitter {
       case Op::Add: return int_operands ? call("fj_iadd") : "(" + x + " + " + y + ")";
       case Op::Sub: return int_operands ? call("fj_isub") : "(" + x + " - " + y + ")";
       case Op::Mul: return int_operands ? call("fj_imul") : "(" + x + " * " + y + ")";
-      case Op::Div:
-        if (!int_operands) return "(" + x + " / " + y + ")";
-        if (dividend_a32(e->args[0])) return "fj_idiv_a32(" + emit32(e->args[0]) + ", " + y + ", fj_mod)";
-        return "fj_idiv(" + x + ", " + y + ", fj_mod)";
-      case Op::Mod:
-        if (dividend_a32(e->args[0])) return "fj_imod_a32(" + emit32(e->args[0]) + ", " + y + ", fj_mod)";
-        return "fj_imod(" + x + ", " + y + ", fj_mod)";
+      case Op::Div: return int_operands ? "fj_idiv(" + x + ", " + y + ", fj_mod)" : "(" + x + " / " + y + ")";
+      case Op::Mod: return "fj_imod(" + x + ", " + y + ", fj_mod)";
       case Op::Min: return call(int_operands ? "fj_imin" : "fj_fmin");
       case Op::Max: return call(int_operands ? "fj_imax" : "fj_fmax");
       default: break;
@@ -632,8 +630,15 @@ class DiagPlanner {
     kind_.emplace(e.get(), k);
     return k;
   }
-  // Worth a table read: something per score costlier than a load.
+  // Worth a table read: something per score costlier than a load (memoised: visit asks it of
+  // every node on its way down).
   bool costly(const Expr& e) {
+    if (auto it = costly_.find(e.get()); it != costly_.end()) return it->second;
+    const bool c = costly_uncached(e);
+    costly_.emplace(e.get(), c);
+    return c;
+  }
+  bool costly_uncached(const Expr& e) {
     switch (e->op) {
       case Op::Exp: case Op::Exp2: case Op::Log: case Op::Log2: case Op::Tanh: case Op::Sin: case Op::Cos:
       case Op::Tan: case Op::Sqrt: case Op::Rsqrt: case Op::Sigmoid:
@@ -673,6 +678,7 @@ class DiagPlanner {
   }
 
   std::map<const ir::Node*, Kind> kind_;
+  std::map<const ir::Node*, bool> costly_;
   std::map<std::string, int> index_;
   std::map<const ir::Node*, int> uses_;
 };
@@ -760,8 +766,9 @@ std::string emit_mod_grad_body(const ModSet& mods) {
 
 std::string codegen_identity(Backend backend) {
   if (backend == Backend::Cuda) return "cuda-v1";
-  // v3: relative-position tables; v4: int32 dividends divided through doubles; v5: tanh's exp
-  return diag_tables_enabled() ? "cpu-v5" : "cpu-v5;tables=0";
+  // v3: relative-position tables; v4: int32 dividends divided through doubles; v5: tanh's exp;
+  // v6: exp's polynomial and reduction as helpers (same code)
+  return diag_tables_enabled() ? "cpu-v6" : "cpu-v6;tables=0";
 }
 
 std::string emit_mod_body(const ModSet& mods, Backend backend) {
