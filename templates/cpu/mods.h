@@ -30,10 +30,14 @@
 // One unit-stride run of scores. `row` is a restrict parameter so that, once inlined, its
 // stores are known not to alias the captured tensors the mod gathers from (a local restrict
 // pointer carries no such fact): without it a buffer read kept the loop scalar.
+// With relative-position tables (jit/codegen.cpp DiagPlanner) score i of the run reads entry
+// u0 + i of `tabs`; without them both are unused (and FjScoreDiags is only declared).
+struct FjScoreDiags;
 template <bool kMask, bool kKeysInner>
 static inline void fjk_apply_run(float* __restrict row, int inner, fj_i64 b, fj_i64 h,
                                  fj_i64 q_first, fj_i64 kv_first,
-                                 const struct FlexModArgs* mod) {
+                                 const struct FlexModArgs* mod,
+                                 const struct FjScoreDiags* tabs, int u0) {
   // A predicated vector tail where masked stores are cheap (cpu/common.h FJK_RUN_LOOP): half the
   // code, so a new mod compiles ~25% sooner (rows are whole vectors but for the last tile).
   FJK_RUN_LOOP
@@ -41,7 +45,9 @@ static inline void fjk_apply_run(float* __restrict row, int inner, fj_i64 b, fj_
     const fj_i64 q_idx = kKeysInner ? q_first : q_first + i;
     const fj_i64 kv_idx = kKeysInner ? kv_first + i : kv_first;
     float s = row[i];
-#if FLEXJIT_HAS_SCORE_MOD
+#if FLEXJIT_SCORE_DIAGS > 0
+    s = flexjit_score_mod_diags(s, b, h, q_idx, kv_idx, mod, tabs, u0 + i) * FJK_LOG2E;
+#elif FLEXJIT_HAS_SCORE_MOD
     s = flexjit_score_mod(s, b, h, q_idx, kv_idx, mod) * FJK_LOG2E;
 #endif
 #if FLEXJIT_HAS_MASK_MOD
@@ -50,28 +56,10 @@ static inline void fjk_apply_run(float* __restrict row, int inner, fj_i64 b, fj_
     row[i] = s;
     (void)q_idx; (void)kv_idx;
   }
-  (void)b; (void)h; (void)mod;
+  (void)b; (void)h; (void)mod; (void)tabs; (void)u0;
 }
 
 #if FLEXJIT_SCORE_DIAGS > 0
-// fjk_apply_run for a score_mod with relative-position tables (jit/codegen.cpp DiagPlanner):
-// score i of the run reads entry u0 + i of the tables.
-template <bool kMask, bool kKeysInner>
-static inline void fjk_apply_run_diags(float* __restrict row, int inner, fj_i64 b, fj_i64 h,
-                                       fj_i64 q_first, fj_i64 kv_first,
-                                       const struct FlexModArgs* mod,
-                                       const struct FjScoreDiags* tabs, int u0) {
-  FJK_RUN_LOOP
-  for (int i = 0; i < inner; ++i) {
-    const fj_i64 q_idx = kKeysInner ? q_first : q_first + i;
-    const fj_i64 kv_idx = kKeysInner ? kv_first + i : kv_first;
-    float s = flexjit_score_mod_diags(row[i], b, h, q_idx, kv_idx, mod, tabs, u0 + i) * FJK_LOG2E;
-#if FLEXJIT_HAS_MASK_MOD
-    if (kMask) s = flexjit_mask_mod(b, h, q_idx, kv_idx, mod) ? s : FJK_NEG_INF;
-#endif
-    row[i] = s;
-  }
-}
 
 // Entries [0, ci + co - 1) of a chunk's tables (see below): part 1, shared by both layouts. The
 // pair of entry u is blended from its inner and outer offsets with a 0/1 factor rather than a
@@ -124,10 +112,9 @@ static inline void fjk_apply_tile_diags(const struct FlexModTile* t, fj_i64 b, f
       fjk_fill_diags(&tabs, ci, co, b, h, q_base, kv_base, kKeysInner ? 1 : 0, mod);
       FJK_ROLLED_LOOP
       for (int o = 0; o < co; ++o)
-        fjk_apply_run_diags<kMask, kKeysInner>(t->s + (o0 + o) * ld_outer + i0, ci, b, h,
-                                               kKeysInner ? q_base + o : q_base,
-                                               kKeysInner ? kv_base : kv_base + o, mod, &tabs,
-                                               co - 1 - o);
+        fjk_apply_run<kMask, kKeysInner>(t->s + (o0 + o) * ld_outer + i0, ci, b, h,
+                                         kKeysInner ? q_base + o : q_base,
+                                         kKeysInner ? kv_base : kv_base + o, mod, &tabs, co - 1 - o);
     }
   }
 }
@@ -139,11 +126,11 @@ static void fjk_apply_tile(const struct FlexModTile* t, const struct FlexModArgs
   struct FlexBuffer bufs[FJK_LOCAL_BUFFERS];
   float params[FJK_LOCAL_PARAMS];
   struct FlexModArgs local = fjk_local_mod(shared, &bad, bufs, params);
-  const fj_i64 b = t->b, h = t->h, q0 = t->q0, kv0 = t->kv0;
+  const fj_i64 b = t->b, h = t->h;
 #if FLEXJIT_SCORE_DIAGS > 0
-  (void)q0; (void)kv0;
   fjk_apply_tile_diags<kMask, kKeysInner>(t, b, h, &local);
 #else
+  const fj_i64 q0 = t->q0, kv0 = t->kv0;
   const int outer = kKeysInner ? t->mvalid : t->nvalid;
   const int inner = kKeysInner ? t->nvalid : t->mvalid;
   const fj_i64 ld_outer = kKeysInner ? t->ld_m : t->ld;
@@ -151,7 +138,7 @@ static void fjk_apply_tile(const struct FlexModTile* t, const struct FlexModArgs
   for (int o = 0; o < outer; ++o)
     fjk_apply_run<kMask, kKeysInner>(t->s + o * ld_outer, inner, b, h,
                                      kKeysInner ? q0 + o : q0, kKeysInner ? kv0 : kv0 + o,
-                                     &local);
+                                     &local, nullptr, 0);
 #endif
   fjk_local_mod_end(bad, shared);
 }
