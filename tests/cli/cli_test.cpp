@@ -123,6 +123,43 @@ std::string slurp(const fs::path& p) {
   return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
 }
 
+// Environment variables a test sets for its child processes, restored (or unset again) when the
+// test ends, an early ASSERT return included.
+class ScopedEnv {
+ public:
+  ScopedEnv() = default;
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+  ~ScopedEnv() {
+    for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) {
+      if (it->was_set) ::setenv(it->name.c_str(), it->value.c_str(), 1);
+      else ::unsetenv(it->name.c_str());
+    }
+  }
+  void set(const std::string& name, const std::string& value) {
+    save(name);
+    ::setenv(name.c_str(), value.c_str(), 1);
+  }
+  void unset(const std::string& name) {
+    save(name);
+    ::unsetenv(name.c_str());
+  }
+
+ private:
+  struct Saved {
+    std::string name;
+    bool was_set;
+    std::string value;
+  };
+  void save(const std::string& name) {
+    for (const auto& s : saved_)
+      if (s.name == name) return;  // the first value is the one to restore
+    const char* v = std::getenv(name.c_str());
+    saved_.push_back({name, v != nullptr, v ? v : ""});
+  }
+  std::vector<Saved> saved_;
+};
+
 class Cli : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -409,14 +446,11 @@ TEST_F(Cli, CpuTargetOverride) {
   OwnedTensor q = random_f32("q", {1, 2, 33, 40}, 8), k = random_f32("k", {1, 2, 33, 40}, 9),
               v = random_f32("v", {1, 2, 33, 40}, 10);
   write_qkv(q, k, v);
-  const std::string saved = std::getenv("FLEXJIT_CACHE_DIR") ? std::getenv("FLEXJIT_CACHE_DIR") : "";
+  ScopedEnv env;
   auto with_target = [&](const char* target, std::vector<std::string> extra) {
-    ::setenv("FLEXJIT_CPU_TARGET", target, 1);
-    ::setenv("FLEXJIT_CACHE_DIR", path("cache").c_str(), 1);
-    Result r = run(qkv_args() + extra);
-    ::unsetenv("FLEXJIT_CPU_TARGET");
-    ::setenv("FLEXJIT_CACHE_DIR", saved.c_str(), 1);
-    return r;
+    env.set("FLEXJIT_CPU_TARGET", target);
+    env.set("FLEXJIT_CACHE_DIR", path("cache"));
+    return run(qkv_args() + extra);
   };
   Result r = with_target("x86-64-v3", {"--dtype", "bf16", "--report", path("r.json")});
   ASSERT_EQ(r.code, 0) << r.err;
@@ -605,9 +639,8 @@ TEST_F(Cli, UnknownModName) {
 // such a shape, with another KV length and a new mod, loads that kernel from disk and compiles
 // only its mods kernel.
 TEST_F(Cli, CacheWarmPrecompilesTheAttentionKernelARunUses) {
-  const char* prev = std::getenv("FLEXJIT_CACHE_DIR");
-  const std::string saved = prev ? prev : "";
-  ::setenv("FLEXJIT_CACHE_DIR", path("cache").c_str(), 1);
+  ScopedEnv env;
+  env.set("FLEXJIT_CACHE_DIR", path("cache"));
   const std::vector<std::string> warm = {"warm", "--dtype", "fp32", "--head-dim", "40", "--lq", "1,100"};
   Result w = run_sub("cache", warm);
   EXPECT_EQ(w.code, 0) << w.err;
@@ -641,18 +674,15 @@ TEST_F(Cli, CacheWarmPrecompilesTheAttentionKernelARunUses) {
   expect_error_line(run_sub("cache", {"warm", "--arch", "sm_90"}), {"--device cuda"});
   expect_error_line(run_sub("cache", {"warm", "--device", "cuda"}), {"needs --arch", "sm_90"});
   expect_error_line(run_sub("cache", {"warm", "--head-dim", "300"}), {"--head-dim 300", "1..256"});
-  if (prev) ::setenv("FLEXJIT_CACHE_DIR", saved.c_str(), 1); else ::unsetenv("FLEXJIT_CACHE_DIR");
 }
 
 // The prebuilt tier (FLEXJIT_PREBUILT_DIR, jit/cache.h): attention kernels warmed into one
 // directory serve a run whose own cache is empty, which then compiles only its mods kernel; the
 // prebuilt directory is never written. "off" turns the tier off.
 TEST_F(Cli, PrebuiltTierServesTheAttentionKernel) {
-  const char* prev_cache = std::getenv("FLEXJIT_CACHE_DIR");
-  const char* prev_pre = std::getenv("FLEXJIT_PREBUILT_DIR");
-  const std::string saved_cache = prev_cache ? prev_cache : "", saved_pre = prev_pre ? prev_pre : "";
-  ::setenv("FLEXJIT_PREBUILT_DIR", "off", 1);
-  ::setenv("FLEXJIT_CACHE_DIR", path("prebuilt").c_str(), 1);
+  ScopedEnv env;
+  env.set("FLEXJIT_PREBUILT_DIR", "off");
+  env.set("FLEXJIT_CACHE_DIR", path("prebuilt"));
   Result w = run_sub("cache", {"warm", "--dtype", "fp32", "--head-dim", "40", "--lq", "100"});
   EXPECT_EQ(w.code, 0) << w.err;
   auto listing = [](const fs::path& d) {
@@ -666,8 +696,8 @@ TEST_F(Cli, PrebuiltTierServesTheAttentionKernel) {
 
   write_qkv(random_f32("q", {1, 1, 100, 40}, 1), random_f32("k", {1, 1, 37, 40}, 2), random_f32("v", {1, 1, 37, 40}, 3));
   auto run_report = [&](const std::string& cache_dir, const std::string& prebuilt) {
-    ::setenv("FLEXJIT_CACHE_DIR", path(cache_dir).c_str(), 1);
-    ::setenv("FLEXJIT_PREBUILT_DIR", prebuilt.c_str(), 1);
+    env.set("FLEXJIT_CACHE_DIR", path(cache_dir));
+    env.set("FLEXJIT_PREBUILT_DIR", prebuilt);
     Result r = run(qkv_args() + std::vector<std::string>{"--score-mod", "score * 0.25 + 2", "--report", path("r.json"),
                                                          "--check"});
     EXPECT_EQ(r.code, 0) << r.err;
@@ -684,9 +714,6 @@ TEST_F(Cli, PrebuiltTierServesTheAttentionKernel) {
 
   j = run_report("own2", "off");
   EXPECT_EQ(j["kernels"][0]["cache"], "miss");
-
-  if (prev_cache) ::setenv("FLEXJIT_CACHE_DIR", saved_cache.c_str(), 1); else ::unsetenv("FLEXJIT_CACHE_DIR");
-  if (prev_pre) ::setenv("FLEXJIT_PREBUILT_DIR", saved_pre.c_str(), 1); else ::unsetenv("FLEXJIT_PREBUILT_DIR");
 }
 
 // The build's own prebuilt kernels (FLEXJIT_PREBUILD_KERNELS: <build>/flexjit-kernels, found
@@ -694,28 +721,22 @@ TEST_F(Cli, PrebuiltTierServesTheAttentionKernel) {
 TEST_F(Cli, BuildPrebuiltKernelsAreFoundBesideTheBinary) {
   const fs::path pre = exe_.parent_path() / "flexjit-kernels";
   if (!fs::is_directory(pre)) GTEST_SKIP() << pre << " does not exist (built with FLEXJIT_PREBUILD_KERNELS=OFF)";
-  const char* prev_cache = std::getenv("FLEXJIT_CACHE_DIR");
-  const char* prev_pre = std::getenv("FLEXJIT_PREBUILT_DIR");
-  const std::string saved_cache = prev_cache ? prev_cache : "", saved_pre = prev_pre ? prev_pre : "";
-  ::unsetenv("FLEXJIT_PREBUILT_DIR");
-  ::setenv("FLEXJIT_CACHE_DIR", path("own").c_str(), 1);
+  ScopedEnv env;
+  env.unset("FLEXJIT_PREBUILT_DIR");
+  env.set("FLEXJIT_CACHE_DIR", path("own"));
   Result w = run_sub("cache", {"warm", "--dtype", "fp32", "--head-dim", "64", "--lq", "4096"});
   EXPECT_EQ(w.code, 0) << w.err;
   EXPECT_NE(w.out.find("fp32 D=64 GQA=1 Lq=4096: prebuilt (" + fs::canonical(pre).string() + ")"), std::string::npos)
       << w.out;
   // Started as a bare `flexjit` found on PATH (argv[0] has no directory), from another directory.
-  const char* prev_path = std::getenv("PATH");
-  const std::string saved_path = prev_path ? prev_path : "";
-  ::setenv("PATH", (exe_.parent_path().string() + ":" + saved_path).c_str(), 1);
-  ::setenv("FLEXJIT_CACHE_DIR", path("own2").c_str(), 1);
+  const char* path_env = std::getenv("PATH");
+  env.set("PATH", exe_.parent_path().string() + ":" + (path_env ? path_env : ""));
+  env.set("FLEXJIT_CACHE_DIR", path("own2"));
   via_path_ = true;
   Result p = run_sub("cache", {"warm", "--dtype", "fp32", "--head-dim", "64", "--lq", "4096"});
   via_path_ = false;
-  ::setenv("PATH", saved_path.c_str(), 1);
   EXPECT_EQ(p.code, 0) << p.err;
   EXPECT_NE(p.out.find("Lq=4096: prebuilt (" + fs::canonical(pre).string() + ")"), std::string::npos) << p.out;
-  if (prev_cache) ::setenv("FLEXJIT_CACHE_DIR", saved_cache.c_str(), 1); else ::unsetenv("FLEXJIT_CACHE_DIR");
-  if (prev_pre) ::setenv("FLEXJIT_PREBUILT_DIR", saved_pre.c_str(), 1);
 }
 
 // `cache warm --device cuda` compiles CUDA kernels with NVRTC on a machine without a GPU (a
@@ -723,9 +744,8 @@ TEST_F(Cli, BuildPrebuiltKernelsAreFoundBesideTheBinary) {
 TEST_F(Cli, CacheWarmCompilesCudaKernelsWithoutAGpu) {
   std::string why;
   if (!jit::nvrtc_available(&why)) GTEST_SKIP() << "no NVRTC on this machine: " << why;
-  const char* prev = std::getenv("FLEXJIT_CACHE_DIR");
-  const std::string saved = prev ? prev : "";
-  ::setenv("FLEXJIT_CACHE_DIR", path("cuda-cache").c_str(), 1);
+  ScopedEnv env;
+  env.set("FLEXJIT_CACHE_DIR", path("cuda-cache"));
   const std::vector<std::string> warm = {"warm", "--device", "cuda", "--arch", "sm_90", "--head-dim", "64,128",
                                          "--mask-mod", "causal"};
   Result w = run_sub("cache", warm);
@@ -747,7 +767,6 @@ TEST_F(Cli, CacheWarmCompilesCudaKernelsWithoutAGpu) {
   EXPECT_NE((bad.out + bad.err).find("'sm_42'"), std::string::npos) << bad.out << bad.err;
   Result cleared = run_sub("cache", {"clear"});
   EXPECT_NE(cleared.out.find("removed 3 entries"), std::string::npos) << cleared.out;
-  if (prev) ::setenv("FLEXJIT_CACHE_DIR", saved.c_str(), 1); else ::unsetenv("FLEXJIT_CACHE_DIR");
 }
 
 TEST_F(Cli, BadOptions) {
@@ -964,9 +983,8 @@ TEST_F(Cli, ForcePrefillOnADecodeShape) {
 // bucket uses its entry ("tuned"); a truncated database is set aside, never trusted, and the
 // next tune rebuilds it.
 TEST_F(Cli, TuneDatabaseUnderConcurrencyAndTruncation) {
-  const char* prev = std::getenv("FLEXJIT_CACHE_DIR");
-  const std::string saved = prev ? prev : "";
-  ::setenv("FLEXJIT_CACHE_DIR", path("cache").c_str(), 1);
+  ScopedEnv env;
+  env.set("FLEXJIT_CACHE_DIR", path("cache"));
   const std::vector<std::string> common = {"--dtype", "fp32", "--head-dim", "32", "--heads", "4", "--kv-heads",
                                            "2", "--reps", "1"};
   pid_t a = start_sub("tune", common + std::vector<std::string>{"--lkv", "512"}, "a");
@@ -1009,7 +1027,6 @@ TEST_F(Cli, TuneDatabaseUnderConcurrencyAndTruncation) {
   EXPECT_EQ(nlohmann::json::parse(slurp(db))["entries"].size(), 1u);
   expect_error_line(run_sub("tune", {"--path", "decode", "--lq", "17"}), {"decode takes Lq <= 16"});
   expect_error_line(run_sub("tune", {"--heads", "6", "--kv-heads", "4"}), {"must be a positive multiple of kv heads"});
-  if (prev) ::setenv("FLEXJIT_CACHE_DIR", saved.c_str(), 1); else ::unsetenv("FLEXJIT_CACHE_DIR");
 }
 
 }  // namespace
