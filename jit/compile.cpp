@@ -11,6 +11,7 @@
 // the TargetMachine (not `-march=native`), so what we compile for is exactly what
 // compiler_identity() reports and what the cache keys on.
 #include "jit/compile.h"
+#include "jit/executor.h"
 
 #include <unistd.h>
 
@@ -20,7 +21,6 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
-#include <thread>
 
 #include "clang/Basic/Diagnostic.h"
 #include "clang/Basic/DiagnosticOptions.h"
@@ -538,22 +538,10 @@ CompileResult compile_parts(const std::string& source, const std::string& source
   const int parts = declared_parts(source);
   if (parts == 1) return compile_one(source, source_name, 0, pl);
 
-  // Part 1 on this thread, the others on threads of their own.
+  // Side by side (jit/executor.h: part 1 on this thread and the others on threads of their own,
+  // or the caller's pool).
   std::vector<CompileResult> results(static_cast<size_t>(parts));
-  std::vector<std::exception_ptr> errors(static_cast<size_t>(parts));
-  auto run = [&](int k) {
-    try {
-      results[size_t(k - 1)] = compile_one(source, source_name, k, pl);
-    } catch (...) {
-      errors[size_t(k - 1)] = std::current_exception();
-    }
-  };
-  std::vector<std::thread> helpers;
-  for (int k = 2; k <= parts; ++k) helpers.emplace_back(run, k);
-  run(1);
-  for (auto& t : helpers) t.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
+  run_side_by_side(parts, [&](int i) { results[size_t(i)] = compile_one(source, source_name, i + 1, pl); });
 
   CompileResult out;
   out.parts = parts;

@@ -1,13 +1,12 @@
 #include "jit/pipeline.h"
 
 #include <chrono>
-#include <mutex>
 #include <shared_mutex>
-#include <thread>
 #include <unordered_map>
 
 #include "jit/cache.h"
 #include "jit/compile.h"
+#include "jit/executor.h"
 
 namespace flexjit::jit {
 namespace {
@@ -94,23 +93,12 @@ std::vector<KernelHandle> get_kernels(const std::vector<KernelRequest>& requests
     keys[i] = memo_key_of(requests[i].spec, *requests[i].mods);
     if (!memo_lookup(keys[i], t0, &out[i])) misses.push_back(i);
   }
-  // Misses (say a new shape's attention kernel and a new mod set) compile side by side: the
-  // first here, the others on threads of their own.
-  std::exception_ptr error;
-  std::mutex error_mu;
-  auto fetch = [&](size_t i) {
-    try {
-      out[i] = get_kernel_slow(requests[i].spec, *requests[i].mods, keys[i], t0);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(error_mu);
-      if (!error) error = std::current_exception();
-    }
-  };
-  std::vector<std::thread> helpers;
-  for (size_t j = 1; j < misses.size(); ++j) helpers.emplace_back(fetch, misses[j]);
-  if (!misses.empty()) fetch(misses[0]);
-  for (auto& t : helpers) t.join();
-  if (error) std::rethrow_exception(error);
+  // Misses (say a new shape's attention kernel and a new mod set) compile side by side
+  // (jit/executor.h).
+  run_side_by_side(int(misses.size()), [&](int j) {
+    const size_t i = misses[size_t(j)];
+    out[i] = get_kernel_slow(requests[i].spec, *requests[i].mods, keys[i], t0);
+  });
   return out;
 }
 

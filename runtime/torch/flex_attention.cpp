@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "jit/executor.h"
 #include "runtime/backward.h"
 #include "runtime/merge.h"
 
@@ -113,6 +114,19 @@ void require_int32_tables(const char* fn, std::initializer_list<std::pair<const 
                   " with " + name + ".to(torch.int32) (C++: .to(at::kInt))");
 }
 
+// Where a call's JIT compiles run their side-by-side parts (jit/executor.h): torch's intra-op
+// threads, like the kernel. Right after a torch op those threads are still spinning (libgomp's
+// default wait policy), and a compile thread of our own then shares a core with one of them: a
+// new mod's first call lost ~10 ms of ~45 ms of compile that way on 2 cores. Without two torch
+// threads, or inside a parallel region (where at::parallel_for runs serially), the compile keeps
+// threads of its own.
+const jit::Executor* compile_executor() {
+  static const jit::Executor pool = [](int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+    at::parallel_for(0, n, 1, body);
+  };
+  return at::get_num_threads() >= 2 && !at::in_parallel_region() ? &pool : nullptr;
+}
+
 // The runtime's options from the torch layer's: threading and the kernel options by name.
 AttentionOptions attention_options(const FlexOptions& o) {
   AttentionOptions opt;
@@ -202,6 +216,7 @@ TorchBlockMask create_block_mask(const ModRef& m, int64_t B, int64_t H, int64_t 
   complete_bindings(m, ShapeInfo{B, H, H, Lq, Lkv}, &t, &storage);
   auto [mods, bind] = combine(nullptr, &t);
   TorchBlockMask r;
+  jit::ScopedExecutor compile_pool(compile_executor());
   r.mask = runtime::create_block_mask(mods, bind, B, H, Lq, Lkv, qbs, kvbs);
   r.mask_mod = m;
   r.mask_mod.traced = t;
@@ -235,6 +250,7 @@ FlexResult flex_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   if (has_mask) mm = block_mask->mask_mod.traced;
   auto [mods, bind] = combine(has_score ? &sm : nullptr, has_mask ? &mm : nullptr);
 
+  jit::ScopedExecutor compile_pool(compile_executor());
   AttentionOptions opt = attention_options(o);
   flexjit::flex_attention(qv, kv, vv, out, o.return_lse ? &lse : nullptr, mods, bind,
                           block_mask ? &block_mask->mask : nullptr, opt, o.report);
@@ -277,6 +293,7 @@ FlexGrads flex_attention_backward(const at::Tensor& dout, const at::Tensor& q, c
   const at::Tensor dl = dlse.defined() ? dlse.to(at::kFloat) : dlse;
   TensorView dlv;
   if (dl.defined()) dlv = view_of(dl, "dlse");
+  jit::ScopedExecutor compile_pool(compile_executor());
   flexjit::flex_attention_backward(qv, kv, vv, ov, gv, lv, view_of(dq, "dq"), view_of(dk, "dk"), view_of(dv, "dv"),
                                    mods, bind, bg, block_mask ? &block_mask->mask : nullptr, attention_options(o),
                                    o.report, dl.defined() ? &dlv : nullptr);
@@ -322,6 +339,7 @@ FlexResult paged_flex_attention(const at::Tensor& q, const at::Tensor& k_cache, 
   const CallMods cm = call_mods("paged_flex_attention", score_mod, mask_mod,
                                 ShapeInfo{q.size(0), q.size(1), k_cache.size(2), max_len, max_len});
 
+  jit::ScopedExecutor compile_pool(compile_executor());
   flexjit::paged_flex_attention(qv, kv, vv, table, lens, out, o.return_lse ? &lse : nullptr, cm.mods, cm.bind,
                                 attention_options(o), o.report);
   return r;
@@ -368,6 +386,7 @@ VarlenResult flash_attn_varlen_func(const at::Tensor& q, const at::Tensor& k, co
   const CallMods cm = call_mods("flash_attn_varlen_func", score_mod, mask_mod,
                                 ShapeInfo{std::max<int64_t>(1, cu_seqlens_q.numel() - 1), q.size(1), k.size(1),
                                           std::max<int64_t>(1, max_seqlen_q), std::max<int64_t>(1, max_seqlen_k)});
+  jit::ScopedExecutor compile_pool(compile_executor());
   AttentionOptions opt = attention_options(o);
   if (opt.partition_size || opt.force_prefill)
     throw Error("flash_attn_varlen_func: kernel options PARTITION_SIZE and FORCE_USE_FLEX_ATTENTION are for "

@@ -1,11 +1,13 @@
 // LABELS: unit
 // jit/compile: C++ text -> object (Clang libraries in process) -> function pointer (ORC LLJIT).
 #include "jit/compile.h"
+#include "jit/executor.h"
 
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdio>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -230,6 +232,40 @@ TEST(Compile, SplitSourceErrorInOnePartNamesTheSourceAndLine) {
   EXPECT_NE(r.object.compare(0, 8, "!<arch>\n"), 0);
   auto fn = reinterpret_cast<int (*)(int)>(load_object(r.object, "flexjit_test_split_entry"));
   EXPECT_EQ(fn(7), 49);
+}
+
+// A caller's pool (the torch layer installs at::parallel_for) carries the parts of a split
+// compile; an error in one part still names the source line through it.
+TEST(Compile, SplitPartsRunOnTheInstalledExecutor) {
+  std::vector<int64_t> calls;
+  std::vector<std::thread::id> threads;
+  std::mutex mu;
+  const Executor pool = [&](int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+    calls.push_back(n);
+    std::thread other([&] {
+      { std::lock_guard<std::mutex> lock(mu); threads.push_back(std::this_thread::get_id()); }
+      body(1, n);
+    });
+    body(0, 1);
+    other.join();
+  };
+  ScopedExecutor scope(&pool);
+  CompileResult r = compile_cpp_to_object(kSplitSource, "split_pool.cpp");
+  ASSERT_EQ(calls, std::vector<int64_t>{2}) << "one fan-out over both parts";
+  EXPECT_EQ(threads.size(), 1u);
+  auto fn = reinterpret_cast<int (*)(int)>(load_object(r.object, "flexjit_test_split_entry"));
+  EXPECT_EQ(fn(7), 49 + 1 + 200);
+  {
+    ScopedExecutor threads_of_its_own(nullptr);
+    EXPECT_TRUE(compile_cpp_to_object(kSplitSource, "split_pool.cpp").object == r.object)
+        << "the same archive as threads of its own give";
+  }
+
+  std::string src = kSplitSource;
+  src += "#if FLEXJIT_PART == 2\nint broken = undeclared_thing;\n#endif\n";
+  std::string msg = error_message(src, "split_pool_broken.cpp");
+  EXPECT_NE(msg.find("split_pool_broken.cpp:21"), std::string::npos) << msg;
+  EXPECT_EQ(calls.size(), 2u);
 }
 
 TEST(Compile, TruncatedArchiveIsALoadErrorNotACrash) {
