@@ -706,16 +706,12 @@ def environment(threads):
 
 
 def prebuilt_tier():
-    """The prebuilt kernel directory flexjit's op library uses (jit/cache.h: $FLEXJIT_PREBUILT_DIR,
-    else flexjit-kernels beside the library) and how many kernels it holds; None when off."""
-    env = os.environ.get("FLEXJIT_PREBUILT_DIR")
-    if env is not None:
-        d = None if env in ("", "off", "0", "none") else Path(env)
-    else:
-        d = Path(flexjit.library_path()).resolve().parent / "flexjit-kernels"
-    if d is None or not d.is_dir():
+    """The prebuilt kernel directory flexjit's op library reads (flexjit.prebuilt_kernel_dir(): the
+    cache's own lookup, jit/cache.h) and how many kernels it holds; None when off or absent."""
+    d = flexjit.prebuilt_kernel_dir()
+    if d is None or not Path(d).is_dir():
         return None
-    return dict(dir=str(d), kernels=len(list(d.glob("*.o"))))
+    return dict(dir=d, kernels=len(list(Path(d).glob("*.o"))))
 
 
 def fmt(x, spec=".2f", none="—", suffix=""):

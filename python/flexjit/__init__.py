@@ -28,7 +28,7 @@ from .trace import TraceError
 
 __all__ = ["flex_attention", "paged_flex_attention", "flash_attn_varlen_func", "merge_attention_states",
            "create_block_mask", "register_transformers",
-           "load_library", "library_path", "TraceError", "trace"]
+           "load_library", "library_path", "prebuilt_kernel_dir", "TraceError", "trace"]
 
 _LIB_NAME = "libflexjit_torch_ops.so"
 _KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "USE_AMX", "USE_DPBF16", "PARTITION_SIZE", "FORCE_USE_FLEX_ATTENTION")
@@ -258,6 +258,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         return_lse=bool(return_attn_probs), BLOCK_M=options.get("BLOCK_M", 0), BLOCK_N=options.get("BLOCK_N", 0),
         USE_AMX=int(options.get("USE_AMX", -1)), USE_DPBF16=int(options.get("USE_DPBF16", -1)))
     return (out, lse, None) if return_attn_probs else out
+
+
+def prebuilt_kernel_dir():
+    """The read-only directory of prebuilt kernels (compiled at build time by `flexjit cache warm`)
+    that this process's kernel cache reads: $FLEXJIT_PREBUILT_DIR, else flexjit-kernels beside the
+    op library; None when there is none or it is turned off. Resolved once per process, at the
+    cache's first use."""
+    load_library()
+    return torch.ops.flexjit.prebuilt_kernel_dir.default() or None
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b):

@@ -20,6 +20,7 @@
 #include <tuple>
 #include <vector>
 
+#include "jit/cache.h"
 #include "jit/parser.h"
 #include "runtime/torch/block_mask_interop.h"
 #include "runtime/torch/flex_attention.h"
@@ -651,6 +652,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> create_block_mask_cpu
   });
 }
 
+// The read-only prebuilt kernel directory this process's cache reads (jit/cache.h: resolved once,
+// from $FLEXJIT_PREBUILT_DIR or flexjit-kernels beside the op library); "" when there is none.
+std::string prebuilt_kernel_dir() { return jit::KernelCache::global().prebuilt_dir(); }
+
 }  // namespace
 }  // namespace flexjit
 
@@ -695,6 +700,7 @@ TORCH_LIBRARY(flexjit, m) {
         "float[] param_values=[], int q_block_size=128, int kv_block_size=128) "
         "-> (Tensor kv_num_blocks, Tensor kv_indices, Tensor full_kv_num_blocks, "
         "Tensor full_kv_indices)");
+  m.def("prebuilt_kernel_dir() -> str");
 }
 // clang-format on
 
@@ -725,4 +731,5 @@ TORCH_LIBRARY_IMPL(flexjit, Autograd, m) {
 // CompositeExplicitAutograd makes it callable with an empty buffer list.
 TORCH_LIBRARY_IMPL(flexjit, CompositeExplicitAutograd, m) {
   m.impl("create_block_mask", &flexjit::create_block_mask_cpu);
+  m.impl("prebuilt_kernel_dir", &flexjit::prebuilt_kernel_dir);
 }

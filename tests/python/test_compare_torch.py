@@ -148,18 +148,32 @@ def test_script_smoke(tmp_path):
     assert report["env"]["flexjit_prebuilt"] is None and "**cold**" in md
 
 
-def test_prebuilt_tier_is_reported(tmp_path, monkeypatch):
-    # Where the op library's prebuilt kernels are (jit/cache.h) and how the report words it.
+def _prebuilt_tier_in_a_new_process(value):
+    """compare_torch.prebuilt_tier() in a fresh process whose FLEXJIT_PREBUILT_DIR is `value`
+    (None: unset): the kernel cache resolves its prebuilt directory once per process."""
+    env = {k: v for k, v in os.environ.items() if k != "FLEXJIT_PREBUILT_DIR"}
+    if value is not None:
+        env["FLEXJIT_PREBUILT_DIR"] = value
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import compare_torch as ct; "
+            "ct.load(); print(json.dumps(ct.prebuilt_tier()))")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "bench")], env=env, capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_prebuilt_tier_is_reported(tmp_path):
+    # The directory comes from the op library's own cache (flexjit.prebuilt_kernel_dir()), not
+    # from a second copy of its lookup rules; the report words it.
     (tmp_path / "a.o").write_bytes(b"x")
-    monkeypatch.setenv("FLEXJIT_PREBUILT_DIR", str(tmp_path))
-    assert ct.prebuilt_tier() == dict(dir=str(tmp_path), kernels=1)
-    assert "prebuilt tier" in ct.prebuilt_line(ct.prebuilt_tier()) and str(tmp_path) in ct.prebuilt_line(ct.prebuilt_tier())
-    for off in ("off", "0", "none", ""):
-        monkeypatch.setenv("FLEXJIT_PREBUILT_DIR", off)
-        assert ct.prebuilt_tier() is None
-    monkeypatch.delenv("FLEXJIT_PREBUILT_DIR")
+    assert _prebuilt_tier_in_a_new_process(str(tmp_path)) == dict(dir=str(tmp_path), kernels=1)
+    pre = dict(dir=str(tmp_path), kernels=1)
+    assert "prebuilt tier" in ct.prebuilt_line(pre) and str(tmp_path) in ct.prebuilt_line(pre)
+    assert "cold" in ct.prebuilt_line(None)
+    for off in ("off", ""):  # every spelling of "off" is the C++ lookup's (Cache tests)
+        assert _prebuilt_tier_in_a_new_process(off) is None
     beside = Path(flexjit.library_path()).resolve().parent / "flexjit-kernels"
-    assert ct.prebuilt_tier() == (dict(dir=str(beside), kernels=len(list(beside.glob("*.o")))) if beside.is_dir() else None)
+    want = dict(dir=str(beside), kernels=len(list(beside.glob("*.o")))) if beside.is_dir() else None
+    assert _prebuilt_tier_in_a_new_process(None) == want
 
 
 def test_flexjit_bench_cli_runs_the_same_suite():
