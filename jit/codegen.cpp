@@ -774,11 +774,17 @@ std::string emit_mod_grad_body(const ModSet& mods) {
 std::string codegen_identity(Backend backend) {
   if (backend == Backend::Cuda) return "cuda-v1";
   // v3: relative-position tables; v4: int32 dividends divided through doubles; v5: tanh's exp;
-  // v6: exp's polynomial and reduction as helpers (same code); v7: tanh as a rational function
-  return diag_tables_enabled() ? "cpu-v7" : "cpu-v7;tables=0";
+  // v6: exp's polynomial and reduction as helpers (same code); v7: tanh as a rational function;
+  // v8: the helpers before the mod's macros (a mods TU's precompiled prefix)
+  return diag_tables_enabled() ? "cpu-v8" : "cpu-v8;tables=0";
 }
 
-std::string emit_mod_body(const ModSet& mods, Backend backend) {
+std::string mod_helpers(Backend backend) {
+  const bool cuda = backend == Backend::Cuda;
+  return std::string(cuda ? kCudaPrelude : kCpuPrelude) + kPortableHelpers + (cuda ? kCudaMath : kCpuHelpers);
+}
+
+std::string emit_mod_body(const ModSet& mods, Backend backend, bool with_helpers) {
   validate(mods);
   const bool cuda = backend == Backend::Cuda;
   std::ostringstream os;
@@ -787,7 +793,7 @@ std::string emit_mod_body(const ModSet& mods, Backend backend) {
   os << "#define FLEXJIT_HAS_MASK_MOD " << (mods.has_mask_mod() ? 1 : 0) << "\n";
   os << "#define FLEXJIT_NUM_BUFFERS " << mods.buffers.size() << "\n";
   os << "#define FLEXJIT_NUM_PARAMS " << mods.params.size() << "\n";
-  os << (cuda ? kCudaPrelude : kCpuPrelude) << kPortableHelpers << (cuda ? kCudaMath : kCpuHelpers);
+  if (with_helpers) os << mod_helpers(backend);
   for (size_t i = 0; i < mods.buffers.size(); ++i)
     for (bool index32 : {false, true}) os << emit_buffer_reader(static_cast<int>(i), mods.buffers[i], backend, index32);
   Emitter em(mods, backend);

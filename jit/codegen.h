@@ -22,7 +22,14 @@ namespace flexjit::jit {
 // __device__ __forceinline__, buffers are read with __ldg, math is CUDA's expf/logf/tanhf.
 enum class Backend { Cpu, Cuda };
 
-std::string emit_mod_body(const ModSet& mods, Backend backend = Backend::Cpu);
+// The mods as code: the helpers (mod_helpers, unless with_helpers is false), the FLEXJIT_HAS_*
+// and FLEXJIT_NUM_* macros, the buffer readers, flexjit_score_mod / flexjit_mask_mod and, on CPU,
+// the relative-position tables.
+std::string emit_mod_body(const ModSet& mods, Backend backend = Backend::Cpu, bool with_helpers = true);
+
+// The backend's fixed helper code every mod body uses (FJ_FN, the error flag, integer and math
+// helpers): the same text for every mod set, so a mods TU can put it in its precompiled prefix.
+std::string mod_helpers(Backend backend);
 
 // What, besides the mods and the templates, decides the text emit_mod_body writes: a version
 // (bumped when the generated code changes) and the switches it reads (FLEXJIT_MOD_TABLES=0 turns

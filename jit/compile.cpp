@@ -19,6 +19,8 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 
@@ -28,6 +30,7 @@
 #include "clang/CodeGen/CodeGenAction.h"
 #include "clang/Frontend/CompilerInstance.h"
 #include "clang/Frontend/CompilerInvocation.h"
+#include "clang/Frontend/PrecompiledPreamble.h"
 #include "clang/Frontend/TextDiagnosticPrinter.h"
 #include "clang/Frontend/Utils.h"
 #include "clang/Lex/PreprocessorOptions.h"
@@ -220,36 +223,47 @@ struct Pipeline {
   const CpuTarget* target;
   const std::vector<std::string>* flags;
   bool set_features = true;
+  bool prefix_pch = false;  // precompile a source's prefix (kPrefixEnd), the host pipeline's
 };
 
-// Runs Clang on `source` (served from memory as `path`) and returns the unoptimized O3 IR.
-// Diagnostics (warnings and errors) go to `diag_text`.
-std::unique_ptr<llvm::Module> run_frontend(const std::string& source, const std::string& path,
-                                           int part, llvm::LLVMContext& ctx,
-                                           std::string& diag_text, bool& ok, const Pipeline& pl) {
-  ok = false;
-  llvm::raw_string_ostream diag_os(diag_text);
+// A source's precompiled prefix (kPrefixEnd in compile.h): the prefix text, served to Clang as
+// the header kPrefixHeader, and its PCH in memory (Clang's preamble machinery, as clangd uses it:
+// the PCH stands for the #include of that header on the main file's first line).
+constexpr char kPrefixHeader[] = "/flexjit-prefix/prefix.h";
+constexpr char kPrefixInclude[] = "#include \"/flexjit-prefix/prefix.h\"\n";
+struct PrefixPch {
+  std::string text;
+  std::unique_ptr<clang::PrecompiledPreamble> pch;
+};
 
-  // The source lives only in memory, layered over the real file system (the driver still needs
-  // the real one to find the resource dir from argv0).
+// Files served from memory (name, text), layered over the real file system (the driver still
+// needs the real one to find the resource dir from argv0). The texts must outlive the result.
+llvm::IntrusiveRefCntPtr<llvm::vfs::FileSystem> memory_vfs(
+    std::initializer_list<std::pair<const char*, llvm::MemoryBufferRef>> files) {
   auto mem_fs = llvm::makeIntrusiveRefCnt<llvm::vfs::InMemoryFileSystem>();
   // Trap: calling setCurrentWorkingDirectory on the overlay would chdir() the whole process,
   // because getRealFileSystem() is linked to the process cwd. Set it on the in-memory layer only,
-  // so a relative `path` resolves there exactly as the real layer would resolve it.
+  // so a relative path resolves there exactly as the real layer would resolve it.
   char cwd[4096];
   mem_fs->setCurrentWorkingDirectory(getcwd(cwd, sizeof(cwd)) ? cwd : "/");
-  mem_fs->addFile(path, 0, llvm::MemoryBuffer::getMemBufferCopy(source, path));
-  auto overlay =
-      llvm::makeIntrusiveRefCnt<llvm::vfs::OverlayFileSystem>(llvm::vfs::getRealFileSystem());
+  for (const auto& [name, buffer] : files) mem_fs->addFile(name, 0, llvm::MemoryBuffer::getMemBuffer(buffer));
+  auto overlay = llvm::makeIntrusiveRefCnt<llvm::vfs::OverlayFileSystem>(llvm::vfs::getRealFileSystem());
   overlay->pushOverlay(mem_fs);
+  return overlay;
+}
 
+// The compiler invocation for the main file `path` (in `vfs`): the driver flags, then the target
+// CPU and features set explicitly. Null (with the driver's complaint in diag_os) if it fails.
+std::shared_ptr<clang::CompilerInvocation> make_invocation(const std::string& path,
+                                                           llvm::IntrusiveRefCntPtr<llvm::vfs::FileSystem> vfs,
+                                                           const Pipeline& pl, llvm::raw_ostream& diag_os) {
   // Driver-stage diagnostics (bad flags) would go to stderr without a DiagnosticsEngine of ours.
   auto driver_diag_opts = llvm::makeIntrusiveRefCnt<clang::DiagnosticOptions>();
   clang::TextDiagnosticPrinter driver_printer(diag_os, driver_diag_opts.get());
   clang::CreateInvocationOptions cio;
   cio.Diags = clang::CompilerInstance::createDiagnostics(driver_diag_opts.get(), &driver_printer,
                                                          /*ShouldOwnClient=*/false);
-  cio.VFS = overlay;
+  cio.VFS = vfs;
   cio.RecoverOnError = false;
 
   std::vector<const char*> argv;
@@ -259,11 +273,7 @@ std::unique_ptr<llvm::Module> run_frontend(const std::string& source, const std:
   for (const auto& f : *pl.flags) argv.push_back(f.c_str());
   argv.push_back(path.c_str());
   std::shared_ptr<clang::CompilerInvocation> inv = clang::createInvocation(argv, cio);
-  if (!inv) {
-    diag_os.flush();
-    if (diag_text.empty()) diag_text = "the Clang driver could not build a compiler invocation";
-    return nullptr;
-  }
+  if (!inv) return nullptr;
 
   // Explicit CPU + features instead of -march=native (see the file comment).
   const CpuTarget& host = *pl.target;
@@ -282,15 +292,95 @@ std::unique_ptr<llvm::Module> run_frontend(const std::string& source, const std:
   inv->getCodeGenOpts().DisableFree = false;
   // O3-ready IR, but the pass pipeline runs in step 2 so it can be timed on its own.
   inv->getCodeGenOpts().DisableLLVMPasses = true;
+  return inv;
+}
+
+// Precompiles `prefix` (a source's text up to and including kPrefixEnd) for the pipeline; null
+// if Clang cannot (the caller then compiles the whole text).
+std::unique_ptr<PrefixPch> build_prefix_pch(const std::string& prefix, const Pipeline& pl) {
+  auto out = std::make_unique<PrefixPch>();
+  out->text = prefix;
+  const char* main_path = "/flexjit-prefix/main.cpp";
+  std::unique_ptr<llvm::MemoryBuffer> main = llvm::MemoryBuffer::getMemBufferCopy(kPrefixInclude, main_path);
+  auto vfs = memory_vfs({{kPrefixHeader, llvm::MemoryBufferRef(out->text, kPrefixHeader)},
+                         {main_path, main->getMemBufferRef()}});
+  std::string diag_text;
+  llvm::raw_string_ostream diag_os(diag_text);
+  std::shared_ptr<clang::CompilerInvocation> inv = make_invocation(main_path, vfs, pl, diag_os);
+  if (!inv) return nullptr;
+  auto diag_opts = llvm::makeIntrusiveRefCnt<clang::DiagnosticOptions>();
+  clang::TextDiagnosticPrinter printer(diag_os, diag_opts.get());
+  llvm::IntrusiveRefCntPtr<clang::DiagnosticsEngine> diags =
+      clang::CompilerInstance::createDiagnostics(diag_opts.get(), &printer, /*ShouldOwnClient=*/false);
+  // The prefix's inline functions are what the kernels call: keep their bodies (an editor's
+  // preamble skips them).
+  struct KeepBodies : clang::PreambleCallbacks {
+    bool shouldSkipFunctionBody(clang::Decl*) override { return false; }
+  } callbacks;
+  llvm::ErrorOr<clang::PrecompiledPreamble> pch = clang::PrecompiledPreamble::Build(
+      *inv, main.get(), clang::PreambleBounds(unsigned(std::strlen(kPrefixInclude)), /*PreambleEndsAtStartOfLine=*/true),
+      *diags, vfs, std::make_shared<clang::PCHContainerOperations>(), /*StoreInMemory=*/true,
+      /*StoragePath=*/"", callbacks);
+  if (!pch || diags->hasErrorOccurred()) return nullptr;
+  out->pch = std::make_unique<clang::PrecompiledPreamble>(std::move(*pch));
+  return out;
+}
+
+bool prefix_pch_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("FLEXJIT_PCH");
+    return !(v && std::string(v) == "0");
+  }();
+  return on;
+}
+
+// The process's precompiled prefixes, built once each (under the lock: compiles that need one
+// being built wait for it rather than build it again). A prefix that failed stays null.
+const PrefixPch* prefix_pch(const std::string& prefix, const Pipeline& pl) {
+  static std::mutex mu;
+  static auto* built = new std::map<std::string, std::unique_ptr<PrefixPch>>();  // never destroyed
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = built->find(prefix);
+  if (it == built->end()) it = built->emplace(prefix, build_prefix_pch(prefix, pl)).first;
+  return it->second.get();
+}
+
+// Runs Clang on `source` (served from memory as `path`) and returns the unoptimized O3 IR.
+// Diagnostics (warnings and errors) go to `diag_text`. With `prefix`, `source` starts with
+// kPrefixInclude and the PCH stands for that line.
+std::unique_ptr<llvm::Module> run_frontend(const std::string& source, const std::string& path,
+                                           int part, llvm::LLVMContext& ctx,
+                                           std::string& diag_text, bool& ok, const Pipeline& pl,
+                                           const PrefixPch* prefix = nullptr) {
+  ok = false;
+  llvm::raw_string_ostream diag_os(diag_text);
+  std::unique_ptr<llvm::MemoryBuffer> main_buffer = llvm::MemoryBuffer::getMemBufferCopy(source, path);
+  llvm::IntrusiveRefCntPtr<llvm::vfs::FileSystem> vfs =
+      prefix != nullptr ? memory_vfs({{kPrefixHeader, llvm::MemoryBufferRef(prefix->text, kPrefixHeader)},
+                                      {path.c_str(), main_buffer->getMemBufferRef()}})
+                        : memory_vfs({{path.c_str(), main_buffer->getMemBufferRef()}});
+  std::shared_ptr<clang::CompilerInvocation> inv = make_invocation(path, vfs, pl, diag_os);
+  if (!inv) {
+    diag_os.flush();
+    if (diag_text.empty()) diag_text = "the Clang driver could not build a compiler invocation";
+    return nullptr;
+  }
   // One part of a split translation unit (as -DFLEXJIT_PART=k: the source's lines keep their
   // numbers in diagnostics).
   if (part > 0) inv->getPreprocessorOpts().addMacroDef("FLEXJIT_PART=" + std::to_string(part));
+  // The prefix never reads FLEXJIT_PART (its PCH was built without it).
+  if (prefix != nullptr) {
+    prefix->pch->OverridePreamble(*inv, vfs, main_buffer.get());
+    // Trap: the preamble remaps the main file to main_buffer, and a remapped buffer is freed by
+    // the compiler unless retained: main_buffer stays ours.
+    inv->getPreprocessorOpts().RetainRemappedFileBuffers = true;
+  }
 
   clang::CompilerInstance ci;
   ci.setInvocation(std::move(inv));
   clang::TextDiagnosticPrinter printer(diag_os, &ci.getDiagnosticOpts());
   ci.createDiagnostics(&printer, /*ShouldOwnClient=*/false);
-  ci.createFileManager(overlay);
+  ci.createFileManager(vfs);
   // "N errors generated." is printed to the verbose stream, which defaults to llvm::errs().
   ci.setVerboseOutputStream(diag_os);
 
@@ -460,18 +550,46 @@ const std::string& compiler_identity() {
 namespace {
 
 // The whole pipeline for one translation unit (part 0) or one part of a split one.
-CompileResult compile_one(const std::string& source, const std::string& source_name, int part,
-                          const Pipeline& pl) {
-  // The name goes on the driver's command line: keep it from being read as an option.
+// The name a source is compiled under (it goes on the driver's command line: keep it from being
+// read as an option).
+std::string source_path(const std::string& source_name) {
   std::string path = source_name.empty() ? std::string("kernel.cpp") : source_name;
   if (path[0] == '-') path = "./" + path;
+  return path;
+}
+
+// With a precompiled prefix: the text Clang compiles instead of `source` (the prefix's #include,
+// then the rest with its original line numbers), or "" when the source has none.
+std::string after_prefix(const std::string& source, const std::string& path) {
+  const size_t at = source.find(kPrefixEnd);
+  if (at == std::string::npos) return {};
+  const size_t end = at + std::strlen(kPrefixEnd);
+  const long lines = std::count(source.begin(), source.begin() + long(end), '\n');
+  std::string quoted;
+  for (char c : path) {
+    if (c == '"' || c == '\\') quoted += '\\';
+    quoted += c;
+  }
+  // The preamble the PCH stands for is the run of directives the file starts with (Clang computes
+  // it: ComputePreambleBounds), so a declaration ends it right after the #include.
+  return kPrefixInclude + ("typedef int fjk_after_prefix_;\n#line " + std::to_string(lines + 1) + " \"" + quoted +
+                           "\"\n") +
+         source.substr(end);
+}
+
+CompileResult compile_one(const std::string& source, const std::string& source_name, int part,
+                          const Pipeline& pl, const PrefixPch* prefix = nullptr) {
+  const std::string path = source_path(source_name);
 
   CompileResult result;
+  result.prefix_pch = prefix != nullptr;
   llvm::LLVMContext ctx;  // declared before the module: the module must die first
   std::string diags;
   bool ok = false;
   auto t0 = Clock::now();
-  std::unique_ptr<llvm::Module> module = run_frontend(source, path, part, ctx, diags, ok, pl);
+  std::unique_ptr<llvm::Module> module =
+      prefix != nullptr ? run_frontend(after_prefix(source, path), path, part, ctx, diags, ok, pl, prefix)
+                        : run_frontend(source, path, part, ctx, diags, ok, pl);
   result.frontend_ms = ms_since(t0);
   if (!ok) {
     throw flexjit::Error("flexjit: Clang could not compile the generated kernel source " +
@@ -535,16 +653,22 @@ std::string archive_of(std::vector<CompileResult>& parts) {
 
 // One translation unit, whole or split into its declared parts (compiled on threads).
 CompileResult compile_parts(const std::string& source, const std::string& source_name, const Pipeline& pl) {
+  const PrefixPch* prefix = nullptr;
+  if (pl.prefix_pch && prefix_pch_enabled()) {
+    const size_t at = source.find(kPrefixEnd);
+    if (at != std::string::npos) prefix = prefix_pch(source.substr(0, at + std::strlen(kPrefixEnd)), pl);
+  }
   const int parts = declared_parts(source);
-  if (parts == 1) return compile_one(source, source_name, 0, pl);
+  if (parts == 1) return compile_one(source, source_name, 0, pl, prefix);
 
   // Side by side (jit/executor.h: part 1 on this thread and the others on threads of their own,
   // or the caller's pool).
   std::vector<CompileResult> results(static_cast<size_t>(parts));
-  run_side_by_side(parts, [&](int i) { results[size_t(i)] = compile_one(source, source_name, i + 1, pl); });
+  run_side_by_side(parts, [&](int i) { results[size_t(i)] = compile_one(source, source_name, i + 1, pl, prefix); });
 
   CompileResult out;
   out.parts = parts;
+  out.prefix_pch = prefix != nullptr;
   for (int k = 1; k <= parts; ++k) {
     const CompileResult& r = results[size_t(k - 1)];
     if (!r.log.empty()) out.log += "[part " + std::to_string(k) + "] " + r.log;
@@ -561,7 +685,7 @@ CompileResult compile_parts(const std::string& source, const std::string& source
 CompileResult compile_cpp_to_object(const std::string& source, const std::string& source_name) {
   init_llvm_once();
   if (!cpu_target().error.empty()) throw Error("cannot compile " + source_name + ": " + cpu_target().error);
-  return compile_parts(source, source_name, Pipeline{&cpu_target(), &compile_flags(), true});
+  return compile_parts(source, source_name, Pipeline{&cpu_target(), &compile_flags(), true, true});
 }
 
 CompileResult cross_compile_cpp_to_object(const std::string& source, const std::string& source_name,

@@ -6,6 +6,7 @@
 
 #include "jit/cache.h"
 #include "jit/codegen.h"
+#include "jit/compile.h"
 #include "jit/nvrtc.h"
 
 namespace flexjit::jit {
@@ -70,16 +71,19 @@ std::string spec_defines(const KernelSpec& s, const std::string& symbol) {
 std::vector<std::string> template_files(const KernelSpec& s) {
   if (is_cuda(s)) return {"templates/mod_abi.h", "templates/cuda/abi.cuh", "templates/cuda/flash_prefill.cuh"};
   if (s.kind == KernelKind::Mods)
-    return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/mods_local.h", "templates/cpu/mods.h"};
+    return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/split.h", "templates/cpu/mods_local.h",
+            "templates/cpu/mods.h"};
   if (s.kind == KernelKind::ModsGrad)
-    return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/mods_local.h", "templates/cpu/mods_grad.h"};
+    return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/split.h", "templates/cpu/mods_local.h",
+            "templates/cpu/mods_grad.h"};
   if (s.kind == KernelKind::Backward)
-    return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/elem.h", "templates/cpu/flash_backward.h"};
+    return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/split.h", "templates/cpu/elem.h",
+            "templates/cpu/flash_backward.h"};
   if (s.kind == KernelKind::Decode)
-    return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/elem.h", "templates/cpu/decode_dot.h",
-            "templates/cpu/flash_decode.h"};
-  std::vector<std::string> files = {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/elem.h",
-                                    "templates/cpu/prefill_item.h"};
+    return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/split.h", "templates/cpu/elem.h",
+            "templates/cpu/decode_dot.h", "templates/cpu/flash_decode.h"};
+  std::vector<std::string> files = {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/split.h",
+                                    "templates/cpu/elem.h", "templates/cpu/prefill_item.h"};
   if (s.engine != PrefillEngine::Amx) files.push_back("templates/cpu/prefill_lanes.h");  // FMA, vdpbf16ps
   files.push_back(std::string("templates/cpu/prefill_") + engine_name(s.engine) + ".h");
   files.push_back("templates/cpu/flash_prefill.h");
@@ -208,6 +212,20 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
 
 std::string make_source(const KernelSpec& spec, const ModSet& mods, const std::string& symbol) {
   std::vector<std::string> files = template_files(spec);
+  if (spec.kind == KernelKind::Mods && !is_cuda(spec)) {
+    // A precompilable prefix the same for every mod set (the ABI, cpu/common.h and the codegen
+    // helpers: jit/compile.h kPrefixEnd), then what is this mod set's.
+    std::string src = "// flexjit kernel: " + spec.str() + "\n";
+    for (size_t i = 0; i < 2; ++i) src += "// ---- " + files[i] + " ----\n" + template_text(files[i]) + "\n";
+    src += "// == flexjit jit/codegen helpers (cpu) ==\n" + mod_helpers(Backend::Cpu);
+    src += kPrefixEnd;
+    src += "#define FLEXJIT_ENTRY " + symbol + "\n";
+    for (size_t i = 2; i < files.size(); ++i) {
+      if (i == files.size() - 2) src += emit_mod_body(mods, Backend::Cpu, /*with_helpers=*/false);
+      src += "// ---- " + files[i] + " ----\n" + template_text(files[i]) + "\n";
+    }
+    return src;
+  }
   std::string src = spec_defines(spec, symbol);
   // The generated mod body goes before the last file of a CUDA TU, before mods_local.h (which
   // sizes its copies by the body's counts) and the kernel file of a Mods / ModsGrad TU.

@@ -19,7 +19,7 @@
 // or the same pair in fp32 into the workspace, for the runtime's merge:
 //   out = sum_p e^(lse_p - lse) out_p,   lse = ln sum_p e^(lse_p).
 
-// ---- split compilation (cpu/common.h) ----
+// ---- split compilation (cpu/split.h) ----
 // Part 1 is fjk_dec_visit (one block of keys for every head unit), part 2 the rest.
 #define FLEXJIT_PARTS 2
 #if FLEXJIT_PART != 0

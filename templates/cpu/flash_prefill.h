@@ -29,7 +29,7 @@
 //   fjk_block_pv             O = O * alpha + P V, P^T in st rows [0, nvalid)
 //   fjk_item_write_out       out = O * inv_l
 
-// ---- split compilation (cpu/common.h) ----
+// ---- split compilation (cpu/split.h) ----
 // Part 1 is fjk_visit_block (the per-block work: Q K^T, mods call, softmax, P V), part 2
 // everything around it (the walk, the work item, the entry).
 #define FLEXJIT_PARTS 2

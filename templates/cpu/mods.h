@@ -12,7 +12,7 @@
 #error "mods.h needs FLEXJIT_ENTRY defined before it"
 #endif
 
-// ---- split compilation (cpu/common.h) ----
+// ---- split compilation (cpu/split.h) ----
 // Part 1 is the prefill layout's apply (queries along the unit-stride dim), part 2 the decode
 // layout's, block classification and the entry: a new mod's compile, which the first call of
 // every new mod waits for, runs on two cores. With relative-position tables part 1 also holds

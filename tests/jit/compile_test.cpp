@@ -268,6 +268,41 @@ TEST(Compile, SplitPartsRunOnTheInstalledExecutor) {
   EXPECT_EQ(calls.size(), 2u);
 }
 
+// A source with a precompiled prefix (kPrefixEnd): the prefix is parsed once into a PCH that
+// every compile with the same prefix, each part of a split one included, starts from; the rest
+// keeps the whole text's line numbers in diagnostics.
+constexpr const char* kPrefix = R"(// a prefix: no FLEXJIT_PART, nothing from after it
+static inline int prefix_square(int x) { return x * x; }
+struct PrefixPair { int a, b; };
+)";
+std::string with_prefix(const std::string& rest) { return std::string(kPrefix) + kPrefixEnd + rest; }
+
+TEST(Compile, PrecompiledPrefixServesEveryCompileAndPartWithItsLineNumbers) {
+  CompileResult a = compile_cpp_to_object(
+      with_prefix("extern \"C\" int flexjit_test_prefix_a(int x) { PrefixPair p{x, 1}; return prefix_square(p.a) + p.b; }\n"),
+      "prefix_a.cpp");
+  EXPECT_TRUE(a.prefix_pch);
+  auto fa = reinterpret_cast<int (*)(int)>(load_object(a.object, "flexjit_test_prefix_a"));
+  EXPECT_EQ(fa(6), 37);
+  // A split source after the same prefix: both parts start from it.
+  std::string split = kSplitSource;
+  for (size_t at; (at = split.find("x * x")) != std::string::npos;) split.replace(at, 5, "prefix_square(x)");
+  CompileResult s = compile_cpp_to_object(with_prefix(split), "prefix_split.cpp");
+  EXPECT_TRUE(s.prefix_pch);
+  EXPECT_EQ(s.parts, 2);
+  auto fs = reinterpret_cast<int (*)(int)>(load_object(s.object, "flexjit_test_split_entry"));
+  EXPECT_EQ(fs(7), 49 + 1 + 200);
+  // An error after the prefix is reported at its line in the whole text (prefix: 3 lines, then
+  // the marker, so the rest's second line is line 6).
+  std::string msg = error_message(with_prefix("extern \"C\" int ok_line() { return 1; }\nint broken = no_such_name;\n"),
+                                  "prefix_broken.cpp");
+  EXPECT_NE(msg.find("prefix_broken.cpp:6:"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("no_such_name"), std::string::npos) << msg;
+  // Without the marker nothing is precompiled.
+  EXPECT_FALSE(compile_cpp_to_object(std::string(kPrefix) + "extern \"C\" int plain() { return prefix_square(2); }\n",
+                                     "plain.cpp").prefix_pch);
+}
+
 TEST(Compile, TruncatedArchiveIsALoadErrorNotACrash) {
   CompileResult r = compile_cpp_to_object(kSplitSource, "split.cpp");
   for (size_t cut : {size_t(8), size_t(70), r.object.size() / 2, r.object.size() - 1}) {

@@ -86,6 +86,29 @@ TEST(Instantiate, ModsKeyCoversModsAndIgnoresShapes) {
   EXPECT_EQ(make_source(prefill, m, "f").find("flexjit_score_mod"), std::string::npos);
 }
 
+// Every mods source starts with the same precompilable prefix (jit/compile.h kPrefixEnd): the
+// ABI, cpu/common.h and the codegen helpers, with nothing of the mod set, its symbol or the part.
+TEST(Instantiate, ModsSourcesShareOnePrecompilablePrefix) {
+  KernelSpec c;
+  c.kind = KernelKind::Mods;
+  auto prefix_of = [&](const ModSet& m, const std::string& symbol) {
+    const std::string src = make_source(c, m, symbol);
+    const size_t at = src.find(kPrefixEnd);
+    EXPECT_NE(at, std::string::npos);
+    EXPECT_EQ(src.find(kPrefixEnd, at + 1), std::string::npos) << "one marker";
+    return src.substr(0, at);
+  };
+  const std::string p = prefix_of(mods_of("score * 2.0", "q_idx >= kv_idx"), "flexjit_mods_aaaa");
+  EXPECT_EQ(prefix_of(mods_of("", "q_idx >= kv_idx"), "flexjit_mods_bbbb"), p);
+  EXPECT_EQ(prefix_of(mods_of("score + float(kv_idx - q_idx)", ""), "flexjit_mods_cccc"), p);
+  for (const char* absent : {"#define FLEXJIT_ENTRY", "FLEXJIT_PART ==", "FLEXJIT_PART !=", "#ifndef FLEXJIT_PART",
+                              "#define FLEXJIT_HAS_", "#define FLEXJIT_NUM_", "flexjit_score_mod("})
+    EXPECT_EQ(p.find(absent), std::string::npos) << absent << " in the prefix";
+  EXPECT_NE(p.find("fj_tanhf"), std::string::npos) << "the helpers are in the prefix";
+  // Attention kernels have none (their spec macros come first).
+  EXPECT_EQ(make_source(KernelSpec{}, ModSet{}, "f").find(kPrefixEnd), std::string::npos);
+}
+
 TEST(Instantiate, SymbolIsReadable) {
   KernelSpec s;
   s.dtype = DType::BF16;
