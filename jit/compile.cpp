@@ -558,12 +558,9 @@ std::string source_path(const std::string& source_name) {
   return path;
 }
 
-// With a precompiled prefix: the text Clang compiles instead of `source` (the prefix's #include,
-// then the rest with its original line numbers), or "" when the source has none.
-std::string after_prefix(const std::string& source, const std::string& path) {
-  const size_t at = source.find(kPrefixEnd);
-  if (at == std::string::npos) return {};
-  const size_t end = at + std::strlen(kPrefixEnd);
+// With a precompiled prefix ending at byte `end` of `source`: the text Clang compiles instead (the
+// prefix's #include, then the rest with its original line numbers).
+std::string after_prefix(const std::string& source, size_t end, const std::string& path) {
   const long lines = std::count(source.begin(), source.begin() + long(end), '\n');
   std::string quoted;
   for (char c : path) {
@@ -577,7 +574,8 @@ std::string after_prefix(const std::string& source, const std::string& path) {
          source.substr(end);
 }
 
-CompileResult compile_one(const std::string& source, const std::string& source_name, int part,
+// `text` is the source, or with `prefix` what after_prefix made of it.
+CompileResult compile_one(const std::string& text, const std::string& source_name, int part,
                           const Pipeline& pl, const PrefixPch* prefix = nullptr) {
   const std::string path = source_path(source_name);
 
@@ -587,9 +585,7 @@ CompileResult compile_one(const std::string& source, const std::string& source_n
   std::string diags;
   bool ok = false;
   auto t0 = Clock::now();
-  std::unique_ptr<llvm::Module> module =
-      prefix != nullptr ? run_frontend(after_prefix(source, path), path, part, ctx, diags, ok, pl, prefix)
-                        : run_frontend(source, path, part, ctx, diags, ok, pl);
+  std::unique_ptr<llvm::Module> module = run_frontend(text, path, part, ctx, diags, ok, pl, prefix);
   result.frontend_ms = ms_since(t0);
   if (!ok) {
     throw flexjit::Error("flexjit: Clang could not compile the generated kernel source " +
@@ -653,18 +649,25 @@ std::string archive_of(std::vector<CompileResult>& parts) {
 
 // One translation unit, whole or split into its declared parts (compiled on threads).
 CompileResult compile_parts(const std::string& source, const std::string& source_name, const Pipeline& pl) {
+  // A precompiled prefix is found and the text to compile made once, for every part.
   const PrefixPch* prefix = nullptr;
+  std::string after;
   if (pl.prefix_pch && prefix_pch_enabled()) {
     const size_t at = source.find(kPrefixEnd);
-    if (at != std::string::npos) prefix = prefix_pch(source.substr(0, at + std::strlen(kPrefixEnd)), pl);
+    if (at != std::string::npos) {
+      const size_t end = at + std::strlen(kPrefixEnd);
+      prefix = prefix_pch(source.substr(0, end), pl);
+      if (prefix != nullptr) after = after_prefix(source, end, source_path(source_name));
+    }
   }
+  const std::string& text = prefix != nullptr ? after : source;
   const int parts = declared_parts(source);
-  if (parts == 1) return compile_one(source, source_name, 0, pl, prefix);
+  if (parts == 1) return compile_one(text, source_name, 0, pl, prefix);
 
   // Side by side (jit/executor.h: part 1 on this thread and the others on threads of their own,
   // or the caller's pool).
   std::vector<CompileResult> results(static_cast<size_t>(parts));
-  run_side_by_side(parts, [&](int i) { results[size_t(i)] = compile_one(source, source_name, i + 1, pl, prefix); });
+  run_side_by_side(parts, [&](int i) { results[size_t(i)] = compile_one(text, source_name, i + 1, pl, prefix); });
 
   CompileResult out;
   out.parts = parts;

@@ -114,6 +114,11 @@ void require_int32_tables(const char* fn, std::initializer_list<std::pair<const 
                   " with " + name + ".to(torch.int32) (C++: .to(at::kInt))");
 }
 
+// Torch's intra-op pool as the runtime's and the JIT's parallel_for: one item per chunk.
+void torch_parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+  at::parallel_for(0, n, 1, body);
+}
+
 // Where a call's JIT compiles run their side-by-side parts (jit/executor.h): torch's intra-op
 // threads, like the kernel. Right after a torch op those threads are still spinning (libgomp's
 // default wait policy), and a compile thread of our own then shares a core with one of them: a
@@ -121,9 +126,7 @@ void require_int32_tables(const char* fn, std::initializer_list<std::pair<const 
 // threads, or inside a parallel region (where at::parallel_for runs serially), the compile keeps
 // threads of its own.
 const jit::Executor* compile_executor() {
-  static const jit::Executor pool = [](int64_t n, const std::function<void(int64_t, int64_t)>& body) {
-    at::parallel_for(0, n, 1, body);
-  };
+  static const jit::Executor pool = torch_parallel_for;
   return at::get_num_threads() >= 2 && !at::in_parallel_region() ? &pool : nullptr;
 }
 
@@ -138,9 +141,7 @@ AttentionOptions attention_options(const FlexOptions& o) {
     opt.num_threads = o.num_threads;
   } else {
     opt.num_threads = at::get_num_threads();  // what the planner splits decode work for (and its tuning bucket)
-    opt.parallel_for = [](int64_t n, const std::function<void(int64_t, int64_t)>& body) {
-      at::parallel_for(0, n, 1, body);
-    };
+    opt.parallel_for = torch_parallel_for;
   }
   for (const auto& [n, val] : o.kernel_options) {
     if (n == "BLOCK_M") opt.block_m = int(val);
