@@ -101,11 +101,15 @@ FJ_FN float fj_bf16_to_f32(unsigned short x) { return __uint_as_float((unsigned)
 FJ_FN fj_i64 fj_f2i(float x) {
   return (x > -9.2233720368547758e18f && x < 9.2233720368547758e18f) ? (fj_i64)x : (fj_i64)(1ull << 63);
 }
+#ifdef FLEXJIT_CUDA_EMULATION
+FJ_FN float fj_f16_to_f32(unsigned short x) { return fjemu_f16_to_f32(x); }
+#else
 FJ_FN float fj_f16_to_f32(unsigned short x) {
   float f;
   asm("{ .reg .b16 h; mov.b16 h, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "h"(x));
   return f;
 }
+#endif
 )";
 // CUDA's math: CUDA's own accurate functions (expf, logf, tanhf ~1-2 ulp; not the __expf-style
 // intrinsics, whose error grows with the argument).
@@ -772,7 +776,7 @@ std::string emit_mod_grad_body(const ModSet& mods) {
 }
 
 std::string codegen_identity(Backend backend) {
-  if (backend == Backend::Cuda) return "cuda-v1";
+  if (backend == Backend::Cuda) return "cuda-v2";
   // v3: relative-position tables; v4: int32 dividends divided through doubles; v5: tanh's exp;
   // v6: exp's polynomial and reduction as helpers (same code); v7: tanh as a rational function;
   // v8: the helpers before the mod's macros (a mods TU's precompiled prefix)

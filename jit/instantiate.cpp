@@ -210,7 +210,23 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
   return inst;
 }
 
+namespace {
+std::string make_source_with(const KernelSpec& spec, const ModSet& mods, const std::string& symbol,
+                             const char* prelude_file);
+}  // namespace
+
 std::string make_source(const KernelSpec& spec, const ModSet& mods, const std::string& symbol) {
+  return make_source_with(spec, mods, symbol, nullptr);
+}
+
+std::string make_emulation_source(const KernelSpec& spec, const ModSet& mods, const std::string& symbol) {
+  FLEXJIT_CHECK(is_cuda(spec), "make_emulation_source takes CUDA kernel specs");
+  return make_source_with(spec, mods, symbol, "templates/cuda/emulate.cuh");
+}
+
+namespace {
+std::string make_source_with(const KernelSpec& spec, const ModSet& mods, const std::string& symbol,
+                             const char* prelude_file) {
   std::vector<std::string> files = template_files(spec);
   if (spec.kind == KernelKind::Mods && !is_cuda(spec)) {
     // A precompilable prefix the same for every mod set (the ABI, cpu/common.h and the codegen
@@ -227,6 +243,7 @@ std::string make_source(const KernelSpec& spec, const ModSet& mods, const std::s
     return src;
   }
   std::string src = spec_defines(spec, symbol);
+  if (prelude_file) src += "// ---- " + std::string(prelude_file) + " ----\n" + template_text(prelude_file) + "\n";
   // The generated mod body goes before the last file of a CUDA TU, before mods_local.h (which
   // sizes its copies by the body's counts) and the kernel file of a Mods / ModsGrad TU.
   const size_t body_at = is_cuda(spec) ? files.size() - 1 : is_mods_kind(spec.kind) ? files.size() - 2 : files.size();
@@ -239,5 +256,6 @@ std::string make_source(const KernelSpec& spec, const ModSet& mods, const std::s
   }
   return src;
 }
+}  // namespace
 
 }  // namespace flexjit::jit

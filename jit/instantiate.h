@@ -68,6 +68,9 @@ int cuda_prefill_smem_bytes(const KernelSpec& spec);
 
 // The full translation unit for `spec` and `mods`, defining `symbol`.
 std::string make_source(const KernelSpec& spec, const ModSet& mods, const std::string& symbol);
+// A CUDA kernel's source for running on the CPU (tests/support/cuda_emulator): make_source's text
+// with templates/cuda/emulate.cuh after the spec macros, compiled by the CPU JIT, never by NVRTC.
+std::string make_emulation_source(const KernelSpec& spec, const ModSet& mods, const std::string& symbol);
 
 // Text of an embedded template file, by path relative to the repository ("templates/cpu/...").
 const std::string& template_text(const std::string& path);

@@ -10,6 +10,7 @@ APT_PACKAGES=(
   libgtest-dev libbenchmark-dev                  # tests and benchmarks
   nlohmann-json3-dev libcli11-dev                # JSON reports, the command line
   g++-aarch64-linux-gnu qemu-user-static         # Arm kernels linked and run under emulation (tests)
+  libboost-context-dev                           # fibers for the CPU emulator of the CUDA kernels (tests)
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -59,7 +59,9 @@ static constexpr int kSmemBytes =
 #define FJC_DEV static __device__ __forceinline__
 #define FJC_NEG_INF __int_as_float(0xff800000)
 
-// ---- PTX wrappers ----
+// ---- PTX wrappers (templates/cuda/emulate.cuh has their CPU versions) ----
+#ifndef FLEXJIT_CUDA_EMULATION
+#define FJC_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 FJC_DEV unsigned fjc_smem(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 
 // 16 bytes global -> shared, asynchronously; zero-filled when !valid (src is not read then).
@@ -115,6 +117,7 @@ FJC_DEV fjc_u16 fjc_to_elem(float x) {
 #endif
   return r;
 }
+#endif  // !FLEXJIT_CUDA_EMULATION
 
 // ---- tiles global -> shared ----
 // Rows [0, kRows) of a row-major [*, kWidthReal] matrix (row stride s_row elements, rows
@@ -178,7 +181,7 @@ FJC_DEV fj_i64 fjc_block_at(const struct FjcWalk& w, int i, bool* partial) {
 // ---- the kernel ----
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     FLEXJIT_ENTRY(const __grid_constant__ struct FlexCudaPrefillArgs a) {
-  extern __shared__ __align__(16) unsigned char fjc_smem_raw[];
+  FJC_DYNAMIC_SMEM(fjc_smem_raw);
   fjc_u16* const sQ = (fjc_u16*)fjc_smem_raw;
   fjc_u16* const sK = sQ + BLOCK_M * kQS;
   fjc_u16* const sV = sK + FLEXJIT_KV_STAGES * BLOCK_N * kKS;

@@ -1,0 +1,103 @@
+// Host C++ spellings of what the CUDA templates take from CUDA, for running a kernel's own
+// source on a CPU: tests/support/cuda_emulator (one fiber per CUDA thread) supplies the fjemu_*
+// functions. Prepended to the text NVRTC would compile, which is then compiled for the host by
+// the CPU JIT; NVRTC never sees this file. FLEXJIT_CUDA_EMULATION makes the templates leave out
+// their inline-PTX wrappers, whose emulated versions are here.
+#ifndef FLEXJIT_CUDA_EMULATE_H
+#define FLEXJIT_CUDA_EMULATE_H
+#define FLEXJIT_CUDA_EMULATION 1
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __grid_constant__
+#define __shared__ static  // one CTA runs at a time: a static is its shared variable
+#define __align__(n) __attribute__((aligned(n)))
+
+extern "C" {
+struct fjemu_dim3 {
+  unsigned x, y, z;
+};
+struct fjemu_dim3 fjemu_thread_idx(void);
+struct fjemu_dim3 fjemu_block_idx(void);
+struct fjemu_dim3 fjemu_block_dim(void);
+struct fjemu_dim3 fjemu_grid_dim(void);
+void* fjemu_dynamic_smem(void);
+void fjemu_syncthreads(void);
+unsigned fjemu_shfl_xor(unsigned member_mask, unsigned value, int lane_mask);
+void fjemu_ldmatrix(unsigned* r, const void* row_address, int num, int trans);
+void fjemu_mma_m16n8k16(float* c, const unsigned* a, unsigned b0, unsigned b1, int dtype);
+void fjemu_cp_async(void* dst, const void* src, int src_bytes, int size);
+void fjemu_cp_async_commit(void);
+void fjemu_cp_async_wait(int pending);
+
+float expf(float);
+float exp2f(float);
+float logf(float);
+float log2f(float);
+float tanhf(float);
+float sinf(float);
+float cosf(float);
+float tanf(float);
+float sqrtf(float);
+float fabsf(float);
+float floorf(float);
+float ceilf(float);
+float fmaxf(float, float);
+float fminf(float, float);
+float powf(float, float);
+}
+
+#define threadIdx (fjemu_thread_idx())
+#define blockIdx (fjemu_block_idx())
+#define blockDim (fjemu_block_dim())
+#define gridDim (fjemu_grid_dim())
+#define FJC_DYNAMIC_SMEM(name) unsigned char* const name = (unsigned char*)fjemu_dynamic_smem()
+
+static inline float __int_as_float(int x) { return __builtin_bit_cast(float, x); }
+static inline float __uint_as_float(unsigned x) { return __builtin_bit_cast(float, x); }
+static inline int __float_as_int(float x) { return __builtin_bit_cast(int, x); }
+static inline unsigned __float_as_uint(float x) { return __builtin_bit_cast(unsigned, x); }
+template <class T>
+static inline T __ldg(const T* p) { return *p; }
+static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+static inline void __syncthreads() { fjemu_syncthreads(); }
+static inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+  return __uint_as_float(fjemu_shfl_xor(mask, __float_as_uint(v), lane_mask));
+}
+static inline int __shfl_xor_sync(unsigned mask, int v, int lane_mask) {
+  return (int)fjemu_shfl_xor(mask, (unsigned)v, lane_mask);
+}
+static inline float fjemu_f16_to_f32(unsigned short x) { return (float)__builtin_bit_cast(_Float16, x); }
+
+// ---- the templates' PTX wrappers ----
+static inline void fjc_cp_async16(void* dst, const void* src, bool valid) {
+  fjemu_cp_async(dst, src, valid ? 16 : 0, 16);
+}
+static inline void fjc_cp_async_commit() { fjemu_cp_async_commit(); }
+template <int kPending>
+static inline void fjc_cp_async_wait() { fjemu_cp_async_wait(kPending); }
+static inline void fjc_ldmatrix_x4(unsigned (&r)[4], const unsigned short* p) { fjemu_ldmatrix(r, p, 4, 0); }
+static inline void fjc_ldmatrix_x4_trans(unsigned (&r)[4], const unsigned short* p) { fjemu_ldmatrix(r, p, 4, 1); }
+static inline void fjc_mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  fjemu_mma_m16n8k16(c, a, b0, b1, FLEXJIT_DTYPE);
+}
+// cvt.rn.{bf16,f16}: round to nearest even (NaN stays NaN).
+static inline unsigned short fjemu_round(float x) {
+#if FLEXJIT_DTYPE == 1
+  unsigned u = __builtin_bit_cast(unsigned, x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (unsigned short)(u >> 16);
+#else
+  return __builtin_bit_cast(unsigned short, (_Float16)x);
+#endif
+}
+static inline unsigned fjc_pack2(float lo, float hi) {
+  return (unsigned)fjemu_round(lo) | ((unsigned)fjemu_round(hi) << 16);
+}
+static inline unsigned short fjc_to_elem(float x) { return fjemu_round(x); }
+
+#endif  // FLEXJIT_CUDA_EMULATE_H
