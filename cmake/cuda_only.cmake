@@ -9,7 +9,7 @@ message(STATUS "flexjit: CUDA-only core (FLEXJIT_CPU_BACKEND=OFF): no LLVM, TBB 
 
 add_library(flexjit_cuda_core STATIC
             jit/codegen.cpp jit/instantiate.cpp jit/cache.cpp jit/sha256.cpp jit/pipeline_cuda.cpp
-            runtime/bound_mods.cpp runtime/cuda_driver.cpp runtime/cuda_prefill.cpp runtime/reference.cpp
+            runtime/bound_mods.cpp runtime/cuda_driver.cpp runtime/cuda_prefill.cpp runtime/cuda_decode.cpp runtime/reference.cpp
             score_mods/registry.cpp score_mods/builtin.cpp ${FLEXJIT_EMBED_CPP})
 target_link_libraries(flexjit_cuda_core PUBLIC flexjit_nvrtc Threads::Threads PRIVATE ${CMAKE_DL_LIBS})
 target_compile_definitions(flexjit_cuda_core PRIVATE FLEXJIT_NO_CPU_BACKEND=1

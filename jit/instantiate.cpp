@@ -1,5 +1,6 @@
 #include "jit/instantiate.h"
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -55,6 +56,9 @@ std::string spec_defines(const KernelSpec& s, const std::string& symbol) {
        << "#define BLOCK_N " << s.block_n << "\n"
        << "#define GQA_GROUP " << s.gqa_group << "\n";
     if (is_cuda(s)) os << "#define FLEXJIT_KV_STAGES " << s.kv_stages << "\n";
+    if (is_cuda(s) && s.kind == KernelKind::Decode)
+      os << "#define FLEXJIT_DECODE_WARPS " << s.warps << "\n"
+         << "#define FLEXJIT_ENTRY_MERGE " << cuda_merge_symbol(symbol) << "\n";
     if (s.kind == KernelKind::Backward)
       os << "#define FLEXJIT_BWD_DPBF16 " << (s.engine == PrefillEngine::Dpbf16 ? 1 : 0) << "\n";
   }
@@ -69,7 +73,9 @@ std::string spec_defines(const KernelSpec& s, const std::string& symbol) {
 // A CPU Prefill TU is the shared item
 // code, one engine (the tile scratch and the matmuls) and the driver.
 std::vector<std::string> template_files(const KernelSpec& s) {
-  if (is_cuda(s)) return {"templates/mod_abi.h", "templates/cuda/abi.cuh", "templates/cuda/flash_prefill.cuh"};
+  if (is_cuda(s))
+    return {"templates/mod_abi.h", "templates/cuda/abi.cuh", "templates/cuda/common.cuh",
+            s.kind == KernelKind::Decode ? "templates/cuda/flash_decode.cuh" : "templates/cuda/flash_prefill.cuh"};
   if (s.kind == KernelKind::Mods)
     return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/split.h", "templates/cpu/mods_local.h",
             "templates/cpu/mods.h"};
@@ -96,6 +102,16 @@ int cuda_prefill_smem_bytes(const KernelSpec& s) {
   return 2 * (s.block_m * qs + s.kv_stages * s.block_n * (ks + vs));
 }
 
+int cuda_decode_smem_bytes(const KernelSpec& s) {
+  auto up16 = [](int x) { return (x + 15) / 16 * 16; };
+  const int qs = up16(s.head_dim) + 8, ks = up16(s.head_dim) + 8, vs = up16(s.head_dim_v) + 8;
+  const int kv = 2 * s.warps * s.kv_stages * s.block_n * (ks + vs);
+  const int merge = 4 * s.warps * s.block_m * (up16(s.head_dim_v) + 2);
+  return 2 * s.block_m * qs + std::max(kv, merge);
+}
+
+std::string cuda_merge_symbol(const std::string& symbol) { return symbol + "_merge"; }
+
 std::string KernelSpec::str() const {
   std::ostringstream os;
   if (backend == Backend::Cuda) os << "cuda ";
@@ -106,6 +122,7 @@ std::string KernelSpec::str() const {
        << " ENGINE="
        << (backend == Backend::Cuda ? "mma" : kind == KernelKind::Decode ? "dot" : engine_name(engine));
   if (backend == Backend::Cuda) os << " ARCH=" << arch << " KV_STAGES=" << kv_stages;
+  if (backend == Backend::Cuda && kind == KernelKind::Decode) os << " WARPS=" << warps;
   return os.str();
 }
 
@@ -149,7 +166,7 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
          is_cuda(spec)))
       throw Error("the backward kernel runs on CPU with the FMA engine, or vdpbf16ps for bf16; got " + spec.str());
     const bool fma = spec.engine == PrefillEngine::Fma;
-    if (spec.kind == KernelKind::Decode && (!fma || spec.block_n % 16 != 0 || spec.block_m < 1))
+    if (spec.kind == KernelKind::Decode && !is_cuda(spec) && (!fma || spec.block_n % 16 != 0 || spec.block_m < 1))
       throw Error("the decode kernel needs BLOCK_N a multiple of 16, BLOCK_M >= 1 and the default engine, got " +
                   spec.str());
     if (spec.engine == PrefillEngine::Amx && (spec.dtype != DType::BF16 || spec.block_n % 32 != 0))
@@ -161,17 +178,23 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
                   " are not supported on CPU; D and Dv must be in 1..256");
   }
   if (is_cuda(spec)) {
-    if (spec.kind != KernelKind::Prefill)
-      throw Error("CUDA kernels exist for prefill only so far (decode on CUDA is a later step); got " + spec.str());
+    if (spec.kind != KernelKind::Prefill && spec.kind != KernelKind::Decode)
+      throw Error("CUDA kernels exist for prefill and decode; got " + spec.str());
     if (spec.dtype != DType::BF16 && spec.dtype != DType::F16)
-      throw Error(std::string("the CUDA prefill kernel takes bf16 or fp16 inputs (fp32 accumulation), got ") +
+      throw Error(std::string("the CUDA kernels take bf16 or fp16 inputs (fp32 accumulation), got ") +
                   dtype_name(spec.dtype) + "; convert q, k and v first");
     if (spec.head_dim % 8 != 0 || spec.head_dim_v % 8 != 0)
-      throw Error("the CUDA prefill kernel needs D and Dv multiples of 8 (16-byte rows), got D=" +
+      throw Error("the CUDA kernels need D and Dv multiples of 8 (16-byte rows), got D=" +
                   std::to_string(spec.head_dim) + ", Dv=" + std::to_string(spec.head_dim_v));
-    if (spec.block_m % 16 != 0 || spec.block_m < 16 || spec.block_m > 128 || spec.block_n % 16 != 0 ||
+    if (spec.kind == KernelKind::Decode &&
+        (spec.block_m != 16 || spec.block_n % 16 != 0 || spec.block_n < 16 || spec.block_n > 128 ||
+         spec.warps < 1 || spec.warps > 8 || (spec.kv_stages != 1 && spec.kv_stages != 2) ||
+         spec.engine != PrefillEngine::Fma))
+      throw Error("CUDA decode: BLOCK_M 16, BLOCK_N a multiple of 16 in 16..128, 1..8 warps, KV stages 1 or 2, "
+                  "the default engine; got " + spec.str());
+    if (spec.kind == KernelKind::Prefill && (spec.block_m % 16 != 0 || spec.block_m < 16 || spec.block_m > 128 || spec.block_n % 16 != 0 ||
         spec.block_n < 16 || spec.block_n > 256 || (spec.kv_stages != 1 && spec.kv_stages != 2) ||
-        spec.engine != PrefillEngine::Fma)
+        spec.engine != PrefillEngine::Fma))
       throw Error("CUDA prefill blocks: BLOCK_M a multiple of 16 in 16..128, BLOCK_N a multiple of 16 in "
                   "16..256, KV stages 1 or 2, the default engine; got " + spec.str());
     if (spec.arch.empty()) throw Error("a CUDA kernel spec needs an arch (sm_80, sm_90, ...)");
@@ -204,6 +227,7 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
         << (spec.head_dim_v != spec.head_dim ? "_dv" + std::to_string(spec.head_dim_v) : "") << "_m"
         << spec.block_m << "_n" << spec.block_n << "_g" << spec.gqa_group
         << (spec.engine != PrefillEngine::Fma ? std::string("_") + engine_name(spec.engine) : "")
+        << (is_cuda(spec) && spec.kind == KernelKind::Decode ? "_w" + std::to_string(spec.warps) : "")
         << (is_cuda(spec) ? "_" + spec.arch : "");
   sym << "_" << inst.key.substr(0, 8);
   inst.symbol = sym.str();

@@ -41,6 +41,7 @@ struct KernelSpec {
   Backend backend = Backend::Cpu;
   std::string arch;   // Cuda: "sm_80", "sm_90", ... (what NVRTC compiles for)
   int kv_stages = 2;  // Cuda: K/V shared-memory stages (FLEXJIT_KV_STAGES: 1 or 2)
+  int warps = 4;      // Cuda Decode: warps per CTA, taking the partition's KV blocks in turn
   // "prefill fp32 HEAD_DIM=64 HEAD_DIM_V=64 BLOCK_M=32 BLOCK_N=64 GQA_GROUP=1 ENGINE=fma"
   std::string str() const;
 };
@@ -65,6 +66,10 @@ std::vector<std::string> template_files(const KernelSpec& spec);
 
 // Dynamic shared memory a CUDA prefill kernel needs per CTA, in bytes (its kSmemBytes).
 int cuda_prefill_smem_bytes(const KernelSpec& spec);
+// The same for the CUDA decode kernel (templates/cuda/flash_decode.cuh).
+int cuda_decode_smem_bytes(const KernelSpec& spec);
+// The CUDA decode kernel's second entry (the partitions' merge) for its symbol.
+std::string cuda_merge_symbol(const std::string& symbol);
 
 // The full translation unit for `spec` and `mods`, defining `symbol`.
 std::string make_source(const KernelSpec& spec, const ModSet& mods, const std::string& symbol);

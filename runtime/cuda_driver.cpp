@@ -155,24 +155,33 @@ void* cuda_load_function(const std::string& key, const std::string& cubin, const
                          const std::string& symbol, int smem_bytes) {
   const Driver& d = need();
   static std::mutex mu;
+  // One module per (binary, context); a binary may hold several entries (decode: the partition
+  // kernel and its merge), each looked up once.
+  static std::map<std::pair<std::string, CUcontext>, CUmodule> modules;
   static std::map<std::pair<std::string, CUcontext>, CUfunction> loaded;
   CUcontext ctx = nullptr;
   check(d.ctx_get_current(&ctx), "cuCtxGetCurrent");
   if (!ctx) throw Error("flexjit: no current CUDA context on this thread (torch makes one; else call cuda_use_primary_context)");
   std::lock_guard<std::mutex> lock(mu);
-  auto it = loaded.find({key, ctx});
+  auto it = loaded.find({key + "/" + symbol, ctx});
   if (it != loaded.end()) return it->second;
   CUmodule mod = nullptr;
-  CUresult rc = d.module_load_data(&mod, cubin.c_str());
-  if (rc != 0) {  // e.g. a GPU newer than the CUBIN's arch: the driver JIT-compiles the PTX
-    const std::string ptx0 = ptx;  // NUL-terminated copy
-    check(d.module_load_data(&mod, ptx0.c_str()), ("cuModuleLoadData (CUBIN and PTX of " + symbol + ")").c_str());
+  auto mit = modules.find({key, ctx});
+  if (mit != modules.end()) {
+    mod = mit->second;
+  } else {
+    CUresult rc = d.module_load_data(&mod, cubin.c_str());
+    if (rc != 0) {  // e.g. a GPU newer than the CUBIN's arch: the driver JIT-compiles the PTX
+      const std::string ptx0 = ptx;  // NUL-terminated copy
+      check(d.module_load_data(&mod, ptx0.c_str()), ("cuModuleLoadData (CUBIN and PTX of " + symbol + ")").c_str());
+    }
+    modules.emplace(std::make_pair(key, ctx), mod);
   }
   CUfunction fn = nullptr;
   check(d.module_get_function(&fn, mod, symbol.c_str()), ("cuModuleGetFunction(" + symbol + ")").c_str());
   check(d.func_set_attribute(fn, 8 /* MAX_DYNAMIC_SHARED_SIZE_BYTES */, smem_bytes),
         "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)");
-  loaded.emplace(std::make_pair(key, ctx), fn);
+  loaded.emplace(std::make_pair(key + "/" + symbol, ctx), fn);
   return fn;
 }
 

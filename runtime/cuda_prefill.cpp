@@ -14,22 +14,23 @@ namespace {
 
 std::string dims(const TensorView& t) { return t.shape_str(); }
 
-// Last dim contiguous, every row 16-byte aligned: what the kernel's cp.async tiles need.
-void check_rows(const TensorView& t, const char* name) {
-  if (t.rank != 4) throw Error(std::string("CUDA flex_attention: ") + name + " must be 4-D, got " + dims(t));
+void check_rows(const TensorView& t, const char* name) { check_cuda_rows(t, "CUDA flex_attention", name); }
+
+}  // namespace
+
+void check_cuda_rows(const TensorView& t, const std::string& who, const std::string& name) {
+  if (t.rank != 4) throw Error(who + ": " + name + " must be 4-D, got " + t.shape_str());
   if (t.sizes[3] > 1 && t.strides[3] != 1)
-    throw Error(std::string("CUDA flex_attention: ") + name + "'s last dim must be contiguous (stride 1), got stride " +
+    throw Error(who + ": " + name + "'s last dim must be contiguous (stride 1), got stride " +
                 std::to_string(t.strides[3]) + "; pass " + name + ".contiguous()");
   const auto addr = reinterpret_cast<std::uintptr_t>(t.data);
   bool aligned = addr % 16 == 0;
   for (int d = 0; d < 3; ++d) aligned = aligned && (t.sizes[d] <= 1 || t.strides[d] % 8 == 0);
   if (!aligned)
-    throw Error(std::string("CUDA flex_attention: ") + name +
+    throw Error(who + ": " + name +
                 "'s rows must start 16-byte aligned (data pointer and outer strides multiples of 8 elements); "
                 "pass " + name + ".contiguous() (and a head dim that is a multiple of 8)");
 }
-
-}  // namespace
 
 std::string CudaPrefillPlan::describe() const {
   std::ostringstream os;

@@ -30,6 +30,10 @@ struct CudaPrefillPlan {
   std::string describe() const;  // "cuda prefill bf16 D=128 ... grid 64x32x1, 128 threads, 88 KiB smem"
 };
 
+// Throws flexjit::Error("<who>: ...") unless t is 4-D with its last dim contiguous and every row
+// 16-byte aligned (what the CUDA kernels' cp.async tiles need), saying how to fix it.
+void check_cuda_rows(const TensorView& t, const std::string& who, const std::string& name);
+
 // q [B, Hq, Lq, D], k [Bkv, Hkv, Lkv, D], v [Bkv, Hkv, Lkv, Dv], out [B, Hq, Lq, Dv] on the GPU,
 // bf16 or fp16, last dim contiguous, rows 16-byte aligned; lse [B, Hq, Lq] fp32 or null.
 // `mask`: a BlockMask already on the device (its int32 arrays), or null for none. `error_flag`: a

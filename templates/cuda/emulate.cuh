@@ -26,6 +26,7 @@ struct fjemu_dim3 fjemu_block_dim(void);
 struct fjemu_dim3 fjemu_grid_dim(void);
 void* fjemu_dynamic_smem(void);
 void fjemu_syncthreads(void);
+void fjemu_syncwarp(unsigned member_mask);
 unsigned fjemu_shfl_xor(unsigned member_mask, unsigned value, int lane_mask);
 void fjemu_ldmatrix(unsigned* r, const void* row_address, int num, int trans);
 void fjemu_mma_m16n8k16(float* c, const unsigned* a, unsigned b0, unsigned b1, int dtype);
@@ -64,11 +65,17 @@ template <class T>
 static inline T __ldg(const T* p) { return *p; }
 static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 static inline void __syncthreads() { fjemu_syncthreads(); }
+static inline void __syncwarp(unsigned mask = 0xffffffffu) { fjemu_syncwarp(mask); }
 static inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
   return __uint_as_float(fjemu_shfl_xor(mask, __float_as_uint(v), lane_mask));
 }
 static inline int __shfl_xor_sync(unsigned mask, int v, int lane_mask) {
   return (int)fjemu_shfl_xor(mask, (unsigned)v, lane_mask);
+}
+static inline int atomicOr(int* p, int v) {  // one CTA at a time: no other thread is running
+  const int old = *p;
+  *p = old | v;
+  return old;
 }
 static inline float fjemu_f16_to_f32(unsigned short x) { return (float)__builtin_bit_cast(_Float16, x); }
 

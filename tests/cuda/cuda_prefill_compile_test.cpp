@@ -43,7 +43,8 @@ ModSet mod_set_of(const std::string& name) {
 
 struct Built {
   CudaCompileResult r;
-  PtxasUsage usage;
+  PtxasUsage usage;        // the main entry's
+  PtxasUsage merge_usage;  // decode: the merge entry's
 };
 
 Built build(const KernelSpec& spec, const ModSet& mods) {
@@ -52,9 +53,14 @@ Built build(const KernelSpec& spec, const ModSet& mods) {
   Built b;
   b.r = compile_cuda(src, inst.symbol + ".cu", spec.arch, true, /*ptxas_verbose=*/true);
   std::vector<PtxasUsage> u = parse_ptxas_usage(b.r.log);
-  EXPECT_EQ(u.size(), 1u) << b.r.log;
-  if (!u.empty()) b.usage = u[0];
+  const bool decode = spec.kind == KernelKind::Decode;
+  EXPECT_EQ(u.size(), decode ? 2u : 1u) << b.r.log;
+  for (const PtxasUsage& e : u) (e.kernel == inst.symbol ? b.usage : b.merge_usage) = e;
   EXPECT_EQ(b.usage.kernel, inst.symbol);
+  if (decode) {
+    EXPECT_EQ(b.merge_usage.kernel, cuda_merge_symbol(inst.symbol));
+    EXPECT_NE(b.r.ptx.find(".entry " + cuda_merge_symbol(inst.symbol)), std::string::npos);
+  }
   EXPECT_NE(b.r.ptx.find(".entry " + inst.symbol), std::string::npos);
   EXPECT_NE(b.r.ptx.find("mma.sync.aligned.m16n8k16"), std::string::npos);
   EXPECT_NE(b.r.ptx.find("ldmatrix.sync.aligned"), std::string::npos);
@@ -108,6 +114,47 @@ TEST(CudaPrefillCompile, OddHeadDimsGqaAndBufferModsCompile) {
   build(one, mods);
 }
 
+KernelSpec decode_spec(DType dtype, int d, int dv, const std::string& arch, int group) {
+  KernelSpec s = cuda_spec(dtype, d, dv, arch, group);
+  s.kind = KernelKind::Decode;
+  s.block_m = 16;
+  s.block_n = 32;
+  s.warps = 4;
+  return s;
+}
+
+// The decode kernels (partitions + merge, templates/cuda/flash_decode.cuh) as runtime/cuda_decode
+// plans them for an H100 / A100: no local memory in the default configurations.
+TEST(CudaDecodeCompile, DefaultConfigurationsCompileWithoutLocalMemory) {
+  SKIP_WITHOUT_NVRTC();
+  const ModSet causal = mod_set_of("causal");
+  for (const std::string& arch : {std::string("sm_80"), std::string("sm_90")})
+    for (DType dt : {DType::BF16, DType::F16})
+      for (int d : {64, 128}) {
+        SCOPED_TRACE(arch + " " + dtype_name(dt) + " D" + std::to_string(d));
+        Built b = build(decode_spec(dt, d, d, arch, 4), causal);
+        EXPECT_EQ(b.usage.spill_bytes, 0) << b.r.log;
+        EXPECT_EQ(b.usage.stack_frame, 0) << b.r.log;
+        EXPECT_EQ(b.merge_usage.spill_bytes, 0) << b.r.log;
+      }
+}
+
+TEST(CudaDecodeCompile, EveryBuiltinModAndOddShapesCompile) {
+  SKIP_WITHOUT_NVRTC();
+  for (const std::string& name : builtin_mod_names()) {
+    SCOPED_TRACE(name);
+    Built b = build(decode_spec(DType::BF16, 128, 128, "sm_90", 8), mod_set_of(name));
+    EXPECT_EQ(b.usage.spill_bytes, 0) << name << "\n" << b.r.log;
+  }
+  KernelSpec odd = decode_spec(DType::F16, 80, 64, "sm_80", 3);
+  odd.kv_stages = 1;
+  odd.warps = 2;
+  build(odd, mod_set_of("alibi"));
+  KernelSpec big = decode_spec(DType::BF16, 256, 256, "sm_90", 1);
+  big.kv_stages = 1;
+  build(big, mod_set_of("softcap"));
+}
+
 TEST(CudaPrefillCompile, KeysAndSpecChecks) {
   SKIP_WITHOUT_NVRTC();
   const ModSet causal = mod_set_of("causal");
@@ -146,8 +193,14 @@ TEST(CudaPrefillCompile, KeysAndSpecChecks) {
   bad.arch = "";
   rejects(bad, "arch");
   bad = s;
-  bad.kind = KernelKind::Decode;
-  rejects(bad, "prefill only");
+  bad.kind = KernelKind::Backward;
+  rejects(bad, "backward kernel runs on CPU");
+  bad = s;
+  bad.kind = KernelKind::Decode;  // BLOCK_M 64: the decode row tile is 16
+  rejects(bad, "CUDA decode: BLOCK_M 16");
+  bad.block_m = 16;
+  bad.warps = 9;
+  rejects(bad, "1..8 warps");
 }
 
 }  // namespace

@@ -20,13 +20,14 @@ namespace {
 constexpr size_t kStackBytes = 256 * 1024;  // per CUDA thread; a guard page below
 constexpr size_t kGuardBytes = 4096;
 
-enum class Op { None, Ldmatrix, Mma, Shfl, Sync };
+enum class Op { None, Ldmatrix, Mma, Shfl, SyncWarp, Sync };
 const char* op_name(Op op) {
   switch (op) {
     case Op::None: return "nothing";
     case Op::Ldmatrix: return "ldmatrix";
     case Op::Mma: return "mma.sync";
     case Op::Shfl: return "shfl.sync";
+    case Op::SyncWarp: return "__syncwarp";
     case Op::Sync: return "__syncthreads";
   }
   return "?";
@@ -311,6 +312,12 @@ void fjemu_syncthreads() {
   s.sync_arrived = 0;
   for (Lane& l : s.lanes) l.waiting = Op::None;
   ++s.stats.collectives;
+}
+
+void fjemu_syncwarp(unsigned member_mask) {
+  if (member_mask != 0xffffffffu) fail("__syncwarp: the emulator supports the full member mask only");
+  WarpOp& w = join(Op::SyncWarp);
+  arrive(w, [] {});
 }
 
 unsigned fjemu_shfl_xor(unsigned member_mask, unsigned value, int lane_mask) {

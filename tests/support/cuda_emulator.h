@@ -5,9 +5,9 @@
 // (cp.async, ldmatrix, mma.sync, shfl, cvt) become calls into this emulator. Every CUDA thread
 // runs as a fiber (Boost.Context); the threads of a CTA interleave until each reaches a
 // collective operation, which completes when every participant has arrived:
-//   - warp-wide (ldmatrix, mma.sync, shfl.sync): the 32 lanes must arrive at the same kind of
-//     operation; the result is computed from their registers with the fragment layouts of the
-//     PTX ISA (mma.m16n8k16 .row.col, ldmatrix .m8n8 .x1/.x2/.x4 [.trans]);
+//   - warp-wide (ldmatrix, mma.sync, shfl.sync, __syncwarp): the 32 lanes must arrive at the
+//     same kind of operation; the result is computed from their registers with the fragment
+//     layouts of the PTX ISA (mma.m16n8k16 .row.col, ldmatrix .m8n8 .x1/.x2/.x4 [.trans]);
 //   - CTA-wide (__syncthreads): every thread of the block.
 // A lane that reaches a different operation than its warp, threads that exit while others wait
 // at a barrier, or a CTA in which nobody can proceed are errors, not hangs.

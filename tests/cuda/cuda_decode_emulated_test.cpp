@@ -1,0 +1,374 @@
+// LABELS: numerics emulated
+// The CUDA flash-decoding kernels (templates/cuda/flash_decode.cuh: partitions, then the merge)
+// run on the CPU under the CUDA emulator (tests/support/cuda_emulator.h) against the float64
+// reference, through the real planning (runtime/cuda_decode): KV lengths 1, P-1, P, P+1, 4097
+// and 65536 around a partition size P, GQA groups 1, 3, 4 and 8, up to 16 query rows (several
+// row tiles), contiguous and paged caches (shuffled page tables, an empty sequence, pages of 16
+// and 64), every built-in mod, block masks, fully masked rows, bf16 and fp16, Dv != D, one K/V
+// stage and fewer warps where shared memory is short, and bad page indices flagged, not read.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "jit/compile.h"
+#include "jit/instantiate.h"
+#include "runtime/block_mask.h"
+#include "runtime/cuda_decode.h"
+#include "runtime/reference.h"
+#include "score_mods/registry.h"
+#include "tests/support/cuda_emulator.h"
+#include "tests/support/numerics.h"
+
+namespace flexjit {
+namespace {
+
+namespace emu = testing::cuda_emulator;
+using EntryFn = void (*)(FlexCudaDecodeArgs);
+
+struct Kernels {
+  EntryFn partitions = nullptr, merge = nullptr;
+};
+
+// Both entries of the kernel's source compiled for the CPU, once per process per cache key.
+Kernels emulated_kernels(const jit::KernelSpec& spec, const ModSet& mods) {
+  static std::map<std::string, Kernels> cache;
+  const jit::Instantiation inst = jit::plan(spec, mods);
+  auto it = cache.find(inst.key);
+  if (it != cache.end()) return it->second;
+  const std::string src = jit::make_emulation_source(spec, mods, inst.symbol);
+  const jit::CompileResult r = jit::compile_cpp_to_object(src, inst.symbol + ".emulated.cpp");
+  Kernels k;
+  k.partitions = reinterpret_cast<EntryFn>(jit::load_object(r.object, inst.symbol));
+  k.merge = reinterpret_cast<EntryFn>(jit::load_object(r.object, jit::cuda_merge_symbol(inst.symbol)));
+  cache.emplace(inst.key, k);
+  return k;
+}
+
+struct Case {
+  DType dtype = DType::BF16;
+  int D = 128, Dv = 128;
+  int B = 1, Hq = 2, Hkv = 2;
+  int64_t Lq = 1, Lkv = 64;        // contiguous KV length
+  std::vector<int64_t> seq_lens;   // non-empty: a paged cache with these lengths
+  int64_t page_size = 16;
+  std::string score_mod, mask_mod;
+  int64_t mask_block = 0;          // BlockMask KV block (0: none)
+  int64_t partition = 256;         // PARTITION_SIZE (0: the cost model)
+  int block_n = 0;
+  int smem_optin = 0;
+  double scale = 0;
+  bool bad_page = false;           // one block-table entry out of range: flagged, zero-filled
+};
+
+std::string name_of(const Case& c) {
+  std::string n = std::string(dtype_name(c.dtype)) + "_D" + std::to_string(c.D);
+  if (c.Dv != c.D) n += "_Dv" + std::to_string(c.Dv);
+  n += "_B" + std::to_string(c.B) + "_H" + std::to_string(c.Hq) + "x" + std::to_string(c.Hkv) + "_Lq" +
+       std::to_string(c.Lq);
+  if (c.seq_lens.empty()) {
+    n += "_Lkv" + std::to_string(c.Lkv);
+  } else {
+    n += "_paged" + std::to_string(c.page_size);
+    for (int64_t l : c.seq_lens) n += "_" + std::to_string(l);
+  }
+  auto clean = [](std::string s) {
+    std::string o;
+    for (char ch : s) o += std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';
+    return o.substr(0, 24);
+  };
+  if (!c.score_mod.empty()) n += "_s_" + clean(c.score_mod);
+  if (!c.mask_mod.empty()) n += "_m_" + clean(c.mask_mod);
+  if (c.mask_block) n += "_mb" + std::to_string(c.mask_block);
+  n += c.partition ? "_P" + std::to_string(c.partition) : "_Pcost";
+  if (c.block_n) n += "_bn" + std::to_string(c.block_n);
+  if (c.smem_optin) n += "_smem" + std::to_string(c.smem_optin / 1024) + "k";
+  if (c.scale) n += "_scale";
+  if (c.bad_page) n += "_badpage";
+  return n;
+}
+void PrintTo(const Case& c, std::ostream* os) { *os << name_of(c); }
+
+emu::Range range_of(const OwnedTensor& t) { return {t.bytes->data(), t.bytes->size()}; }
+
+void run_case(const Case& c) {
+  SCOPED_TRACE(name_of(c));
+  const bool paged = !c.seq_lens.empty();
+  const int64_t max_len = paged ? *std::max_element(c.seq_lens.begin(), c.seq_lens.end()) : c.Lkv;
+  OwnedTensor q = testing::make_tensor(c.dtype, c.B, c.Hq, c.Lq, c.D, false, 11);
+  OwnedTensor k, v, block_table, seq_lens;
+  if (paged) {
+    // Pages in a shuffled order, plus spare pages nobody owns.
+    int64_t pages_needed = 0, max_pages = 1;
+    for (int64_t l : c.seq_lens) {
+      pages_needed += (l + c.page_size - 1) / c.page_size;
+      max_pages = std::max(max_pages, (l + c.page_size - 1) / c.page_size);
+    }
+    const int64_t num_pages = pages_needed + 3;
+    k = testing::make_tensor(c.dtype, num_pages, c.page_size, c.Hkv, c.D, false, 22);
+    v = testing::make_tensor(c.dtype, num_pages, c.page_size, c.Hkv, c.Dv, false, 33);
+    std::vector<int> order(num_pages);
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), std::mt19937(7));
+    block_table = OwnedTensor::make("block_table", DType::I32, {c.B, max_pages + 1});
+    seq_lens = OwnedTensor::make("seq_lens", DType::I32, {c.B});
+    int next = 0;
+    for (int b = 0; b < c.B; ++b) {
+      seq_lens.data<int>()[b] = static_cast<int>(c.seq_lens[b]);
+      for (int64_t j = 0; j <= max_pages; ++j)  // columns past a sequence's pages: garbage
+        block_table.data<int>()[b * (max_pages + 1) + j] =
+            j < (c.seq_lens[b] + c.page_size - 1) / c.page_size ? order[next++] : 1000000 + int(j);
+    }
+    if (c.bad_page) block_table.data<int>()[0] = static_cast<int>(num_pages) + 5;
+  } else {
+    k = testing::make_tensor(c.dtype, c.B, c.Hkv, c.Lkv, c.D, false, 22);
+    v = testing::make_tensor(c.dtype, c.B, c.Hkv, c.Lkv, c.Dv, false, 33);
+  }
+  OwnedTensor out = OwnedTensor::make("out", c.dtype, {c.B, c.Hq, c.Lq, c.Dv});
+  OwnedTensor lse = OwnedTensor::make("lse", DType::F32, {c.B, c.Hq, c.Lq});
+  std::memset(out.bytes->data(), 0x7f, out.bytes->size());
+  std::memset(lse.bytes->data(), 0x7f, lse.bytes->size());
+
+  ShapeInfo shape{c.B, c.Hq, c.Hkv, paged ? max_len : c.Lq, max_len};
+  std::vector<OwnedTensor> storage;
+  TracedMod sm, mm;
+  if (!c.score_mod.empty()) sm = testing::resolve_mod(c.score_mod, ModKind::Score, shape, &storage);
+  if (!c.mask_mod.empty()) mm = testing::resolve_mod(c.mask_mod, ModKind::Mask, shape, &storage);
+  auto [mods, bind] = combine(c.score_mod.empty() ? nullptr : &sm, c.mask_mod.empty() ? nullptr : &mm);
+
+  runtime::BlockMask mask;
+  FlexBlockMaskArgs mask_args{};
+  const FlexBlockMaskArgs* mp = nullptr;
+  if (c.mask_block && mods.has_mask_mod()) {
+    mask = paged ? runtime::create_paged_block_mask(mods, bind, c.B, c.Hq, c.Lq, c.seq_lens, c.mask_block)
+                 : runtime::create_block_mask(mods, bind, c.B, c.Hq, c.Lq, c.Lkv, 128, c.mask_block);
+    mask_args = runtime::kernel_args(mask);
+    mp = &mask_args;
+  }
+  AttentionOptions opt;
+  opt.enable_gqa = c.Hq != c.Hkv;
+  opt.partition_size = c.partition;
+  opt.block_n = c.block_n;
+  if (c.scale) opt.scale = c.scale;
+  CudaDeviceInfo dev;
+  if (c.smem_optin) dev.max_smem_optin = c.smem_optin;
+  CudaDecodeKv kv;
+  kv.k = &k.view;
+  kv.v = &v.view;
+  if (paged) {
+    kv.block_table = &block_table.view;
+    kv.seq_lens = &seq_lens.view;
+    kv.max_seq_len = max_len;
+  }
+  int error_flag = 0;
+  CudaDecodePlan plan = plan_cuda_decode(q.view, kv, out.view, &lse.view, mods, bind, mp, opt, dev, &error_flag);
+  std::vector<float> workspace((plan.workspace_bytes + 3) / 4 + 4);
+  set_cuda_decode_workspace(plan, plan.workspace_bytes ? workspace.data() : nullptr);
+
+  const auto t0 = std::chrono::steady_clock::now();
+  const Kernels kern = emulated_kernels(plan.spec, mods);
+  const auto t1 = std::chrono::steady_clock::now();
+  emu::Launch launch;
+  for (int i = 0; i < 3; ++i) launch.grid[i] = plan.grid[i];
+  launch.block_threads = plan.block_threads;
+  launch.smem_bytes = plan.smem_bytes;
+  launch.readable = {range_of(q), range_of(k), range_of(v)};
+  emu::Stats stats;
+  std::string err = emu::run(launch, [&] { kern.partitions(plan.args); }, &stats);
+  ASSERT_EQ(err, "") << "the emulated partition kernel failed";
+  if (plan.num_partitions > 1) {
+    emu::Launch merge;
+    for (int i = 0; i < 3; ++i) merge.grid[i] = plan.merge_grid[i];
+    merge.block_threads = plan.merge_threads;
+    merge.smem_bytes = 0;
+    err = emu::run(merge, [&] { kern.merge(plan.args); });
+    ASSERT_EQ(err, "") << "the emulated merge failed";
+  }
+  const auto t2 = std::chrono::steady_clock::now();
+  std::printf("  %s: compile %.0f ms, emulated %llu CTAs in %.0f ms\n", plan.describe().c_str(),
+              std::chrono::duration<double, std::milli>(t1 - t0).count(), (unsigned long long)stats.ctas,
+              std::chrono::duration<double, std::milli>(t2 - t1).count());
+  if (c.bad_page) {
+    EXPECT_EQ(error_flag, 2) << "a page index out of range raises bit 2";
+    return;  // the output of the affected rows is undefined (zero-filled keys), nothing crashed
+  }
+  EXPECT_EQ(error_flag, 0);
+
+  const double scale = c.scale ? c.scale : 1.0 / std::sqrt(double(c.D));
+  RefResult gold, base;
+  if (paged) {
+    gold = reference_paged_attention(q.view, k.view, v.view, block_table.view, seq_lens.view, mods, bind, scale);
+    base = reference_paged_attention(q.view, k.view, v.view, block_table.view, seq_lens.view, mods, bind, scale, true);
+  } else {
+    gold = reference_attention(q.view, k.view, v.view, mods, bind, scale);
+    base = reference_attention(q.view, k.view, v.view, mods, bind, scale, true);
+  }
+  testing::expect_matches_reference(out.view, &lse.view, gold, base, c.dtype);
+}
+
+class CudaDecodeEmulated : public ::testing::TestWithParam<Case> {};
+TEST_P(CudaDecodeEmulated, MatchesFloat64Reference) { run_case(GetParam()); }
+
+// KV 1, P-1, P, P+1 and 4097 around P = 256; GQA groups 1, 3, 4, 8 (two KV heads).
+std::vector<Case> length_cases() {
+  std::vector<Case> out;
+  for (int g : {1, 3, 4, 8})
+    for (int64_t L : {1, 255, 256, 257, 4097}) {
+      Case c;
+      c.Hkv = 2;
+      c.Hq = 2 * g;
+      c.Lkv = L;
+      out.push_back(c);
+    }
+  Case big;  // 65536 keys, the cost model's split (an H100's 132 SMs)
+  big.Hq = 8;
+  big.Hkv = 2;
+  big.D = big.Dv = 64;
+  big.Lkv = 65536;
+  big.partition = 0;
+  out.push_back(big);
+  return out;
+}
+INSTANTIATE_TEST_SUITE_P(Lengths, CudaDecodeEmulated, ::testing::ValuesIn(length_cases()),
+                         [](const auto& info) { return name_of(info.param); });
+
+// Query rows: a GQA group's rows fill one tile partly, exactly, or spill into more tiles.
+std::vector<Case> row_cases() {
+  std::vector<Case> out;
+  for (auto [g, lq] : {std::pair<int, int64_t>{3, 5}, {3, 7}, {8, 2}, {8, 16}, {1, 16}, {4, 9}}) {
+    Case c;
+    c.Hkv = 2;
+    c.Hq = 2 * g;
+    c.Lq = lq;
+    c.Lkv = 700;
+    c.score_mod = "alibi";
+    out.push_back(c);
+  }
+  return out;
+}
+INSTANTIATE_TEST_SUITE_P(Rows, CudaDecodeEmulated, ::testing::ValuesIn(row_cases()),
+                         [](const auto& info) { return name_of(info.param); });
+
+// Every registered built-in, alone, with GQA 3, batch 2 and three query rows.
+std::vector<Case> builtin_cases() {
+  std::vector<Case> out;
+  for (const std::string& name : builtin_mod_names()) {
+    Case c;
+    c.D = c.Dv = 64;
+    c.B = 2;
+    c.Hq = 6;
+    c.Hkv = 2;
+    c.Lq = 3;
+    c.Lkv = 700;
+    (find_mod(name).kind == ModKind::Score ? c.score_mod : c.mask_mod) = name;
+    out.push_back(c);
+  }
+  return out;
+}
+INSTANTIATE_TEST_SUITE_P(Builtins, CudaDecodeEmulated, ::testing::ValuesIn(builtin_cases()),
+                         [](const auto& info) { return name_of(info.param); });
+
+std::vector<Case> special_cases() {
+  std::vector<Case> out;
+  Case c;
+  c.Hq = 8;
+  c.Hkv = 2;
+  c.Lq = 2;
+  c.Lkv = 1000;
+  // Block masks: partial and full blocks, partitions with nothing to read (lse -inf partials).
+  for (auto [s, m] : {std::pair<std::string, std::string>{"alibi", "sliding_window"}, {"softcap", "causal"},
+                      {"", "document"}, {"rel_pos", "prefix_lm"}}) {
+    Case x = c;
+    x.score_mod = s;
+    x.mask_mod = m;
+    x.mask_block = 128;
+    out.push_back(x);
+    x.mask_block = 64;
+    x.block_n = 64;
+    out.push_back(x);
+  }
+  // Fully masked rows: every row, and every other row.
+  {
+    Case x = c;
+    x.mask_mod = "kv_idx > 100000";
+    out.push_back(x);
+    x.mask_mod = "q_idx % 2 == 0";
+    out.push_back(x);
+    x.partition = 0;
+    out.push_back(x);
+  }
+  // One partition (written directly), fp16, Dv != D, a negative scale, other BLOCK_N, and a GPU
+  // with 99 KiB of shared memory (one K/V stage, then fewer warps).
+  {
+    Case x = c;
+    x.partition = 1024;
+    out.push_back(x);
+    x.partition = 256;
+    x.dtype = DType::F16;
+    x.score_mod = "softcap";
+    out.push_back(x);
+    x.dtype = DType::BF16;
+    x.score_mod = "";
+    x.D = 64;
+    x.Dv = 128;
+    out.push_back(x);
+    x.D = 256;
+    x.Dv = 256;
+    x.scale = -0.2;
+    out.push_back(x);
+    x.scale = 0;
+    x.smem_optin = 99 * 1024;
+    out.push_back(x);
+    x.D = x.Dv = 128;
+    x.block_n = 16;
+    out.push_back(x);
+    x.block_n = 128;
+    x.smem_optin = 0;
+    out.push_back(x);
+  }
+  // Paged caches: shuffled pages, an empty sequence, absolute positions (causal), GQA 4, pages of
+  // 16 and 64, the user's partitions and the cost model's, a block mask over absolute positions.
+  {
+    Case p;
+    p.B = 3;
+    p.Hq = 8;
+    p.Hkv = 2;
+    p.Lq = 2;
+    p.seq_lens = {1000, 0, 37};
+    p.score_mod = "alibi";
+    p.mask_mod = "causal";
+    out.push_back(p);
+    p.partition = 0;
+    out.push_back(p);
+    p.page_size = 64;
+    p.seq_lens = {4097, 2, 300};
+    out.push_back(p);
+    p.mask_mod = "sliding_window";
+    p.mask_block = 128;
+    out.push_back(p);
+    p.mask_block = 0;
+    p.mask_mod = "";
+    p.dtype = DType::F16;
+    p.Lq = 16;
+    p.Hq = 2;
+    p.seq_lens = {16, 257, 256};
+    p.partition = 256;
+    out.push_back(p);
+    Case bad = p;
+    bad.bad_page = true;
+    out.push_back(bad);
+  }
+  return out;
+}
+INSTANTIATE_TEST_SUITE_P(Special, CudaDecodeEmulated, ::testing::ValuesIn(special_cases()),
+                         [](const auto& info) { return name_of(info.param); });
+
+}  // namespace
+}  // namespace flexjit
