@@ -137,6 +137,38 @@ void cuda_use_primary_context() {
   check(d.ctx_set_current(ctx), "cuCtxSetCurrent");
 }
 
+void cuda_use_device_context(int index) {
+  const Driver& d = need();
+  if (index < 0 || index >= d.devices)
+    throw Error("flexjit: CUDA device " + std::to_string(index) + " does not exist; the driver sees " +
+                std::to_string(d.devices) + " device(s)");
+  CUdevice dev = 0;
+  check(d.device_get(&dev, index), "cuDeviceGet");
+  CUcontext current = nullptr;
+  check(d.ctx_get_current(&current), "cuCtxGetCurrent");
+  if (current) {
+    CUdevice current_dev = -1;
+    check(d.ctx_get_device(&current_dev), "cuCtxGetDevice");
+    if (current_dev == dev) return;  // torch's (or the caller's) context of this device
+  }
+  // Retained once and never released: the primary context lives as long as the process (torch
+  // retains the same one; releasing ours would not destroy it while torch holds it anyway).
+  static std::mutex mu;
+  static std::map<int, CUcontext> retained;
+  CUcontext ctx = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = retained.find(index);
+    if (it == retained.end()) {
+      check(d.primary_retain(&ctx, dev), "cuDevicePrimaryCtxRetain");
+      retained.emplace(index, ctx);
+    } else {
+      ctx = it->second;
+    }
+  }
+  check(d.ctx_set_current(ctx), "cuCtxSetCurrent");
+}
+
 CudaDeviceProps cuda_current_device_props() {
   const Driver& d = need();
   CUdevice dev = 0;

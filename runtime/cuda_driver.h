@@ -23,6 +23,13 @@ int cuda_device_count();
 // for callers without a framework (the CLI, the self-test).
 void cuda_use_primary_context();
 
+// Makes device `index`'s primary context current on this thread unless a context of that device
+// already is. torch (runtime API) leaves the primary context of its current device current on
+// the threads it has used CUDA on; this makes a call on device N safe on any thread (and never
+// leaves device 0's context in place for a device-N call). Each primary context is retained once
+// per process. Throws flexjit::Error for an index the driver does not have.
+void cuda_use_device_context(int index);
+
 struct CudaDeviceProps {
   std::string arch;         // "sm_90"
   int max_smem_optin = 0;   // bytes a block may opt in to
