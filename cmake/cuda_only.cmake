@@ -17,3 +17,30 @@ target_compile_definitions(flexjit_cuda_core PRIVATE FLEXJIT_NO_CPU_BACKEND=1
 
 add_executable(flexjit_cuda_selftest tools/cuda_selftest.cpp)
 target_link_libraries(flexjit_cuda_selftest PRIVATE flexjit_cuda_core)
+
+# ---- optional: the torch op library, CUDA kernel only (FLEXJIT_WITH_TORCH, torch importable) ----
+# torch.ops.flexjit.* with the full build's schemas (runtime/torch/op_schema.h) and flex_attention's
+# CUDA and Meta kernels (runtime/torch/cuda_attention.cpp, ops_cuda_only.cpp) on top of the core
+# above: no LLVM, TBB or CPU runtime. Links torch_cpu and c10 only (torch's CUDA libraries are
+# already loaded in any process that has CUDA tensors; the kernels run through the driver API).
+if(FLEXJIT_WITH_TORCH)
+  execute_process(COMMAND python3 -c "import torch;print(torch.utils.cmake_prefix_path)"
+                  OUTPUT_VARIABLE FLEXJIT_TORCH_PREFIX OUTPUT_STRIP_TRAILING_WHITESPACE
+                  RESULT_VARIABLE _torch_rc ERROR_QUIET)
+  if(_torch_rc EQUAL 0)
+    list(APPEND CMAKE_PREFIX_PATH ${FLEXJIT_TORCH_PREFIX})
+  endif()
+  find_package(Torch QUIET)
+  if(Torch_FOUND)
+    message(STATUS "flexjit: CUDA-only torch op library (flex_attention's CUDA kernel) against ${Torch_DIR}")
+    add_library(flexjit_torch_ops SHARED runtime/torch/ops_cuda_only.cpp runtime/torch/cuda_attention.cpp)
+    target_link_libraries(flexjit_torch_ops PRIVATE flexjit_cuda_core torch_cpu c10)
+    target_include_directories(flexjit_torch_ops SYSTEM PRIVATE ${TORCH_INCLUDE_DIRS})
+    target_compile_features(flexjit_torch_ops PRIVATE cxx_std_20)  # libtorch 2.9+ headers
+    target_link_options(flexjit_torch_ops PRIVATE LINKER:--exclude-libs,ALL LINKER:--no-undefined)
+    set_target_properties(flexjit_torch_ops PROPERTIES LIBRARY_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR})
+  else()
+    message(STATUS "flexjit: torch not found: the CUDA-only build has no torch op library "
+                   "(pip install torch, or -DFLEXJIT_WITH_TORCH=OFF to silence this)")
+  endif()
+endif()

@@ -8,6 +8,8 @@
 #include "jit/executor.h"
 #include "runtime/backward.h"
 #include "runtime/merge.h"
+#include "runtime/torch/block_mask_interop.h"
+#include "runtime/torch/cuda_attention.h"
 
 namespace flexjit {
 namespace {
@@ -27,6 +29,21 @@ DType dtype_of(const at::Tensor& t, const std::string& name) {
               "; flexjit takes float32, bfloat16, float16 (q/k/v) and float/int32/int64 buffers");
 }
 
+// A mod's tensors may be on the CPU or a CUDA device (flex_attention runs on either); the CPU
+// paths check with require_host_mod, the CUDA branch with device_bindings.
+TensorView any_view_of(const at::Tensor& t, const std::string& name) {
+  return t.defined() && t.is_cuda() ? cuda_view_of(t, name) : view_of(t, name);
+}
+
+// The CPU kernels read a mod's tensors on the host: refuse device tensors with the fix.
+void require_host_mod(const ModRef& m, const char* fn) {
+  for (const at::Tensor& t : m.keep_alive)
+    if (t.defined() && !t.device().is_cpu())
+      throw Error(std::string(fn) + ": a tensor of the " + (m.kind == ModKind::Score ? "score_mod" : "mask_mod") +
+                  " is on " + t.device().str() + " but this call runs on the CPU; make the mod with CPU tensors " +
+                  "(or, for flex_attention, put q, k and v on " + t.device().str() + ")");
+}
+
 ModRef make_mod(const std::string& text_or_name, ModKind kind, const std::map<std::string, at::Tensor>& buffers,
                 const std::map<std::string, double>& params) {
   ModRef r;
@@ -36,7 +53,7 @@ ModRef make_mod(const std::string& text_or_name, ModKind kind, const std::map<st
     at::Tensor c = t.dtype() == at::kBool ? t.to(at::kInt) : t;
     OwnedTensor o;
     o.name = n;
-    o.view = view_of(c, "buffer '" + n + "'");
+    o.view = any_view_of(c, "buffer '" + n + "'");
     views.push_back(o);
     r.keep_alive.push_back(c);
   }
@@ -95,6 +112,8 @@ CallMods call_mods(const char* fn, const ModRef& score_mod, const ModRef& mask_m
     throw Error(std::string(fn) + ": score_mod is a mask_mod; pass it as mask_mod");
   if (!mask_mod.empty() && mask_mod.kind != ModKind::Mask)
     throw Error(std::string(fn) + ": mask_mod is a score_mod; pass it as score_mod");
+  require_host_mod(score_mod, fn);
+  require_host_mod(mask_mod, fn);
   CallMods c;
   TracedMod sm, mm;
   if (!score_mod.empty()) complete_bindings(score_mod, shape, &sm, &c.storage);
@@ -169,12 +188,69 @@ AttentionOptions attention_options(const FlexOptions& o) {
   return opt;
 }
 
+// A mod's buffers for a CUDA call on `device`: views already on it stay; tensors the caller gave on
+// another device are refused (with the fix), except when `copy_host` (a TorchBlockMask's mask_mod,
+// whose buffers the CPU builder needed on the host); memory flexjit owns on the host (a
+// registered mod's example buffers for the call's shape, a traced registered mod's captures) is
+// copied to the device for this call.
+void device_bindings(const ModRef& m, TracedMod* t, c10::Device device, bool copy_host,
+                     std::vector<at::Tensor>* keep) {
+  for (auto& [name, view] : t->bindings.buffers) {
+    const at::Tensor* owner = nullptr;  // the caller's tensor this view points into, if any
+    for (const at::Tensor& k : m.keep_alive) {
+      if (!k.defined() || k.nbytes() == 0) continue;
+      const auto* p = static_cast<const char*>(k.data_ptr());
+      const auto* d = static_cast<const char*>(view.data);
+      if (d >= p && d < p + k.nbytes()) owner = &k;
+    }
+    if (owner && owner->device() == device) continue;
+    const std::string what = std::string(m.kind == ModKind::Score ? "score_mod" : "mask_mod") + " buffer '" + name + "'";
+    if (owner && (owner->is_cuda() || !copy_host))
+      throw Error("flex_attention: the " + what + " is on " + owner->device().str() + " but q is on " +
+                  device.str() + "; make the mod with the tensor on " + device.str() + " (t.to(q.device()))");
+    view = copy_view_to_device(view, device, what, keep);
+  }
+}
+
+// flex_attention's CUDA branch: the mods bound on q's device, the TorchBlockMask (host arrays,
+// built by the CPU builder) copied there, then the CUDA prefill kernel (cuda_attention.h).
+FlexResult flex_attention_on_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const ModRef& score_mod, const TorchBlockMask* block_mask, const FlexOptions& o) {
+  if (!q.defined() || !k.defined() || !v.defined() || !q.is_cuda() || k.device() != q.device() ||
+      v.device() != q.device())
+    throw Error("flex_attention: q, k and v must be on one device; got q on " +
+                (q.defined() ? q.device().str() : "nothing") + ", k on " + (k.defined() ? k.device().str() : "nothing") +
+                ", v on " + (v.defined() ? v.device().str() : "nothing") + ". Move them with .to(q.device())");
+  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4)
+    throw Error("flex_attention: q, k, v must be 4-D [B, H, L, D]");
+  if (!score_mod.empty() && score_mod.kind != ModKind::Score)
+    throw Error("flex_attention: score_mod is a mask_mod; pass it in a BlockMask (create_block_mask)");
+  ShapeInfo shape{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2)};
+  std::vector<OwnedTensor> storage;
+  std::vector<at::Tensor> keep;
+  TracedMod sm, mm;
+  const bool has_score = !score_mod.empty(), has_mask = block_mask && !block_mask->mask_mod.empty();
+  if (has_score) {
+    complete_bindings(score_mod, shape, &sm, &storage);
+    device_bindings(score_mod, &sm, q.device(), false, &keep);
+  }
+  if (has_mask) {
+    mm = block_mask->mask_mod.traced;
+    device_bindings(block_mask->mask_mod, &mm, q.device(), true, &keep);
+  }
+  auto [mods, bind] = combine(has_score ? &sm : nullptr, has_mask ? &mm : nullptr);
+  std::optional<TorchBlockMaskTensors> mask;
+  if (block_mask) mask = cuda_block_mask(to_torch_block_mask(block_mask->mask), q, k.size(2));
+  return cuda_flex_attention(q, k, v, mods, bind, mask ? &*mask : nullptr, o);
+}
+
 }  // namespace
 
 TensorView view_of(const at::Tensor& t, const std::string& name) {
   if (!t.defined()) throw Error(name + " is an undefined tensor");
   if (!t.device().is_cpu())
-    throw Error(name + " is on " + t.device().str() + "; this build of flexjit runs on CPU only: move it with .cpu()");
+    throw Error(name + " is on " + t.device().str() + "; this flexjit function runs on the CPU (of the attention "
+                "calls only flex_attention's forward has a CUDA kernel): move it with .cpu()");
   if (t.dim() > 4) throw Error(name + " has " + std::to_string(t.dim()) + " dims; at most 4 are supported");
   TensorView v;
   v.data = t.data_ptr();
@@ -206,12 +282,13 @@ ModRef from_traced(TracedMod t, ModKind kind, std::vector<at::Tensor> keep_alive
 }
 
 BufferSym capture_tensor(const std::string& name, const at::Tensor& t) {
-  return capture(name, view_of(t, "captured tensor '" + name + "'"));
+  return capture(name, any_view_of(t, "captured tensor '" + name + "'"));
 }
 
 TorchBlockMask create_block_mask(const ModRef& m, int64_t B, int64_t H, int64_t Lq, int64_t Lkv, int64_t qbs,
                                  int64_t kvbs) {
   if (m.empty() || m.kind != ModKind::Mask) throw Error("create_block_mask needs a mask_mod");
+  require_host_mod(m, "create_block_mask (the builder runs on the CPU)");
   std::vector<OwnedTensor> storage;
   TracedMod t;
   complete_bindings(m, ShapeInfo{B, H, H, Lq, Lkv}, &t, &storage);
@@ -233,6 +310,10 @@ TorchBlockMask create_block_mask(const ModRef& m, int64_t B, int64_t H, int64_t 
 
 FlexResult flex_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const ModRef& score_mod,
                           const TorchBlockMask* block_mask, const FlexOptions& o) {
+  if ((q.defined() && q.is_cuda()) || (k.defined() && k.is_cuda()) || (v.defined() && v.is_cuda()))
+    return flex_attention_on_cuda(q, k, v, score_mod, block_mask, o);
+  require_host_mod(score_mod, "flex_attention");
+  if (block_mask) require_host_mod(block_mask->mask_mod, "flex_attention");
   TensorView qv = view_of(q, "q"), kv = view_of(k, "k"), vv = view_of(v, "v");
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4)
     throw Error("flex_attention: q, k, v must be 4-D [B, H, L, D]; got " + qv.shape_str() + ", " + kv.shape_str() +
@@ -262,6 +343,8 @@ FlexGrads flex_attention_backward(const at::Tensor& dout, const at::Tensor& q, c
                                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                   const ModRef& score_mod, const TorchBlockMask* block_mask, const FlexOptions& o,
                                   const std::vector<std::string>& grad_buffers, const at::Tensor& dlse) {
+  require_host_mod(score_mod, "flex_attention_backward");
+  if (block_mask) require_host_mod(block_mask->mask_mod, "flex_attention_backward");
   TensorView qv = view_of(q, "q"), kv = view_of(k, "k"), vv = view_of(v, "v");
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4)
     throw Error("flex_attention_backward: q, k, v must be 4-D [B, H, L, D]; got " + qv.shape_str() + ", " +

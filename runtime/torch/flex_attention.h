@@ -34,7 +34,8 @@ struct ModRef {
 };
 
 // `text_or_name`: a registered mod ("alibi", "causal", ...) or expression text. `buffers` are
-// the tensors it reads by name, `params` its runtime scalars (changing them never recompiles).
+// the tensors it reads by name (on the CPU, or for a CUDA flex_attention call on its device),
+// `params` its runtime scalars (changing them never recompiles).
 // A registered mod's buffers that are not given are made for the call's shape (e.g. ALiBi
 // slopes). Throws flexjit::Error (ParseError for bad text, pointing at the column).
 ModRef score_mod(const std::string& text_or_name, const std::map<std::string, at::Tensor>& buffers = {},
@@ -75,6 +76,11 @@ struct FlexResult {
 
 // q [B, Hq, Lq, D], k [B or 1, Hkv, Lkv, D], v [B or 1, Hkv, Lkv, Dv]: CPU tensors of fp32, bf16
 // or fp16, any strides. A mask comes in through `block_mask` (with its mask_mod), as in PyTorch.
+// CUDA: bf16 / fp16 q, k, v on one CUDA device run the CUDA prefill kernel (cuda_attention.h):
+// asynchronous on torch's current stream, out and lse allocated on the device; the score_mod's
+// tensors must be on that device; a TorchBlockMask (host arrays from the CPU builder) and its
+// mask_mod's tensors, and registered mods' example buffers, are copied there on every call (for
+// CUDA graphs use the op with a BlockMask on the device). kernel_options: BLOCK_M, BLOCK_N.
 FlexResult flex_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const ModRef& score_mod = {}, const TorchBlockMask* block_mask = nullptr,
                           const FlexOptions& options = {});

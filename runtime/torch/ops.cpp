@@ -5,7 +5,8 @@
 // Mods travel as strings (a registered name or expression text), their tensors as a list with a
 // parallel list of names, their scalars as parallel name / value lists, and a block mask as
 // PyTorch's BlockMask tensors. The attention ops and the merge have a CPU kernel and a Meta
-// kernel; the Meta kernel gives torch.compile the output shapes, so a compiled graph keeps the
+// kernel, flex_attention a CUDA kernel too (the schemas: op_schema.h; the CUDA kernel:
+// cuda_attention.cpp, shared with the CUDA-only build's ops_cuda_only.cpp); the Meta kernel gives torch.compile the output shapes, so a compiled graph keeps the
 // op in it (no graph break). flexjit::Error (a user problem) becomes a Python ValueError with
 // flexjit's message; anything else stays a RuntimeError.
 #include <ATen/ATen.h>
@@ -24,41 +25,19 @@
 #include "jit/parser.h"
 #include "runtime/torch/block_mask_interop.h"
 #include "runtime/torch/flex_attention.h"
+#include "runtime/torch/op_common.h"
+#include "runtime/torch/op_schema.h"
 
 namespace flexjit {
 namespace {
 
-// The mods' captured tensors and scalars, by name, from the op's parallel lists.
-struct ModArgs {
-  std::map<std::string, at::Tensor> buffers;
-  std::map<std::string, double> params;
-};
-
-// A schema cannot default a list of tensors or strings to [], so those are optional (None =
-// empty).
-using Tensors = std::optional<std::vector<at::Tensor>>;
-using Names = std::optional<std::vector<std::string>>;
-
-ModArgs collect(const Tensors& buffers_opt, const Names& buffer_names_opt,
-                const Names& param_names_opt, at::ArrayRef<double> param_values) {
-  const std::vector<std::string> none, &buffer_names = buffer_names_opt ? *buffer_names_opt : none,
-                                       &param_names = param_names_opt ? *param_names_opt : none;
-  const at::TensorList buffers = buffers_opt ? at::TensorList(*buffers_opt) : at::TensorList();
-  if (buffers.size() != buffer_names.size())
-    throw Error("got " + std::to_string(buffers.size()) + " buffers but " +
-                std::to_string(buffer_names.size()) + " buffer names; pass one name per tensor");
-  if (param_names.size() != param_values.size())
-    throw Error("got " + std::to_string(param_names.size()) + " param names but " +
-                std::to_string(param_values.size()) + " values; pass one value per name");
-  ModArgs a;
-  for (size_t i = 0; i < buffers.size(); ++i)
-    if (!a.buffers.emplace(buffer_names[i], buffers[i]).second)
-      throw Error("buffer '" + buffer_names[i] + "' is given twice");
-  for (size_t i = 0; i < param_names.size(); ++i)
-    if (!a.params.emplace(param_names[i], param_values[i]).second)
-      throw Error("param '" + param_names[i] + "' is given twice");
-  return a;
-}
+using ops::check_all_used;
+using ops::collect;
+using ops::flex_attention_meta;
+using ops::ModArgs;
+using ops::Names;
+using ops::surface_errors;
+using ops::Tensors;
 
 // One mod from text or a registered name. A registered mod gets only the buffers it declares
 // (the others belong to the other mod); expression text keeps only what it reads (parse_mod).
@@ -86,22 +65,6 @@ ModRef make(const std::string& text, ModKind kind, const ModArgs& a) {
   }
 }
 
-// A buffer or param that no mod reads is almost always a typo (or a registered mod's param
-// spelled differently); say so instead of silently running with the default.
-void check_all_used(const ModArgs& a, const std::vector<const ModRef*>& mods) {
-  std::set<std::string> buffers, params;
-  for (const ModRef* m : mods) {
-    for (const auto& d : m->traced.buffers) buffers.insert(d.name);
-    for (const auto& [n, v] : m->traced.bindings.params) params.insert(n);
-  }
-  for (const auto& [n, t] : a.buffers)
-    if (!buffers.count(n))
-      throw Error("buffer '" + n + "' is given but neither score_mod nor mask_mod reads it");
-  for (const auto& [n, v] : a.params)
-    if (!params.count(n))
-      throw Error("param '" + n + "' is given but neither score_mod nor mask_mod reads it");
-}
-
 int64_t round_up(int64_t x, int64_t m) { return m > 0 ? (x + m - 1) / m * m : x; }
 
 // The schema's defaults (0, False) mean "not given", so FlexOptions keeps its own defaults; a
@@ -109,21 +72,6 @@ int64_t round_up(int64_t x, int64_t m) { return m > 0 ? (x + m - 1) / m * m : x;
 void set_decode_options(int64_t partition_size, bool force_prefill, FlexOptions* opt) {
   if (partition_size) opt->kernel_options["PARTITION_SIZE"] = partition_size;
   if (force_prefill) opt->kernel_options["FORCE_USE_FLEX_ATTENTION"] = 1;
-}
-
-// Runs `f`, turning flexjit's user errors into c10::ValueError (Python ValueError) that carry
-// flexjit's message unchanged.
-template <typename F>
-auto surface_errors(const char* op, F&& f) -> decltype(f()) {
-  try {
-    return f();
-  } catch (const ParseError& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  } catch (const Error& e) {
-    // The runtime's own messages already start with the function's name.
-    std::string msg = e.what(), name = std::string(op).substr(sizeof("flexjit.") - 1);
-    TORCH_CHECK_VALUE(false, msg.rfind(name, 0) == 0 ? msg : std::string(op) + ": " + msg);
-  }
 }
 
 // The block mask of a flex_attention call: PyTorch's BlockMask tensors when given (without a
@@ -171,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_cpu(
     ModArgs args = collect(buffers, buffer_names, param_names, param_values);
     ModRef sm = make(score_mod_text, ModKind::Score, args),
            mm = make(mask_mod_text, ModKind::Mask, args);
-    check_all_used(args, {&sm, &mm});
+    check_all_used(args, {&sm.traced, &mm.traced});
 
     FlexOptions opt;
     opt.scale = scale;
@@ -189,34 +137,6 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_cpu(
     at::Tensor lse = r.lse.defined() ? r.lse : at::empty({0}, query.options().dtype(at::kFloat));
     return std::make_tuple(r.out, lse);
   });
-}
-
-// Shapes only: out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] fp32 (or [0]). Checks what
-// can be checked without data, so torch.compile reports bad ranks and dtypes at trace time.
-std::tuple<at::Tensor, at::Tensor> flex_attention_meta(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const std::string&,
-    const std::string&, const Tensors&, const Names&, const Names&, at::ArrayRef<double>,
-    std::optional<double>, bool, bool return_lse, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, int64_t) {
-  for (auto [t, name] : {std::pair{&query, "query"}, {&key, "key"}, {&value, "value"}})
-    TORCH_CHECK_VALUE(t->dim() == 4, "flexjit.flex_attention: ", name,
-                      " must be 4-D [B, H, L, D], got ", t->dim(), "-D");
-  auto st = query.scalar_type();
-  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
-                    "flexjit.flex_attention: query has dtype ", st,
-                    "; supported: float32, bfloat16, float16");
-  TORCH_CHECK_VALUE(key.scalar_type() == st && value.scalar_type() == st,
-                    "flexjit.flex_attention: query, key, value must share a dtype, got ", st, ", ",
-                    key.scalar_type(), ", ", value.scalar_type());
-  at::Tensor out =
-      at::empty_symint({query.sym_size(0), query.sym_size(1), query.sym_size(2), value.sym_size(3)},
-                       query.options());
-  at::Tensor lse = return_lse
-                       ? at::empty_symint({query.sym_size(0), query.sym_size(1), query.sym_size(2)},
-                                          query.options().dtype(at::kFloat))
-                       : at::empty({0}, query.options().dtype(at::kFloat));
-  return std::make_tuple(out, lse);
 }
 
 // Autograd for the ops without a backward (flex_attention has one, below). Without these kernels PyTorch's fallback would let
@@ -261,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> flex_att
   return surface_errors("flexjit.flex_attention_backward", [&] {
     ModArgs args = collect(buffers, buffer_names, param_names, param_values);
     ModRef sm = make(score_mod_text, ModKind::Score, args), mm = make(mask_mod_text, ModKind::Mask, args);
-    check_all_used(args, {&sm, &mm});
+    check_all_used(args, {&sm.traced, &mm.traced});
     std::optional<TorchBlockMask> mask = call_block_mask(query, key, mm, kv_num_blocks, kv_indices, full_kv_num_blocks,
                                                          full_kv_indices, q_block_size, kv_block_size, 0, 0);
     FlexOptions opt;
@@ -427,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor> paged_flex_attention_cpu(
     ModArgs args = collect(buffers, buffer_names, param_names, param_values);
     ModRef sm = make(score_mod_text, ModKind::Score, args),
            mm = make(mask_mod_text, ModKind::Mask, args);
-    check_all_used(args, {&sm, &mm});
+    check_all_used(args, {&sm.traced, &mm.traced});
     FlexOptions opt;
     opt.scale = scale;
     opt.enable_gqa = enable_gqa;
@@ -517,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(
     ModArgs args = collect(buffers, buffer_names, param_names, param_values);
     ModRef sm = make(score_mod_text, ModKind::Score, args),
            mm = make(mask_mod_text, ModKind::Mask, args);
-    check_all_used(args, {&sm, &mm});
+    check_all_used(args, {&sm.traced, &mm.traced});
     FlexOptions opt;
     opt.return_lse = return_lse;
     if (BLOCK_M) opt.kernel_options["BLOCK_M"] = BLOCK_M;
@@ -645,7 +565,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> create_block_mask_cpu
       throw Error("create_block_mask needs a mask_mod (a registered name or expression)");
     ModArgs args = collect(buffers, buffer_names, param_names, param_values);
     ModRef mm = make(mask_mod_text, ModKind::Mask, args);
-    check_all_used(args, {&mm});
+    check_all_used(args, {&mm.traced});
     TorchBlockMask m = create_block_mask(mm, B, H, Q_LEN, KV_LEN, q_block_size, kv_block_size);
     TorchBlockMaskTensors t = to_torch_block_mask(m.mask);
     return std::make_tuple(t.kv_num_blocks, t.kv_indices, t.full_kv_num_blocks, t.full_kv_indices);
@@ -656,53 +576,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> create_block_mask_cpu
 // from $FLEXJIT_PREBUILT_DIR or flexjit-kernels beside the op library); "" when there is none.
 std::string prebuilt_kernel_dir() { return jit::KernelCache::global().prebuilt_dir(); }
 
+// flex_attention's forward has a CUDA kernel (flex_attention_cuda); its backward does not yet.
+// Autograd reaches this when out.backward() runs after a CUDA forward: say so instead of torch's
+// "could not run ... with arguments from the 'CUDA' backend".
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> flex_attention_backward_cuda(
+    const at::Tensor&, const at::Tensor& query, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const std::string&, const std::string&, const Tensors&, const Names&, const Names&,
+    at::ArrayRef<double>, std::optional<double>, bool, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+    int64_t, const Names&, const std::optional<at::Tensor>&) {
+  TORCH_CHECK_VALUE(false, "flexjit.flex_attention_backward: the backward pass runs on CPU only (query is on ",
+                    query.device().str(), "); flex_attention has a CUDA forward but no CUDA backward yet. Run "
+                    "CUDA calls under torch.no_grad() / torch.inference_mode(), or train with CPU tensors");
+}
+
 }  // namespace
 }  // namespace flexjit
 
-// clang-format off
-TORCH_LIBRARY(flexjit, m) {
-  // The schemas are a public contract: append new arguments at the end, never rename or reorder.
-  m.def("flex_attention(Tensor query, Tensor key, Tensor value, str score_mod=\"\", "
-        "str mask_mod=\"\", Tensor[]? buffers=None, str[]? buffer_names=None, "
-        "str[]? param_names=None, float[] param_values=[], float? scale=None, "
-        "bool enable_gqa=False, bool return_lse=False, Tensor? kv_num_blocks=None, "
-        "Tensor? kv_indices=None, Tensor? full_kv_num_blocks=None, Tensor? full_kv_indices=None, "
-        "int q_block_size=128, int kv_block_size=128, int BLOCK_M=0, int BLOCK_N=0, int USE_AMX=-1, "
-        "int PARTITION_SIZE=0, bool FORCE_USE_FLEX_ATTENTION=False, int USE_DPBF16=-1) "
-        "-> (Tensor out, Tensor lse)",
-        {at::Tag::pt2_compliant_tag});
-  m.def("flex_attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
-        "Tensor lse, str score_mod=\"\", str mask_mod=\"\", Tensor[]? buffers=None, str[]? buffer_names=None, "
-        "str[]? param_names=None, float[] param_values=[], float? scale=None, bool enable_gqa=False, "
-        "Tensor? kv_num_blocks=None, Tensor? kv_indices=None, Tensor? full_kv_num_blocks=None, "
-        "Tensor? full_kv_indices=None, int q_block_size=128, int kv_block_size=128, "
-        "str[]? grad_buffer_names=None, Tensor? grad_lse=None) "
-        "-> (Tensor dq, Tensor dk, Tensor dv, Tensor[] dbuffers)",
-        {at::Tag::pt2_compliant_tag});
-  m.def("paged_flex_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_table, "
-        "Tensor seq_lens, str score_mod=\"\", str mask_mod=\"\", Tensor[]? buffers=None, "
-        "str[]? buffer_names=None, str[]? param_names=None, float[] param_values=[], "
-        "float? scale=None, bool enable_gqa=False, bool return_lse=False, int BLOCK_M=0, "
-        "int BLOCK_N=0, int PARTITION_SIZE=0) -> (Tensor out, Tensor lse)",
-        {at::Tag::pt2_compliant_tag});
-  m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-        "int max_seqlen_q, int max_seqlen_k, float? softmax_scale=None, bool causal=False, "
-        "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, "
-        "str score_mod=\"\", str mask_mod=\"\", Tensor[]? buffers=None, str[]? buffer_names=None, "
-        "str[]? param_names=None, float[] param_values=[], bool return_lse=False, int BLOCK_M=0, "
-        "int BLOCK_N=0, int USE_AMX=-1, int USE_DPBF16=-1) -> (Tensor out, Tensor lse)",
-        {at::Tag::pt2_compliant_tag});
-  m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) "
-        "-> (Tensor out, Tensor lse)",
-        {at::Tag::pt2_compliant_tag});
-  m.def("create_block_mask(str mask_mod, int B, int H, int Q_LEN, int KV_LEN, "
-        "Tensor[]? buffers=None, str[]? buffer_names=None, str[]? param_names=None, "
-        "float[] param_values=[], int q_block_size=128, int kv_block_size=128) "
-        "-> (Tensor kv_num_blocks, Tensor kv_indices, Tensor full_kv_num_blocks, "
-        "Tensor full_kv_indices)");
-  m.def("prebuilt_kernel_dir() -> str");
-}
-// clang-format on
+TORCH_LIBRARY(flexjit, m) { flexjit::define_flexjit_ops(m); }
 
 TORCH_LIBRARY_IMPL(flexjit, CPU, m) {
   m.impl("flex_attention", &flexjit::flex_attention_cpu);
@@ -710,6 +601,13 @@ TORCH_LIBRARY_IMPL(flexjit, CPU, m) {
   m.impl("paged_flex_attention", &flexjit::paged_flex_attention_cpu);
   m.impl("varlen_attention", &flexjit::varlen_attention_cpu);
   m.impl("merge_attention_states", &flexjit::merge_attention_states_cpu);
+}
+
+// CUDA: the prefill kernel (runtime/torch/cuda_attention.cpp, NVRTC-compiled, launched on torch's
+// current stream). The other ops have no CUDA kernel; torch then names the backends they have.
+TORCH_LIBRARY_IMPL(flexjit, CUDA, m) {
+  m.impl("flex_attention", &flexjit::ops::flex_attention_cuda);
+  m.impl("flex_attention_backward", &flexjit::flex_attention_backward_cuda);
 }
 
 TORCH_LIBRARY_IMPL(flexjit, Meta, m) {

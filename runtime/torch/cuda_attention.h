@@ -1,0 +1,53 @@
+// flex_attention on CUDA for libtorch: the at::Tensor side of runtime/cuda_prefill (plan, NVRTC
+// compile through the kernel cache, launch on torch's current stream). Needs only torch_cpu / c10
+// and the CUDA driver, loaded with dlopen (runtime/cuda_driver.h): no libtorch_cuda, no CUDA
+// headers, no CPU backend (the CUDA-only build's op library links it without LLVM or TBB).
+// Callers: flexjit::flex_attention's CUDA branch (flex_attention.cpp) and the op's CUDA kernel
+// (op_common.h: ops::flex_attention_cuda, defined in cuda_attention.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+#include "runtime/torch/block_mask_interop.h"
+#include "runtime/torch/flex_attention.h"
+
+namespace flexjit {
+
+// A strided view of a tensor on a CUDA device: data is a device pointer, never read on the host.
+// Throws flexjit::Error for other devices, more than 4 dims or an unsupported dtype.
+TensorView cuda_view_of(const at::Tensor& t, const std::string& name);
+
+// A copy of the memory a host view spans on `device` (kept alive in *keep), as a view with the
+// host view's sizes and strides. For buffers flexjit owns on the host (a registered mod's example
+// buffers, a host BlockMask's mask_mod buffers): a synchronous copy per call.
+TensorView copy_view_to_device(const TensorView& host, c10::Device device, const std::string& name,
+                               std::vector<at::Tensor>* keep);
+
+// PyTorch BlockMask tensors ready for a CUDA call of query q [B, Hq, Lq, D] against Lkv keys:
+// int32, contiguous, on q's device; a B or H dim that is broadcast (size 1, or expanded with
+// stride 0 as flexjit.create_block_mask returns it) becomes 1. Checks dtypes, ranks and shapes
+// (as from_torch_block_mask does). Contents: tensors on the CPU are checked row by row before the
+// copy (counts in 0..KVB, indices in 0..KVB-1, no block twice in a row); tensors already on the
+// device are trusted, as PyTorch's flex_attention trusts them: reading them back would
+// synchronise the stream and break CUDA-graph capture. Throws flexjit::Error.
+TorchBlockMaskTensors cuda_block_mask(const TorchBlockMaskTensors& t, const at::Tensor& q, int64_t Lkv);
+
+// The CUDA prefill kernel on q [B, Hq, Lq, D], k [Bkv, Hkv, Lkv, D], v [Bkv, Hkv, Lkv, Dv]: bf16
+// or fp16 on one CUDA device (rows that are not 16-byte aligned with a contiguous last dim are
+// copied first). `bind` binds every buffer of `mods` to a view on that device; `mask` is null or
+// from cuda_block_mask. Allocates out [B, Hq, Lq, Dv] (q's dtype) and, with o.return_lse,
+// lse [B, Hq, Lq] fp32 on the device, and enqueues the kernel on torch's current stream of that
+// device: asynchronous, nothing is synchronised (so a call can be captured in a CUDA graph once
+// its kernel is compiled), except with FLEXJIT_CUDA_CHECK=1, which waits for the kernel and
+// raises if a mod indexed a buffer out of range. o.kernel_options: BLOCK_M, BLOCK_N (default 64;
+// they must divide the mask's blocks); FORCE_USE_FLEX_ATTENTION is accepted (CUDA always runs the
+// prefill kernel), USE_AMX / USE_DPBF16 = 0 are accepted and = 1 refused (CPU engines), and
+// PARTITION_SIZE is refused (no CUDA decode kernel yet). o.report gets backend "cuda", the arch,
+// the kernel's cache state and compile time. Throws flexjit::Error naming the problem and the fix.
+FlexResult cuda_flex_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const ModSet& mods,
+                               const ModBindings& bind, const TorchBlockMaskTensors* mask, const FlexOptions& o);
+
+}  // namespace flexjit
