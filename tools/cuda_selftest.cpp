@@ -16,6 +16,7 @@
 #include "jit/cache.h"
 #include "jit/nvrtc.h"
 #include "jit/pipeline.h"
+#include "runtime/cuda_decode.h"
 #include "runtime/cuda_driver.h"
 #include "runtime/cuda_prefill.h"
 #include "runtime/reference.h"
@@ -105,6 +106,128 @@ bool gpu_case(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lkv, int64
   return ok;
 }
 
+// One decode call (runtime/cuda_decode) on the GPU against the float64 reference: contiguous KV
+// (page_size 0) or a paged cache with a shuffled block table; `lens` are the sequences' lengths
+// (contiguous: all the same). Returns false on a mismatch; prints a line either way.
+bool gpu_decode_case(int64_t Hq, int64_t Hkv, int64_t Lq, const std::vector<int64_t>& lens, int64_t D,
+                     int64_t page_size, int64_t partition, const std::string& mod_name, const CudaDeviceProps& props) {
+  const int64_t B = int64_t(lens.size());
+  const bool paged = page_size > 0;
+  const int64_t max_len = *std::max_element(lens.begin(), lens.end());
+  ShapeInfo shape;
+  shape.B = B, shape.Hq = Hq, shape.Hkv = Hkv, shape.Lq = paged ? max_len : Lq, shape.Lkv = max_len;
+  OwnedTensor q = OwnedTensor::make("q", DType::BF16, {B, Hq, Lq, D});
+  OwnedTensor k, v, table, seq;
+  int64_t num_pages = 0, max_pages = 1;
+  if (paged) {
+    for (int64_t l : lens) num_pages += (l + page_size - 1) / page_size, max_pages = std::max(max_pages, (l + page_size - 1) / page_size);
+    num_pages += 2;
+    k = OwnedTensor::make("k", DType::BF16, {num_pages, page_size, Hkv, D});
+    v = OwnedTensor::make("v", DType::BF16, {num_pages, page_size, Hkv, D});
+    table = OwnedTensor::make("block_table", DType::I32, {B, max_pages});
+    seq = OwnedTensor::make("seq_lens", DType::I32, {B});
+    std::vector<int> order(static_cast<size_t>(num_pages));
+    for (size_t i = 0; i < order.size(); ++i) order[i] = int((i * 7919) % order.size());  // a fixed shuffle
+    int next = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      seq.data<int>()[b] = int(lens[size_t(b)]);
+      for (int64_t j = 0; j < max_pages; ++j)
+        table.data<int>()[b * max_pages + j] = j < (lens[size_t(b)] + page_size - 1) / page_size ? order[size_t(next++)] : 0;
+    }
+  } else {
+    k = OwnedTensor::make("k", DType::BF16, {B, Hkv, max_len, D});
+    v = OwnedTensor::make("v", DType::BF16, {B, Hkv, max_len, D});
+  }
+  OwnedTensor out = OwnedTensor::make("out", DType::BF16, {B, Hq, Lq, D});
+  OwnedTensor lse = OwnedTensor::make("lse", DType::F32, {B, Hq, Lq});
+  fill_random(q.view, 5 + Lq);
+  fill_random(k.view, 6 + max_len);
+  fill_random(v.view, 7 + D);
+  ModSet mods;
+  ModBindings host_bind, dev_bind;
+  std::vector<OwnedTensor> storage;
+  std::vector<void*> dev_buffers;
+  if (!mod_name.empty()) {
+    const RegisteredMod& r = find_mod(mod_name);
+    TracedMod t = instantiate_example(r, shape, &storage);
+    mods = mod_set_of(t, r.kind);
+    host_bind = t.bindings;
+  }
+  dev_bind = host_bind;
+  auto to_device = [&](const TensorView& h) {
+    TensorView d = h;
+    const size_t bytes = size_t(h.numel()) * dtype_size(h.dtype);
+    d.data = cuda_alloc(bytes);
+    cuda_copy_to_device(d.data, h.data, bytes);
+    dev_buffers.push_back(d.data);
+    return d;
+  };
+  for (auto& [name, view] : dev_bind.buffers) view = to_device(view);
+  TensorView dq = to_device(q.view), dk = to_device(k.view), dv = to_device(v.view);
+  TensorView dout = to_device(out.view), dlse = to_device(lse.view);
+  TensorView dtable, dseq;
+  int* dflag = static_cast<int*>(cuda_alloc(4));
+  dev_buffers.push_back(dflag);
+  const int zero = 0;
+  cuda_copy_to_device(dflag, &zero, 4);
+  CudaDecodeKv kv;
+  kv.k = &dk;
+  kv.v = &dv;
+  if (paged) {
+    dtable = to_device(table.view);
+    dseq = to_device(seq.view);
+    kv.block_table = &dtable;
+    kv.seq_lens = &dseq;
+    kv.max_seq_len = max_len;
+  }
+  AttentionOptions opt;
+  opt.enable_gqa = Hq != Hkv;
+  opt.partition_size = partition;
+  CudaDeviceInfo dev;
+  dev.arch = props.arch;
+  dev.max_smem_optin = props.max_smem_optin;
+  dev.sm_count = props.sm_count;
+  const double scale = 1.0 / std::sqrt(double(D));
+  bool ok = false;
+  char line[640];
+  std::string label = (mod_name.empty() ? "none" : mod_name) + (paged ? " paged" + std::to_string(page_size) : "");
+  try {
+    CudaDecodePlan plan = plan_cuda_decode(dq, kv, dout, &dlse, mods, dev_bind, nullptr, opt, dev, dflag);
+    void* ws = plan.workspace_bytes ? cuda_alloc(plan.workspace_bytes) : nullptr;
+    if (ws) dev_buffers.push_back(ws);
+    set_cuda_decode_workspace(plan, ws);
+    CudaRunInfo info = run_cuda_decode(plan, mods, nullptr);
+    cuda_synchronize();
+    int flag = -1;
+    cuda_copy_to_host(&flag, dflag, 4);
+    cuda_copy_to_host(out.view.data, dout.data, size_t(out.view.numel()) * 2);
+    cuda_copy_to_host(lse.view.data, dlse.data, size_t(lse.view.numel()) * 4);
+    RefResult ref = paged ? reference_paged_attention(q.view, k.view, v.view, table.view, seq.view, mods, host_bind, scale)
+                          : reference_attention(q.view, k.view, v.view, mods, host_bind, scale);
+    std::vector<int64_t> rows;
+    for (int64_t i = 0; i < Lq; ++i) rows.push_back(i);
+    const double err = max_abs_error(out.view, ref, rows);
+    double lse_err = 0;
+    bool lse_ok = true;
+    for (size_t i = 0; i < ref.lse.size(); ++i) {
+      const double got = lse.data<float>()[i], want = ref.lse[i];
+      if (std::isinf(want) || std::isinf(got)) lse_ok = lse_ok && std::isinf(want) && std::isinf(got) && got < 0;
+      else lse_err = std::max(lse_err, std::fabs(got - want));
+    }
+    ok = err <= 2e-2 && lse_ok && lse_err <= 1e-2 && std::isfinite(err) && flag == 0;
+    std::snprintf(line, sizeof(line),
+                  "  gpu %-5s decode B%lld Hq%lld Hkv%lld Lq%lld Lkv%lld D%lld %-16s max|out-ref| %.2e  lse %.2e%s flag %d  (%s, %s)",
+                  ok ? "ok" : "FAIL", (long long)B, (long long)Hq, (long long)Hkv, (long long)Lq, (long long)max_len,
+                  (long long)D, label.c_str(), err, lse_err, lse_ok ? "" : " (-inf mismatch)", flag, info.cache.c_str(),
+                  plan.describe().c_str());
+  } catch (const std::exception& e) {
+    std::snprintf(line, sizeof(line), "  gpu FAIL  decode D%lld %s: %s", (long long)D, label.c_str(), e.what());
+  }
+  std::printf("%s\n", line);
+  for (void* p : dev_buffers) cuda_free(p);
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -128,12 +251,14 @@ int main(int argc, char** argv) {
     for (const std::string& name : builtin_mod_names()) {
       const RegisteredMod& r = find_mod(name);
       const ModSet mods = mod_set_of(r.mod, r.kind);
+      for (jit::KernelKind kind : {jit::KernelKind::Prefill, jit::KernelKind::Decode}) {
       jit::KernelSpec spec;
       spec.backend = jit::Backend::Cuda;
-      spec.kind = jit::KernelKind::Prefill;
+      spec.kind = kind;
       spec.dtype = DType::BF16;
       spec.head_dim = spec.head_dim_v = 128;
-      spec.block_m = spec.block_n = 64;
+      spec.block_m = kind == jit::KernelKind::Decode ? 16 : 64;
+      spec.block_n = kind == jit::KernelKind::Decode ? 32 : 64;
       spec.gqa_group = 4;
       spec.arch = arch;
       try {
@@ -146,6 +271,7 @@ int main(int argc, char** argv) {
       } catch (const std::exception& e) {
         std::printf("  %-16s FAIL %s\n", name.c_str(), e.what());
         ++failures;
+      }
       }
     }
   }
@@ -180,6 +306,21 @@ int main(int argc, char** argv) {
                          {1, 2, 2, 129, 17, 256, "sliding_window"}, {2, 4, 4, 200, 200, 64, "document"},
                          {1, 4, 4, 64, 64, 128, "all_masked"},      {1, 8, 8, 1000, 1000, 128, "prefix_lm"}};
       for (const C& c : cases) failures += gpu_case(c.B, c.Hq, c.Hkv, c.Lq, c.Lkv, c.D, c.mod, props) ? 0 : 1;
+      // Decoding: KV 1, P-1, P, P+1, 4097 and 65536 around P = 256; GQA 1, 3, 4, 8; paged caches
+      // (shuffled pages, an empty sequence); the cost model's split (partition 0).
+      struct DC { int64_t Hq, Hkv, Lq; std::vector<int64_t> lens; int64_t D, page, partition; const char* mod; };
+      const DC dcases[] = {{4, 4, 1, {1}, 128, 0, 256, ""},
+                           {6, 2, 1, {255}, 128, 0, 256, "alibi"},
+                           {8, 2, 2, {256}, 128, 0, 256, "causal"},
+                           {16, 2, 1, {257}, 128, 0, 256, "softcap"},
+                           {32, 8, 1, {4097, 4097}, 128, 0, 256, "sliding_window"},
+                           {32, 8, 1, {65536}, 128, 0, 0, ""},
+                           {12, 4, 5, {300, 300}, 64, 0, 0, "rel_pos"},
+                           {32, 8, 1, {1000, 0, 37, 4097}, 128, 16, 256, "alibi"},
+                           {32, 8, 4, {5000, 64, 129}, 128, 64, 0, "causal"},
+                           {8, 8, 1, {2000}, 256, 16, 0, "softcap"}};
+      for (const DC& c : dcases)
+        failures += gpu_decode_case(c.Hq, c.Hkv, c.Lq, c.lens, c.D, c.page, c.partition, c.mod, props) ? 0 : 1;
     } catch (const std::exception& e) {
       std::printf("  GPU run FAILED: %s\n", e.what());
       ++failures;
