@@ -1,4 +1,5 @@
-"""flexjit from PyTorch: FlexAttention's programming model, JIT-compiled into CPU kernels.
+"""flexjit from PyTorch: FlexAttention's programming model, JIT-compiled into CPU kernels (and, for
+flex_attention's forward on bf16 / fp16 CUDA tensors, NVRTC-compiled CUDA kernels).
 
     import flexjit
     out = flexjit.flex_attention(q, k, v, score_mod="score + slopes[h] * (kv_idx - q_idx)",
@@ -110,6 +111,16 @@ def _kernel_options(op, kernel_options, known):
     return options
 
 
+def _require_cpu(op, **tensors):
+    """The ops other than flex_attention's forward have CPU kernels only: refuse CUDA (or any
+    non-CPU) tensors with the fix, before torch's generic "could not run ... backend" error."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device.type not in ("cpu", "meta"):
+            raise ValueError(f"flexjit.{op}: {name} is on {t.device}; {op} runs on the CPU only (of flexjit's "
+                             "attention calls only flex_attention's forward has a CUDA kernel): move the tensors "
+                             "with .cpu()")
+
+
 def _lists(buffers, params):
     buffers, params = dict(buffers or {}), dict(params or {})
     return (list(buffers.values()), list(buffers), list(params), [float(x) for x in params.values()])
@@ -121,6 +132,12 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     """PyTorch's flex_attention: same arguments, same meaning, same results. Returns out, or
     (out, lse) with return_lse, or (out, AuxOutput(lse=...)) with return_aux=AuxRequest(lse=True)
     (lse: fp32 [B, Hq, Lq], natural log).
+
+    CUDA: bf16 / fp16 query, key, value on one CUDA device run flexjit's CUDA prefill kernel
+    (NVRTC-compiled, cached like the CPU kernels, launched on the current stream without
+    synchronising); the mods' tensors must be on that device, a BlockMask is best moved there once
+    (flexjit.create_block_mask(..., device=query.device)); kernel_options BLOCK_M / BLOCK_N. fp32
+    on CUDA is refused (convert to bf16), and there is no CUDA backward yet.
 
     Differentiable on CPU (unlike PyTorch's): out.backward() gives gradients to query, key, value,
     the float tensors a score_mod captures or `buffers` names (learnable biases) and, through a
@@ -208,6 +225,8 @@ def paged_flex_attention(query, k_cache, v_cache, block_table, seq_lens, score_m
     partition, a multiple of page_size; 0 / unset: tuned or cost model).
     """
     options = _kernel_options("paged_flex_attention", kernel_options, _PAGED_KERNEL_OPTIONS)
+    _require_cpu("paged_flex_attention", query=query, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
+                 seq_lens=seq_lens)
     score_text, mask_text, buffers, params = _mods(score_mod, mask_mod, buffers, params, "paged_flex_attention")
     buf, buf_names, par_names, par_values = _lists(buffers, params)
     out, lse = torch.ops.flexjit.paged_flex_attention.default(
@@ -248,6 +267,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if len(window_size) != 2:
         raise ValueError(f"flexjit.flash_attn_varlen_func: window_size must be (left, right), got {window_size!r}")
     options = _kernel_options("flash_attn_varlen_func", kernel_options, _VARLEN_KERNEL_OPTIONS)
+    _require_cpu("flash_attn_varlen_func", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                 alibi_slopes=alibi_slopes)
     score_text, mask_text, buffers, params = _mods(score_mod, mask_mod, buffers, params, "flash_attn_varlen_func")
     buf, buf_names, par_names, par_values = _lists(buffers, params)
     out, lse = torch.ops.flexjit.varlen_attention.default(
@@ -280,6 +301,7 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
     (its out is not read, even if NaN). Returns new tensors (out, lse): out_a's shape and dtype, and
     fp32 lse.
     """
+    _require_cpu("merge_attention_states", out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
     return torch.ops.flexjit.merge_attention_states.default(out_a, lse_a, out_b, lse_b)
 
 
@@ -294,11 +316,11 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128
     mask_mod: a Python function (b, h, q_idx, kv_idx) -> bool, as written for PyTorch (traced;
     it becomes the BlockMask's mask_mod), or flexjit text / a registered name with the `buffers`
     and `params` it names; PyTorch's flex_attention then needs the same mask as a Python
-    function: pass it as torch_mask_mod. device must be the CPU (or None); _compile is accepted
-    and ignored (the builder is always compiled).
+    function: pass it as torch_mask_mod. device: where the BlockMask's tensors go (None: the CPU);
+    the builder runs on the CPU (tensors the mask reads are copied there for the build), so for
+    CUDA calls build the mask once and reuse it. _compile is accepted and ignored (the builder is
+    always compiled).
     """
-    if device is not None and torch.device(device).type != "cpu":
-        raise ValueError(f"flexjit.create_block_mask: device={device!r}; this build of flexjit runs on CPU only")
     _check_mod("mask_mod", mask_mod)
     q_bs, kv_bs = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else BLOCK_SIZE
     if isinstance(mask_mod, str):
@@ -310,8 +332,12 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128
         _, text, buffers_, params_ = trace.bind(None, mask_mod)
         torch_mask_mod = torch_mask_mod or mask_mod
     buf, buf_names, par_names, par_values = _lists(buffers_, params_)
+    buf = [t.cpu() if isinstance(t, torch.Tensor) else t for t in buf]  # the builder reads them on the CPU
     num, idx, full_num, full_idx = torch.ops.flexjit.create_block_mask(
         text or "true", B or 1, H or 1, Q_LEN, KV_LEN, buf, buf_names, par_names, par_values, q_bs, kv_bs)
+    if device is not None:
+        # Moved before the [B, H] expansion below, so the device holds one row per broadcast dim.
+        num, idx, full_num, full_idx = (t if t is None else t.to(device) for t in (num, idx, full_num, full_idx))
     # The builder keeps one row for a mask that ignores b / h; PyTorch's has [B, H] rows (views).
     num, idx, full_num, full_idx = (t if t is None else t.expand(B or 1, H or 1, *t.shape[2:])
                                     for t in (num, idx, full_num, full_idx))

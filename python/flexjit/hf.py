@@ -90,7 +90,10 @@ def flexjit_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
             def fn(b, h, q_idx, kv_idx):
                 return base(b, h, q_idx, kv_idx) & (valid[b, kv_idx] != 0)
     fn = _with_offsets(fn, int(q_offset), int(kv_offset))
-    return create_block_mask(fn, B, None, q_length, kv_length)
+    # The mask goes where the model runs (built on the CPU, moved once per forward).
+    where = attention_mask if attention_mask is not None else kwargs.get("cache_position")
+    device = where.device if isinstance(where, torch.Tensor) else None
+    return create_block_mask(fn, B, None, q_length, kv_length, device=device)
 
 
 def flexjit_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -125,7 +128,7 @@ def flexjit_attention_forward(module, query, key, value, attention_mask, dropout
 
         def causal(b, h, q_idx, kv_idx):
             return kv_idx <= q_idx + off
-        block_mask = _cached_causal(causal, query.shape[2], key.shape[2])
+        block_mask = _cached_causal(causal, query.shape[2], key.shape[2], query.device)
     out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
                          enable_gqa=query.shape[1] != key.shape[1], params=params)
     return out.transpose(1, 2).contiguous(), None
@@ -134,13 +137,13 @@ def flexjit_attention_forward(module, query, key, value, attention_mask, dropout
 _causal_masks = {}
 
 
-def _cached_causal(fn, q_len, kv_len):
+def _cached_causal(fn, q_len, kv_len, device):
     from . import create_block_mask
-    key = (q_len, kv_len)
+    key = (q_len, kv_len, device)
     if key not in _causal_masks:
         if len(_causal_masks) > 64:
             _causal_masks.clear()
-        _causal_masks[key] = create_block_mask(fn, None, None, q_len, kv_len)
+        _causal_masks[key] = create_block_mask(fn, None, None, q_len, kv_len, device=device)
     return _causal_masks[key]
 
 
