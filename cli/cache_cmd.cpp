@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -14,6 +15,7 @@
 #include "jit/nvrtc.h"
 #include "jit/pipeline.h"
 #include "runtime/attention.h"
+#include "runtime/cuda_decode.h"
 #include "score_mods/registry.h"
 
 namespace flexjit::cli {
@@ -131,21 +133,28 @@ void warm_cuda(const WarmArgs& w) {
   int failures = 0, jobs = 0;
   for (const auto& dt : w.dtypes)
     for (int d : w.head_dims)
-      for (int g : w.gqa) {
+      for (int g : w.gqa)
+        for (bool decode : {false, true}) {
         if (g < 1) throw Error("cache warm --gqa " + std::to_string(g) + ": use a group size >= 1");
+        // --lq picks the kernels as a call would: Lq > 16 the prefill kernel, Lq <= 16 the decode one.
+        if (std::none_of(w.lq.begin(), w.lq.end(), [&](int64_t lq) { return decode ? lq <= 16 : lq > 16; })) continue;
         jit::KernelSpec spec;
-        spec.backend = jit::Backend::Cuda;
-        spec.kind = jit::KernelKind::Prefill;
-        spec.dtype = parse_dtype(dt);
-        spec.head_dim = spec.head_dim_v = d;
-        spec.block_m = 64;
-        spec.block_n = 64;
-        spec.gqa_group = g;
-        spec.arch = w.arch;
-        spec.kv_stages = 2;
+        if (decode) {
+          spec = cuda_decode_kernel_spec(parse_dtype(dt), d, d, g, cuda_device_info_for_arch(w.arch));
+        } else {
+          spec.backend = jit::Backend::Cuda;
+          spec.kind = jit::KernelKind::Prefill;
+          spec.dtype = parse_dtype(dt);
+          spec.head_dim = spec.head_dim_v = d;
+          spec.block_m = 64;
+          spec.block_n = 64;
+          spec.gqa_group = g;
+          spec.arch = w.arch;
+          spec.kv_stages = 2;
+        }
         ++jobs;
         std::string line = "cuda " + w.arch + " " + dtype_name(spec.dtype) + " D=" + std::to_string(d) +
-                           " GQA=" + std::to_string(g) + ": ";
+                           " GQA=" + std::to_string(g) + (decode ? " decode" : "") + ": ";
         try {
           jit::CudaBinary b = jit::get_cuda_binary(spec, rm.mods);
           char buf[160];
@@ -159,7 +168,7 @@ void warm_cuda(const WarmArgs& w) {
         }
         std::printf("%s\n", line.c_str());
         std::fflush(stdout);
-      }
+        }
   std::printf("%d CUDA kernels for %s (%s) ready in %s (NVRTC %s; no GPU needed, none used)\n", jobs - failures,
               w.arch.c_str(), mods_text.empty() ? "no mods" : mods_text.c_str(),
               jit::KernelCache::global().dir().c_str(), jit::nvrtc_version().c_str());

@@ -1,7 +1,9 @@
 // `flexjit run`: one attention call on .npy files. The flags spelled out in issue #2 are a
 // public contract: add new ones, never rename these.
+#include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <fstream>
 #include <memory>
 
@@ -11,6 +13,8 @@
 #include "cli/mods_from_args.h"
 #include "cli/npy.h"
 #include "runtime/attention.h"
+#include "runtime/block_mask.h"
+#include "runtime/cuda_decode.h"
 #include "runtime/cuda_driver.h"
 #include "runtime/reference.h"
 #include "runtime/varlen.h"
@@ -280,18 +284,218 @@ void run_varlen(const RunArgs& a) {
                 "exceeds " + std::to_string(tol) + " for " + dtype_name(dtype) + " (outputs were written)");
 }
 
-void run(const RunArgs& a) {
-  if (a.device == "cuda") {
-    // Kernels compile without a GPU (cache warm --device cuda); running them needs one, and the
-    // launch path (driver module load, torch stream) is the next step of the CUDA backend.
-    const std::string status = cuda_driver_status();
-    if (!status.empty())
-      throw Error("--device cuda: " + status + ". CUDA kernels can still be compiled here for a GPU elsewhere: "
-                  "flexjit cache warm --device cuda --arch sm_90");
-    throw Error("--device cuda: " + std::to_string(cuda_device_count()) +
-                " CUDA device(s) found, but `flexjit run` cannot run CUDA kernels yet (they compile: flexjit cache "
-                "warm --device cuda; build-cuda-only/flexjit_cuda_selftest runs them); use --device cpu");
+// Device memory of one CUDA run, freed on every exit path.
+struct DeviceMemory {
+  std::vector<void*> blocks;
+  DeviceMemory() = default;
+  DeviceMemory(const DeviceMemory&) = delete;
+  DeviceMemory& operator=(const DeviceMemory&) = delete;
+  ~DeviceMemory() {
+    for (void* p : blocks) try {
+        cuda_free(p);
+      } catch (const std::exception&) {
+      }
   }
+  void* alloc(size_t bytes) {
+    blocks.push_back(cuda_alloc(bytes));
+    return blocks.back();
+  }
+  TensorView copy(const TensorView& h) {  // h is contiguous (loaded / made here)
+    TensorView d = h;
+    const size_t bytes = size_t(h.numel()) * dtype_size(h.dtype);
+    d.data = alloc(bytes);
+    cuda_copy_to_device(d.data, h.data, bytes);
+    return d;
+  }
+};
+
+// A host BlockMask's index arrays on the device, as the CUDA kernels read them.
+FlexBlockMaskArgs device_mask(const runtime::BlockMask& m, DeviceMemory& mem) {
+  FlexBlockMaskArgs a = runtime::kernel_args(m);
+  auto put = [&](const int* host, size_t n) -> const int* {
+    if (!host || n == 0) return host;
+    void* d = mem.alloc(n * 4);
+    cuda_copy_to_device(d, host, n * 4);
+    return static_cast<const int*>(d);
+  };
+  const size_t rows = size_t(a.B * a.H * a.q_blocks);
+  a.kv_num_blocks = put(a.kv_num_blocks, rows);
+  a.kv_indices = put(a.kv_indices, rows * size_t(a.kv_indices_stride));
+  a.full_kv_num_blocks = put(a.full_kv_num_blocks, rows);
+  a.full_kv_indices = put(a.full_kv_indices, rows * size_t(a.full_kv_indices_stride));
+  return a;
+}
+
+// `flexjit run --device cuda`: the same call on the GPU (runtime/cuda_prefill, runtime/cuda_decode):
+// inputs copied to the device, a BlockMask built on the host and copied, the first call compiles
+// (or finds) the kernel, a second one is timed. Prefill for Lq > 16, decode otherwise and for
+// paged caches (FORCE_USE_FLEX_ATTENTION=1: prefill).
+void run_cuda(const RunArgs& a) {
+  const std::string status = cuda_driver_status();
+  if (!status.empty())
+    throw Error("--device cuda: " + status + ". CUDA kernels can still be compiled here for a GPU elsewhere: "
+                "flexjit cache warm --device cuda --arch sm_90");
+  if (a.varlen) throw Error("--varlen runs on CPU only so far; drop --device cuda");
+  const DType dtype = parse_dtype(a.dtype);
+  if (dtype != DType::BF16 && dtype != DType::F16)
+    throw Error("--device cuda computes in bf16 or fp16 (fp32 accumulation); pass --dtype bf16 or --dtype fp16");
+  const bool paged = !a.k_cache.empty();
+  if (!paged && (a.k.empty() || a.v.empty()))
+    throw Error("give the keys and values: --k and --v (contiguous), or --k-cache, --v-cache, --block-table and --seq-lens (paged)");
+  OwnedTensor q = convert(load_npy(a.q, "q"), dtype);
+  OwnedTensor k, v;
+  PagedInputs pg;
+  if (paged) {
+    pg = load_paged(a, dtype);
+  } else {
+    k = convert(load_npy(a.k, "k"), dtype);
+    v = convert(load_npy(a.v, "v"), dtype);
+  }
+  for (auto* t : paged ? std::vector<OwnedTensor*>{&q} : std::vector<OwnedTensor*>{&q, &k, &v})
+    if (t->view.rank != 4)
+      throw Error("--" + t->name + " must hold a 4-D array [B, H, L, D], got shape " + t->view.shape_str());
+  ShapeInfo shape = paged ? ShapeInfo{q.view.sizes[0], q.view.sizes[1], pg.k_cache.view.sizes[2], pg.max_len, pg.max_len}
+                          : ShapeInfo{q.view.sizes[0], q.view.sizes[1], k.view.sizes[1], q.view.sizes[2], k.view.sizes[2]};
+  ResolvedMods rm = resolve_mods(a.mods, shape);
+  AttentionOptions opt = attention_options(a);
+  if (paged && !a.block_size.empty())
+    throw Error("--block-size applies to contiguous KV; a paged call builds its mask at absolute positions itself");
+  const int64_t B = q.view.sizes[0], Hq = q.view.sizes[1], Lq = q.view.sizes[2], D = q.view.sizes[3];
+  const int64_t Dv = paged ? pg.v_cache.view.sizes[3] : v.view.sizes[3];
+  const bool decode = paged || (Lq <= 16 && !opt.force_prefill);
+  if (paged && opt.force_prefill) throw Error("FORCE_USE_FLEX_ATTENTION=1: a paged cache has no prefill kernel");
+
+  cuda_use_primary_context();
+  const CudaDeviceProps props = cuda_current_device_props();
+  CudaDeviceInfo dev;
+  dev.arch = props.arch;
+  dev.max_smem_optin = props.max_smem_optin;
+  dev.sm_count = props.sm_count;
+  DeviceMemory mem;
+  ModBindings dev_bind = rm.bind;
+  for (auto& [name, view] : dev_bind.buffers) {
+    OwnedTensor c = OwnedTensor::make(name, view.dtype, std::vector<int64_t>(view.sizes, view.sizes + view.rank));
+    for (int64_t i = 0; i < view.numel(); ++i) {  // logical element i of a possibly strided view
+      int64_t off = 0, rest = i;
+      for (int d = view.rank - 1; d >= 0; --d) off += (rest % view.sizes[d]) * view.strides[d], rest /= view.sizes[d];
+      write_element_f64(c.view, i, read_element_f64(view, off));
+    }
+    view = mem.copy(c.view);
+  }
+  // The mask on the host (decode: one q-block holding the rows), then its arrays on the device.
+  runtime::BlockMask mask;
+  FlexBlockMaskArgs dmask{};
+  const bool have_mask = rm.mods.has_mask_mod();
+  if (have_mask) {
+    int64_t qbs = 128, kvbs = 128;
+    if (!a.block_size.empty()) parse_block_size(a.block_size, &qbs, &kvbs);
+    if (paged) {
+      std::vector<int64_t> lens;
+      for (int64_t b = 0; b < B; ++b) lens.push_back(pg.seq_lens.data<int32_t>()[b]);
+      mask = runtime::create_paged_block_mask(rm.mods, rm.bind, B, Hq, Lq, lens, kvbs);
+    } else {
+      mask = runtime::create_block_mask(rm.mods, rm.bind, B, Hq, Lq, shape.Lkv, decode ? std::max<int64_t>(qbs, Lq) : qbs,
+                                        kvbs);
+    }
+    dmask = device_mask(mask, mem);
+  }
+  TensorView dq = mem.copy(q.view);
+  TensorView dk = mem.copy(paged ? pg.k_cache.view : k.view), dv = mem.copy(paged ? pg.v_cache.view : v.view);
+  OwnedTensor out = OwnedTensor::make("out", dtype, {B, Hq, Lq, Dv});
+  OwnedTensor lse = OwnedTensor::make("lse", DType::F32, {B, Hq, Lq});
+  TensorView dout = mem.copy(out.view), dlse = mem.copy(lse.view);
+  int* dflag = static_cast<int*>(mem.alloc(4));
+  const int zero = 0;
+  cuda_copy_to_device(dflag, &zero, 4);
+
+  std::string describe;
+  CudaRunInfo info;
+  double kernel_ms = 0;
+  auto timed = [&](const std::function<void()>& call) {
+    const auto t0 = std::chrono::steady_clock::now();
+    call();
+    cuda_synchronize();
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  };
+  if (decode) {
+    CudaDecodeKv kv;
+    kv.k = &dk;
+    kv.v = &dv;
+    TensorView dtable, dseq;
+    if (paged) {
+      dtable = mem.copy(pg.block_table.view);
+      dseq = mem.copy(pg.seq_lens.view);
+      kv.block_table = &dtable;
+      kv.seq_lens = &dseq;
+      kv.max_seq_len = pg.max_len;
+    }
+    CudaDecodePlan plan = plan_cuda_decode(dq, kv, dout, &dlse, rm.mods, dev_bind, have_mask ? &dmask : nullptr, opt,
+                                           dev, dflag);
+    set_cuda_decode_workspace(plan, plan.workspace_bytes ? mem.alloc(plan.workspace_bytes) : nullptr);
+    timed([&] { info = run_cuda_decode(plan, rm.mods, nullptr); });
+    kernel_ms = timed([&] { run_cuda_decode(plan, rm.mods, nullptr); });
+    describe = plan.describe();
+  } else {
+    CudaPrefillPlan plan = plan_cuda_prefill(dq, dk, dv, dout, &dlse, rm.mods, dev_bind, have_mask ? &dmask : nullptr,
+                                             opt, dev, dflag);
+    timed([&] { info = run_cuda_prefill(plan, rm.mods, nullptr); });
+    kernel_ms = timed([&] { run_cuda_prefill(plan, rm.mods, nullptr); });
+    describe = plan.describe();
+  }
+  int flag = 0;
+  cuda_copy_to_host(&flag, dflag, 4);
+  cuda_copy_to_host(out.view.data, dout.data, size_t(out.view.numel()) * dtype_size(dtype));
+  cuda_copy_to_host(lse.view.data, dlse.data, size_t(lse.view.numel()) * 4);
+  if (flag & 1) throw Error("--device cuda: a mod indexed a buffer out of range (outputs not written)");
+  if (flag & 2) throw Error("--device cuda: a block-table entry or sequence length is out of range (outputs not written)");
+
+  OutputFiles files;
+  files.add_npy_f32("--out", a.out, to_f32(out.view), {B, Hq, Lq, Dv});
+  if (!a.lse_out.empty()) files.add_npy_f32("--lse-out", a.lse_out, to_f32(lse.view), {B, Hq, Lq});
+  double max_err = -1;
+  if (a.check) {
+    std::vector<int64_t> rows;
+    for (int64_t i = 0; i < Lq; i += std::max<int64_t>(1, Lq / 64)) rows.push_back(i);
+    if (rows.back() != Lq - 1) rows.push_back(Lq - 1);
+    const double scale = opt.scale ? *opt.scale : 1.0 / std::sqrt(double(D));
+    RefResult ref = paged ? reference_paged_attention(q.view, pg.k_cache.view, pg.v_cache.view, pg.block_table.view,
+                                                      pg.seq_lens.view, rm.mods, rm.bind, scale, false, rows)
+                          : reference_attention(q.view, k.view, v.view, rm.mods, rm.bind, scale, false, rows);
+    max_err = max_abs_error(out.view, ref, rows);
+  }
+  std::printf("flexjit run: %s, q %s on %s (%s, %d SMs) %s -> %s\n", rm.describe.c_str(), q.view.shape_str().c_str(),
+              "cuda", props.arch.c_str(), props.sm_count, dtype_name(dtype), a.out.c_str());
+  std::printf("  backend cuda: %s\n  kernel %s: cache %s%s, run %.3f ms\n", describe.c_str(), info.symbol.c_str(),
+              info.cache.c_str(), info.cache == "miss" ? (", compile " + fmt_ms(info.compile_ms)).c_str() : "",
+              kernel_ms);
+  if (a.check) std::printf("  check vs float64 reference (sampled rows): max abs error %.3g\n", max_err);
+  if (!a.report.empty()) {
+    nlohmann::json j;
+    j["backend"] = "cuda";
+    j["arch"] = props.arch;
+    j["sm_count"] = props.sm_count;
+    j["path"] = decode ? "decode" : "prefill";
+    j["paged"] = paged;
+    j["plan"] = describe;
+    j["symbol"] = info.symbol;
+    j["cache"] = info.cache;
+    j["compile_ms"] = info.compile_ms;
+    j["kernel_ms"] = kernel_ms;
+    j["dtype"] = dtype_name(dtype);
+    j["shape"] = {{"B", B}, {"Hq", Hq}, {"Lq", Lq}, {"D", D}, {"Dv", Dv}, {"Lkv", shape.Lkv}};
+    j["mods"] = rm.describe;
+    if (a.check) j["check_max_abs_error"] = max_err;
+    files.add_text("--report", a.report, j.dump(2) + "\n");
+  }
+  files.commit();
+  const double tol = dtype == DType::F16 ? 5e-3 : 3e-2;
+  if (a.check && max_err > tol)
+    throw Error("--check failed: max abs error " + std::to_string(max_err) + " against the float64 reference "
+                "exceeds " + std::to_string(tol) + " for " + dtype_name(dtype) + " (outputs were written)");
+}
+
+void run(const RunArgs& a) {
+  if (a.device == "cuda") return run_cuda(a);
   if (a.device != "cpu")
     throw Error("--device " + a.device + " is unknown; use cpu or cuda");
   if (a.varlen) return run_varlen(a);
@@ -430,7 +634,7 @@ void add_run_command(CLI::App& app) {
   cmd->add_option("--scale", a->scale, "score scale (default 1/sqrt(D))");
   cmd->add_flag("--enable-gqa", a->enable_gqa, "allow Hq to be a multiple of Hkv");
   cmd->add_option("--dtype", a->dtype, "compute dtype: fp32 | bf16 | fp16");
-  cmd->add_option("--device", a->device, "cpu (default) or cuda (needs a GPU and the CUDA launch path, not built yet: a clear error until then)");
+  cmd->add_option("--device", a->device, "cpu (default) or cuda (bf16 / fp16 on the GPU; without one, a clear error)");
   cmd->add_option("--block-size", a->block_size, "BlockMask block size: N or QxKV (default 128)");
   cmd->add_option("--kernel-option", a->kernel_options, "NAME=VALUE kernel knob: BLOCK_M, BLOCK_N, USE_AMX (0/1), "
                                                           "USE_DPBF16 (0/1), PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION (0/1)");

@@ -30,6 +30,44 @@ std::string CudaDecodePlan::describe() const {
   return os.str();
 }
 
+jit::KernelSpec cuda_decode_kernel_spec(DType dtype, int head_dim, int head_dim_v, int gqa_group,
+                                        const CudaDeviceInfo& dev, int block_n) {
+  jit::KernelSpec s;
+  s.backend = jit::Backend::Cuda;
+  s.kind = jit::KernelKind::Decode;
+  s.dtype = dtype;
+  s.head_dim = head_dim;
+  s.head_dim_v = head_dim_v;
+  s.gqa_group = gqa_group;
+  s.arch = dev.arch;
+  s.block_m = 16;
+  s.block_n = block_n > 0 ? block_n : 32;
+  if (s.block_n % 16 != 0 || s.block_n > 128)
+    throw Error(std::string(kWho) + ": BLOCK_N must be a multiple of 16 up to 128, got " + num(s.block_n));
+  s.warps = 4;
+  s.kv_stages = 2;
+  while (jit::cuda_decode_smem_bytes(s) > dev.max_smem_optin) {
+    if (s.kv_stages == 2) s.kv_stages = 1;
+    else if (s.warps > 1) s.warps /= 2;
+    else if (s.block_n > 16 && block_n <= 0) s.block_n /= 2;
+    else
+      throw Error(std::string(kWho) + ": D=" + num(head_dim) + " with BLOCK_N " + num(s.block_n) + " needs " +
+                  num(jit::cuda_decode_smem_bytes(s)) + " bytes of shared memory; this GPU allows " +
+                  num(dev.max_smem_optin) + ". Use a smaller BLOCK_N");
+  }
+  return s;
+}
+
+CudaDeviceInfo cuda_device_info_for_arch(const std::string& arch) {
+  CudaDeviceInfo d;
+  d.arch = arch;
+  d.sm_count = 132;
+  if (arch == "sm_80" || arch == "sm_87") d.max_smem_optin = 166912;
+  else if (arch == "sm_86" || arch == "sm_89" || arch == "sm_120" || arch == "sm_121") d.max_smem_optin = 101376;
+  else d.max_smem_optin = 232448;  // sm_90, sm_100, sm_103
+  return d;
+}
+
 CudaDecodePlan plan_cuda_decode(const TensorView& q, const CudaDecodeKv& kv, const TensorView& out,
                                 const TensorView* lse, const ModSet& mods, const ModBindings& bind,
                                 const FlexBlockMaskArgs* mask, const AttentionOptions& opt,
@@ -116,35 +154,15 @@ CudaDecodePlan plan_cuda_decode(const TensorView& q, const CudaDecodeKv& kv, con
   }
 
   // ---- spec: BLOCK_N, warps and stages that fit the device's shared memory ----
-  CudaDecodePlan p;
-  jit::KernelSpec& s = p.spec;
-  s.backend = jit::Backend::Cuda;
-  s.kind = jit::KernelKind::Decode;
-  s.dtype = q.dtype;
-  s.head_dim = static_cast<int>(D);
-  s.head_dim_v = static_cast<int>(Dv);
-  s.gqa_group = static_cast<int>(Hq / Hkv);
-  s.arch = dev.arch;
-  s.block_m = 16;
-  s.block_n = opt.block_n > 0 ? opt.block_n : 32;
   if (opt.block_m > 0 && opt.block_m != 16)
     throw Error(std::string(kWho) + ": BLOCK_M is the decode kernel's row tile, 16; got " + num(opt.block_m));
-  if (s.block_n % 16 != 0 || s.block_n > 128)
-    throw Error(std::string(kWho) + ": BLOCK_N must be a multiple of 16 up to 128, got " + num(s.block_n));
+  CudaDecodePlan p;
+  p.spec = cuda_decode_kernel_spec(q.dtype, static_cast<int>(D), static_cast<int>(Dv), static_cast<int>(Hq / Hkv), dev,
+                                   opt.block_n);
+  jit::KernelSpec& s = p.spec;
   if (has_mask && mask->kv_block_size % s.block_n != 0)
     throw Error(std::string(kWho) + ": the BlockMask's KV block (" + num(mask->kv_block_size) +
                 ") must be a multiple of BLOCK_N (" + num(s.block_n) + ")");
-  s.warps = 4;
-  s.kv_stages = 2;
-  while (jit::cuda_decode_smem_bytes(s) > dev.max_smem_optin) {
-    if (s.kv_stages == 2) s.kv_stages = 1;
-    else if (s.warps > 1) s.warps /= 2;
-    else if (s.block_n > 16 && opt.block_n <= 0) s.block_n /= 2;
-    else
-      throw Error(std::string(kWho) + ": D=" + num(D) + " with BLOCK_N " + num(s.block_n) + " needs " +
-                  num(jit::cuda_decode_smem_bytes(s)) + " bytes of shared memory; this GPU allows " +
-                  num(dev.max_smem_optin) + ". Use a smaller BLOCK_N");
-  }
   p.smem_bytes = jit::cuda_decode_smem_bytes(s);
   p.block_threads = static_cast<unsigned>(s.warps * 32);
 

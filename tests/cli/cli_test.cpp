@@ -753,11 +753,16 @@ TEST_F(Cli, CacheWarmCompilesCudaKernelsWithoutAGpu) {
   EXPECT_NE(w.out.find("cuda sm_90 bf16 D=64 GQA=1: compiled"), std::string::npos) << w.out;
   EXPECT_NE(w.out.find("cuda sm_90 bf16 D=128 GQA=1: compiled"), std::string::npos) << w.out;
   EXPECT_NE(w.out.find("flexjit_cuda_prefill_bf16_d128_m64_n64_g1_sm_90_"), std::string::npos) << w.out;
-  EXPECT_NE(w.out.find("2 CUDA kernels for sm_90"), std::string::npos) << w.out;
+  // The default --lq 1,4096 warms the decode kernel (partitions + merge) too.
+  EXPECT_NE(w.out.find("cuda sm_90 bf16 D=128 GQA=1 decode: compiled"), std::string::npos) << w.out;
+  EXPECT_NE(w.out.find("flexjit_cuda_decode_bf16_d128_m16_n32_g1_w4_sm_90_"), std::string::npos) << w.out;
+  EXPECT_NE(w.out.find("4 CUDA kernels for sm_90"), std::string::npos) << w.out;
   Result again = run_sub("cache", warm);
   EXPECT_NE(again.out.find("cuda sm_90 bf16 D=128 GQA=1: on disk"), std::string::npos) << again.out;
   Result list = run_sub("cache", {"list"});
-  EXPECT_NE(list.out.find("2 kernels"), std::string::npos) << list.out;
+  EXPECT_NE(list.out.find("4 kernels"), std::string::npos) << list.out;
+  Result prefill_only = run_sub("cache", {"warm", "--device", "cuda", "--arch", "sm_90", "--head-dim", "64", "--lq", "4096"});
+  EXPECT_NE(prefill_only.out.find("1 CUDA kernels for sm_90"), std::string::npos) << prefill_only.out;
   // Another arch or mod set is another kernel; an unknown arch is a clear error.
   Result other = run_sub("cache", {"warm", "--device", "cuda", "--arch", "sm_80", "--dtype", "fp16", "--head-dim", "80",
                                    "--score-mod", "softcap"});
@@ -766,7 +771,7 @@ TEST_F(Cli, CacheWarmCompilesCudaKernelsWithoutAGpu) {
   EXPECT_NE(bad.code, 0);
   EXPECT_NE((bad.out + bad.err).find("'sm_42'"), std::string::npos) << bad.out << bad.err;
   Result cleared = run_sub("cache", {"clear"});
-  EXPECT_NE(cleared.out.find("removed 3 entries"), std::string::npos) << cleared.out;
+  EXPECT_NE(cleared.out.find("removed 7 entries"), std::string::npos) << cleared.out;
 }
 
 TEST_F(Cli, BadOptions) {
