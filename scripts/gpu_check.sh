@@ -2,7 +2,11 @@
 # The GPU check in one script: builds the CUDA-only configuration (FLEXJIT_CPU_BACKEND=OFF: no
 # LLVM, TBB, GoogleTest, json or CLI11 needed) with ninja when present, runs the CUDA self-test
 # (every built-in mod compiled by NVRTC through the cache; on a GPU, kernels on odd shapes
-# against the float64 reference), and writes a log and a JSON summary into OUTDIR.
+# against the float64 reference), and writes a log and a JSON summary into OUTDIR. Then, where
+# python3 imports torch and torch sees a GPU, it builds the torch op library of that configuration
+# (build-gpu-torch: flex_attention's CUDA kernel, no LLVM either), runs tests/python/test_cuda.py
+# (when pytest is there) and bench/cuda_prefill_bench.py against PyTorch (cuda_prefill_bench.json
+# and .log in OUTDIR).
 # On a machine without a GPU it runs too and says that the GPU parts were skipped.
 #
 #   scripts/gpu_check.sh OUTDIR [ARCH]     ARCH: sm_90 (H100/H200) by default, or the GPU's own
@@ -26,7 +30,8 @@ fi
 gen=()
 command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
 t0=$(date +%s)
-if ! cmake -S . -B build-gpu "${gen[@]}" -DFLEXJIT_CPU_BACKEND=OFF -DCMAKE_BUILD_TYPE=Release >>"$log" 2>&1 ||
+if ! cmake -S . -B build-gpu "${gen[@]}" -DFLEXJIT_CPU_BACKEND=OFF -DFLEXJIT_WITH_TORCH=OFF \
+       -DCMAKE_BUILD_TYPE=Release >>"$log" 2>&1 ||
    ! cmake --build build-gpu -j "$(nproc)" >>"$log" 2>&1; then
   say "gpu_check: BUILD FAILED (see $log)"
   printf '{"build": "failed", "arch": "%s"}\n' "$arch" > "$out/gpu_check.json"
@@ -42,16 +47,57 @@ for d in site.getsitepackages():
 fi
 ./build-gpu/flexjit_cuda_selftest "$arch" 2>&1 | tee "$out/selftest.txt" | tee -a "$log"
 rc=${PIPESTATUS[0]}
-python3 - "$out" "$arch" "$rc" <<'PY'
-import json, re, sys
+
+# ---- the torch op on the GPU: its own build directory, so a torch problem cannot stop the above ----
+torch_op=skipped bench_rc=-1 pytest_rc=-1
+if ! python3 -c 'import torch' >/dev/null 2>&1; then
+  say "gpu_check: torch op + benchmark SKIPPED: python3 cannot import torch"
+elif ! python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
+  say "gpu_check: torch op + benchmark SKIPPED: torch sees no CUDA device (torch.cuda.is_available() is False)"
+else
+  t0=$(date +%s)
+  if cmake -S . -B build-gpu-torch "${gen[@]}" -DFLEXJIT_CPU_BACKEND=OFF -DFLEXJIT_WITH_TORCH=ON \
+       -DCMAKE_BUILD_TYPE=Release >>"$log" 2>&1 &&
+     cmake --build build-gpu-torch -j "$(nproc)" --target flexjit_torch_ops >>"$log" 2>&1 &&
+     [[ -f build-gpu-torch/libflexjit_torch_ops.so ]]; then
+    torch_op=built
+    say "gpu_check: torch op library built in $(( $(date +%s) - t0 )) s (build-gpu-torch/libflexjit_torch_ops.so)"
+    export FLEXJIT_TORCH_OPS=$PWD/build-gpu-torch/libflexjit_torch_ops.so
+    if python3 -c 'import pytest' >/dev/null 2>&1; then
+      FLEXJIT_CACHE_DIR="$(mktemp -d)" timeout 300 python3 -m pytest tests/python/test_cuda.py -q -rs \
+        2>&1 | tee "$out/test_cuda.txt" | tee -a "$log"
+      pytest_rc=${PIPESTATUS[0]}
+    else
+      say "gpu_check: tests/python/test_cuda.py SKIPPED: no pytest"
+    fi
+    timeout 480 python3 bench/cuda_prefill_bench.py --json "$out/cuda_prefill_bench.json" 2>&1 |
+      tee "$out/cuda_prefill_bench.log" | tee -a "$log"
+    bench_rc=${PIPESTATUS[0]}
+    [[ $bench_rc -eq 124 ]] && say "gpu_check: the benchmark ran past 480 s and was stopped"
+  else
+    torch_op=failed
+    say "gpu_check: torch op library BUILD FAILED (see $log)"
+  fi
+fi
+
+python3 - "$out" "$arch" "$rc" "$torch_op" "$pytest_rc" "$bench_rc" <<'PY'
+import json, os, re, sys
 out, arch, rc = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch_op, pytest_rc, bench_rc = sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
 lines = open(f"{out}/selftest.txt").read().splitlines()
 gpu = [l.strip() for l in lines if l.strip().startswith("gpu ")]
 summary = {"arch": arch, "selftest_rc": rc,
            "compiled_ok": sum(1 for l in lines if re.match(r"\s+\S+\s+ok\s", l)),
            "gpu_runs": gpu, "gpu_skipped": any("GPU runs: SKIPPED" in l for l in lines),
-           "result": next((l for l in lines if l.startswith("cuda selftest:") and "(" in l and "failures" in l), "")}
+           "result": next((l for l in lines if l.startswith("cuda selftest:") and "(" in l and "failures" in l), ""),
+           "torch_op": torch_op, "test_cuda_rc": pytest_rc, "bench_rc": bench_rc,
+           "bench_json": "cuda_prefill_bench.json" if os.path.exists(f"{out}/cuda_prefill_bench.json") else None}
 json.dump(summary, open(f"{out}/gpu_check.json", "w"), indent=2)
 print(json.dumps(summary, indent=2))
 PY
-exit "$rc"
+# Any failure counts: the self-test, the op build, its test or the benchmark (2: a mismatch).
+[[ $rc -ne 0 ]] && exit "$rc"
+[[ $torch_op == failed ]] && exit 1
+[[ $pytest_rc -gt 0 ]] && exit 1
+[[ $bench_rc -gt 0 ]] && exit "$bench_rc"
+exit 0
