@@ -17,6 +17,9 @@ target_compile_definitions(flexjit_cuda_core PRIVATE FLEXJIT_NO_CPU_BACKEND=1
 
 add_executable(flexjit_cuda_selftest tools/cuda_selftest.cpp)
 target_link_libraries(flexjit_cuda_selftest PRIVATE flexjit_cuda_core)
+# The kernels' own GPU benchmark (copy ceiling, decode GB/s, prefill TFLOP/s); skips without a GPU.
+add_executable(flexjit_cuda_bench tools/cuda_bench.cpp)
+target_link_libraries(flexjit_cuda_bench PRIVATE flexjit_cuda_core)
 
 # ---- optional: the torch op library, CUDA kernel only (FLEXJIT_WITH_TORCH, torch importable) ----
 # torch.ops.flexjit.* with the full build's schemas (runtime/torch/op_schema.h) and flex_attention's

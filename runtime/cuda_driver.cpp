@@ -39,6 +39,8 @@ struct Driver {
   CUresult (*mem_free)(CUdeviceptr) = nullptr;
   CUresult (*memcpy_htod)(CUdeviceptr, const void*, size_t) = nullptr;
   CUresult (*memcpy_dtoh)(void*, CUdeviceptr, size_t) = nullptr;
+  CUresult (*memcpy_dtod)(CUdeviceptr, CUdeviceptr, size_t) = nullptr;
+  CUresult (*memset_d16)(CUdeviceptr, unsigned short, size_t) = nullptr;
   CUresult (*error_name)(CUresult, const char**) = nullptr;
 };
 
@@ -99,6 +101,8 @@ const Driver& driver() {
     sym(out.mem_free, "cuMemFree_v2");
     sym(out.memcpy_htod, "cuMemcpyHtoD_v2");
     sym(out.memcpy_dtoh, "cuMemcpyDtoH_v2");
+    sym(out.memcpy_dtod, "cuMemcpyDtoD_v2");
+    sym(out.memset_d16, "cuMemsetD16_v2");
     out.error_name = err_name;
     if (!ok) out.devices = 0;
     return out;
@@ -238,6 +242,13 @@ void cuda_copy_to_device(void* dst, const void* src, size_t bytes) {
 }
 void cuda_copy_to_host(void* dst, const void* src, size_t bytes) {
   check(need().memcpy_dtoh(dst, reinterpret_cast<CUdeviceptr>(src), bytes), "cuMemcpyDtoH");
+}
+void cuda_copy_device_to_device(void* dst, const void* src, size_t bytes) {
+  check(need().memcpy_dtod(reinterpret_cast<CUdeviceptr>(dst), reinterpret_cast<CUdeviceptr>(src), bytes),
+        "cuMemcpyDtoD");
+}
+void cuda_fill_u16(void* dst, unsigned short value, size_t count) {
+  check(need().memset_d16(reinterpret_cast<CUdeviceptr>(dst), value, count), "cuMemsetD16");
 }
 void cuda_synchronize() { check(need().ctx_synchronize(), "cuCtxSynchronize (an earlier kernel launch may have failed)"); }
 

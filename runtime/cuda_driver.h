@@ -54,6 +54,8 @@ void* cuda_alloc(size_t bytes);
 void cuda_free(void* p);
 void cuda_copy_to_device(void* dst, const void* src, size_t bytes);
 void cuda_copy_to_host(void* dst, const void* src, size_t bytes);
+void cuda_copy_device_to_device(void* dst, const void* src, size_t bytes);  // on the default stream
+void cuda_fill_u16(void* dst, unsigned short value, size_t count);          // count 16-bit elements
 void cuda_synchronize();  // the current context; throws the error of an earlier launch
 
 }  // namespace flexjit

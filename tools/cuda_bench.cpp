@@ -1,0 +1,282 @@
+// The GPU benchmark of the CUDA kernels on their own (no torch): what issue 9 and 10's bars measure
+// on flexjit's side, in one run on the GPU at hand.
+//   - device-to-device copy bandwidth (cuMemcpyDtoD of 1 GiB), the ceiling decode is held to;
+//   - decode: bf16, Llama-3.1-8B heads (Hq 32, Hkv 8, D 128), B 1..64, KV 4k..128k, contiguous and
+//     paged (pages of 16, shuffled), GB/s of K and V read per call next to the copy bandwidth;
+//   - prefill: bf16, D 128, causal (a causal BlockMask) and ALiBi, L 4k..16k, B x H = 128 heads,
+//     TFLOP/s (causal counted as half).
+// Times are medians of 5 repetitions of 10 back-to-back calls (host clock around a device
+// synchronisation). The torch baselines (torch.compile(flex_attention), SDPA) are measured by
+// bench/cuda_prefill_bench.py in the same GPU session. Writes a table to stdout and JSON to the
+// path given.
+//   flexjit_cuda_bench OUT.json [--quick]
+// Without a GPU it says so and exits 0.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "runtime/cuda_decode.h"
+#include "runtime/cuda_driver.h"
+#include "runtime/cuda_prefill.h"
+#include "score_mods/registry.h"
+
+namespace {
+
+using namespace flexjit;
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Milliseconds per call: the median over 5 repetitions of `calls` back-to-back calls.
+double time_ms(const std::function<void()>& call, int calls = 10) {
+  call();
+  cuda_synchronize();
+  std::vector<double> reps;
+  for (int r = 0; r < 5; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < calls; ++i) call();
+    cuda_synchronize();
+    reps.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / calls);
+  }
+  return median(reps);
+}
+
+TensorView dev_view(void* data, DType dt, std::vector<int64_t> sizes) {
+  TensorView t;
+  t.data = data;
+  t.dtype = dt;
+  t.rank = int(sizes.size());
+  int64_t stride = 1;
+  for (int d = t.rank - 1; d >= 0; --d) {
+    t.sizes[d] = sizes[size_t(d)];
+    t.strides[d] = stride;
+    stride *= sizes[size_t(d)];
+  }
+  return t;
+}
+
+std::string json_escape(const std::string& s) {
+  std::string o;
+  for (char c : s) o += c == '"' ? std::string("\\\"") : std::string(1, c);
+  return o;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string json_path = argc > 1 ? argv[1] : "cuda_bench.json";
+  const bool quick = argc > 2 && std::string(argv[2]) == "--quick";
+  const std::string status = cuda_driver_status();
+  if (!status.empty()) {
+    std::printf("cuda bench: SKIPPED, no GPU (%s)\n", status.c_str());
+    std::ofstream(json_path) << "{\"skipped\": \"" << json_escape(status) << "\"}\n";
+    return 0;
+  }
+  cuda_use_primary_context();
+  const CudaDeviceProps props = cuda_current_device_props();
+  CudaDeviceInfo dev;
+  dev.arch = props.arch;
+  dev.max_smem_optin = props.max_smem_optin;
+  dev.sm_count = props.sm_count;
+  std::printf("cuda bench: %s, %d SMs\n", props.arch.c_str(), props.sm_count);
+  std::string json = "{\n  \"arch\": \"" + props.arch + "\", \"sm_count\": " + std::to_string(props.sm_count);
+
+  // ---- the copy ceiling ----
+  const size_t copy_bytes = size_t(1) << 30;
+  void* a = cuda_alloc(copy_bytes);
+  void* b = cuda_alloc(copy_bytes);
+  cuda_fill_u16(a, 0x3c00, copy_bytes / 2);
+  const double copy_ms = time_ms([&] { cuda_copy_device_to_device(b, a, copy_bytes); });
+  const double copy_gbs = 2.0 * double(copy_bytes) / (copy_ms * 1e6);  // read + write
+  cuda_free(a);
+  cuda_free(b);
+  std::printf("  device-to-device copy: %.0f GB/s (bytes read + written per second, 1 GiB)\n", copy_gbs);
+  json += ",\n  \"copy_gbs\": " + std::to_string(copy_gbs);
+
+  // ---- decode: Llama-3.1-8B heads ----
+  const int64_t Hq = 32, Hkv = 8, D = 128;
+  const std::vector<int64_t> batches = quick ? std::vector<int64_t>{1, 16} : std::vector<int64_t>{1, 4, 16, 64};
+  const std::vector<int64_t> lens = quick ? std::vector<int64_t>{4096, 32768}
+                                          : std::vector<int64_t>{4096, 16384, 65536, 131072};
+  int64_t max_tokens = 0;
+  for (int64_t B : batches)
+    for (int64_t L : lens) max_tokens = std::max(max_tokens, B * L);
+  const size_t kv_elems = size_t(max_tokens) * size_t(Hkv * D);
+  void* kbuf = cuda_alloc(kv_elems * 2);
+  void* vbuf = cuda_alloc(kv_elems * 2);
+  cuda_fill_u16(kbuf, 0x3c00, kv_elems);  // bf16 2^-7: finite values
+  cuda_fill_u16(vbuf, 0x3c00, kv_elems);
+  json += ",\n  \"decode\": [";
+  std::printf("  decode bf16 Hq %lld Hkv %lld D %lld (GB/s of K and V read; %% of the copy bandwidth)\n", (long long)Hq,
+              (long long)Hkv, (long long)D);
+  std::printf("    %-6s %-8s %-11s %9s %9s %7s  %s\n", "B", "KV", "layout", "ms", "GB/s", "copy%", "plan");
+  bool first = true;
+  for (int64_t B : batches)
+    for (int64_t L : lens)
+      for (bool paged : {false, true}) {
+        const int64_t page = 16;
+        void* q = cuda_alloc(size_t(B * Hq * D) * 2);
+        void* out = cuda_alloc(size_t(B * Hq * D) * 2);
+        cuda_fill_u16(q, 0x3c00, size_t(B * Hq * D));
+        TensorView qv = dev_view(q, DType::BF16, {B, Hq, 1, D}), ov = dev_view(out, DType::BF16, {B, Hq, 1, D});
+        TensorView kv_k, kv_v, table, seq;
+        void* dtable = nullptr;
+        void* dseq = nullptr;
+        CudaDecodeKv kv;
+        if (paged) {
+          const int64_t pages = L / page, num_pages = B * pages;
+          kv_k = dev_view(kbuf, DType::BF16, {num_pages, page, Hkv, D});
+          kv_v = dev_view(vbuf, DType::BF16, {num_pages, page, Hkv, D});
+          std::vector<int> host_table(static_cast<size_t>(B * pages));
+          std::vector<int> host_seq(static_cast<size_t>(B), static_cast<int>(L));
+          for (size_t i = 0; i < host_table.size(); ++i) host_table[i] = int((i * 7919) % host_table.size());
+          dtable = cuda_alloc(host_table.size() * 4);
+          dseq = cuda_alloc(host_seq.size() * 4);
+          cuda_copy_to_device(dtable, host_table.data(), host_table.size() * 4);
+          cuda_copy_to_device(dseq, host_seq.data(), host_seq.size() * 4);
+          table = dev_view(dtable, DType::I32, {B, pages});
+          seq = dev_view(dseq, DType::I32, {B});
+          kv.block_table = &table;
+          kv.seq_lens = &seq;
+          kv.max_seq_len = L;
+        } else {
+          kv_k = dev_view(kbuf, DType::BF16, {B, Hkv, L, D});
+          kv_v = dev_view(vbuf, DType::BF16, {B, Hkv, L, D});
+        }
+        kv.k = &kv_k;
+        kv.v = &kv_v;
+        AttentionOptions opt;
+        opt.enable_gqa = true;
+        char line[512];
+        try {
+          CudaDecodePlan plan = plan_cuda_decode(qv, kv, ov, nullptr, ModSet{}, ModBindings{}, nullptr, opt, dev, nullptr);
+          void* ws = plan.workspace_bytes ? cuda_alloc(plan.workspace_bytes) : nullptr;
+          set_cuda_decode_workspace(plan, ws);
+          const ModSet none;
+          const double ms = time_ms([&] { run_cuda_decode(plan, none, nullptr); });
+          const double bytes = 2.0 * double(B * L * Hkv * D) * 2;
+          const double gbs = bytes / (ms * 1e6);
+          std::snprintf(line, sizeof line, "    %-6lld %-8lld %-11s %9.3f %9.0f %6.0f%%  %s", (long long)B, (long long)L,
+                        paged ? "paged16" : "contiguous", ms, gbs, 100 * gbs / copy_gbs, plan.describe().c_str());
+          json += std::string(first ? "" : ",") + "\n    {\"B\": " + std::to_string(B) + ", \"kv\": " + std::to_string(L) +
+                  ", \"paged\": " + (paged ? "true" : "false") + ", \"ms\": " + std::to_string(ms) +
+                  ", \"gbs\": " + std::to_string(gbs) + ", \"copy_fraction\": " + std::to_string(gbs / copy_gbs) +
+                  ", \"partitions\": " + std::to_string(plan.num_partitions) + ", \"plan\": \"" +
+                  json_escape(plan.describe()) + "\"}";
+          first = false;
+          if (ws) cuda_free(ws);
+        } catch (const std::exception& e) {
+          std::snprintf(line, sizeof line, "    %-6lld %-8lld %-11s FAILED: %s", (long long)B, (long long)L,
+                        paged ? "paged16" : "contiguous", e.what());
+        }
+        std::printf("%s\n", line);
+        std::fflush(stdout);
+        cuda_free(q);
+        cuda_free(out);
+        if (dtable) cuda_free(dtable);
+        if (dseq) cuda_free(dseq);
+      }
+  json += "\n  ]";
+  cuda_free(kbuf);
+  cuda_free(vbuf);
+
+  // ---- prefill: bf16 D 128, 128 heads ----
+  json += ",\n  \"prefill\": [";
+  std::printf("  prefill bf16 D 128, B x H = 128 heads (TFLOP/s; causal counted as half)\n");
+  std::printf("    %-7s %-7s %9s %9s  %s\n", "mod", "L", "ms", "TFLOP/s", "plan");
+  first = true;
+  const std::vector<int64_t> plens = quick ? std::vector<int64_t>{4096} : std::vector<int64_t>{4096, 8192, 16384};
+  for (int64_t L : plens)
+    for (const std::string mod : {"causal", "alibi"}) {
+      const int64_t B = 8, H = 16;
+      const size_t elems = size_t(B * H * L * D);
+      void* q = cuda_alloc(elems * 2);
+      void* k = cuda_alloc(elems * 2);
+      void* v = cuda_alloc(elems * 2);
+      void* o = cuda_alloc(elems * 2);
+      for (void* p : {q, k, v}) cuda_fill_u16(p, 0x3c00, elems);
+      TensorView qv = dev_view(q, DType::BF16, {B, H, L, D}), kvv = dev_view(k, DType::BF16, {B, H, L, D}),
+                 vv = dev_view(v, DType::BF16, {B, H, L, D}), ov = dev_view(o, DType::BF16, {B, H, L, D});
+      ModSet mods;
+      ModBindings bind;
+      std::vector<OwnedTensor> storage;
+      std::vector<void*> extra;
+      FlexBlockMaskArgs mask{};
+      const FlexBlockMaskArgs* mp = nullptr;
+      if (mod == "alibi") {
+        const RegisteredMod& r = find_mod("alibi");
+        ShapeInfo shape;
+        shape.B = B, shape.Hq = H, shape.Hkv = H, shape.Lq = L, shape.Lkv = L;
+        TracedMod t = instantiate_example(r, shape, &storage);
+        mods = mod_set_of(t, r.kind);
+        bind = t.bindings;
+        for (auto& [name, view] : bind.buffers) {  // the slopes, on the device
+          const size_t bytes = size_t(view.numel()) * dtype_size(view.dtype);
+          void* d = cuda_alloc(bytes);
+          cuda_copy_to_device(d, view.data, bytes);
+          extra.push_back(d);
+          view.data = d;
+        }
+      } else {
+        // causal: mask_mod q_idx >= kv_idx with a causal BlockMask of 128 x 128 blocks: q-block i
+        // has block i partial and blocks 0 .. i-1 full.
+        const RegisteredMod& r = find_mod("causal");
+        mods = mod_set_of(r.mod, r.kind);
+        const int64_t nb = (L + 127) / 128;
+        const size_t n1 = static_cast<size_t>(nb), n2 = static_cast<size_t>(nb * nb);
+        std::vector<int> num(n1), idx(n2, 0), fnum(n1), fidx(n2, 0);
+        for (int64_t i = 0; i < nb; ++i) {
+          num[size_t(i)] = 1;
+          idx[size_t(i * nb)] = int(i);
+          fnum[size_t(i)] = int(i);
+          for (int64_t j = 0; j < i; ++j) fidx[size_t(i * nb + j)] = int(j);
+        }
+        auto put = [&](const std::vector<int>& h) {
+          void* d = cuda_alloc(h.size() * 4);
+          cuda_copy_to_device(d, h.data(), h.size() * 4);
+          extra.push_back(d);
+          return static_cast<const int*>(d);
+        };
+        mask.kv_num_blocks = put(num);
+        mask.kv_indices = put(idx);
+        mask.full_kv_num_blocks = put(fnum);
+        mask.full_kv_indices = put(fidx);
+        mask.B = mask.H = 1;
+        mask.q_blocks = mask.kv_blocks = nb;
+        mask.q_block_size = mask.kv_block_size = 128;
+        mask.kv_indices_stride = mask.full_kv_indices_stride = nb;
+        mp = &mask;
+      }
+      AttentionOptions opt;
+      char line[512];
+      try {
+        CudaPrefillPlan plan = plan_cuda_prefill(qv, kvv, vv, ov, nullptr, mods, bind, mp, opt, dev, nullptr);
+        const double ms = time_ms([&] { run_cuda_prefill(plan, mods, nullptr); }, 5);
+        const double flops = 4.0 * double(B * H) * double(L) * double(L) * double(D) * (mod == "causal" ? 0.5 : 1.0);
+        const double tflops = flops / (ms * 1e9);
+        std::snprintf(line, sizeof line, "    %-7s %-7lld %9.3f %9.1f  %s", mod.c_str(), (long long)L, ms, tflops,
+                      plan.describe().c_str());
+        json += std::string(first ? "" : ",") + "\n    {\"mod\": \"" + mod + "\", \"L\": " + std::to_string(L) +
+                ", \"B\": " + std::to_string(B) + ", \"H\": " + std::to_string(H) + ", \"ms\": " + std::to_string(ms) +
+                ", \"tflops\": " + std::to_string(tflops) + "}";
+        first = false;
+      } catch (const std::exception& e) {
+        std::snprintf(line, sizeof line, "    %-7s %-7lld FAILED: %s", mod.c_str(), (long long)L, e.what());
+      }
+      std::printf("%s\n", line);
+      std::fflush(stdout);
+      for (void* p : {q, k, v, o}) cuda_free(p);
+      for (void* p : extra) cuda_free(p);
+    }
+  json += "\n  ]\n}\n";
+  std::ofstream(json_path) << json;
+  std::printf("cuda bench: wrote %s\n", json_path.c_str());
+  return 0;
+}
