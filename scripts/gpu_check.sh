@@ -2,7 +2,9 @@
 # The GPU check in one script: builds the CUDA-only configuration (FLEXJIT_CPU_BACKEND=OFF: no
 # LLVM, TBB, GoogleTest, json or CLI11 needed) with ninja when present, runs the CUDA self-test
 # (every built-in mod compiled by NVRTC through the cache; on a GPU, kernels on odd shapes
-# against the float64 reference), and writes a log and a JSON summary into OUTDIR. Then, where
+# against the float64 reference, prefill and decode), the kernels' own benchmark
+# (flexjit_cuda_bench: copy ceiling, decode GB/s, prefill TFLOP/s -> cuda_bench.json), and writes a
+# log and a JSON summary into OUTDIR. Then, where
 # python3 imports torch and torch sees a GPU, it builds the torch op library of that configuration
 # (build-gpu-torch: flex_attention's CUDA kernel, no LLVM either), runs tests/python/test_cuda.py
 # (when pytest is there) and bench/cuda_prefill_bench.py against PyTorch (cuda_prefill_bench.json
@@ -47,6 +49,10 @@ for d in site.getsitepackages():
 fi
 ./build-gpu/flexjit_cuda_selftest "$arch" 2>&1 | tee "$out/selftest.txt" | tee -a "$log"
 rc=${PIPESTATUS[0]}
+# The kernels' own benchmark (no torch): the copy ceiling, decode GB/s, prefill TFLOP/s.
+timeout 150 ./build-gpu/flexjit_cuda_bench "$out/cuda_bench.json" 2>&1 | tee "$out/cuda_bench.log" | tee -a "$log"
+kbench_rc=${PIPESTATUS[0]}
+[[ $kbench_rc -eq 124 ]] && say "gpu_check: flexjit_cuda_bench ran past 150 s and was stopped"
 
 # ---- the torch op on the GPU: its own build directory, so a torch problem cannot stop the above ----
 torch_op=skipped bench_rc=-1 pytest_rc=-1
@@ -80,16 +86,18 @@ else
   fi
 fi
 
-python3 - "$out" "$arch" "$rc" "$torch_op" "$pytest_rc" "$bench_rc" <<'PY'
+python3 - "$out" "$arch" "$rc" "$torch_op" "$pytest_rc" "$bench_rc" "$kbench_rc" <<'PY'
 import json, os, re, sys
 out, arch, rc = sys.argv[1], sys.argv[2], int(sys.argv[3])
-torch_op, pytest_rc, bench_rc = sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+torch_op, pytest_rc, bench_rc, kbench_rc = sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
 lines = open(f"{out}/selftest.txt").read().splitlines()
 gpu = [l.strip() for l in lines if l.strip().startswith("gpu ")]
 summary = {"arch": arch, "selftest_rc": rc,
            "compiled_ok": sum(1 for l in lines if re.match(r"\s+\S+\s+ok\s", l)),
            "gpu_runs": gpu, "gpu_skipped": any("GPU runs: SKIPPED" in l for l in lines),
            "result": next((l for l in lines if l.startswith("cuda selftest:") and "(" in l and "failures" in l), ""),
+           "kernel_bench_rc": kbench_rc,
+           "kernel_bench_json": "cuda_bench.json" if os.path.exists(f"{out}/cuda_bench.json") else None,
            "torch_op": torch_op, "test_cuda_rc": pytest_rc, "bench_rc": bench_rc,
            "bench_json": "cuda_prefill_bench.json" if os.path.exists(f"{out}/cuda_prefill_bench.json") else None}
 json.dump(summary, open(f"{out}/gpu_check.json", "w"), indent=2)
@@ -97,6 +105,7 @@ print(json.dumps(summary, indent=2))
 PY
 # Any failure counts: the self-test, the op build, its test or the benchmark (2: a mismatch).
 [[ $rc -ne 0 ]] && exit "$rc"
+[[ $kbench_rc -ne 0 ]] && exit 1
 [[ $torch_op == failed ]] && exit 1
 [[ $pytest_rc -gt 0 ]] && exit 1
 [[ $bench_rc -gt 0 ]] && exit "$bench_rc"
