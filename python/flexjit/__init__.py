@@ -117,7 +117,8 @@ def _require_cpu(op, **tensors):
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and t.device.type not in ("cpu", "meta"):
             raise ValueError(f"flexjit.{op}: {name} is on {t.device}; {op} runs on the CPU only (of flexjit's "
-                             "attention calls only flex_attention's forward has a CUDA kernel): move the tensors "
+                             "attention calls only flex_attention's and paged_flex_attention's forwards have CUDA kernels): "
+                             "move the tensors "
                              "with .cpu()")
 
 
@@ -223,10 +224,13 @@ def paged_flex_attention(query, k_cache, v_cache, block_table, seq_lens, score_m
     max(seq_lens) positions.
     kernel_options: BLOCK_M / BLOCK_N (decode kernel tiles) and PARTITION_SIZE (keys per split-KV
     partition, a multiple of page_size; 0 / unset: tuned or cost model).
+
+    CUDA: bf16 / fp16 query and caches on one CUDA device run the CUDA flash-decoding kernel
+    (block_table / seq_lens on that device or the CPU; seq_lens on the CPU sizes the grid by the
+    longest sequence, on the device by the table's capacity, without synchronising). A mask_mod is
+    evaluated on every key block there (no block skipping yet).
     """
     options = _kernel_options("paged_flex_attention", kernel_options, _PAGED_KERNEL_OPTIONS)
-    _require_cpu("paged_flex_attention", query=query, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
-                 seq_lens=seq_lens)
     score_text, mask_text, buffers, params = _mods(score_mod, mask_mod, buffers, params, "paged_flex_attention")
     buf, buf_names, par_names, par_values = _lists(buffers, params)
     out, lse = torch.ops.flexjit.paged_flex_attention.default(

@@ -10,7 +10,9 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <tuple>
 
+#include "runtime/cuda_decode.h"
 #include "runtime/cuda_driver.h"
 #include "runtime/cuda_prefill.h"
 #include "runtime/torch/op_common.h"
@@ -99,12 +101,12 @@ AttentionOptions cuda_options(const FlexOptions& o) {
                     "(tensor cores, mma.sync); drop the option");
       if (val != 0) throw Error("kernel option " + n + " must be 0 or 1, got " + std::to_string(val));
     } else if (n == "PARTITION_SIZE") {
-      if (val != 0)
-        throw Error("flex_attention: kernel option PARTITION_SIZE is the CPU decode kernel's; on CUDA every "
-                    "query length runs the prefill kernel (there is no CUDA decode kernel yet): drop it");
+      if (val < 0) throw Error("kernel option PARTITION_SIZE must be >= 0 (0: the cost model), got " + std::to_string(val));
+      opt.partition_size = val;
     } else if (n == "FORCE_USE_FLEX_ATTENTION") {
       if (val != 0 && val != 1)
         throw Error("kernel option FORCE_USE_FLEX_ATTENTION must be 0 or 1, got " + std::to_string(val));
+      opt.force_prefill = val == 1;
     } else {
       throw Error("unknown kernel option '" + n +
                   "'; known: BLOCK_M, BLOCK_N, USE_AMX, USE_DPBF16, PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION");
@@ -162,6 +164,60 @@ void check_mask_rows(const TorchBlockMaskTensors& t) {
         seen[row[j]] = r;
       }
     }
+}
+
+// What a report needs of either plan.
+struct CudaPlanSummary {
+  jit::KernelSpec spec;
+  std::string path, split;
+  int64_t partition_size = 0, num_partitions = 1;
+  bool pack_gqa = false;
+};
+CudaPlanSummary summary_of(const CudaPrefillPlan& p) {
+  CudaPlanSummary s;
+  s.spec = p.spec;
+  s.path = "prefill";
+  return s;
+}
+CudaPlanSummary summary_of(const CudaDecodePlan& p) {
+  CudaPlanSummary s;
+  s.spec = p.spec;
+  s.path = "decode";
+  s.split = p.split;
+  s.partition_size = p.partition_size;
+  s.num_partitions = p.num_partitions;
+  s.pack_gqa = p.pack_gqa;
+  return s;
+}
+
+void fill_report(AttentionReport* out, const CudaPlanSummary& plan, const CudaRunInfo& info, const CudaDeviceInfo& dev,
+                 double host_us, bool user_knobs) {
+  AttentionReport& rep = *out;
+  rep = AttentionReport{};
+  rep.backend = "cuda";
+  rep.target = dev.arch;
+  rep.path = plan.path;
+  rep.tuning = user_knobs ? "user" : "default";
+  rep.partition_size = plan.partition_size;
+  rep.num_partitions = plan.num_partitions;
+  rep.pack_gqa = plan.pack_gqa;
+  rep.cache = info.cache;
+  rep.compile_ms = info.compile_ms;
+  // Host time of the call (planning, kernel lookup and load, the launches); the kernels run
+  // asynchronously, so kernel_ms stays 0: time them with CUDA events.
+  rep.lookup_us = host_us - info.compile_ms * 1000.0;
+  rep.block_m = plan.spec.block_m;
+  rep.block_n = plan.spec.block_n;
+  rep.gqa_group = plan.spec.gqa_group;
+  rep.engine = "mma";
+  rep.dtype = dtype_name(plan.spec.dtype);
+  rep.symbol = info.symbol;
+  KernelUse use;
+  use.role = "attention";
+  use.cache = info.cache;
+  use.compile_ms = info.compile_ms;
+  use.symbol = info.symbol;
+  rep.kernels.push_back(use);
 }
 
 bool check_requested() {
@@ -301,15 +357,35 @@ FlexResult cuda_flex_attention(const at::Tensor& q, const at::Tensor& k, const a
   FlexBlockMaskArgs margs{};
   if (mask) margs = mask_args(*mask);
 
-  CudaPrefillPlan plan = plan_cuda_prefill(qv, kv, vv, out, o.return_lse ? &lse : nullptr, mods, bind,
-                                           mask ? &margs : nullptr, cuda_options(o), dev,
-                                           error_flag.data_ptr<int32_t>());
+  const AttentionOptions opt = cuda_options(o);
   // torch's current stream of this device (c10::Stream::native_handle: the cudaStream_t), so the
   // kernel is ordered with the caller's other work on it. Tensors this call allocated may be freed
   // when it returns: torch's caching allocator reuses their memory only for work enqueued later on
   // the same stream, which runs after the kernel.
   void* stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(q.device()).native_handle();
-  const CudaRunInfo info = run_cuda_prefill(plan, mods, stream);
+  // A few query rows (Lq <= 16) take the flash-decoding kernel, as on CPU, unless
+  // FORCE_USE_FLEX_ATTENTION or a BlockMask whose q-blocks do not hold the rows says otherwise.
+  const bool decode = q.size(2) <= 16 && !opt.force_prefill && (!mask || margs.q_block_size >= q.size(2));
+  CudaPlanSummary plan;
+  CudaRunInfo info;
+  if (decode) {
+    CudaDecodeKv dkv;
+    dkv.k = &kv;
+    dkv.v = &vv;
+    CudaDecodePlan dp = plan_cuda_decode(qv, dkv, out, o.return_lse ? &lse : nullptr, mods, bind,
+                                         mask ? &margs : nullptr, opt, dev, error_flag.data_ptr<int32_t>());
+    // The partitions' workspace from torch's caching allocator (capture-safe, freed after the call
+    // on this stream's order).
+    at::Tensor ws = at::empty({int64_t(dp.workspace_bytes)}, q.options().dtype(at::kByte));
+    set_cuda_decode_workspace(dp, dp.workspace_bytes ? ws.data_ptr() : nullptr);
+    info = run_cuda_decode(dp, mods, stream);
+    plan = summary_of(dp);
+  } else {
+    CudaPrefillPlan pp = plan_cuda_prefill(qv, kv, vv, out, o.return_lse ? &lse : nullptr, mods, bind,
+                                           mask ? &margs : nullptr, opt, dev, error_flag.data_ptr<int32_t>());
+    info = run_cuda_prefill(pp, mods, stream);
+    plan = summary_of(pp);
+  }
   const double host_us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
 
   if (check_requested() && error_flag.item<int32_t>() != 0)
@@ -319,33 +395,107 @@ FlexResult cuda_flex_attention(const at::Tensor& q, const at::Tensor& k, const a
 
   if (o.report) {
     AttentionReport& rep = *o.report;
-    rep = AttentionReport{};
-    rep.backend = "cuda";
-    rep.target = dev.arch;
-    rep.path = "prefill";
-    rep.tuning = o.kernel_options.count("BLOCK_M") || o.kernel_options.count("BLOCK_N") ? "user" : "default";
-    rep.cache = info.cache;
-    rep.compile_ms = info.compile_ms;
-    // Host time of the call (planning, kernel lookup and load, the launch); the kernel itself runs
-    // asynchronously, so kernel_ms stays 0: time it with CUDA events.
-    rep.lookup_us = host_us - info.compile_ms * 1000.0;
-    rep.block_m = plan.spec.block_m;
-    rep.block_n = plan.spec.block_n;
-    rep.gqa_group = plan.spec.gqa_group;
-    rep.engine = "mma";
-    rep.dtype = dtype_name(plan.spec.dtype);
-    rep.symbol = info.symbol;
+    fill_report(&rep, plan, info, dev, host_us,
+                o.kernel_options.count("BLOCK_M") || o.kernel_options.count("BLOCK_N") ||
+                    o.kernel_options.count("PARTITION_SIZE"));
     if (mask)
       rep.block_mask = "BlockMask B=" + std::to_string(margs.B) + " H=" + std::to_string(margs.H) +
                        " blocks " + std::to_string(margs.q_blocks) + "x" + std::to_string(margs.kv_blocks) + " of " +
                        std::to_string(margs.q_block_size) + "x" + std::to_string(margs.kv_block_size) + " (on " +
                        q.device().str() + ")";
-    KernelUse use;
-    use.role = "attention";
-    use.cache = info.cache;
-    use.compile_ms = info.compile_ms;
-    use.symbol = info.symbol;
-    rep.kernels.push_back(use);
+  }
+  return r;
+}
+
+FlexResult cuda_paged_flex_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                     const at::Tensor& block_table, const at::Tensor& seq_lens, const ModSet& mods,
+                                     const ModBindings& bind, const FlexOptions& o) {
+  check_devices(q, k_cache, v_cache);
+  if (q.dim() != 4 || k_cache.dim() != 4 || v_cache.dim() != 4)
+    throw Error("paged_flex_attention: q must be 4-D [B, Hq, Lq, D] and k_cache, v_cache 4-D [num_pages, page_size, "
+                "Hkv, D]; got " + shape_of(q) + ", " + shape_of(k_cache) + ", " + shape_of(v_cache));
+  for (auto [t, name, rank] : {std::tuple{&block_table, "block_table", 2}, {&seq_lens, "seq_lens", 1}}) {
+    if (!t->defined() || t->scalar_type() != at::kInt || t->dim() != rank)
+      throw Error(std::string("paged_flex_attention: ") + name + " must be an int32 " + std::to_string(rank) +
+                  "-D tensor, got " + (t->defined() ? std::string(c10::toString(t->scalar_type())) + " " + shape_of(*t)
+                                                    : std::string("nothing")) + "; convert it once (and keep it int32)");
+    if (t->is_cuda() && t->device() != q.device())
+      throw Error(std::string("paged_flex_attention: ") + name + " is on " + t->device().str() + " but q is on " +
+                  q.device().str());
+    if (!t->is_cuda() && !t->device().is_cpu())
+      throw Error(std::string("paged_flex_attention: ") + name + " is on " + t->device().str() +
+                  "; pass it on q's device or the CPU");
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  c10::DeviceGuard guard(q.device());
+  const int index = q.device().index();
+  cuda_use_device_context(index);
+  const CudaDeviceInfo dev = device_info(index);
+  // The grid is sized by the longest sequence. seq_lens on the CPU is read here (cheap) and copied;
+  // on the device it is not read (that would synchronise the stream): the block table's capacity
+  // (max_pages * page_size) bounds it instead, and partitions past a sequence's end cost an empty CTA.
+  int64_t max_len = block_table.size(1) * k_cache.size(1);
+  if (seq_lens.device().is_cpu() && seq_lens.numel() > 0) {
+    const at::Tensor lens = seq_lens.contiguous();
+    const int32_t* p = lens.data_ptr<int32_t>();
+    int32_t m = 0;
+    for (int64_t i = 0; i < lens.numel(); ++i) {
+      if (p[i] < 0 || p[i] > max_len)
+        throw Error("paged_flex_attention: seq_lens[" + std::to_string(i) + "] is " + std::to_string(p[i]) +
+                    "; it must be in 0.." + std::to_string(max_len) + " (block_table's " +
+                    std::to_string(block_table.size(1)) + " pages of " + std::to_string(k_cache.size(1)) + " keys)");
+      if (p[i] > 0 && p[i] < q.size(2))
+        throw Error("paged_flex_attention: seq_lens[" + std::to_string(i) + "] is " + std::to_string(p[i]) +
+                    " but the call has Lq=" + std::to_string(q.size(2)) + " new tokens; a sequence holds at least "
+                    "its queries (or 0 for an unused slot)");
+      m = std::max(m, p[i]);
+    }
+    max_len = m;
+  }
+  const at::Tensor table = block_table.to(q.device()).contiguous(), lens = seq_lens.to(q.device()).contiguous();
+  const at::Tensor qc = kernel_layout(q), kc = kernel_layout(k_cache), vc = kernel_layout(v_cache);
+  FlexResult r;
+  r.out = at::empty({q.size(0), q.size(1), q.size(2), v_cache.size(3)}, q.options());
+  if (o.return_lse) r.lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  at::Tensor error_flag = at::zeros({1}, q.options().dtype(at::kInt));
+  const TensorView qv = cuda_view_of(qc, "q"), kv = cuda_view_of(kc, "k_cache"), vv = cuda_view_of(vc, "v_cache"),
+                   out = cuda_view_of(r.out, "out"), tv = cuda_view_of(table, "block_table"),
+                   sv = cuda_view_of(lens, "seq_lens");
+  TensorView lse;
+  if (o.return_lse) lse = cuda_view_of(r.lse, "lse");
+  AttentionOptions opt = cuda_options(o);
+  if (opt.force_prefill)
+    throw Error("paged_flex_attention: FORCE_USE_FLEX_ATTENTION=1: a paged cache has no prefill kernel");
+  opt.enable_gqa = true;  // a paged cache's KV heads are its own; GQA is implied by Hq / Hkv
+  CudaDecodeKv dkv;
+  dkv.k = &kv;
+  dkv.v = &vv;
+  dkv.block_table = &tv;
+  dkv.seq_lens = &sv;
+  dkv.max_seq_len = max_len;
+  // No BlockMask here yet: a mask_mod is evaluated on every key block of each sequence (correct;
+  // nothing is skipped), where the CPU path builds one per call at absolute positions.
+  CudaDecodePlan dp = plan_cuda_decode(qv, dkv, out, o.return_lse ? &lse : nullptr, mods, bind, nullptr, opt, dev,
+                                       error_flag.data_ptr<int32_t>());
+  at::Tensor ws = at::empty({int64_t(dp.workspace_bytes)}, q.options().dtype(at::kByte));
+  set_cuda_decode_workspace(dp, dp.workspace_bytes ? ws.data_ptr() : nullptr);
+  void* stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(q.device()).native_handle();
+  const CudaRunInfo info = run_cuda_decode(dp, mods, stream);
+  const double host_us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+  if (check_requested()) {
+    const int32_t flag = error_flag.item<int32_t>();
+    if (flag & 1)
+      throw Error("paged_flex_attention: a mod indexed one of its buffers out of range on " + q.device().str() +
+                  " (caught by FLEXJIT_CUDA_CHECK=1)");
+    if (flag & 2)
+      throw Error("paged_flex_attention: a block_table entry or seq_lens value is out of range on " +
+                  q.device().str() + " (caught by FLEXJIT_CUDA_CHECK=1): pages must be in 0..num_pages-1 and "
+                  "0 < seq_lens[b] < Lq is not allowed");
+  }
+  if (o.report) {
+    fill_report(o.report, summary_of(dp), info, dev, host_us,
+                o.kernel_options.count("BLOCK_N") || o.kernel_options.count("PARTITION_SIZE"));
+    o.report->paged = true;
   }
   return r;
 }
@@ -470,6 +620,40 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_cuda(
       mask = cuda_block_mask(t, query, key.size(2));
     }
     FlexResult r = cuda_flex_attention(query, key, value, mods, bind, mask ? &*mask : nullptr, opt);
+    at::Tensor lse = r.lse.defined() ? r.lse : at::empty({0}, query.options().dtype(at::kFloat));
+    return std::make_tuple(r.out, lse);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> paged_flex_attention_cuda(
+    const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_table,
+    const at::Tensor& seq_lens, const std::string& score_mod_text, const std::string& mask_mod_text,
+    const Tensors& buffers, const Names& buffer_names, const Names& param_names, at::ArrayRef<double> param_values,
+    std::optional<double> scale, bool enable_gqa, bool return_lse, int64_t BLOCK_M, int64_t BLOCK_N,
+    int64_t PARTITION_SIZE) {
+  return surface_errors("flexjit.paged_flex_attention", [&] {
+    if (query.dim() != 4 || k_cache.dim() != 4 || v_cache.dim() != 4)
+      throw Error("query must be 4-D [B, Hq, Lq, D] and k_cache, v_cache 4-D [num_pages, page_size, Hkv, D]");
+    check_devices(query, k_cache, v_cache);
+    ModArgs args = collect(buffers, buffer_names, param_names, param_values);
+    std::vector<at::Tensor> keep;
+    const std::map<std::string, TensorView> views = device_buffers(args, query, &keep);
+    // Registered mods' example buffers are indexed by absolute positions: sized for what the
+    // block table can hold (the longest sequence is not read back from the device).
+    const int64_t cap = block_table.dim() == 2 ? std::max<int64_t>(1, block_table.size(1) * k_cache.size(1)) : 1;
+    const ShapeInfo shape{query.size(0), query.size(1), k_cache.size(2), cap, cap};
+    const TracedMod sm = device_mod(score_mod_text, ModKind::Score, args, views, shape, query.device(), &keep),
+                    mm = device_mod(mask_mod_text, ModKind::Mask, args, views, shape, query.device(), &keep);
+    check_all_used(args, {&sm, &mm});
+    auto [mods, bind] = combine(sm.expr ? &sm : nullptr, mm.expr ? &mm : nullptr);
+    FlexOptions opt;
+    opt.scale = scale;
+    opt.enable_gqa = enable_gqa;
+    opt.return_lse = return_lse;
+    if (BLOCK_M) opt.kernel_options["BLOCK_M"] = BLOCK_M;
+    if (BLOCK_N) opt.kernel_options["BLOCK_N"] = BLOCK_N;
+    if (PARTITION_SIZE) opt.kernel_options["PARTITION_SIZE"] = PARTITION_SIZE;
+    FlexResult r = cuda_paged_flex_attention(query, k_cache, v_cache, block_table, seq_lens, mods, bind, opt);
     at::Tensor lse = r.lse.defined() ? r.lse : at::empty({0}, query.options().dtype(at::kFloat));
     return std::make_tuple(r.out, lse);
   });

@@ -43,11 +43,25 @@ TorchBlockMaskTensors cuda_block_mask(const TorchBlockMaskTensors& t, const at::
 // device: asynchronous, nothing is synchronised (so a call can be captured in a CUDA graph once
 // its kernel is compiled), except with FLEXJIT_CUDA_CHECK=1, which waits for the kernel and
 // raises if a mod indexed a buffer out of range. o.kernel_options: BLOCK_M, BLOCK_N (default 64;
-// they must divide the mask's blocks); FORCE_USE_FLEX_ATTENTION is accepted (CUDA always runs the
-// prefill kernel), USE_AMX / USE_DPBF16 = 0 are accepted and = 1 refused (CPU engines), and
-// PARTITION_SIZE is refused (no CUDA decode kernel yet). o.report gets backend "cuda", the arch,
+// they must divide the mask's blocks); FORCE_USE_FLEX_ATTENTION, PARTITION_SIZE (decode), USE_AMX /
+// USE_DPBF16 = 0 are accepted and = 1 refused (CPU engines). o.report gets backend "cuda", the arch,
 // the kernel's cache state and compile time. Throws flexjit::Error naming the problem and the fix.
+// Lq <= 16 (and no FORCE_USE_FLEX_ATTENTION, and a BlockMask, if any, whose q-block holds the rows)
+// runs the CUDA flash-decoding kernel instead (runtime/cuda_decode.h: split-KV partitions chosen
+// by PARTITION_SIZE or a cost model filling the SMs, merged by a second kernel; its workspace from
+// torch's caching allocator), with path "decode" and the partitions in the report.
 FlexResult cuda_flex_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const ModSet& mods,
                                const ModBindings& bind, const TorchBlockMaskTensors* mask, const FlexOptions& o);
+
+// paged_flex_attention on CUDA (the CPU contract of runtime/attention.h): q [B, Hq, Lq <= 16, D],
+// k_cache / v_cache [num_pages, page_size, Hkv, D / Dv] bf16 / fp16 on one device, block_table
+// int32 [B, max_pages] and seq_lens int32 [B] on that device or the CPU. seq_lens on the CPU is
+// checked and its maximum sizes the grid; on the device it is not read (no synchronisation: the
+// call stays graph-capturable) and the table's capacity sizes the grid instead, with bad entries
+// caught on the device (FLEXJIT_CUDA_CHECK=1 raises them). A mask_mod is evaluated on every key
+// block (no BlockMask on this path yet). Asynchronous, on torch's current stream.
+FlexResult cuda_paged_flex_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                     const at::Tensor& block_table, const at::Tensor& seq_lens, const ModSet& mods,
+                                     const ModBindings& bind, const FlexOptions& o);
 
 }  // namespace flexjit

@@ -244,13 +244,42 @@ FlexResult flex_attention_on_cuda(const at::Tensor& q, const at::Tensor& k, cons
   return cuda_flex_attention(q, k, v, mods, bind, mask ? &*mask : nullptr, o);
 }
 
+// paged_flex_attention's CUDA branch: the mods bound on q's device (registered mods' example
+// buffers sized by the block table's capacity: positions are absolute), then the CUDA decode kernel.
+FlexResult paged_flex_attention_on_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                        const at::Tensor& block_table, const at::Tensor& seq_lens,
+                                        const ModRef& score_mod, const ModRef& mask_mod, const FlexOptions& o) {
+  if (q.dim() != 4 || k_cache.dim() != 4 || v_cache.dim() != 4 || block_table.dim() != 2)
+    throw Error("paged_flex_attention: q must be 4-D [B, Hq, Lq, D], k_cache / v_cache 4-D [num_pages, page_size, "
+                "Hkv, D] and block_table 2-D [B, max_pages]");
+  if (!score_mod.empty() && score_mod.kind != ModKind::Score)
+    throw Error("paged_flex_attention: score_mod is a mask_mod; pass it as mask_mod");
+  if (!mask_mod.empty() && mask_mod.kind != ModKind::Mask)
+    throw Error("paged_flex_attention: mask_mod is a score_mod; pass it as score_mod");
+  const int64_t cap = std::max<int64_t>(1, block_table.size(1) * k_cache.size(1));
+  ShapeInfo shape{q.size(0), q.size(1), k_cache.size(2), cap, cap};
+  std::vector<OwnedTensor> storage;
+  std::vector<at::Tensor> keep;
+  TracedMod sm, mm;
+  if (!score_mod.empty()) {
+    complete_bindings(score_mod, shape, &sm, &storage);
+    device_bindings(score_mod, &sm, q.device(), false, &keep);
+  }
+  if (!mask_mod.empty()) {
+    complete_bindings(mask_mod, shape, &mm, &storage);
+    device_bindings(mask_mod, &mm, q.device(), false, &keep);
+  }
+  auto [mods, bind] = combine(score_mod.empty() ? nullptr : &sm, mask_mod.empty() ? nullptr : &mm);
+  return cuda_paged_flex_attention(q, k_cache, v_cache, block_table, seq_lens, mods, bind, o);
+}
+
 }  // namespace
 
 TensorView view_of(const at::Tensor& t, const std::string& name) {
   if (!t.defined()) throw Error(name + " is an undefined tensor");
   if (!t.device().is_cpu())
     throw Error(name + " is on " + t.device().str() + "; this flexjit function runs on the CPU (of the attention "
-                "calls only flex_attention's forward has a CUDA kernel): move it with .cpu()");
+                "calls only flex_attention's and paged_flex_attention's forwards have CUDA kernels): move it with .cpu()");
   if (t.dim() > 4) throw Error(name + " has " + std::to_string(t.dim()) + " dims; at most 4 are supported");
   TensorView v;
   v.data = t.data_ptr();
@@ -398,6 +427,8 @@ FlexGrads flex_attention_backward(const at::Tensor& dout, const at::Tensor& q, c
 FlexResult paged_flex_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const at::Tensor& block_table, const at::Tensor& seq_lens, const ModRef& score_mod,
                                 const ModRef& mask_mod, const FlexOptions& o) {
+  if ((q.defined() && q.is_cuda()) || (k_cache.defined() && k_cache.is_cuda()) || (v_cache.defined() && v_cache.is_cuda()))
+    return paged_flex_attention_on_cuda(q, k_cache, v_cache, block_table, seq_lens, score_mod, mask_mod, o);
   TensorView qv = view_of(q, "q"), kv = view_of(k_cache, "k_cache"), vv = view_of(v_cache, "v_cache");
   if (q.dim() != 4 || k_cache.dim() != 4 || v_cache.dim() != 4)
     throw Error("paged_flex_attention: q must be 4-D [B, Hq, Lq, D] and k_cache, v_cache 4-D [num_pages, "

@@ -110,6 +110,47 @@ inline std::tuple<at::Tensor, at::Tensor> flex_attention_meta(
   return std::make_tuple(out, lse);
 }
 
+// Shapes only: out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] fp32 (or [0]). The tables'
+// contents (page indices, lengths) are data, checked by the kernels.
+inline std::tuple<at::Tensor, at::Tensor> paged_flex_attention_meta(
+    const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_table, const at::Tensor& seq_lens, const std::string&,
+    const std::string&, const Tensors&, const Names&, const Names&, at::ArrayRef<double>,
+    std::optional<double>, bool, bool return_lse, int64_t, int64_t, int64_t) {
+  TORCH_CHECK_VALUE(query.dim() == 4, "flexjit.paged_flex_attention: query must be 4-D [B, Hq, Lq, D], got ",
+                    query.dim(), "-D");
+  for (auto [t, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}})
+    TORCH_CHECK_VALUE(t->dim() == 4, "flexjit.paged_flex_attention: ", name,
+                      " must be 4-D [num_pages, page_size, Hkv, D], got ", t->dim(), "-D");
+  // Only a static Lq is checked here: comparing a symbolic one would add a guard to the graph.
+  if (auto lq = query.sym_size(2).maybe_as_int(); lq && *lq > 16)
+    TORCH_CHECK_VALUE(false, "flexjit.paged_flex_attention: paged attention runs the decode kernel, for up to "
+                      "16 query rows per sequence; got Lq=", *lq, ". Run longer queries (prefill) with "
+                      "flex_attention on contiguous K/V");
+  auto st = query.scalar_type();
+  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+                    "flexjit.paged_flex_attention: query has dtype ", st,
+                    "; supported: float32, bfloat16, float16");
+  TORCH_CHECK_VALUE(k_cache.scalar_type() == st && v_cache.scalar_type() == st,
+                    "flexjit.paged_flex_attention: query, k_cache, v_cache must share a dtype, got ", st,
+                    ", ", k_cache.scalar_type(), ", ", v_cache.scalar_type());
+  TORCH_CHECK_VALUE(block_table.dim() == 2 && block_table.scalar_type() == at::kInt,
+                    "flexjit.paged_flex_attention: block_table must be int32 [B, max_pages], got ",
+                    block_table.scalar_type(), " with ", block_table.dim(),
+                    " dims (convert with .to(torch.int32))");
+  TORCH_CHECK_VALUE(seq_lens.dim() == 1 && seq_lens.scalar_type() == at::kInt,
+                    "flexjit.paged_flex_attention: seq_lens must be int32 [B], got ",
+                    seq_lens.scalar_type(), " with ", seq_lens.dim(),
+                    " dims (convert with .to(torch.int32))");
+  at::Tensor out = at::empty_symint(
+      {query.sym_size(0), query.sym_size(1), query.sym_size(2), v_cache.sym_size(3)}, query.options());
+  at::Tensor lse = return_lse
+                       ? at::empty_symint({query.sym_size(0), query.sym_size(1), query.sym_size(2)},
+                                          query.options().dtype(at::kFloat))
+                       : at::empty({0}, query.options().dtype(at::kFloat));
+  return std::make_tuple(out, lse);
+}
+
 // flex_attention's CUDA kernel (runtime/torch/cuda_attention.cpp): the op's arguments in schema
 // order, q, k, v bf16 / fp16 on one CUDA device. Registered by both op libraries.
 std::tuple<at::Tensor, at::Tensor> flex_attention_cuda(
@@ -120,5 +161,13 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_cuda(
     const std::optional<at::Tensor>& full_kv_num_blocks, const std::optional<at::Tensor>& full_kv_indices,
     int64_t q_block_size, int64_t kv_block_size, int64_t BLOCK_M, int64_t BLOCK_N, int64_t USE_AMX,
     int64_t PARTITION_SIZE, bool FORCE_USE_FLEX_ATTENTION, int64_t USE_DPBF16);
+
+// paged_flex_attention's CUDA kernel (cuda_attention.cpp): the CUDA decode kernel on a paged cache.
+std::tuple<at::Tensor, at::Tensor> paged_flex_attention_cuda(
+    const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_table,
+    const at::Tensor& seq_lens, const std::string& score_mod_text, const std::string& mask_mod_text,
+    const Tensors& buffers, const Names& buffer_names, const Names& param_names, at::ArrayRef<double> param_values,
+    std::optional<double> scale, bool enable_gqa, bool return_lse, int64_t BLOCK_M, int64_t BLOCK_N,
+    int64_t PARTITION_SIZE);
 
 }  // namespace flexjit::ops

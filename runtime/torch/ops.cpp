@@ -34,6 +34,7 @@ namespace {
 using ops::check_all_used;
 using ops::collect;
 using ops::flex_attention_meta;
+using ops::paged_flex_attention_meta;
 using ops::ModArgs;
 using ops::Names;
 using ops::surface_errors;
@@ -361,47 +362,6 @@ std::tuple<at::Tensor, at::Tensor> paged_flex_attention_cpu(
   });
 }
 
-// Shapes only: out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] fp32 (or [0]). The tables'
-// contents (page indices, lengths) are data, checked by the CPU kernel.
-std::tuple<at::Tensor, at::Tensor> paged_flex_attention_meta(
-    const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
-    const at::Tensor& block_table, const at::Tensor& seq_lens, const std::string&,
-    const std::string&, const Tensors&, const Names&, const Names&, at::ArrayRef<double>,
-    std::optional<double>, bool, bool return_lse, int64_t, int64_t, int64_t) {
-  TORCH_CHECK_VALUE(query.dim() == 4, "flexjit.paged_flex_attention: query must be 4-D [B, Hq, Lq, D], got ",
-                    query.dim(), "-D");
-  for (auto [t, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}})
-    TORCH_CHECK_VALUE(t->dim() == 4, "flexjit.paged_flex_attention: ", name,
-                      " must be 4-D [num_pages, page_size, Hkv, D], got ", t->dim(), "-D");
-  // Only a static Lq is checked here: comparing a symbolic one would add a guard to the graph.
-  if (auto lq = query.sym_size(2).maybe_as_int(); lq && *lq > 16)
-    TORCH_CHECK_VALUE(false, "flexjit.paged_flex_attention: paged attention runs the decode kernel, for up to "
-                      "16 query rows per sequence; got Lq=", *lq, ". Run longer queries (prefill) with "
-                      "flex_attention on contiguous K/V");
-  auto st = query.scalar_type();
-  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
-                    "flexjit.paged_flex_attention: query has dtype ", st,
-                    "; supported: float32, bfloat16, float16");
-  TORCH_CHECK_VALUE(k_cache.scalar_type() == st && v_cache.scalar_type() == st,
-                    "flexjit.paged_flex_attention: query, k_cache, v_cache must share a dtype, got ", st,
-                    ", ", k_cache.scalar_type(), ", ", v_cache.scalar_type());
-  TORCH_CHECK_VALUE(block_table.dim() == 2 && block_table.scalar_type() == at::kInt,
-                    "flexjit.paged_flex_attention: block_table must be int32 [B, max_pages], got ",
-                    block_table.scalar_type(), " with ", block_table.dim(),
-                    " dims (convert with .to(torch.int32))");
-  TORCH_CHECK_VALUE(seq_lens.dim() == 1 && seq_lens.scalar_type() == at::kInt,
-                    "flexjit.paged_flex_attention: seq_lens must be int32 [B], got ",
-                    seq_lens.scalar_type(), " with ", seq_lens.dim(),
-                    " dims (convert with .to(torch.int32))");
-  at::Tensor out = at::empty_symint(
-      {query.sym_size(0), query.sym_size(1), query.sym_size(2), v_cache.sym_size(3)}, query.options());
-  at::Tensor lse = return_lse
-                       ? at::empty_symint({query.sym_size(0), query.sym_size(1), query.sym_size(2)},
-                                          query.options().dtype(at::kFloat))
-                       : at::empty({0}, query.options().dtype(at::kFloat));
-  return std::make_tuple(out, lse);
-}
-
 struct PagedFlexAttentionOp {
   static constexpr const char* schema = "flexjit::paged_flex_attention";
   static constexpr const char* python_name = "flexjit.paged_flex_attention";
@@ -603,11 +563,13 @@ TORCH_LIBRARY_IMPL(flexjit, CPU, m) {
   m.impl("merge_attention_states", &flexjit::merge_attention_states_cpu);
 }
 
-// CUDA: the prefill kernel (runtime/torch/cuda_attention.cpp, NVRTC-compiled, launched on torch's
-// current stream). The other ops have no CUDA kernel; torch then names the backends they have.
+// CUDA: the prefill and decode kernels (runtime/torch/cuda_attention.cpp, NVRTC-compiled, launched
+// on torch's current stream). The other ops have no CUDA kernel; torch then names the backends
+// they have.
 TORCH_LIBRARY_IMPL(flexjit, CUDA, m) {
   m.impl("flex_attention", &flexjit::ops::flex_attention_cuda);
   m.impl("flex_attention_backward", &flexjit::flex_attention_backward_cuda);
+  m.impl("paged_flex_attention", &flexjit::ops::paged_flex_attention_cuda);
 }
 
 TORCH_LIBRARY_IMPL(flexjit, Meta, m) {

@@ -1,9 +1,9 @@
 """flexjit's CUDA entry points from Python. Without a GPU (torch.cuda.is_available() false) a CUDA
 tensor cannot even be made, so what runs everywhere is: the CUDA kernel is registered, the op's
-schema is the public one, the CUDA kernel's errors when dispatched to without CUDA tensors, the
+schema is the public one, the CUDA kernels' errors when dispatched to without CUDA tensors, the
 wrappers refusing CUDA tensors for the CPU-only calls, and create_block_mask's device argument.
-With a GPU, the CUDA kernel against PyTorch's flex_attention on the same device (bf16, causal
-BlockMask, ALiBi, GQA, LSE). Skips (visibly) when the op library is not built."""
+With a GPU, the CUDA kernels against PyTorch's flex_attention on the same device (bf16, causal
+BlockMask, ALiBi, GQA, LSE; prefill, decode and a paged cache). Skips (visibly) when the op library is not built."""
 
 import os
 
@@ -66,12 +66,17 @@ def _on_cuda(t):
     return torch.Tensor._make_subclass(_OnCuda, t)
 
 
-def test_cpu_only_calls_refuse_cuda_tensors_with_the_fix():
-    q = _on_cuda(torch.randn(1, 2, 1, 64))
-    pages = torch.randn(4, 16, 2, 64)
+def test_paged_flex_attention_has_cuda_and_meta_kernels():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("flexjit::paged_flex_attention", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("flexjit::paged_flex_attention", "Meta")
+    q = torch.randn(1, 2, 1, 64, dtype=torch.bfloat16)
+    pages = torch.randn(4, 16, 2, 64, dtype=torch.bfloat16)
     table, lens = torch.zeros(1, 4, dtype=torch.int32), torch.full((1,), 16, dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"paged_flex_attention: query is on cuda:0; .* runs on the CPU only"):
-        flexjit.paged_flex_attention(q, pages, pages, table, lens)
+    with pytest.raises(ValueError, match="the CUDA kernel got q, k and v on cpu"):
+        torch.ops.flexjit.paged_flex_attention.default.redispatch(CUDA_KEYSET, q, pages, pages, table, lens)
+
+
+def test_cpu_only_calls_refuse_cuda_tensors_with_the_fix():
     cu = torch.tensor([0, 8], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"flash_attn_varlen_func: q is on cuda:0"):
         flexjit.flash_attn_varlen_func(_on_cuda(torch.randn(8, 2, 64)), torch.randn(8, 2, 64), torch.randn(8, 2, 64),
@@ -139,3 +144,68 @@ def test_cuda_errors_name_the_fix():
         flexjit.flex_attention(qb, qb, qb, score_mod="score + bias[h]", buffers={"bias": torch.zeros(2)})
     with pytest.raises(ValueError, match="q, k and v must be on one device"):
         flexjit.flex_attention(qb, qb.cpu(), qb)
+
+
+@needs_gpu
+@pytest.mark.parametrize("Lq,L", [(1, 1), (1, 4097), (4, 1000), (16, 300)])
+def test_cuda_decode_matches_torch_flex_attention(Lq, L):
+    """Lq <= 16 runs the CUDA flash-decoding kernel (split-KV partitions + merge)."""
+    from torch.nn.attention.flex_attention import flex_attention as torch_flex
+
+    torch.manual_seed(1)
+    dev = torch.device("cuda")
+    B, HQ, HKV, D = 2, 32, 8, 128
+    q = torch.randn(B, HQ, Lq, D, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(B, HKV, L, D, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(B, HKV, L, D, device=dev, dtype=torch.bfloat16)
+    slopes = torch.exp2(-8.0 * torch.arange(1, HQ + 1, device=dev) / HQ)
+    out, lse = flexjit.flex_attention(q, k, v, score_mod=_alibi(slopes), enable_gqa=True, return_lse=True)
+    ref, ref_lse = torch_flex(q.float(), k.float(), v.float(), score_mod=_alibi(slopes), enable_gqa=True,
+                              return_lse=True)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-2, rtol=1e-3)
+
+
+@needs_gpu
+@pytest.mark.parametrize("lens_on_cpu", [True, False])
+def test_cuda_paged_decode_matches_the_contiguous_reference(lens_on_cpu):
+    """A paged cache (shuffled pages, an empty slot) against torch's flex_attention on the same keys
+    laid out contiguously, at absolute positions (causal)."""
+    from torch.nn.attention.flex_attention import flex_attention as torch_flex
+
+    torch.manual_seed(2)
+    dev = torch.device("cuda")
+    B, HQ, HKV, D, P, Lq = 3, 8, 2, 128, 16, 2
+    seq = [1000, 0, 37]
+    pages_per = [(n + P - 1) // P for n in seq]
+    num_pages = sum(pages_per) + 2
+    k_cache = torch.randn(num_pages, P, HKV, D, device=dev, dtype=torch.bfloat16)
+    v_cache = torch.randn(num_pages, P, HKV, D, device=dev, dtype=torch.bfloat16)
+    perm = torch.randperm(num_pages).tolist()
+    table = torch.zeros(B, max(pages_per), dtype=torch.int32)
+    nxt = 0
+    for b in range(B):
+        for j in range(pages_per[b]):
+            table[b, j] = perm[nxt]
+            nxt += 1
+    lens = torch.tensor(seq, dtype=torch.int32)
+    q = torch.randn(B, HQ, Lq, D, device=dev, dtype=torch.bfloat16)
+    out = flexjit.paged_flex_attention(q, k_cache, v_cache, table.to(dev), lens if lens_on_cpu else lens.to(dev),
+                                       mask_mod=_causal)
+    for b in range(B):
+        n = seq[b]
+        if n == 0:
+            assert torch.count_nonzero(out[b]) == 0
+            continue
+        idx = table[b, :pages_per[b]].to(dev).long()
+        kb = k_cache[idx].reshape(-1, HKV, D)[:n].permute(1, 0, 2)[None].float()
+        vb = v_cache[idx].reshape(-1, HKV, D)[:n].permute(1, 0, 2)[None].float()
+        off = n - Lq
+
+        def causal_abs(bb, h, q_idx, kv_idx):
+            return q_idx + off >= kv_idx
+
+        from torch.nn.attention.flex_attention import create_block_mask
+        bm = create_block_mask(causal_abs, None, None, Lq, n, device=dev)
+        ref = torch_flex(q[b:b + 1].float(), kb, vb, block_mask=bm, enable_gqa=True)
+        torch.testing.assert_close(out[b:b + 1].float(), ref, atol=2e-2, rtol=2e-2)
