@@ -120,6 +120,36 @@ PagedInputs load_paged(const RunArgs& a, DType dtype) {
   return p;
 }
 
+// q and the keys / values of a run: contiguous --k / --v, or a paged cache, in `dtype`.
+struct CallInputs {
+  OwnedTensor q, k, v;
+  PagedInputs pg;
+  bool paged = false;
+  // The call's shape for the mods' example buffers: paged mods see absolute positions, so their
+  // buffers span the longest sequence.
+  ShapeInfo shape() const {
+    return paged ? ShapeInfo{q.view.sizes[0], q.view.sizes[1], pg.k_cache.view.sizes[2], pg.max_len, pg.max_len}
+                 : ShapeInfo{q.view.sizes[0], q.view.sizes[1], k.view.sizes[1], q.view.sizes[2], k.view.sizes[2]};
+  }
+};
+CallInputs load_call_inputs(const RunArgs& a, DType dtype) {
+  CallInputs in;
+  in.paged = !a.k_cache.empty();
+  if (!in.paged && (a.k.empty() || a.v.empty()))
+    throw Error("give the keys and values: --k and --v (contiguous), or --k-cache, --v-cache, --block-table and --seq-lens (paged)");
+  in.q = convert(load_npy(a.q, "q"), dtype);
+  if (in.paged) {
+    in.pg = load_paged(a, dtype);
+  } else {
+    in.k = convert(load_npy(a.k, "k"), dtype);
+    in.v = convert(load_npy(a.v, "v"), dtype);
+  }
+  for (auto* t : in.paged ? std::vector<OwnedTensor*>{&in.q} : std::vector<OwnedTensor*>{&in.q, &in.k, &in.v})
+    if (t->view.rank != 4)
+      throw Error("--" + t->name + " must hold a 4-D array [B, H, L, D], got shape " + t->view.shape_str());
+  return in;
+}
+
 // What every run's --report holds about the call (the fields issue #2 spelled out, and later ones).
 nlohmann::json report_json(const AttentionReport& rep, int64_t head_dim, int64_t head_dim_v) {
   nlohmann::json j;
@@ -339,23 +369,11 @@ void run_cuda(const RunArgs& a) {
   const DType dtype = parse_dtype(a.dtype);
   if (dtype != DType::BF16 && dtype != DType::F16)
     throw Error("--device cuda computes in bf16 or fp16 (fp32 accumulation); pass --dtype bf16 or --dtype fp16");
-  const bool paged = !a.k_cache.empty();
-  if (!paged && (a.k.empty() || a.v.empty()))
-    throw Error("give the keys and values: --k and --v (contiguous), or --k-cache, --v-cache, --block-table and --seq-lens (paged)");
-  OwnedTensor q = convert(load_npy(a.q, "q"), dtype);
-  OwnedTensor k, v;
-  PagedInputs pg;
-  if (paged) {
-    pg = load_paged(a, dtype);
-  } else {
-    k = convert(load_npy(a.k, "k"), dtype);
-    v = convert(load_npy(a.v, "v"), dtype);
-  }
-  for (auto* t : paged ? std::vector<OwnedTensor*>{&q} : std::vector<OwnedTensor*>{&q, &k, &v})
-    if (t->view.rank != 4)
-      throw Error("--" + t->name + " must hold a 4-D array [B, H, L, D], got shape " + t->view.shape_str());
-  ShapeInfo shape = paged ? ShapeInfo{q.view.sizes[0], q.view.sizes[1], pg.k_cache.view.sizes[2], pg.max_len, pg.max_len}
-                          : ShapeInfo{q.view.sizes[0], q.view.sizes[1], k.view.sizes[1], q.view.sizes[2], k.view.sizes[2]};
+  CallInputs in = load_call_inputs(a, dtype);
+  const bool paged = in.paged;
+  OwnedTensor &q = in.q, &k = in.k, &v = in.v;
+  PagedInputs& pg = in.pg;
+  const ShapeInfo shape = in.shape();
   ResolvedMods rm = resolve_mods(a.mods, shape);
   AttentionOptions opt = attention_options(a);
   if (paged && !a.block_size.empty())
@@ -367,10 +385,7 @@ void run_cuda(const RunArgs& a) {
 
   cuda_use_primary_context();
   const CudaDeviceProps props = cuda_current_device_props();
-  CudaDeviceInfo dev;
-  dev.arch = props.arch;
-  dev.max_smem_optin = props.max_smem_optin;
-  dev.sm_count = props.sm_count;
+  const CudaDeviceInfo dev = cuda_device_info(props);
   DeviceMemory mem;
   ModBindings dev_bind = rm.bind;
   for (auto& [name, view] : dev_bind.buffers) {
@@ -505,24 +520,11 @@ void run(const RunArgs& a) {
                 "varlen options: add --varlen (for padded [B, H, L, D] inputs use --mask-mod causal, "
                 "--score-mod softcap / alibi)");
   DType dtype = parse_dtype(a.dtype);
-  const bool paged = !a.k_cache.empty();
-  if (!paged && (a.k.empty() || a.v.empty()))
-    throw Error("give the keys and values: --k and --v (contiguous), or --k-cache, --v-cache, --block-table and --seq-lens (paged)");
-  OwnedTensor q = convert(load_npy(a.q, "q"), dtype);
-  OwnedTensor k, v;
-  PagedInputs pg;
-  if (paged) {
-    pg = load_paged(a, dtype);
-  } else {
-    k = convert(load_npy(a.k, "k"), dtype);
-    v = convert(load_npy(a.v, "v"), dtype);
-  }
-  for (auto* t : paged ? std::vector<OwnedTensor*>{&q} : std::vector<OwnedTensor*>{&q, &k, &v})
-    if (t->view.rank != 4)
-      throw Error("--" + t->name + " must hold a 4-D array [B, H, L, D], got shape " + t->view.shape_str());
-  // Paged mods see absolute positions: their example buffers span the longest sequence.
-  ShapeInfo shape = paged ? ShapeInfo{q.view.sizes[0], q.view.sizes[1], pg.k_cache.view.sizes[2], pg.max_len, pg.max_len}
-                          : ShapeInfo{q.view.sizes[0], q.view.sizes[1], k.view.sizes[1], q.view.sizes[2], k.view.sizes[2]};
+  CallInputs in = load_call_inputs(a, dtype);
+  const bool paged = in.paged;
+  OwnedTensor &q = in.q, &k = in.k, &v = in.v;
+  PagedInputs& pg = in.pg;
+  const ShapeInfo shape = in.shape();
   ResolvedMods rm = resolve_mods(a.mods, shape);
 
   AttentionOptions opt = attention_options(a);

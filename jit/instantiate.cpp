@@ -74,7 +74,7 @@ std::string spec_defines(const KernelSpec& s, const std::string& symbol) {
 // code, one engine (the tile scratch and the matmuls) and the driver.
 std::vector<std::string> template_files(const KernelSpec& s) {
   if (is_cuda(s))
-    return {"templates/mod_abi.h", "templates/cuda/abi.cuh", "templates/cuda/common.cuh",
+    return {"templates/mod_abi.h", "templates/cuda/abi.cuh", "templates/cuda/common.cuh", "templates/cuda/flash_block.cuh",
             s.kind == KernelKind::Decode ? "templates/cuda/flash_decode.cuh" : "templates/cuda/flash_prefill.cuh"};
   if (s.kind == KernelKind::Mods)
     return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/split.h", "templates/cpu/mods_local.h",
@@ -268,9 +268,9 @@ std::string make_source_with(const KernelSpec& spec, const ModSet& mods, const s
   }
   std::string src = spec_defines(spec, symbol);
   if (prelude_file) src += "// ---- " + std::string(prelude_file) + " ----\n" + template_text(prelude_file) + "\n";
-  // The generated mod body goes before the last file of a CUDA TU, before mods_local.h (which
+  // The generated mod body goes before flash_block.cuh (the last but one file) of a CUDA TU, before mods_local.h (which
   // sizes its copies by the body's counts) and the kernel file of a Mods / ModsGrad TU.
-  const size_t body_at = is_cuda(spec) ? files.size() - 1 : is_mods_kind(spec.kind) ? files.size() - 2 : files.size();
+  const size_t body_at = is_cuda(spec) ? files.size() - 2 : is_mods_kind(spec.kind) ? files.size() - 2 : files.size();
   for (size_t i = 0; i < files.size(); ++i) {
     if (i == body_at)
       src += is_cuda(spec) ? emit_mod_body(mods, Backend::Cuda)

@@ -9,6 +9,7 @@
 #include "jit/instantiate.h"
 #include "jit/mods.h"
 #include "runtime/attention.h"
+#include "runtime/cuda_driver.h"
 #include "templates/mod_abi.h"
 #include "templates/cuda/abi.cuh"
 
@@ -20,6 +21,14 @@ struct CudaDeviceInfo {
   int max_smem_optin = 232448;  // dynamic shared memory a block may opt in to (bytes)
   int sm_count = 132;
 };
+// The planners' view of a device the driver describes.
+inline CudaDeviceInfo cuda_device_info(const CudaDeviceProps& p) {
+  CudaDeviceInfo d;
+  d.arch = p.arch;
+  d.max_smem_optin = p.max_smem_optin;
+  d.sm_count = p.sm_count;
+  return d;
+}
 
 struct CudaPrefillPlan {
   jit::KernelSpec spec;        // backend Cuda, prefill: what get_cuda_binary compiles

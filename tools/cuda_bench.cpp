@@ -81,10 +81,7 @@ int main(int argc, char** argv) {
   }
   cuda_use_primary_context();
   const CudaDeviceProps props = cuda_current_device_props();
-  CudaDeviceInfo dev;
-  dev.arch = props.arch;
-  dev.max_smem_optin = props.max_smem_optin;
-  dev.sm_count = props.sm_count;
+  const CudaDeviceInfo dev = cuda_device_info(props);
   std::printf("cuda bench: %s, %d SMs\n", props.arch.c_str(), props.sm_count);
   std::string json = "{\n  \"arch\": \"" + props.arch + "\", \"sm_count\": " + std::to_string(props.sm_count);
 

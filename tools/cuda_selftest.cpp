@@ -26,6 +26,67 @@ namespace {
 
 using namespace flexjit;
 
+// Device copies of one case's host tensors, freed with it.
+struct DeviceCopies {
+  std::vector<void*> blocks;
+  DeviceCopies() = default;
+  DeviceCopies(const DeviceCopies&) = delete;
+  DeviceCopies& operator=(const DeviceCopies&) = delete;
+  ~DeviceCopies() {
+    for (void* p : blocks) cuda_free(p);
+  }
+  void* alloc(size_t bytes) {
+    blocks.push_back(cuda_alloc(bytes));
+    return blocks.back();
+  }
+  TensorView copy(const TensorView& h) {  // h contiguous
+    TensorView d = h;
+    const size_t bytes = size_t(h.numel()) * dtype_size(h.dtype);
+    d.data = alloc(bytes);
+    cuda_copy_to_device(d.data, h.data, bytes);
+    return d;
+  }
+};
+
+// A registered mod (or "all_masked": a mask_mod keeping nothing) with its example buffers for
+// `shape` bound on the host (*host) and on the device (*dev).
+ModSet case_mods(const std::string& name, const ShapeInfo& shape, std::vector<OwnedTensor>* storage,
+                 ModBindings* host, ModBindings* dev, DeviceCopies* mem) {
+  ModSet mods;
+  if (name == "all_masked") {
+    mods.mask_mod = ir::binary(ir::Op::Gt, ir::variable(ir::Var::KvIdx),
+                               ir::binary(ir::Op::Add, ir::variable(ir::Var::QIdx), ir::constant_int(100000)));
+  } else if (!name.empty()) {
+    const RegisteredMod& r = find_mod(name);
+    TracedMod t = instantiate_example(r, shape, storage);
+    mods = mod_set_of(t, r.kind);
+    *host = t.bindings;
+  }
+  *dev = *host;
+  for (auto& [n, view] : dev->buffers) view = mem->copy(view);
+  return mods;
+}
+
+// out (bf16) and lse against the reference: max |out - ref| and |lse - ref| (finite entries),
+// whether the -inf entries agree, and the verdict.
+struct Agreement {
+  double err = 0, lse_err = 0;
+  bool lse_ok = true, ok = false;
+};
+Agreement compare(const OwnedTensor& out, const OwnedTensor& lse, const RefResult& ref, int64_t Lq) {
+  Agreement a;
+  std::vector<int64_t> rows;
+  for (int64_t i = 0; i < Lq; ++i) rows.push_back(i);
+  a.err = max_abs_error(out.view, ref, rows);
+  for (size_t i = 0; i < ref.lse.size(); ++i) {
+    const double got = static_cast<const float*>(lse.view.data)[i], want = ref.lse[i];
+    if (std::isinf(want) || std::isinf(got)) a.lse_ok = a.lse_ok && std::isinf(want) && std::isinf(got) && got < 0;
+    else a.lse_err = std::max(a.lse_err, std::fabs(got - want));
+  }
+  a.ok = a.err <= 2e-2 && a.lse_ok && a.lse_err <= 1e-2 && std::isfinite(a.err);
+  return a;
+}
+
 // One kernel run on the GPU against the float64 reference (same bf16 inputs). Returns false on a
 // numerical mismatch; prints a line either way.
 bool gpu_case(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lkv, int64_t D, const std::string& mod_name,
@@ -40,38 +101,16 @@ bool gpu_case(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lkv, int64
   fill_random(q.view, 1 + Lq);
   fill_random(k.view, 2 + Lkv);
   fill_random(v.view, 3 + D);
-  ModSet mods;
   ModBindings host_bind, dev_bind;
   std::vector<OwnedTensor> storage;
-  std::vector<void*> dev_buffers;
-  std::string label = mod_name.empty() ? "none" : mod_name;
-  if (mod_name == "all_masked") {
-    mods.mask_mod = ir::binary(ir::Op::Gt, ir::variable(ir::Var::KvIdx),
-                               ir::binary(ir::Op::Add, ir::variable(ir::Var::QIdx), ir::constant_int(100000)));
-  } else if (!mod_name.empty()) {
-    const RegisteredMod& r = find_mod(mod_name);
-    TracedMod t = instantiate_example(r, shape, &storage);
-    mods = mod_set_of(t, r.kind);
-    host_bind = t.bindings;
-  }
-  dev_bind = host_bind;
-  auto to_device = [&](const TensorView& h) {
-    TensorView d = h;
-    const size_t bytes = size_t(h.numel()) * dtype_size(h.dtype);
-    d.data = cuda_alloc(bytes);
-    cuda_copy_to_device(d.data, h.data, bytes);
-    dev_buffers.push_back(d.data);
-    return d;
-  };
-  for (auto& [name, view] : dev_bind.buffers) view = to_device(view);
-  TensorView dq = to_device(q.view), dk = to_device(k.view), dv = to_device(v.view);
-  TensorView dout = to_device(out.view), dlse = to_device(lse.view);
+  DeviceCopies mem;
+  const std::string label = mod_name.empty() ? "none" : mod_name;
+  const ModSet mods = case_mods(mod_name, shape, &storage, &host_bind, &dev_bind, &mem);
+  TensorView dq = mem.copy(q.view), dk = mem.copy(k.view), dv = mem.copy(v.view);
+  TensorView dout = mem.copy(out.view), dlse = mem.copy(lse.view);
   AttentionOptions opt;
   opt.enable_gqa = Hq != Hkv;
-  CudaDeviceInfo dev;
-  dev.arch = props.arch;
-  dev.max_smem_optin = props.max_smem_optin;
-  dev.sm_count = props.sm_count;
+  const CudaDeviceInfo dev = cuda_device_info(props);
   const double scale = 1.0 / std::sqrt(double(D));
   bool ok = false;
   char line[512];
@@ -82,27 +121,16 @@ bool gpu_case(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lkv, int64
     cuda_synchronize();
     cuda_copy_to_host(out.view.data, dout.data, size_t(out.view.numel()) * 2);
     cuda_copy_to_host(lse.view.data, dlse.data, size_t(lse.view.numel()) * 4);
-    RefResult ref = reference_attention(q.view, k.view, v.view, mods, host_bind, scale);
-    std::vector<int64_t> rows;
-    for (int64_t i = 0; i < Lq; ++i) rows.push_back(i);
-    const double err = max_abs_error(out.view, ref, rows);
-    double lse_err = 0;
-    bool lse_ok = true;
-    for (size_t i = 0; i < ref.lse.size(); ++i) {
-      const double got = lse.data<float>()[i], want = ref.lse[i];
-      if (std::isinf(want) || std::isinf(got)) lse_ok = lse_ok && std::isinf(want) && std::isinf(got) && got < 0;
-      else lse_err = std::max(lse_err, std::fabs(got - want));
-    }
-    ok = err <= 2e-2 && lse_ok && lse_err <= 1e-2 && std::isfinite(err);
+    const Agreement g = compare(out, lse, reference_attention(q.view, k.view, v.view, mods, host_bind, scale), Lq);
+    ok = g.ok;
     std::snprintf(line, sizeof(line), "  gpu %-5s B%lld Hq%lld Hkv%lld Lq%lld Lkv%lld D%lld %-14s max|out-ref| %.2e  lse %.2e%s  (%s, %s)",
                   ok ? "ok" : "FAIL", (long long)B, (long long)Hq, (long long)Hkv, (long long)Lq, (long long)Lkv,
-                  (long long)D, label.c_str(), err, lse_err, lse_ok ? "" : " (-inf mismatch)", info.cache.c_str(),
+                  (long long)D, label.c_str(), g.err, g.lse_err, g.lse_ok ? "" : " (-inf mismatch)", info.cache.c_str(),
                   plan.describe().c_str());
   } catch (const std::exception& e) {
     std::snprintf(line, sizeof(line), "  gpu FAIL  D%lld %s: %s", (long long)D, label.c_str(), e.what());
   }
   std::printf("%s\n", line);
-  for (void* p : dev_buffers) cuda_free(p);
   return ok;
 }
 
@@ -143,39 +171,22 @@ bool gpu_decode_case(int64_t Hq, int64_t Hkv, int64_t Lq, const std::vector<int6
   fill_random(q.view, 5 + Lq);
   fill_random(k.view, 6 + max_len);
   fill_random(v.view, 7 + D);
-  ModSet mods;
   ModBindings host_bind, dev_bind;
   std::vector<OwnedTensor> storage;
-  std::vector<void*> dev_buffers;
-  if (!mod_name.empty()) {
-    const RegisteredMod& r = find_mod(mod_name);
-    TracedMod t = instantiate_example(r, shape, &storage);
-    mods = mod_set_of(t, r.kind);
-    host_bind = t.bindings;
-  }
-  dev_bind = host_bind;
-  auto to_device = [&](const TensorView& h) {
-    TensorView d = h;
-    const size_t bytes = size_t(h.numel()) * dtype_size(h.dtype);
-    d.data = cuda_alloc(bytes);
-    cuda_copy_to_device(d.data, h.data, bytes);
-    dev_buffers.push_back(d.data);
-    return d;
-  };
-  for (auto& [name, view] : dev_bind.buffers) view = to_device(view);
-  TensorView dq = to_device(q.view), dk = to_device(k.view), dv = to_device(v.view);
-  TensorView dout = to_device(out.view), dlse = to_device(lse.view);
+  DeviceCopies mem;
+  const ModSet mods = case_mods(mod_name, shape, &storage, &host_bind, &dev_bind, &mem);
+  TensorView dq = mem.copy(q.view), dk = mem.copy(k.view), dv = mem.copy(v.view);
+  TensorView dout = mem.copy(out.view), dlse = mem.copy(lse.view);
   TensorView dtable, dseq;
-  int* dflag = static_cast<int*>(cuda_alloc(4));
-  dev_buffers.push_back(dflag);
+  int* dflag = static_cast<int*>(mem.alloc(4));
   const int zero = 0;
   cuda_copy_to_device(dflag, &zero, 4);
   CudaDecodeKv kv;
   kv.k = &dk;
   kv.v = &dv;
   if (paged) {
-    dtable = to_device(table.view);
-    dseq = to_device(seq.view);
+    dtable = mem.copy(table.view);
+    dseq = mem.copy(seq.view);
     kv.block_table = &dtable;
     kv.seq_lens = &dseq;
     kv.max_seq_len = max_len;
@@ -183,19 +194,14 @@ bool gpu_decode_case(int64_t Hq, int64_t Hkv, int64_t Lq, const std::vector<int6
   AttentionOptions opt;
   opt.enable_gqa = Hq != Hkv;
   opt.partition_size = partition;
-  CudaDeviceInfo dev;
-  dev.arch = props.arch;
-  dev.max_smem_optin = props.max_smem_optin;
-  dev.sm_count = props.sm_count;
+  const CudaDeviceInfo dev = cuda_device_info(props);
   const double scale = 1.0 / std::sqrt(double(D));
   bool ok = false;
   char line[640];
   std::string label = (mod_name.empty() ? "none" : mod_name) + (paged ? " paged" + std::to_string(page_size) : "");
   try {
     CudaDecodePlan plan = plan_cuda_decode(dq, kv, dout, &dlse, mods, dev_bind, nullptr, opt, dev, dflag);
-    void* ws = plan.workspace_bytes ? cuda_alloc(plan.workspace_bytes) : nullptr;
-    if (ws) dev_buffers.push_back(ws);
-    set_cuda_decode_workspace(plan, ws);
+    set_cuda_decode_workspace(plan, plan.workspace_bytes ? mem.alloc(plan.workspace_bytes) : nullptr);
     CudaRunInfo info = run_cuda_decode(plan, mods, nullptr);
     cuda_synchronize();
     int flag = -1;
@@ -204,17 +210,10 @@ bool gpu_decode_case(int64_t Hq, int64_t Hkv, int64_t Lq, const std::vector<int6
     cuda_copy_to_host(lse.view.data, dlse.data, size_t(lse.view.numel()) * 4);
     RefResult ref = paged ? reference_paged_attention(q.view, k.view, v.view, table.view, seq.view, mods, host_bind, scale)
                           : reference_attention(q.view, k.view, v.view, mods, host_bind, scale);
-    std::vector<int64_t> rows;
-    for (int64_t i = 0; i < Lq; ++i) rows.push_back(i);
-    const double err = max_abs_error(out.view, ref, rows);
-    double lse_err = 0;
-    bool lse_ok = true;
-    for (size_t i = 0; i < ref.lse.size(); ++i) {
-      const double got = lse.data<float>()[i], want = ref.lse[i];
-      if (std::isinf(want) || std::isinf(got)) lse_ok = lse_ok && std::isinf(want) && std::isinf(got) && got < 0;
-      else lse_err = std::max(lse_err, std::fabs(got - want));
-    }
-    ok = err <= 2e-2 && lse_ok && lse_err <= 1e-2 && std::isfinite(err) && flag == 0;
+    const Agreement g = compare(out, lse, ref, Lq);
+    const double err = g.err, lse_err = g.lse_err;
+    const bool lse_ok = g.lse_ok;
+    ok = g.ok && flag == 0;
     std::snprintf(line, sizeof(line),
                   "  gpu %-5s decode B%lld Hq%lld Hkv%lld Lq%lld Lkv%lld D%lld %-16s max|out-ref| %.2e  lse %.2e%s flag %d  (%s, %s)",
                   ok ? "ok" : "FAIL", (long long)B, (long long)Hq, (long long)Hkv, (long long)Lq, (long long)max_len,
@@ -224,7 +223,6 @@ bool gpu_decode_case(int64_t Hq, int64_t Hkv, int64_t Lq, const std::vector<int6
     std::snprintf(line, sizeof(line), "  gpu FAIL  decode D%lld %s: %s", (long long)D, label.c_str(), e.what());
   }
   std::printf("%s\n", line);
-  for (void* p : dev_buffers) cuda_free(p);
   return ok;
 }
 

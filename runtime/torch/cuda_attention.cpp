@@ -69,11 +69,7 @@ CudaDeviceInfo device_info(int index) {
   std::lock_guard<std::mutex> lock(mu);
   auto it = known.find(index);
   if (it != known.end()) return it->second;
-  const CudaDeviceProps p = cuda_current_device_props();
-  CudaDeviceInfo d;
-  d.arch = p.arch;
-  d.max_smem_optin = p.max_smem_optin;
-  d.sm_count = p.sm_count;
+  const CudaDeviceInfo d = cuda_device_info(cuda_current_device_props());
   known.emplace(index, d);
   return d;
 }
@@ -567,6 +563,34 @@ TracedMod device_mod(const std::string& text, ModKind kind, const ModArgs& a,
   return t;
 }
 
+// The op's mod arguments bound on query's device: the buffers given (on that device), registered
+// mods' own or example buffers (for `shape`) copied there; *keep holds the tensors the views
+// point into.
+std::pair<ModSet, ModBindings> op_mods(const std::string& score_mod_text, const std::string& mask_mod_text,
+                                       const Tensors& buffers, const Names& buffer_names, const Names& param_names,
+                                       at::ArrayRef<double> param_values, const at::Tensor& query,
+                                       const ShapeInfo& shape, std::vector<at::Tensor>* keep) {
+  ModArgs args = collect(buffers, buffer_names, param_names, param_values);
+  const std::map<std::string, TensorView> views = device_buffers(args, query, keep);
+  const TracedMod sm = device_mod(score_mod_text, ModKind::Score, args, views, shape, query.device(), keep),
+                  mm = device_mod(mask_mod_text, ModKind::Mask, args, views, shape, query.device(), keep);
+  check_all_used(args, {&sm, &mm});
+  return combine(sm.expr ? &sm : nullptr, mm.expr ? &mm : nullptr);
+}
+
+// The options both op kernels take (kernel options left at 0 / unset are not passed on).
+FlexOptions op_options(std::optional<double> scale, bool enable_gqa, bool return_lse, int64_t BLOCK_M,
+                       int64_t BLOCK_N, int64_t PARTITION_SIZE) {
+  FlexOptions opt;
+  opt.scale = scale;
+  opt.enable_gqa = enable_gqa;
+  opt.return_lse = return_lse;
+  if (BLOCK_M) opt.kernel_options["BLOCK_M"] = BLOCK_M;
+  if (BLOCK_N) opt.kernel_options["BLOCK_N"] = BLOCK_N;
+  if (PARTITION_SIZE) opt.kernel_options["PARTITION_SIZE"] = PARTITION_SIZE;
+  return opt;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> flex_attention_cuda(
@@ -583,24 +607,13 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_cuda(
         throw Error(std::string(name) + " must be 4-D [B, H, L, D], got " + std::to_string(t->dim()) + "-D");
     // The dispatcher picks this kernel when any tensor argument is on CUDA: check q, k, v first.
     check_devices(query, key, value);
-    ModArgs args = collect(buffers, buffer_names, param_names, param_values);
     std::vector<at::Tensor> keep;
-    const std::map<std::string, TensorView> views = device_buffers(args, query, &keep);
     const ShapeInfo shape{query.size(0), query.size(1), key.size(1), query.size(2), key.size(2)};
-    const TracedMod sm = device_mod(score_mod_text, ModKind::Score, args, views, shape, query.device(), &keep),
-                    mm = device_mod(mask_mod_text, ModKind::Mask, args, views, shape, query.device(), &keep);
-    check_all_used(args, {&sm, &mm});
-    auto [mods, bind] = combine(sm.expr ? &sm : nullptr, mm.expr ? &mm : nullptr);
-
-    FlexOptions opt;
-    opt.scale = scale;
-    opt.enable_gqa = enable_gqa;
-    opt.return_lse = return_lse;
-    if (BLOCK_M) opt.kernel_options["BLOCK_M"] = BLOCK_M;
-    if (BLOCK_N) opt.kernel_options["BLOCK_N"] = BLOCK_N;
+    auto [mods, bind] = op_mods(score_mod_text, mask_mod_text, buffers, buffer_names, param_names, param_values,
+                                query, shape, &keep);
+    FlexOptions opt = op_options(scale, enable_gqa, return_lse, BLOCK_M, BLOCK_N, PARTITION_SIZE);
     if (USE_AMX >= 0) opt.kernel_options["USE_AMX"] = USE_AMX;
     if (USE_DPBF16 >= 0) opt.kernel_options["USE_DPBF16"] = USE_DPBF16;
-    if (PARTITION_SIZE) opt.kernel_options["PARTITION_SIZE"] = PARTITION_SIZE;
     if (FORCE_USE_FLEX_ATTENTION) opt.kernel_options["FORCE_USE_FLEX_ATTENTION"] = 1;
 
     // PyTorch's BlockMask tensors when given. A mask_mod without them runs with no block mask: the
@@ -635,24 +648,14 @@ std::tuple<at::Tensor, at::Tensor> paged_flex_attention_cuda(
     if (query.dim() != 4 || k_cache.dim() != 4 || v_cache.dim() != 4)
       throw Error("query must be 4-D [B, Hq, Lq, D] and k_cache, v_cache 4-D [num_pages, page_size, Hkv, D]");
     check_devices(query, k_cache, v_cache);
-    ModArgs args = collect(buffers, buffer_names, param_names, param_values);
     std::vector<at::Tensor> keep;
-    const std::map<std::string, TensorView> views = device_buffers(args, query, &keep);
     // Registered mods' example buffers are indexed by absolute positions: sized for what the
     // block table can hold (the longest sequence is not read back from the device).
     const int64_t cap = block_table.dim() == 2 ? std::max<int64_t>(1, block_table.size(1) * k_cache.size(1)) : 1;
     const ShapeInfo shape{query.size(0), query.size(1), k_cache.size(2), cap, cap};
-    const TracedMod sm = device_mod(score_mod_text, ModKind::Score, args, views, shape, query.device(), &keep),
-                    mm = device_mod(mask_mod_text, ModKind::Mask, args, views, shape, query.device(), &keep);
-    check_all_used(args, {&sm, &mm});
-    auto [mods, bind] = combine(sm.expr ? &sm : nullptr, mm.expr ? &mm : nullptr);
-    FlexOptions opt;
-    opt.scale = scale;
-    opt.enable_gqa = enable_gqa;
-    opt.return_lse = return_lse;
-    if (BLOCK_M) opt.kernel_options["BLOCK_M"] = BLOCK_M;
-    if (BLOCK_N) opt.kernel_options["BLOCK_N"] = BLOCK_N;
-    if (PARTITION_SIZE) opt.kernel_options["PARTITION_SIZE"] = PARTITION_SIZE;
+    auto [mods, bind] = op_mods(score_mod_text, mask_mod_text, buffers, buffer_names, param_names, param_values,
+                                query, shape, &keep);
+    const FlexOptions opt = op_options(scale, enable_gqa, return_lse, BLOCK_M, BLOCK_N, PARTITION_SIZE);
     FlexResult r = cuda_paged_flex_attention(query, k_cache, v_cache, block_table, seq_lens, mods, bind, opt);
     at::Tensor lse = r.lse.defined() ? r.lse : at::empty({0}, query.options().dtype(at::kFloat));
     return std::make_tuple(r.out, lse);

@@ -6,8 +6,9 @@
 //
 // Preceded in the translation unit by the spec macros (FLEXJIT_DTYPE, HEAD_DIM, HEAD_DIM_V,
 // BLOCK_M = 16, BLOCK_N, GQA_GROUP, FLEXJIT_KV_STAGES, FLEXJIT_DECODE_WARPS, FLEXJIT_ENTRY,
-// FLEXJIT_ENTRY_MERGE), templates/mod_abi.h, templates/cuda/abi.cuh, templates/cuda/common.cuh
-// and the generated mod body (flexjit_score_mod / flexjit_mask_mod, inlined). Header-free.
+// FLEXJIT_ENTRY_MERGE), templates/mod_abi.h, templates/cuda/abi.cuh, templates/cuda/common.cuh,
+// the generated mod body (flexjit_score_mod / flexjit_mask_mod, inlined) and
+// templates/cuda/flash_block.cuh (the per-block steps, shared with prefill). Header-free.
 //
 // One CTA = one row tile (16 packed rows) of one head unit of sequence b, over partition p's keys
 // [p * partition_size, min((p + 1) * partition_size, len)). Its FLEXJIT_DECODE_WARPS warps share
@@ -36,8 +37,6 @@ static constexpr int kKS = kDP + 8;
 static constexpr int kVS = kDVP + 8;
 static constexpr int kNT = BLOCK_N / 8;
 static constexpr int kOT = kDVP / 8;
-static constexpr float kLog2e = 1.44269504088896340736f;
-static constexpr float kLn2 = 0.693147180559945309417f;
 static constexpr int kMergeThreads = 128;
 static_assert(BLOCK_M == 16, "the decode kernel's row tile is one m16 tile");
 static_assert(BLOCK_N % 16 == 0 && BLOCK_N >= 16 && BLOCK_N <= 128, "BLOCK_N: a multiple of 16 up to 128");
@@ -55,7 +54,19 @@ static constexpr int kSmemBytes = 2 * BLOCK_M * kQS + (kKvBytes > kMergeBytes ? 
 struct FjdRows {
   fj_i64 unit, rows, lq;
   int pack;
+  fj_i64 tiles, r0;  // row tiles of a unit; the first row of this CTA's tile
 };
+// The rows of row-tile index y = unit * tiles + tile (grid y of the partition kernel, x of the merge).
+FJC_DEV struct FjdRows fjd_rows(const struct FlexCudaDecodeArgs& a, fj_i64 y) {
+  struct FjdRows R;
+  R.rows = a.pack_gqa ? GQA_GROUP * a.Lq : a.Lq;
+  R.lq = a.Lq;
+  R.pack = a.pack_gqa;
+  R.tiles = (R.rows + BLOCK_M - 1) / BLOCK_M;
+  R.unit = y / R.tiles;
+  R.r0 = (y % R.tiles) * BLOCK_M;
+  return R;
+}
 FJC_DEV fj_i64 fjd_head(const struct FjdRows& R, fj_i64 pr) { return R.pack ? R.unit * GQA_GROUP + pr / R.lq : R.unit; }
 FJC_DEV fj_i64 fjd_query(const struct FjdRows& R, fj_i64 pr) { return R.pack ? pr % R.lq : pr; }
 
@@ -153,13 +164,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const fj_i64 p = blockIdx.x, b = blockIdx.z;
   const fj_i64 units = a.pack_gqa ? a.Hkv : a.Hq;
-  struct FjdRows R;
-  R.rows = a.pack_gqa ? GQA_GROUP * a.Lq : a.Lq;
-  R.lq = a.Lq;
-  R.pack = a.pack_gqa;
-  const fj_i64 row_tiles = (R.rows + BLOCK_M - 1) / BLOCK_M;
-  R.unit = blockIdx.y / row_tiles;
-  const fj_i64 r0 = (blockIdx.y % row_tiles) * BLOCK_M;
+  const struct FjdRows R = fjd_rows(a, blockIdx.y);
+  const fj_i64 row_tiles = R.tiles, r0 = R.r0;
   const fj_i64 hkv = a.pack_gqa ? R.unit : R.unit / GQA_GROUP;
   const bool paged = a.block_table != nullptr;
   const fj_i64 len_raw = paged ? (fj_i64)a.seq_lens[b] : a.Lkv;
@@ -268,91 +274,16 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     const fjc_u16* sVc = myV + stage * BLOCK_N * kVS;
 
     float s[kNT][4];
-#pragma unroll
-    for (int t = 0; t < kNT; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < kDP / 16; ++kk) {
-      unsigned qa[4];
-      fjc_ldmatrix_x4(qa, sQ + (lane % 16) * kQS + kk * 16 + (lane / 16) * 8);
-#pragma unroll
-      for (int t = 0; t < kNT; t += 2) {
-        unsigned kb[4];
-        fjc_ldmatrix_x4(kb, sKc + (t * 8 + (lane % 8) + (lane / 16) * 8) * kKS + kk * 16 + ((lane / 8) % 2) * 8);
-        fjc_mma(s[t], qa, kb[0], kb[1]);
-        fjc_mma(s[t + 1], qa, kb[2], kb[3]);
-      }
-    }
-
+    fjc_block_scores<kNT, kDP, kQS, kKS>(s, sQ, sKc, lane);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const fj_i64 pr = r0 + r_lo + 8 * r;
       const bool row_ok = pr < R.rows;
-      const fj_i64 h = fjd_head(R, row_ok ? pr : r0);
-      const fj_i64 q_idx = qoff + fjd_query(R, row_ok ? pr : r0);
-      float mx = FJC_NEG_INF;
-#pragma unroll
-      for (int t = 0; t < kNT; ++t) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int col = t * 8 + (lane % 4) * 2 + j;
-          const fj_i64 kv_idx = cur.kv0 + col;
-          float x = s[t][2 * r + j];
-          if (!row_ok || col >= cur.n) {
-            x = FJC_NEG_INF;
-          } else {
-#if FLEXJIT_HAS_SCORE_MOD
-            x = flexjit_score_mod(x * a.scale, b, h, q_idx, kv_idx, &mod) * kLog2e;
-#else
-            x = x * (a.scale * kLog2e);
-#endif
-#if FLEXJIT_HAS_MASK_MOD
-            if (cur.partial && !flexjit_mask_mod(b, h, q_idx, kv_idx, &mod)) x = FJC_NEG_INF;
-#endif
-          }
-          (void)kv_idx;
-          (void)h;
-          (void)q_idx;
-          s[t][2 * r + j] = x;
-          mx = fmaxf(mx, x);
-        }
-      }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_run[r], mx);
-      const float ref = m_new == FJC_NEG_INF ? 0.0f : m_new;
-      const float alpha = exp2f(m_run[r] - ref);
-      m_run[r] = m_new;
-      float sum = 0.0f;
-#pragma unroll
-      for (int t = 0; t < kNT; ++t) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const float pv = exp2f(s[t][2 * r + j] - ref);
-          s[t][2 * r + j] = pv;
-          sum += pv;
-        }
-      }
-      l_run[r] = l_run[r] * alpha + sum;
-#pragma unroll
-      for (int t = 0; t < kOT; ++t) {
-        o[t][2 * r] *= alpha;
-        o[t][2 * r + 1] *= alpha;
-      }
+      fjc_block_softmax_row<kNT, kOT>(s, o, m_run[r], l_run[r], r, row_ok, b, fjd_head(R, row_ok ? pr : r0),
+                                      qoff + fjd_query(R, row_ok ? pr : r0), cur.kv0, cur.n, cur.partial, a.scale,
+                                      &mod, lane);
     }
-
-#pragma unroll
-    for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-      const unsigned pa[4] = {fjc_pack2(s[2 * kk][0], s[2 * kk][1]), fjc_pack2(s[2 * kk][2], s[2 * kk][3]),
-                              fjc_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              fjc_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int t = 0; t < kOT; t += 2) {
-        unsigned vb[4];
-        fjc_ldmatrix_x4_trans(vb, sVc + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kVS + t * 8 + (lane / 16) * 8);
-        fjc_mma(o[t], pa, vb[0], vb[1]);
-        fjc_mma(o[t + 1], pa, vb[2], vb[3]);
-      }
-    }
+    fjc_block_pv<kNT, kOT, kVS>(o, s, sVc, lane);
     __syncwarp();  // this stage is overwritten by the load after next (or next, with one stage)
     if (FLEXJIT_KV_STAGES == 1 && nxt.valid) {
       load_kv(nxt, 0);
@@ -400,7 +331,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
       acc += sm_o[(w * BLOCK_M + row) * kDVP + col] * f;
     }
     const float val = L > 0.0f ? acc / L : 0.0f;
-    const float lse = L > 0.0f ? kLn2 * (M + log2f(L)) : FJC_NEG_INF;
+    const float lse = L > 0.0f ? fjc_kLn2 * (M + log2f(L)) : FJC_NEG_INF;
     if (a.ws_out == nullptr) {
       const fj_i64 h = fjd_head(R, pr), qi = fjd_query(R, pr);
       fjc_u16* orow = (fjc_u16*)a.out + b * a.out_strides[0] + h * a.out_strides[1] + qi * a.out_strides[2];
@@ -424,13 +355,8 @@ extern "C" __global__ void __launch_bounds__(kMergeThreads)
     FLEXJIT_ENTRY_MERGE(const __grid_constant__ struct FlexCudaDecodeArgs a) {
   const fj_i64 b = blockIdx.y;
   const fj_i64 units = a.pack_gqa ? a.Hkv : a.Hq;
-  struct FjdRows R;
-  R.rows = a.pack_gqa ? GQA_GROUP * a.Lq : a.Lq;
-  R.lq = a.Lq;
-  R.pack = a.pack_gqa;
-  const fj_i64 row_tiles = (R.rows + BLOCK_M - 1) / BLOCK_M;
-  R.unit = blockIdx.x / row_tiles;
-  const fj_i64 r0 = (blockIdx.x % row_tiles) * BLOCK_M;
+  const struct FjdRows R = fjd_rows(a, blockIdx.x);
+  const fj_i64 row_tiles = R.tiles, r0 = R.r0;
   const fj_i64 np = a.num_partitions;
   const fj_i64 slot0 = (b * units * row_tiles + blockIdx.x) * np * BLOCK_M;  // partition 0, row 0
   for (int e = threadIdx.x; e < BLOCK_M * HEAD_DIM_V; e += kMergeThreads) {

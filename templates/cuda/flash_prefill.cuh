@@ -4,8 +4,9 @@
 // Preceded in the translation unit by the spec macros (FLEXJIT_DTYPE 1 = bf16 / 2 = fp16,
 // HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, GQA_GROUP, FLEXJIT_KV_STAGES, FLEXJIT_ENTRY),
 // templates/mod_abi.h, templates/cuda/abi.cuh, templates/cuda/common.cuh (PTX wrappers, tile
-// loader) and the generated mod body (jit/codegen,
-// Backend::Cuda: flexjit_score_mod / flexjit_mask_mod are inlined here, unlike on CPU).
+// loader), the generated mod body (jit/codegen, Backend::Cuda: flexjit_score_mod /
+// flexjit_mask_mod are inlined here, unlike on CPU) and templates/cuda/flash_block.cuh (the
+// per-block steps below, shared with the decode kernel).
 // Header-free: NVRTC compiles it without include paths.
 //
 // One CTA = BLOCK_M query rows of one (b, h); BLOCK_M / 16 warps, each owning 16 rows. The
@@ -38,8 +39,6 @@ static constexpr int kKS = kDP + 8;
 static constexpr int kVS = kDVP + 8;
 static constexpr int kNT = BLOCK_N / 8;  // 8-column tiles of S
 static constexpr int kOT = kDVP / 8;     // 8-column tiles of O
-static constexpr float kLog2e = 1.44269504088896340736f;
-static constexpr float kLn2 = 0.693147180559945309417f;
 static_assert(BLOCK_M % 16 == 0 && BLOCK_M >= 16 && BLOCK_M <= 128, "BLOCK_M: 16..128, whole warps");
 static_assert(BLOCK_N % 16 == 0 && BLOCK_N >= 16, "BLOCK_N: a multiple of 16");
 static_assert(HEAD_DIM % 8 == 0 && HEAD_DIM_V % 8 == 0, "D and Dv: multiples of 8 (16-byte rows)");
@@ -164,94 +163,15 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
       const fjc_u16* sKc = sK + cur * BLOCK_N * kKS;
       const fjc_u16* sVc = sV + cur * BLOCK_N * kVS;
 
-      // S = Q K^T for the warp's 16 rows and the block's BLOCK_N keys.
       float s[kNT][4];
-#pragma unroll
-      for (int t = 0; t < kNT; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.0f;
-#pragma unroll
-      for (int kk = 0; kk < kDP / 16; ++kk) {
-        unsigned qa[4];
-        fjc_ldmatrix_x4(qa, sQ + (warp * 16 + (lane % 16)) * kQS + kk * 16 + (lane / 16) * 8);
-#pragma unroll
-        for (int t = 0; t < kNT; t += 2) {
-          unsigned kb[4];  // b0, b1 of key tile t, then of tile t + 1
-          fjc_ldmatrix_x4(kb, sKc + (t * 8 + (lane % 8) + (lane / 16) * 8) * kKS + kk * 16 + ((lane / 8) % 2) * 8);
-          fjc_mma(s[t], qa, kb[0], kb[1]);
-          fjc_mma(s[t + 1], qa, kb[2], kb[3]);
-        }
-      }
-
-      // Mods and masks, then the online softmax, row by row (two rows per thread).
+      fjc_block_scores<kNT, kDP, kQS, kKS>(s, sQ + warp * 16 * kQS, sKc, lane);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const fj_i64 q_idx = q0 + warp * 16 + r_lo + 8 * r;
-        const bool row_ok = q_idx < a.Lq;
-        float mx = FJC_NEG_INF;
-#pragma unroll
-        for (int t = 0; t < kNT; ++t) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int col = t * 8 + (lane % 4) * 2 + j;
-            const fj_i64 kv_idx = kv0 + col;
-            float x = s[t][2 * r + j];
-            if (!row_ok || col >= nvalid) {
-              x = FJC_NEG_INF;  // mods are only ever called inside the call's ranges
-            } else {
-#if FLEXJIT_HAS_SCORE_MOD
-              x = flexjit_score_mod(x * a.scale, b, h, q_idx, kv_idx, &mod) * kLog2e;
-#else
-              x = x * (a.scale * kLog2e);
-#endif
-#if FLEXJIT_HAS_MASK_MOD
-              if (partial && !flexjit_mask_mod(b, h, q_idx, kv_idx, &mod)) x = FJC_NEG_INF;
-#endif
-            }
-            (void)kv_idx;
-            s[t][2 * r + j] = x;
-            mx = fmaxf(mx, x);
-          }
-        }
-        // The row's 8 columns per tile live in the 4 lanes of a quad.
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_run[r], mx);
-        // A row with no finite score yet uses 0 as its reference: its P = 2^-inf = 0 and
-        // alpha = 2^(-inf - 0) = 0, never -inf - -inf = NaN.
-        const float ref = m_new == FJC_NEG_INF ? 0.0f : m_new;
-        const float alpha = exp2f(m_run[r] - ref);
-        m_run[r] = m_new;
-        float sum = 0.0f;
-#pragma unroll
-        for (int t = 0; t < kNT; ++t) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const float p = exp2f(s[t][2 * r + j] - ref);
-            s[t][2 * r + j] = p;
-            sum += p;
-          }
-        }
-        l_run[r] = l_run[r] * alpha + sum;
-#pragma unroll
-        for (int t = 0; t < kOT; ++t) {
-          o[t][2 * r] *= alpha;
-          o[t][2 * r + 1] *= alpha;
-        }
+        fjc_block_softmax_row<kNT, kOT>(s, o, m_run[r], l_run[r], r, q_idx < a.Lq, b, h, q_idx, kv0, nvalid, partial,
+                                        a.scale, &mod, lane);
       }
-
-      // O += P V: P's accumulators become A fragments (16 keys = two S tiles per k-step).
-#pragma unroll
-      for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-        const unsigned pa[4] = {fjc_pack2(s[2 * kk][0], s[2 * kk][1]), fjc_pack2(s[2 * kk][2], s[2 * kk][3]),
-                                fjc_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                fjc_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-        for (int t = 0; t < kOT; t += 2) {
-          unsigned vb[4];  // b0, b1 of output tile t, then of tile t + 1
-          fjc_ldmatrix_x4_trans(vb, sVc + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kVS + t * 8 + (lane / 16) * 8);
-          fjc_mma(o[t], pa, vb[0], vb[1]);
-          fjc_mma(o[t + 1], pa, vb[2], vb[3]);
-        }
-      }
+      fjc_block_pv<kNT, kOT, kVS>(o, s, sVc, lane);
     }
     __syncthreads();  // this stage is overwritten by the load of block i + 2 (or i + 1)
     if (FLEXJIT_KV_STAGES == 1 && i + 1 < walk.total) {
@@ -280,7 +200,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     }
     if (a.lse != nullptr && lane % 4 == 0)
       a.lse[b * a.lse_strides[0] + h * a.lse_strides[1] + q_idx * a.lse_strides[2]] =
-          l > 0.0f ? kLn2 * (m_run[r] + log2f(l)) : FJC_NEG_INF;
+          l > 0.0f ? fjc_kLn2 * (m_run[r] + log2f(l)) : FJC_NEG_INF;
   }
   __syncthreads();
   if (threadIdx.x == 0 && mod_error && a.error_flag != nullptr) *a.error_flag = 1;

@@ -12,18 +12,17 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
-#include <map>
 #include <numeric>
 #include <random>
 #include <string>
 #include <vector>
 
-#include "jit/compile.h"
 #include "jit/instantiate.h"
 #include "runtime/block_mask.h"
 #include "runtime/cuda_decode.h"
 #include "runtime/reference.h"
 #include "score_mods/registry.h"
+#include "tests/support/cuda_emulated_kernels.h"
 #include "tests/support/cuda_emulator.h"
 #include "tests/support/numerics.h"
 
@@ -32,25 +31,6 @@ namespace {
 
 namespace emu = testing::cuda_emulator;
 using EntryFn = void (*)(FlexCudaDecodeArgs);
-
-struct Kernels {
-  EntryFn partitions = nullptr, merge = nullptr;
-};
-
-// Both entries of the kernel's source compiled for the CPU, once per process per cache key.
-Kernels emulated_kernels(const jit::KernelSpec& spec, const ModSet& mods) {
-  static std::map<std::string, Kernels> cache;
-  const jit::Instantiation inst = jit::plan(spec, mods);
-  auto it = cache.find(inst.key);
-  if (it != cache.end()) return it->second;
-  const std::string src = jit::make_emulation_source(spec, mods, inst.symbol);
-  const jit::CompileResult r = jit::compile_cpp_to_object(src, inst.symbol + ".emulated.cpp");
-  Kernels k;
-  k.partitions = reinterpret_cast<EntryFn>(jit::load_object(r.object, inst.symbol));
-  k.merge = reinterpret_cast<EntryFn>(jit::load_object(r.object, jit::cuda_merge_symbol(inst.symbol)));
-  cache.emplace(inst.key, k);
-  return k;
-}
 
 struct Case {
   DType dtype = DType::BF16;
@@ -173,22 +153,17 @@ void run_case(const Case& c) {
   set_cuda_decode_workspace(plan, plan.workspace_bytes ? workspace.data() : nullptr);
 
   const auto t0 = std::chrono::steady_clock::now();
-  const Kernels kern = emulated_kernels(plan.spec, mods);
+  const auto partitions = reinterpret_cast<EntryFn>(testing::emulated_entry(plan.spec, mods));
+  const auto merge = reinterpret_cast<EntryFn>(
+      testing::emulated_entry(plan.spec, mods, jit::cuda_merge_symbol(jit::plan(plan.spec, mods).symbol)));
   const auto t1 = std::chrono::steady_clock::now();
-  emu::Launch launch;
-  for (int i = 0; i < 3; ++i) launch.grid[i] = plan.grid[i];
-  launch.block_threads = plan.block_threads;
-  launch.smem_bytes = plan.smem_bytes;
-  launch.readable = {range_of(q), range_of(k), range_of(v)};
   emu::Stats stats;
-  std::string err = emu::run(launch, [&] { kern.partitions(plan.args); }, &stats);
+  std::string err = emu::run(testing::emulated_launch(plan.grid, plan.block_threads, plan.smem_bytes,
+                                                      {range_of(q), range_of(k), range_of(v)}),
+                             [&] { partitions(plan.args); }, &stats);
   ASSERT_EQ(err, "") << "the emulated partition kernel failed";
   if (plan.num_partitions > 1) {
-    emu::Launch merge;
-    for (int i = 0; i < 3; ++i) merge.grid[i] = plan.merge_grid[i];
-    merge.block_threads = plan.merge_threads;
-    merge.smem_bytes = 0;
-    err = emu::run(merge, [&] { kern.merge(plan.args); });
+    err = emu::run(testing::emulated_launch(plan.merge_grid, plan.merge_threads, 0), [&] { merge(plan.args); });
     ASSERT_EQ(err, "") << "the emulated merge failed";
   }
   const auto t2 = std::chrono::steady_clock::now();

@@ -10,16 +10,14 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
-#include <map>
 #include <string>
 #include <vector>
 
-#include "jit/compile.h"
-#include "jit/instantiate.h"
 #include "runtime/block_mask.h"
 #include "runtime/cuda_prefill.h"
 #include "runtime/reference.h"
 #include "score_mods/registry.h"
+#include "tests/support/cuda_emulated_kernels.h"
 #include "tests/support/cuda_emulator.h"
 #include "tests/support/numerics.h"
 
@@ -28,19 +26,6 @@ namespace {
 
 namespace emu = testing::cuda_emulator;
 using EntryFn = void (*)(FlexCudaPrefillArgs);
-
-// The kernel's source for the CPU, compiled once per process per cache key.
-EntryFn emulated_kernel(const jit::KernelSpec& spec, const ModSet& mods) {
-  static std::map<std::string, EntryFn> kernels;
-  const jit::Instantiation inst = jit::plan(spec, mods);
-  auto it = kernels.find(inst.key);
-  if (it != kernels.end()) return it->second;
-  const std::string src = jit::make_emulation_source(spec, mods, inst.symbol);
-  const jit::CompileResult r = jit::compile_cpp_to_object(src, inst.symbol + ".emulated.cpp");
-  auto fn = reinterpret_cast<EntryFn>(jit::load_object(r.object, inst.symbol));
-  kernels.emplace(inst.key, fn);
-  return fn;
-}
 
 struct Case {
   DType dtype = DType::BF16;
@@ -115,13 +100,10 @@ void run_case(const Case& c) {
   CudaPrefillPlan plan = plan_cuda_prefill(q.view, k.view, v.view, out.view, &lse.view, mods, bind, mp, opt, dev,
                                            &error_flag);
   const auto t0 = std::chrono::steady_clock::now();
-  const EntryFn fn = emulated_kernel(plan.spec, mods);
+  const auto fn = reinterpret_cast<EntryFn>(testing::emulated_entry(plan.spec, mods));
   const auto t1 = std::chrono::steady_clock::now();
-  emu::Launch launch;
-  for (int i = 0; i < 3; ++i) launch.grid[i] = plan.grid[i];
-  launch.block_threads = plan.block_threads;
-  launch.smem_bytes = plan.smem_bytes;
-  launch.readable = {range_of(q), range_of(k), range_of(v)};
+  const emu::Launch launch =
+      testing::emulated_launch(plan.grid, plan.block_threads, plan.smem_bytes, {range_of(q), range_of(k), range_of(v)});
   emu::Stats stats;
   const std::string err = emu::run(launch, [&] { fn(plan.args); }, &stats);
   const auto t2 = std::chrono::steady_clock::now();
