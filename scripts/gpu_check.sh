@@ -49,6 +49,23 @@ for d in site.getsitepackages():
 fi
 ./build-gpu/flexjit_cuda_selftest "$arch" 2>&1 | tee "$out/selftest.txt" | tee -a "$log"
 rc=${PIPESTATUS[0]}
+# Optional (GPU_CHECK_SANITIZE=1; ~1-2 min more): the self-test's GPU cases again under
+# compute-sanitizer's racecheck and memcheck, the hardware's word on what the CPU emulator checks.
+sanitize_rc=-1
+if [[ "${GPU_CHECK_SANITIZE:-0}" == 1 ]]; then
+  if command -v compute-sanitizer >/dev/null 2>&1 && [[ -z "$(grep -m1 'GPU runs: SKIPPED' "$out/selftest.txt")" ]]; then
+    sanitize_rc=0
+    for tool in racecheck memcheck; do
+      timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 9 ./build-gpu/flexjit_cuda_selftest "$arch" \
+        > "$out/sanitize_$tool.txt" 2>&1
+      r=$?
+      say "gpu_check: compute-sanitizer --tool $tool: exit $r ($(grep -c 'ERROR SUMMARY: 0 errors' "$out/sanitize_$tool.txt") clean summaries; $out/sanitize_$tool.txt)"
+      [[ $r -ne 0 ]] && sanitize_rc=$r
+    done
+  else
+    say "gpu_check: GPU_CHECK_SANITIZE=1 but no compute-sanitizer or no GPU: SKIPPED"
+  fi
+fi
 # The kernels' own benchmark (no torch): the copy ceiling, decode GB/s, prefill TFLOP/s.
 timeout 150 ./build-gpu/flexjit_cuda_bench "$out/cuda_bench.json" 2>&1 | tee "$out/cuda_bench.log" | tee -a "$log"
 kbench_rc=${PIPESTATUS[0]}
@@ -86,17 +103,18 @@ else
   fi
 fi
 
-python3 - "$out" "$arch" "$rc" "$torch_op" "$pytest_rc" "$bench_rc" "$kbench_rc" <<'PY'
+python3 - "$out" "$arch" "$rc" "$torch_op" "$pytest_rc" "$bench_rc" "$kbench_rc" "$sanitize_rc" <<'PY'
 import json, os, re, sys
 out, arch, rc = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch_op, pytest_rc, bench_rc, kbench_rc = sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+sanitize_rc = int(sys.argv[8])
 lines = open(f"{out}/selftest.txt").read().splitlines()
 gpu = [l.strip() for l in lines if l.strip().startswith("gpu ")]
 summary = {"arch": arch, "selftest_rc": rc,
            "compiled_ok": sum(1 for l in lines if re.match(r"\s+\S+\s+ok\s", l)),
            "gpu_runs": gpu, "gpu_skipped": any("GPU runs: SKIPPED" in l for l in lines),
            "result": next((l for l in lines if l.startswith("cuda selftest:") and "(" in l and "failures" in l), ""),
-           "kernel_bench_rc": kbench_rc,
+           "kernel_bench_rc": kbench_rc, "sanitize_rc": sanitize_rc,
            "kernel_bench_json": "cuda_bench.json" if os.path.exists(f"{out}/cuda_bench.json") else None,
            "torch_op": torch_op, "test_cuda_rc": pytest_rc, "bench_rc": bench_rc,
            "bench_json": "cuda_prefill_bench.json" if os.path.exists(f"{out}/cuda_prefill_bench.json") else None}

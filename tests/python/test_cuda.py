@@ -209,3 +209,41 @@ def test_cuda_paged_decode_matches_the_contiguous_reference(lens_on_cpu):
         bm = create_block_mask(causal_abs, None, None, Lq, n, device=dev)
         ref = torch_flex(q[b:b + 1].float(), kb, vb, block_mask=bm, enable_gqa=True)
         torch.testing.assert_close(out[b:b + 1].float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@needs_gpu
+@pytest.mark.parametrize("paged", [False, True])
+def test_cuda_decode_call_captures_in_a_cuda_graph(paged):
+    """A decode call with fixed shapes, its kernel compiled by an earlier call, replays from a CUDA
+    graph: no host synchronisation or allocation outside torch's graph pool inside the call."""
+    torch.manual_seed(3)
+    dev = torch.device("cuda")
+    B, HQ, HKV, D, L, P = 4, 32, 8, 128, 4096, 16
+    q = torch.randn(B, HQ, 1, D, device=dev, dtype=torch.bfloat16)
+    if paged:
+        k = torch.randn(B * L // P, P, HKV, D, device=dev, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        table = torch.randperm(B * L // P, device=dev).to(torch.int32).reshape(B, L // P)
+        lens = torch.full((B,), L, device=dev, dtype=torch.int32)  # on the device: nothing is read back
+
+        def call():
+            return flexjit.paged_flex_attention(q, k, v, table, lens)
+    else:
+        k = torch.randn(B, HKV, L, D, device=dev, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+
+        def call():
+            return flexjit.flex_attention(q, k, v, enable_gqa=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            call()  # compiles and loads the kernels before capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, call(), atol=0, rtol=0)
