@@ -46,7 +46,8 @@ void check_cuda_rows(const TensorView& t, const std::string& who, const std::str
 // q [B, Hq, Lq, D], k [Bkv, Hkv, Lkv, D], v [Bkv, Hkv, Lkv, Dv], out [B, Hq, Lq, Dv] on the GPU,
 // bf16 or fp16, last dim contiguous, rows 16-byte aligned; lse [B, Hq, Lq] fp32 or null.
 // `mask`: a BlockMask already on the device (its int32 arrays), or null for none. `error_flag`: a
-// device int the kernel sets when a mod indexes a buffer out of range (null: not reported).
+// device int the kernel ORs bits into (null: not reported): 1 when a mod indexes a buffer out of
+// range, 2 when a block mask's count or index is out of range (that entry is skipped, not read).
 // Buffers bound in `bind` must be device tensors. Throws flexjit::Error naming what is wrong
 // and how to fix it. Knobs: opt.block_m / opt.block_n (0 = 64), opt.scale, opt.enable_gqa.
 CudaPrefillPlan plan_cuda_prefill(const TensorView& q, const TensorView& k, const TensorView& v,

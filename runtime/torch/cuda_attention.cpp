@@ -384,10 +384,16 @@ FlexResult cuda_flex_attention(const at::Tensor& q, const at::Tensor& k, const a
   }
   const double host_us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
 
-  if (check_requested() && error_flag.item<int32_t>() != 0)
-    throw Error("flex_attention: a mod indexed one of its buffers out of range on " + q.device().str() +
-                " (caught by FLEXJIT_CUDA_CHECK=1); check the buffers' shapes against the b, h, q_idx and kv_idx "
-                "the mods index them with");
+  if (check_requested()) {
+    const int32_t flag = error_flag.item<int32_t>();
+    if (flag & 1)
+      throw Error("flex_attention: a mod indexed one of its buffers out of range on " + q.device().str() +
+                  " (caught by FLEXJIT_CUDA_CHECK=1); check the buffers' shapes against the b, h, q_idx and kv_idx "
+                  "the mods index them with");
+    if (flag & 2)
+      throw Error("flex_attention: the BlockMask on " + q.device().str() + " has a count or block index out of range "
+                  "(caught by FLEXJIT_CUDA_CHECK=1; those entries were skipped); rebuild it for this call's lengths");
+  }
 
   if (o.report) {
     AttentionReport& rep = *o.report;

@@ -30,7 +30,9 @@ struct FlexCudaPrefillArgs {
   fj_i64 lse_strides[3];
   float scale;  // multiplies q.k before score_mod
   struct FlexBlockMaskArgs mask;  // mask.kv_num_blocks == null: no block mask
-  int* error_flag;                // device int, set to 1 by a mod's out-of-range buffer index
+  int* error_flag;  // device int the kernel ORs bits into: 1 a mod indexed a buffer out of range, 2 a block
+                    // mask count or index out of range (skipped instead of read; device masks are not
+                    // checked on the host)
   struct FlexBuffer buffers[FLEXJIT_CUDA_MAX_BUFFERS];  // in ModSet order
   float params[FLEXJIT_CUDA_MAX_PARAMS];                // in ModSet order
 };

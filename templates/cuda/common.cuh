@@ -92,4 +92,14 @@ FJC_DEV void fjc_load_rows(fjc_u16* dst, const RowPtr& row_ptr, fj_i64 valid_row
   }
 }
 
+// A device BlockMask is not checked on the host (that would synchronise): counts past a row's
+// length and indices past the mask's KV blocks are clamped / skipped here and raise bit 2 of the
+// error flag instead of reading out of bounds.
+FJC_DEV int fjc_clamp_count(int n, fj_i64 limit, int* range_error) {
+  if (n < 0 || n > limit) {
+    *range_error = 1;
+    return n < 0 ? 0 : (int)limit;
+  }
+  return n;
+}
 #endif  // FLEXJIT_CUDA_COMMON_H

@@ -105,6 +105,8 @@ struct FjdWalk {
   fj_i64 mbs, begin, end;
   int list, j;        // cursor: list, next entry
   fj_i64 next, hi;    // next sub-block start; end of the current entry's range
+  fj_i64 kv_blocks;   // the mask's KV blocks: indices past them are skipped and flagged
+  int* range_error;
 };
 struct FjdBlock {
   fj_i64 kv0;
@@ -135,7 +137,12 @@ FJC_DEV struct FjdBlock fjd_next(struct FjdWalk& w) {
       w.j = 0;
       continue;
     }
-    const fj_i64 base = (fj_i64)idx[w.j++] * w.mbs;
+    const int blk = idx[w.j++];
+    if (blk < 0 || blk >= w.kv_blocks) {  // a device mask is not checked on the host: skip, flag
+      *w.range_error = 1;
+      continue;
+    }
+    const fj_i64 base = (fj_i64)blk * w.mbs;
     w.next = base > w.begin ? base : w.begin;
     w.hi = base + w.mbs < w.end ? base + w.mbs : w.end;
   }
@@ -204,6 +211,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     // A sequence the grid's partitions do not cover, or one shorter than its queries.
     range_error = paged && (len_raw < 0 || len > a.num_partitions * a.partition_size || (len > 0 && len < a.Lq)) ? 1 : 0;
   }
+  __syncthreads();  // the flags are set before anyone may raise them
   struct FlexModArgs mod;
   mod.buffers = a.buffers;
   mod.params = a.params;
@@ -228,16 +236,19 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   walk.idx0 = walk.idx1 = nullptr;
   walk.count0 = walk.count1 = 0;
   walk.mbs = BLOCK_N;
+  walk.kv_blocks = 0;
+  walk.range_error = &range_error;
   if (a.mask.kv_num_blocks != nullptr) {
     const fj_i64 mb = a.mask.B == 1 ? 0 : b, mh = a.mask.H == 1 ? 0 : fjd_head(R, r0);
     const fj_i64 row = (mb * a.mask.H + mh) * a.mask.q_blocks;  // q-block 0
     walk.idx0 = a.mask.kv_indices + row * a.mask.kv_indices_stride;
-    walk.count0 = a.mask.kv_num_blocks[row];
+    walk.count0 = fjc_clamp_count(a.mask.kv_num_blocks[row], a.mask.kv_indices_stride, &range_error);
     if (a.mask.full_kv_num_blocks != nullptr) {
       walk.idx1 = a.mask.full_kv_indices + row * a.mask.full_kv_indices_stride;
-      walk.count1 = a.mask.full_kv_num_blocks[row];
+      walk.count1 = fjc_clamp_count(a.mask.full_kv_num_blocks[row], a.mask.full_kv_indices_stride, &range_error);
     }
     walk.mbs = a.mask.kv_block_size;
+    walk.kv_blocks = a.mask.kv_blocks;
   }
   fjc_u16* const myK = sKV + warp * FLEXJIT_KV_STAGES * BLOCK_N * (kKS + kVS);
   fjc_u16* const myV = myK + FLEXJIT_KV_STAGES * BLOCK_N * kKS;

@@ -65,11 +65,15 @@ struct FjcWalk {
   const int* idx;       // partial blocks' indices (null: no block mask)
   const int* full_idx;  // full blocks' indices
   int count, full_count, sub;
-  fj_i64 kv_block_size;
+  fj_i64 kv_block_size, kv_blocks, past_end;  // past_end: a key start no block reaches
   int total;
+  int* range_error;  // set for counts or indices outside the mask's shape
 };
-FJC_DEV struct FjcWalk fjc_walk(const struct FlexCudaPrefillArgs& a, fj_i64 b, fj_i64 h, fj_i64 q0) {
+FJC_DEV struct FjcWalk fjc_walk(const struct FlexCudaPrefillArgs& a, fj_i64 b, fj_i64 h, fj_i64 q0, int* range_error) {
   struct FjcWalk w;
+  w.range_error = range_error;
+  w.past_end = a.Lkv;
+  w.kv_blocks = 0;
   if (a.mask.kv_num_blocks == nullptr) {
     w.idx = w.full_idx = nullptr;
     w.count = w.full_count = 0;
@@ -81,10 +85,13 @@ FJC_DEV struct FjcWalk fjc_walk(const struct FlexCudaPrefillArgs& a, fj_i64 b, f
   const fj_i64 mb = a.mask.B == 1 ? 0 : b, mh = a.mask.H == 1 ? 0 : h;
   const fj_i64 row = (mb * a.mask.H + mh) * a.mask.q_blocks + q0 / a.mask.q_block_size;
   w.idx = a.mask.kv_indices + row * a.mask.kv_indices_stride;
-  w.count = a.mask.kv_num_blocks[row];
+  w.count = fjc_clamp_count(a.mask.kv_num_blocks[row], a.mask.kv_indices_stride, range_error);
   w.full_idx = a.mask.full_kv_num_blocks ? a.mask.full_kv_indices + row * a.mask.full_kv_indices_stride : nullptr;
-  w.full_count = a.mask.full_kv_num_blocks ? a.mask.full_kv_num_blocks[row] : 0;
+  w.full_count = a.mask.full_kv_num_blocks
+                     ? fjc_clamp_count(a.mask.full_kv_num_blocks[row], a.mask.full_kv_indices_stride, range_error)
+                     : 0;
   w.kv_block_size = a.mask.kv_block_size;
+  w.kv_blocks = a.mask.kv_blocks;
   w.sub = (int)(a.mask.kv_block_size / BLOCK_N);
   w.total = (w.count + w.full_count) * w.sub;
   return w;
@@ -98,6 +105,10 @@ FJC_DEV fj_i64 fjc_block_at(const struct FjcWalk& w, int i, bool* partial) {
   const int j = i / w.sub, s = i % w.sub;
   *partial = j < w.count;
   const int blk = j < w.count ? w.idx[j] : w.full_idx[j - w.count];
+  if (blk < 0 || blk >= w.kv_blocks) {  // skipped: no key of the call starts there
+    *w.range_error = 1;
+    return w.past_end;
+  }
   return (fj_i64)blk * w.kv_block_size + (fj_i64)s * BLOCK_N;
 }
 
@@ -108,7 +119,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
   fjc_u16* const sQ = (fjc_u16*)fjc_smem_raw;
   fjc_u16* const sK = sQ + BLOCK_M * kQS;
   fjc_u16* const sV = sK + FLEXJIT_KV_STAGES * BLOCK_N * kKS;
-  __shared__ int mod_error;  // the mods' out-of-range flag, raised once per CTA
+  __shared__ int mod_error;    // the mods' out-of-range flag, raised once per CTA
+  __shared__ int range_error;  // a block mask's count or index out of range
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const fj_i64 b = blockIdx.z, h = blockIdx.y, q0 = (fj_i64)blockIdx.x * BLOCK_M;
@@ -117,13 +129,14 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
   const fjc_u16* k = (const fjc_u16*)a.k + bk * a.k_strides[0] + hkv * a.k_strides[1];
   const fjc_u16* v = (const fjc_u16*)a.v + bk * a.v_strides[0] + hkv * a.v_strides[1];
 
-  if (threadIdx.x == 0) mod_error = 0;
+  if (threadIdx.x == 0) mod_error = range_error = 0;
+  __syncthreads();  // the flags are zero before anyone may raise them
   struct FlexModArgs mod;
   mod.buffers = a.buffers;
   mod.params = a.params;
   mod.error_flag = &mod_error;
 
-  const struct FjcWalk walk = fjc_walk(a, b, h, q0);
+  const struct FjcWalk walk = fjc_walk(a, b, h, q0, &range_error);
   fjc_load_tile<BLOCK_M, kDP, HEAD_DIM, kQS>(sQ, q, a.q_strides[2], a.Lq - q0);
   auto load_kv = [&](int i, int stage) {
     bool partial;
@@ -203,5 +216,6 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
           l > 0.0f ? fjc_kLn2 * (m_run[r] + log2f(l)) : FJC_NEG_INF;
   }
   __syncthreads();
-  if (threadIdx.x == 0 && mod_error && a.error_flag != nullptr) *a.error_flag = 1;
+  if (threadIdx.x == 0 && (mod_error || range_error) && a.error_flag != nullptr)
+    atomicOr(a.error_flag, (mod_error ? 1 : 0) | (range_error ? 2 : 0));
 }

@@ -46,6 +46,7 @@ struct Case {
   int smem_optin = 0;
   double scale = 0;
   bool bad_page = false;           // one block-table entry out of range: flagged, zero-filled
+  bool corrupt_mask = false;       // a BlockMask count and index out of range: flagged, skipped
 };
 
 std::string name_of(const Case& c) {
@@ -72,6 +73,7 @@ std::string name_of(const Case& c) {
   if (c.smem_optin) n += "_smem" + std::to_string(c.smem_optin / 1024) + "k";
   if (c.scale) n += "_scale";
   if (c.bad_page) n += "_badpage";
+  if (c.corrupt_mask) n += "_corrupt";
   return n;
 }
 void PrintTo(const Case& c, std::ostream* os) { *os << name_of(c); }
@@ -132,6 +134,16 @@ void run_case(const Case& c) {
     mask_args = runtime::kernel_args(mask);
     mp = &mask_args;
   }
+  std::vector<int> bad_num, bad_idx;
+  if (c.corrupt_mask) {
+    const size_t rows = size_t(mask_args.B * mask_args.H * mask_args.q_blocks);
+    bad_num.assign(mask_args.kv_num_blocks, mask_args.kv_num_blocks + rows);
+    bad_idx.assign(mask_args.kv_indices, mask_args.kv_indices + rows * size_t(mask_args.kv_indices_stride));
+    bad_num[0] = int(mask_args.kv_indices_stride) + 7;
+    bad_idx[0] = int(mask_args.kv_blocks) + 3;
+    mask_args.kv_num_blocks = bad_num.data();
+    mask_args.kv_indices = bad_idx.data();
+  }
   AttentionOptions opt;
   opt.enable_gqa = c.Hq != c.Hkv;
   opt.partition_size = c.partition;
@@ -170,8 +182,8 @@ void run_case(const Case& c) {
   std::printf("  %s: compile %.0f ms, emulated %llu CTAs in %.0f ms\n", plan.describe().c_str(),
               std::chrono::duration<double, std::milli>(t1 - t0).count(), (unsigned long long)stats.ctas,
               std::chrono::duration<double, std::milli>(t2 - t1).count());
-  if (c.bad_page) {
-    EXPECT_EQ(error_flag, 2) << "a page index out of range raises bit 2";
+  if (c.bad_page || c.corrupt_mask) {
+    EXPECT_EQ(error_flag, 2) << "a page index or block mask entry out of range raises bit 2";
     return;  // the output of the affected rows is undefined (zero-filled keys), nothing crashed
   }
   EXPECT_EQ(error_flag, 0);
@@ -267,6 +279,13 @@ std::vector<Case> special_cases() {
     out.push_back(x);
     x.mask_block = 64;
     x.block_n = 64;
+    out.push_back(x);
+  }
+  {
+    Case x = c;
+    x.mask_mod = "sliding_window";
+    x.mask_block = 128;
+    x.corrupt_mask = true;
     out.push_back(x);
   }
   // Fully masked rows: every row, and every other row.

@@ -38,6 +38,7 @@ struct Case {
   int64_t mask_block = 0;           // BlockMask block size (0: no block mask)
   double scale = 0;                 // 0 = 1/sqrt(D)
   int smem_optin = 0;               // the device's shared memory limit (0 = an H100's)
+  bool corrupt_mask = false;        // a count and an index out of range: flagged and skipped, never read
 };
 
 std::string name_of(const Case& c) {
@@ -58,6 +59,7 @@ std::string name_of(const Case& c) {
   if (c.mask_block) n += "_mb" + std::to_string(c.mask_block);
   if (c.scale != 0) n += c.scale < 0 ? "_negscale" : "_scale";
   if (c.smem_optin) n += "_smem" + std::to_string(c.smem_optin / 1024) + "k";
+  if (c.corrupt_mask) n += "_corrupt";
   return n;
 }
 
@@ -94,6 +96,16 @@ void run_case(const Case& c) {
     mask_args = runtime::kernel_args(mask);
     mp = &mask_args;
   }
+  std::vector<int> bad_num, bad_idx;  // a device mask the host never checked, gone wrong
+  if (c.corrupt_mask) {
+    const size_t rows = size_t(mask_args.B * mask_args.H * mask_args.q_blocks);
+    bad_num.assign(mask_args.kv_num_blocks, mask_args.kv_num_blocks + rows);
+    bad_idx.assign(mask_args.kv_indices, mask_args.kv_indices + rows * size_t(mask_args.kv_indices_stride));
+    bad_num[0] = int(mask_args.kv_indices_stride) + 7;
+    bad_idx[size_t(mask_args.kv_indices_stride)] = int(mask_args.kv_blocks) + 3;  // row 1's first entry
+    mask_args.kv_num_blocks = bad_num.data();
+    mask_args.kv_indices = bad_idx.data();
+  }
   CudaDeviceInfo dev;
   if (c.smem_optin) dev.max_smem_optin = c.smem_optin;
   int error_flag = 0;
@@ -111,6 +123,10 @@ void run_case(const Case& c) {
               std::chrono::duration<double, std::milli>(t1 - t0).count(), (unsigned long long)stats.ctas,
               (unsigned long long)stats.collectives, std::chrono::duration<double, std::milli>(t2 - t1).count());
   ASSERT_EQ(err, "") << "the emulated kernel failed";
+  if (c.corrupt_mask) {
+    EXPECT_EQ(error_flag, 2) << "a bad block mask raises bit 2";
+    return;  // the rows it touched are undefined; nothing was read out of bounds
+  }
   EXPECT_EQ(error_flag, 0) << "a mod flagged an out-of-range buffer index";
 
   const double scale = c.scale != 0 ? c.scale : 1.0 / std::sqrt(double(c.D));
@@ -235,6 +251,10 @@ std::vector<Case> special_cases() {
     out.push_back(w);
     w.block_m = 0;
     w.block_n = 0;
+    w.mask_block = 64;
+    w.corrupt_mask = true;
+    out.push_back(w);
+    w.corrupt_mask = false;
     w.mask_block = 0;
     w.D = w.Dv = 256;
     w.smem_optin = 99 * 1024;  // sm_86 / sm_89: one stage, BLOCK_N 32
