@@ -142,15 +142,7 @@ void warm_cuda(const WarmArgs& w) {
         if (decode) {
           spec = cuda_decode_kernel_spec(parse_dtype(dt), d, d, g, cuda_device_info_for_arch(w.arch));
         } else {
-          spec.backend = jit::Backend::Cuda;
-          spec.kind = jit::KernelKind::Prefill;
-          spec.dtype = parse_dtype(dt);
-          spec.head_dim = spec.head_dim_v = d;
-          spec.block_m = 64;
-          spec.block_n = 64;
-          spec.gqa_group = g;
-          spec.arch = w.arch;
-          spec.kv_stages = 2;
+          spec = cuda_prefill_kernel_spec(parse_dtype(dt), d, d, g, cuda_device_info_for_arch(w.arch));
         }
         ++jobs;
         std::string line = "cuda " + w.arch + " " + dtype_name(spec.dtype) + " D=" + std::to_string(d) +

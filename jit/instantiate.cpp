@@ -56,6 +56,7 @@ std::string spec_defines(const KernelSpec& s, const std::string& symbol) {
        << "#define BLOCK_N " << s.block_n << "\n"
        << "#define GQA_GROUP " << s.gqa_group << "\n";
     if (is_cuda(s)) os << "#define FLEXJIT_KV_STAGES " << s.kv_stages << "\n";
+    if (is_cuda(s) && s.kind == KernelKind::Prefill) os << "#define FLEXJIT_WARPS " << s.warps << "\n";
     if (is_cuda(s) && s.kind == KernelKind::Decode)
       os << "#define FLEXJIT_DECODE_WARPS " << s.warps << "\n"
          << "#define FLEXJIT_ENTRY_MERGE " << cuda_merge_symbol(symbol) << "\n";
@@ -122,7 +123,7 @@ std::string KernelSpec::str() const {
        << " ENGINE="
        << (backend == Backend::Cuda ? "mma" : kind == KernelKind::Decode ? "dot" : engine_name(engine));
   if (backend == Backend::Cuda) os << " ARCH=" << arch << " KV_STAGES=" << kv_stages;
-  if (backend == Backend::Cuda && kind == KernelKind::Decode) os << " WARPS=" << warps;
+  if (backend == Backend::Cuda) os << " WARPS=" << warps;
   return os.str();
 }
 
@@ -194,9 +195,11 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
                   "the default engine; got " + spec.str());
     if (spec.kind == KernelKind::Prefill && (spec.block_m % 16 != 0 || spec.block_m < 16 || spec.block_m > 128 || spec.block_n % 16 != 0 ||
         spec.block_n < 16 || spec.block_n > 256 || (spec.kv_stages != 1 && spec.kv_stages != 2) ||
-        spec.engine != PrefillEngine::Fma))
-      throw Error("CUDA prefill blocks: BLOCK_M a multiple of 16 in 16..128, BLOCK_N a multiple of 16 in "
-                  "16..256, KV stages 1 or 2, the default engine; got " + spec.str());
+        spec.engine != PrefillEngine::Fma || spec.warps < 1 || spec.block_m % (16 * spec.warps) != 0 ||
+        spec.block_m / (16 * spec.warps) > 2))
+      throw Error("CUDA prefill blocks: BLOCK_M a multiple of 16 in 16..128 split over warps of one or two m16 "
+                  "tiles, BLOCK_N a multiple of 16 in 16..256, KV stages 1 or 2, the default engine; got " +
+                  spec.str());
     if (spec.arch.empty()) throw Error("a CUDA kernel spec needs an arch (sm_80, sm_90, ...)");
   }
   ModSet eff = effective_mods(spec, mods);

@@ -41,7 +41,9 @@ struct KernelSpec {
   Backend backend = Backend::Cpu;
   std::string arch;   // Cuda: "sm_80", "sm_90", ... (what NVRTC compiles for)
   int kv_stages = 2;  // Cuda: K/V shared-memory stages (FLEXJIT_KV_STAGES: 1 or 2)
-  int warps = 4;      // Cuda Decode: warps per CTA, taking the partition's KV blocks in turn
+  // Cuda: warps per CTA. Decode: they take the partition's KV blocks in turn. Prefill: each owns
+  // BLOCK_M / warps query rows (one or two m16 tiles; runtime/cuda_prefill picks).
+  int warps = 4;
   // "prefill fp32 HEAD_DIM=64 HEAD_DIM_V=64 BLOCK_M=32 BLOCK_N=64 GQA_GROUP=1 ENGINE=fma"
   std::string str() const;
 };

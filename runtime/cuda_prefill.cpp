@@ -1,5 +1,6 @@
 #include "runtime/cuda_prefill.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <sstream>
@@ -37,6 +38,48 @@ std::string CudaPrefillPlan::describe() const {
   os << spec.str() << ", grid " << grid[0] << "x" << grid[1] << "x" << grid[2] << ", " << block_threads
      << " threads, " << (smem_bytes + 1023) / 1024 << " KiB smem";
   return os.str();
+}
+
+jit::KernelSpec cuda_prefill_kernel_spec(DType dtype, int head_dim, int head_dim_v, int gqa_group,
+                                         const CudaDeviceInfo& dev, int block_m, int block_n) {
+  jit::KernelSpec s;
+  s.backend = jit::Backend::Cuda;
+  s.kind = jit::KernelKind::Prefill;
+  s.dtype = dtype;
+  s.head_dim = head_dim;
+  s.head_dim_v = head_dim_v;
+  s.gqa_group = gqa_group;
+  s.arch = dev.arch;
+  // Default 64 x 64: 4 warps of one m16 tile, no local memory with any built-in mod up to D 256.
+  // BLOCK_M 128 is 4 warps of two tiles (FA2's tile: each K / V fragment read from shared memory
+  // serves both), with 32-key blocks above D 64 so both tiles' accumulators fit in registers; at
+  // D 128 some mods then spill ~92 bytes, so it is an option (BLOCK_M=128) until a GPU measures it.
+  const int dmax = std::max(head_dim, head_dim_v);
+  s.block_m = block_m > 0 ? block_m : 64;
+  s.block_n = block_n > 0 ? block_n : s.block_m == 128 && dmax > 64 ? 32 : 64;
+  if (s.block_m % 16 != 0 || s.block_m > 128 || s.block_n % 16 != 0 || s.block_n > 256)
+    throw Error("CUDA flex_attention: BLOCK_M must be a multiple of 16 up to 128 and BLOCK_N a multiple of 16 up "
+                "to 256; got " + std::to_string(s.block_m) + "x" + std::to_string(s.block_n));
+  // Two m16 tiles per warp at 128 rows (4 warps: each K / V fragment serves both), else one.
+  const int tiles = s.block_m == 128 ? 2 : 1;
+  s.warps = s.block_m / (16 * tiles);
+  // Two K/V stages where they fit, else one; with the default BLOCK_N, a 32-key block before
+  // giving up (large D on GPUs with 99 KiB of shared memory, sm_86 / sm_89).
+  auto fit_stages = [&] {
+    s.kv_stages = 2;
+    if (jit::cuda_prefill_smem_bytes(s) > dev.max_smem_optin) s.kv_stages = 1;
+    return jit::cuda_prefill_smem_bytes(s) <= dev.max_smem_optin;
+  };
+  if (!fit_stages() && block_n <= 0) {
+    s.block_n = 32;
+    fit_stages();
+  }
+  if (jit::cuda_prefill_smem_bytes(s) > dev.max_smem_optin)
+    throw Error("CUDA flex_attention: D=" + std::to_string(head_dim) + " with BLOCK " + std::to_string(s.block_m) + "x" +
+                std::to_string(s.block_n) + " needs " + std::to_string(jit::cuda_prefill_smem_bytes(s)) +
+                " bytes of shared memory per block; this GPU allows " + std::to_string(dev.max_smem_optin) +
+                ". Use smaller BLOCK_M / BLOCK_N kernel options");
+  return s;
 }
 
 CudaPrefillPlan plan_cuda_prefill(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -82,36 +125,23 @@ CudaPrefillPlan plan_cuda_prefill(const TensorView& q, const TensorView& k, cons
 
   // ---- kernel spec: blocks and K/V stages that fit the device's shared memory ----
   CudaPrefillPlan p;
-  jit::KernelSpec& s = p.spec;
-  s.backend = jit::Backend::Cuda;
-  s.kind = jit::KernelKind::Prefill;
-  s.dtype = q.dtype;
-  s.head_dim = static_cast<int>(D);
-  s.head_dim_v = static_cast<int>(Dv);
-  s.gqa_group = static_cast<int>(Hq / Hkv);
-  s.arch = dev.arch;
-  s.block_m = opt.block_m > 0 ? opt.block_m : 64;
-  s.block_n = opt.block_n > 0 ? opt.block_n : 64;
-  if (s.block_m % 16 != 0 || s.block_m > 128 || s.block_n % 16 != 0 || s.block_n > 256)
-    throw Error("CUDA flex_attention: BLOCK_M must be a multiple of 16 up to 128 and BLOCK_N a multiple of 16 up "
-                "to 256; got " + std::to_string(s.block_m) + "x" + std::to_string(s.block_n));
-  // Two K/V stages where they fit, else one; with the default BLOCK_N, a 32-key block before
-  // giving up (large D on GPUs with 99 KiB of shared memory, sm_86 / sm_89).
-  auto fit_stages = [&] {
-    s.kv_stages = 2;
-    if (jit::cuda_prefill_smem_bytes(s) > dev.max_smem_optin) s.kv_stages = 1;
-    return jit::cuda_prefill_smem_bytes(s) <= dev.max_smem_optin;
-  };
-  if (!fit_stages() && opt.block_n <= 0) {
-    s.block_n = 32;
-    fit_stages();
+  // Default tiles must tile a BlockMask's blocks: the largest of 128 / 64 / 32 / 16 that divides them.
+  int block_m = opt.block_m, block_n = opt.block_n;
+  if (mask && mask->kv_num_blocks) {
+    auto fit = [](int64_t size, int want) {
+      int b = want;
+      while (b > 16 && size % b != 0) b /= 2;
+      return b;
+    };
+    const jit::KernelSpec def = cuda_prefill_kernel_spec(q.dtype, static_cast<int>(D), static_cast<int>(Dv),
+                                                         static_cast<int>(Hq / Hkv), dev);
+    if (block_m <= 0) block_m = fit(mask->q_block_size, def.block_m);
+    if (block_n <= 0) block_n = fit(mask->kv_block_size, def.block_n);
   }
+  p.spec = cuda_prefill_kernel_spec(q.dtype, static_cast<int>(D), static_cast<int>(Dv), static_cast<int>(Hq / Hkv),
+                                    dev, block_m, block_n);
+  jit::KernelSpec& s = p.spec;
   p.smem_bytes = jit::cuda_prefill_smem_bytes(s);
-  if (p.smem_bytes > dev.max_smem_optin)
-    throw Error("CUDA flex_attention: D=" + std::to_string(D) + " with BLOCK " + std::to_string(s.block_m) + "x" +
-                std::to_string(s.block_n) + " needs " + std::to_string(p.smem_bytes) +
-                " bytes of shared memory per block; this GPU allows " + std::to_string(dev.max_smem_optin) +
-                ". Use smaller BLOCK_M / BLOCK_N kernel options");
 
   // ---- block mask: the kernel's blocks must tile the mask's ----
   if (mask && mask->kv_num_blocks) {
@@ -150,7 +180,7 @@ CudaPrefillPlan plan_cuda_prefill(const TensorView& q, const TensorView& k, cons
   for (size_t i = 0; i < mods.params.size(); ++i) a.params[i] = bound.args().params[i];
 
   // ---- launch geometry ----
-  p.block_threads = static_cast<unsigned>(s.block_m / 16 * 32);
+  p.block_threads = static_cast<unsigned>(s.warps * 32);
   const int64_t q_blocks = (Lq + s.block_m - 1) / s.block_m;
   if (q_blocks > 0x7fffffff || Hq > 65535 || B > 65535)
     throw Error("CUDA flex_attention: grid too large (query blocks " + std::to_string(q_blocks) + ", Hq " +

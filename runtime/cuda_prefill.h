@@ -43,6 +43,15 @@ struct CudaPrefillPlan {
 // 16-byte aligned (what the CUDA kernels' cp.async tiles need), saying how to fix it.
 void check_cuda_rows(const TensorView& t, const std::string& who, const std::string& name);
 
+// The prefill kernel spec for these head dims and GQA group on `dev`: BLOCK_M (block_m, 0 = 64) as
+// warps of one or two m16 tiles (BLOCK_M 128: 4 warps of two, FA2's tile), BLOCK_N (block_n, 0 =
+// 64, or 32 with BLOCK_M 128 above D 64), two K/V stages where shared memory allows, else one (and
+// with the default BLOCK_N, 32). plan_cuda_prefill picks smaller
+// defaults where a BlockMask's blocks need them. Throws flexjit::Error for blocks the kernel cannot take or that do
+// not fit.
+jit::KernelSpec cuda_prefill_kernel_spec(DType dtype, int head_dim, int head_dim_v, int gqa_group,
+                                         const CudaDeviceInfo& dev, int block_m = 0, int block_n = 0);
+
 // q [B, Hq, Lq, D], k [Bkv, Hkv, Lkv, D], v [Bkv, Hkv, Lkv, Dv], out [B, Hq, Lq, Dv] on the GPU,
 // bf16 or fp16, last dim contiguous, rows 16-byte aligned; lse [B, Hq, Lq] fp32 or null.
 // `mask`: a BlockMask already on the device (its int32 arrays), or null for none. `error_flag`: a

@@ -251,24 +251,29 @@ int main(int argc, char** argv) {
         mask.kv_indices_stride = mask.full_kv_indices_stride = nb;
         mp = &mask;
       }
-      AttentionOptions opt;
-      char line[512];
-      try {
-        CudaPrefillPlan plan = plan_cuda_prefill(qv, kvv, vv, ov, nullptr, mods, bind, mp, opt, dev, nullptr);
-        const double ms = time_ms([&] { run_cuda_prefill(plan, mods, nullptr); }, 5);
-        const double flops = 4.0 * double(B * H) * double(L) * double(L) * double(D) * (mod == "causal" ? 0.5 : 1.0);
-        const double tflops = flops / (ms * 1e9);
-        std::snprintf(line, sizeof line, "    %-7s %-7lld %9.3f %9.1f  %s", mod.c_str(), (long long)L, ms, tflops,
-                      plan.describe().c_str());
-        json += std::string(first ? "" : ",") + "\n    {\"mod\": \"" + mod + "\", \"L\": " + std::to_string(L) +
-                ", \"B\": " + std::to_string(B) + ", \"H\": " + std::to_string(H) + ", \"ms\": " + std::to_string(ms) +
-                ", \"tflops\": " + std::to_string(tflops) + "}";
-        first = false;
-      } catch (const std::exception& e) {
-        std::snprintf(line, sizeof line, "    %-7s %-7lld FAILED: %s", mod.c_str(), (long long)L, e.what());
+      // The default tile (64 x 64, a warp per m16 tile) and FA2's (128 rows, 4 warps of two tiles).
+      for (int block_m : {0, 128}) {
+        AttentionOptions opt;
+        opt.block_m = block_m;
+        char line[512];
+        try {
+          CudaPrefillPlan plan = plan_cuda_prefill(qv, kvv, vv, ov, nullptr, mods, bind, mp, opt, dev, nullptr);
+          const double ms = time_ms([&] { run_cuda_prefill(plan, mods, nullptr); }, 5);
+          const double flops = 4.0 * double(B * H) * double(L) * double(L) * double(D) * (mod == "causal" ? 0.5 : 1.0);
+          const double tflops = flops / (ms * 1e9);
+          std::snprintf(line, sizeof line, "    %-7s %-7lld %9.3f %9.1f  %s", mod.c_str(), (long long)L, ms, tflops,
+                        plan.describe().c_str());
+          json += std::string(first ? "" : ",") + "\n    {\"mod\": \"" + mod + "\", \"L\": " + std::to_string(L) +
+                  ", \"B\": " + std::to_string(B) + ", \"H\": " + std::to_string(H) + ", \"block_m\": " +
+                  std::to_string(plan.spec.block_m) + ", \"block_n\": " + std::to_string(plan.spec.block_n) +
+                  ", \"ms\": " + std::to_string(ms) + ", \"tflops\": " + std::to_string(tflops) + "}";
+          first = false;
+        } catch (const std::exception& e) {
+          std::snprintf(line, sizeof line, "    %-7s %-7lld FAILED: %s", mod.c_str(), (long long)L, e.what());
+        }
+        std::printf("%s\n", line);
+        std::fflush(stdout);
       }
-      std::printf("%s\n", line);
-      std::fflush(stdout);
       for (void* p : {q, k, v, o}) cuda_free(p);
       for (void* p : extra) cuda_free(p);
     }

@@ -250,15 +250,10 @@ int main(int argc, char** argv) {
       const RegisteredMod& r = find_mod(name);
       const ModSet mods = mod_set_of(r.mod, r.kind);
       for (jit::KernelKind kind : {jit::KernelKind::Prefill, jit::KernelKind::Decode}) {
-      jit::KernelSpec spec;
-      spec.backend = jit::Backend::Cuda;
-      spec.kind = kind;
-      spec.dtype = DType::BF16;
-      spec.head_dim = spec.head_dim_v = 128;
-      spec.block_m = kind == jit::KernelKind::Decode ? 16 : 64;
-      spec.block_n = kind == jit::KernelKind::Decode ? 32 : 64;
-      spec.gqa_group = 4;
-      spec.arch = arch;
+      const CudaDeviceInfo target = cuda_device_info_for_arch(arch);
+      const jit::KernelSpec spec = kind == jit::KernelKind::Decode
+                                       ? cuda_decode_kernel_spec(DType::BF16, 128, 128, 4, target)
+                                       : cuda_prefill_kernel_spec(DType::BF16, 128, 128, 4, target);
       try {
         jit::CudaBinary b = jit::get_cuda_binary(spec, mods);
         const bool ok = b.cubin.size() > 4 && b.cubin.compare(0, 4, "\x7f" "ELF") == 0 && !b.ptx.empty() &&

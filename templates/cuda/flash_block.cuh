@@ -3,7 +3,8 @@
 // mod body (flexjit_score_mod / flexjit_mask_mod, FLEXJIT_HAS_SCORE_MOD / _MASK_MOD) and
 // templates/cuda/common.cuh; header-free.
 //
-//   S = Q K^T                      fjc_block_scores (mma; Q and K through ldmatrix)
+//   S = Q K^T                      fjc_block_scores (mma; Q and K through ldmatrix; kMT m16
+//                                  tiles per warp share each K / V fragment)
 //   S = score_mod(scale S), mask   fjc_block_softmax_row, per row of the thread (two rows):
 //   m' = max(m, rowmax S)            base 2 (scores carry log2 e), -inf where masked or outside
 //   P = 2^(S - m'), alpha = 2^(m - m')  the call's ranges (the mods are never called there)
@@ -18,22 +19,31 @@
 static constexpr float fjc_kLog2e = 1.44269504088896340736f;
 static constexpr float fjc_kLn2 = 0.693147180559945309417f;
 
-// S (16 rows x kNT * 8 keys) = Q K^T: sQw points at the warp's first Q row (row stride kQS
-// elements, kDP columns), sK at the block's first key (row stride kKS).
-template <int kNT, int kDP, int kQS, int kKS>
-FJC_DEV void fjc_block_scores(float (&s)[kNT][4], const fjc_u16* sQw, const fjc_u16* sK, int lane) {
+// S = Q K^T for kMT m16 tiles of a warp (16 kMT rows) against the block's kNT * 8 keys: sQw points
+// at the warp's first Q row (row stride kQS elements, kDP columns), sK at the block's first key
+// (row stride kKS). Each K fragment is loaded once for all kMT tiles (FA2's way of halving the
+// shared-memory reads per FLOP with two tiles per warp).
+template <int kMT, int kNT, int kDP, int kQS, int kKS>
+FJC_DEV void fjc_block_scores(float (&s)[kMT][kNT][4], const fjc_u16* sQw, const fjc_u16* sK, int lane) {
 #pragma unroll
-  for (int t = 0; t < kNT; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.0f;
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int t = 0; t < kNT; ++t) s[mt][t][0] = s[mt][t][1] = s[mt][t][2] = s[mt][t][3] = 0.0f;
 #pragma unroll
   for (int kk = 0; kk < kDP / 16; ++kk) {
-    unsigned qa[4];
-    fjc_ldmatrix_x4(qa, sQw + (lane % 16) * kQS + kk * 16 + (lane / 16) * 8);
+    unsigned qa[kMT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+      fjc_ldmatrix_x4(qa[mt], sQw + (mt * 16 + lane % 16) * kQS + kk * 16 + (lane / 16) * 8);
 #pragma unroll
     for (int t = 0; t < kNT; t += 2) {
       unsigned kb[4];  // b0, b1 of key tile t, then of tile t + 1
       fjc_ldmatrix_x4(kb, sK + (t * 8 + (lane % 8) + (lane / 16) * 8) * kKS + kk * 16 + ((lane / 8) % 2) * 8);
-      fjc_mma(s[t], qa, kb[0], kb[1]);
-      fjc_mma(s[t + 1], qa, kb[2], kb[3]);
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        fjc_mma(s[mt][t], qa[mt], kb[0], kb[1]);
+        fjc_mma(s[mt][t + 1], qa[mt], kb[2], kb[3]);
+      }
     }
   }
 }
@@ -97,21 +107,30 @@ FJC_DEV void fjc_block_softmax_row(float (&s)[kNT][4], float (&o)[kOT][4], float
   }
 }
 
-// O (16 rows x kOT * 8 columns) += P V: P in the S accumulators (16 keys = two S tiles per
-// k-step), V from sV (the block's first key, row stride kVS).
-template <int kNT, int kOT, int kVS>
-FJC_DEV void fjc_block_pv(float (&o)[kOT][4], const float (&s)[kNT][4], const fjc_u16* sV, int lane) {
+// O (kMT m16 tiles x kOT * 8 columns) += P V: P in the S accumulators (16 keys = two S tiles per
+// k-step), V from sV (the block's first key, row stride kVS); each V fragment loaded once for all
+// kMT tiles.
+template <int kMT, int kNT, int kOT, int kVS>
+FJC_DEV void fjc_block_pv(float (&o)[kMT][kOT][4], const float (&s)[kMT][kNT][4], const fjc_u16* sV, int lane) {
 #pragma unroll
   for (int kk = 0; kk < kNT / 2; ++kk) {
-    const unsigned pa[4] = {fjc_pack2(s[2 * kk][0], s[2 * kk][1]), fjc_pack2(s[2 * kk][2], s[2 * kk][3]),
-                            fjc_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                            fjc_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+    unsigned pa[kMT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      pa[mt][0] = fjc_pack2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+      pa[mt][1] = fjc_pack2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+      pa[mt][2] = fjc_pack2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+      pa[mt][3] = fjc_pack2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+    }
 #pragma unroll
     for (int t = 0; t < kOT; t += 2) {
       unsigned vb[4];  // b0, b1 of output tile t, then of tile t + 1
       fjc_ldmatrix_x4_trans(vb, sV + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kVS + t * 8 + (lane / 16) * 8);
-      fjc_mma(o[t], pa, vb[0], vb[1]);
-      fjc_mma(o[t + 1], pa, vb[2], vb[3]);
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        fjc_mma(o[mt][t], pa[mt], vb[0], vb[1]);
+        fjc_mma(o[mt][t + 1], pa[mt], vb[2], vb[3]);
+      }
     }
   }
 }

@@ -264,9 +264,9 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   __syncthreads();         // ... and everyone's
 
   const int r_lo = lane / 4;
-  float o[kOT][4];
+  float o[1][kOT][4];  // one m16 tile per warp
 #pragma unroll
-  for (int t = 0; t < kOT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
+  for (int t = 0; t < kOT; ++t) o[0][t][0] = o[0][t][1] = o[0][t][2] = o[0][t][3] = 0.0f;
   float m_run[2] = {FJC_NEG_INF, FJC_NEG_INF};
   float l_run[2] = {0.0f, 0.0f};
   int stage = 0;
@@ -284,17 +284,17 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     const fjc_u16* sKc = myK + stage * BLOCK_N * kKS;
     const fjc_u16* sVc = myV + stage * BLOCK_N * kVS;
 
-    float s[kNT][4];
-    fjc_block_scores<kNT, kDP, kQS, kKS>(s, sQ, sKc, lane);
+    float s[1][kNT][4];
+    fjc_block_scores<1, kNT, kDP, kQS, kKS>(s, sQ, sKc, lane);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const fj_i64 pr = r0 + r_lo + 8 * r;
       const bool row_ok = pr < R.rows;
-      fjc_block_softmax_row<kNT, kOT>(s, o, m_run[r], l_run[r], r, row_ok, b, fjd_head(R, row_ok ? pr : r0),
+      fjc_block_softmax_row<kNT, kOT>(s[0], o[0], m_run[r], l_run[r], r, row_ok, b, fjd_head(R, row_ok ? pr : r0),
                                       qoff + fjd_query(R, row_ok ? pr : r0), cur.kv0, cur.n, cur.partial, a.scale,
                                       &mod, lane);
     }
-    fjc_block_pv<kNT, kOT, kVS>(o, s, sVc, lane);
+    fjc_block_pv<1, kNT, kOT, kVS>(o, s, sVc, lane);
     __syncwarp();  // this stage is overwritten by the load after next (or next, with one stage)
     if (FLEXJIT_KV_STAGES == 1 && nxt.valid) {
       load_kv(nxt, 0);
@@ -322,8 +322,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int t = 0; t < kOT; ++t) {
       const int col = t * 8 + (lane % 4) * 2;
-      sm_o[(warp * BLOCK_M + row) * kDVP + col] = o[t][2 * r];
-      sm_o[(warp * BLOCK_M + row) * kDVP + col + 1] = o[t][2 * r + 1];
+      sm_o[(warp * BLOCK_M + row) * kDVP + col] = o[0][t][2 * r];
+      sm_o[(warp * BLOCK_M + row) * kDVP + col + 1] = o[0][t][2 * r + 1];
     }
   }
   __syncthreads();

@@ -9,7 +9,8 @@
 // per-block steps below, shared with the decode kernel).
 // Header-free: NVRTC compiles it without include paths.
 //
-// One CTA = BLOCK_M query rows of one (b, h); BLOCK_M / 16 warps, each owning 16 rows. The
+// One CTA = BLOCK_M query rows of one (b, h); FLEXJIT_WARPS warps, each owning BLOCK_M / warps
+// rows (one or two m16 tiles). The
 // steps per visited KV block of BLOCK_N keys are the CPU driver's (templates/cpu/flash_prefill.h)
 // with the same names:
 //   S   = Q K^T                     (mma; Q and K from shared memory through ldmatrix)
@@ -24,12 +25,16 @@
 
 #if !defined(HEAD_DIM) || !defined(HEAD_DIM_V) || !defined(BLOCK_M) || !defined(BLOCK_N) || \
     !defined(GQA_GROUP) || !defined(FLEXJIT_ENTRY) || !defined(FLEXJIT_DTYPE) ||             \
-    !defined(FLEXJIT_KV_STAGES)
+    !defined(FLEXJIT_KV_STAGES) || !defined(FLEXJIT_WARPS)
 #error "flash_prefill.cuh needs the spec macros defined before it"
 #endif
 
-static constexpr int kWarps = BLOCK_M / 16;
+// FLEXJIT_WARPS warps, each owning kMT m16 tiles (16 kMT consecutive query rows): two tiles per
+// warp read each K / V fragment from shared memory once for both (FA2's 128-row, 4-warp tile).
+static constexpr int kWarps = FLEXJIT_WARPS;
+static constexpr int kMT = BLOCK_M / (16 * kWarps);
 static constexpr int kThreads = kWarps * 32;
+static_assert(kMT >= 1 && kMT * 16 * kWarps == BLOCK_M, "BLOCK_M = 16 x warps x tiles per warp");
 static constexpr int kDP = (HEAD_DIM + 15) / 16 * 16;    // Q K^T reduction, whole k-steps
 static constexpr int kDVP = (HEAD_DIM_V + 15) / 16 * 16;  // P V output width, whole pairs of tiles
 // Shared-memory row strides in elements: one 16-byte chunk of padding puts the 8 rows an
@@ -150,13 +155,19 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
   if (walk.total > 0) load_kv(0, 0);
   fjc_cp_async_commit();
 
-  // This thread's rows of the warp's 16: lo = lane / 4 and lo + 8.
+  // This thread's rows of each of the warp's m16 tiles: lo = lane / 4 and lo + 8.
   const int r_lo = lane / 4;
-  float o[kOT][4];
+  const fj_i64 warp_q0 = q0 + warp * 16 * kMT;
+  float o[kMT][kOT][4];
+  float m_run[kMT][2];  // running row max, base 2
+  float l_run[kMT][2];  // this thread's share of the running row sum
 #pragma unroll
-  for (int t = 0; t < kOT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
-  float m_run[2] = {FJC_NEG_INF, FJC_NEG_INF};  // running row max, base 2
-  float l_run[2] = {0.0f, 0.0f};                // this thread's share of the running row sum
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int t = 0; t < kOT; ++t) o[mt][t][0] = o[mt][t][1] = o[mt][t][2] = o[mt][t][3] = 0.0f;
+    m_run[mt][0] = m_run[mt][1] = FJC_NEG_INF;
+    l_run[mt][0] = l_run[mt][1] = 0.0f;
+  }
 
   for (int i = 0; i < walk.total; ++i) {
     const int cur = FLEXJIT_KV_STAGES == 2 ? (i & 1) : 0;
@@ -176,15 +187,17 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
       const fjc_u16* sKc = sK + cur * BLOCK_N * kKS;
       const fjc_u16* sVc = sV + cur * BLOCK_N * kVS;
 
-      float s[kNT][4];
-      fjc_block_scores<kNT, kDP, kQS, kKS>(s, sQ + warp * 16 * kQS, sKc, lane);
+      float s[kMT][kNT][4];
+      fjc_block_scores<kMT, kNT, kDP, kQS, kKS>(s, sQ + warp * 16 * kMT * kQS, sKc, lane);
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const fj_i64 q_idx = q0 + warp * 16 + r_lo + 8 * r;
-        fjc_block_softmax_row<kNT, kOT>(s, o, m_run[r], l_run[r], r, q_idx < a.Lq, b, h, q_idx, kv0, nvalid, partial,
-                                        a.scale, &mod, lane);
-      }
-      fjc_block_pv<kNT, kOT, kVS>(o, s, sVc, lane);
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const fj_i64 q_idx = warp_q0 + mt * 16 + r_lo + 8 * r;
+          fjc_block_softmax_row<kNT, kOT>(s[mt], o[mt], m_run[mt][r], l_run[mt][r], r, q_idx < a.Lq, b, h, q_idx, kv0,
+                                          nvalid, partial, a.scale, &mod, lane);
+        }
+      fjc_block_pv<kMT, kNT, kOT, kVS>(o, s, sVc, lane);
     }
     __syncthreads();  // this stage is overwritten by the load of block i + 2 (or i + 1)
     if (FLEXJIT_KV_STAGES == 1 && i + 1 < walk.total) {
@@ -195,26 +208,28 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
 
   // Epilogue: out = O / l, lse = ln 2 (m + log2 l); l = 0 (no key kept) gives 0 and -inf.
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = l_run[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const fj_i64 q_idx = q0 + warp * 16 + r_lo + 8 * r;
-    if (q_idx >= a.Lq) continue;
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    fjc_u16* orow = (fjc_u16*)a.out + b * a.out_strides[0] + h * a.out_strides[1] + q_idx * a.out_strides[2];
+  for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-    for (int t = 0; t < kOT; ++t) {
-      const int col = t * 8 + (lane % 4) * 2;
-      if (col < HEAD_DIM_V) {  // Dv is a multiple of 8: col + 1 is in range too
-        orow[col] = fjc_to_elem(o[t][2 * r] * inv);
-        orow[col + 1] = fjc_to_elem(o[t][2 * r + 1] * inv);
+    for (int r = 0; r < 2; ++r) {
+      float l = l_run[mt][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const fj_i64 q_idx = warp_q0 + mt * 16 + r_lo + 8 * r;
+      if (q_idx >= a.Lq) continue;
+      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      fjc_u16* orow = (fjc_u16*)a.out + b * a.out_strides[0] + h * a.out_strides[1] + q_idx * a.out_strides[2];
+#pragma unroll
+      for (int t = 0; t < kOT; ++t) {
+        const int col = t * 8 + (lane % 4) * 2;
+        if (col < HEAD_DIM_V) {  // Dv is a multiple of 8: col + 1 is in range too
+          orow[col] = fjc_to_elem(o[mt][t][2 * r] * inv);
+          orow[col + 1] = fjc_to_elem(o[mt][t][2 * r + 1] * inv);
+        }
       }
+      if (a.lse != nullptr && lane % 4 == 0)
+        a.lse[b * a.lse_strides[0] + h * a.lse_strides[1] + q_idx * a.lse_strides[2]] =
+            l > 0.0f ? fjc_kLn2 * (m_run[mt][r] + log2f(l)) : FJC_NEG_INF;
     }
-    if (a.lse != nullptr && lane % 4 == 0)
-      a.lse[b * a.lse_strides[0] + h * a.lse_strides[1] + q_idx * a.lse_strides[2]] =
-          l > 0.0f ? fjc_kLn2 * (m_run[r] + log2f(l)) : FJC_NEG_INF;
-  }
   __syncthreads();
   if (threadIdx.x == 0 && (mod_error || range_error) && a.error_flag != nullptr)
     atomicOr(a.error_flag, (mod_error ? 1 : 0) | (range_error ? 2 : 0));

@@ -15,6 +15,7 @@
 #include "tests/cuda/nvrtc_skip.h"
 #include "jit/parser.h"
 #include "jit/types.h"
+#include "runtime/cuda_decode.h"
 #include "score_mods/registry.h"
 
 namespace flexjit::jit {
@@ -77,7 +78,13 @@ TEST(CudaPrefillCompile, DefaultConfigurationsCompileWithoutLocalMemory) {
     for (DType dt : {DType::BF16, DType::F16})
       for (int d : {64, 128}) {
         SCOPED_TRACE(arch + " " + dtype_name(dt) + " D" + std::to_string(d));
-        Built b = build(cuda_spec(dt, d, d, arch), causal);
+        // What plan_cuda_prefill picks there, and FA2's 128-row tile (4 warps of two m16 tiles).
+        for (int block_m : {0, 128}) {
+          Built b = build(cuda_prefill_kernel_spec(dt, d, d, 1, cuda_device_info_for_arch(arch), block_m), causal);
+          EXPECT_EQ(b.usage.spill_bytes, 0) << b.r.log;
+          EXPECT_EQ(b.usage.stack_frame, 0) << b.r.log;
+        }
+        Built b = build(cuda_prefill_kernel_spec(dt, d, d, 1, cuda_device_info_for_arch(arch)), causal);
         EXPECT_EQ(b.usage.spill_bytes, 0) << b.r.log;
         EXPECT_EQ(b.usage.stack_frame, 0) << b.r.log;
       }
@@ -87,7 +94,8 @@ TEST(CudaPrefillCompile, EveryBuiltinModCompiles) {
   SKIP_WITHOUT_NVRTC();
   for (const std::string& name : builtin_mod_names()) {
     SCOPED_TRACE(name);
-    Built b = build(cuda_spec(DType::BF16, 128, 128, "sm_90", 4), mod_set_of(name));
+    Built b = build(cuda_prefill_kernel_spec(DType::BF16, 128, 128, 4, cuda_device_info_for_arch("sm_90")),
+                    mod_set_of(name));
     EXPECT_EQ(b.usage.spill_bytes, 0) << name << "\n" << b.r.log;
   }
 }

@@ -245,10 +245,24 @@ std::vector<Case> special_cases() {
     w.block_n = 32;
     w.mask_block = 64;
     out.push_back(w);
-    w.block_m = 128;
+    w.block_m = 128;  // 4 warps of two m16 tiles
     w.block_n = 128;
     w.mask_block = 128;
     out.push_back(w);
+    Case f = c;  // FA2's tile at D 128 with GQA 3, a score_mod and odd lengths: 32-key blocks
+    f.D = f.Dv = 128;
+    f.Hq = 6;
+    f.Hkv = 2;
+    f.Lq = 333;
+    f.Lkv = 517;
+    f.block_m = 128;
+    f.score_mod = "alibi";
+    f.mask_mod = "sliding_window";
+    f.mask_block = 128;
+    out.push_back(f);
+    f.dtype = DType::F16;
+    f.mask_block = 0;
+    out.push_back(f);
     w.block_m = 0;
     w.block_n = 0;
     w.mask_block = 64;

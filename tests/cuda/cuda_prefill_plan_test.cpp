@@ -57,6 +57,7 @@ TEST(CudaPrefillPlan, GridThreadsSharedMemoryAndArgs) {
   EXPECT_EQ(p.spec.backend, jit::Backend::Cuda);
   EXPECT_EQ(p.spec.gqa_group, 4);
   EXPECT_EQ(p.spec.block_m, 64);
+  EXPECT_EQ(p.spec.warps, 4);
   EXPECT_EQ(p.spec.block_n, 64);
   EXPECT_EQ(p.spec.kv_stages, 2);
   EXPECT_EQ(p.spec.arch, "sm_90");
@@ -75,6 +76,14 @@ TEST(CudaPrefillPlan, GridThreadsSharedMemoryAndArgs) {
   EXPECT_EQ(p.args.mask.kv_num_blocks, nullptr);
   EXPECT_EQ(p.args.lse, nullptr);
   EXPECT_NE(p.describe().find("grid 16x32x2, 128 threads"), std::string::npos) << p.describe();
+  c.opt.block_m = 128;  // FA2's tile: 4 warps of two m16 tiles, 32-key blocks at D 128
+  EXPECT_EQ(c.plan().spec.warps, 4);
+  EXPECT_EQ(c.plan().spec.block_n, 32);
+  EXPECT_EQ(c.plan().block_threads, 128u);
+  c.opt.block_m = 32;
+  EXPECT_EQ(c.plan().spec.warps, 2);
+  EXPECT_EQ(c.plan().block_threads, 64u);
+  c.opt.block_m = 0;
   c.opt.scale = 0.25;
   EXPECT_FLOAT_EQ(c.plan().args.scale, 0.25f);
 }
@@ -116,9 +125,22 @@ TEST(CudaPrefillPlan, BlockMaskLseModsAndTheirChecks) {
   EXPECT_EQ(p.args.mask.kv_num_blocks, nb);
   EXPECT_EQ(p.args.mask.kv_block_size, 128);
   EXPECT_EQ(p.args.lse_strides[1], 1000);
-  m.kv_block_size = 96;  // not a multiple of BLOCK_N 64
+  EXPECT_EQ(p.spec.block_m, 64);
+  m.q_block_size = 32;  // default tiles shrink to tile the mask's blocks
+  m.q_blocks = 32;
+  m.kv_block_size = 48;
+  m.kv_blocks = 32;
+  p = c.plan(&m);
+  EXPECT_EQ(p.spec.block_m, 32);
+  EXPECT_EQ(p.spec.warps, 2);
+  EXPECT_EQ(p.spec.block_n, 16);
+  m.q_block_size = 128;
+  m.q_blocks = 8;
+  m.kv_block_size = 100;  // no kernel block (a multiple of 16) tiles it
+  m.kv_blocks = 15;
   EXPECT_NE(error_of([&] { c.plan(&m); }).find("multiples of the kernel's BLOCK_M x BLOCK_N"), std::string::npos);
   m.kv_block_size = 128;
+  m.kv_blocks = 12;
   m.q_blocks = 2;  // covers 256 query rows, the call has 1000
   EXPECT_NE(error_of([&] { c.plan(&m); }).find("build it for this call's lengths"), std::string::npos);
   m.q_blocks = 8;
