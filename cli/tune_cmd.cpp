@@ -13,6 +13,8 @@
 #include "cli/mods_from_args.h"
 #include "cli/npy.h"
 #include "runtime/autotune.h"
+#include "runtime/cuda_autotune.h"
+#include "runtime/cuda_driver.h"
 
 namespace flexjit::cli {
 namespace {
@@ -31,6 +33,7 @@ struct TuneArgs {
   int threads = 0, reps = 5;
   std::string json;
   bool show = false, clear = false;
+  std::string device = "cpu";
 };
 
 std::string knobs_text(int block_m, int block_n, int64_t partition_size) {
@@ -77,6 +80,20 @@ void run_tune(const TuneArgs& a) {
     return;
   }
   nlohmann::json results = nlohmann::json::array();
+  // --device cuda: the CUDA decode kernel's BLOCK_N x PARTITION_SIZE on this machine's GPU 0,
+  // stored under its model and SM count (runtime/cuda_autotune.h).
+  const bool cuda = a.device == "cuda";
+  CudaDeviceInfo gpu;
+  if (cuda) {
+    if (a.path != "decode")
+      throw Error("tune --device cuda tunes the decode kernel (PARTITION_SIZE, BLOCK_N); the CUDA prefill kernel's "
+                  "blocks are kernel options (BLOCK_M, BLOCK_N) with no database entry yet");
+    const std::string status = cuda_driver_status();
+    if (!status.empty()) throw Error("tune --device cuda times kernels on a GPU: " + status);
+    cuda_use_primary_context();
+    gpu = cuda_device_info(cuda_current_device_props());
+    std::fprintf(stderr, "tuning on %s (%s, %d SMs)\n", gpu.name.c_str(), gpu.arch.c_str(), gpu.sm_count);
+  }
   for (const auto& dt : a.dtypes)
     for (int d : a.head_dims)
       for (int64_t b : a.batches)
@@ -96,9 +113,24 @@ void run_tune(const TuneArgs& a) {
             r.page_size = a.page_size;
             r.threads = a.threads;
             r.reps = a.reps;
-            const std::string bucket = tune_bucket(r).key();
+            CudaTuneRequest cr;
+            if (cuda) {
+              cr.dtype = r.dtype;
+              cr.head_dim = r.head_dim;
+              cr.head_dim_v = r.head_dim_v;
+              cr.batch = b;
+              cr.heads = a.heads;
+              cr.kv_heads = a.kv_heads;
+              cr.lq = lq;
+              cr.lkv = lkv;
+              cr.paged = a.paged;
+              cr.page_size = a.page_size;
+              cr.reps = a.reps;
+            }
+            const std::string bucket = cuda ? cuda_tune_bucket(cr, gpu).key() : tune_bucket(r).key();
             std::fprintf(stderr, "tuning %s\n", bucket.c_str());
-            TuneResult res = tune(r, draw_progress);
+            TuneResult res = cuda ? tune_cuda_decode(cr, gpu, cuda_decode_timer(cr, gpu), draw_progress)
+                                  : tune(r, draw_progress);
             const auto& w = res.best;
             std::printf("%s\n  best %s: %.1f us; default %.1f us (%.2fx)%s\n", bucket.c_str(),
                         knobs_text(w.block_m, w.block_n, w.partition_size).c_str(), w.us, w.default_us,
@@ -145,6 +177,9 @@ void add_tune_command(CLI::App& app) {
   cmd->add_option("--reps", a->reps, "timed calls per candidate, median (default 5)");
   cmd->add_option("--json", a->json, "write every candidate's time as JSON");
   cmd->add_flag("--show", a->show, "print the tuning database and exit");
+  cmd->add_option("--device", a->device, "cpu (default) or cuda: tune the CUDA decode kernel on GPU 0 (bf16 / fp16), "
+                                         "stored under the GPU's model and SM count")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_flag("--clear", a->clear, "remove every entry of the tuning database and exit");
   cmd->callback([a] { run_tune(*a); });
 }

@@ -9,6 +9,9 @@
 #include "runtime/bound_mods.h"
 #include "runtime/cuda_driver.h"
 #include "runtime/kernel_args.h"
+#ifndef FLEXJIT_NO_CPU_BACKEND
+#include "runtime/tuning_db.h"
+#endif
 
 namespace flexjit {
 namespace {
@@ -28,6 +31,24 @@ std::string CudaDecodePlan::describe() const {
      << (num_partitions == 1 ? "" : "s") << " of " << partition_size << " (" << split << ")"
      << (pack_gqa ? ", GQA packed" : "");
   return os.str();
+}
+
+runtime::TuningBucket cuda_decode_bucket(DType dtype, int head_dim, int head_dim_v, int gqa_group, int64_t lq,
+                                         int64_t lkv, int64_t work, bool paged, const CudaDeviceInfo& dev) {
+  runtime::TuningBucket b;
+  b.path = "decode";
+  b.dtype = dtype;
+  b.head_dim = head_dim;
+  b.head_dim_v = head_dim_v;
+  b.gqa_group = gqa_group;
+  b.lq = lq;
+  b.lkv = lkv;
+  b.work = work;
+  b.paged = paged;
+  b.threads = dev.sm_count;  // the key's "threads": the GPU's SMs
+  b.engine = "cuda-mma";
+  b.cpu = "GPU " + (dev.name.empty() ? dev.arch : dev.name);
+  return b;
 }
 
 jit::KernelSpec cuda_decode_kernel_spec(DType dtype, int head_dim, int head_dim_v, int gqa_group,
@@ -153,12 +174,32 @@ CudaDecodePlan plan_cuda_decode(const TensorView& q, const CudaDecodeKv& kv, con
                   " keys but the call has " + num(Lkv) + "; build it for this call's length");
   }
 
-  // ---- spec: BLOCK_N, warps and stages that fit the device's shared memory ----
+  // ---- rows: a GQA group shares a tile unless the block mask differs by head ----
   if (opt.block_m > 0 && opt.block_m != 16)
     throw Error(std::string(kWho) + ": BLOCK_M is the decode kernel's row tile, 16; got " + num(opt.block_m));
   CudaDecodePlan p;
-  p.spec = cuda_decode_kernel_spec(q.dtype, static_cast<int>(D), static_cast<int>(Dv), static_cast<int>(Hq / Hkv), dev,
-                                   opt.block_n);
+  const int group = static_cast<int>(Hq / Hkv);
+  p.pack_gqa = group > 1 && !(has_mask && mask->H > 1);
+  const int64_t units = p.pack_gqa ? Hkv : Hq;
+  const int64_t rows = p.pack_gqa ? group * Lq : Lq;
+  const int64_t row_tiles = ceil_div(rows, 16);
+
+  // ---- knobs: the user's, else the tuning database's for this GPU and bucket, else the cost model ----
+  int block_n = opt.block_n;
+  int64_t tuned_partition = 0;
+#ifndef FLEXJIT_NO_CPU_BACKEND  // the database (JSON) is part of the full build
+  if (opt.partition_size <= 0 && opt.block_n <= 0 && opt.use_tuning && !dev.name.empty()) {
+    const runtime::TuningBucket bucket = cuda_decode_bucket(q.dtype, static_cast<int>(D), static_cast<int>(Dv), group,
+                                                            Lq, Lkv, B * units, paged, dev);
+    if (auto t = runtime::TuningDb::global().lookup(bucket); t && t->partition_size > 0) {
+      block_n = t->block_n;
+      tuned_partition = t->partition_size;
+    }
+  }
+#endif
+
+  // ---- spec: BLOCK_N, warps and stages that fit the device's shared memory ----
+  p.spec = cuda_decode_kernel_spec(q.dtype, static_cast<int>(D), static_cast<int>(Dv), group, dev, block_n);
   jit::KernelSpec& s = p.spec;
   if (has_mask && mask->kv_block_size % s.block_n != 0)
     throw Error(std::string(kWho) + ": the BlockMask's KV block (" + num(mask->kv_block_size) +
@@ -166,15 +207,12 @@ CudaDecodePlan plan_cuda_decode(const TensorView& q, const CudaDecodeKv& kv, con
   p.smem_bytes = jit::cuda_decode_smem_bytes(s);
   p.block_threads = static_cast<unsigned>(s.warps * 32);
 
-  // ---- rows: a GQA group shares a tile unless the block mask differs by head ----
-  p.pack_gqa = s.gqa_group > 1 && !(has_mask && mask->H > 1);
-  const int64_t units = p.pack_gqa ? Hkv : Hq;
-  const int64_t rows = p.pack_gqa ? s.gqa_group * Lq : Lq;
-  const int64_t row_tiles = ceil_div(rows, 16);
-
-  // ---- partitions: the user's, or enough CTAs to fill the SMs ----
+  // ---- partitions: the user's, the tuned ones, or enough CTAs to fill the SMs ----
   const int64_t step = s.block_n;  // partitions start on kernel-block boundaries
-  if (opt.partition_size > 0) {
+  if (tuned_partition > 0) {
+    p.partition_size = ceil_div(tuned_partition, step) * step;
+    p.split = "tuned";
+  } else if (opt.partition_size > 0) {
     if (opt.partition_size % step != 0)
       throw Error(std::string(kWho) + ": PARTITION_SIZE " + num(opt.partition_size) + " must be a multiple of BLOCK_N (" +
                   num(step) + ")");

@@ -16,6 +16,7 @@
 #include <string>
 
 #include "runtime/cuda_prefill.h"
+#include "runtime/tuning_db.h"
 
 namespace flexjit {
 
@@ -40,7 +41,7 @@ struct CudaDecodePlan {
   unsigned merge_threads = 128;
   int64_t partition_size = 0, num_partitions = 1;
   bool pack_gqa = false;           // a GQA group's heads share one tile's rows
-  std::string split;               // where PARTITION_SIZE came from: "user" or "cost model"
+  std::string split;               // where PARTITION_SIZE came from: "user", "tuned" or "cost model"
   size_t workspace_bytes = 0;      // device memory the call needs (0 with one partition)
   FlexCudaDecodeArgs args{};
   std::string describe() const;    // "cuda decode bf16 ... grid 8x8x4, 128 threads, 70 KiB smem, 8 partitions of 512 (cost model)"
@@ -52,6 +53,12 @@ struct CudaDecodePlan {
 jit::KernelSpec cuda_decode_kernel_spec(DType dtype, int head_dim, int head_dim_v, int gqa_group,
                                         const CudaDeviceInfo& dev, int block_n = 0);
 
+// The tuning database bucket of a CUDA decode call (runtime/tuning_db.h): the CPU decode's fields,
+// with engine "cuda-mma", threads = the GPU's SMs and cpu = "GPU <name>" (the GPU model), so a
+// choice tuned on one GPU model and SM count applies to calls there only. `work` = B x head units.
+runtime::TuningBucket cuda_decode_bucket(DType dtype, int head_dim, int head_dim_v, int gqa_group, int64_t lq,
+                                         int64_t lkv, int64_t work, bool paged, const CudaDeviceInfo& dev);
+
 // What the planners assume of a GPU known only by its arch (cache warm for a fleet): the opt-in
 // shared memory per block of that generation (sm_80 163 KiB, sm_86 / sm_89 / sm_120 99 KiB,
 // sm_90 / sm_100 227 KiB) and 132 SMs.
@@ -62,8 +69,10 @@ CudaDeviceInfo cuda_device_info_for_arch(const std::string& arch);
 // one q-block holding the Lq rows (paged: built over absolute positions, runtime/block_mask.h
 // create_paged_block_mask), or null. `error_flag`: a device int the kernels OR bits into (1: a
 // mod indexed a buffer out of range; 2: a page index or sequence length out of range), or null.
-// Knobs: opt.block_n (0 = 32), opt.partition_size (0 = the cost model: enough CTAs to fill
-// dev.sm_count SMs), opt.scale, opt.enable_gqa. Throws flexjit::Error saying what is wrong.
+// Knobs: opt.block_n (0 = 32), opt.partition_size; when the user sets neither and opt.use_tuning,
+// the tuning database's entry for cuda_decode_bucket on this GPU (dev.name; `flexjit tune --device
+// cuda` writes it; full build only), else the cost model: enough CTAs to fill dev.sm_count SMs.
+// plan.split says which ("user", "tuned", "cost model"). Throws flexjit::Error saying what is wrong.
 CudaDecodePlan plan_cuda_decode(const TensorView& q, const CudaDecodeKv& kv, const TensorView& out,
                                 const TensorView* lse, const ModSet& mods, const ModBindings& bind,
                                 const FlexBlockMaskArgs* mask, const AttentionOptions& opt,

@@ -30,6 +30,7 @@ struct Driver {
   CUresult (*ctx_get_device)(CUdevice*) = nullptr;
   CUresult (*ctx_synchronize)() = nullptr;
   CUresult (*device_attribute)(int*, int, CUdevice) = nullptr;
+  CUresult (*device_name)(char*, int, CUdevice) = nullptr;
   CUresult (*module_load_data)(CUmodule*, const void*) = nullptr;
   CUresult (*module_get_function)(CUfunction*, CUmodule, const char*) = nullptr;
   CUresult (*func_set_attribute)(CUfunction, int, int) = nullptr;
@@ -93,6 +94,7 @@ const Driver& driver() {
     sym(out.ctx_get_device, "cuCtxGetDevice");
     sym(out.ctx_synchronize, "cuCtxSynchronize");
     sym(out.device_attribute, "cuDeviceGetAttribute");
+    sym(out.device_name, "cuDeviceGetName");
     sym(out.module_load_data, "cuModuleLoadData");
     sym(out.module_get_function, "cuModuleGetFunction");
     sym(out.func_set_attribute, "cuFuncSetAttribute");
@@ -184,6 +186,9 @@ CudaDeviceProps cuda_current_device_props() {
   check(d.device_attribute(&p.max_smem_optin, 97, dev), "cuDeviceGetAttribute(MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)");
   check(d.device_attribute(&p.sm_count, 16, dev), "cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)");
   p.arch = "sm_" + std::to_string(major) + std::to_string(minor);
+  char name[256] = {0};
+  check(d.device_name(name, sizeof(name) - 1, dev), "cuDeviceGetName");
+  p.name = name;
   return p;
 }
 

@@ -31,6 +31,7 @@ void cuda_use_primary_context();
 void cuda_use_device_context(int index);
 
 struct CudaDeviceProps {
+  std::string name;         // "NVIDIA H200"
   std::string arch;         // "sm_90"
   int max_smem_optin = 0;   // bytes a block may opt in to
   int sm_count = 0;

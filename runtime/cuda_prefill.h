@@ -17,6 +17,7 @@ namespace flexjit {
 
 // What the planner needs to know of the GPU (the driver reports it; tests make it up).
 struct CudaDeviceInfo {
+  std::string name;             // "NVIDIA H200" (tuning database key; empty: unknown, not tuned)
   std::string arch = "sm_90";   // compute capability as NVRTC's arch
   int max_smem_optin = 232448;  // dynamic shared memory a block may opt in to (bytes)
   int sm_count = 132;
@@ -24,6 +25,7 @@ struct CudaDeviceInfo {
 // The planners' view of a device the driver describes.
 inline CudaDeviceInfo cuda_device_info(const CudaDeviceProps& p) {
   CudaDeviceInfo d;
+  d.name = p.name;
   d.arch = p.arch;
   d.max_smem_optin = p.max_smem_optin;
   d.sm_count = p.sm_count;

@@ -193,7 +193,7 @@ void fill_report(AttentionReport* out, const CudaPlanSummary& plan, const CudaRu
   rep.backend = "cuda";
   rep.target = dev.arch;
   rep.path = plan.path;
-  rep.tuning = user_knobs ? "user" : "default";
+  rep.tuning = user_knobs || plan.split == "user" ? "user" : plan.split == "tuned" ? "tuned" : "default";
   rep.partition_size = plan.partition_size;
   rep.num_partitions = plan.num_partitions;
   rep.pack_gqa = plan.pack_gqa;

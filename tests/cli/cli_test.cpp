@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include "jit/nvrtc.h"
+#include "runtime/cuda_driver.h"
 
 #include <algorithm>
 #include <spawn.h>
@@ -789,6 +790,9 @@ TEST_F(Cli, BadOptions) {
   // yet) and how to compile CUDA kernels anyway.
   expect_error_line(run(qkv_args() + std::vector<std::string>{"--device", "cuda"}),
                     {"--device cuda: ", "cache warm --device cuda"});
+  if (!cuda_driver_status().empty())  // no GPU here: tuning one is a clear error
+    expect_error_line(run_sub("tune", {"--device", "cuda"}), {"tune --device cuda times kernels on a GPU"});
+  expect_error_line(run_sub("tune", {"--device", "cuda", "--path", "prefill"}), {"tunes the decode kernel"});
   expect_error_line(
       run(qkv_args() + std::vector<std::string>{"--score-mod", "softcap", "--param", "cap=abc"}),
       {"--param cap=abc", "'abc' is not a number"});

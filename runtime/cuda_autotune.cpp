@@ -1,0 +1,253 @@
+#include "runtime/cuda_autotune.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <ctime>
+#include <memory>
+#include <numeric>
+
+#include "runtime/cuda_driver.h"
+
+namespace flexjit {
+namespace {
+
+int64_t units_of(const CudaTuneRequest& r) {
+  return r.heads / r.kv_heads > 1 ? r.kv_heads : r.heads;  // GQA groups share a tile (no mask)
+}
+
+void check_request(const CudaTuneRequest& r) {
+  if (r.dtype != DType::BF16 && r.dtype != DType::F16)
+    throw Error("tune --device cuda: the CUDA decode kernel takes bf16 or fp16, got " + std::string(dtype_name(r.dtype)));
+  if (r.lq < 1 || r.lq > 16) throw Error("tune --device cuda: decode takes 1..16 query rows, got " + std::to_string(r.lq));
+  if (r.kv_heads < 1 || r.heads % r.kv_heads != 0)
+    throw Error("tune --device cuda: heads " + std::to_string(r.heads) + " must be a multiple of kv heads " +
+                std::to_string(r.kv_heads));
+  if (r.batch < 1 || r.lkv < 1 || r.reps < 1 || (r.paged && r.page_size < 1))
+    throw Error("tune --device cuda: batch, lkv, reps and page size must be positive");
+}
+
+std::string now_iso() {
+  const std::time_t t = std::time(nullptr);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
+  return buf;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? -1 : v[v.size() / 2];
+}
+
+// Views whose pointers are never dereferenced: what the planner needs to pick the cost model's
+// knobs for a request.
+struct FakeCall {
+  alignas(16) static inline unsigned char bytes[64];
+  TensorView q, k, v, out, table, lens;
+  CudaDecodeKv kv;
+  static TensorView view(DType dt, std::vector<int64_t> sizes) {
+    TensorView t;
+    t.data = bytes;
+    t.dtype = dt;
+    t.rank = int(sizes.size());
+    int64_t stride = 1;
+    for (int d = t.rank - 1; d >= 0; --d) {
+      t.sizes[d] = sizes[size_t(d)];
+      t.strides[d] = stride;
+      stride *= sizes[size_t(d)];
+    }
+    return t;
+  }
+};
+
+}  // namespace
+
+runtime::TuningBucket cuda_tune_bucket(const CudaTuneRequest& r, const CudaDeviceInfo& dev) {
+  return cuda_decode_bucket(r.dtype, r.head_dim, r.head_dim_v, int(r.heads / r.kv_heads), r.lq, r.lkv,
+                            r.batch * units_of(r), r.paged, dev);
+}
+
+TuneResult tune_cuda_decode(const CudaTuneRequest& req, const CudaDeviceInfo& dev, const CudaCandidateTimer& time_us,
+                            const TuneProgress& progress) {
+  check_request(req);
+  if (dev.name.empty()) throw Error("tune --device cuda: the GPU's name is unknown (it keys the database)");
+  const runtime::TuningBucket bucket = cuda_tune_bucket(req, dev);
+  const int64_t lkv = bucket.lkv_bucket();  // the top of the bucket
+  TuneResult res;
+  res.bucket = bucket.key();
+
+  // The cost model's own knobs for this request (planned on placeholder views).
+  CudaDecodePlan def;
+  {
+    FakeCall f;
+    f.q = FakeCall::view(req.dtype, {req.batch, req.heads, req.lq, req.head_dim});
+    f.out = FakeCall::view(req.dtype, {req.batch, req.heads, req.lq, req.head_dim_v});
+    if (req.paged) {
+      const int64_t pages = (lkv + req.page_size - 1) / req.page_size;
+      f.k = FakeCall::view(req.dtype, {req.batch * pages, req.page_size, req.kv_heads, req.head_dim});
+      f.v = FakeCall::view(req.dtype, {req.batch * pages, req.page_size, req.kv_heads, req.head_dim_v});
+      f.table = FakeCall::view(DType::I32, {req.batch, pages});
+      f.lens = FakeCall::view(DType::I32, {req.batch});
+      f.kv.block_table = &f.table;
+      f.kv.seq_lens = &f.lens;
+      f.kv.max_seq_len = lkv;
+    } else {
+      f.k = FakeCall::view(req.dtype, {req.batch, req.kv_heads, lkv, req.head_dim});
+      f.v = FakeCall::view(req.dtype, {req.batch, req.kv_heads, lkv, req.head_dim_v});
+    }
+    f.kv.k = &f.k;
+    f.kv.v = &f.v;
+    AttentionOptions opt;
+    opt.enable_gqa = true;
+    opt.use_tuning = false;
+    def = plan_cuda_decode(f.q, f.kv, f.out, nullptr, ModSet{}, ModBindings{}, nullptr, opt, dev, nullptr);
+  }
+
+  // Candidates: BLOCK_N x powers of two from 256 keys up to no split (the cost model's own too).
+  std::vector<TuneCandidate> cands;
+  for (int block_n : {32, 64}) {
+    for (int64_t ps = 256;; ps *= 2) {
+      TuneCandidate c;
+      c.block_n = block_n;
+      c.partition_size = std::min<int64_t>(ps, (lkv + block_n - 1) / block_n * block_n);
+      cands.push_back(c);
+      if (ps >= lkv) break;
+    }
+  }
+  TuneCandidate dc;
+  dc.block_n = def.spec.block_n;
+  dc.partition_size = def.partition_size;
+  if (std::none_of(cands.begin(), cands.end(), [&](const TuneCandidate& c) {
+        return c.block_n == dc.block_n && c.partition_size == dc.partition_size;
+      }))
+    cands.push_back(dc);
+  for (size_t i = 0; i < cands.size(); ++i) {
+    if (progress) progress(int(i), int(cands.size()), cands[i]);
+    try {
+      cands[i].us = time_us(cands[i].block_n, cands[i].partition_size);
+    } catch (const std::exception& e) {
+      cands[i].us = -1;
+      cands[i].error = e.what();
+    }
+  }
+  if (progress) progress(int(cands.size()), int(cands.size()), TuneCandidate{});
+  res.candidates = cands;
+
+  // Playoff: the three fastest and the cost model's choice, three interleaved rounds.
+  std::vector<TuneCandidate> ran;
+  for (const auto& c : cands)
+    if (c.us >= 0) ran.push_back(c);
+  if (ran.empty()) throw Error("tune --device cuda: no candidate ran (" + cands.front().error + ")");
+  std::sort(ran.begin(), ran.end(), [](const TuneCandidate& a, const TuneCandidate& b) { return a.us < b.us; });
+  std::vector<TuneCandidate> finals(ran.begin(), ran.begin() + std::min<size_t>(3, ran.size()));
+  auto is_def = [&](const TuneCandidate& c) { return c.block_n == dc.block_n && c.partition_size == dc.partition_size; };
+  if (std::none_of(finals.begin(), finals.end(), is_def)) finals.push_back(dc);
+  std::vector<std::vector<double>> rounds(finals.size());
+  for (int round = 0; round < 3; ++round)
+    for (size_t i = 0; i < finals.size(); ++i) rounds[i].push_back(time_us(finals[i].block_n, finals[i].partition_size));
+  size_t best = 0, def_i = 0;
+  for (size_t i = 0; i < finals.size(); ++i) {
+    finals[i].us = median(rounds[i]);
+    if (is_def(finals[i])) def_i = i;
+  }
+  for (size_t i = 0; i < finals.size(); ++i)
+    if (finals[i].us >= 0 && (finals[best].us < 0 || finals[i].us < finals[best].us)) best = i;
+  const double def_us = finals[def_i].us;
+  const TuneCandidate& win = def_us >= 0 && finals[best].us > 0.97 * def_us ? finals[def_i] : finals[best];
+  res.best.block_n = win.block_n;
+  res.best.partition_size = win.partition_size;
+  res.best.us = win.us;
+  res.best.default_us = def_us;
+  res.best.tuned_at = now_iso();
+  res.best.detail = std::to_string(cands.size()) + " candidates, " + std::to_string(req.reps) + " reps, on " +
+                    dev.name + " (" + std::to_string(dev.sm_count) + " SMs)";
+  if (req.store) {
+    runtime::TuningDb::global().store(bucket, res.best);
+    res.stored = true;
+  }
+  return res;
+}
+
+CudaCandidateTimer cuda_decode_timer(const CudaTuneRequest& req, const CudaDeviceInfo& dev) {
+  check_request(req);
+  const int64_t lkv = cuda_tune_bucket(req, dev).lkv_bucket();
+  struct Buffers {
+    std::vector<void*> blocks;
+    ~Buffers() {
+      for (void* p : blocks) try {
+          cuda_free(p);
+        } catch (const std::exception&) {
+        }
+    }
+    void* alloc(size_t bytes, unsigned short fill) {
+      blocks.push_back(cuda_alloc(bytes));
+      if (fill) cuda_fill_u16(blocks.back(), fill, bytes / 2);
+      return blocks.back();
+    }
+  };
+  auto buf = std::make_shared<Buffers>();
+  auto view = [](void* p, DType dt, std::vector<int64_t> sizes) { TensorView t = FakeCall::view(dt, sizes); t.data = p; return t; };
+  const size_t e = 2;  // bf16 / fp16
+  const unsigned short one_ish = 0x3c00;  // finite in both (bf16 2^-7, fp16 1.0)
+  auto q = std::make_shared<TensorView>(view(buf->alloc(size_t(req.batch * req.heads * req.lq * req.head_dim) * e, one_ish),
+                                             req.dtype, {req.batch, req.heads, req.lq, req.head_dim}));
+  auto out = std::make_shared<TensorView>(view(buf->alloc(size_t(req.batch * req.heads * req.lq * req.head_dim_v) * e, 0),
+                                               req.dtype, {req.batch, req.heads, req.lq, req.head_dim_v}));
+  auto k = std::make_shared<TensorView>(), v = std::make_shared<TensorView>();
+  auto table = std::make_shared<TensorView>(), lens = std::make_shared<TensorView>();
+  if (req.paged) {
+    const int64_t pages = (lkv + req.page_size - 1) / req.page_size, num = req.batch * pages;
+    *k = view(buf->alloc(size_t(num * req.page_size * req.kv_heads * req.head_dim) * e, one_ish), req.dtype,
+              {num, req.page_size, req.kv_heads, req.head_dim});
+    *v = view(buf->alloc(size_t(num * req.page_size * req.kv_heads * req.head_dim_v) * e, one_ish), req.dtype,
+              {num, req.page_size, req.kv_heads, req.head_dim_v});
+    std::vector<int> host_table(static_cast<size_t>(num));
+    for (size_t i = 0; i < host_table.size(); ++i) host_table[i] = int((i * 7919) % host_table.size());  // permuted
+    std::vector<int> host_lens(static_cast<size_t>(req.batch), static_cast<int>(lkv));
+    void* dt = buf->alloc(host_table.size() * 4, 0);
+    void* dl = buf->alloc(host_lens.size() * 4, 0);
+    cuda_copy_to_device(dt, host_table.data(), host_table.size() * 4);
+    cuda_copy_to_device(dl, host_lens.data(), host_lens.size() * 4);
+    *table = view(dt, DType::I32, {req.batch, pages});
+    *lens = view(dl, DType::I32, {req.batch});
+  } else {
+    *k = view(buf->alloc(size_t(req.batch * req.kv_heads * lkv * req.head_dim) * e, one_ish), req.dtype,
+              {req.batch, req.kv_heads, lkv, req.head_dim});
+    *v = view(buf->alloc(size_t(req.batch * req.kv_heads * lkv * req.head_dim_v) * e, one_ish), req.dtype,
+              {req.batch, req.kv_heads, lkv, req.head_dim_v});
+  }
+  return [=](int block_n, int64_t partition_size) -> double {
+    CudaDecodeKv kv;
+    kv.k = k.get();
+    kv.v = v.get();
+    if (req.paged) {
+      kv.block_table = table.get();
+      kv.seq_lens = lens.get();
+      kv.max_seq_len = lkv;
+    }
+    AttentionOptions opt;
+    opt.enable_gqa = true;
+    opt.block_n = block_n;
+    opt.partition_size = partition_size;
+    CudaDecodePlan plan = plan_cuda_decode(*q, kv, *out, nullptr, ModSet{}, ModBindings{}, nullptr, opt, dev, nullptr);
+    void* ws = plan.workspace_bytes ? cuda_alloc(plan.workspace_bytes) : nullptr;
+    std::unique_ptr<void, void (*)(void*)> ws_guard(ws, [](void* p) {
+      if (p) cuda_free(p);
+    });
+    set_cuda_decode_workspace(plan, ws);
+    const ModSet none;
+    run_cuda_decode(plan, none, nullptr);  // compile, load, warm up
+    cuda_synchronize();
+    std::vector<double> us;
+    for (int i = 0; i < req.reps; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      run_cuda_decode(plan, none, nullptr);
+      cuda_synchronize();
+      us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+    }
+    (void)buf;
+    return median(us);
+  };
+}
+
+}  // namespace flexjit
