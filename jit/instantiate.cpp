@@ -103,12 +103,16 @@ int cuda_prefill_smem_bytes(const KernelSpec& s) {
   return 2 * (s.block_m * qs + s.kv_stages * s.block_n * (ks + vs));
 }
 
-int cuda_decode_smem_bytes(const KernelSpec& s) {
+int cuda_decode_smem_bytes(const KernelSpec& s) {  // templates/cuda/flash_decode.cuh kSmemBytes
   auto up16 = [](int x) { return (x + 15) / 16 * 16; };
-  const int qs = up16(s.head_dim) + 8, ks = up16(s.head_dim) + 8, vs = up16(s.head_dim_v) + 8;
-  const int kv = 2 * s.warps * s.kv_stages * s.block_n * (ks + vs);
+  const bool f32 = s.dtype == DType::F32;
+  const int elem = f32 ? 4 : 2;
+  const int qs = f32 ? s.head_dim + 4 : up16(s.head_dim) + 8, ks = qs,
+            vs = f32 ? s.head_dim_v + 4 : up16(s.head_dim_v) + 8;
+  const int p_scratch = f32 ? 4 * s.warps * s.block_m * 32 : 0;
+  const int kv = elem * s.warps * s.kv_stages * s.block_n * (ks + vs);
   const int merge = 4 * s.warps * s.block_m * (up16(s.head_dim_v) + 2);
-  return 2 * s.block_m * qs + std::max(kv, merge);
+  return elem * s.block_m * qs + p_scratch + std::max(kv, merge);
 }
 
 std::string cuda_merge_symbol(const std::string& symbol) { return symbol + "_merge"; }
@@ -181,9 +185,12 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
   if (is_cuda(spec)) {
     if (spec.kind != KernelKind::Prefill && spec.kind != KernelKind::Decode)
       throw Error("CUDA kernels exist for prefill and decode; got " + spec.str());
-    if (spec.dtype != DType::BF16 && spec.dtype != DType::F16)
-      throw Error(std::string("the CUDA kernels take bf16 or fp16 inputs (fp32 accumulation), got ") +
+    if (spec.dtype != DType::BF16 && spec.dtype != DType::F16 &&
+        !(spec.dtype == DType::F32 && spec.kind == KernelKind::Decode))
+      throw Error(std::string("the CUDA kernels take bf16 or fp16 inputs (fp32 accumulation; fp32 for decode only), got ") +
                   dtype_name(spec.dtype) + "; convert q, k and v first");
+    if (spec.dtype == DType::F32 && spec.block_n != 32)
+      throw Error("the CUDA fp32 decode kernel takes one key per lane: BLOCK_N 32, got " + spec.str());
     if (spec.head_dim % 8 != 0 || spec.head_dim_v % 8 != 0)
       throw Error("the CUDA kernels need D and Dv multiples of 8 (16-byte rows), got D=" +
                   std::to_string(spec.head_dim) + ", Dv=" + std::to_string(spec.head_dim_v));

@@ -65,12 +65,15 @@ jit::KernelSpec cuda_decode_kernel_spec(DType dtype, int head_dim, int head_dim_
   s.block_n = block_n > 0 ? block_n : 32;
   if (s.block_n % 16 != 0 || s.block_n > 128)
     throw Error(std::string(kWho) + ": BLOCK_N must be a multiple of 16 up to 128, got " + num(s.block_n));
+  if (dtype == DType::F32 && s.block_n != 32)
+    throw Error(std::string(kWho) + ": fp32 K/V run one key per lane of a warp: BLOCK_N must be 32, got " +
+                num(s.block_n));
   s.warps = 4;
   s.kv_stages = 2;
   while (jit::cuda_decode_smem_bytes(s) > dev.max_smem_optin) {
     if (s.kv_stages == 2) s.kv_stages = 1;
     else if (s.warps > 1) s.warps /= 2;
-    else if (s.block_n > 16 && block_n <= 0) s.block_n /= 2;
+    else if (s.block_n > 16 && block_n <= 0 && dtype != DType::F32) s.block_n /= 2;
     else
       throw Error(std::string(kWho) + ": D=" + num(head_dim) + " with BLOCK_N " + num(s.block_n) + " needs " +
                   num(jit::cuda_decode_smem_bytes(s)) + " bytes of shared memory; this GPU allows " +
@@ -101,9 +104,8 @@ CudaDecodePlan plan_cuda_decode(const TensorView& q, const CudaDecodeKv& kv, con
     throw Error(std::string(kWho) + ": a paged call needs both block_table and seq_lens");
 
   // ---- inputs ----
-  if (q.dtype != DType::BF16 && q.dtype != DType::F16)
-    throw Error(std::string(kWho) + " takes bf16 or fp16 q, k and v (fp32 accumulation); got " + dtype_name(q.dtype) +
-                ". Convert them, e.g. q.to(torch.bfloat16)");
+  if (q.dtype != DType::BF16 && q.dtype != DType::F16 && q.dtype != DType::F32)
+    throw Error(std::string(kWho) + " takes fp32, bf16 or fp16 q, k and v; got " + dtype_name(q.dtype));
   for (const auto* t : {&k, &v, &out})
     if (t->dtype != q.dtype)
       throw Error(std::string(kWho) + ": q, k, v and out must share one dtype; got q " + dtype_name(q.dtype) +

@@ -25,12 +25,13 @@ void check_cuda_rows(const TensorView& t, const std::string& who, const std::str
     throw Error(who + ": " + name + "'s last dim must be contiguous (stride 1), got stride " +
                 std::to_string(t.strides[3]) + "; pass " + name + ".contiguous()");
   const auto addr = reinterpret_cast<std::uintptr_t>(t.data);
+  const int64_t per16 = 16 / std::max<int64_t>(1, int64_t(dtype_size(t.dtype)));  // elements per 16 bytes
   bool aligned = addr % 16 == 0;
-  for (int d = 0; d < 3; ++d) aligned = aligned && (t.sizes[d] <= 1 || t.strides[d] % 8 == 0);
+  for (int d = 0; d < 3; ++d) aligned = aligned && (t.sizes[d] <= 1 || t.strides[d] % per16 == 0);
   if (!aligned)
-    throw Error(who + ": " + name +
-                "'s rows must start 16-byte aligned (data pointer and outer strides multiples of 8 elements); "
-                "pass " + name + ".contiguous() (and a head dim that is a multiple of 8)");
+    throw Error(who + ": " + name + "'s rows must start 16-byte aligned (data pointer and outer strides multiples of " +
+                std::to_string(per16) + " elements); pass " + name +
+                ".contiguous() (and a head dim that is a multiple of 8)");
 }
 
 std::string CudaPrefillPlan::describe() const {

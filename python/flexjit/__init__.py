@@ -134,11 +134,13 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     (out, lse) with return_lse, or (out, AuxOutput(lse=...)) with return_aux=AuxRequest(lse=True)
     (lse: fp32 [B, Hq, Lq], natural log).
 
-    CUDA: bf16 / fp16 query, key, value on one CUDA device run flexjit's CUDA prefill kernel
-    (NVRTC-compiled, cached like the CPU kernels, launched on the current stream without
-    synchronising); the mods' tensors must be on that device, a BlockMask is best moved there once
-    (flexjit.create_block_mask(..., device=query.device)); kernel_options BLOCK_M / BLOCK_N. fp32
-    on CUDA is refused (convert to bf16), and there is no CUDA backward yet.
+    CUDA: bf16 / fp16 query, key, value on one CUDA device run flexjit's CUDA prefill kernel, or
+    for Lq <= 16 its flash-decoding kernel (fp32 too there) (NVRTC-compiled, cached like the CPU
+    kernels, launched on the current stream without synchronising); the mods' tensors must be on
+    that device, a BlockMask is best moved there once (flexjit.create_block_mask(...,
+    device=query.device)); kernel_options BLOCK_M / BLOCK_N / PARTITION_SIZE /
+    FORCE_USE_FLEX_ATTENTION. fp32 prefill on CUDA is refused (convert to bf16), and there is no
+    CUDA backward yet.
 
     Differentiable on CPU (unlike PyTorch's): out.backward() gives gradients to query, key, value,
     the float tensors a score_mod captures or `buffers` names (learnable biases) and, through a

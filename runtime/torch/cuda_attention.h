@@ -36,7 +36,7 @@ TensorView copy_view_to_device(const TensorView& host, c10::Device device, const
 TorchBlockMaskTensors cuda_block_mask(const TorchBlockMaskTensors& t, const at::Tensor& q, int64_t Lkv);
 
 // The CUDA prefill kernel on q [B, Hq, Lq, D], k [Bkv, Hkv, Lkv, D], v [Bkv, Hkv, Lkv, Dv]: bf16
-// or fp16 on one CUDA device (rows that are not 16-byte aligned with a contiguous last dim are
+// or fp16 (fp32 too for Lq <= 16, which takes the decode kernel) on one CUDA device (rows that are not 16-byte aligned with a contiguous last dim are
 // copied first). `bind` binds every buffer of `mods` to a view on that device; `mask` is null or
 // from cuda_block_mask. Allocates out [B, Hq, Lq, Dv] (q's dtype) and, with o.return_lse,
 // lse [B, Hq, Lq] fp32 on the device, and enqueues the kernel on torch's current stream of that

@@ -7,8 +7,8 @@
 // l / 4 and l / 4 + 8 at columns 2 (l % 4) + {0, 1}: c[0..1] and c[2..3].
 #ifndef FLEXJIT_CUDA_COMMON_H
 #define FLEXJIT_CUDA_COMMON_H
-#if FLEXJIT_DTYPE != 1 && FLEXJIT_DTYPE != 2
-#error "the CUDA kernels take bf16 (FLEXJIT_DTYPE 1) or fp16 (2)"
+#if FLEXJIT_DTYPE != 0 && FLEXJIT_DTYPE != 1 && FLEXJIT_DTYPE != 2
+#error "the CUDA kernels take fp32 (FLEXJIT_DTYPE 0: the decode kernel only), bf16 (1) or fp16 (2)"
 #endif
 
 typedef unsigned short fjc_u16;
@@ -77,16 +77,18 @@ FJC_DEV fjc_u16 fjc_to_elem(float x) {
 #endif  // !FLEXJIT_CUDA_EMULATION
 
 // ---- tiles global -> shared ----
-// Rows [0, kRows) of a matrix whose row r starts at row_ptr(r) (16-byte aligned, kWidthReal
-// elements) into shared rows of kStride elements, kWidthPad columns (a multiple of 8), by the
-// kLoaders threads numbered `t`. Rows >= valid_rows and columns >= kWidthReal are zero-filled
-// (finite zeros for the MMAs) and their row_ptr is never called.
-template <int kRows, int kWidthPad, int kWidthReal, int kStride, int kLoaders, class RowPtr>
-FJC_DEV void fjc_load_rows(fjc_u16* dst, const RowPtr& row_ptr, fj_i64 valid_rows, int t, const void* any_src) {
-  constexpr int kChunks = kWidthPad / 8;  // 16-byte chunks per row
+// Rows [0, kRows) of a matrix of T (2- or 4-byte elements) whose row r starts at row_ptr(r)
+// (16-byte aligned, kWidthReal elements) into shared rows of kStride elements, kWidthPad columns
+// (whole 16-byte chunks), by the kLoaders threads numbered `t`. Rows >= valid_rows and columns >=
+// kWidthReal are zero-filled (finite zeros for the MMAs) and their row_ptr is never called.
+template <int kRows, int kWidthPad, int kWidthReal, int kStride, int kLoaders, class T, class RowPtr>
+FJC_DEV void fjc_load_rows(T* dst, const RowPtr& row_ptr, fj_i64 valid_rows, int t, const void* any_src) {
+  constexpr int kPer = 16 / (int)sizeof(T);  // elements per 16-byte chunk
+  static_assert(kWidthPad % kPer == 0, "whole 16-byte chunks");
+  constexpr int kChunks = kWidthPad / kPer;
 #pragma unroll 4
   for (int c = t; c < kRows * kChunks; c += kLoaders) {
-    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const int r = c / kChunks, col = (c % kChunks) * kPer;
     const bool ok = r < valid_rows && col < kWidthReal;
     fjc_cp_async16(dst + r * kStride + col, ok ? (const void*)(row_ptr(r) + col) : any_src, ok);
   }

@@ -49,6 +49,7 @@ float ceilf(float);
 float fmaxf(float, float);
 float fminf(float, float);
 float powf(float, float);
+float fmaf(float, float, float);
 }
 
 #define threadIdx (fjemu_thread_idx())

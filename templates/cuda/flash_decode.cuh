@@ -32,9 +32,23 @@ static constexpr int kWarps = FLEXJIT_DECODE_WARPS;
 static constexpr int kThreads = kWarps * 32;
 static constexpr int kDP = (HEAD_DIM + 15) / 16 * 16;
 static constexpr int kDVP = (HEAD_DIM_V + 15) / 16 * 16;
+#if FLEXJIT_DTYPE == 0
+// fp32 K/V: CUDA cores (no tensor-core path keeps fp32 accuracy): lane j of a warp scores key j
+// of a 32-key block against the 16 rows, and owns output columns lane + 32 i. Rows padded by one
+// 16-byte chunk (4 floats).
+typedef float fjd_elem;
+static constexpr int kQW = HEAD_DIM, kKW = HEAD_DIM, kVW = HEAD_DIM_V;  // loaded widths
+static constexpr int kQS = HEAD_DIM + 4, kKS = HEAD_DIM + 4, kVS = HEAD_DIM_V + 4;
+static constexpr int kPBytes = 4 * kWarps * BLOCK_M * 32;  // each warp's P (16 rows x 32 keys)
+static_assert(BLOCK_N == 32, "fp32 decode: one key per lane, BLOCK_N 32");
+#else
+typedef fjc_u16 fjd_elem;
+static constexpr int kQW = kDP, kKW = kDP, kVW = kDVP;
 static constexpr int kQS = kDP + 8;
 static constexpr int kKS = kDP + 8;
 static constexpr int kVS = kDVP + 8;
+static constexpr int kPBytes = 0;
+#endif
 static constexpr int kNT = BLOCK_N / 8;
 static constexpr int kOT = kDVP / 8;
 static constexpr int kMergeThreads = 128;
@@ -46,9 +60,20 @@ static_assert(FLEXJIT_KV_STAGES == 1 || FLEXJIT_KV_STAGES == 2, "1 or 2 K/V stag
 
 // Shared memory: the Q tile, then each warp's K/V stages; after the KV loop the same space holds
 // the warps' (m, l, O) for the merge.
-static constexpr int kKvBytes = 2 * kWarps * FLEXJIT_KV_STAGES * BLOCK_N * (kKS + kVS);
+// fp32: each warp's P scratch sits between the Q tile and the K/V stages.
+static constexpr int kKvBytes = (int)sizeof(fjd_elem) * kWarps * FLEXJIT_KV_STAGES * BLOCK_N * (kKS + kVS);
 static constexpr int kMergeBytes = 4 * kWarps * BLOCK_M * (kDVP + 2);
-static constexpr int kSmemBytes = 2 * BLOCK_M * kQS + (kKvBytes > kMergeBytes ? kKvBytes : kMergeBytes);
+static constexpr int kSmemBytes =
+    (int)sizeof(fjd_elem) * BLOCK_M * kQS + kPBytes + (kKvBytes > kMergeBytes ? kKvBytes : kMergeBytes);
+
+// An output element: fp32 as is, bf16 / fp16 rounded to nearest even.
+FJC_DEV void fjd_store(fjd_elem* row, int col, float v) {
+#if FLEXJIT_DTYPE == 0
+  row[col] = v;
+#else
+  row[col] = fjc_to_elem(v);
+#endif
+}
 
 // ---- rows: packed row pr of a unit is (head, query) ----
 struct FjdRows {
@@ -72,13 +97,13 @@ FJC_DEV fj_i64 fjd_query(const struct FjdRows& R, fj_i64 pr) { return R.pack ? p
 
 // ---- K or V rows of one block: key kv0 + r ----
 struct FjdKvRows {
-  const fjc_u16* base;  // contiguous: at (b, hkv); paged: at hkv
+  const fjd_elem* base;  // contiguous: at (b, hkv); paged: at hkv
   fj_i64 s_pos;         // contiguous: position stride
   const int* pages;     // paged: sequence b's block-table row (null: contiguous)
   fj_i64 page_size, s_page, s_slot, max_pages, num_pages;
   int* range_error;     // set when a page index is out of range (page 0 is read instead)
   fj_i64 kv0;
-  __device__ __forceinline__ const fjc_u16* operator()(int r) const {
+  __device__ __forceinline__ const fjd_elem* operator()(int r) const {
     const fj_i64 n = kv0 + r;
     if (pages == nullptr) return base + n * s_pos;
     const fj_i64 col = n / page_size;
@@ -159,12 +184,172 @@ FJC_DEV struct FjdBlock fjd_take(struct FjdWalk& w, int skip) {
   return fjd_next(w);
 }
 
+// ---- a warp's state and its steps per KV block: tensor cores (bf16 / fp16) or CUDA cores (fp32) ----
+#if FLEXJIT_DTYPE == 0
+static constexpr int kCV = (HEAD_DIM_V + 31) / 32;  // output columns per lane: lane + 32 i
+struct FjdState {
+  float m[BLOCK_M];       // running row max, base 2 (the same in every lane)
+  float lp[BLOCK_M];      // this lane's share of the running row sum (its keys')
+  float o[BLOCK_M][kCV];  // output columns lane + 32 i
+};
+FJC_DEV void fjd_state_init(struct FjdState& st) {
+#pragma unroll
+  for (int r = 0; r < BLOCK_M; ++r) {
+    st.m[r] = FJC_NEG_INF;
+    st.lp[r] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kCV; ++i) st.o[r][i] = 0.0f;
+  }
+}
+FJC_DEV float fjd_warp_max(float x) {
+#pragma unroll
+  for (int s = 16; s > 0; s >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, s));
+  return x;
+}
+FJC_DEV float fjd_warp_sum(float x) {
+#pragma unroll
+  for (int s = 16; s > 0; s >>= 1) x += __shfl_xor_sync(0xffffffffu, x, s);
+  return x;
+}
+// Lane j scores key cur.kv0 + j against the 16 rows (Q and K rows from shared memory), the mods,
+// each row's max over the warp, P = 2^(S - m') into the warp's P scratch, then O += P V with each
+// lane summing its columns over the 32 keys.
+FJC_DEV void fjd_block(struct FjdState& st, const float* sQ, const float* sK, const float* sV, float* sPw,
+                       const struct FjdBlock& cur, const struct FjdRows& R, fj_i64 r0, fj_i64 qoff, fj_i64 b,
+                       float scale, const struct FlexModArgs* mod, int lane) {
+  float s[BLOCK_M];
+#pragma unroll
+  for (int r = 0; r < BLOCK_M; ++r) s[r] = 0.0f;
+  const float* kj = sK + lane * kKS;
+#pragma unroll 4
+  for (int d = 0; d < HEAD_DIM; d += 4) {
+    const float k0 = kj[d], k1 = kj[d + 1], k2 = kj[d + 2], k3 = kj[d + 3];
+#pragma unroll
+    for (int r = 0; r < BLOCK_M; ++r) {
+      const float* qr = sQ + r * kQS + d;
+      s[r] = fmaf(qr[3], k3, fmaf(qr[2], k2, fmaf(qr[1], k1, fmaf(qr[0], k0, s[r]))));
+    }
+  }
+  const fj_i64 kv_idx = cur.kv0 + lane;
+#pragma unroll
+  for (int r = 0; r < BLOCK_M; ++r) {
+    const fj_i64 pr = r0 + r;
+    float x = s[r];
+    if (pr >= R.rows || lane >= cur.n) {
+      x = FJC_NEG_INF;  // mods are only ever called inside the call's ranges
+    } else {
+      const fj_i64 h = fjd_head(R, pr), q_idx = qoff + fjd_query(R, pr);
+#if FLEXJIT_HAS_SCORE_MOD
+      x = flexjit_score_mod(x * scale, b, h, q_idx, kv_idx, mod) * fjc_kLog2e;
+#else
+      x = x * (scale * fjc_kLog2e);
+#endif
+#if FLEXJIT_HAS_MASK_MOD
+      if (cur.partial && !flexjit_mask_mod(b, h, q_idx, kv_idx, mod)) x = FJC_NEG_INF;
+#endif
+      (void)h, (void)q_idx;
+    }
+    const float m_new = fmaxf(st.m[r], fjd_warp_max(x));
+    const float ref = m_new == FJC_NEG_INF ? 0.0f : m_new;  // no finite score yet: P = 0, never NaN
+    const float alpha = exp2f(st.m[r] - ref);
+    st.m[r] = m_new;
+    const float pv = exp2f(x - ref);
+    st.lp[r] = st.lp[r] * alpha + pv;
+#pragma unroll
+    for (int i = 0; i < kCV; ++i) st.o[r][i] *= alpha;
+    sPw[r * 32 + lane] = pv;
+  }
+  (void)b, (void)mod, (void)kv_idx;
+  __syncwarp();
+  for (int jj = 0; jj < 32; ++jj) {
+    float v[kCV];
+#pragma unroll
+    for (int i = 0; i < kCV; ++i) {
+      const int c = lane + 32 * i;
+      v[i] = c < HEAD_DIM_V ? sV[jj * kVS + c] : 0.0f;
+    }
+#pragma unroll
+    for (int r = 0; r < BLOCK_M; ++r) {
+      const float pj = sPw[r * 32 + jj];
+#pragma unroll
+      for (int i = 0; i < kCV; ++i) st.o[r][i] = fmaf(pj, v[i], st.o[r][i]);
+    }
+  }
+  __syncwarp();  // the P scratch is rewritten by the next block
+}
+// The warp's (m, l, O) into the merge area.
+FJC_DEV void fjd_state_store(const struct FjdState& st, float* sm_m, float* sm_l, float* sm_o, int warp, int lane) {
+#pragma unroll
+  for (int r = 0; r < BLOCK_M; ++r) {
+    const float l = fjd_warp_sum(st.lp[r]);
+    if (lane == 0) {
+      sm_m[warp * BLOCK_M + r] = st.m[r];
+      sm_l[warp * BLOCK_M + r] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < kCV; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kDVP) sm_o[(warp * BLOCK_M + r) * kDVP + c] = c < HEAD_DIM_V ? st.o[r][i] : 0.0f;
+    }
+  }
+}
+#else
+struct FjdState {
+  float o[1][kOT][4];  // one m16 tile per warp
+  float m_run[2];      // rows lane / 4 and lane / 4 + 8: running max, base 2
+  float l_run[2];      // this thread's share of their running sums
+};
+FJC_DEV void fjd_state_init(struct FjdState& st) {
+#pragma unroll
+  for (int t = 0; t < kOT; ++t) st.o[0][t][0] = st.o[0][t][1] = st.o[0][t][2] = st.o[0][t][3] = 0.0f;
+  st.m_run[0] = st.m_run[1] = FJC_NEG_INF;
+  st.l_run[0] = st.l_run[1] = 0.0f;
+}
+// The block on tensor cores (flash_block.cuh's steps, one m16 tile).
+FJC_DEV void fjd_block(struct FjdState& st, const fjc_u16* sQ, const fjc_u16* sK, const fjc_u16* sV, float* sPw,
+                       const struct FjdBlock& cur, const struct FjdRows& R, fj_i64 r0, fj_i64 qoff, fj_i64 b,
+                       float scale, const struct FlexModArgs* mod, int lane) {
+  (void)sPw;
+  float s[1][kNT][4];
+  fjc_block_scores<1, kNT, kDP, kQS, kKS>(s, sQ, sK, lane);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const fj_i64 pr = r0 + lane / 4 + 8 * r;
+    const bool row_ok = pr < R.rows;
+    fjc_block_softmax_row<kNT, kOT>(s[0], st.o[0], st.m_run[r], st.l_run[r], r, row_ok, b,
+                                    fjd_head(R, row_ok ? pr : r0), qoff + fjd_query(R, row_ok ? pr : r0), cur.kv0,
+                                    cur.n, cur.partial, scale, mod, lane);
+  }
+  fjc_block_pv<1, kNT, kOT, kVS>(st.o, s, sV, lane);
+}
+FJC_DEV void fjd_state_store(const struct FjdState& st, float* sm_m, float* sm_l, float* sm_o, int warp, int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = st.l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int row = lane / 4 + 8 * r;
+    if (lane % 4 == 0) {
+      sm_m[warp * BLOCK_M + row] = st.m_run[r];
+      sm_l[warp * BLOCK_M + row] = l;
+    }
+#pragma unroll
+    for (int t = 0; t < kOT; ++t) {
+      const int col = t * 8 + (lane % 4) * 2;
+      sm_o[(warp * BLOCK_M + row) * kDVP + col] = st.o[0][t][2 * r];
+      sm_o[(warp * BLOCK_M + row) * kDVP + col + 1] = st.o[0][t][2 * r + 1];
+    }
+  }
+}
+#endif
+
 // ---- the partition kernel ----
 extern "C" __global__ void __launch_bounds__(kThreads)
     FLEXJIT_ENTRY(const __grid_constant__ struct FlexCudaDecodeArgs a) {
   FJC_DYNAMIC_SMEM(fjc_smem_raw);
-  fjc_u16* const sQ = (fjc_u16*)fjc_smem_raw;
-  fjc_u16* const sKV = sQ + BLOCK_M * kQS;
+  fjd_elem* const sQ = (fjd_elem*)fjc_smem_raw;
+  float* const sP = (float*)(sQ + BLOCK_M * kQS);  // fp32 only: each warp's P
+  fjd_elem* const sKV = (fjd_elem*)((unsigned char*)sP + kPBytes);
   __shared__ int mod_error;
   __shared__ int range_error;
 
@@ -183,8 +368,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 
   struct FjdKvRows kr, vr;
   if (paged) {
-    kr.base = (const fjc_u16*)a.k + hkv * a.k_strides[2];
-    vr.base = (const fjc_u16*)a.v + hkv * a.v_strides[2];
+    kr.base = (const fjd_elem*)a.k + hkv * a.k_strides[2];
+    vr.base = (const fjd_elem*)a.v + hkv * a.v_strides[2];
     kr.pages = vr.pages = a.block_table + b * a.block_table_stride;
     kr.page_size = vr.page_size = a.page_size;
     kr.s_page = a.k_strides[0], kr.s_slot = a.k_strides[1];
@@ -194,8 +379,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     kr.num_pages = vr.num_pages = a.num_pages;
   } else {
     const fj_i64 bk = a.Bkv == 1 ? 0 : b;
-    kr.base = (const fjc_u16*)a.k + bk * a.k_strides[0] + hkv * a.k_strides[1];
-    vr.base = (const fjc_u16*)a.v + bk * a.v_strides[0] + hkv * a.v_strides[1];
+    kr.base = (const fjd_elem*)a.k + bk * a.k_strides[0] + hkv * a.k_strides[1];
+    vr.base = (const fjd_elem*)a.v + bk * a.v_strides[0] + hkv * a.v_strides[1];
     kr.s_pos = a.k_strides[2];
     vr.s_pos = a.v_strides[2];
     kr.pages = vr.pages = nullptr;
@@ -218,8 +403,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   mod.error_flag = &mod_error;
 
   // The Q tile: 16 packed rows, each a (head, query) row of q.
-  const fjc_u16* const qb = (const fjc_u16*)a.q + b * a.q_strides[0];
-  fjc_load_rows<BLOCK_M, kDP, HEAD_DIM, kQS, kThreads>(
+  const fjd_elem* const qb = (const fjd_elem*)a.q + b * a.q_strides[0];
+  fjc_load_rows<BLOCK_M, kQW, HEAD_DIM, kQS, kThreads>(
       sQ,
       [&](int r) { return qb + fjd_head(R, r0 + r) * a.q_strides[1] + fjd_query(R, r0 + r) * a.q_strides[2]; },
       R.rows - r0, (int)threadIdx.x, a.q);
@@ -250,12 +435,12 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     walk.mbs = a.mask.kv_block_size;
     walk.kv_blocks = a.mask.kv_blocks;
   }
-  fjc_u16* const myK = sKV + warp * FLEXJIT_KV_STAGES * BLOCK_N * (kKS + kVS);
-  fjc_u16* const myV = myK + FLEXJIT_KV_STAGES * BLOCK_N * kKS;
+  fjd_elem* const myK = sKV + warp * FLEXJIT_KV_STAGES * BLOCK_N * (kKS + kVS);
+  fjd_elem* const myV = myK + FLEXJIT_KV_STAGES * BLOCK_N * kKS;
   auto load_kv = [&](const struct FjdBlock& blk, int stage) {
     kr.kv0 = vr.kv0 = blk.kv0;
-    fjc_load_rows<BLOCK_N, kDP, HEAD_DIM, kKS, 32>(myK + stage * BLOCK_N * kKS, kr, blk.n, lane, a.k);
-    fjc_load_rows<BLOCK_N, kDVP, HEAD_DIM_V, kVS, 32>(myV + stage * BLOCK_N * kVS, vr, blk.n, lane, a.v);
+    fjc_load_rows<BLOCK_N, kKW, HEAD_DIM, kKS, 32>(myK + stage * BLOCK_N * kKS, kr, blk.n, lane, a.k);
+    fjc_load_rows<BLOCK_N, kVW, HEAD_DIM_V, kVS, 32>(myV + stage * BLOCK_N * kVS, vr, blk.n, lane, a.v);
   };
   struct FjdBlock cur = fjd_take(walk, warp);  // none when the partition is empty
   if (cur.valid) load_kv(cur, 0);
@@ -263,12 +448,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   fjc_cp_async_wait<1>();  // the Q tile (this thread's part)
   __syncthreads();         // ... and everyone's
 
-  const int r_lo = lane / 4;
-  float o[1][kOT][4];  // one m16 tile per warp
-#pragma unroll
-  for (int t = 0; t < kOT; ++t) o[0][t][0] = o[0][t][1] = o[0][t][2] = o[0][t][3] = 0.0f;
-  float m_run[2] = {FJC_NEG_INF, FJC_NEG_INF};
-  float l_run[2] = {0.0f, 0.0f};
+  struct FjdState st;
+  fjd_state_init(st);
   int stage = 0;
 
   while (cur.valid) {
@@ -281,20 +462,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
       fjc_cp_async_wait<0>();
     }
     __syncwarp();
-    const fjc_u16* sKc = myK + stage * BLOCK_N * kKS;
-    const fjc_u16* sVc = myV + stage * BLOCK_N * kVS;
-
-    float s[1][kNT][4];
-    fjc_block_scores<1, kNT, kDP, kQS, kKS>(s, sQ, sKc, lane);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const fj_i64 pr = r0 + r_lo + 8 * r;
-      const bool row_ok = pr < R.rows;
-      fjc_block_softmax_row<kNT, kOT>(s[0], o[0], m_run[r], l_run[r], r, row_ok, b, fjd_head(R, row_ok ? pr : r0),
-                                      qoff + fjd_query(R, row_ok ? pr : r0), cur.kv0, cur.n, cur.partial, a.scale,
-                                      &mod, lane);
-    }
-    fjc_block_pv<1, kNT, kOT, kVS>(o, s, sVc, lane);
+    fjd_block(st, sQ, myK + stage * BLOCK_N * kKS, myV + stage * BLOCK_N * kVS, sP + warp * BLOCK_M * 32, cur, R, r0,
+              qoff, b, a.scale, &mod, lane);
     __syncwarp();  // this stage is overwritten by the load after next (or next, with one stage)
     if (FLEXJIT_KV_STAGES == 1 && nxt.valid) {
       load_kv(nxt, 0);
@@ -306,26 +475,10 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 
   // ---- the warps' states meet in shared memory (over the K/V stages, now idle) ----
   __syncthreads();
-  float* const sm_m = (float*)sKV;            // [kWarps][16]
+  float* const sm_m = (float*)sKV;              // [kWarps][16]
   float* const sm_l = sm_m + kWarps * BLOCK_M;  // [kWarps][16]
   float* const sm_o = sm_l + kWarps * BLOCK_M;  // [kWarps][16][kDVP]
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = l_run[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int row = r_lo + 8 * r;
-    if (lane % 4 == 0) {
-      sm_m[warp * BLOCK_M + row] = m_run[r];
-      sm_l[warp * BLOCK_M + row] = l;
-    }
-#pragma unroll
-    for (int t = 0; t < kOT; ++t) {
-      const int col = t * 8 + (lane % 4) * 2;
-      sm_o[(warp * BLOCK_M + row) * kDVP + col] = o[0][t][2 * r];
-      sm_o[(warp * BLOCK_M + row) * kDVP + col + 1] = o[0][t][2 * r + 1];
-    }
-  }
+  fjd_state_store(st, sm_m, sm_l, sm_o, warp, lane);
   __syncthreads();
   const fj_i64 slot0 = ((b * units * row_tiles + blockIdx.y) * a.num_partitions + p) * BLOCK_M;
   for (int e = threadIdx.x; e < BLOCK_M * HEAD_DIM_V; e += kThreads) {
@@ -345,8 +498,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     const float lse = L > 0.0f ? fjc_kLn2 * (M + log2f(L)) : FJC_NEG_INF;
     if (a.ws_out == nullptr) {
       const fj_i64 h = fjd_head(R, pr), qi = fjd_query(R, pr);
-      fjc_u16* orow = (fjc_u16*)a.out + b * a.out_strides[0] + h * a.out_strides[1] + qi * a.out_strides[2];
-      orow[col] = fjc_to_elem(val);
+      fjd_elem* orow = (fjd_elem*)a.out + b * a.out_strides[0] + h * a.out_strides[1] + qi * a.out_strides[2];
+      fjd_store(orow, col, val);
       if (col == 0 && a.lse != nullptr) a.lse[b * a.lse_strides[0] + h * a.lse_strides[1] + qi * a.lse_strides[2]] = lse;
     } else {
       a.ws_out[(slot0 + row) * HEAD_DIM_V + col] = val;
@@ -387,8 +540,8 @@ extern "C" __global__ void __launch_bounds__(kMergeThreads)
       }
     }
     const fj_i64 h = fjd_head(R, pr), qi = fjd_query(R, pr);
-    fjc_u16* orow = (fjc_u16*)a.out + b * a.out_strides[0] + h * a.out_strides[1] + qi * a.out_strides[2];
-    orow[col] = fjc_to_elem(L > 0.0f ? acc / L : 0.0f);
+    fjd_elem* orow = (fjd_elem*)a.out + b * a.out_strides[0] + h * a.out_strides[1] + qi * a.out_strides[2];
+    fjd_store(orow, col, L > 0.0f ? acc / L : 0.0f);
     if (col == 0 && a.lse != nullptr)
       a.lse[b * a.lse_strides[0] + h * a.lse_strides[1] + qi * a.lse_strides[2]] =
           L > 0.0f ? M + logf(L) : FJC_NEG_INF;

@@ -243,11 +243,14 @@ std::vector<Case> row_cases() {
 INSTANTIATE_TEST_SUITE_P(Rows, CudaDecodeEmulated, ::testing::ValuesIn(row_cases()),
                          [](const auto& info) { return name_of(info.param); });
 
-// Every registered built-in, alone, with GQA 3, batch 2 and three query rows.
+// Every registered built-in, alone, with GQA 3, batch 2 and three query rows; bf16 (tensor cores)
+// and fp32 (the CUDA-core kernel).
 std::vector<Case> builtin_cases() {
   std::vector<Case> out;
-  for (const std::string& name : builtin_mod_names()) {
+  for (const std::string& name : builtin_mod_names())
+    for (DType dt : {DType::BF16, DType::F32}) {
     Case c;
+    c.dtype = dt;
     c.D = c.Dv = 64;
     c.B = 2;
     c.Hq = 6;
@@ -256,7 +259,7 @@ std::vector<Case> builtin_cases() {
     c.Lkv = 700;
     (find_mod(name).kind == ModKind::Score ? c.score_mod : c.mask_mod) = name;
     out.push_back(c);
-  }
+    }
   return out;
 }
 INSTANTIATE_TEST_SUITE_P(Builtins, CudaDecodeEmulated, ::testing::ValuesIn(builtin_cases()),
@@ -326,6 +329,53 @@ std::vector<Case> special_cases() {
     x.block_n = 128;
     x.smem_optin = 0;
     out.push_back(x);
+  }
+  // fp32 K/V (one key per lane on CUDA cores): lengths around the partition, 16 rows over two
+  // tiles, Dv != D, D 256, a block mask, a paged cache, shared memory for one stage.
+  {
+    Case f;
+    f.dtype = DType::F32;
+    f.Hq = 8;
+    f.Hkv = 2;
+    for (int64_t L : {1, 257, 4097}) {
+      f.Lkv = L;
+      out.push_back(f);
+    }
+    f.Lkv = 700;
+    f.Hq = 6;
+    f.Lq = 5;  // 15 rows of GQA 3
+    f.score_mod = "alibi";
+    out.push_back(f);
+    f.Hq = 16;
+    f.Lq = 2;  // 16 rows of GQA 8 ... and 32 with Lq 4: two row tiles
+    f.Lq = 4;
+    out.push_back(f);
+    f.Lq = 1;
+    f.Hq = 8;
+    f.D = 64;
+    f.Dv = 128;
+    out.push_back(f);
+    f.D = f.Dv = 256;
+    f.score_mod = "softcap";
+    out.push_back(f);
+    f.smem_optin = 99 * 1024;
+    out.push_back(f);
+    f.smem_optin = 0;
+    f.D = f.Dv = 128;
+    f.score_mod = "";
+    f.mask_mod = "sliding_window";
+    f.mask_block = 128;
+    out.push_back(f);
+    f.mask_block = 0;
+    f.mask_mod = "q_idx % 2 == 0";  // fully masked rows
+    f.Lq = 2;
+    out.push_back(f);
+    Case pf = f;
+    pf.mask_mod = "causal";
+    pf.score_mod = "alibi";
+    pf.B = 3;
+    pf.seq_lens = {1000, 0, 37};
+    out.push_back(pf);
   }
   // Paged caches: shuffled pages, an empty sequence, absolute positions (causal), GQA 4, pages of
   // 16 and 64, the user's partitions and the cost model's, a block mask over absolute positions.

@@ -163,6 +163,25 @@ TEST(CudaDecodeCompile, EveryBuiltinModAndOddShapesCompile) {
   build(big, mod_set_of("softcap"));
 }
 
+// fp32 K/V: the CUDA-core decode kernel, as the planner picks it, with no local memory.
+TEST(CudaDecodeCompile, Fp32KernelCompilesWithoutLocalMemory) {
+  SKIP_WITHOUT_NVRTC();
+  for (const std::string& arch : {std::string("sm_80"), std::string("sm_90")})
+    for (int d : {64, 128}) {
+      SCOPED_TRACE(arch + " fp32 D" + std::to_string(d));
+      const KernelSpec s = cuda_decode_kernel_spec(DType::F32, d, d, 4, cuda_device_info_for_arch(arch));
+      Instantiation inst = plan(s, mod_set_of("alibi"));
+      CudaCompileResult r = compile_cuda(make_source(s, mod_set_of("alibi"), inst.symbol), inst.symbol + ".cu", arch,
+                                         true, /*ptxas_verbose=*/true);
+      for (const PtxasUsage& u : parse_ptxas_usage(r.log)) {
+        std::printf("  %s: %d registers, %ld spill bytes, %ld stack\n", u.kernel.c_str(), u.registers, u.spill_bytes,
+                    u.stack_frame);
+        EXPECT_EQ(u.spill_bytes, 0) << r.log;
+        EXPECT_EQ(u.stack_frame, 0) << r.log;
+      }
+    }
+}
+
 TEST(CudaPrefillCompile, KeysAndSpecChecks) {
   SKIP_WITHOUT_NVRTC();
   const ModSet causal = mod_set_of("causal");
