@@ -23,7 +23,8 @@ target_link_libraries(flexjit_cuda_bench PRIVATE flexjit_cuda_core)
 
 # ---- optional: the torch op library, CUDA kernel only (FLEXJIT_WITH_TORCH, torch importable) ----
 # torch.ops.flexjit.* with the full build's schemas (runtime/torch/op_schema.h) and flex_attention's
-# CUDA and Meta kernels (runtime/torch/cuda_attention.cpp, ops_cuda_only.cpp) on top of the core
+# and paged_flex_attention's CUDA and Meta kernels (runtime/torch/cuda_attention.cpp,
+# ops_cuda_only.cpp) on top of the core
 # above: no LLVM, TBB or CPU runtime. Links torch_cpu and c10 only (torch's CUDA libraries are
 # already loaded in any process that has CUDA tensors; the kernels run through the driver API).
 if(FLEXJIT_WITH_TORCH)
@@ -35,7 +36,7 @@ if(FLEXJIT_WITH_TORCH)
   endif()
   find_package(Torch QUIET)
   if(Torch_FOUND)
-    message(STATUS "flexjit: CUDA-only torch op library (flex_attention's CUDA kernel) against ${Torch_DIR}")
+    message(STATUS "flexjit: CUDA-only torch op library (CUDA kernels) against ${Torch_DIR}")
     add_library(flexjit_torch_ops SHARED runtime/torch/ops_cuda_only.cpp runtime/torch/cuda_attention.cpp)
     target_link_libraries(flexjit_torch_ops PRIVATE flexjit_cuda_core torch_cpu c10)
     target_include_directories(flexjit_torch_ops SYSTEM PRIVATE ${TORCH_INCLUDE_DIRS})
