@@ -39,6 +39,8 @@ if(FLEXJIT_WITH_TORCH)
     message(STATUS "flexjit: CUDA-only torch op library (CUDA kernels) against ${Torch_DIR}")
     add_library(flexjit_torch_ops SHARED runtime/torch/ops_cuda_only.cpp runtime/torch/cuda_attention.cpp)
     target_link_libraries(flexjit_torch_ops PRIVATE flexjit_cuda_core torch_cpu c10)
+    # No CPU runtime here: cuda_attention.cpp leaves out what needs it (host-built paged masks).
+    target_compile_definitions(flexjit_torch_ops PRIVATE FLEXJIT_TORCH_CUDA_ONLY=1)
     target_include_directories(flexjit_torch_ops SYSTEM PRIVATE ${TORCH_INCLUDE_DIRS})
     target_compile_features(flexjit_torch_ops PRIVATE cxx_std_20)  # libtorch 2.9+ headers
     target_link_options(flexjit_torch_ops PRIVATE LINKER:--exclude-libs,ALL LINKER:--no-undefined)

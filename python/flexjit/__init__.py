@@ -227,10 +227,11 @@ def paged_flex_attention(query, k_cache, v_cache, block_table, seq_lens, score_m
     kernel_options: BLOCK_M / BLOCK_N (decode kernel tiles) and PARTITION_SIZE (keys per split-KV
     partition, a multiple of page_size; 0 / unset: tuned or cost model).
 
-    CUDA: bf16 / fp16 query and caches on one CUDA device run the CUDA flash-decoding kernel
-    (block_table / seq_lens on that device or the CPU; seq_lens on the CPU sizes the grid by the
-    longest sequence, on the device by the table's capacity, without synchronising). A mask_mod is
-    evaluated on every key block there (no block skipping yet).
+    CUDA: fp32 / bf16 / fp16 query and caches on one CUDA device run the CUDA flash-decoding
+    kernel (block_table / seq_lens on that device or the CPU; seq_lens on the CPU sizes the grid by
+    the longest sequence, on the device by the table's capacity, without synchronising). With
+    seq_lens on the CPU and a mask_mod that reads no tensors, key blocks the mask empties are
+    skipped (the BlockMask is built on the host); otherwise the mask_mod runs on every key block.
     """
     options = _kernel_options("paged_flex_attention", kernel_options, _PAGED_KERNEL_OPTIONS)
     score_text, mask_text, buffers, params = _mods(score_mod, mask_mod, buffers, params, "paged_flex_attention")

@@ -13,6 +13,9 @@
 #include <tuple>
 
 #include "runtime/cuda_decode.h"
+#ifndef FLEXJIT_TORCH_CUDA_ONLY
+#include "runtime/block_mask.h"
+#endif
 #include "runtime/cuda_driver.h"
 #include "runtime/cuda_prefill.h"
 #include "runtime/torch/op_common.h"
@@ -475,9 +478,36 @@ FlexResult cuda_paged_flex_attention(const at::Tensor& q, const at::Tensor& k_ca
   dkv.block_table = &tv;
   dkv.seq_lens = &sv;
   dkv.max_seq_len = max_len;
-  // No BlockMask here yet: a mask_mod is evaluated on every key block of each sequence (correct;
-  // nothing is skipped), where the CPU path builds one per call at absolute positions.
-  CudaDecodePlan dp = plan_cuda_decode(qv, dkv, out, o.return_lse ? &lse : nullptr, mods, bind, nullptr, opt, dev,
+  // A BlockMask over absolute positions, as the CPU path builds per call, where it can be built
+  // here without reading the device: seq_lens on the CPU and mods that read no tensors (a causal or
+  // sliding-window mask_mod); its arrays are copied to the device, and key blocks it empties (a
+  // window's) are skipped. Otherwise the mask_mod is evaluated on every key block (correct).
+  FlexBlockMaskArgs margs{};
+  const FlexBlockMaskArgs* mp = nullptr;
+#ifndef FLEXJIT_TORCH_CUDA_ONLY  // the builder JIT-compiles on the CPU: the full build only
+  runtime::BlockMask host_mask;
+  std::vector<at::Tensor> mask_arrays;
+  if (mods.has_mask_mod() && mods.buffers.empty() && seq_lens.device().is_cpu()) {
+    std::vector<int64_t> host_lens;
+    const at::Tensor l = seq_lens.contiguous();
+    for (int64_t i = 0; i < l.numel(); ++i) host_lens.push_back(l.data_ptr<int32_t>()[i]);
+    host_mask = runtime::create_paged_block_mask(mods, bind, q.size(0), q.size(1), q.size(2), host_lens, 128);
+    margs = runtime::kernel_args(host_mask);
+    auto put = [&](const int* host, int64_t n) -> const int* {
+      if (!host || n == 0) return host;
+      at::Tensor d = at::from_blob(const_cast<int*>(host), {n}, at::TensorOptions().dtype(at::kInt)).to(q.device());
+      mask_arrays.push_back(d);
+      return d.data_ptr<int32_t>();
+    };
+    const int64_t rows = margs.B * margs.H * margs.q_blocks;
+    margs.kv_num_blocks = put(margs.kv_num_blocks, rows);
+    margs.kv_indices = put(margs.kv_indices, rows * margs.kv_indices_stride);
+    margs.full_kv_num_blocks = put(margs.full_kv_num_blocks, rows);
+    margs.full_kv_indices = put(margs.full_kv_indices, rows * margs.full_kv_indices_stride);
+    mp = &margs;
+  }
+#endif
+  CudaDecodePlan dp = plan_cuda_decode(qv, dkv, out, o.return_lse ? &lse : nullptr, mods, bind, mp, opt, dev,
                                        error_flag.data_ptr<int32_t>());
   at::Tensor ws = at::empty({int64_t(dp.workspace_bytes)}, q.options().dtype(at::kByte));
   set_cuda_decode_workspace(dp, dp.workspace_bytes ? ws.data_ptr() : nullptr);

@@ -58,8 +58,10 @@ FlexResult cuda_flex_attention(const at::Tensor& q, const at::Tensor& k, const a
 // int32 [B, max_pages] and seq_lens int32 [B] on that device or the CPU. seq_lens on the CPU is
 // checked and its maximum sizes the grid; on the device it is not read (no synchronisation: the
 // call stays graph-capturable) and the table's capacity sizes the grid instead, with bad entries
-// caught on the device (FLEXJIT_CUDA_CHECK=1 raises them). A mask_mod is evaluated on every key
-// block (no BlockMask on this path yet). Asynchronous, on torch's current stream.
+// caught on the device (FLEXJIT_CUDA_CHECK=1 raises them). With seq_lens on the CPU and mods that
+// read no tensors, a BlockMask over absolute positions is built on the host and copied (full build),
+// so blocks a mask_mod empties are skipped; otherwise the mask_mod is evaluated on every key block.
+// Asynchronous, on torch's current stream.
 FlexResult cuda_paged_flex_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                      const at::Tensor& block_table, const at::Tensor& seq_lens, const ModSet& mods,
                                      const ModBindings& bind, const FlexOptions& o);
