@@ -187,6 +187,14 @@ std::vector<Case> special_cases() {
     x.Lkv = lkv;
     out.push_back(x);
   }
+  {  // 4097 x 4097, causal through a block mask: 65 query blocks, ~2100 KV blocks (~2 s emulated,
+     // ~23 s for the two references)
+    Case x;
+    x.Lq = x.Lkv = 4097;
+    x.mask_mod = "causal";
+    x.mask_block = 128;
+    out.push_back(x);
+  }
   // Score and mask mods with a block mask: partial and full blocks; mask blocks of 128 walked as
   // two kernel blocks of 64.
   for (auto [s, m] : {std::pair<std::string, std::string>{"alibi", "causal"}, {"softcap", "sliding_window"},
