@@ -150,6 +150,15 @@ CallInputs load_call_inputs(const RunArgs& a, DType dtype) {
   return in;
 }
 
+// --check: after the outputs are written, a max abs error against the float64 reference above the
+// dtype's tolerance fails the run.
+void fail_above_check_tolerance(double max_err, DType dtype) {
+  const double tol = dtype == DType::F32 ? 1e-4 : dtype == DType::F16 ? 5e-3 : 3e-2;
+  if (max_err > tol)
+    throw Error("--check failed: max abs error " + std::to_string(max_err) + " against the float64 reference "
+                "exceeds " + std::to_string(tol) + " for " + dtype_name(dtype) + " (outputs were written)");
+}
+
 // What every run's --report holds about the call (the fields issue #2 spelled out, and later ones).
 nlohmann::json report_json(const AttentionReport& rep, int64_t head_dim, int64_t head_dim_v) {
   nlohmann::json j;
@@ -308,39 +317,11 @@ void run_varlen(const RunArgs& a) {
     files.add_text("--report", a.report, j.dump(2) + "\n");
   }
   files.commit();
-  const double tol = dtype == DType::F32 ? 1e-4 : dtype == DType::F16 ? 5e-3 : 3e-2;
-  if (a.check && max_err > tol)
-    throw Error("--check failed: max abs error " + std::to_string(max_err) + " against the float64 reference "
-                "exceeds " + std::to_string(tol) + " for " + dtype_name(dtype) + " (outputs were written)");
+  if (a.check) fail_above_check_tolerance(max_err, dtype);
 }
 
-// Device memory of one CUDA run, freed on every exit path.
-struct DeviceMemory {
-  std::vector<void*> blocks;
-  DeviceMemory() = default;
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
-  ~DeviceMemory() {
-    for (void* p : blocks) try {
-        cuda_free(p);
-      } catch (const std::exception&) {
-      }
-  }
-  void* alloc(size_t bytes) {
-    blocks.push_back(cuda_alloc(bytes));
-    return blocks.back();
-  }
-  TensorView copy(const TensorView& h) {  // h is contiguous (loaded / made here)
-    TensorView d = h;
-    const size_t bytes = size_t(h.numel()) * dtype_size(h.dtype);
-    d.data = alloc(bytes);
-    cuda_copy_to_device(d.data, h.data, bytes);
-    return d;
-  }
-};
-
 // A host BlockMask's index arrays on the device, as the CUDA kernels read them.
-FlexBlockMaskArgs device_mask(const runtime::BlockMask& m, DeviceMemory& mem) {
+FlexBlockMaskArgs device_mask(const runtime::BlockMask& m, CudaAllocations& mem) {
   FlexBlockMaskArgs a = runtime::kernel_args(m);
   auto put = [&](const int* host, size_t n) -> const int* {
     if (!host || n == 0) return host;
@@ -387,7 +368,7 @@ void run_cuda(const RunArgs& a) {
   cuda_use_primary_context();
   const CudaDeviceProps props = cuda_current_device_props();
   const CudaDeviceInfo dev = cuda_device_info(props);
-  DeviceMemory mem;
+  CudaAllocations mem;  // freed on every exit path
   ModBindings dev_bind = rm.bind;
   for (auto& [name, view] : dev_bind.buffers) {
     OwnedTensor c = OwnedTensor::make(name, view.dtype, std::vector<int64_t>(view.sizes, view.sizes + view.rank));
@@ -396,7 +377,7 @@ void run_cuda(const RunArgs& a) {
       for (int d = view.rank - 1; d >= 0; --d) off += (rest % view.sizes[d]) * view.strides[d], rest /= view.sizes[d];
       write_element_f64(c.view, i, read_element_f64(view, off));
     }
-    view = mem.copy(c.view);
+    view = mem.upload(c.view);
   }
   // The mask on the host (decode: one q-block holding the rows), then its arrays on the device.
   runtime::BlockMask mask;
@@ -415,11 +396,11 @@ void run_cuda(const RunArgs& a) {
     }
     dmask = device_mask(mask, mem);
   }
-  TensorView dq = mem.copy(q.view);
-  TensorView dk = mem.copy(paged ? pg.k_cache.view : k.view), dv = mem.copy(paged ? pg.v_cache.view : v.view);
+  TensorView dq = mem.upload(q.view);
+  TensorView dk = mem.upload(paged ? pg.k_cache.view : k.view), dv = mem.upload(paged ? pg.v_cache.view : v.view);
   OwnedTensor out = OwnedTensor::make("out", dtype, {B, Hq, Lq, Dv});
   OwnedTensor lse = OwnedTensor::make("lse", DType::F32, {B, Hq, Lq});
-  TensorView dout = mem.copy(out.view), dlse = mem.copy(lse.view);
+  TensorView dout = mem.upload(out.view), dlse = mem.upload(lse.view);
   int* dflag = static_cast<int*>(mem.alloc(4));
   const int zero = 0;
   cuda_copy_to_device(dflag, &zero, 4);
@@ -439,8 +420,8 @@ void run_cuda(const RunArgs& a) {
     kv.v = &dv;
     TensorView dtable, dseq;
     if (paged) {
-      dtable = mem.copy(pg.block_table.view);
-      dseq = mem.copy(pg.seq_lens.view);
+      dtable = mem.upload(pg.block_table.view);
+      dseq = mem.upload(pg.seq_lens.view);
       kv.block_table = &dtable;
       kv.seq_lens = &dseq;
       kv.max_seq_len = pg.max_len;
@@ -504,10 +485,7 @@ void run_cuda(const RunArgs& a) {
     files.add_text("--report", a.report, j.dump(2) + "\n");
   }
   files.commit();
-  const double tol = dtype == DType::F32 ? 1e-4 : dtype == DType::F16 ? 5e-3 : 3e-2;
-  if (a.check && max_err > tol)
-    throw Error("--check failed: max abs error " + std::to_string(max_err) + " against the float64 reference "
-                "exceeds " + std::to_string(tol) + " for " + dtype_name(dtype) + " (outputs were written)");
+  if (a.check) fail_above_check_tolerance(max_err, dtype);
 }
 
 void run(const RunArgs& a) {
@@ -608,10 +586,7 @@ void run(const RunArgs& a) {
     files.add_text("--report", a.report, j.dump(2) + "\n");
   }
   files.commit();
-  double tol = dtype == DType::F32 ? 1e-4 : dtype == DType::F16 ? 5e-3 : 3e-2;
-  if (a.check && max_err > tol)
-    throw Error("--check failed: max abs error " + std::to_string(max_err) + " against the float64 reference "
-                "exceeds " + std::to_string(tol) + " for " + dtype_name(dtype) + " (outputs were written)");
+  if (a.check) fail_above_check_tolerance(max_err, dtype);
 }
 
 }  // namespace

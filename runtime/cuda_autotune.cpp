@@ -45,19 +45,6 @@ struct FakeCall {
   alignas(16) static inline unsigned char bytes[64];
   TensorView q, k, v, out, table, lens;
   CudaDecodeKv kv;
-  static TensorView view(DType dt, std::vector<int64_t> sizes) {
-    TensorView t;
-    t.data = bytes;
-    t.dtype = dt;
-    t.rank = int(sizes.size());
-    int64_t stride = 1;
-    for (int d = t.rank - 1; d >= 0; --d) {
-      t.sizes[d] = sizes[size_t(d)];
-      t.strides[d] = stride;
-      stride *= sizes[size_t(d)];
-    }
-    return t;
-  }
 };
 
 }  // namespace
@@ -80,20 +67,20 @@ TuneResult tune_cuda_decode(const CudaTuneRequest& req, const CudaDeviceInfo& de
   CudaDecodePlan def;
   {
     FakeCall f;
-    f.q = FakeCall::view(req.dtype, {req.batch, req.heads, req.lq, req.head_dim});
-    f.out = FakeCall::view(req.dtype, {req.batch, req.heads, req.lq, req.head_dim_v});
+    f.q = contiguous_view(FakeCall::bytes, req.dtype, {req.batch, req.heads, req.lq, req.head_dim});
+    f.out = contiguous_view(FakeCall::bytes, req.dtype, {req.batch, req.heads, req.lq, req.head_dim_v});
     if (req.paged) {
       const int64_t pages = (lkv + req.page_size - 1) / req.page_size;
-      f.k = FakeCall::view(req.dtype, {req.batch * pages, req.page_size, req.kv_heads, req.head_dim});
-      f.v = FakeCall::view(req.dtype, {req.batch * pages, req.page_size, req.kv_heads, req.head_dim_v});
-      f.table = FakeCall::view(DType::I32, {req.batch, pages});
-      f.lens = FakeCall::view(DType::I32, {req.batch});
+      f.k = contiguous_view(FakeCall::bytes, req.dtype, {req.batch * pages, req.page_size, req.kv_heads, req.head_dim});
+      f.v = contiguous_view(FakeCall::bytes, req.dtype, {req.batch * pages, req.page_size, req.kv_heads, req.head_dim_v});
+      f.table = contiguous_view(FakeCall::bytes, DType::I32, {req.batch, pages});
+      f.lens = contiguous_view(FakeCall::bytes, DType::I32, {req.batch});
       f.kv.block_table = &f.table;
       f.kv.seq_lens = &f.lens;
       f.kv.max_seq_len = lkv;
     } else {
-      f.k = FakeCall::view(req.dtype, {req.batch, req.kv_heads, lkv, req.head_dim});
-      f.v = FakeCall::view(req.dtype, {req.batch, req.kv_heads, lkv, req.head_dim_v});
+      f.k = contiguous_view(FakeCall::bytes, req.dtype, {req.batch, req.kv_heads, lkv, req.head_dim});
+      f.v = contiguous_view(FakeCall::bytes, req.dtype, {req.batch, req.kv_heads, lkv, req.head_dim_v});
     }
     f.kv.k = &f.k;
     f.kv.v = &f.v;
@@ -171,49 +158,40 @@ TuneResult tune_cuda_decode(const CudaTuneRequest& req, const CudaDeviceInfo& de
 CudaCandidateTimer cuda_decode_timer(const CudaTuneRequest& req, const CudaDeviceInfo& dev) {
   check_request(req);
   const int64_t lkv = cuda_tune_bucket(req, dev).lkv_bucket();
-  struct Buffers {
-    std::vector<void*> blocks;
-    ~Buffers() {
-      for (void* p : blocks) try {
-          cuda_free(p);
-        } catch (const std::exception&) {
-        }
-    }
-    void* alloc(size_t bytes, unsigned short fill) {
-      blocks.push_back(cuda_alloc(bytes));
-      if (fill) cuda_fill_u16(blocks.back(), fill, bytes / 2);
-      return blocks.back();
-    }
+  // Filled with finite values (q, k, v) or left as they come (out, tables written below).
+  auto buf = std::make_shared<CudaAllocations>();
+  auto alloc = [&](size_t bytes, unsigned short fill) {
+    void* p = buf->alloc(bytes);
+    if (fill) cuda_fill_u16(p, fill, bytes / 2);
+    return p;
   };
-  auto buf = std::make_shared<Buffers>();
-  auto view = [](void* p, DType dt, std::vector<int64_t> sizes) { TensorView t = FakeCall::view(dt, sizes); t.data = p; return t; };
   const size_t e = 2;  // bf16 / fp16
   const unsigned short one_ish = 0x3c00;  // finite in both (bf16 2^-7, fp16 1.0)
-  auto q = std::make_shared<TensorView>(view(buf->alloc(size_t(req.batch * req.heads * req.lq * req.head_dim) * e, one_ish),
+  auto q = std::make_shared<TensorView>(contiguous_view(alloc(size_t(req.batch * req.heads * req.lq * req.head_dim) * e, one_ish),
                                              req.dtype, {req.batch, req.heads, req.lq, req.head_dim}));
-  auto out = std::make_shared<TensorView>(view(buf->alloc(size_t(req.batch * req.heads * req.lq * req.head_dim_v) * e, 0),
+  auto out = std::make_shared<TensorView>(contiguous_view(alloc(size_t(req.batch * req.heads * req.lq * req.head_dim_v) * e, 0),
                                                req.dtype, {req.batch, req.heads, req.lq, req.head_dim_v}));
   auto k = std::make_shared<TensorView>(), v = std::make_shared<TensorView>();
   auto table = std::make_shared<TensorView>(), lens = std::make_shared<TensorView>();
   if (req.paged) {
     const int64_t pages = (lkv + req.page_size - 1) / req.page_size, num = req.batch * pages;
-    *k = view(buf->alloc(size_t(num * req.page_size * req.kv_heads * req.head_dim) * e, one_ish), req.dtype,
+    *k = contiguous_view(alloc(size_t(num * req.page_size * req.kv_heads * req.head_dim) * e, one_ish), req.dtype,
               {num, req.page_size, req.kv_heads, req.head_dim});
-    *v = view(buf->alloc(size_t(num * req.page_size * req.kv_heads * req.head_dim_v) * e, one_ish), req.dtype,
+    *v = contiguous_view(alloc(size_t(num * req.page_size * req.kv_heads * req.head_dim_v) * e, one_ish), req.dtype,
               {num, req.page_size, req.kv_heads, req.head_dim_v});
     std::vector<int> host_table(static_cast<size_t>(num));
     for (size_t i = 0; i < host_table.size(); ++i) host_table[i] = int((i * 7919) % host_table.size());  // permuted
     std::vector<int> host_lens(static_cast<size_t>(req.batch), static_cast<int>(lkv));
-    void* dt = buf->alloc(host_table.size() * 4, 0);
-    void* dl = buf->alloc(host_lens.size() * 4, 0);
+    void* dt = alloc(host_table.size() * 4, 0);
+    void* dl = alloc(host_lens.size() * 4, 0);
     cuda_copy_to_device(dt, host_table.data(), host_table.size() * 4);
     cuda_copy_to_device(dl, host_lens.data(), host_lens.size() * 4);
-    *table = view(dt, DType::I32, {req.batch, pages});
-    *lens = view(dl, DType::I32, {req.batch});
+    *table = contiguous_view(dt, DType::I32, {req.batch, pages});
+    *lens = contiguous_view(dl, DType::I32, {req.batch});
   } else {
-    *k = view(buf->alloc(size_t(req.batch * req.kv_heads * lkv * req.head_dim) * e, one_ish), req.dtype,
+    *k = contiguous_view(alloc(size_t(req.batch * req.kv_heads * lkv * req.head_dim) * e, one_ish), req.dtype,
               {req.batch, req.kv_heads, lkv, req.head_dim});
-    *v = view(buf->alloc(size_t(req.batch * req.kv_heads * lkv * req.head_dim_v) * e, one_ish), req.dtype,
+    *v = contiguous_view(alloc(size_t(req.batch * req.kv_heads * lkv * req.head_dim_v) * e, one_ish), req.dtype,
               {req.batch, req.kv_heads, lkv, req.head_dim_v});
   }
   return [=](int block_n, int64_t partition_size) -> double {
@@ -230,11 +208,8 @@ CudaCandidateTimer cuda_decode_timer(const CudaTuneRequest& req, const CudaDevic
     opt.block_n = block_n;
     opt.partition_size = partition_size;
     CudaDecodePlan plan = plan_cuda_decode(*q, kv, *out, nullptr, ModSet{}, ModBindings{}, nullptr, opt, dev, nullptr);
-    void* ws = plan.workspace_bytes ? cuda_alloc(plan.workspace_bytes) : nullptr;
-    std::unique_ptr<void, void (*)(void*)> ws_guard(ws, [](void* p) {
-      if (p) cuda_free(p);
-    });
-    set_cuda_decode_workspace(plan, ws);
+    CudaAllocations ws;
+    set_cuda_decode_workspace(plan, plan.workspace_bytes ? ws.alloc(plan.workspace_bytes) : nullptr);
     const ModSet none;
     run_cuda_decode(plan, none, nullptr);  // compile, load, warm up
     cuda_synchronize();

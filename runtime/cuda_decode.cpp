@@ -82,16 +82,6 @@ jit::KernelSpec cuda_decode_kernel_spec(DType dtype, int head_dim, int head_dim_
   return s;
 }
 
-CudaDeviceInfo cuda_device_info_for_arch(const std::string& arch) {
-  CudaDeviceInfo d;
-  d.arch = arch;
-  d.sm_count = 132;
-  if (arch == "sm_80" || arch == "sm_87") d.max_smem_optin = 166912;
-  else if (arch == "sm_86" || arch == "sm_89" || arch == "sm_120" || arch == "sm_121") d.max_smem_optin = 101376;
-  else d.max_smem_optin = 232448;  // sm_90, sm_100, sm_103
-  return d;
-}
-
 CudaDecodePlan plan_cuda_decode(const TensorView& q, const CudaDecodeKv& kv, const TensorView& out,
                                 const TensorView* lse, const ModSet& mods, const ModBindings& bind,
                                 const FlexBlockMaskArgs* mask, const AttentionOptions& opt,

@@ -59,11 +59,6 @@ jit::KernelSpec cuda_decode_kernel_spec(DType dtype, int head_dim, int head_dim_
 runtime::TuningBucket cuda_decode_bucket(DType dtype, int head_dim, int head_dim_v, int gqa_group, int64_t lq,
                                          int64_t lkv, int64_t work, bool paged, const CudaDeviceInfo& dev);
 
-// What the planners assume of a GPU known only by its arch (cache warm for a fleet): the opt-in
-// shared memory per block of that generation (sm_80 163 KiB, sm_86 / sm_89 / sm_120 99 KiB,
-// sm_90 / sm_100 227 KiB) and 132 SMs.
-CudaDeviceInfo cuda_device_info_for_arch(const std::string& arch);
-
 // q [B, Hq, Lq, D] with Lq in 1..16, out [B, Hq, Lq, Dv], lse [B, Hq, Lq] fp32 or null; bf16 or
 // fp16; the last dim contiguous and rows 16-byte aligned. `mask`: a BlockMask on the device with
 // one q-block holding the Lq rows (paged: built over absolute positions, runtime/block_mask.h

@@ -248,6 +248,24 @@ void cuda_copy_to_device(void* dst, const void* src, size_t bytes) {
 void cuda_copy_to_host(void* dst, const void* src, size_t bytes) {
   check(need().memcpy_dtoh(dst, reinterpret_cast<CUdeviceptr>(src), bytes), "cuMemcpyDtoH");
 }
+CudaAllocations::~CudaAllocations() {
+  for (void* p : blocks_) try {
+      cuda_free(p);
+    } catch (const std::exception&) {
+    }
+}
+void* CudaAllocations::alloc(size_t bytes) {
+  blocks_.push_back(cuda_alloc(bytes));
+  return blocks_.back();
+}
+TensorView CudaAllocations::upload(const TensorView& host) {
+  TensorView d = host;
+  const size_t bytes = size_t(host.numel()) * size_t(dtype_size(host.dtype));
+  d.data = alloc(bytes);
+  cuda_copy_to_device(d.data, host.data, bytes);
+  return d;
+}
+
 void cuda_copy_device_to_device(void* dst, const void* src, size_t bytes) {
   check(need().memcpy_dtod(reinterpret_cast<CUdeviceptr>(dst), reinterpret_cast<CUdeviceptr>(src), bytes),
         "cuMemcpyDtoD");

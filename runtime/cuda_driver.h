@@ -4,6 +4,9 @@
 #pragma once
 
 #include <string>
+#include <vector>
+
+#include "jit/types.h"
 
 namespace flexjit {
 
@@ -50,7 +53,8 @@ void* cuda_load_function(const std::string& key, const std::string& cubin, const
 void cuda_launch(void* fn, const unsigned grid[3], unsigned threads, int smem_bytes, void* stream,
                  void* params);
 
-// Plain device memory, for the self-test (torch owns memory in the torch layer).
+// Plain device memory, for the CLI, the self-test, the bench and the tuner (torch owns memory in
+// the torch layer).
 void* cuda_alloc(size_t bytes);
 void cuda_free(void* p);
 void cuda_copy_to_device(void* dst, const void* src, size_t bytes);
@@ -58,5 +62,21 @@ void cuda_copy_to_host(void* dst, const void* src, size_t bytes);
 void cuda_copy_device_to_device(void* dst, const void* src, size_t bytes);  // on the default stream
 void cuda_fill_u16(void* dst, unsigned short value, size_t count);          // count 16-bit elements
 void cuda_synchronize();  // the current context; throws the error of an earlier launch
+
+// Device allocations freed together when this goes (errors while freeing are swallowed: it is a
+// destructor, often on an error path).
+class CudaAllocations {
+ public:
+  CudaAllocations() = default;
+  CudaAllocations(const CudaAllocations&) = delete;
+  CudaAllocations& operator=(const CudaAllocations&) = delete;
+  ~CudaAllocations();
+  void* alloc(size_t bytes);
+  // A device copy of a contiguous host view, with its sizes and strides.
+  TensorView upload(const TensorView& host);
+
+ private:
+  std::vector<void*> blocks_;
+};
 
 }  // namespace flexjit

@@ -22,6 +22,11 @@ struct CudaDeviceInfo {
   int max_smem_optin = 232448;  // dynamic shared memory a block may opt in to (bytes)
   int sm_count = 132;
 };
+// What the planners assume of a GPU known only by its arch (cache warm for a fleet): the opt-in
+// shared memory per block of that generation (sm_80 163 KiB, sm_86 / sm_89 / sm_120 99 KiB,
+// sm_90 / sm_100 227 KiB) and 132 SMs.
+CudaDeviceInfo cuda_device_info_for_arch(const std::string& arch);
+
 // The planners' view of a device the driver describes.
 inline CudaDeviceInfo cuda_device_info(const CudaDeviceProps& p) {
   CudaDeviceInfo d;

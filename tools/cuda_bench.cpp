@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <fstream>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -48,20 +49,6 @@ double time_ms(const std::function<void()>& call, int calls = 10) {
   return median(reps);
 }
 
-TensorView dev_view(void* data, DType dt, std::vector<int64_t> sizes) {
-  TensorView t;
-  t.data = data;
-  t.dtype = dt;
-  t.rank = int(sizes.size());
-  int64_t stride = 1;
-  for (int d = t.rank - 1; d >= 0; --d) {
-    t.sizes[d] = sizes[size_t(d)];
-    t.strides[d] = stride;
-    stride *= sizes[size_t(d)];
-  }
-  return t;
-}
-
 std::string json_escape(const std::string& s) {
   std::string o;
   for (char c : s) o += c == '"' ? std::string("\\\"") : std::string(1, c);
@@ -87,13 +74,13 @@ int main(int argc, char** argv) {
 
   // ---- the copy ceiling ----
   const size_t copy_bytes = size_t(1) << 30;
-  void* a = cuda_alloc(copy_bytes);
-  void* b = cuda_alloc(copy_bytes);
+  auto copy_mem = std::make_unique<CudaAllocations>();
+  void* a = copy_mem->alloc(copy_bytes);
+  void* b = copy_mem->alloc(copy_bytes);
   cuda_fill_u16(a, 0x3c00, copy_bytes / 2);
   const double copy_ms = time_ms([&] { cuda_copy_device_to_device(b, a, copy_bytes); });
   const double copy_gbs = 2.0 * double(copy_bytes) / (copy_ms * 1e6);  // read + write
-  cuda_free(a);
-  cuda_free(b);
+  copy_mem.reset();
   std::printf("  device-to-device copy: %.0f GB/s (bytes read + written per second, 1 GiB)\n", copy_gbs);
   json += ",\n  \"copy_gbs\": " + std::to_string(copy_gbs);
 
@@ -106,8 +93,9 @@ int main(int argc, char** argv) {
   for (int64_t B : batches)
     for (int64_t L : lens) max_tokens = std::max(max_tokens, B * L);
   const size_t kv_elems = size_t(max_tokens) * size_t(Hkv * D);
-  void* kbuf = cuda_alloc(kv_elems * 2);
-  void* vbuf = cuda_alloc(kv_elems * 2);
+  auto kv_mem = std::make_unique<CudaAllocations>();
+  void* kbuf = kv_mem->alloc(kv_elems * 2);
+  void* vbuf = kv_mem->alloc(kv_elems * 2);
   cuda_fill_u16(kbuf, 0x3c00, kv_elems);  // bf16 2^-7: finite values
   cuda_fill_u16(vbuf, 0x3c00, kv_elems);
   json += ",\n  \"decode\": [";
@@ -119,33 +107,34 @@ int main(int argc, char** argv) {
     for (int64_t L : lens)
       for (bool paged : {false, true}) {
         const int64_t page = 16;
-        void* q = cuda_alloc(size_t(B * Hq * D) * 2);
-        void* out = cuda_alloc(size_t(B * Hq * D) * 2);
+        CudaAllocations mem;  // this case's
+        void* q = mem.alloc(size_t(B * Hq * D) * 2);
+        void* out = mem.alloc(size_t(B * Hq * D) * 2);
         cuda_fill_u16(q, 0x3c00, size_t(B * Hq * D));
-        TensorView qv = dev_view(q, DType::BF16, {B, Hq, 1, D}), ov = dev_view(out, DType::BF16, {B, Hq, 1, D});
+        TensorView qv = contiguous_view(q, DType::BF16, {B, Hq, 1, D}), ov = contiguous_view(out, DType::BF16, {B, Hq, 1, D});
         TensorView kv_k, kv_v, table, seq;
         void* dtable = nullptr;
         void* dseq = nullptr;
         CudaDecodeKv kv;
         if (paged) {
           const int64_t pages = L / page, num_pages = B * pages;
-          kv_k = dev_view(kbuf, DType::BF16, {num_pages, page, Hkv, D});
-          kv_v = dev_view(vbuf, DType::BF16, {num_pages, page, Hkv, D});
+          kv_k = contiguous_view(kbuf, DType::BF16, {num_pages, page, Hkv, D});
+          kv_v = contiguous_view(vbuf, DType::BF16, {num_pages, page, Hkv, D});
           std::vector<int> host_table(static_cast<size_t>(B * pages));
           std::vector<int> host_seq(static_cast<size_t>(B), static_cast<int>(L));
           for (size_t i = 0; i < host_table.size(); ++i) host_table[i] = int((i * 7919) % host_table.size());
-          dtable = cuda_alloc(host_table.size() * 4);
-          dseq = cuda_alloc(host_seq.size() * 4);
+          dtable = mem.alloc(host_table.size() * 4);
+          dseq = mem.alloc(host_seq.size() * 4);
           cuda_copy_to_device(dtable, host_table.data(), host_table.size() * 4);
           cuda_copy_to_device(dseq, host_seq.data(), host_seq.size() * 4);
-          table = dev_view(dtable, DType::I32, {B, pages});
-          seq = dev_view(dseq, DType::I32, {B});
+          table = contiguous_view(dtable, DType::I32, {B, pages});
+          seq = contiguous_view(dseq, DType::I32, {B});
           kv.block_table = &table;
           kv.seq_lens = &seq;
           kv.max_seq_len = L;
         } else {
-          kv_k = dev_view(kbuf, DType::BF16, {B, Hkv, L, D});
-          kv_v = dev_view(vbuf, DType::BF16, {B, Hkv, L, D});
+          kv_k = contiguous_view(kbuf, DType::BF16, {B, Hkv, L, D});
+          kv_v = contiguous_view(vbuf, DType::BF16, {B, Hkv, L, D});
         }
         kv.k = &kv_k;
         kv.v = &kv_v;
@@ -154,8 +143,7 @@ int main(int argc, char** argv) {
         char line[512];
         try {
           CudaDecodePlan plan = plan_cuda_decode(qv, kv, ov, nullptr, ModSet{}, ModBindings{}, nullptr, opt, dev, nullptr);
-          void* ws = plan.workspace_bytes ? cuda_alloc(plan.workspace_bytes) : nullptr;
-          set_cuda_decode_workspace(plan, ws);
+          set_cuda_decode_workspace(plan, plan.workspace_bytes ? mem.alloc(plan.workspace_bytes) : nullptr);
           const ModSet none;
           const double ms = time_ms([&] { run_cuda_decode(plan, none, nullptr); });
           const double bytes = 2.0 * double(B * L * Hkv * D) * 2;
@@ -168,21 +156,15 @@ int main(int argc, char** argv) {
                   ", \"partitions\": " + std::to_string(plan.num_partitions) + ", \"plan\": \"" +
                   json_escape(plan.describe()) + "\"}";
           first = false;
-          if (ws) cuda_free(ws);
         } catch (const std::exception& e) {
           std::snprintf(line, sizeof line, "    %-6lld %-8lld %-11s FAILED: %s", (long long)B, (long long)L,
                         paged ? "paged16" : "contiguous", e.what());
         }
         std::printf("%s\n", line);
         std::fflush(stdout);
-        cuda_free(q);
-        cuda_free(out);
-        if (dtable) cuda_free(dtable);
-        if (dseq) cuda_free(dseq);
       }
   json += "\n  ]";
-  cuda_free(kbuf);
-  cuda_free(vbuf);
+  kv_mem.reset();
 
   // ---- prefill: bf16 D 128, 128 heads ----
   json += ",\n  \"prefill\": [";
@@ -194,17 +176,17 @@ int main(int argc, char** argv) {
     for (const std::string mod : {"causal", "alibi"}) {
       const int64_t B = 8, H = 16;
       const size_t elems = size_t(B * H * L * D);
-      void* q = cuda_alloc(elems * 2);
-      void* k = cuda_alloc(elems * 2);
-      void* v = cuda_alloc(elems * 2);
-      void* o = cuda_alloc(elems * 2);
+      CudaAllocations mem;  // this case's
+      void* q = mem.alloc(elems * 2);
+      void* k = mem.alloc(elems * 2);
+      void* v = mem.alloc(elems * 2);
+      void* o = mem.alloc(elems * 2);
       for (void* p : {q, k, v}) cuda_fill_u16(p, 0x3c00, elems);
-      TensorView qv = dev_view(q, DType::BF16, {B, H, L, D}), kvv = dev_view(k, DType::BF16, {B, H, L, D}),
-                 vv = dev_view(v, DType::BF16, {B, H, L, D}), ov = dev_view(o, DType::BF16, {B, H, L, D});
+      TensorView qv = contiguous_view(q, DType::BF16, {B, H, L, D}), kvv = contiguous_view(k, DType::BF16, {B, H, L, D}),
+                 vv = contiguous_view(v, DType::BF16, {B, H, L, D}), ov = contiguous_view(o, DType::BF16, {B, H, L, D});
       ModSet mods;
       ModBindings bind;
       std::vector<OwnedTensor> storage;
-      std::vector<void*> extra;
       FlexBlockMaskArgs mask{};
       const FlexBlockMaskArgs* mp = nullptr;
       if (mod == "alibi") {
@@ -216,9 +198,8 @@ int main(int argc, char** argv) {
         bind = t.bindings;
         for (auto& [name, view] : bind.buffers) {  // the slopes, on the device
           const size_t bytes = size_t(view.numel()) * dtype_size(view.dtype);
-          void* d = cuda_alloc(bytes);
+          void* d = mem.alloc(bytes);
           cuda_copy_to_device(d, view.data, bytes);
-          extra.push_back(d);
           view.data = d;
         }
       } else {
@@ -236,9 +217,8 @@ int main(int argc, char** argv) {
           for (int64_t j = 0; j < i; ++j) fidx[size_t(i * nb + j)] = int(j);
         }
         auto put = [&](const std::vector<int>& h) {
-          void* d = cuda_alloc(h.size() * 4);
+          void* d = mem.alloc(h.size() * 4);
           cuda_copy_to_device(d, h.data(), h.size() * 4);
-          extra.push_back(d);
           return static_cast<const int*>(d);
         };
         mask.kv_num_blocks = put(num);
@@ -274,8 +254,6 @@ int main(int argc, char** argv) {
         std::printf("%s\n", line);
         std::fflush(stdout);
       }
-      for (void* p : {q, k, v, o}) cuda_free(p);
-      for (void* p : extra) cuda_free(p);
     }
   json += "\n  ]\n}\n";
   std::ofstream(json_path) << json;

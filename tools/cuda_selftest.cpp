@@ -26,32 +26,10 @@ namespace {
 
 using namespace flexjit;
 
-// Device copies of one case's host tensors, freed with it.
-struct DeviceCopies {
-  std::vector<void*> blocks;
-  DeviceCopies() = default;
-  DeviceCopies(const DeviceCopies&) = delete;
-  DeviceCopies& operator=(const DeviceCopies&) = delete;
-  ~DeviceCopies() {
-    for (void* p : blocks) cuda_free(p);
-  }
-  void* alloc(size_t bytes) {
-    blocks.push_back(cuda_alloc(bytes));
-    return blocks.back();
-  }
-  TensorView copy(const TensorView& h) {  // h contiguous
-    TensorView d = h;
-    const size_t bytes = size_t(h.numel()) * dtype_size(h.dtype);
-    d.data = alloc(bytes);
-    cuda_copy_to_device(d.data, h.data, bytes);
-    return d;
-  }
-};
-
 // A registered mod (or "all_masked": a mask_mod keeping nothing) with its example buffers for
 // `shape` bound on the host (*host) and on the device (*dev).
 ModSet case_mods(const std::string& name, const ShapeInfo& shape, std::vector<OwnedTensor>* storage,
-                 ModBindings* host, ModBindings* dev, DeviceCopies* mem) {
+                 ModBindings* host, ModBindings* dev, CudaAllocations* mem) {
   ModSet mods;
   if (name == "all_masked") {
     mods.mask_mod = ir::binary(ir::Op::Gt, ir::variable(ir::Var::KvIdx),
@@ -63,7 +41,7 @@ ModSet case_mods(const std::string& name, const ShapeInfo& shape, std::vector<Ow
     *host = t.bindings;
   }
   *dev = *host;
-  for (auto& [n, view] : dev->buffers) view = mem->copy(view);
+  for (auto& [n, view] : dev->buffers) view = mem->upload(view);
   return mods;
 }
 
@@ -103,11 +81,11 @@ bool gpu_case(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lkv, int64
   fill_random(v.view, 3 + D);
   ModBindings host_bind, dev_bind;
   std::vector<OwnedTensor> storage;
-  DeviceCopies mem;
+  CudaAllocations mem;
   const std::string label = mod_name.empty() ? "none" : mod_name;
   const ModSet mods = case_mods(mod_name, shape, &storage, &host_bind, &dev_bind, &mem);
-  TensorView dq = mem.copy(q.view), dk = mem.copy(k.view), dv = mem.copy(v.view);
-  TensorView dout = mem.copy(out.view), dlse = mem.copy(lse.view);
+  TensorView dq = mem.upload(q.view), dk = mem.upload(k.view), dv = mem.upload(v.view);
+  TensorView dout = mem.upload(out.view), dlse = mem.upload(lse.view);
   AttentionOptions opt;
   opt.enable_gqa = Hq != Hkv;
   const CudaDeviceInfo dev = cuda_device_info(props);
@@ -173,10 +151,10 @@ bool gpu_decode_case(int64_t Hq, int64_t Hkv, int64_t Lq, const std::vector<int6
   fill_random(v.view, 7 + D);
   ModBindings host_bind, dev_bind;
   std::vector<OwnedTensor> storage;
-  DeviceCopies mem;
+  CudaAllocations mem;
   const ModSet mods = case_mods(mod_name, shape, &storage, &host_bind, &dev_bind, &mem);
-  TensorView dq = mem.copy(q.view), dk = mem.copy(k.view), dv = mem.copy(v.view);
-  TensorView dout = mem.copy(out.view), dlse = mem.copy(lse.view);
+  TensorView dq = mem.upload(q.view), dk = mem.upload(k.view), dv = mem.upload(v.view);
+  TensorView dout = mem.upload(out.view), dlse = mem.upload(lse.view);
   TensorView dtable, dseq;
   int* dflag = static_cast<int*>(mem.alloc(4));
   const int zero = 0;
@@ -185,8 +163,8 @@ bool gpu_decode_case(int64_t Hq, int64_t Hkv, int64_t Lq, const std::vector<int6
   kv.k = &dk;
   kv.v = &dv;
   if (paged) {
-    dtable = mem.copy(table.view);
-    dseq = mem.copy(seq.view);
+    dtable = mem.upload(table.view);
+    dseq = mem.upload(seq.view);
     kv.block_table = &dtable;
     kv.seq_lens = &dseq;
     kv.max_seq_len = max_len;

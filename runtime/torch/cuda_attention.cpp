@@ -22,9 +22,8 @@
 #include "score_mods/registry.h"
 
 namespace flexjit {
-namespace {
 
-DType cuda_dtype_of(const at::Tensor& t, const std::string& name) {
+DType dtype_of(const at::Tensor& t, const std::string& name) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::F32;
     case at::kBFloat16: return DType::BF16;
@@ -32,11 +31,14 @@ DType cuda_dtype_of(const at::Tensor& t, const std::string& name) {
     case at::kDouble: return DType::F64;
     case at::kInt: return DType::I32;
     case at::kLong: return DType::I64;
+    case at::kBool: return DType::Bool;
     default: break;
   }
   throw Error(name + " has dtype " + std::string(c10::toString(t.scalar_type())) +
-              "; flexjit takes bfloat16 / float16 q, k, v on CUDA and float / int32 / int64 buffers");
+              "; flexjit takes float32, bfloat16, float16 (q/k/v) and float/int32/int64 buffers");
 }
+
+namespace {
 
 std::string shape_of(const at::Tensor& t) {
   std::string s = "[";
@@ -235,7 +237,11 @@ TensorView cuda_view_of(const at::Tensor& t, const std::string& name) {
   if (t.dim() > 4) throw Error(name + " has " + std::to_string(t.dim()) + " dims; at most 4 are supported");
   TensorView v;
   v.data = t.data_ptr();
-  v.dtype = cuda_dtype_of(t, name);
+  // Bool tensors (a mod's masks) are passed as int32 by the callers, as on the CPU.
+  if (t.scalar_type() == at::kBool)
+    throw Error(name + " has dtype Bool; a CUDA view takes float32, bfloat16, float16, int32 or int64 (convert with "
+                ".to(torch.int32))");
+  v.dtype = dtype_of(t, name);
   v.rank = int(t.dim());
   for (int i = 0; i < v.rank; ++i) {
     v.sizes[i] = t.size(i);

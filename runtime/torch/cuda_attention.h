@@ -16,6 +16,11 @@
 
 namespace flexjit {
 
+// A tensor's element type as flexjit's DType (float32 / 64, bfloat16, float16, int32 / 64, bool);
+// throws flexjit::Error naming `name` and what flexjit takes otherwise. Shared by the CPU and CUDA
+// views.
+DType dtype_of(const at::Tensor& t, const std::string& name);
+
 // A strided view of a tensor on a CUDA device: data is a device pointer, never read on the host.
 // Throws flexjit::Error for other devices, more than 4 dims or an unsupported dtype.
 TensorView cuda_view_of(const at::Tensor& t, const std::string& name);

@@ -14,21 +14,6 @@
 namespace flexjit {
 namespace {
 
-DType dtype_of(const at::Tensor& t, const std::string& name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::F32;
-    case at::kBFloat16: return DType::BF16;
-    case at::kHalf: return DType::F16;
-    case at::kDouble: return DType::F64;
-    case at::kInt: return DType::I32;
-    case at::kLong: return DType::I64;
-    case at::kBool: return DType::Bool;
-    default: break;
-  }
-  throw Error(name + " has dtype " + std::string(c10::toString(t.scalar_type())) +
-              "; flexjit takes float32, bfloat16, float16 (q/k/v) and float/int32/int64 buffers");
-}
-
 // A mod's tensors may be on the CPU or a CUDA device (flex_attention runs on either); the CPU
 // paths check with require_host_mod, the CUDA branch with device_bindings.
 TensorView any_view_of(const at::Tensor& t, const std::string& name) {

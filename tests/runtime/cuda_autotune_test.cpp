@@ -15,19 +15,9 @@ namespace {
 
 alignas(16) unsigned char g_fake[64];
 
-TensorView view(DType dt, std::vector<int64_t> sizes) {
-  TensorView t;
-  t.data = g_fake;
-  t.dtype = dt;
-  t.rank = int(sizes.size());
-  int64_t stride = 1;
-  for (int d = t.rank - 1; d >= 0; --d) t.sizes[d] = sizes[size_t(d)], t.strides[d] = stride, stride *= t.sizes[d];
-  return t;
-}
-
 CudaDecodePlan plan_for(const CudaDeviceInfo& dev, int64_t lkv, bool use_tuning = true) {
-  const TensorView q = view(DType::BF16, {1, 32, 1, 128}), out = q;
-  const TensorView k = view(DType::BF16, {1, 8, lkv, 128}), v = k;
+  const TensorView q = contiguous_view(g_fake, DType::BF16, {1, 32, 1, 128}), out = q;
+  const TensorView k = contiguous_view(g_fake, DType::BF16, {1, 8, lkv, 128}), v = k;
   CudaDecodeKv kv;
   kv.k = &k;
   kv.v = &v;

@@ -56,7 +56,7 @@ struct WarpOp {
   int num = 0, dtype = 0;
   bool trans = false;
   const void* addr[32];
-  unsigned a[32][4], b[32][2], val[32], member_mask[32];
+  unsigned a[32][4], b[32][2], val[32];
   float c[32][4];
   int lane_mask[32];
 };
@@ -329,7 +329,6 @@ unsigned fjemu_shfl_xor(unsigned member_mask, unsigned value, int lane_mask) {
   WarpOp& w = join(Op::Shfl);
   w.val[lane] = value;
   w.lane_mask[lane] = lane_mask;
-  w.member_mask[lane] = member_mask;
   arrive(w, [&] {
     const unsigned first = me.tid / 32 * 32;
     for (unsigned l = 0; l < 32; ++l) s.lanes[first + l].out[0] = w.val[l ^ static_cast<unsigned>(w.lane_mask[l])];
