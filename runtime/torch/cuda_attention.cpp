@@ -89,30 +89,12 @@ at::Tensor kernel_layout(const at::Tensor& t) {
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
+// The CUDA kernels' options: the shared parse, with the CPU matmul engines refused.
 AttentionOptions cuda_options(const FlexOptions& o) {
-  AttentionOptions opt;
-  opt.scale = o.scale;
-  opt.enable_gqa = o.enable_gqa;
-  for (const auto& [n, val] : o.kernel_options) {
-    if (n == "BLOCK_M") opt.block_m = int(val);
-    else if (n == "BLOCK_N") opt.block_n = int(val);
-    else if (n == "USE_AMX" || n == "USE_DPBF16") {
-      if (val == 1)
-        throw Error("flex_attention: kernel option " + n + "=1 asks for a CPU matmul engine, but q is on CUDA "
-                    "(tensor cores, mma.sync); drop the option");
-      if (val != 0) throw Error("kernel option " + n + " must be 0 or 1, got " + std::to_string(val));
-    } else if (n == "PARTITION_SIZE") {
-      if (val < 0) throw Error("kernel option PARTITION_SIZE must be >= 0 (0: the cost model), got " + std::to_string(val));
-      opt.partition_size = val;
-    } else if (n == "FORCE_USE_FLEX_ATTENTION") {
-      if (val != 0 && val != 1)
-        throw Error("kernel option FORCE_USE_FLEX_ATTENTION must be 0 or 1, got " + std::to_string(val));
-      opt.force_prefill = val == 1;
-    } else {
-      throw Error("unknown kernel option '" + n +
-                  "'; known: BLOCK_M, BLOCK_N, USE_AMX, USE_DPBF16, PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION");
-    }
-  }
+  AttentionOptions opt = kernel_options_of(o);
+  if (opt.use_amx == 1 || opt.use_dpbf16 == 1)
+    throw Error(std::string("flex_attention: kernel option ") + (opt.use_amx == 1 ? "USE_AMX" : "USE_DPBF16") +
+                "=1 asks for a CPU matmul engine, but q is on CUDA (tensor cores, mma.sync); drop the option");
   return opt;
 }
 
@@ -230,6 +212,36 @@ bool check_requested() {
 }
 
 }  // namespace
+
+AttentionOptions kernel_options_of(const FlexOptions& o) {
+  AttentionOptions opt;
+  opt.scale = o.scale;
+  opt.enable_gqa = o.enable_gqa;
+  for (const auto& [n, val] : o.kernel_options) {
+    if (n == "BLOCK_M") opt.block_m = int(val);
+    else if (n == "BLOCK_N") opt.block_n = int(val);
+    else if (n == "USE_AMX") {
+      if (val != 0 && val != 1) throw Error("kernel option USE_AMX must be 0 or 1, got " + std::to_string(val));
+      opt.use_amx = int(val);
+    } else if (n == "USE_DPBF16") {
+      if (val != 0 && val != 1) throw Error("kernel option USE_DPBF16 must be 0 or 1, got " + std::to_string(val));
+      opt.use_dpbf16 = int(val);
+    } else if (n == "PARTITION_SIZE") {
+      if (val < 0)
+        throw Error("kernel option PARTITION_SIZE must be >= 0 (keys per decode partition; 0 = tuned), got " +
+                    std::to_string(val));
+      opt.partition_size = val;
+    } else if (n == "FORCE_USE_FLEX_ATTENTION") {
+      if (val != 0 && val != 1)
+        throw Error("kernel option FORCE_USE_FLEX_ATTENTION must be 0 or 1, got " + std::to_string(val));
+      opt.force_prefill = val == 1;
+    } else {
+      throw Error("unknown kernel option '" + n +
+                  "'; known: BLOCK_M, BLOCK_N, USE_AMX, USE_DPBF16, PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION");
+    }
+  }
+  return opt;
+}
 
 TensorView cuda_view_of(const at::Tensor& t, const std::string& name) {
   if (!t.defined()) throw Error(name + " is an undefined tensor");

@@ -21,6 +21,11 @@ namespace flexjit {
 // views.
 DType dtype_of(const at::Tensor& t, const std::string& name);
 
+// FlexOptions' scale, enable_gqa and kernel_options (BLOCK_M, BLOCK_N, USE_AMX, USE_DPBF16,
+// PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION) as AttentionOptions; throws flexjit::Error for an
+// unknown option or a bad value. The CPU and CUDA paths add what is their own.
+AttentionOptions kernel_options_of(const FlexOptions& o);
+
 // A strided view of a tensor on a CUDA device: data is a device pointer, never read on the host.
 // Throws flexjit::Error for other devices, more than 4 dims or an unsupported dtype.
 TensorView cuda_view_of(const at::Tensor& t, const std::string& name);

@@ -136,9 +136,7 @@ const jit::Executor* compile_executor() {
 
 // The runtime's options from the torch layer's: threading and the kernel options by name.
 AttentionOptions attention_options(const FlexOptions& o) {
-  AttentionOptions opt;
-  opt.scale = o.scale;
-  opt.enable_gqa = o.enable_gqa;
+  AttentionOptions opt = kernel_options_of(o);
   // The kernel runs on torch's intra-op pool (at::parallel_for: torch.set_num_threads applies, and
   // no second pool competes with it), unless the caller asks for a thread count of its own (TBB).
   if (o.num_threads > 0) {
@@ -146,29 +144,6 @@ AttentionOptions attention_options(const FlexOptions& o) {
   } else {
     opt.num_threads = at::get_num_threads();  // what the planner splits decode work for (and its tuning bucket)
     opt.parallel_for = torch_parallel_for;
-  }
-  for (const auto& [n, val] : o.kernel_options) {
-    if (n == "BLOCK_M") opt.block_m = int(val);
-    else if (n == "BLOCK_N") opt.block_n = int(val);
-    else if (n == "USE_AMX") {
-      if (val != 0 && val != 1) throw Error("kernel option USE_AMX must be 0 or 1, got " + std::to_string(val));
-      opt.use_amx = int(val);
-    } else if (n == "USE_DPBF16") {
-      if (val != 0 && val != 1) throw Error("kernel option USE_DPBF16 must be 0 or 1, got " + std::to_string(val));
-      opt.use_dpbf16 = int(val);
-    } else if (n == "PARTITION_SIZE") {
-      if (val < 0)
-        throw Error("kernel option PARTITION_SIZE must be >= 0 (keys per decode partition; 0 = tuned), got " +
-                    std::to_string(val));
-      opt.partition_size = val;
-    } else if (n == "FORCE_USE_FLEX_ATTENTION") {
-      if (val != 0 && val != 1)
-        throw Error("kernel option FORCE_USE_FLEX_ATTENTION must be 0 or 1, got " + std::to_string(val));
-      opt.force_prefill = val == 1;
-    } else {
-      throw Error("unknown kernel option '" + n +
-                  "'; known: BLOCK_M, BLOCK_N, USE_AMX, USE_DPBF16, PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION");
-    }
   }
   return opt;
 }
