@@ -215,6 +215,9 @@ AttentionOptions attention_options(const RunArgs& a) {
     } else if (name == "USE_DPBF16") {
       if (value != "0" && value != "1") throw Error("--kernel-option USE_DPBF16 must be 0 or 1, got '" + value + "'");
       opt.use_dpbf16 = value == "1" ? 1 : 0;
+    } else if (name == "USE_WGMMA") {
+      if (value != "0" && value != "1") throw Error("--kernel-option USE_WGMMA must be 0 or 1, got '" + value + "'");
+      opt.use_wgmma = value == "1" ? 1 : 0;
     } else if (name == "PARTITION_SIZE") {
       opt.partition_size = parse_positive("--kernel-option PARTITION_SIZE", value);
     } else if (name == "FORCE_USE_FLEX_ATTENTION") {
@@ -223,7 +226,8 @@ AttentionOptions attention_options(const RunArgs& a) {
       opt.force_prefill = value == "1";
     } else {
       throw Error("unknown --kernel-option " + name +
-                  "; known: BLOCK_M, BLOCK_N, USE_AMX, USE_DPBF16, PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION");
+                  "; known: BLOCK_M, BLOCK_N, USE_AMX, USE_DPBF16, PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION, "
+                  "USE_WGMMA (CUDA)");
     }
   }
 

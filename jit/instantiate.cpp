@@ -57,6 +57,7 @@ std::string spec_defines(const KernelSpec& s, const std::string& symbol) {
        << "#define GQA_GROUP " << s.gqa_group << "\n";
     if (is_cuda(s)) os << "#define FLEXJIT_KV_STAGES " << s.kv_stages << "\n";
     if (is_cuda(s) && s.kind == KernelKind::Prefill) os << "#define FLEXJIT_WARPS " << s.warps << "\n";
+    if (is_cuda(s) && s.engine == PrefillEngine::Wgmma) os << "#define FLEXJIT_WGMMA 1\n";
     if (is_cuda(s) && s.kind == KernelKind::Decode)
       os << "#define FLEXJIT_DECODE_WARPS " << s.warps << "\n"
          << "#define FLEXJIT_ENTRY_MERGE " << cuda_merge_symbol(symbol) << "\n";
@@ -74,9 +75,16 @@ std::string spec_defines(const KernelSpec& s, const std::string& symbol) {
 // A CPU Prefill TU is the shared item
 // code, one engine (the tile scratch and the matmuls) and the driver.
 std::vector<std::string> template_files(const KernelSpec& s) {
+  if (is_cuda(s) && s.kind == KernelKind::Decode)
+    return {"templates/mod_abi.h", "templates/cuda/abi.cuh", "templates/cuda/common.cuh", "templates/cuda/flash_block.cuh",
+            "templates/cuda/flash_decode.cuh"};
+  if (is_cuda(s) && s.engine == PrefillEngine::Wgmma)
+    return {"templates/mod_abi.h",           "templates/cuda/abi.cuh",          "templates/cuda/common.cuh",
+            "templates/cuda/wgmma.cuh",      "templates/cuda/flash_block.cuh",  "templates/cuda/prefill_walk.cuh",
+            "templates/cuda/flash_prefill_wgmma.cuh"};
   if (is_cuda(s))
     return {"templates/mod_abi.h", "templates/cuda/abi.cuh", "templates/cuda/common.cuh", "templates/cuda/flash_block.cuh",
-            s.kind == KernelKind::Decode ? "templates/cuda/flash_decode.cuh" : "templates/cuda/flash_prefill.cuh"};
+            "templates/cuda/prefill_walk.cuh", "templates/cuda/flash_prefill.cuh"};
   if (s.kind == KernelKind::Mods)
     return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/split.h", "templates/cpu/mods_local.h",
             "templates/cpu/mods.h"};
@@ -98,6 +106,8 @@ std::vector<std::string> template_files(const KernelSpec& s) {
 }
 
 int cuda_prefill_smem_bytes(const KernelSpec& s) {
+  if (s.engine == PrefillEngine::Wgmma)  // templates/cuda/flash_prefill_wgmma.cuh kSmemBytes: 1024 for alignment
+    return 1024 + 2 * (s.block_m * s.head_dim + s.kv_stages * s.block_n * (s.head_dim + s.head_dim_v));
   auto up16 = [](int x) { return (x + 15) / 16 * 16; };
   const int qs = up16(s.head_dim) + 8, ks = up16(s.head_dim) + 8, vs = up16(s.head_dim_v) + 8;
   return 2 * (s.block_m * qs + s.kv_stages * s.block_n * (ks + vs));
@@ -125,7 +135,9 @@ std::string KernelSpec::str() const {
     os << " " << dtype_name(dtype) << " HEAD_DIM=" << head_dim << " HEAD_DIM_V=" << head_dim_v
        << " BLOCK_M=" << block_m << " BLOCK_N=" << block_n << " GQA_GROUP=" << gqa_group
        << " ENGINE="
-       << (backend == Backend::Cuda ? "mma" : kind == KernelKind::Decode ? "dot" : engine_name(engine));
+       << (backend == Backend::Cuda ? (engine == PrefillEngine::Wgmma ? "wgmma" : "mma")
+           : kind == KernelKind::Decode ? "dot"
+                                        : engine_name(engine));
   if (backend == Backend::Cuda) os << " ARCH=" << arch << " KV_STAGES=" << kv_stages;
   if (backend == Backend::Cuda) os << " WARPS=" << warps;
   return os.str();
@@ -200,7 +212,14 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
          spec.engine != PrefillEngine::Fma))
       throw Error("CUDA decode: BLOCK_M 16, BLOCK_N a multiple of 16 in 16..128, 1..8 warps, KV stages 1 or 2, "
                   "the default engine; got " + spec.str());
-    if (spec.kind == KernelKind::Prefill && (spec.block_m % 16 != 0 || spec.block_m < 16 || spec.block_m > 128 || spec.block_n % 16 != 0 ||
+    if (spec.kind == KernelKind::Prefill && spec.engine == PrefillEngine::Wgmma &&
+        ((spec.block_m != 64 && spec.block_m != 128) || (spec.block_n != 64 && spec.block_n != 128) ||
+         spec.warps != spec.block_m / 16 || (spec.kv_stages != 1 && spec.kv_stages != 2) || spec.head_dim % 64 != 0 ||
+         spec.head_dim > 256 || (spec.head_dim_v != 64 && spec.head_dim_v != 128 && spec.head_dim_v != 256) ||
+         spec.arch != "sm_90a"))
+      throw Error("CUDA wgmma prefill: BLOCK_M 64 or 128 (4 warps per 64 rows), BLOCK_N 64 or 128, KV stages 1 or 2, "
+                  "D a multiple of 64 up to 256, Dv 64 / 128 / 256, arch sm_90a; got " + spec.str());
+    if (spec.kind == KernelKind::Prefill && spec.engine != PrefillEngine::Wgmma && (spec.block_m % 16 != 0 || spec.block_m < 16 || spec.block_m > 128 || spec.block_n % 16 != 0 ||
         spec.block_n < 16 || spec.block_n > 256 || (spec.kv_stages != 1 && spec.kv_stages != 2) ||
         spec.engine != PrefillEngine::Fma || spec.warps < 1 || spec.block_m % (16 * spec.warps) != 0 ||
         spec.block_m / (16 * spec.warps) > 2))
@@ -278,9 +297,12 @@ std::string make_source_with(const KernelSpec& spec, const ModSet& mods, const s
   }
   std::string src = spec_defines(spec, symbol);
   if (prelude_file) src += "// ---- " + std::string(prelude_file) + " ----\n" + template_text(prelude_file) + "\n";
-  // The generated mod body goes before flash_block.cuh (the last but one file) of a CUDA TU, before mods_local.h (which
-  // sizes its copies by the body's counts) and the kernel file of a Mods / ModsGrad TU.
-  const size_t body_at = is_cuda(spec) ? files.size() - 2 : is_mods_kind(spec.kind) ? files.size() - 2 : files.size();
+  // The generated mod body goes before flash_block.cuh (the first file that calls the mods) of a CUDA TU, before
+  // mods_local.h (which sizes its copies by the body's counts) and the kernel file of a Mods / ModsGrad TU.
+  const size_t body_at =
+      is_cuda(spec) ? size_t(std::find(files.begin(), files.end(), "templates/cuda/flash_block.cuh") - files.begin())
+      : is_mods_kind(spec.kind) ? files.size() - 2
+                                : files.size();
   for (size_t i = 0; i < files.size(); ++i) {
     if (i == body_at)
       src += is_cuda(spec) ? emit_mod_body(mods, Backend::Cuda)

@@ -14,6 +14,8 @@ const char* engine_name(PrefillEngine e) {
       return "amx";
     case PrefillEngine::Dpbf16:
       return "dpbf16";
+    case PrefillEngine::Wgmma:
+      return "wgmma";
   }
   return "?";
 }

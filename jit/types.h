@@ -16,8 +16,10 @@ bool dtype_is_float(DType t);
 
 // The CPU prefill kernel's matmul engine, templates/cpu/prefill_<name>.h: AVX-512 FMAs on fp32
 // (every dtype), AMX tiles (bf16), or AVX512-BF16 vdpbf16ps (bf16, hosts without AMX).
-enum class PrefillEngine : uint8_t { Fma, Amx, Dpbf16 };
-const char* engine_name(PrefillEngine e);  // "fma", "amx", "dpbf16"
+// Fma, Amx, Dpbf16: the CPU prefill kernel's; Wgmma: the CUDA prefill kernel's sm_90a engine (its
+// default, mma.sync, is spelled Fma in a CUDA KernelSpec).
+enum class PrefillEngine : uint8_t { Fma, Amx, Dpbf16, Wgmma };
+const char* engine_name(PrefillEngine e);  // "fma", "amx", "dpbf16", "wgmma"
 
 // A strided view of memory owned by someone else (a tensor, an npy buffer).
 // Strides are in elements, not bytes. Rank <= 4.

@@ -37,6 +37,12 @@ struct AttentionOptions {
   // FLEXJIT_DPBF16 is not 0; FLEXJIT_DPBF16=1 prefers it over AMX), 0 = never, 1 = required,
   // over AMX too (an error where unavailable). The kernel option USE_DPBF16.
   int use_dpbf16 = -1;
+  // CUDA prefill on Hopper's warpgroup MMA (templates/cuda/flash_prefill_wgmma.cuh, sm_90a):
+  // -1 = when FLEXJIT_CUDA_WGMMA=1 and the call allows it (an sm_90 GPU, D a multiple of 64 up to
+  // 256, Dv 64 / 128 / 256, blocks of 64 or 128), else the mma.sync engine (the default until a
+  // GPU run has measured both); 0 = never; 1 = required (an error where the call does not allow
+  // it). The kernel option USE_WGMMA.
+  int use_wgmma = -1;
   // Runs body over [0, n) split into chunks, on some thread pool; unset: TBB (num_threads
   // workers). The torch layer passes at::parallel_for, so a call shares torch's OpenMP threads
   // instead of competing with them (their spin-waits slowed a call right after SDPA by ~25%).

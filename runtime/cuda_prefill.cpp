@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <sstream>
+#include <string>
 
 #include "jit/pipeline.h"
 #include "runtime/bound_mods.h"
@@ -51,8 +53,58 @@ CudaDeviceInfo cuda_device_info_for_arch(const std::string& arch) {
   return d;
 }
 
+std::string cuda_wgmma_refusal(DType dtype, int head_dim, int head_dim_v, const CudaDeviceInfo& dev, int block_m,
+                               int block_n) {
+  if (dev.arch != "sm_90" && dev.arch != "sm_90a")
+    return "it needs an sm_90 GPU (Hopper: wgmma), this one is " + dev.arch;
+  if (dtype != DType::BF16 && dtype != DType::F16) return std::string("it takes bf16 or fp16, not ") + dtype_name(dtype);
+  if (head_dim % 64 != 0 || head_dim > 256)
+    return "it needs D a multiple of 64 up to 256, got D=" + std::to_string(head_dim);
+  if (head_dim_v != 64 && head_dim_v != 128 && head_dim_v != 256)
+    return "it needs Dv 64, 128 or 256, got Dv=" + std::to_string(head_dim_v);
+  if (block_m != 0 && block_m != 64 && block_m != 128)
+    return "it takes BLOCK_M 64 or 128 (warpgroups of 64 rows), got " + std::to_string(block_m);
+  if (block_n != 0 && block_n != 64 && block_n != 128) return "it takes BLOCK_N 64 or 128, got " + std::to_string(block_n);
+  return "";
+}
+
+int cuda_resolve_wgmma(int use_wgmma, DType dtype, int head_dim, int head_dim_v, const CudaDeviceInfo& dev,
+                       int block_m, int block_n) {
+  if (use_wgmma == 0 || use_wgmma == 1) return use_wgmma;
+  const char* env = std::getenv("FLEXJIT_CUDA_WGMMA");
+  const bool wanted = env && std::string(env) == "1";
+  return wanted && cuda_wgmma_refusal(dtype, head_dim, head_dim_v, dev, block_m, block_n).empty() ? 1 : 0;
+}
+
 jit::KernelSpec cuda_prefill_kernel_spec(DType dtype, int head_dim, int head_dim_v, int gqa_group,
-                                         const CudaDeviceInfo& dev, int block_m, int block_n) {
+                                         const CudaDeviceInfo& dev, int block_m, int block_n, int use_wgmma) {
+  if (use_wgmma == 1) {
+    const std::string why = cuda_wgmma_refusal(dtype, head_dim, head_dim_v, dev, block_m, block_n);
+    if (!why.empty())
+      throw Error("CUDA flex_attention: USE_WGMMA=1 (the wgmma prefill engine) cannot take this call: " + why +
+                  ". Drop USE_WGMMA to use the mma.sync engine");
+    jit::KernelSpec s;
+    s.backend = jit::Backend::Cuda;
+    s.kind = jit::KernelKind::Prefill;
+    s.engine = PrefillEngine::Wgmma;
+    s.dtype = dtype;
+    s.head_dim = head_dim;
+    s.head_dim_v = head_dim_v;
+    s.gqa_group = gqa_group;
+    s.arch = "sm_90a";  // wgmma is an sm_90a instruction
+    s.block_m = block_m > 0 ? block_m : 128;
+    s.block_n = block_n > 0 ? block_n : std::max(head_dim, head_dim_v) <= 128 ? 128 : 64;
+    s.warps = s.block_m / 16;  // warpgroups of 4 warps, 64 rows each
+    s.kv_stages = 2;
+    if (jit::cuda_prefill_smem_bytes(s) > dev.max_smem_optin && block_n <= 0) s.block_n = 64;
+    if (jit::cuda_prefill_smem_bytes(s) > dev.max_smem_optin) s.kv_stages = 1;
+    if (jit::cuda_prefill_smem_bytes(s) > dev.max_smem_optin)
+      throw Error("CUDA flex_attention (wgmma): D=" + std::to_string(head_dim) + " with BLOCK " +
+                  std::to_string(s.block_m) + "x" + std::to_string(s.block_n) + " needs " +
+                  std::to_string(jit::cuda_prefill_smem_bytes(s)) + " bytes of shared memory per block; this GPU allows " +
+                  std::to_string(dev.max_smem_optin) + ". Use BLOCK_M=64 / BLOCK_N=64");
+    return s;
+  }
   jit::KernelSpec s;
   s.backend = jit::Backend::Cuda;
   s.kind = jit::KernelKind::Prefill;
@@ -144,13 +196,18 @@ CudaPrefillPlan plan_cuda_prefill(const TensorView& q, const TensorView& k, cons
       while (b > 16 && size % b != 0) b /= 2;
       return b;
     };
+    const int want_wgmma = cuda_resolve_wgmma(opt.use_wgmma, q.dtype, static_cast<int>(D), static_cast<int>(Dv), dev,
+                                              block_m, block_n);
     const jit::KernelSpec def = cuda_prefill_kernel_spec(q.dtype, static_cast<int>(D), static_cast<int>(Dv),
-                                                         static_cast<int>(Hq / Hkv), dev);
+                                                         static_cast<int>(Hq / Hkv), dev, block_m, block_n, want_wgmma);
     if (block_m <= 0) block_m = fit(mask->q_block_size, def.block_m);
     if (block_n <= 0) block_n = fit(mask->kv_block_size, def.block_n);
   }
+  // Auto (-1) falls back to the mma.sync engine where the blocks (a BlockMask's) do not suit wgmma.
+  const int use_wgmma = cuda_resolve_wgmma(opt.use_wgmma, q.dtype, static_cast<int>(D), static_cast<int>(Dv), dev,
+                                           block_m, block_n);
   p.spec = cuda_prefill_kernel_spec(q.dtype, static_cast<int>(D), static_cast<int>(Dv), static_cast<int>(Hq / Hkv),
-                                    dev, block_m, block_n);
+                                    dev, block_m, block_n, use_wgmma);
   jit::KernelSpec& s = p.spec;
   p.smem_bytes = jit::cuda_prefill_smem_bytes(s);
 

@@ -50,14 +50,26 @@ struct CudaPrefillPlan {
 // 16-byte aligned (what the CUDA kernels' cp.async tiles need), saying how to fix it.
 void check_cuda_rows(const TensorView& t, const std::string& who, const std::string& name);
 
-// The prefill kernel spec for these head dims and GQA group on `dev`: BLOCK_M (block_m, 0 = 64) as
-// warps of one or two m16 tiles (BLOCK_M 128: 4 warps of two, FA2's tile), BLOCK_N (block_n, 0 =
-// 64, or 32 with BLOCK_M 128 above D 64), two K/V stages where shared memory allows, else one (and
-// with the default BLOCK_N, 32). plan_cuda_prefill picks smaller
-// defaults where a BlockMask's blocks need them. Throws flexjit::Error for blocks the kernel cannot take or that do
-// not fit.
+// The prefill kernel spec for these head dims and GQA group on `dev`.
+// mma.sync engine (sm_80+): BLOCK_M (block_m, 0 = 64) as warps of one or two m16 tiles (BLOCK_M
+// 128: 4 warps of two, FA2's tile), BLOCK_N (block_n, 0 = 64, or 32 with BLOCK_M 128 above D 64),
+// two K/V stages where shared memory allows, else one (and with the default BLOCK_N, 32).
+// wgmma engine (use_wgmma, see AttentionOptions; sm_90 GPUs, compiled for sm_90a): BLOCK_M 64 or
+// 128 (one or two warpgroups, default 128), BLOCK_N 64 or 128 (default 128 up to D 128, else 64).
+// plan_cuda_prefill picks smaller defaults where a BlockMask's blocks need them. Throws
+// flexjit::Error for blocks the kernel cannot take or that do not fit, or for use_wgmma 1 where
+// the wgmma engine cannot run (saying why).
 jit::KernelSpec cuda_prefill_kernel_spec(DType dtype, int head_dim, int head_dim_v, int gqa_group,
-                                         const CudaDeviceInfo& dev, int block_m = 0, int block_n = 0);
+                                         const CudaDeviceInfo& dev, int block_m = 0, int block_n = 0,
+                                         int use_wgmma = 0);
+// Why the wgmma engine cannot take this call ("" when it can): the arch, the head dims, the dtype
+// or the blocks (0 = default).
+std::string cuda_wgmma_refusal(DType dtype, int head_dim, int head_dim_v, const CudaDeviceInfo& dev, int block_m,
+                               int block_n);
+// use_wgmma as the call gives it (-1 auto: FLEXJIT_CUDA_WGMMA=1 turns the engine on where the call
+// allows it) resolved to 0 or 1 for these blocks.
+int cuda_resolve_wgmma(int use_wgmma, DType dtype, int head_dim, int head_dim_v, const CudaDeviceInfo& dev,
+                       int block_m, int block_n);
 
 // q [B, Hq, Lq, D], k [Bkv, Hkv, Lkv, D], v [Bkv, Hkv, Lkv, Dv], out [B, Hq, Lq, Dv] on the GPU,
 // bf16 or fp16, last dim contiguous, rows 16-byte aligned; lse [B, Hq, Lq] fp32 or null.
@@ -65,7 +77,7 @@ jit::KernelSpec cuda_prefill_kernel_spec(DType dtype, int head_dim, int head_dim
 // device int the kernel ORs bits into (null: not reported): 1 when a mod indexes a buffer out of
 // range, 2 when a block mask's count or index is out of range (that entry is skipped, not read).
 // Buffers bound in `bind` must be device tensors. Throws flexjit::Error naming what is wrong
-// and how to fix it. Knobs: opt.block_m / opt.block_n (0 = 64), opt.scale, opt.enable_gqa.
+// and how to fix it. Knobs: opt.block_m / opt.block_n (0 = default), opt.use_wgmma, opt.scale, opt.enable_gqa.
 CudaPrefillPlan plan_cuda_prefill(const TensorView& q, const TensorView& k, const TensorView& v,
                                   const TensorView& out, const TensorView* lse, const ModSet& mods,
                                   const ModBindings& bind, const FlexBlockMaskArgs* mask,

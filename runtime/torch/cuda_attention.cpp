@@ -226,6 +226,9 @@ AttentionOptions kernel_options_of(const FlexOptions& o) {
     } else if (n == "USE_DPBF16") {
       if (val != 0 && val != 1) throw Error("kernel option USE_DPBF16 must be 0 or 1, got " + std::to_string(val));
       opt.use_dpbf16 = int(val);
+    } else if (n == "USE_WGMMA") {
+      if (val != 0 && val != 1) throw Error("kernel option USE_WGMMA must be 0 or 1, got " + std::to_string(val));
+      opt.use_wgmma = int(val);
     } else if (n == "PARTITION_SIZE") {
       if (val < 0)
         throw Error("kernel option PARTITION_SIZE must be >= 0 (keys per decode partition; 0 = tuned), got " +
@@ -237,7 +240,8 @@ AttentionOptions kernel_options_of(const FlexOptions& o) {
       opt.force_prefill = val == 1;
     } else {
       throw Error("unknown kernel option '" + n +
-                  "'; known: BLOCK_M, BLOCK_N, USE_AMX, USE_DPBF16, PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION");
+                  "'; known: BLOCK_M, BLOCK_N, USE_AMX, USE_DPBF16, PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION, "
+                  "USE_WGMMA (CUDA)");
     }
   }
   return opt;

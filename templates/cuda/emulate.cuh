@@ -33,6 +33,12 @@ void fjemu_mma_m16n8k16(float* c, const unsigned* a, unsigned b0, unsigned b1, i
 void fjemu_cp_async(void* dst, const void* src, int src_bytes, int size);
 void fjemu_cp_async_commit(void);
 void fjemu_cp_async_wait(int pending);
+unsigned fjemu_smem_address(const void* p);
+void fjemu_wgmma(float* d, int n, const unsigned* a, unsigned long long desc_a, unsigned long long desc_b,
+                 int scale_d, int trans_b, int dtype);
+void fjemu_wgmma_fence(void);
+void fjemu_wgmma_commit(void);
+void fjemu_wgmma_wait(int pending);
 
 float expf(float);
 float exp2f(float);
@@ -107,5 +113,26 @@ static inline unsigned fjc_pack2(float lo, float hi) {
   return (unsigned)fjemu_round(lo) | ((unsigned)fjemu_round(hi) << 16);
 }
 static inline unsigned short fjc_to_elem(float x) { return fjemu_round(x); }
+
+// ---- sm_90a (templates/cuda/wgmma.cuh) ----
+static inline unsigned fjc_smem(const void* p) { return fjemu_smem_address(p); }
+template <int N>
+struct FjcWgmma {
+  template <int kTransB>
+  static void ss(float (&d)[N / 8][4], unsigned long long desc_a, unsigned long long desc_b, int scale_d) {
+    fjemu_wgmma(&d[0][0], N, nullptr, desc_a, desc_b, scale_d, kTransB, FLEXJIT_DTYPE);
+  }
+  template <int kTransB>
+  static void rs(float (&d)[N / 8][4], const unsigned (&a)[4], unsigned long long desc_b, int scale_d) {
+    fjemu_wgmma(&d[0][0], N, a, 0, desc_b, scale_d, kTransB, FLEXJIT_DTYPE);
+  }
+};
+static inline void fjc_wgmma_fence() { fjemu_wgmma_fence(); }
+static inline void fjc_wgmma_commit() { fjemu_wgmma_commit(); }
+template <int kPending>
+static inline void fjc_wgmma_wait() { fjemu_wgmma_wait(kPending); }
+template <int kN, int kM>
+static inline void fjc_wgmma_hold(float (&)[kN][kM]) {}
+static inline void fjc_fence_proxy_async() {}
 
 #endif  // FLEXJIT_CUDA_EMULATE_H

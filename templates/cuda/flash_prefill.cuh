@@ -5,8 +5,9 @@
 // HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, GQA_GROUP, FLEXJIT_KV_STAGES, FLEXJIT_ENTRY),
 // templates/mod_abi.h, templates/cuda/abi.cuh, templates/cuda/common.cuh (PTX wrappers, tile
 // loader), the generated mod body (jit/codegen, Backend::Cuda: flexjit_score_mod /
-// flexjit_mask_mod are inlined here, unlike on CPU) and templates/cuda/flash_block.cuh (the
-// per-block steps below, shared with the decode kernel).
+// flexjit_mask_mod are inlined here, unlike on CPU), templates/cuda/flash_block.cuh (the
+// per-block steps below, shared with the decode kernel) and templates/cuda/prefill_walk.cuh (the
+// KV blocks a CTA visits and the epilogue, shared with the wgmma engine, flash_prefill_wgmma.cuh).
 // Header-free: NVRTC compiles it without include paths.
 //
 // One CTA = BLOCK_M query rows of one (b, h); FLEXJIT_WARPS warps, each owning BLOCK_M / warps
@@ -60,61 +61,6 @@ template <int kRows, int kWidthPad, int kWidthReal, int kStride>
 FJC_DEV void fjc_load_tile(fjc_u16* dst, const fjc_u16* src, fj_i64 s_row, fj_i64 valid_rows) {
   fjc_load_rows<kRows, kWidthPad, kWidthReal, kStride, kThreads>(
       dst, [&](int r) { return src + r * s_row; }, valid_rows, (int)threadIdx.x, src);
-}
-
-// ---- the KV blocks a CTA visits, in order ----
-// Without a block mask: every BLOCK_N block, partial when there is a mask_mod. With one: the
-// listed partial blocks of this CTA's mask row, then its full blocks, each split into
-// kv_block_size / BLOCK_N sub-blocks (BLOCK_N divides kv_block_size, BLOCK_M q_block_size).
-struct FjcWalk {
-  const int* idx;       // partial blocks' indices (null: no block mask)
-  const int* full_idx;  // full blocks' indices
-  int count, full_count, sub;
-  fj_i64 kv_block_size, kv_blocks, past_end;  // past_end: a key start no block reaches
-  int total;
-  int* range_error;  // set for counts or indices outside the mask's shape
-};
-FJC_DEV struct FjcWalk fjc_walk(const struct FlexCudaPrefillArgs& a, fj_i64 b, fj_i64 h, fj_i64 q0, int* range_error) {
-  struct FjcWalk w;
-  w.range_error = range_error;
-  w.past_end = a.Lkv;
-  w.kv_blocks = 0;
-  if (a.mask.kv_num_blocks == nullptr) {
-    w.idx = w.full_idx = nullptr;
-    w.count = w.full_count = 0;
-    w.sub = 1;
-    w.kv_block_size = BLOCK_N;
-    w.total = (int)((a.Lkv + BLOCK_N - 1) / BLOCK_N);
-    return w;
-  }
-  const fj_i64 mb = a.mask.B == 1 ? 0 : b, mh = a.mask.H == 1 ? 0 : h;
-  const fj_i64 row = (mb * a.mask.H + mh) * a.mask.q_blocks + q0 / a.mask.q_block_size;
-  w.idx = a.mask.kv_indices + row * a.mask.kv_indices_stride;
-  w.count = fjc_clamp_count(a.mask.kv_num_blocks[row], a.mask.kv_indices_stride, range_error);
-  w.full_idx = a.mask.full_kv_num_blocks ? a.mask.full_kv_indices + row * a.mask.full_kv_indices_stride : nullptr;
-  w.full_count = a.mask.full_kv_num_blocks
-                     ? fjc_clamp_count(a.mask.full_kv_num_blocks[row], a.mask.full_kv_indices_stride, range_error)
-                     : 0;
-  w.kv_block_size = a.mask.kv_block_size;
-  w.kv_blocks = a.mask.kv_blocks;
-  w.sub = (int)(a.mask.kv_block_size / BLOCK_N);
-  w.total = (w.count + w.full_count) * w.sub;
-  return w;
-}
-// Block i of the walk: its first key and whether mask_mod is evaluated on it.
-FJC_DEV fj_i64 fjc_block_at(const struct FjcWalk& w, int i, bool* partial) {
-  if (w.idx == nullptr) {
-    *partial = FLEXJIT_HAS_MASK_MOD != 0;
-    return (fj_i64)i * BLOCK_N;
-  }
-  const int j = i / w.sub, s = i % w.sub;
-  *partial = j < w.count;
-  const int blk = j < w.count ? w.idx[j] : w.full_idx[j - w.count];
-  if (blk < 0 || blk >= w.kv_blocks) {  // skipped: no key of the call starts there
-    *w.range_error = 1;
-    return w.past_end;
-  }
-  return (fj_i64)blk * w.kv_block_size + (fj_i64)s * BLOCK_N;
 }
 
 // ---- the kernel ----
@@ -209,27 +155,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
   // Epilogue: out = O / l, lse = ln 2 (m + log2 l); l = 0 (no key kept) gives 0 and -inf.
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float l = l_run[mt][r];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const fj_i64 q_idx = warp_q0 + mt * 16 + r_lo + 8 * r;
-      if (q_idx >= a.Lq) continue;
-      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-      fjc_u16* orow = (fjc_u16*)a.out + b * a.out_strides[0] + h * a.out_strides[1] + q_idx * a.out_strides[2];
-#pragma unroll
-      for (int t = 0; t < kOT; ++t) {
-        const int col = t * 8 + (lane % 4) * 2;
-        if (col < HEAD_DIM_V) {  // Dv is a multiple of 8: col + 1 is in range too
-          orow[col] = fjc_to_elem(o[mt][t][2 * r] * inv);
-          orow[col + 1] = fjc_to_elem(o[mt][t][2 * r + 1] * inv);
-        }
-      }
-      if (a.lse != nullptr && lane % 4 == 0)
-        a.lse[b * a.lse_strides[0] + h * a.lse_strides[1] + q_idx * a.lse_strides[2]] =
-            l > 0.0f ? fjc_kLn2 * (m_run[mt][r] + log2f(l)) : FJC_NEG_INF;
-    }
+    fjc_prefill_store_rows<kOT>(o[mt], m_run[mt], l_run[mt], warp_q0 + mt * 16 + r_lo, lane, a, b, h);
   __syncthreads();
   if (threadIdx.x == 0 && (mod_error || range_error) && a.error_flag != nullptr)
     atomicOr(a.error_flag, (mod_error ? 1 : 0) | (range_error ? 2 : 0));

@@ -16,6 +16,7 @@
 #include "jit/parser.h"
 #include "jit/types.h"
 #include "runtime/cuda_decode.h"
+#include "runtime/cuda_prefill.h"
 #include "score_mods/registry.h"
 
 namespace flexjit::jit {
@@ -63,8 +64,13 @@ Built build(const KernelSpec& spec, const ModSet& mods) {
     EXPECT_NE(b.r.ptx.find(".entry " + cuda_merge_symbol(inst.symbol)), std::string::npos);
   }
   EXPECT_NE(b.r.ptx.find(".entry " + inst.symbol), std::string::npos);
-  EXPECT_NE(b.r.ptx.find("mma.sync.aligned.m16n8k16"), std::string::npos);
-  EXPECT_NE(b.r.ptx.find("ldmatrix.sync.aligned"), std::string::npos);
+  if (spec.engine == PrefillEngine::Wgmma) {
+    EXPECT_NE(b.r.ptx.find("wgmma.mma_async.sync.aligned.m64n"), std::string::npos);
+    EXPECT_NE(b.r.ptx.find("fence.proxy.async.shared::cta"), std::string::npos);
+  } else {
+    EXPECT_NE(b.r.ptx.find("mma.sync.aligned.m16n8k16"), std::string::npos);
+    EXPECT_NE(b.r.ptx.find("ldmatrix.sync.aligned"), std::string::npos);
+  }
   EXPECT_NE(b.r.ptx.find("cp.async"), std::string::npos);
   std::printf("  %s: %d registers, %ld spill bytes, %ld stack, %zu-byte CUBIN, %.0f ms\n", inst.symbol.c_str(),
               b.usage.registers, b.usage.spill_bytes, b.usage.stack_frame, b.r.cubin.size(), b.r.compile_ms);
@@ -98,6 +104,33 @@ TEST(CudaPrefillCompile, EveryBuiltinModCompiles) {
                     mod_set_of(name));
     EXPECT_EQ(b.usage.spill_bytes, 0) << name << "\n" << b.r.log;
   }
+}
+
+// The wgmma engine (templates/cuda/flash_prefill_wgmma.cuh) for sm_90a as plan_cuda_prefill picks
+// it (BLOCK 128 x 128 up to D 128, 128 x 64 above), with every built-in mod at D 128 and with its
+// other tiles: no local memory. The registers per thread are printed (255 is the ceiling at 256
+// threads per CTA).
+TEST(CudaPrefillCompile, WgmmaEngineCompilesForSm90aWithoutLocalMemory) {
+  SKIP_WITHOUT_NVRTC();
+  const CudaDeviceInfo h100 = cuda_device_info_for_arch("sm_90");
+  for (const std::string& name : builtin_mod_names()) {
+    SCOPED_TRACE(name);
+    Built b = build(cuda_prefill_kernel_spec(DType::BF16, 128, 128, 4, h100, 0, 0, /*use_wgmma=*/1), mod_set_of(name));
+    // ptxas says when it had to serialise the warpgroup MMAs (a performance loss, not an error).
+    EXPECT_EQ(b.r.log.find("wgmma.mma_async instructions are serialized"), std::string::npos) << b.r.log;
+    EXPECT_EQ(b.usage.spill_bytes, 0) << name << "\n" << b.r.log;
+    EXPECT_EQ(b.usage.stack_frame, 0) << name << "\n" << b.r.log;
+  }
+  const ModSet causal = mod_set_of("causal");
+  for (DType dt : {DType::BF16, DType::F16})
+    for (int d : {64, 128, 256})
+      for (auto [bm, bn] : {std::pair<int, int>{0, 0}, {64, 64}, {64, d <= 128 ? 128 : 64}}) {
+        SCOPED_TRACE(std::string(dtype_name(dt)) + " D" + std::to_string(d) + " " + std::to_string(bm) + "x" +
+                     std::to_string(bn));
+        Built b = build(cuda_prefill_kernel_spec(dt, d, d, 1, h100, bm, bn, 1), causal);
+        EXPECT_EQ(b.usage.spill_bytes, 0) << b.r.log;
+        EXPECT_EQ(b.usage.stack_frame, 0) << b.r.log;
+      }
 }
 
 TEST(CudaPrefillCompile, OddHeadDimsGqaAndBufferModsCompile) {

@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -39,6 +40,7 @@ struct Case {
   double scale = 0;                 // 0 = 1/sqrt(D)
   int smem_optin = 0;               // the device's shared memory limit (0 = an H100's)
   bool corrupt_mask = false;        // a count and an index out of range: flagged and skipped, never read
+  int wgmma = 0;                    // the kernel option USE_WGMMA (1: the sm_90a wgmma engine)
 };
 
 std::string name_of(const Case& c) {
@@ -60,6 +62,7 @@ std::string name_of(const Case& c) {
   if (c.scale != 0) n += c.scale < 0 ? "_negscale" : "_scale";
   if (c.smem_optin) n += "_smem" + std::to_string(c.smem_optin / 1024) + "k";
   if (c.corrupt_mask) n += "_corrupt";
+  if (c.wgmma) n += "_wgmma";
   return n;
 }
 
@@ -87,6 +90,7 @@ void run_case(const Case& c) {
   opt.enable_gqa = c.Hq != c.Hkv;
   opt.block_m = c.block_m;
   opt.block_n = c.block_n;
+  opt.use_wgmma = c.wgmma;
   if (c.scale != 0) opt.scale = c.scale;
   runtime::BlockMask mask;
   FlexBlockMaskArgs mask_args{};
@@ -128,6 +132,7 @@ void run_case(const Case& c) {
     return;  // the rows it touched are undefined; nothing was read out of bounds
   }
   EXPECT_EQ(error_flag, 0) << "a mod flagged an out-of-range buffer index";
+  EXPECT_EQ(plan.spec.engine == PrefillEngine::Wgmma, c.wgmma == 1) << plan.describe();
 
   const double scale = c.scale != 0 ? c.scale : 1.0 / std::sqrt(double(c.D));
   RefResult gold = reference_attention(q.view, k.view, v.view, mods, bind, scale);
@@ -286,6 +291,156 @@ std::vector<Case> special_cases() {
 }
 INSTANTIATE_TEST_SUITE_P(Special, CudaEmulated, ::testing::ValuesIn(special_cases()),
                          [](const auto& info) { return name_of(info.param); });
+
+// The wgmma engine (templates/cuda/flash_prefill_wgmma.cuh, sm_90a): the same odd shapes at the head
+// dims it takes (D a multiple of 64, Dv 64 / 128 / 256), every built-in mod, block masks, fully
+// masked rows, its block options and one K/V stage.
+std::vector<Case> wgmma_cases() {
+  std::vector<Case> out;
+  for (DType dt : {DType::BF16, DType::F16})
+    for (int D : {64, 128, 256})
+      for (int64_t L : {1, 17, 97, 129}) {
+        Case c;
+        c.dtype = dt;
+        c.D = c.Dv = D;
+        c.Lq = c.Lkv = L;
+        c.Hq = 3;
+        c.Hkv = 1;
+        c.wgmma = 1;
+        out.push_back(c);
+      }
+  for (const std::string& name : builtin_mod_names()) {
+    Case c;
+    c.D = c.Dv = 128;
+    c.Lq = 129;
+    c.Lkv = 300;
+    c.B = c.Bkv = 2;
+    c.Hq = 6;
+    c.Hkv = 2;
+    c.wgmma = 1;
+    (find_mod(name).kind == ModKind::Score ? c.score_mod : c.mask_mod) = name;
+    out.push_back(c);
+  }
+  Case c;
+  c.Hq = c.Hkv = 2;
+  c.wgmma = 1;
+  {  // 4097 x 4097 causal through a block mask of 128
+    Case x = c;
+    x.Hq = x.Hkv = 1;
+    x.Lq = x.Lkv = 4097;
+    x.mask_mod = "causal";
+    x.mask_block = 128;
+    out.push_back(x);
+  }
+  for (auto [s, m] : {std::pair<std::string, std::string>{"alibi", "causal"}, {"softcap", "sliding_window"},
+                      {"rel_pos", "document"}}) {
+    Case x = c;
+    x.Lq = x.Lkv = 333;
+    x.score_mod = s;
+    x.mask_mod = m;
+    x.mask_block = 64;  // BLOCK 64 x 64 (one warpgroup)
+    out.push_back(x);
+    x.mask_block = 128;
+    out.push_back(x);
+  }
+  {
+    Case x = c;
+    x.Lq = x.Lkv = 97;
+    x.mask_mod = "q_idx % 3 != 1";
+    out.push_back(x);
+    x.mask_mod = "q_idx >= 70 && kv_idx <= q_idx";
+    x.mask_block = 64;
+    out.push_back(x);
+    x.dtype = DType::F16;
+    out.push_back(x);
+  }
+  {
+    Case x = c;
+    x.Lq = 65;
+    x.Lkv = 130;
+    x.strided = true;
+    x.score_mod = "alibi";
+    out.push_back(x);
+    x.strided = false;
+    x.B = 3;
+    x.Bkv = 1;
+    out.push_back(x);
+    Case y = c;
+    y.D = 64;
+    y.Dv = 128;
+    y.Lq = y.Lkv = 97;
+    out.push_back(y);
+    y.D = 128;
+    y.Dv = 64;
+    out.push_back(y);
+    y.D = 192;
+    y.Dv = 256;
+    out.push_back(y);
+    y.D = y.Dv = 128;
+    y.scale = -0.3;
+    out.push_back(y);
+    Case w = c;
+    w.Lq = w.Lkv = 200;
+    w.mask_mod = "causal";
+    w.block_m = 64;
+    w.block_n = 128;
+    out.push_back(w);
+    w.block_m = 128;
+    w.block_n = 64;
+    w.mask_block = 128;
+    out.push_back(w);
+    w.block_m = 0;
+    w.block_n = 0;
+    w.corrupt_mask = true;
+    out.push_back(w);
+    w.corrupt_mask = false;
+    w.mask_block = 0;
+    w.D = w.Dv = 256;
+    w.smem_optin = 150 * 1024;  // one K/V stage
+    out.push_back(w);
+  }
+  return out;
+}
+INSTANTIATE_TEST_SUITE_P(Wgmma, CudaEmulated, ::testing::ValuesIn(wgmma_cases()),
+                         [](const auto& info) { return name_of(info.param); });
+
+// Where the wgmma engine cannot run, USE_WGMMA=1 is an error that says why; auto (-1) without
+// FLEXJIT_CUDA_WGMMA=1 keeps the mma.sync engine.
+TEST(CudaWgmmaPlan, RefusesWhatItCannotTakeAndStaysOptIn) {
+  OwnedTensor q = testing::make_tensor(DType::BF16, 1, 2, 64, 80, false, 1);
+  OwnedTensor k = testing::make_tensor(DType::BF16, 1, 2, 64, 80, false, 2);
+  OwnedTensor out = OwnedTensor::make("out", DType::BF16, {1, 2, 64, 80});
+  AttentionOptions opt;
+  opt.use_wgmma = 1;
+  CudaDeviceInfo h100;
+  ModSet none;
+  try {
+    plan_cuda_prefill(q.view, k.view, k.view, out.view, nullptr, none, {}, nullptr, opt, h100, nullptr);
+    ADD_FAILURE() << "D 80 was taken";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("D a multiple of 64"), std::string::npos) << e.what();
+  }
+  OwnedTensor q2 = testing::make_tensor(DType::BF16, 1, 2, 64, 128, false, 1);
+  OwnedTensor out2 = OwnedTensor::make("out", DType::BF16, {1, 2, 64, 128});
+  CudaDeviceInfo a100 = cuda_device_info_for_arch("sm_80");
+  try {
+    plan_cuda_prefill(q2.view, q2.view, q2.view, out2.view, nullptr, none, {}, nullptr, opt, a100, nullptr);
+    ADD_FAILURE() << "sm_80 was taken";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("needs an sm_90 GPU"), std::string::npos) << e.what();
+  }
+  CudaPrefillPlan p = plan_cuda_prefill(q2.view, q2.view, q2.view, out2.view, nullptr, none, {}, nullptr, opt, h100,
+                                        nullptr);
+  EXPECT_EQ(p.spec.engine, PrefillEngine::Wgmma);
+  EXPECT_EQ(p.spec.arch, "sm_90a");
+  EXPECT_EQ(p.block_threads, 256u);
+  EXPECT_EQ(p.smem_bytes, 1024 + 2 * (128 * 128 + 2 * 128 * 256));
+  opt.use_wgmma = -1;
+  if (!std::getenv("FLEXJIT_CUDA_WGMMA")) {
+    p = plan_cuda_prefill(q2.view, q2.view, q2.view, out2.view, nullptr, none, {}, nullptr, opt, h100, nullptr);
+    EXPECT_NE(p.spec.engine, PrefillEngine::Wgmma) << "auto stays on mma.sync unless FLEXJIT_CUDA_WGMMA=1";
+  }
+}
 
 }  // namespace
 }  // namespace flexjit

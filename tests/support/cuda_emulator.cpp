@@ -8,6 +8,7 @@
 #include <boost/context/detail/fcontext.hpp>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -19,8 +20,9 @@ namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;  // per CUDA thread; a guard page below
 constexpr size_t kGuardBytes = 4096;
+constexpr size_t kStaticSmem = 16;  // shared bytes before the dynamic ones
 
-enum class Op { None, Ldmatrix, Mma, Shfl, SyncWarp, Sync };
+enum class Op { None, Ldmatrix, Mma, Shfl, SyncWarp, Sync, Wgmma, WgmmaFence, WgmmaCommit, WgmmaWait };
 const char* op_name(Op op) {
   switch (op) {
     case Op::None: return "nothing";
@@ -29,6 +31,10 @@ const char* op_name(Op op) {
     case Op::Shfl: return "shfl.sync";
     case Op::SyncWarp: return "__syncwarp";
     case Op::Sync: return "__syncthreads";
+    case Op::Wgmma: return "wgmma.mma_async";
+    case Op::WgmmaFence: return "wgmma.fence";
+    case Op::WgmmaCommit: return "wgmma.commit_group";
+    case Op::WgmmaWait: return "wgmma.wait_group";
   }
   return "?";
 }
@@ -61,6 +67,34 @@ struct WarpOp {
   int lane_mask[32];
 };
 
+// One wgmma.mma_async of a warpgroup, from issue to completion (wgmma.wait_group): its operands
+// as read at issue (the values the result is computed from) and where they were, so that the
+// completion can check shared memory still holds them (hardware may read it any time up to the
+// wait), and each thread's accumulator registers (NaN from issue to completion).
+struct WgmmaInFlight {
+  int n = 0, scale_d = 0;
+  std::vector<float> a, b;                          // 64 x 16, 16 x n (row-major)
+  std::vector<std::pair<const unsigned char*, unsigned short>> smem;  // what was read, where
+  float* d[128] = {};
+  std::vector<float> d_in;                          // 128 x n / 2 (when not chained)
+  bool chained[128] = {};                           // input = an earlier in-flight op's result
+};
+
+// The warpgroup collective its 128 threads are arriving at, with each thread's operands, and the
+// warpgroup's wgmma.mma_async groups in flight.
+struct GroupOp {
+  Op op = Op::None;
+  int arrived = 0;
+  int n = 0, scale_d = 0, trans_b = 0, dtype = 0, pending = 0;
+  bool regs_a = false;
+  unsigned long long desc_a[128], desc_b[128];
+  float* d[128];
+  unsigned a[128][4];
+  bool fenced = false;  // a wgmma.fence since the last wgmma.wait_group
+  std::vector<WgmmaInFlight> open;                    // issued, not committed
+  std::vector<std::vector<WgmmaInFlight>> committed;  // oldest first
+};
+
 struct Stack {
   void* base = nullptr;
   size_t bytes = 0;
@@ -75,6 +109,8 @@ struct State {
   size_t smem_bytes = 0;
   std::vector<Lane> lanes;
   std::vector<WarpOp> warps;
+  std::vector<GroupOp> groups;  // warpgroups (4 consecutive warps), when the block has whole ones
+  unsigned char* smem_window = nullptr;  // shared address 0 (1024-byte aligned)
   int sync_arrived = 0;
   Lane* cur = nullptr;
   ctx::fcontext_t scheduler = nullptr;
@@ -163,6 +199,37 @@ void arrive(WarpOp& w, Compute&& compute) {
   ++s.stats.collectives;
 }
 
+// The same for a warpgroup collective (wgmma.*): 4 consecutive warps from a warp index divisible
+// by 4, every thread arriving.
+GroupOp& join_group(Op op) {
+  State& s = st();
+  const unsigned g = s.cur->tid / 128;
+  if (g >= s.groups.size())
+    fail(std::string(op_name(op)) + ": the block's threads are not whole warpgroups of 128");
+  GroupOp& w = s.groups[g];
+  if (w.arrived > 0 && w.op != op)
+    fail(std::string("warpgroup divergence: thread reached ") + op_name(op) + " while its warpgroup waits at " +
+         op_name(w.op));
+  w.op = op;
+  return w;
+}
+template <class Compute>
+void arrive_group(GroupOp& w, Compute&& compute) {
+  State& s = st();
+  Lane& me = *s.cur;
+  if (++w.arrived < 128) {
+    me.waiting = w.op;
+    yield();
+    return;
+  }
+  compute();
+  const unsigned first = me.tid / 128 * 128;
+  for (unsigned i = first; i < first + 128; ++i) s.lanes[i].waiting = Op::None;
+  w.arrived = 0;
+  w.op = Op::None;
+  ++s.stats.collectives;
+}
+
 float elem_to_float(unsigned short x, int dtype) {
   if (dtype == 1) {
     const unsigned u = unsigned(x) << 16;
@@ -185,6 +252,9 @@ void describe_deadlock() {
   for (size_t w = 0; w < s.warps.size(); ++w)
     if (s.warps[w].arrived > 0)
       os << "; warp " << w << ": " << s.warps[w].arrived << " of 32 lanes at " << op_name(s.warps[w].op);
+  for (size_t g = 0; g < s.groups.size(); ++g)
+    if (s.groups[g].arrived > 0)
+      os << "; warpgroup " << g << ": " << s.groups[g].arrived << " of 128 threads at " << op_name(s.groups[g].op);
   if (s.error.empty()) s.error = os.str();
 }
 
@@ -193,6 +263,7 @@ bool run_block(State& s) {
   std::memset(s.smem, 0xff, s.smem_bytes);  // NaN in bf16 / fp16 / fp32: unloaded reads show
   s.sync_arrived = 0;
   for (WarpOp& w : s.warps) w.arrived = 0, w.op = Op::None;
+  for (GroupOp& g : s.groups) g = GroupOp{};
   for (unsigned i = 0; i < n; ++i) {
     Lane& l = s.lanes[i];
     l.tid = i;
@@ -229,7 +300,14 @@ bool run_block(State& s) {
     }
     bool all_done = true;
     for (unsigned i = 0; i < n; ++i) all_done = all_done && s.lanes[i].done;
-    if (all_done) break;
+    if (all_done) {
+      for (const GroupOp& g : s.groups)
+        if (!g.open.empty() || !g.committed.empty()) {
+          s.error = "wgmma.mma_async still in flight when the block's threads exited (no wgmma.wait_group for it)";
+          return false;
+        }
+      break;
+    }
     if (!progress) {
       describe_deadlock();
       return false;
@@ -253,6 +331,7 @@ std::string run(const Launch& launch, const std::function<void()>& thread_body, 
   s.stats = Stats{};
   s.lanes.assign(launch.block_threads, Lane{});
   s.warps.assign(launch.block_threads / 32, WarpOp{});
+  s.groups.assign(launch.block_threads / 128, GroupOp{});
   while (s.stacks.size() < launch.block_threads) {
     Stack k;
     k.bytes = kStackBytes;
@@ -262,9 +341,14 @@ std::string run(const Launch& launch, const std::function<void()>& thread_body, 
     s.stacks.push_back(k);
   }
   s.smem_bytes = static_cast<size_t>(launch.smem_bytes);
+  // The shared window starts 1024-byte aligned; dynamic shared memory starts 16 bytes into it, as
+  // if a kernel's static __shared__ variables came first: a kernel that needs 1024-byte aligned
+  // tiles (wgmma's swizzled layouts) must align them itself, as on hardware.
   std::unique_ptr<unsigned char, void (*)(void*)> smem(
-      static_cast<unsigned char*>(std::aligned_alloc(128, (s.smem_bytes + 127) / 128 * 128 + 128)), std::free);
-  s.smem = smem.get();
+      static_cast<unsigned char*>(std::aligned_alloc(1024, (s.smem_bytes + kStaticSmem + 1023) / 1024 * 1024 + 1024)),
+      std::free);
+  s.smem_window = smem.get();
+  s.smem = smem.get() + kStaticSmem;
   bool ok = true;
   for (unsigned z = 0; ok && z < launch.grid[2]; ++z)
     for (unsigned y = 0; ok && y < launch.grid[1]; ++y)
@@ -274,6 +358,7 @@ std::string run(const Launch& launch, const std::function<void()>& thread_body, 
       }
   if (stats) *stats = s.stats;
   s.smem = nullptr;
+  s.smem_window = nullptr;
   s.cur = nullptr;
   return s.error;
 }
@@ -282,6 +367,44 @@ std::string run(const Launch& launch, const std::function<void()>& thread_body, 
 
 // ---- what emulated kernel code calls (templates/cuda/emulate.cuh declares these) ----
 using namespace flexjit::testing::cuda_emulator;
+
+namespace {
+
+// Where element (row, k) of a K-major operand, or (k, col) of an MN-major one, lies: the PTX ISA's
+// canonical layouts with the 128-byte swizzle (see templates/cuda/wgmma.cuh), applied to the
+// shared address.
+struct Descriptor {
+  unsigned start, lbo, sbo;
+};
+Descriptor decode(unsigned long long desc, const char* which) {
+  const unsigned swizzle = static_cast<unsigned>(desc >> 62), base_offset = static_cast<unsigned>((desc >> 49) & 7);
+  if (swizzle != 1 || base_offset != 0)
+    fail(std::string("wgmma: the emulator models 128-byte-swizzled operands at base offset 0 only; descriptor ") +
+         which + " has swizzle mode " + std::to_string(swizzle) + ", base offset " + std::to_string(base_offset));
+  return {static_cast<unsigned>(desc & 0x3fff) << 4, static_cast<unsigned>((desc >> 16) & 0x3fff) << 4,
+          static_cast<unsigned>((desc >> 32) & 0x3fff) << 4};
+}
+const unsigned char* swizzled(unsigned addr) {
+  State& s = st();
+  const unsigned phys = addr ^ (((addr >> 7) & 7u) << 4);
+  const unsigned char* p = s.smem_window + phys;
+  if (!in_smem(p, 2)) {
+    std::ostringstream os;
+    os << "wgmma: operand element at shared address " << phys << " is outside the block's dynamic shared memory ("
+       << kStaticSmem << " .. " << kStaticSmem + s.smem_bytes << ")";
+    fail(os.str());
+  }
+  return p;
+}
+float read_operand(WgmmaInFlight& op, unsigned addr, int dtype) {
+  const unsigned char* p = swizzled(addr);
+  unsigned short v;
+  std::memcpy(&v, p, 2);
+  op.smem.emplace_back(p, v);
+  return elem_to_float(v, dtype);
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -459,6 +582,130 @@ void fjemu_cp_async_wait(int pending) {
     }
     me.committed.erase(me.committed.begin());
   }
+}
+
+// ---- sm_90a warpgroup MMA (templates/cuda/wgmma.cuh) ----
+// The shared address of a pointer into the block's shared memory (cvta.to.shared).
+unsigned fjemu_smem_address(const void* p) {
+  State& s = st();
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (c < s.smem || c > s.smem + s.smem_bytes) fail("cvta.to.shared: the pointer is not into the block's shared memory");
+  return static_cast<unsigned>(c - s.smem_window);
+}
+
+void fjemu_wgmma_fence() {
+  GroupOp& w = join_group(Op::WgmmaFence);
+  arrive_group(w, [&] { w.fenced = true; });
+}
+
+void fjemu_wgmma_commit() {
+  GroupOp& w = join_group(Op::WgmmaCommit);
+  arrive_group(w, [&] {
+    w.committed.push_back(std::move(w.open));
+    w.open.clear();
+  });
+}
+
+
+// wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{bf16,f16}: D (64 x n) = A (64 x 16) B (16 x n)
+// + (scale_d ? D : 0). A: K-major through desc_a, or registers (a != null; per warp the
+// mma.m16n8k16 A fragment of rows 16 w ..); B through desc_b, K-major or (trans_b) MN-major.
+void fjemu_wgmma(float* d, int n, const unsigned* a, unsigned long long desc_a, unsigned long long desc_b, int scale_d,
+                 int trans_b, int dtype) {
+  State& s = st();
+  Lane& me = *s.cur;
+  const unsigned i = me.tid % 128;
+  if (n % 8 != 0 || n < 8 || n > 256) fail("wgmma: N = " + std::to_string(n) + " is not a multiple of 8 in 8..256");
+  GroupOp& w = join_group(Op::Wgmma);
+  if (!w.fenced && w.arrived == 0)
+    fail("wgmma.mma_async without a wgmma.fence since the last wgmma.wait_group (its registers were in use)");
+  w.d[i] = d;
+  w.desc_a[i] = desc_a;
+  w.desc_b[i] = desc_b;
+  if (a) std::memcpy(w.a[i], a, sizeof w.a[i]);
+  if (w.arrived == 0) {
+    w.n = n, w.scale_d = scale_d, w.trans_b = trans_b, w.dtype = dtype, w.regs_a = a != nullptr;
+  } else if (w.n != n || w.scale_d != (scale_d) || w.trans_b != trans_b || w.dtype != dtype ||
+             w.regs_a != (a != nullptr)) {
+    fail("wgmma: the warpgroup's threads disagree on the shape, scale-d, transpose, type or A operand");
+  }
+  arrive_group(w, [&] {
+    for (int t = 1; t < 128; ++t)
+      if (w.desc_b[t] != w.desc_b[0] || (!w.regs_a && w.desc_a[t] != w.desc_a[0]))
+        fail("wgmma: the warpgroup's threads give different matrix descriptors");
+    WgmmaInFlight op;
+    op.n = w.n;
+    op.scale_d = w.scale_d;
+    op.a.assign(64 * 16, 0.0f);
+    op.b.assign(static_cast<size_t>(16 * w.n), 0.0f);
+    if (w.regs_a) {
+      for (unsigned t = 0; t < 128; ++t) {
+        const unsigned wp = t / 32, g = (t % 32) / 4, c = 2 * (t % 4);
+        for (int q = 0; q < 4; ++q) {
+          const unsigned row = 16 * wp + g + (q % 2) * 8, col = c + (q / 2) * 8;
+          op.a[row * 16 + col] = elem_to_float(static_cast<unsigned short>(w.a[t][q] & 0xffff), w.dtype);
+          op.a[row * 16 + col + 1] = elem_to_float(static_cast<unsigned short>(w.a[t][q] >> 16), w.dtype);
+        }
+      }
+    } else {
+      const Descriptor da = decode(w.desc_a[0], "A");
+      for (unsigned row = 0; row < 64; ++row)
+        for (unsigned k = 0; k < 16; ++k)
+          op.a[row * 16 + k] = read_operand(op, da.start + (row / 8) * da.sbo + (row % 8) * 128 + k * 2, w.dtype);
+    }
+    const Descriptor db = decode(w.desc_b[0], "B");
+    for (unsigned k = 0; k < 16; ++k)
+      for (unsigned col = 0; col < static_cast<unsigned>(w.n); ++col) {
+        const unsigned addr = w.trans_b ? db.start + (col / 64) * db.lbo + (col % 64) * 2 + (k / 8) * db.sbo + (k % 8) * 128
+                                        : db.start + (col / 8) * db.sbo + (col % 8) * 128 + k * 2;
+        op.b[k * w.n + col] = read_operand(op, addr, w.dtype);
+      }
+    const int regs = w.n / 2;
+    op.d_in.assign(static_cast<size_t>(128 * regs), 0.0f);
+    for (unsigned t = 0; t < 128; ++t) {
+      op.d[t] = w.d[t];
+      bool chained = false;
+      for (const WgmmaInFlight& o : w.open) chained = chained || o.d[t] == w.d[t];
+      for (const auto& grp : w.committed)
+        for (const WgmmaInFlight& o : grp) chained = chained || o.d[t] == w.d[t];
+      op.chained[t] = chained;
+      if (!chained) std::memcpy(&op.d_in[t * regs], w.d[t], sizeof(float) * regs);
+      for (int e = 0; e < regs; ++e) w.d[t][e] = std::numeric_limits<float>::quiet_NaN();  // until the wait
+    }
+    w.open.push_back(std::move(op));
+  });
+}
+
+void fjemu_wgmma_wait(int pending) {
+  GroupOp& w = join_group(Op::WgmmaWait);
+  arrive_group(w, [&] {
+    w.fenced = false;
+    while (w.committed.size() > static_cast<size_t>(pending < 0 ? 0 : pending)) {
+      for (WgmmaInFlight& op : w.committed.front()) {
+        for (const auto& [p, v] : op.smem) {
+          unsigned short now;
+          std::memcpy(&now, p, 2);
+          if (now != v)
+            fail("wgmma: shared memory an in-flight wgmma.mma_async reads was overwritten before its "
+                 "wgmma.wait_group");
+        }
+        const int regs = op.n / 2;
+        for (unsigned t = 0; t < 128; ++t) {
+          const unsigned wp = t / 32, g = (t % 32) / 4, c = 2 * (t % 4);
+          float out[128];
+          for (int e = 0; e < regs; ++e) {
+            const unsigned j = e / 4, q = e % 4;
+            const unsigned row = 16 * wp + g + (q / 2) * 8, col = 8 * j + c + q % 2;
+            float acc = op.scale_d ? (op.chained[t] ? op.d[t][e] : op.d_in[t * regs + e]) : 0.0f;
+            for (int k = 0; k < 16; ++k) acc += op.a[row * 16 + k] * op.b[k * op.n + col];
+            out[e] = acc;
+          }
+          std::memcpy(op.d[t], out, sizeof(float) * regs);
+        }
+      }
+      w.committed.erase(w.committed.begin());
+    }
+  });
 }
 
 }  // extern "C"
