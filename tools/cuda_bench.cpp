@@ -231,10 +231,21 @@ int main(int argc, char** argv) {
         mask.kv_indices_stride = mask.full_kv_indices_stride = nb;
         mp = &mask;
       }
-      // The default tile (64 x 64, a warp per m16 tile) and FA2's (128 rows, 4 warps of two tiles).
-      for (int block_m : {0, 128}) {
+      // The mma.sync engine's default tile (64 x 64, a warp per m16 tile) and FA2's (128 rows, 4 warps
+      // of two tiles); on sm_90 the wgmma engine's default (128 x 128: two warpgroups sharing K / V,
+      // one CTA per SM) and one-warpgroup tiles (64 x 64 fits two CTAs per SM, whose softmax and
+      // MMAs can overlap).
+      struct Variant {
+        int block_m, block_n, use_wgmma;
+      };
+      std::vector<Variant> variants = {{0, 0, 0}, {128, 0, 0}};
+      if (cuda_wgmma_refusal(DType::BF16, int(D), int(D), dev, 0, 0).empty())
+        variants.insert(variants.end(), {{0, 0, 1}, {64, 64, 1}, {64, 128, 1}});
+      for (const Variant& var : variants) {
         AttentionOptions opt;
-        opt.block_m = block_m;
+        opt.block_m = var.block_m;
+        opt.block_n = var.block_n;
+        opt.use_wgmma = var.use_wgmma;
         char line[512];
         try {
           CudaPrefillPlan plan = plan_cuda_prefill(qv, kvv, vv, ov, nullptr, mods, bind, mp, opt, dev, nullptr);
@@ -244,7 +255,8 @@ int main(int argc, char** argv) {
           std::snprintf(line, sizeof line, "    %-7s %-7lld %9.3f %9.1f  %s", mod.c_str(), (long long)L, ms, tflops,
                         plan.describe().c_str());
           json += std::string(first ? "" : ",") + "\n    {\"mod\": \"" + mod + "\", \"L\": " + std::to_string(L) +
-                  ", \"B\": " + std::to_string(B) + ", \"H\": " + std::to_string(H) + ", \"block_m\": " +
+                  ", \"B\": " + std::to_string(B) + ", \"H\": " + std::to_string(H) + ", \"engine\": \"" +
+                  (plan.spec.engine == PrefillEngine::Wgmma ? "wgmma" : "mma") + "\", \"block_m\": " +
                   std::to_string(plan.spec.block_m) + ", \"block_n\": " + std::to_string(plan.spec.block_n) +
                   ", \"ms\": " + std::to_string(ms) + ", \"tflops\": " + std::to_string(tflops) + "}";
           first = false;

@@ -68,7 +68,7 @@ Agreement compare(const OwnedTensor& out, const OwnedTensor& lse, const RefResul
 // One kernel run on the GPU against the float64 reference (same bf16 inputs). Returns false on a
 // numerical mismatch; prints a line either way.
 bool gpu_case(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lkv, int64_t D, const std::string& mod_name,
-              const CudaDeviceProps& props) {
+              const CudaDeviceProps& props, int use_wgmma = 0) {
   ShapeInfo shape;
   shape.B = B, shape.Hq = Hq, shape.Hkv = Hkv, shape.Lq = Lq, shape.Lkv = Lkv;
   OwnedTensor q = OwnedTensor::make("q", DType::BF16, {B, Hq, Lq, D});
@@ -88,6 +88,7 @@ bool gpu_case(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lkv, int64
   TensorView dout = mem.upload(out.view), dlse = mem.upload(lse.view);
   AttentionOptions opt;
   opt.enable_gqa = Hq != Hkv;
+  opt.use_wgmma = use_wgmma;
   const CudaDeviceInfo dev = cuda_device_info(props);
   const double scale = 1.0 / std::sqrt(double(D));
   bool ok = false;
@@ -227,22 +228,24 @@ int main(int argc, char** argv) {
     for (const std::string& name : builtin_mod_names()) {
       const RegisteredMod& r = find_mod(name);
       const ModSet mods = mod_set_of(r.mod, r.kind);
-      for (jit::KernelKind kind : {jit::KernelKind::Prefill, jit::KernelKind::Decode}) {
+      // Prefill (mma.sync; on sm_90 also the wgmma engine, compiled for sm_90a) and decode.
       const CudaDeviceInfo target = cuda_device_info_for_arch(arch);
-      const jit::KernelSpec spec = kind == jit::KernelKind::Decode
-                                       ? cuda_decode_kernel_spec(DType::BF16, 128, 128, 4, target)
-                                       : cuda_prefill_kernel_spec(DType::BF16, 128, 128, 4, target);
-      try {
-        jit::CudaBinary b = jit::get_cuda_binary(spec, mods);
-        const bool ok = b.cubin.size() > 4 && b.cubin.compare(0, 4, "\x7f" "ELF") == 0 && !b.ptx.empty() &&
-                        (pass == 0 ? b.cache == "miss" : b.cache == "disk");
-        std::printf("  %-16s %s %-5s %6.0f ms  %s\n", name.c_str(), ok ? "ok  " : "FAIL", b.cache.c_str(),
-                    b.compile_ms, b.symbol.c_str());
-        failures += ok ? 0 : 1;
-      } catch (const std::exception& e) {
-        std::printf("  %-16s FAIL %s\n", name.c_str(), e.what());
-        ++failures;
-      }
+      std::vector<jit::KernelSpec> specs = {cuda_prefill_kernel_spec(DType::BF16, 128, 128, 4, target),
+                                            cuda_decode_kernel_spec(DType::BF16, 128, 128, 4, target)};
+      if (cuda_wgmma_refusal(DType::BF16, 128, 128, target, 0, 0).empty())
+        specs.push_back(cuda_prefill_kernel_spec(DType::BF16, 128, 128, 4, target, 0, 0, /*use_wgmma=*/1));
+      for (const jit::KernelSpec& spec : specs) {
+        try {
+          jit::CudaBinary b = jit::get_cuda_binary(spec, mods);
+          const bool ok = b.cubin.size() > 4 && b.cubin.compare(0, 4, "\x7f" "ELF") == 0 && !b.ptx.empty() &&
+                          (pass == 0 ? b.cache == "miss" : b.cache == "disk");
+          std::printf("  %-16s %s %-5s %6.0f ms  %s\n", name.c_str(), ok ? "ok  " : "FAIL", b.cache.c_str(),
+                      b.compile_ms, b.symbol.c_str());
+          failures += ok ? 0 : 1;
+        } catch (const std::exception& e) {
+          std::printf("  %-16s FAIL %s\n", name.c_str(), e.what());
+          ++failures;
+        }
       }
     }
   }
@@ -277,6 +280,16 @@ int main(int argc, char** argv) {
                          {1, 2, 2, 129, 17, 256, "sliding_window"}, {2, 4, 4, 200, 200, 64, "document"},
                          {1, 4, 4, 64, 64, 128, "all_masked"},      {1, 8, 8, 1000, 1000, 128, "prefix_lm"}};
       for (const C& c : cases) failures += gpu_case(c.B, c.Hq, c.Hkv, c.Lq, c.Lkv, c.D, c.mod, props) ? 0 : 1;
+      // The wgmma engine (sm_90: Hopper) on the same kinds of case, its head dims (multiples of 64).
+      if (cuda_wgmma_refusal(DType::BF16, 128, 128, cuda_device_info(props), 0, 0).empty()) {
+        const C wcases[] = {{1, 4, 4, 1, 1, 64, ""},          {2, 6, 2, 17, 97, 128, "causal"},
+                            {1, 3, 1, 129, 129, 128, "alibi"}, {1, 4, 2, 97, 4097, 64, "softcap"},
+                            {1, 2, 2, 129, 17, 256, "sliding_window"}, {2, 4, 4, 200, 200, 64, "document"},
+                            {1, 4, 4, 64, 64, 128, "all_masked"},      {1, 8, 8, 1000, 1000, 128, "prefix_lm"}};
+        for (const C& c : wcases) failures += gpu_case(c.B, c.Hq, c.Hkv, c.Lq, c.Lkv, c.D, c.mod, props, 1) ? 0 : 1;
+      } else {
+        std::printf("  wgmma engine: SKIPPED (%s is not sm_90)\n", props.arch.c_str());
+      }
       // Decoding: KV 1, P-1, P, P+1, 4097 and 65536 around P = 256; GQA 1, 3, 4, 8; paged caches
       // (shuffled pages, an empty sequence); the cost model's split (partition 0).
       struct DC { int64_t Hq, Hkv, Lq; std::vector<int64_t> lens; int64_t D, page, partition; const char* mod; };

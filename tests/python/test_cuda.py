@@ -109,8 +109,13 @@ def _causal(b, h, q_idx, kv_idx):
 
 
 @needs_gpu
+@pytest.mark.parametrize("wgmma", [False, True])
 @pytest.mark.parametrize("L", [97, 256, 1000])
-def test_cuda_matches_torch_flex_attention(L):
+def test_cuda_matches_torch_flex_attention(L, wgmma, monkeypatch):
+    if wgmma:  # the sm_90a engine, opt-in (read per call); other GPUs keep mma.sync
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("the wgmma engine needs an sm_90 GPU")
+        monkeypatch.setenv("FLEXJIT_CUDA_WGMMA", "1")
     from torch.nn.attention.flex_attention import create_block_mask
     from torch.nn.attention.flex_attention import flex_attention as torch_flex
 
