@@ -72,17 +72,6 @@ def make_case(name, B, H, L, dev):
     return q, k, v, dict(score_mod=alibi_of(slopes)), False
 
 
-def with_wgmma(fn):
-    """fn with flexjit's wgmma prefill engine on (FLEXJIT_CUDA_WGMMA=1, read per call)."""
-    def run():
-        os.environ["FLEXJIT_CUDA_WGMMA"] = "1"
-        try:
-            return fn()
-        finally:
-            os.environ.pop("FLEXJIT_CUDA_WGMMA", None)
-    return run
-
-
 def run_suite(args, dev):
     import flexjit
     from torch.nn.attention.flex_attention import flex_attention as torch_flex
@@ -98,8 +87,9 @@ def run_suite(args, dev):
             flops = 4.0 * B * H * L * L * D * (0.5 if is_causal else 1.0)
             impls = [("torch.compile(flex)", lambda: compiled(q, k, v, **mods)),
                      ("flexjit", lambda: flexjit.flex_attention(q, k, v, **mods))]
-            if hopper:  # the wgmma engine (opt-in: FLEXJIT_CUDA_WGMMA=1) beside the default mma.sync one
-                impls.append(("flexjit(wgmma)", with_wgmma(lambda: flexjit.flex_attention(q, k, v, **mods))))
+            if hopper:  # the wgmma engine (opt-in: kernel option USE_WGMMA=1) beside the default mma.sync one
+                impls.append(("flexjit(wgmma)", lambda: flexjit.flex_attention(
+                    q, k, v, kernel_options={"USE_WGMMA": 1}, **mods)))
             if is_causal:
                 impls.append(("sdpa(is_causal)", lambda: torch.nn.functional.scaled_dot_product_attention(
                     q, k, v, is_causal=True)))

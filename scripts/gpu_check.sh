@@ -8,7 +8,10 @@
 # python3 imports torch and torch sees a GPU, it builds the torch op library of that configuration
 # (build-gpu-torch: flex_attention's CUDA kernel, no LLVM either), runs tests/python/test_cuda.py
 # (when pytest is there) and bench/cuda_prefill_bench.py against PyTorch (cuda_prefill_bench.json
-# and .log in OUTDIR).
+# and .log in OUTDIR) and bench/cuda_decode_bench.py (decoding against PyTorch's flex decoding:
+# cuda_decode_bench.json). GPU_CHECK_TORCH_BENCH=0 leaves the two torch benchmarks out (the rest
+# takes ~4-5 min on an H200 host; they add ~5), so a 10-minute call can run the check and a second
+# call `python3 bench/cuda_*_bench.py --json ...` with FLEXJIT_TORCH_OPS=build-gpu-torch/....
 # On a machine without a GPU it runs too and says that the GPU parts were skipped.
 #
 #   scripts/gpu_check.sh OUTDIR [ARCH]     ARCH: sm_90 (H100/H200) by default, or the GPU's own
@@ -72,7 +75,7 @@ kbench_rc=${PIPESTATUS[0]}
 [[ $kbench_rc -eq 124 ]] && say "gpu_check: flexjit_cuda_bench ran past 150 s and was stopped"
 
 # ---- the torch op on the GPU: its own build directory, so a torch problem cannot stop the above ----
-torch_op=skipped bench_rc=-1 pytest_rc=-1
+torch_op=skipped bench_rc=-1 decode_bench_rc=-1 pytest_rc=-1
 if ! python3 -c 'import torch' >/dev/null 2>&1; then
   say "gpu_check: torch op + benchmark SKIPPED: python3 cannot import torch"
 elif ! python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
@@ -93,21 +96,30 @@ else
     else
       say "gpu_check: tests/python/test_cuda.py SKIPPED: no pytest"
     fi
-    timeout 480 python3 bench/cuda_prefill_bench.py --json "$out/cuda_prefill_bench.json" 2>&1 |
-      tee "$out/cuda_prefill_bench.log" | tee -a "$log"
-    bench_rc=${PIPESTATUS[0]}
-    [[ $bench_rc -eq 124 ]] && say "gpu_check: the benchmark ran past 480 s and was stopped"
+    if [[ "${GPU_CHECK_TORCH_BENCH:-1}" == 1 ]]; then
+      timeout 480 python3 bench/cuda_prefill_bench.py --json "$out/cuda_prefill_bench.json" 2>&1 |
+        tee "$out/cuda_prefill_bench.log" | tee -a "$log"
+      bench_rc=${PIPESTATUS[0]}
+      [[ $bench_rc -eq 124 ]] && say "gpu_check: the prefill benchmark ran past 480 s and was stopped"
+      # Decoding against PyTorch's flex decoding (issue 10's 1.2x and 70%-of-copy bars).
+      timeout 300 python3 bench/cuda_decode_bench.py --json "$out/cuda_decode_bench.json" 2>&1 |
+        tee "$out/cuda_decode_bench.log" | tee -a "$log"
+      decode_bench_rc=${PIPESTATUS[0]}
+      [[ $decode_bench_rc -eq 124 ]] && say "gpu_check: the decode benchmark ran past 300 s and was stopped"
+    else
+      say "gpu_check: the torch benchmarks SKIPPED (GPU_CHECK_TORCH_BENCH=0)"
+    fi
   else
     torch_op=failed
     say "gpu_check: torch op library BUILD FAILED (see $log)"
   fi
 fi
 
-python3 - "$out" "$arch" "$rc" "$torch_op" "$pytest_rc" "$bench_rc" "$kbench_rc" "$sanitize_rc" <<'PY'
+python3 - "$out" "$arch" "$rc" "$torch_op" "$pytest_rc" "$bench_rc" "$kbench_rc" "$sanitize_rc" "$decode_bench_rc" <<'PY'
 import json, os, re, sys
 out, arch, rc = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch_op, pytest_rc, bench_rc, kbench_rc = sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
-sanitize_rc = int(sys.argv[8])
+sanitize_rc, decode_bench_rc = int(sys.argv[8]), int(sys.argv[9])
 lines = open(f"{out}/selftest.txt").read().splitlines()
 gpu = [l.strip() for l in lines if l.strip().startswith("gpu ")]
 summary = {"arch": arch, "selftest_rc": rc,
@@ -117,14 +129,21 @@ summary = {"arch": arch, "selftest_rc": rc,
            "kernel_bench_rc": kbench_rc, "sanitize_rc": sanitize_rc,
            "kernel_bench_json": "cuda_bench.json" if os.path.exists(f"{out}/cuda_bench.json") else None,
            "torch_op": torch_op, "test_cuda_rc": pytest_rc, "bench_rc": bench_rc,
-           "bench_json": "cuda_prefill_bench.json" if os.path.exists(f"{out}/cuda_prefill_bench.json") else None}
+           "bench_json": "cuda_prefill_bench.json" if os.path.exists(f"{out}/cuda_prefill_bench.json") else None,
+           "decode_bench_rc": decode_bench_rc,
+           "decode_bench_json": "cuda_decode_bench.json" if os.path.exists(f"{out}/cuda_decode_bench.json") else None}
 json.dump(summary, open(f"{out}/gpu_check.json", "w"), indent=2)
 print(json.dumps(summary, indent=2))
 PY
+# The README's GPU table from what was measured (nothing when the GPU parts were skipped). The GPU
+# machine's copy of the tree has no .git: GPU_CHECK_COMMIT names the commit it is.
+python3 scripts/gpu_report.py "$out" --commit "${GPU_CHECK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
+  > "$out/gpu_report.md" 2>&1 && say "gpu_check: README table in $out/gpu_report.md"
 # Any failure counts: the self-test, the op build, its test or the benchmark (2: a mismatch).
 [[ $rc -ne 0 ]] && exit "$rc"
 [[ $kbench_rc -ne 0 ]] && exit 1
 [[ $torch_op == failed ]] && exit 1
 [[ $pytest_rc -gt 0 ]] && exit 1
 [[ $bench_rc -gt 0 ]] && exit "$bench_rc"
+[[ $decode_bench_rc -gt 0 ]] && exit "$decode_bench_rc"
 exit 0

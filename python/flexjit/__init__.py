@@ -32,7 +32,8 @@ __all__ = ["flex_attention", "paged_flex_attention", "flash_attn_varlen_func", "
            "load_library", "library_path", "prebuilt_kernel_dir", "TraceError", "trace"]
 
 _LIB_NAME = "libflexjit_torch_ops.so"
-_KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "USE_AMX", "USE_DPBF16", "PARTITION_SIZE", "FORCE_USE_FLEX_ATTENTION")
+_KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "USE_AMX", "USE_DPBF16", "PARTITION_SIZE", "FORCE_USE_FLEX_ATTENTION",
+                   "USE_WGMMA")
 _PAGED_KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "PARTITION_SIZE")
 _VARLEN_KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "USE_AMX", "USE_DPBF16")
 _loaded = None
@@ -165,6 +166,8 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         USE_AMX 0 / 1 forbids / requires bf16 matmuls on AMX tiles (default: where available);
         USE_DPBF16 0 / 1 forbids / requires them on AVX512-BF16's vdpbf16ps (default: where
         available and AMX is not used);
+        USE_WGMMA 0 / 1 forbids / requires the CUDA prefill's wgmma engine on sm_90 GPUs (default:
+        FLEXJIT_CUDA_WGMMA=1 turns it on where it applies, else mma.sync);
         PARTITION_SIZE keys per decode partition (a multiple of BLOCK_N; 0 / unset: tuned or cost
         model); FORCE_USE_FLEX_ATTENTION True runs the prefill kernel even for decode shapes.
     """
@@ -200,7 +203,7 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         BLOCK_M=options.get("BLOCK_M", 0), BLOCK_N=options.get("BLOCK_N", 0),
         USE_AMX=int(options.get("USE_AMX", -1)), PARTITION_SIZE=int(options.get("PARTITION_SIZE", 0)),
         FORCE_USE_FLEX_ATTENTION=options["FORCE_USE_FLEX_ATTENTION"],
-        USE_DPBF16=int(options.get("USE_DPBF16", -1)), **mask)
+        USE_DPBF16=int(options.get("USE_DPBF16", -1)), USE_WGMMA=int(options.get("USE_WGMMA", -1)), **mask)
     if return_aux is not None:
         return out, AuxOutput(lse=lse if return_aux.lse else None)
     return (out, lse) if return_lse else out

@@ -658,7 +658,7 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_cuda(
     const std::optional<at::Tensor>& kv_num_blocks, const std::optional<at::Tensor>& kv_indices,
     const std::optional<at::Tensor>& full_kv_num_blocks, const std::optional<at::Tensor>& full_kv_indices,
     int64_t q_block_size, int64_t kv_block_size, int64_t BLOCK_M, int64_t BLOCK_N, int64_t USE_AMX,
-    int64_t PARTITION_SIZE, bool FORCE_USE_FLEX_ATTENTION, int64_t USE_DPBF16) {
+    int64_t PARTITION_SIZE, bool FORCE_USE_FLEX_ATTENTION, int64_t USE_DPBF16, int64_t USE_WGMMA) {
   return surface_errors("flexjit.flex_attention", [&] {
     for (auto [t, name] : {std::pair{&query, "query"}, {&key, "key"}, {&value, "value"}})
       if (t->dim() != 4)
@@ -672,6 +672,7 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_cuda(
     FlexOptions opt = op_options(scale, enable_gqa, return_lse, BLOCK_M, BLOCK_N, PARTITION_SIZE);
     if (USE_AMX >= 0) opt.kernel_options["USE_AMX"] = USE_AMX;
     if (USE_DPBF16 >= 0) opt.kernel_options["USE_DPBF16"] = USE_DPBF16;
+    if (USE_WGMMA >= 0) opt.kernel_options["USE_WGMMA"] = USE_WGMMA;
     if (FORCE_USE_FLEX_ATTENTION) opt.kernel_options["FORCE_USE_FLEX_ATTENTION"] = 1;
 
     // PyTorch's BlockMask tensors when given. A mask_mod without them runs with no block mask: the

@@ -89,7 +89,8 @@ inline std::tuple<at::Tensor, at::Tensor> flex_attention_meta(
     const std::string&, const Tensors&, const Names&, const Names&, at::ArrayRef<double>,
     std::optional<double>, bool, bool return_lse, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, int64_t) {
+    const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, int64_t,
+    int64_t) {
   for (auto [t, name] : {std::pair{&query, "query"}, {&key, "key"}, {&value, "value"}})
     TORCH_CHECK_VALUE(t->dim() == 4, "flexjit.flex_attention: ", name,
                       " must be 4-D [B, H, L, D], got ", t->dim(), "-D");
@@ -160,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_cuda(
     const std::optional<at::Tensor>& kv_num_blocks, const std::optional<at::Tensor>& kv_indices,
     const std::optional<at::Tensor>& full_kv_num_blocks, const std::optional<at::Tensor>& full_kv_indices,
     int64_t q_block_size, int64_t kv_block_size, int64_t BLOCK_M, int64_t BLOCK_N, int64_t USE_AMX,
-    int64_t PARTITION_SIZE, bool FORCE_USE_FLEX_ATTENTION, int64_t USE_DPBF16);
+    int64_t PARTITION_SIZE, bool FORCE_USE_FLEX_ATTENTION, int64_t USE_DPBF16, int64_t USE_WGMMA);
 
 // paged_flex_attention's CUDA kernel (cuda_attention.cpp): the CUDA decode kernel on a paged cache.
 std::tuple<at::Tensor, at::Tensor> paged_flex_attention_cuda(

@@ -19,7 +19,7 @@ inline void define_flexjit_ops(torch::Library& m) {
         "bool enable_gqa=False, bool return_lse=False, Tensor? kv_num_blocks=None, "
         "Tensor? kv_indices=None, Tensor? full_kv_num_blocks=None, Tensor? full_kv_indices=None, "
         "int q_block_size=128, int kv_block_size=128, int BLOCK_M=0, int BLOCK_N=0, int USE_AMX=-1, "
-        "int PARTITION_SIZE=0, bool FORCE_USE_FLEX_ATTENTION=False, int USE_DPBF16=-1) "
+        "int PARTITION_SIZE=0, bool FORCE_USE_FLEX_ATTENTION=False, int USE_DPBF16=-1, int USE_WGMMA=-1) "
         "-> (Tensor out, Tensor lse)",
         {at::Tag::pt2_compliant_tag});
   m.def("flex_attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "

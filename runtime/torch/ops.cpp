@@ -111,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_cpu(
     const std::optional<at::Tensor>& full_kv_num_blocks,
     const std::optional<at::Tensor>& full_kv_indices, int64_t q_block_size, int64_t kv_block_size,
     int64_t BLOCK_M, int64_t BLOCK_N, int64_t USE_AMX, int64_t PARTITION_SIZE,
-    bool FORCE_USE_FLEX_ATTENTION, int64_t USE_DPBF16) {
+    bool FORCE_USE_FLEX_ATTENTION, int64_t USE_DPBF16, int64_t USE_WGMMA) {
   return surface_errors("flexjit.flex_attention", [&] {
     for (auto [t, name] : {std::pair{&query, "query"}, {&key, "key"}, {&value, "value"}})
       if (t->dim() != 4)
@@ -130,6 +130,7 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_cpu(
     if (BLOCK_N) opt.kernel_options["BLOCK_N"] = BLOCK_N;
     if (USE_AMX >= 0) opt.kernel_options["USE_AMX"] = USE_AMX;
     if (USE_DPBF16 >= 0) opt.kernel_options["USE_DPBF16"] = USE_DPBF16;
+    if (USE_WGMMA >= 0) opt.kernel_options["USE_WGMMA"] = USE_WGMMA;
     set_decode_options(PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION, &opt);
 
     std::optional<TorchBlockMask> mask = call_block_mask(query, key, mm, kv_num_blocks, kv_indices, full_kv_num_blocks,
@@ -228,6 +229,7 @@ struct FlexAttentionCall {  // the op's arguments that are not differentiable in
   int64_t q_block_size = 128, kv_block_size = 128, BLOCK_M = 0, BLOCK_N = 0, USE_AMX = -1, PARTITION_SIZE = 0;
   bool FORCE_USE_FLEX_ATTENTION = false;
   int64_t USE_DPBF16 = -1;
+  int64_t USE_WGMMA = -1;
 };
 
 std::vector<std::string> string_list(const c10::IValue& v) {
@@ -251,7 +253,7 @@ struct FlexAttentionFunction : torch::autograd::Function<FlexAttentionFunction> 
                               c.param_names, c.param_values, c.scale, c.enable_gqa, true, c.kv_num_blocks,
                               c.kv_indices, c.full_kv_num_blocks, c.full_kv_indices, c.q_block_size,
                               c.kv_block_size, c.BLOCK_M, c.BLOCK_N, c.USE_AMX, c.PARTITION_SIZE,
-                              c.FORCE_USE_FLEX_ATTENTION, c.USE_DPBF16);
+                              c.FORCE_USE_FLEX_ATTENTION, c.USE_DPBF16, c.USE_WGMMA);
     std::vector<at::Tensor> saved{query, key, value, out, lse};
     saved.insert(saved.end(), buf.begin(), buf.end());
     ctx->save_for_backward(saved);
@@ -326,11 +328,11 @@ std::tuple<at::Tensor, at::Tensor> flex_attention_autograd(
     const std::optional<at::Tensor>& full_kv_num_blocks,
     const std::optional<at::Tensor>& full_kv_indices, int64_t q_block_size, int64_t kv_block_size,
     int64_t BLOCK_M, int64_t BLOCK_N, int64_t USE_AMX, int64_t PARTITION_SIZE,
-    bool FORCE_USE_FLEX_ATTENTION, int64_t USE_DPBF16) {
+    bool FORCE_USE_FLEX_ATTENTION, int64_t USE_DPBF16, int64_t USE_WGMMA) {
   FlexAttentionCall c{score_mod_text, mask_mod_text, buffer_names, param_names,
                       std::vector<double>(param_values.begin(), param_values.end()), scale, enable_gqa, return_lse,
                       kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_block_size, kv_block_size,
-                      BLOCK_M, BLOCK_N, USE_AMX, PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION, USE_DPBF16};
+                      BLOCK_M, BLOCK_N, USE_AMX, PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION, USE_DPBF16, USE_WGMMA};
   const std::vector<at::Tensor> none;
   auto r = FlexAttentionFunction::apply(query, key, value, at::TensorList(buffers ? *buffers : none), c);
   return std::make_tuple(r[0], r[1]);

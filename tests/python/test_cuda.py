@@ -23,7 +23,8 @@ FLEX_ATTENTION_SCHEMA = (
     "float? scale=None, bool enable_gqa=False, bool return_lse=False, Tensor? kv_num_blocks=None, "
     "Tensor? kv_indices=None, Tensor? full_kv_num_blocks=None, Tensor? full_kv_indices=None, "
     "int q_block_size=128, int kv_block_size=128, int BLOCK_M=0, int BLOCK_N=0, int USE_AMX=-1, "
-    "int PARTITION_SIZE=0, bool FORCE_USE_FLEX_ATTENTION=False, int USE_DPBF16=-1) -> (Tensor out, Tensor lse)")
+    "int PARTITION_SIZE=0, bool FORCE_USE_FLEX_ATTENTION=False, int USE_DPBF16=-1, int USE_WGMMA=-1) "
+    "-> (Tensor out, Tensor lse)")
 
 CUDA_KEYSET = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
 # The CUDA-only build's op library (FLEXJIT_TORCH_OPS=build-gpu/...) has flex_attention's CUDA and
@@ -111,11 +112,10 @@ def _causal(b, h, q_idx, kv_idx):
 @needs_gpu
 @pytest.mark.parametrize("wgmma", [False, True])
 @pytest.mark.parametrize("L", [97, 256, 1000])
-def test_cuda_matches_torch_flex_attention(L, wgmma, monkeypatch):
-    if wgmma:  # the sm_90a engine, opt-in (read per call); other GPUs keep mma.sync
-        if torch.cuda.get_device_capability() != (9, 0):
-            pytest.skip("the wgmma engine needs an sm_90 GPU")
-        monkeypatch.setenv("FLEXJIT_CUDA_WGMMA", "1")
+def test_cuda_matches_torch_flex_attention(L, wgmma):
+    # wgmma: the sm_90a engine, required (an error where it cannot run); else the default mma.sync.
+    if wgmma and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma engine needs an sm_90 GPU")
     from torch.nn.attention.flex_attention import create_block_mask
     from torch.nn.attention.flex_attention import flex_attention as torch_flex
 
@@ -129,7 +129,7 @@ def test_cuda_matches_torch_flex_attention(L, wgmma, monkeypatch):
     bm = (flexjit.create_block_mask(_causal, None, None, L, L, device=dev) if FULL_LIBRARY
           else create_block_mask(_causal, None, None, L, L, device=dev))
     out, lse = flexjit.flex_attention(q, k, v, score_mod=_alibi(slopes), block_mask=bm, enable_gqa=True,
-                                      return_lse=True)
+                                      return_lse=True, kernel_options={"USE_WGMMA": int(wgmma)})
     ref_bm = create_block_mask(_causal, None, None, L, L, device=dev)
     ref, ref_lse = torch_flex(q.float(), k.float(), v.float(), score_mod=_alibi(slopes), block_mask=ref_bm,
                               enable_gqa=True, return_lse=True)

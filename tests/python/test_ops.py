@@ -141,6 +141,17 @@ def test_use_amx_kernel_option_picks_the_bf16_engine():
         call(mod, *qkv(torch.float32), kernel_options={"USE_AMX": 1})
 
 
+def test_use_wgmma_kernel_option_is_cuda_only():
+    # USE_WGMMA picks the CUDA prefill engine: 0 is harmless on the CPU, 1 is refused with the fix.
+    mod = make_mod("alibi")
+    q, k, v = qkv(torch.bfloat16, lq=17, lkv=33, seed=3)
+    ref, _ = torch_reference(mod, q, k, v, lq=17, lkv=33)
+    out = call(mod, q, k, v, kernel_options={"USE_WGMMA": 0})
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[torch.bfloat16])
+    with pytest.raises(ValueError, match="USE_WGMMA=1 asks for the CUDA wgmma engine"):
+        call(mod, q, k, v, kernel_options={"USE_WGMMA": 1})
+
+
 def test_use_dpbf16_kernel_option_picks_the_bf16_engine():
     # bf16 with USE_DPBF16 0 (FMA or AMX) and 1 (vdpbf16ps; skipped visibly where the host lacks
     # AVX512-BF16): both match PyTorch's fp32 flex_attention; fp32 and a clash with USE_AMX=1 are

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""The README's GPU table from one scripts/gpu_check.sh run: reads OUTDIR's gpu_check.json,
+cuda_bench.json, cuda_prefill_bench.json and cuda_decode_bench.json (whichever exist) and prints
+Markdown with the device, the date and the commit, and only what those files measured: no file,
+no row. Each row says how it stands against issues 9 and 10's bars (prefill >= 0.8x
+torch.compile(flex_attention); decode >= 1.2x torch.compile's decoding and, at B x KV >= 256k
+tokens, >= 70% of the device-to-device copy bandwidth; NVRTC cold compile <= 2 s, disk hit
+<= 20 ms).
+
+    python3 scripts/gpu_report.py OUTDIR --commit abc1234 [--date 2026-12-03] > table.md
+
+The GPU machine gets a copy of the working tree without .git, so the commit is given here."""
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+
+def load(out, name):
+    p = Path(out) / name
+    if not p.exists():
+        return None
+    data = json.loads(p.read_text())
+    return None if "skipped" in data else data
+
+
+def prefill_table(bench):
+    """flexjit vs torch.compile(flex) vs SDPA per (case, L), from cuda_prefill_bench.json."""
+    rows = {}
+    for r in bench["results"]:
+        rows.setdefault((r["case"], r["L"], r["B"], r["H"]), {})[r["impl"]] = r
+    ours = sorted({r["impl"] for r in bench["results"] if r["impl"].startswith("flexjit")})
+    head = ["case", "L", "B x H"] + [f"{o} TFLOP/s" for o in ours] + ["torch.compile(flex) TFLOP/s", "SDPA TFLOP/s",
+                                                                      "best flexjit / torch.compile", ">= 0.8x"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (case, L, B, H), impls in sorted(rows.items()):
+        theirs = impls.get("torch.compile(flex)")
+        cells = [case, str(L), f"{B} x {H}"]
+        for o in ours:
+            r = impls.get(o)
+            cells.append("" if r is None else f"{r['tflops']:.0f}" + ("" if r.get("ok", True) else " (MISMATCH)"))
+        cells.append(f"{theirs['tflops']:.0f}" if theirs else "")
+        sdpa = next((r for i, r in impls.items() if i.startswith("sdpa")), None)
+        cells.append(f"{sdpa['tflops']:.0f}" if sdpa else "")
+        good = [impls[o] for o in ours if o in impls and impls[o].get("ok", True)]
+        if theirs and good:
+            ratio = theirs["ms"] / min(r["ms"] for r in good)
+            cells += [f"{ratio:.2f}x", "yes" if ratio >= 0.8 else "no"]
+        else:
+            cells += ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def decode_table(bench):
+    ceiling = bench["context"].get("copy_gbs")
+    lines = [f"Device-to-device copy (the ceiling, same run): {ceiling:.0f} GB/s." if ceiling else "",
+             "",
+             "| B | KV | impl | ms | GB/s | % of copy | vs torch.compile | bars |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in bench["results"]:
+        ours = r["impl"].startswith("flexjit")
+        bars = ""
+        if ours:
+            bars = ("1.2x " + ("yes" if r["speedup_vs_torch_compile"] >= 1.2 else "no"))
+            if r["B"] * r["kv"] >= 256 * 1024:
+                bars += ", 70% " + ("yes" if r["copy_fraction"] >= 0.7 else "no")
+            if r.get("ok") is False:
+                bars += ", MISMATCH"
+        lines.append(f"| {r['B']} | {r['kv']} | {r['impl']} | {r['ms']:.3f} | {r['gbs']:.0f} | "
+                     f"{100 * r['copy_fraction']:.0f}% | "
+                     f"{'' if not ours else '%.2fx' % r['speedup_vs_torch_compile']} | {bars} |")
+    return lines
+
+
+def kernel_tables(kb):
+    lines = [f"Kernels alone (`flexjit_cuda_bench`, {kb.get('arch')}, {kb.get('sm_count')} SMs; copy "
+             f"{kb.get('copy_gbs', 0):.0f} GB/s):", "",
+             "| prefill | L | engine | BLOCK | ms | TFLOP/s |", "|---|---|---|---|---|---|"]
+    for r in kb.get("prefill", []):
+        lines.append(f"| {r['mod']} | {r['L']} | {r.get('engine', 'mma')} | {r['block_m']}x{r['block_n']} | "
+                     f"{r['ms']:.3f} | {r['tflops']:.0f} |")
+    lines += ["", "| decode B | KV | layout | ms | GB/s | % of copy | partitions |", "|---|---|---|---|---|---|---|"]
+    for r in kb.get("decode", []):
+        lines.append(f"| {r['B']} | {r['kv']} | {'paged16' if r['paged'] else 'contiguous'} | {r['ms']:.3f} | "
+                     f"{r['gbs']:.0f} | {100 * r['copy_fraction']:.0f}% | {r['partitions']} |")
+    return lines
+
+
+def compile_lines(bench):
+    lines = []
+    for case, phases in bench.get("compile", {}).items():
+        for phase, r in phases.items():
+            if "error" in r:
+                lines.append(f"- NVRTC {phase} ({case}): FAILED")
+            else:
+                bar = 2000.0 if phase == "cold" else 20.0
+                lines.append(f"- NVRTC {phase} ({case}): {r['compile_ms']:.1f} ms "
+                             f"({'within' if r['compile_ms'] <= bar else 'over'} the {bar:g} ms bar)")
+    return lines
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("outdir")
+    ap.add_argument("--commit", required=True, help="the commit the GPU machine ran (its copy has no .git)")
+    ap.add_argument("--date", default=datetime.date.today().isoformat())
+    args = ap.parse_args()
+    check = load(args.outdir, "gpu_check.json") or {}
+    kb = load(args.outdir, "cuda_bench.json")
+    pb = load(args.outdir, "cuda_prefill_bench.json")
+    db = load(args.outdir, "cuda_decode_bench.json")
+    ctx = (pb or db or {}).get("context", {})
+    if not (kb or pb or db):
+        print(f"gpu_report: {args.outdir} holds no GPU measurement (skipped or missing): nothing to report")
+        return 1
+    gpu = ctx.get("gpu", "a GPU (torch context missing)")
+    out = [f"Measured on {gpu} ({ctx.get('sm', check.get('arch', '?'))}, {ctx.get('sm_count', '?')} SMs), "
+           f"{args.date}, commit {args.commit}, torch {ctx.get('torch', '?')}, CUDA {ctx.get('cuda', '?')}.", ""]
+    if check:
+        out += [f"Self-test: {check.get('result', '?')}; test_cuda.py exit {check.get('test_cuda_rc')}.", ""]
+    if pb:
+        out += ["Prefill, bf16, D 128 (TFLOP/s; causal counted as half):", ""] + prefill_table(pb) + [""]
+        out += compile_lines(pb) + [""]
+    if db:
+        out += ["Decode, bf16, Hq 32, Hkv 8, D 128, one query token:", ""] + decode_table(db) + [""]
+    if kb:
+        out += kernel_tables(kb) + [""]
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

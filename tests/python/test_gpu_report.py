@@ -1,0 +1,47 @@
+"""scripts/gpu_report.py on hand-made gpu_check outputs (fixtures, not measurements): it reports only
+what the files hold, and judges each row against the issues' bars."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def report(tmp_path, files):
+    for name, data in files.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_report.py"), str(tmp_path), "--commit",
+                           "abc1234", "--date", "2026-12-03"], capture_output=True, text=True)
+
+
+CTX = dict(gpu="Fixture GPU", sm="sm_90", sm_count=132, torch="2.x", cuda="13.0", git="", copy_gbs=4000.0)
+
+
+def test_nothing_measured_is_not_a_report(tmp_path):
+    r = report(tmp_path, {"cuda_bench.json": {"skipped": "no GPU"}})
+    assert r.returncode == 1 and "nothing to report" in r.stdout
+
+
+def test_rows_are_judged_against_the_bars(tmp_path):
+    prefill = dict(context=CTX, compile={"causal": {"cold": dict(compile_ms=1500.0), "disk": dict(compile_ms=30.0)}},
+                   results=[dict(case="causal", L=4096, B=8, H=16, impl="torch.compile(flex)", ms=1.0, tflops=400.0),
+                            dict(case="causal", L=4096, B=8, H=16, impl="flexjit", ms=1.5, tflops=267.0, ok=True),
+                            dict(case="causal", L=4096, B=8, H=16, impl="flexjit(wgmma)", ms=1.1, tflops=364.0,
+                                 ok=True)])
+    decode = dict(context=CTX, results=[
+        dict(B=64, kv=65536, impl="torch.compile(flex)", ms=10.0, gbs=1700.0, copy_fraction=0.43),
+        dict(B=64, kv=65536, impl="flexjit", ms=6.0, gbs=2860.0, copy_fraction=0.72, speedup_vs_torch_compile=1.67,
+             ok=True),
+        dict(B=1, kv=4096, impl="flexjit paged16", ms=0.02, gbs=400.0, copy_fraction=0.1,
+             speedup_vs_torch_compile=1.1, ok=False)])
+    r = report(tmp_path, {"cuda_prefill_bench.json": prefill, "cuda_decode_bench.json": decode})
+    assert r.returncode == 0, r.stderr
+    t = r.stdout
+    assert "Fixture GPU" in t and "2026-12-03" in t and "abc1234" in t
+    assert "| causal | 4096 | 8 x 16 | 267 | 364 | 400 |  | 0.91x | yes |" in t  # the faster flexjit engine counts
+    assert "cold (causal): 1500.0 ms (within the 2000 ms bar)" in t
+    assert "disk (causal): 30.0 ms (over the 20 ms bar)" in t
+    assert "| 64 | 65536 | flexjit | 6.000 | 2860 | 72% | 1.67x | 1.2x yes, 70% yes |" in t
+    assert "| 1 | 4096 | flexjit paged16 |" in t and "1.2x no, MISMATCH |" in t
+    assert "Kernels alone" not in t  # no cuda_bench.json: no such table
