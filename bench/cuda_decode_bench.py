@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 import torch  # noqa: E402
 
-from cuda_prefill_bench import context, cuda_time_ms  # noqa: E402
+from cuda_prefill_bench import context, cuda_time_ms, measure  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 CASES = "1x4096,1x131072,8x32768,16x16384,64x4096,64x65536"
@@ -86,12 +86,8 @@ def run_suite(args, dev, ceiling):
         kv_bytes = 2.0 * B * HKV * L * D * 2
         torch_ms = None
         with torch.no_grad():
-            theirs = impls[0][1]()
-            for impl, fn in impls:
-                ours = impl.startswith("flexjit")
-                diff = (fn().float() - theirs.float()).abs().max().item() if ours else None
-                ok = diff <= args.tol if ours else None
-                ms = cuda_time_ms(fn, args.warmup, args.iters)
+            for impl, ms, diff, ok in measure(impls, args.warmup, args.iters, args.tol):
+                ours = diff is not None
                 gbs = kv_bytes / (ms * 1e-3) / 1e9
                 if not ours:
                     torch_ms = ms

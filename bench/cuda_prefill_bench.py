@@ -59,6 +59,17 @@ def cuda_time_ms(fn, warmup, iters):
     return statistics.median(times)
 
 
+def measure(impls, warmup, iters, tol):
+    """Each (name, fn) of impls timed by cuda_time_ms, as (name, ms, diff, ok): the first is the
+    baseline; each flexjit one's output is checked against it (max |diff|, ok when <= tol), others
+    have diff and ok None. Yields as it goes, so a long run prints progress."""
+    theirs = impls[0][1]()
+    for impl, fn in impls:
+        ours = impl.startswith("flexjit")
+        diff = (fn().float() - theirs.float()).abs().max().item() if ours else None
+        yield impl, cuda_time_ms(fn, warmup, iters), diff, (diff <= tol if ours else None)
+
+
 def make_case(name, B, H, L, dev):
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -94,12 +105,8 @@ def run_suite(args, dev):
                 impls.append(("sdpa(is_causal)", lambda: torch.nn.functional.scaled_dot_product_attention(
                     q, k, v, is_causal=True)))
             with torch.no_grad():
-                theirs = impls[0][1]()
-                for impl, fn in impls:
-                    ours = impl.startswith("flexjit")
-                    diff = (fn().float() - theirs.float()).abs().max().item() if ours else None
-                    ok = diff <= args.tol if ours else None
-                    ms = cuda_time_ms(fn, args.warmup, args.iters)
+                for impl, ms, diff, ok in measure(impls, args.warmup, args.iters, args.tol):
+                    ours = diff is not None
                     tflops = flops / (ms * 1e-3) / 1e12
                     note = "" if not ours else f"{diff:.3e}" + ("" if ok else "  MISMATCH")
                     print(f"{name:<7} {L:>6} {B:>3} {H:>3}  {impl:<22} {ms:>9.3f} {tflops:>8.1f}  {note}")

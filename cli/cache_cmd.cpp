@@ -142,11 +142,15 @@ void warm_cuda(const WarmArgs& w) {
         if (decode) {
           spec = cuda_decode_kernel_spec(parse_dtype(dt), d, d, g, cuda_device_info_for_arch(w.arch));
         } else {
-          spec = cuda_prefill_kernel_spec(parse_dtype(dt), d, d, g, cuda_device_info_for_arch(w.arch));
+          // The engine a call would get: wgmma where FLEXJIT_CUDA_WGMMA=1 and the arch / D allow it.
+          const CudaDeviceInfo dev = cuda_device_info_for_arch(w.arch);
+          spec = cuda_prefill_kernel_spec(parse_dtype(dt), d, d, g, dev, 0, 0,
+                                          cuda_resolve_wgmma(-1, parse_dtype(dt), d, d, dev, 0, 0));
         }
         ++jobs;
         std::string line = "cuda " + w.arch + " " + dtype_name(spec.dtype) + " D=" + std::to_string(d) +
-                           " GQA=" + std::to_string(g) + (decode ? " decode" : "") + ": ";
+                           " GQA=" + std::to_string(g) + (decode ? " decode" : "") +
+                           (spec.engine == PrefillEngine::Wgmma ? " wgmma" : "") + ": ";
         try {
           jit::CudaBinary b = jit::get_cuda_binary(spec, rm.mods);
           char buf[160];

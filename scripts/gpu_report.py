@@ -116,7 +116,7 @@ def main():
     if not (kb or pb or db):
         print(f"gpu_report: {args.outdir} holds no GPU measurement (skipped or missing): nothing to report")
         return 1
-    gpu = ctx.get("gpu", "a GPU (torch context missing)")
+    gpu = ctx.get("gpu") or (kb or {}).get("device") or "a GPU (not named in the files)"
     out = [f"Measured on {gpu} ({ctx.get('sm', check.get('arch', '?'))}, {ctx.get('sm_count', '?')} SMs), "
            f"{args.date}, commit {args.commit}, torch {ctx.get('torch', '?')}, CUDA {ctx.get('cuda', '?')}.", ""]
     if check:

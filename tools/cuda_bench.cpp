@@ -70,7 +70,8 @@ int main(int argc, char** argv) {
   const CudaDeviceProps props = cuda_current_device_props();
   const CudaDeviceInfo dev = cuda_device_info(props);
   std::printf("cuda bench: %s, %d SMs\n", props.arch.c_str(), props.sm_count);
-  std::string json = "{\n  \"arch\": \"" + props.arch + "\", \"sm_count\": " + std::to_string(props.sm_count);
+  std::string json = "{\n  \"device\": \"" + json_escape(props.name) + "\", \"arch\": \"" + props.arch +
+                     "\", \"sm_count\": " + std::to_string(props.sm_count);
 
   // ---- the copy ceiling ----
   const size_t copy_bytes = size_t(1) << 30;

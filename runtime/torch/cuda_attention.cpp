@@ -85,7 +85,8 @@ CudaDeviceInfo device_info(int index) {
 at::Tensor kernel_layout(const at::Tensor& t) {
   if (t.dim() != 4) return t;  // the planner names the rank problem
   bool ok = (t.size(3) <= 1 || t.stride(3) == 1) && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
-  for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) <= 1 || t.stride(d) % 8 == 0);
+  const int64_t per16 = 16 / static_cast<int64_t>(t.element_size());  // elements per 16 bytes
+  for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) <= 1 || t.stride(d) % per16 == 0);
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
@@ -192,7 +193,7 @@ void fill_report(AttentionReport* out, const CudaPlanSummary& plan, const CudaRu
   rep.block_m = plan.spec.block_m;
   rep.block_n = plan.spec.block_n;
   rep.gqa_group = plan.spec.gqa_group;
-  rep.engine = "mma";
+  rep.engine = plan.spec.engine == PrefillEngine::Wgmma ? "wgmma" : "mma";
   rep.dtype = dtype_name(plan.spec.dtype);
   rep.symbol = info.symbol;
   KernelUse use;

@@ -74,18 +74,13 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
   __shared__ int range_error;  // a block mask's count or index out of range
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const fj_i64 b = blockIdx.z, h = blockIdx.y, q0 = (fj_i64)blockIdx.x * BLOCK_M;
-  const fj_i64 hkv = h / GQA_GROUP, bk = a.Bkv == 1 ? 0 : b;
-  const fjc_u16* q = (const fjc_u16*)a.q + b * a.q_strides[0] + h * a.q_strides[1] + q0 * a.q_strides[2];
-  const fjc_u16* k = (const fjc_u16*)a.k + bk * a.k_strides[0] + hkv * a.k_strides[1];
-  const fjc_u16* v = (const fjc_u16*)a.v + bk * a.v_strides[0] + hkv * a.v_strides[1];
+  const struct FjcPrefillCta cta = fjc_prefill_cta(a);
+  const fj_i64 b = cta.b, h = cta.h, q0 = cta.q0;
+  const fjc_u16 *const q = cta.q, *const k = cta.k, *const v = cta.v;
 
   if (threadIdx.x == 0) mod_error = range_error = 0;
   __syncthreads();  // the flags are zero before anyone may raise them
-  struct FlexModArgs mod;
-  mod.buffers = a.buffers;
-  mod.params = a.params;
-  mod.error_flag = &mod_error;
+  const struct FlexModArgs mod = fjc_prefill_mod_args(a, &mod_error);
 
   const struct FjcWalk walk = fjc_walk(a, b, h, q0, &range_error);
   fjc_load_tile<BLOCK_M, kDP, HEAD_DIM, kQS>(sQ, q, a.q_strides[2], a.Lq - q0);
@@ -157,6 +152,5 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
   for (int mt = 0; mt < kMT; ++mt)
     fjc_prefill_store_rows<kOT>(o[mt], m_run[mt], l_run[mt], warp_q0 + mt * 16 + r_lo, lane, a, b, h);
   __syncthreads();
-  if (threadIdx.x == 0 && (mod_error || range_error) && a.error_flag != nullptr)
-    atomicOr(a.error_flag, (mod_error ? 1 : 0) | (range_error ? 2 : 0));
+  fjc_prefill_report(a, mod_error, range_error);
 }

@@ -60,6 +60,38 @@ FJC_DEV fj_i64 fjc_block_at(const struct FjcWalk& w, int i, bool* partial) {
   return (fj_i64)blk * w.kv_block_size + (fj_i64)s * BLOCK_N;
 }
 
+// ---- a CTA's place in the call ----
+// (b, h, first query row) of this CTA (grid x = query blocks of BLOCK_M, y = Hq, z = B) and the
+// bases of its q rows and of its KV head's k and v (head h / GQA_GROUP; a KV batch of 1 broadcast).
+struct FjcPrefillCta {
+  fj_i64 b, h, q0;
+  const fjc_u16* q;
+  const fjc_u16* k;
+  const fjc_u16* v;
+};
+FJC_DEV struct FjcPrefillCta fjc_prefill_cta(const struct FlexCudaPrefillArgs& a) {
+  struct FjcPrefillCta c;
+  c.b = blockIdx.z, c.h = blockIdx.y, c.q0 = (fj_i64)blockIdx.x * BLOCK_M;
+  const fj_i64 hkv = c.h / GQA_GROUP, bk = a.Bkv == 1 ? 0 : c.b;
+  c.q = (const fjc_u16*)a.q + c.b * a.q_strides[0] + c.h * a.q_strides[1] + c.q0 * a.q_strides[2];
+  c.k = (const fjc_u16*)a.k + bk * a.k_strides[0] + hkv * a.k_strides[1];
+  c.v = (const fjc_u16*)a.v + bk * a.v_strides[0] + hkv * a.v_strides[1];
+  return c;
+}
+// The mods' view of the launch: its buffers and params, and the CTA's shared error flag.
+FJC_DEV struct FlexModArgs fjc_prefill_mod_args(const struct FlexCudaPrefillArgs& a, int* mod_error) {
+  struct FlexModArgs mod;
+  mod.buffers = a.buffers;
+  mod.params = a.params;
+  mod.error_flag = mod_error;
+  return mod;
+}
+// After the CTA's last barrier: one thread ORs what the CTA saw into the launch's error flag.
+FJC_DEV void fjc_prefill_report(const struct FlexCudaPrefillArgs& a, int mod_error, int range_error) {
+  if (threadIdx.x == 0 && (mod_error || range_error) && a.error_flag != nullptr)
+    atomicOr(a.error_flag, (mod_error ? 1 : 0) | (range_error ? 2 : 0));
+}
+
 // ---- the epilogue ----
 // A thread's two rows (row0 = the q index of its lower row, lane / 4 of a 16-row tile; the other is
 // row0 + 8) of a tile whose O accumulators are o: out = O / l, lse = ln 2 (m + log2 l) (natural

@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <sstream>
+#include <utility>
 
 namespace ctx = boost::context::detail;
 
@@ -182,21 +183,27 @@ WarpOp& join(Op op) {
   w.op = op;
   return w;
 }
-template <class Compute>
-void arrive(WarpOp& w, Compute&& compute) {
+// kWidth threads (a warp: 32, a warpgroup: 128) arrive at collective w; the last to arrive computes
+// everyone's result and releases them.
+template <unsigned kWidth, class Collective, class Compute>
+void arrive_all(Collective& w, Compute&& compute) {
   State& s = st();
   Lane& me = *s.cur;
-  if (++w.arrived < 32) {
+  if (++w.arrived < static_cast<int>(kWidth)) {
     me.waiting = w.op;
     yield();
     return;
   }
   compute();
-  const unsigned first = me.tid / 32 * 32;
-  for (unsigned i = first; i < first + 32; ++i) s.lanes[i].waiting = Op::None;
+  const unsigned first = me.tid / kWidth * kWidth;
+  for (unsigned i = first; i < first + kWidth; ++i) s.lanes[i].waiting = Op::None;
   w.arrived = 0;
   w.op = Op::None;
   ++s.stats.collectives;
+}
+template <class Compute>
+void arrive(WarpOp& w, Compute&& compute) {
+  arrive_all<32>(w, std::forward<Compute>(compute));
 }
 
 // The same for a warpgroup collective (wgmma.*): 4 consecutive warps from a warp index divisible
@@ -215,19 +222,7 @@ GroupOp& join_group(Op op) {
 }
 template <class Compute>
 void arrive_group(GroupOp& w, Compute&& compute) {
-  State& s = st();
-  Lane& me = *s.cur;
-  if (++w.arrived < 128) {
-    me.waiting = w.op;
-    yield();
-    return;
-  }
-  compute();
-  const unsigned first = me.tid / 128 * 128;
-  for (unsigned i = first; i < first + 128; ++i) s.lanes[i].waiting = Op::None;
-  w.arrived = 0;
-  w.op = Op::None;
-  ++s.stats.collectives;
+  arrive_all<128>(w, std::forward<Compute>(compute));
 }
 
 float elem_to_float(unsigned short x, int dtype) {
