@@ -98,9 +98,11 @@ def run_suite(args, dev):
             flops = 4.0 * B * H * L * L * D * (0.5 if is_causal else 1.0)
             impls = [("torch.compile(flex)", lambda: compiled(q, k, v, **mods)),
                      ("flexjit", lambda: flexjit.flex_attention(q, k, v, **mods))]
-            if hopper:  # the wgmma engine (opt-in: kernel option USE_WGMMA=1) beside the default mma.sync one
+            if hopper:  # the wgmma engine (opt-in: kernel option USE_WGMMA=1, or 2 pipelined) beside the default mma.sync one
                 impls.append(("flexjit(wgmma)", lambda: flexjit.flex_attention(
                     q, k, v, kernel_options={"USE_WGMMA": 1}, **mods)))
+                impls.append(("flexjit(wgmma2)", lambda: flexjit.flex_attention(  # pipelined
+                    q, k, v, kernel_options={"USE_WGMMA": 2}, **mods)))
             if is_causal:
                 impls.append(("sdpa(is_causal)", lambda: torch.nn.functional.scaled_dot_product_attention(
                     q, k, v, is_causal=True)))

@@ -216,8 +216,10 @@ AttentionOptions attention_options(const RunArgs& a) {
       if (value != "0" && value != "1") throw Error("--kernel-option USE_DPBF16 must be 0 or 1, got '" + value + "'");
       opt.use_dpbf16 = value == "1" ? 1 : 0;
     } else if (name == "USE_WGMMA") {
-      if (value != "0" && value != "1") throw Error("--kernel-option USE_WGMMA must be 0 or 1, got '" + value + "'");
-      opt.use_wgmma = value == "1" ? 1 : 0;
+      if (value != "0" && value != "1" && value != "2")
+        throw Error("--kernel-option USE_WGMMA must be 0 (mma.sync), 1 (wgmma) or 2 (wgmma, pipelined), got '" + value +
+                    "'");
+      opt.use_wgmma = value[0] - '0';
     } else if (name == "PARTITION_SIZE") {
       opt.partition_size = parse_positive("--kernel-option PARTITION_SIZE", value);
     } else if (name == "FORCE_USE_FLEX_ATTENTION") {

@@ -214,10 +214,10 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
                   "the default engine; got " + spec.str());
     if (spec.kind == KernelKind::Prefill && spec.engine == PrefillEngine::Wgmma &&
         ((spec.block_m != 64 && spec.block_m != 128) || (spec.block_n != 64 && spec.block_n != 128) ||
-         spec.warps != spec.block_m / 16 || (spec.kv_stages != 1 && spec.kv_stages != 2) || spec.head_dim % 64 != 0 ||
+         spec.warps != spec.block_m / 16 || spec.kv_stages < 1 || spec.kv_stages > 3 || spec.head_dim % 64 != 0 ||
          spec.head_dim > 256 || (spec.head_dim_v != 64 && spec.head_dim_v != 128 && spec.head_dim_v != 256) ||
          spec.arch != "sm_90a"))
-      throw Error("CUDA wgmma prefill: BLOCK_M 64 or 128 (4 warps per 64 rows), BLOCK_N 64 or 128, KV stages 1 or 2, "
+      throw Error("CUDA wgmma prefill: BLOCK_M 64 or 128 (4 warps per 64 rows), BLOCK_N 64 or 128, KV stages 1 to 3, "
                   "D a multiple of 64 up to 256, Dv 64 / 128 / 256, arch sm_90a; got " + spec.str());
     if (spec.kind == KernelKind::Prefill && spec.engine != PrefillEngine::Wgmma && (spec.block_m % 16 != 0 || spec.block_m < 16 || spec.block_m > 128 || spec.block_n % 16 != 0 ||
         spec.block_n < 16 || spec.block_n > 256 || (spec.kv_stages != 1 && spec.kv_stages != 2) ||

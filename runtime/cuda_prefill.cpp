@@ -70,18 +70,22 @@ std::string cuda_wgmma_refusal(DType dtype, int head_dim, int head_dim_v, const 
 
 int cuda_resolve_wgmma(int use_wgmma, DType dtype, int head_dim, int head_dim_v, const CudaDeviceInfo& dev,
                        int block_m, int block_n) {
-  if (use_wgmma == 0 || use_wgmma == 1) return use_wgmma;
+  if (use_wgmma >= 0 && use_wgmma <= 2) return use_wgmma;
   const char* env = std::getenv("FLEXJIT_CUDA_WGMMA");
-  const bool wanted = env && std::string(env) == "1";
-  return wanted && cuda_wgmma_refusal(dtype, head_dim, head_dim_v, dev, block_m, block_n).empty() ? 1 : 0;
+  const int wanted = env && std::string(env) == "1" ? 1 : env && std::string(env) == "2" ? 2 : 0;
+  return wanted && cuda_wgmma_refusal(dtype, head_dim, head_dim_v, dev, block_m, block_n).empty() ? wanted : 0;
 }
 
 jit::KernelSpec cuda_prefill_kernel_spec(DType dtype, int head_dim, int head_dim_v, int gqa_group,
                                          const CudaDeviceInfo& dev, int block_m, int block_n, int use_wgmma) {
-  if (use_wgmma == 1) {
+  if (use_wgmma < 0 || use_wgmma > 2)
+    throw Error("CUDA flex_attention: USE_WGMMA must be 0 (mma.sync), 1 (wgmma) or 2 (wgmma, pipelined), got " +
+                std::to_string(use_wgmma));
+  if (use_wgmma >= 1) {
     const std::string why = cuda_wgmma_refusal(dtype, head_dim, head_dim_v, dev, block_m, block_n);
     if (!why.empty())
-      throw Error("CUDA flex_attention: USE_WGMMA=1 (the wgmma prefill engine) cannot take this call: " + why +
+      throw Error("CUDA flex_attention: USE_WGMMA=" + std::to_string(use_wgmma) +
+                  " (the wgmma prefill engine) cannot take this call: " + why +
                   ". Drop USE_WGMMA to use the mma.sync engine");
     jit::KernelSpec s;
     s.backend = jit::Backend::Cuda;
@@ -93,11 +97,20 @@ jit::KernelSpec cuda_prefill_kernel_spec(DType dtype, int head_dim, int head_dim
     s.gqa_group = gqa_group;
     s.arch = "sm_90a";  // wgmma is an sm_90a instruction
     s.block_m = block_m > 0 ? block_m : 128;
-    s.block_n = block_n > 0 ? block_n : std::max(head_dim, head_dim_v) <= 128 ? 128 : 64;
+    // The pipelined schedule holds S of one block, P of the one before and O at once: 64-key blocks
+    // above D 64 keep that within 255 registers without spilling (cuda_prefill_compile_test).
+    s.block_n = block_n > 0                                                ? block_n
+                : std::max(head_dim, head_dim_v) <= (use_wgmma == 2 ? 64 : 128) ? 128
+                                                                         : 64;
     s.warps = s.block_m / 16;  // warpgroups of 4 warps, 64 rows each
-    s.kv_stages = 2;
+    // 2: the pipelined schedule (block i + 1's softmax while block i's P V runs) on three K/V stages.
+    s.kv_stages = use_wgmma == 2 ? 3 : 2;
     if (jit::cuda_prefill_smem_bytes(s) > dev.max_smem_optin && block_n <= 0) s.block_n = 64;
-    if (jit::cuda_prefill_smem_bytes(s) > dev.max_smem_optin) s.kv_stages = 1;
+    if (jit::cuda_prefill_smem_bytes(s) > dev.max_smem_optin && use_wgmma == 2 && block_m <= 0) {
+      s.block_m = 64;  // three stages at D 256: one warpgroup
+      s.warps = 4;
+    }
+    if (jit::cuda_prefill_smem_bytes(s) > dev.max_smem_optin && use_wgmma == 1) s.kv_stages = 1;
     if (jit::cuda_prefill_smem_bytes(s) > dev.max_smem_optin)
       throw Error("CUDA flex_attention (wgmma): D=" + std::to_string(head_dim) + " with BLOCK " +
                   std::to_string(s.block_m) + "x" + std::to_string(s.block_n) + " needs " +

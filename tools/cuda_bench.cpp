@@ -234,14 +234,14 @@ int main(int argc, char** argv) {
       }
       // The mma.sync engine's default tile (64 x 64, a warp per m16 tile) and FA2's (128 rows, 4 warps
       // of two tiles); on sm_90 the wgmma engine's default (128 x 128: two warpgroups sharing K / V,
-      // one CTA per SM) and one-warpgroup tiles (64 x 64 fits two CTAs per SM, whose softmax and
-      // MMAs can overlap).
+      // one CTA per SM), one-warpgroup tiles (64 x 64 fits two CTAs per SM, whose softmax and
+      // MMAs can overlap) and the pipelined schedule (USE_WGMMA=2: three stages, 128 x 64).
       struct Variant {
         int block_m, block_n, use_wgmma;
       };
       std::vector<Variant> variants = {{0, 0, 0}, {128, 0, 0}};
       if (cuda_wgmma_refusal(DType::BF16, int(D), int(D), dev, 0, 0).empty())
-        variants.insert(variants.end(), {{0, 0, 1}, {64, 64, 1}, {64, 128, 1}});
+        variants.insert(variants.end(), {{0, 0, 1}, {64, 64, 1}, {64, 128, 1}, {0, 0, 2}});
       for (const Variant& var : variants) {
         AttentionOptions opt;
         opt.block_m = var.block_m;
@@ -257,7 +257,7 @@ int main(int argc, char** argv) {
                         plan.describe().c_str());
           json += std::string(first ? "" : ",") + "\n    {\"mod\": \"" + mod + "\", \"L\": " + std::to_string(L) +
                   ", \"B\": " + std::to_string(B) + ", \"H\": " + std::to_string(H) + ", \"engine\": \"" +
-                  (plan.spec.engine == PrefillEngine::Wgmma ? "wgmma" : "mma") + "\", \"block_m\": " +
+                  (plan.spec.engine != PrefillEngine::Wgmma ? "mma" : plan.spec.kv_stages == 3 ? "wgmma2" : "wgmma") + "\", \"block_m\": " +
                   std::to_string(plan.spec.block_m) + ", \"block_n\": " + std::to_string(plan.spec.block_n) +
                   ", \"ms\": " + std::to_string(ms) + ", \"tflops\": " + std::to_string(tflops) + "}";
           first = false;

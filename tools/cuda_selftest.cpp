@@ -233,7 +233,7 @@ int main(int argc, char** argv) {
       std::vector<jit::KernelSpec> specs = {cuda_prefill_kernel_spec(DType::BF16, 128, 128, 4, target),
                                             cuda_decode_kernel_spec(DType::BF16, 128, 128, 4, target)};
       if (cuda_wgmma_refusal(DType::BF16, 128, 128, target, 0, 0).empty())
-        specs.push_back(cuda_prefill_kernel_spec(DType::BF16, 128, 128, 4, target, 0, 0, /*use_wgmma=*/1));
+        for (int use : {1, 2}) specs.push_back(cuda_prefill_kernel_spec(DType::BF16, 128, 128, 4, target, 0, 0, use));
       for (const jit::KernelSpec& spec : specs) {
         try {
           jit::CudaBinary b = jit::get_cuda_binary(spec, mods);
@@ -286,7 +286,9 @@ int main(int argc, char** argv) {
                             {1, 3, 1, 129, 129, 128, "alibi"}, {1, 4, 2, 97, 4097, 64, "softcap"},
                             {1, 2, 2, 129, 17, 256, "sliding_window"}, {2, 4, 4, 200, 200, 64, "document"},
                             {1, 4, 4, 64, 64, 128, "all_masked"},      {1, 8, 8, 1000, 1000, 128, "prefix_lm"}};
-        for (const C& c : wcases) failures += gpu_case(c.B, c.Hq, c.Hkv, c.Lq, c.Lkv, c.D, c.mod, props, 1) ? 0 : 1;
+        for (int use : {1, 2})  // 2: the pipelined schedule
+          for (const C& c : wcases)
+            failures += gpu_case(c.B, c.Hq, c.Hkv, c.Lq, c.Lkv, c.D, c.mod, props, use) ? 0 : 1;
       } else {
         std::printf("  wgmma engine: SKIPPED (%s is not sm_90)\n", props.arch.c_str());
       }

@@ -166,8 +166,9 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         USE_AMX 0 / 1 forbids / requires bf16 matmuls on AMX tiles (default: where available);
         USE_DPBF16 0 / 1 forbids / requires them on AVX512-BF16's vdpbf16ps (default: where
         available and AMX is not used);
-        USE_WGMMA 0 / 1 forbids / requires the CUDA prefill's wgmma engine on sm_90 GPUs (default:
-        FLEXJIT_CUDA_WGMMA=1 turns it on where it applies, else mma.sync);
+        USE_WGMMA 0 / 1 forbids / requires the CUDA prefill's wgmma engine on sm_90 GPUs, 2 its
+        pipelined schedule (default: FLEXJIT_CUDA_WGMMA=1 or 2 turns it on where it applies, else
+        mma.sync);
         PARTITION_SIZE keys per decode partition (a multiple of BLOCK_N; 0 / unset: tuned or cost
         model); FORCE_USE_FLEX_ATTENTION True runs the prefill kernel even for decode shapes.
     """

@@ -228,7 +228,9 @@ AttentionOptions kernel_options_of(const FlexOptions& o) {
       if (val != 0 && val != 1) throw Error("kernel option USE_DPBF16 must be 0 or 1, got " + std::to_string(val));
       opt.use_dpbf16 = int(val);
     } else if (n == "USE_WGMMA") {
-      if (val != 0 && val != 1) throw Error("kernel option USE_WGMMA must be 0 or 1, got " + std::to_string(val));
+      if (val < 0 || val > 2)
+        throw Error("kernel option USE_WGMMA must be 0 (mma.sync), 1 (wgmma) or 2 (wgmma, pipelined), got " +
+                    std::to_string(val));
       opt.use_wgmma = int(val);
     } else if (n == "PARTITION_SIZE") {
       if (val < 0)

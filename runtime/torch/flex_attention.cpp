@@ -137,8 +137,8 @@ const jit::Executor* compile_executor() {
 // The runtime's options from the torch layer's: threading and the kernel options by name.
 AttentionOptions attention_options(const FlexOptions& o) {
   AttentionOptions opt = kernel_options_of(o);
-  if (opt.use_wgmma == 1)
-    throw Error("flex_attention: kernel option USE_WGMMA=1 asks for the CUDA wgmma engine (Hopper GPUs), but q is on "
+  if (opt.use_wgmma >= 1)
+    throw Error("flex_attention: kernel option USE_WGMMA=" + std::to_string(opt.use_wgmma) + " asks for the CUDA wgmma engine (Hopper GPUs), but q is on "
                 "the CPU; drop the option or move the tensors to an sm_90 GPU");
   // The kernel runs on torch's intra-op pool (at::parallel_for: torch.set_num_threads applies, and
   // no second pool competes with it), unless the caller asks for a thread count of its own (TBB).

@@ -19,6 +19,16 @@
 static constexpr float fjc_kLog2e = 1.44269504088896340736f;
 static constexpr float fjc_kLn2 = 0.693147180559945309417f;
 
+// Row r (0 or 1) of the thread's O accumulators times alpha.
+template <int kOT>
+FJC_DEV void fjc_scale_row(float (&o)[kOT][4], int r, float alpha) {
+#pragma unroll
+  for (int t = 0; t < kOT; ++t) {
+    o[t][2 * r] *= alpha;
+    o[t][2 * r + 1] *= alpha;
+  }
+}
+
 // S = Q K^T for kMT m16 tiles of a warp (16 kMT rows) against the block's kNT * 8 keys: sQw points
 // at the warp's first Q row (row stride kQS elements, kDP columns), sK at the block's first key
 // (row stride kKS). Each K fragment is loaded once for all kMT tiles (FA2's way of halving the
@@ -49,13 +59,15 @@ FJC_DEV void fjc_block_scores(float (&s)[kMT][kNT][4], const fjc_u16* sQw, const
 }
 
 // Row r (0 or 1) of the thread: the mods at (b, h, q_idx, kv0 + col) for columns < nvalid of a row
-// inside the call (row_ok), mask_mod on partial blocks only; then the online-softmax step. A row
-// with no finite score yet uses 0 as its reference: P = 2^-inf = 0 and alpha = 2^(-inf - 0) = 0,
-// never -inf - -inf = NaN.
-template <int kNT, int kOT>
-FJC_DEV void fjc_block_softmax_row(float (&s)[kNT][4], float (&o)[kOT][4], float& m_run, float& l_run, int r,
-                                   bool row_ok, fj_i64 b, fj_i64 h, fj_i64 q_idx, fj_i64 kv0, fj_i64 nvalid,
-                                   bool partial, float scale, const struct FlexModArgs* mod, int lane) {
+// inside the call (row_ok), mask_mod on partial blocks only; then the online-softmax step on the
+// scores (S becomes P) and the row's max and sum. Returns alpha, the factor the row's O must be
+// scaled by before P V is added (the caller scales it: the wgmma engine's O may be in flight). A
+// row with no finite score yet uses 0 as its reference: P = 2^-inf = 0 and alpha = 2^(-inf - 0) =
+// 0, never -inf - -inf = NaN.
+template <int kNT>
+FJC_DEV float fjc_block_softmax_p(float (&s)[kNT][4], float& m_run, float& l_run, int r, bool row_ok, fj_i64 b,
+                                  fj_i64 h, fj_i64 q_idx, fj_i64 kv0, fj_i64 nvalid, bool partial, float scale,
+                                  const struct FlexModArgs* mod, int lane) {
   float mx = FJC_NEG_INF;
 #pragma unroll
   for (int t = 0; t < kNT; ++t) {
@@ -100,11 +112,17 @@ FJC_DEV void fjc_block_softmax_row(float (&s)[kNT][4], float (&o)[kOT][4], float
     }
   }
   l_run = l_run * alpha + sum;
-#pragma unroll
-  for (int t = 0; t < kOT; ++t) {
-    o[t][2 * r] *= alpha;
-    o[t][2 * r + 1] *= alpha;
-  }
+  return alpha;
+}
+
+// The same with row r of O scaled at once (the mma.sync engine's O is never in flight).
+template <int kNT, int kOT>
+FJC_DEV void fjc_block_softmax_row(float (&s)[kNT][4], float (&o)[kOT][4], float& m_run, float& l_run, int r,
+                                   bool row_ok, fj_i64 b, fj_i64 h, fj_i64 q_idx, fj_i64 kv0, fj_i64 nvalid,
+                                   bool partial, float scale, const struct FlexModArgs* mod, int lane) {
+  const float alpha =
+      fjc_block_softmax_p<kNT>(s, m_run, l_run, r, row_ok, b, h, q_idx, kv0, nvalid, partial, scale, mod, lane);
+  fjc_scale_row<kOT>(o, r, alpha);
 }
 
 // O (kMT m16 tiles x kOT * 8 columns) += P V: P in the S accumulators (16 keys = two S tiles per

@@ -43,7 +43,7 @@ static_assert(FLEXJIT_WARPS == 4 * kGroups, "wgmma engine: four warps per warpgr
 static_assert(BLOCK_N == 64 || BLOCK_N == 128 || BLOCK_N == 256, "wgmma engine: BLOCK_N 64, 128 or 256");
 static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM <= 256, "wgmma engine: D a multiple of 64 up to 256");
 static_assert(HEAD_DIM_V == 64 || HEAD_DIM_V == 128 || HEAD_DIM_V == 256, "wgmma engine: Dv 64, 128 or 256");
-static_assert(FLEXJIT_KV_STAGES == 1 || FLEXJIT_KV_STAGES == 2, "1 or 2 K/V stages");
+static_assert(FLEXJIT_KV_STAGES >= 1 && FLEXJIT_KV_STAGES <= 3, "1 or 2 K/V stages, or 3: the pipelined schedule");
 
 // Shared memory (elements), after up to 1024 bytes of alignment: Q [BLOCK_M x D], then per stage
 // K [BLOCK_N x D] and V [BLOCK_N x Dv], each as 64-column swizzled atoms.
@@ -56,6 +56,51 @@ template <int kRows, int kWidth>
 FJC_DEV void fjc_load_tile_sw(fjc_u16* dst, const fjc_u16* src, fj_i64 s_row, fj_i64 valid_rows) {
   fjc_load_rows_sw128<kRows, kWidth, kThreads>(
       dst, [&](int r) { return src + r * s_row; }, valid_rows, (int)threadIdx.x, src);
+}
+
+// The issue helpers below leave the fence to their caller: every register a batch of wgmma reads
+// or accumulates into (S, O, P) is defined before one wgmma.fence that starts the batch, and nothing
+// else defines them until the batch is waited for; otherwise ptxas serialises the MMAs (its C7513
+// notice, which cuda_prefill_compile_test rejects).
+FJC_DEV void fjc_start_batch(float (&s)[kNT][4]) {
+#ifdef FLEXJIT_CUDA_EMULATION
+#pragma unroll
+  for (int t = 0; t < kNT; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.0f;  // scale-d 0 ignores them
+#endif
+  fjc_wgmma_hold(s);
+}
+
+// Issues S = Q K^T (one commit group) for the warpgroup's Q rows at shared address q_addr and the K
+// tile at k_addr: k-step kk reads atom kk / 4 of each at byte 32 (kk % 4). s is the asynchronous
+// MMA's until a wgmma wait covers the group.
+FJC_DEV void fjc_issue_scores(float (&s)[kNT][4], unsigned q_addr, unsigned k_addr) {
+#pragma unroll
+  for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+    const unsigned qa = q_addr + (kk / 4) * BLOCK_M * 128 + (kk % 4) * 32;
+    const unsigned ka = k_addr + (kk / 4) * BLOCK_N * 128 + (kk % 4) * 32;
+    FjcWgmma<BLOCK_N>::template ss<0>(s, fjc_wgmma_desc(qa, 16, 1024), fjc_wgmma_desc(ka, 16, 1024), kk > 0 ? 1 : 0);
+  }
+  fjc_wgmma_commit();
+}
+
+// P (the softmax'ed S accumulators) as A fragments: 16-key k-step kk is S tiles 2 kk and 2 kk + 1.
+FJC_DEV void fjc_pack_p(unsigned (&pa)[BLOCK_N / 16][4], const float (&s)[kNT][4]) {
+#pragma unroll
+  for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+    pa[kk][0] = fjc_pack2(s[2 * kk][0], s[2 * kk][1]);
+    pa[kk][1] = fjc_pack2(s[2 * kk][2], s[2 * kk][3]);
+    pa[kk][2] = fjc_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    pa[kk][3] = fjc_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+  }
+}
+
+// Issues O += P V (one commit group) for the V tile at v_addr: k-step kk starts at key row 16 kk of
+// each atom (MN-major, the next 64 output columns BLOCK_N rows of 128 bytes further).
+FJC_DEV void fjc_issue_pv(float (&o)[kOT][4], const unsigned (&pa)[BLOCK_N / 16][4], unsigned v_addr) {
+#pragma unroll
+  for (int kk = 0; kk < BLOCK_N / 16; ++kk)
+    FjcWgmma<HEAD_DIM_V>::template rs<1>(o, pa[kk], fjc_wgmma_desc(v_addr + kk * 16 * 128, BLOCK_N * 128, 1024), 1);
+  fjc_wgmma_commit();
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
@@ -101,6 +146,78 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int t = 0; t < kOT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
 
+  // The mods + online softmax of KV block i on S (both of the thread's rows, S becomes P); alpha
+  // gets the factors O's rows must be scaled by (now, or once O is no longer in flight).
+  auto softmax = [&](float (&s)[kNT][4], int i, float (&alpha)[2]) {
+    bool partial;
+    const fj_i64 kv0 = fjc_block_at(walk, i, &partial);
+    const fj_i64 nvalid = a.Lkv - kv0;  // keys of this block (BLOCK_N or fewer); <= 0: none (all -inf)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const fj_i64 q_idx = warp_q0 + lane / 4 + 8 * r;
+      alpha[r] = fjc_block_softmax_p<kNT>(s, m_run[r], l_run[r], r, q_idx < a.Lq, b, h, q_idx, kv0, nvalid, partial,
+                                          a.scale, &mod, lane);
+    }
+  };
+
+#if FLEXJIT_KV_STAGES == 3
+  // Pipelined (FA3's intra-warpgroup overlap): while O += P_i V_i runs on the tensor cores, the
+  // warpgroup waits for S_{i+1} = Q K_{i+1}^T (issued just before) and runs block i + 1's mods and
+  // softmax; O is scaled by block i + 1's alpha once P_i V_i is done. Three K/V stages: block i + 2
+  // loads while blocks i (V) and i + 1 (K) are read.
+  if (walk.total > 1) load_kv(1, 1);
+  fjc_cp_async_commit();
+  unsigned pa[BLOCK_N / 16][4];  // P of the block whose P V is issued next
+  if (walk.total > 0) {
+    fjc_cp_async_wait<1>();  // Q and block 0
+    fjc_fence_proxy_async();
+    __syncthreads();
+    float s[kNT][4];
+    fjc_start_batch(s);
+    fjc_wgmma_fence();
+    fjc_issue_scores(s, q_addr, k_addr);
+    fjc_wgmma_wait<0>();
+    fjc_wgmma_hold(s);
+    float alpha[2];
+    softmax(s, 0, alpha);  // O is 0: nothing to scale
+    fjc_pack_p(pa, s);
+  }
+  // Blocks 0 .. total - 2: S of the next block and P V of this one in one batch (no branch inside
+  // it), then the last block's P V alone.
+  for (int i = 0; i + 1 < walk.total; ++i) {
+    const int cur = i % 3, next = (i + 1) % 3;
+    if (i + 2 < walk.total) load_kv(i + 2, (i + 2) % 3);  // the stage block i - 1 used, released below
+    fjc_cp_async_commit();
+    fjc_cp_async_wait<1>();  // block i + 1 is here
+    fjc_fence_proxy_async();
+    __syncthreads();
+    float s[kNT][4];
+    fjc_start_batch(s);
+    fjc_wgmma_hold(o);
+    fjc_wgmma_fence();  // one batch: S_{i+1} (its own group, waited for first), then P_i V_i
+    fjc_issue_scores(s, q_addr, k_addr + next * kKElems * 2);
+    fjc_issue_pv(o, pa, v_addr + cur * kVElems * 2);
+    fjc_wgmma_wait<1>();  // S_{i+1} (P_i V_i may still run)
+    fjc_wgmma_hold(s);
+    float alpha[2];
+    softmax(s, i + 1, alpha);
+    fjc_wgmma_wait<0>();  // P_i V_i
+    fjc_wgmma_hold(o);
+    fjc_scale_row<kOT>(o, 0, alpha[0]);
+    fjc_scale_row<kOT>(o, 1, alpha[1]);
+    // P_{i+1} packed only now: written earlier, its registers (the compiler's pick, often P_i's
+    // own) would change under the running P_i V_i, and ptxas would serialise the MMAs to keep it.
+    fjc_pack_p(pa, s);
+    __syncthreads();  // stage cur is free for block i + 3
+  }
+  if (walk.total > 0) {  // the last block's V is in place since the last barrier
+    fjc_wgmma_hold(o);
+    fjc_wgmma_fence();
+    fjc_issue_pv(o, pa, v_addr + ((walk.total - 1) % 3) * kVElems * 2);
+    fjc_wgmma_wait<0>();
+    fjc_wgmma_hold(o);
+  }
+#else
   for (int i = 0; i < walk.total; ++i) {
     const int cur = FLEXJIT_KV_STAGES == 2 ? (i & 1) : 0;
     if (FLEXJIT_KV_STAGES == 2 && i + 1 < walk.total) {
@@ -115,51 +232,22 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
 
     bool partial;
     const fj_i64 kv0 = fjc_block_at(walk, i, &partial);
-    const fj_i64 nvalid = a.Lkv - kv0;  // keys of this block (BLOCK_N or fewer); <= 0: none
-    if (nvalid > 0) {                   // the same for the whole CTA
-      const unsigned kc = k_addr + cur * kKElems * 2, vc = v_addr + cur * kVElems * 2;
-
-      // S = Q K^T: k-step kk reads atom kk / 4 of Q and K at byte 32 (kk % 4).
+    if (a.Lkv - kv0 > 0) {  // a block with keys (the same for the whole CTA)
       float s[kNT][4];
-#ifdef FLEXJIT_CUDA_EMULATION
-#pragma unroll
-      for (int t = 0; t < kNT; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.0f;  // scale-d 0 ignores them
-#endif
-      fjc_wgmma_hold(s);
+      fjc_start_batch(s);
       fjc_wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-        const unsigned qa = q_addr + (kk / 4) * BLOCK_M * 128 + (kk % 4) * 32;
-        const unsigned ka = kc + (kk / 4) * BLOCK_N * 128 + (kk % 4) * 32;
-        FjcWgmma<BLOCK_N>::template ss<0>(s, fjc_wgmma_desc(qa, 16, 1024), fjc_wgmma_desc(ka, 16, 1024), kk > 0 ? 1 : 0);
-      }
-      fjc_wgmma_commit();
+      fjc_issue_scores(s, q_addr, k_addr + cur * kKElems * 2);
       fjc_wgmma_wait<0>();
       fjc_wgmma_hold(s);
-
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const fj_i64 q_idx = warp_q0 + lane / 4 + 8 * r;
-        fjc_block_softmax_row<kNT, kOT>(s, o, m_run[r], l_run[r], r, q_idx < a.Lq, b, h, q_idx, kv0, nvalid, partial,
-                                        a.scale, &mod, lane);
-      }
-
-      // O += P V: P's 16-key k-step kk is S tiles 2 kk and 2 kk + 1 as an A fragment; V's starts at
-      // key row 16 kk of each atom.
+      float alpha[2];
+      softmax(s, i, alpha);
+      fjc_scale_row<kOT>(o, 0, alpha[0]);
+      fjc_scale_row<kOT>(o, 1, alpha[1]);
       unsigned pa[BLOCK_N / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-        pa[kk][0] = fjc_pack2(s[2 * kk][0], s[2 * kk][1]);
-        pa[kk][1] = fjc_pack2(s[2 * kk][2], s[2 * kk][3]);
-        pa[kk][2] = fjc_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        pa[kk][3] = fjc_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-      }
+      fjc_pack_p(pa, s);
       fjc_wgmma_hold(o);
       fjc_wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < BLOCK_N / 16; ++kk)
-        FjcWgmma<HEAD_DIM_V>::template rs<1>(o, pa[kk], fjc_wgmma_desc(vc + kk * 16 * 128, BLOCK_N * 128, 1024), 1);
-      fjc_wgmma_commit();
+      fjc_issue_pv(o, pa, v_addr + cur * kVElems * 2);
       fjc_wgmma_wait<0>();
       fjc_wgmma_hold(o);
     }
@@ -169,6 +257,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
       fjc_cp_async_commit();
     }
   }
+#endif
 
   fjc_prefill_store_rows<kOT>(o, m_run, l_run, warp_q0 + lane / 4, lane, a, b, h);
   __syncthreads();

@@ -113,14 +113,15 @@ TEST(CudaPrefillCompile, EveryBuiltinModCompiles) {
 TEST(CudaPrefillCompile, WgmmaEngineCompilesForSm90aWithoutLocalMemory) {
   SKIP_WITHOUT_NVRTC();
   const CudaDeviceInfo h100 = cuda_device_info_for_arch("sm_90");
-  for (const std::string& name : builtin_mod_names()) {
-    SCOPED_TRACE(name);
-    Built b = build(cuda_prefill_kernel_spec(DType::BF16, 128, 128, 4, h100, 0, 0, /*use_wgmma=*/1), mod_set_of(name));
+  for (const std::string& name : builtin_mod_names())
+    for (int use_wgmma : {1, 2}) {  // 2: the pipelined schedule, three stages
+    SCOPED_TRACE(name + " USE_WGMMA=" + std::to_string(use_wgmma));
+    Built b = build(cuda_prefill_kernel_spec(DType::BF16, 128, 128, 4, h100, 0, 0, use_wgmma), mod_set_of(name));
     // ptxas says when it had to serialise the warpgroup MMAs (a performance loss, not an error).
     EXPECT_EQ(b.r.log.find("wgmma.mma_async instructions are serialized"), std::string::npos) << b.r.log;
     EXPECT_EQ(b.usage.spill_bytes, 0) << name << "\n" << b.r.log;
     EXPECT_EQ(b.usage.stack_frame, 0) << name << "\n" << b.r.log;
-  }
+    }
   const ModSet causal = mod_set_of("causal");
   for (DType dt : {DType::BF16, DType::F16})
     for (int d : {64, 128, 256})
@@ -130,6 +131,11 @@ TEST(CudaPrefillCompile, WgmmaEngineCompilesForSm90aWithoutLocalMemory) {
         Built b = build(cuda_prefill_kernel_spec(dt, d, d, 1, h100, bm, bn, 1), causal);
         EXPECT_EQ(b.usage.spill_bytes, 0) << b.r.log;
         EXPECT_EQ(b.usage.stack_frame, 0) << b.r.log;
+        if (bm == 0) {  // the pipelined schedule's default tile
+          Built p = build(cuda_prefill_kernel_spec(dt, d, d, 1, h100, 0, 0, 2), causal);
+          EXPECT_EQ(p.usage.spill_bytes, 0) << p.r.log;
+          EXPECT_EQ(p.usage.stack_frame, 0) << p.r.log;
+        }
       }
 }
 

@@ -40,7 +40,7 @@ struct Case {
   double scale = 0;                 // 0 = 1/sqrt(D)
   int smem_optin = 0;               // the device's shared memory limit (0 = an H100's)
   bool corrupt_mask = false;        // a count and an index out of range: flagged and skipped, never read
-  int wgmma = 0;                    // the kernel option USE_WGMMA (1: the sm_90a wgmma engine)
+  int wgmma = 0;                    // the kernel option USE_WGMMA (1: the sm_90a wgmma engine, 2: pipelined)
 };
 
 std::string name_of(const Case& c) {
@@ -62,7 +62,7 @@ std::string name_of(const Case& c) {
   if (c.scale != 0) n += c.scale < 0 ? "_negscale" : "_scale";
   if (c.smem_optin) n += "_smem" + std::to_string(c.smem_optin / 1024) + "k";
   if (c.corrupt_mask) n += "_corrupt";
-  if (c.wgmma) n += "_wgmma";
+  if (c.wgmma) n += c.wgmma == 2 ? "_wgmma2" : "_wgmma";
   return n;
 }
 
@@ -132,7 +132,8 @@ void run_case(const Case& c) {
     return;  // the rows it touched are undefined; nothing was read out of bounds
   }
   EXPECT_EQ(error_flag, 0) << "a mod flagged an out-of-range buffer index";
-  EXPECT_EQ(plan.spec.engine == PrefillEngine::Wgmma, c.wgmma == 1) << plan.describe();
+  EXPECT_EQ(plan.spec.engine == PrefillEngine::Wgmma, c.wgmma >= 1) << plan.describe();
+  if (c.wgmma == 2) EXPECT_EQ(plan.spec.kv_stages, 3) << "the pipelined schedule runs on three stages";
 
   const double scale = c.scale != 0 ? c.scale : 1.0 / std::sqrt(double(c.D));
   RefResult gold = reference_attention(q.view, k.view, v.view, mods, bind, scale);
@@ -399,6 +400,14 @@ std::vector<Case> wgmma_cases() {
     w.smem_optin = 150 * 1024;  // one K/V stage
     out.push_back(w);
   }
+  // The pipelined schedule (USE_WGMMA=2, three stages) on all of the above but the small-memory GPU.
+  const size_t plain = out.size();
+  for (size_t i = 0; i < plain; ++i)
+    if (out[i].smem_optin == 0) {
+      Case p = out[i];
+      p.wgmma = 2;
+      out.push_back(p);
+    }
   return out;
 }
 INSTANTIATE_TEST_SUITE_P(Wgmma, CudaEmulated, ::testing::ValuesIn(wgmma_cases()),

@@ -110,10 +110,11 @@ def _causal(b, h, q_idx, kv_idx):
 
 
 @needs_gpu
-@pytest.mark.parametrize("wgmma", [False, True])
+@pytest.mark.parametrize("wgmma", [0, 1, 2])
 @pytest.mark.parametrize("L", [97, 256, 1000])
 def test_cuda_matches_torch_flex_attention(L, wgmma):
-    # wgmma: the sm_90a engine, required (an error where it cannot run); else the default mma.sync.
+    # wgmma 1: the sm_90a engine, required (an error where it cannot run); 2: its pipelined schedule;
+    # 0: mma.sync.
     if wgmma and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma engine needs an sm_90 GPU")
     from torch.nn.attention.flex_attention import create_block_mask
@@ -129,7 +130,7 @@ def test_cuda_matches_torch_flex_attention(L, wgmma):
     bm = (flexjit.create_block_mask(_causal, None, None, L, L, device=dev) if FULL_LIBRARY
           else create_block_mask(_causal, None, None, L, L, device=dev))
     out, lse = flexjit.flex_attention(q, k, v, score_mod=_alibi(slopes), block_mask=bm, enable_gqa=True,
-                                      return_lse=True, kernel_options={"USE_WGMMA": int(wgmma)})
+                                      return_lse=True, kernel_options={"USE_WGMMA": wgmma})
     ref_bm = create_block_mask(_causal, None, None, L, L, device=dev)
     ref, ref_lse = torch_flex(q.float(), k.float(), v.float(), score_mod=_alibi(slopes), block_mask=ref_bm,
                               enable_gqa=True, return_lse=True)
