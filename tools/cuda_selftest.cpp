@@ -21,6 +21,7 @@
 #include "runtime/cuda_prefill.h"
 #include "runtime/reference.h"
 #include "score_mods/registry.h"
+#include "tests/support/wgmma_probe.h"
 
 namespace {
 
@@ -111,6 +112,47 @@ bool gpu_case(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lkv, int64
   }
   std::printf("%s\n", line);
   return ok;
+}
+
+// The wgmma layout probe (tests/support/wgmma_probe.h) on an sm_90 GPU: the descriptors, swizzle
+// and fragment layouts the wgmma engine relies on, one at a time against a plain matmul (the CPU
+// emulator passes the same kernel). Returns the number of failed modes; prints a line per mode.
+int gpu_wgmma_probe() {
+  int failed = 0;
+  try {
+    const std::string src = "#define FLEXJIT_DTYPE 1\n" + jit::template_text("templates/mod_abi.h") +
+                            jit::template_text("templates/cuda/common.cuh") +
+                            jit::template_text("templates/cuda/wgmma.cuh") + testing::kWgmmaProbeKernel;
+    const jit::CudaCompileResult r = jit::compile_cuda(src, "wgmma_probe.cu", "sm_90a");
+    void* fn = cuda_load_function("flexjit-wgmma-probe", r.cubin, r.ptx, testing::kWgmmaProbeSymbol,
+                                  testing::kWgmmaProbeSmem);
+    for (int mode : {0, 6, 1}) {
+      const testing::WgmmaProbeCase c = testing::wgmma_probe_case(mode);
+      CudaAllocations mem;
+      void* da = mem.alloc(c.a.size() * 2);
+      void* db = mem.alloc(c.b.size() * 2);
+      void* dd = mem.alloc(c.d_elems * 4);
+      cuda_copy_to_device(da, c.a.data(), c.a.size() * 2);
+      cuda_copy_to_device(db, c.b.data(), c.b.size() * 2);
+      testing::WgmmaProbeArgs args{static_cast<const unsigned short*>(da), static_cast<const unsigned short*>(db),
+                                   static_cast<float*>(dd), mode};
+      const unsigned grid[3] = {1, 1, 1};
+      cuda_launch(fn, grid, testing::kWgmmaProbeThreads, testing::kWgmmaProbeSmem, nullptr, &args);
+      cuda_synchronize();
+      std::vector<float> d(c.d_elems);
+      cuda_copy_to_host(d.data(), dd, d.size() * 4);
+      std::string where;
+      const double err = testing::wgmma_probe_error(mode, c, d, &where);
+      const bool ok = err <= 1e-3;
+      failed += ok ? 0 : 1;
+      std::printf("  gpu %-5s wgmma probe mode %d: %s: max |D - ref| %.2e%s%s\n", ok ? "ok" : "FAIL", mode,
+                  testing::wgmma_probe_what(mode), err, ok ? "" : " at ", ok ? "" : where.c_str());
+    }
+  } catch (const std::exception& e) {
+    std::printf("  gpu FAIL  wgmma probe: %s\n", e.what());
+    ++failed;
+  }
+  return failed;
 }
 
 // One decode call (runtime/cuda_decode) on the GPU against the float64 reference: contiguous KV
@@ -282,6 +324,7 @@ int main(int argc, char** argv) {
       for (const C& c : cases) failures += gpu_case(c.B, c.Hq, c.Hkv, c.Lq, c.Lkv, c.D, c.mod, props) ? 0 : 1;
       // The wgmma engine (sm_90: Hopper) on the same kinds of case, its head dims (multiples of 64).
       if (cuda_wgmma_refusal(DType::BF16, 128, 128, cuda_device_info(props), 0, 0).empty()) {
+        failures += gpu_wgmma_probe();
         const C wcases[] = {{1, 4, 4, 1, 1, 64, ""},          {2, 6, 2, 17, 97, 128, "causal"},
                             {1, 3, 1, 129, 129, 128, "alibi"}, {1, 4, 2, 97, 4097, 64, "softcap"},
                             {1, 2, 2, 129, 17, 256, "sliding_window"}, {2, 4, 4, 200, 200, 64, "document"},

@@ -14,6 +14,7 @@
 #include "jit/compile.h"
 #include "jit/instantiate.h"
 #include "tests/support/cuda_emulator.h"
+#include "tests/support/wgmma_probe.h"
 
 namespace flexjit {
 namespace {
@@ -92,62 +93,19 @@ extern "C" void emu_misuse(struct Args a) {
   a.d[t] = x;
 }
 
-// wgmma (sm_90a) through templates/cuda/wgmma.cuh, one warpgroup. A is 64 x 64 in a.a (row-major),
-// loaded into one swizzled atom. mode 0: D (64 x 64) = A B^T with B given as [n][k] (64 x 64,
-// K-major: the prefill kernel's S = Q K^T), four k-steps; mode 1: D (64 x 128) = 0.5 + P V with P
-// = A's first 16 columns from registers and V given as [k][n] (16 x 128, MN-major: O += P V).
-// Misuse: 2 no wgmma.fence; 3 no wgmma.wait_group; 4 the B tile overwritten before the wait;
-// 5 the accumulators read before the wait.
-extern "C" void emu_wgmma(struct Args a) {
-  FJC_DYNAMIC_SMEM(raw);
-  fjc_u16* sA = (fjc_u16*)(raw + ((1024u - (fjc_smem(raw) & 1023u)) & 1023u));
-  fjc_u16* sB = sA + 64 * 64;
-  const int t = threadIdx.x, w = t / 32, g = (t % 32) / 4, c = 2 * (t % 4);
-  fjc_load_rows_sw128<64, 64, 128>(sA, [&](int r) { return a.a + r * 64; }, 64, t, a.a);
-  if (a.mode == 1) fjc_load_rows_sw128<16, 128, 128>(sB, [&](int r) { return a.b + r * 128; }, 16, t, a.b);
-  else fjc_load_rows_sw128<64, 64, 128>(sB, [&](int r) { return a.b + r * 64; }, 64, t, a.b);
-  fjc_cp_async_commit();
-  fjc_cp_async_wait<0>();
-  fjc_fence_proxy_async();
-  __syncthreads();
-  if (a.mode == 1) {
-    float o[16][4];
-    for (int j = 0; j < 16; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.5f;
-    unsigned pa[4];
-    for (int q = 0; q < 4; ++q) {
-      const int row = 16 * w + g + (q % 2) * 8, col = c + (q / 2) * 8;
-      pa[q] = (unsigned)a.a[row * 64 + col] | ((unsigned)a.a[row * 64 + col + 1] << 16);
-    }
-    fjc_wgmma_fence();
-    FjcWgmma<128>::rs<1>(o, pa, fjc_wgmma_desc(fjc_smem(sB), 16 * 128, 1024), 1);
-    fjc_wgmma_commit();
-    fjc_wgmma_wait<0>();
-    for (int j = 0; j < 16; ++j)
-      for (int q = 0; q < 4; ++q) a.d[(16 * w + g + (q / 2) * 8) * 128 + 8 * j + c + q % 2] = o[j][q];
-    return;
-  }
-  float s[8][4];
-  for (int j = 0; j < 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-  if (a.mode != 2) fjc_wgmma_fence();
-  for (int kk = 0; kk < 4; ++kk)
-    FjcWgmma<64>::ss<0>(s, fjc_wgmma_desc(fjc_smem(sA) + kk * 32, 16, 1024), fjc_wgmma_desc(fjc_smem(sB) + kk * 32, 16, 1024),
-                        kk > 0);
-  fjc_wgmma_commit();
-  if (a.mode == 4 && t == 0) sB[5] = 0;
-  if (a.mode == 3) return;
-  if (a.mode != 5) fjc_wgmma_wait<0>();
-  for (int j = 0; j < 8; ++j)
-    for (int q = 0; q < 4; ++q) a.d[(16 * w + g + (q / 2) * 8) * 64 + 8 * j + c + q % 2] = s[j][q];
-  if (a.mode == 5) fjc_wgmma_wait<0>();
-}
 )";
 
-Kernel kernel(const char* name) {
+std::string& kernel_object() {
   static std::string object;
+  return object;
+}
+
+Kernel kernel(const char* name) {
+  std::string& object = kernel_object();
   if (object.empty()) {
     const std::string src = "#define FLEXJIT_DTYPE 1\n" + jit::template_text("templates/cuda/emulate.cuh") +
                             jit::template_text("templates/mod_abi.h") + jit::template_text("templates/cuda/common.cuh") +
-                            jit::template_text("templates/cuda/wgmma.cuh") + kKernels;
+                            jit::template_text("templates/cuda/wgmma.cuh") + kKernels + testing::kWgmmaProbeKernel;
     object = jit::compile_cpp_to_object(src, "emulator_test.cpp").object;
   }
   return reinterpret_cast<Kernel>(jit::load_object(object, name));
@@ -237,53 +195,45 @@ TEST(CudaEmulator, MisuseIsAnErrorNotAHang) {
   EXPECT_EQ(run(kernel("emu_mma"), ok, 32, 1024), "");
 }
 
-// wgmma as the PTX ISA describes it: D from 128 threads' accumulators, A from a swizzled K-major
-// tile or from registers, B K-major or MN-major (2 atoms of 64 columns), against a plain matmul.
+// wgmma as the PTX ISA describes it (tests/support/wgmma_probe.h, the kernel the GPU self-test runs
+// too): D from 128 threads' accumulators, A from swizzled K-major tiles (one atom and across two)
+// or from registers, B K-major or MN-major across two atoms, against a plain matmul.
+std::string run_probe(int mode, const testing::WgmmaProbeCase& c, std::vector<float>* d, unsigned threads = 128,
+                      bool check_sources = true) {
+  kernel("emu_mma");  // compiles the test's object, which holds the probe too
+  static const auto probe =
+      reinterpret_cast<void (*)(testing::WgmmaProbeArgs)>(jit::load_object(kernel_object(), testing::kWgmmaProbeSymbol));
+  testing::WgmmaProbeArgs a{c.a.data(), c.b.data(), d->data(), mode};
+  emu::Launch l;
+  l.block_threads = threads;
+  l.smem_bytes = testing::kWgmmaProbeSmem;
+  if (check_sources) l.readable = {{c.a.data(), c.a.size() * 2}, {c.b.data(), c.b.size() * 2}};
+  return emu::run(l, [&] { probe(a); });
+}
+
 TEST(CudaEmulator, WgmmaComputesABFromSwizzledTilesAndRegisters) {
-  std::vector<unsigned short> A(64 * 64), Bnk(64 * 64), Vkn(16 * 128);
-  for (int i = 0; i < 64 * 64; ++i) A[i] = bf16(std::sin(0.37f * i));
-  for (int i = 0; i < 64 * 64; ++i) Bnk[i] = bf16(std::cos(0.11f * i) - 0.001f * (i / 64));
-  for (int i = 0; i < 16 * 128; ++i) Vkn[i] = bf16(std::cos(0.23f * i) + 0.01f * (i % 128));
-  const int smem = 1024 + 2 * 64 * 64 * 2;
-  {
-    std::vector<float> D(64 * 64, -1.0f);
-    Args a{A.data(), Bnk.data(), D.data(), nullptr, 0};
-    ASSERT_EQ(run(kernel("emu_wgmma"), a, 128, smem, {{A.data(), A.size() * 2}, {Bnk.data(), Bnk.size() * 2}}), "");
-    for (int m = 0; m < 64; ++m)
-      for (int n = 0; n < 64; ++n) {
-        double want = 0;
-        for (int k = 0; k < 64; ++k) want += double(from_bf16(A[m * 64 + k])) * from_bf16(Bnk[n * 64 + k]);
-        ASSERT_NEAR(D[m * 64 + n], want, 1e-4) << "S[" << m << "][" << n << "]";
-      }
-  }
-  {
-    std::vector<float> D(64 * 128, -1.0f);
-    Args a{A.data(), Vkn.data(), D.data(), nullptr, 1};
-    ASSERT_EQ(run(kernel("emu_wgmma"), a, 128, smem, {{A.data(), A.size() * 2}, {Vkn.data(), Vkn.size() * 2}}), "");
-    for (int m = 0; m < 64; ++m)
-      for (int n = 0; n < 128; ++n) {
-        double want = 0.5;
-        for (int k = 0; k < 16; ++k) want += double(from_bf16(A[m * 64 + k])) * from_bf16(Vkn[k * 128 + n]);
-        ASSERT_NEAR(D[m * 128 + n], want, 1e-4) << "O[" << m << "][" << n << "]";
-      }
+  for (int mode : {0, 6, 1}) {
+    SCOPED_TRACE(testing::wgmma_probe_what(mode));
+    const testing::WgmmaProbeCase c = testing::wgmma_probe_case(mode);
+    std::vector<float> d(c.d_elems, -1.0f);
+    ASSERT_EQ(run_probe(mode, c, &d), "");
+    std::string where;
+    EXPECT_LE(testing::wgmma_probe_error(mode, c, d, &where), 1e-4) << where;
   }
 }
 
 TEST(CudaEmulator, WgmmaMisuseIsReported) {
-  std::vector<unsigned short> A(64 * 64, 0), B(64 * 64, 0x3f80);  // B = 1.0: an overwrite with 0 shows
-  std::vector<float> D(64 * 64);
-  auto misuse = [&](int mode) {
-    Args a{A.data(), B.data(), D.data(), nullptr, mode};
-    return run(kernel("emu_wgmma"), a, 128, 1024 + 2 * 64 * 64 * 2, {});
-  };
-  EXPECT_NE(misuse(2).find("without a wgmma.fence"), std::string::npos) << misuse(2);
-  EXPECT_NE(misuse(3).find("still in flight"), std::string::npos) << misuse(3);
-  EXPECT_NE(misuse(4).find("overwritten before its wgmma.wait_group"), std::string::npos) << misuse(4);
-  ASSERT_EQ(misuse(5), "");
-  for (float x : D) ASSERT_TRUE(std::isnan(x)) << "accumulators read before the wait are NaN";
+  testing::WgmmaProbeCase c = testing::wgmma_probe_case(0);
+  for (auto& x : c.b) x = 0x3f80;  // B = 1.0: an overwrite with 0 shows
+  std::vector<float> d(c.d_elems);
+  EXPECT_NE(run_probe(2, c, &d).find("without a wgmma.fence"), std::string::npos) << run_probe(2, c, &d);
+  EXPECT_NE(run_probe(3, c, &d).find("still in flight"), std::string::npos) << run_probe(3, c, &d);
+  EXPECT_NE(run_probe(4, c, &d).find("overwritten before its wgmma.wait_group"), std::string::npos)
+      << run_probe(4, c, &d);
+  ASSERT_EQ(run_probe(5, c, &d), "");
+  for (float x : d) ASSERT_TRUE(std::isnan(x)) << "accumulators read before the wait are NaN";
   // Fewer than 128 threads cannot issue a warpgroup instruction.
-  Args a{A.data(), B.data(), D.data(), nullptr, 0};
-  EXPECT_NE(run(kernel("emu_wgmma"), a, 64, 1024 + 2 * 64 * 64 * 2, {}).find("not whole warpgroups"), std::string::npos);
+  EXPECT_NE(run_probe(0, c, &d, 64).find("not whole warpgroups"), std::string::npos);
 }
 
 }  // namespace
