@@ -7,7 +7,7 @@ torch.compile(flex_attention); decode >= 1.2x torch.compile's decoding and, at B
 tokens, >= 70% of the device-to-device copy bandwidth; NVRTC cold compile <= 2 s, disk hit
 <= 20 ms).
 
-    python3 scripts/gpu_report.py OUTDIR --commit abc1234 [--date 2026-12-03] > table.md
+    python3 scripts/gpu_report.py OUTDIR [OUTDIR2 ...] --commit abc1234 [--date 2026-12-03] > table.md
 
 The GPU machine gets a copy of the working tree without .git, so the commit is given here."""
 
@@ -18,12 +18,15 @@ import sys
 from pathlib import Path
 
 
-def load(out, name):
-    p = Path(out) / name
-    if not p.exists():
-        return None
-    data = json.loads(p.read_text())
-    return None if "skipped" in data else data
+def load(outdirs, name):
+    """name's measurements from the last of outdirs that has them (a check split over calls)."""
+    for out in reversed(outdirs):
+        p = Path(out) / name
+        if p.exists():
+            data = json.loads(p.read_text())
+            if "skipped" not in data:
+                return data
+    return None
 
 
 def prefill_table(bench):
@@ -104,11 +107,15 @@ def compile_lines(bench):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("outdir")
+    ap.add_argument("outdir", nargs="+", help="one run's OUTDIR, or several (a check split over calls)")
     ap.add_argument("--commit", required=True, help="the commit the GPU machine ran (its copy has no .git)")
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     args = ap.parse_args()
-    check = load(args.outdir, "gpu_check.json") or {}
+    check = {}  # gpu_check.json of every call, merged: what a call ran wins over what it left out
+    for out in args.outdir:
+        p = Path(out) / "gpu_check.json"
+        if p.exists():
+            check.update({k: v for k, v in json.loads(p.read_text()).items() if v not in (-1, "", None, "skipped")})
     kb = load(args.outdir, "cuda_bench.json")
     pb = load(args.outdir, "cuda_prefill_bench.json")
     db = load(args.outdir, "cuda_decode_bench.json")

@@ -45,3 +45,19 @@ def test_rows_are_judged_against_the_bars(tmp_path):
     assert "| 64 | 65536 | flexjit | 6.000 | 2860 | 72% | 1.67x | 1.2x yes, 70% yes |" in t
     assert "| 1 | 4096 | flexjit paged16 |" in t and "1.2x no, MISMATCH |" in t
     assert "Kernels alone" not in t  # no cuda_bench.json: no such table
+
+
+def test_a_check_split_over_two_calls_reports_as_one(tmp_path):
+    first, second = tmp_path / "call1", tmp_path / "call2"
+    first.mkdir()
+    second.mkdir()
+    (first / "gpu_check.json").write_text(json.dumps(dict(result="cuda selftest: ok (0 failures)", test_cuda_rc=-1)))
+    (second / "gpu_check.json").write_text(json.dumps(dict(result="", test_cuda_rc=0)))
+    (second / "cuda_decode_bench.json").write_text(json.dumps(dict(context=CTX, results=[
+        dict(B=1, kv=4096, impl="flexjit", ms=0.01, gbs=1700.0, copy_fraction=0.43, speedup_vs_torch_compile=1.3,
+             ok=True)])))
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_report.py"), str(first), str(second), "--commit",
+                        "abc1234"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "Self-test: cuda selftest: ok (0 failures); test_cuda.py exit 0." in r.stdout
+    assert "| 1 | 4096 | flexjit | 0.010 | 1700 | 43% | 1.30x | 1.2x yes |" in r.stdout
