@@ -39,6 +39,7 @@ void fjemu_wgmma(float* d, int n, const unsigned* a, unsigned long long desc_a, 
 void fjemu_wgmma_fence(void);
 void fjemu_wgmma_commit(void);
 void fjemu_wgmma_wait(int pending);
+void fjemu_fence_proxy_async(void);
 
 float expf(float);
 float exp2f(float);
@@ -133,6 +134,6 @@ template <int kPending>
 static inline void fjc_wgmma_wait() { fjemu_wgmma_wait(kPending); }
 template <int kN, int kM>
 static inline void fjc_wgmma_hold(float (&)[kN][kM]) {}
-static inline void fjc_fence_proxy_async() {}
+static inline void fjc_fence_proxy_async() { fjemu_fence_proxy_async(); }
 
 #endif  // FLEXJIT_CUDA_EMULATE_H

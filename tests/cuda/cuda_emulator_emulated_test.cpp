@@ -230,6 +230,7 @@ TEST(CudaEmulator, WgmmaMisuseIsReported) {
   EXPECT_NE(run_probe(3, c, &d).find("still in flight"), std::string::npos) << run_probe(3, c, &d);
   EXPECT_NE(run_probe(4, c, &d).find("overwritten before its wgmma.wait_group"), std::string::npos)
       << run_probe(4, c, &d);
+  EXPECT_NE(run_probe(7, c, &d).find("not fenced into the async proxy"), std::string::npos) << run_probe(7, c, &d);
   ASSERT_EQ(run_probe(5, c, &d), "");
   for (float x : d) ASSERT_TRUE(std::isnan(x)) << "accumulators read before the wait are NaN";
   // Fewer than 128 threads cannot issue a warpgroup instruction.

@@ -54,6 +54,9 @@ struct Lane {
   std::vector<std::vector<Copy>> committed;  // cp.async groups, oldest first
   std::vector<Copy> open;                    // issued, not yet committed
   unsigned out[4] = {0, 0, 0, 0};            // a warp collective's result for this lane
+  // cp.async data landed (generic proxy) that this thread has not yet fenced into the async proxy
+  // (fence.proxy.async.shared::cta), which wgmma reads shared memory through.
+  bool unfenced_copies = false;
 };
 
 // The collective a warp's lanes are arriving at, with each lane's operands.
@@ -266,6 +269,7 @@ bool run_block(State& s) {
     l.waiting = Op::None;
     l.committed.clear();
     l.open.clear();
+    l.unfenced_copies = false;
     Stack& st_ = s.stacks[i];
     l.fiber = ctx::make_fcontext(static_cast<char*>(st_.base) + st_.bytes, st_.bytes - kGuardBytes, lane_main);
   }
@@ -572,6 +576,7 @@ void fjemu_cp_async_wait(int pending) {
   Lane& me = *st().cur;
   while (me.committed.size() > static_cast<size_t>(pending < 0 ? 0 : pending)) {
     for (const Copy& c : me.committed.front()) {
+      me.unfenced_copies = true;
       if (c.src_bytes > 0) std::memcpy(c.dst, c.src, static_cast<size_t>(c.src_bytes));
       std::memset(c.dst + c.src_bytes, 0, static_cast<size_t>(c.size - c.src_bytes));
     }
@@ -587,6 +592,8 @@ unsigned fjemu_smem_address(const void* p) {
   if (c < s.smem || c > s.smem + s.smem_bytes) fail("cvta.to.shared: the pointer is not into the block's shared memory");
   return static_cast<unsigned>(c - s.smem_window);
 }
+
+void fjemu_fence_proxy_async() { st().cur->unfenced_copies = false; }
 
 void fjemu_wgmma_fence() {
   GroupOp& w = join_group(Op::WgmmaFence);
@@ -628,6 +635,13 @@ void fjemu_wgmma(float* d, int n, const unsigned* a, unsigned long long desc_a, 
     for (int t = 1; t < 128; ++t)
       if (w.desc_b[t] != w.desc_b[0] || (!w.regs_a && w.desc_a[t] != w.desc_a[0]))
         fail("wgmma: the warpgroup's threads give different matrix descriptors");
+    // Stricter than the memory model (which asks it only of the bytes this MMA reads), and what the
+    // templates do: every thread fences its landed copies before the barrier that publishes them.
+    for (const Lane& l : s.lanes)
+      if (l.unfenced_copies)
+        fail("wgmma reads shared memory while thread " + std::to_string(l.tid) +
+             " has cp.async data it has not fenced into the async proxy (fence.proxy.async.shared::cta "
+             "after cp.async.wait_group, before the barrier)");
     WgmmaInFlight op;
     op.n = w.n;
     op.scale_d = w.scale_d;

@@ -11,7 +11,8 @@
 //   mode 1: D (64 x 128) = 0.5 + P V, P (A's first 16 columns) from registers, V [16][128]
 //           MN-major across two atoms (LBO) - the engine's O += P V;
 //   misuse (emulator only): 2 no wgmma.fence; 3 no wgmma.wait_group; 4 the B tile overwritten
-//           before the wait; 5 the accumulators read before the wait.
+//           before the wait; 5 the accumulators read before the wait; 7 the copies not fenced
+//           into the async proxy.
 #pragma once
 
 #include <cmath>
@@ -49,7 +50,7 @@ extern "C" __global__ void flexjit_wgmma_probe(const struct WgmmaProbeArgs a) {
   else fjc_load_rows_sw128<64, 64, 128>(sB, [&](int r) { return a.b + r * 64; }, 64, t, a.b);
   fjc_cp_async_commit();
   fjc_cp_async_wait<0>();
-  fjc_fence_proxy_async();
+  if (a.mode != 7) fjc_fence_proxy_async();
   __syncthreads();
   if (a.mode == 1) {
     float o[16][4];
