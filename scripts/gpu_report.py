@@ -14,6 +14,7 @@ The GPU machine gets a copy of the working tree without .git, so the commit is g
 import argparse
 import datetime
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -92,6 +93,35 @@ def kernel_tables(kb):
     return lines
 
 
+def engine_verdict(kb, selftest_ok):
+    """Which prefill engine / tile the kernel bench found fastest, case by case, and what that says
+    for the default (runtime/cuda_prefill.cpp cuda_resolve_wgmma / cuda_prefill_kernel_spec)."""
+    cases = {}
+    for r in kb.get("prefill", []):
+        cases.setdefault((r["mod"], r["L"]), []).append(r)
+    if not cases:
+        return []
+    wins, speedups = {}, []
+    for rows in cases.values():
+        best = min(rows, key=lambda r: r["ms"])
+        name = f"{best.get('engine', 'mma')} {best['block_m']}x{best['block_n']}"
+        wins[name] = wins.get(name, 0) + 1
+        default = next((r for r in rows if r.get("engine", "mma") == "mma" and r["block_m"] == 64), None)
+        if default:
+            speedups.append(default["ms"] / best["ms"])
+    top = max(wins, key=wins.get)
+    speedups.sort()
+    lines = [f"Fastest prefill kernel per case: " + ", ".join(f"{k} {v}/{len(cases)}" for k, v in
+                                                          sorted(wins.items(), key=lambda kv: -kv[1])) + "."]
+    if speedups:
+        lines.append(f"Over the current default (mma 64x64): median {statistics.median(speedups):.2f}x, "
+                     f"range {speedups[0]:.2f}x-{speedups[-1]:.2f}x.")
+    if not top.startswith("mma"):
+        lines.append("Make it the default only if the self-test's wgmma cases and probe passed"
+                     + (" (they did)." if selftest_ok else " (they did NOT, or did not run)."))
+    return lines
+
+
 def compile_lines(bench):
     lines = []
     for case, phases in bench.get("compile", {}).items():
@@ -135,6 +165,8 @@ def main():
         out += ["Decode, bf16, Hq 32, Hkv 8, D 128, one query token:", ""] + decode_table(db) + [""]
     if kb:
         out += kernel_tables(kb) + [""]
+        ok = "(0 failures)" in check.get("result", "")
+        out += engine_verdict(kb, ok) + [""]
     print("\n".join(out))
     return 0
 

@@ -61,3 +61,17 @@ def test_a_check_split_over_two_calls_reports_as_one(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Self-test: cuda selftest: ok (0 failures); test_cuda.py exit 0." in r.stdout
     assert "| 1 | 4096 | flexjit | 0.010 | 1700 | 43% | 1.30x | 1.2x yes |" in r.stdout
+
+
+def test_the_kernel_bench_names_the_fastest_engine(tmp_path):
+    kb = dict(device="Fixture GPU", arch="sm_90", sm_count=132, copy_gbs=4000.0, decode=[], prefill=[
+        dict(mod="causal", L=4096, engine="mma", block_m=64, block_n=64, ms=2.0, tflops=100.0),
+        dict(mod="causal", L=4096, engine="wgmma2", block_m=128, block_n=64, ms=1.0, tflops=200.0),
+        dict(mod="alibi", L=4096, engine="mma", block_m=64, block_n=64, ms=3.0, tflops=100.0),
+        dict(mod="alibi", L=4096, engine="wgmma2", block_m=128, block_n=64, ms=2.0, tflops=150.0)])
+    (tmp_path / "gpu_check.json").write_text(json.dumps(dict(result="cuda selftest: ok (0 failures)")))
+    r = report(tmp_path, {"cuda_bench.json": kb})
+    assert r.returncode == 0, r.stderr
+    assert "Fastest prefill kernel per case: wgmma2 128x64 2/2." in r.stdout
+    assert "median 1.75x, range 1.50x-2.00x" in r.stdout
+    assert "(they did)." in r.stdout
