@@ -34,6 +34,7 @@ struct TuneArgs {
   std::string json;
   bool show = false, clear = false;
   std::string device = "cpu";
+  std::string mask = "causal";  // CUDA prefill: the BlockMask tuned with (causal | none)
 };
 
 std::string knobs_text(int block_m, int block_n, int64_t partition_size) {
@@ -65,7 +66,8 @@ void show() {
   auto entries = db.entries();
   std::printf("tuning database %s: %zu entries\n", db.path().c_str(), entries.size());
   for (const auto& [key, c] : entries) {
-    std::printf("  %s\n    %s: %.1f us (default %.1f us, %.2fx) at %s; %s\n", key.c_str(),
+    std::printf("  %s\n    %s%s: %.1f us (default %.1f us, %.2fx) at %s; %s\n", key.c_str(),
+                c.engine.empty() ? "" : ("ENGINE=" + c.engine + " ").c_str(),
                 knobs_text(c.block_m, c.block_n, c.partition_size).c_str(), c.us, c.default_us,
                 c.us > 0 ? c.default_us / c.us : 0.0, c.tuned_at.c_str(), c.detail.c_str());
   }
@@ -85,9 +87,6 @@ void run_tune(const TuneArgs& a) {
   const bool cuda = a.device == "cuda";
   CudaDeviceInfo gpu;
   if (cuda) {
-    if (a.path != "decode")
-      throw Error("tune --device cuda tunes the decode kernel (PARTITION_SIZE, BLOCK_N); the CUDA prefill kernel's "
-                  "blocks are kernel options (BLOCK_M, BLOCK_N) with no database entry yet");
     const std::string status = cuda_driver_status();
     if (!status.empty()) throw Error("tune --device cuda times kernels on a GPU: " + status);
     cuda_use_primary_context();
@@ -127,22 +126,41 @@ void run_tune(const TuneArgs& a) {
               cr.page_size = a.page_size;
               cr.reps = a.reps;
             }
-            const std::string bucket = cuda ? cuda_tune_bucket(cr, gpu).key() : tune_bucket(r).key();
+            // CUDA prefill: the engine (mma.sync / wgmma / pipelined wgmma) and its blocks.
+            CudaPrefillTuneRequest pr;
+            const bool cuda_prefill = cuda && a.path == "prefill";
+            if (cuda_prefill) {
+              if (a.paged) throw Error("tune --device cuda --path prefill: there is no paged prefill; drop --paged");
+              pr.dtype = r.dtype;
+              pr.head_dim = r.head_dim;
+              pr.head_dim_v = r.head_dim_v;
+              pr.batch = b;
+              pr.heads = a.heads;
+              pr.kv_heads = a.kv_heads;
+              pr.len = lkv;
+              pr.causal = a.mask == "causal";
+              pr.reps = a.reps;
+            }
+            const std::string bucket = cuda_prefill ? cuda_prefill_tune_bucket(pr, gpu).key()
+                                       : cuda       ? cuda_tune_bucket(cr, gpu).key()
+                                                    : tune_bucket(r).key();
             std::fprintf(stderr, "tuning %s\n", bucket.c_str());
-            TuneResult res = cuda ? tune_cuda_decode(cr, gpu, cuda_decode_timer(cr, gpu), draw_progress)
-                                  : tune(r, draw_progress);
+            TuneResult res = cuda_prefill ? tune_cuda_prefill(pr, gpu, cuda_prefill_timer(pr, gpu), draw_progress)
+                             : cuda       ? tune_cuda_decode(cr, gpu, cuda_decode_timer(cr, gpu), draw_progress)
+                                          : tune(r, draw_progress);
             const auto& w = res.best;
-            std::printf("%s\n  best %s: %.1f us; default %.1f us (%.2fx)%s\n", bucket.c_str(),
+            std::printf("%s\n  best %s%s: %.1f us; default %.1f us (%.2fx)%s\n", bucket.c_str(),
+                        w.engine.empty() ? "" : ("ENGINE=" + w.engine + " ").c_str(),
                         knobs_text(w.block_m, w.block_n, w.partition_size).c_str(), w.us, w.default_us,
                         w.default_us / w.us, res.stored ? "; stored" : "");
             std::fflush(stdout);
             nlohmann::json cands = nlohmann::json::array();
             for (const auto& c : res.candidates)
               cands.push_back({{"BLOCK_M", c.block_m}, {"BLOCK_N", c.block_n}, {"PARTITION_SIZE", c.partition_size},
-                               {"us", c.us}, {"error", c.error}});
+                               {"us", c.us}, {"error", c.error}, {"ENGINE", c.engine}});
             results.push_back({{"bucket", bucket},
                                {"best", {{"BLOCK_M", w.block_m}, {"BLOCK_N", w.block_n},
-                                         {"PARTITION_SIZE", w.partition_size}, {"us", w.us}}},
+                                         {"PARTITION_SIZE", w.partition_size}, {"us", w.us}, {"ENGINE", w.engine}}},
                                {"default_us", w.default_us},
                                {"candidates", cands}});
           }
@@ -177,9 +195,12 @@ void add_tune_command(CLI::App& app) {
   cmd->add_option("--reps", a->reps, "timed calls per candidate, median (default 5)");
   cmd->add_option("--json", a->json, "write every candidate's time as JSON");
   cmd->add_flag("--show", a->show, "print the tuning database and exit");
-  cmd->add_option("--device", a->device, "cpu (default) or cuda: tune the CUDA decode kernel on GPU 0 (bf16 / fp16), "
-                                         "stored under the GPU's model and SM count")
+  cmd->add_option("--device", a->device, "cpu (default) or cuda: tune the CUDA decode kernel (or with --path prefill "
+                                         "the prefill engine and blocks) on GPU 0 (bf16 / fp16), stored under the "
+                                         "GPU's model and SM count")
       ->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_option("--mask", a->mask, "CUDA prefill: tune with a causal BlockMask (causal, default) or none")
+      ->check(CLI::IsMember({"causal", "none"}));
   cmd->add_flag("--clear", a->clear, "remove every entry of the tuning database and exit");
   cmd->callback([a] { run_tune(*a); });
 }

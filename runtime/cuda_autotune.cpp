@@ -5,7 +5,9 @@
 #include <cmath>
 #include <ctime>
 #include <memory>
+#include <cstring>
 #include <numeric>
+#include <utility>
 
 #include "runtime/cuda_driver.h"
 
@@ -46,6 +48,35 @@ struct FakeCall {
   TensorView q, k, v, out, table, lens;
   CudaDecodeKv kv;
 };
+
+// The playoff of both tuners: the three fastest candidates that ran and the default (dc), timed
+// again over three interleaved rounds; the winner is the fastest unless it beats the default by
+// less than 3%, then the default. Returns the winner (its time the playoff's median) and the
+// default's time. Throws when no candidate ran.
+std::pair<TuneCandidate, double> playoff(const std::vector<TuneCandidate>& cands,
+                                         const std::function<bool(const TuneCandidate&)>& is_def,
+                                         const TuneCandidate& dc,
+                                         const std::function<double(const TuneCandidate&)>& time) {
+  std::vector<TuneCandidate> ran;
+  for (const auto& c : cands)
+    if (c.us >= 0) ran.push_back(c);
+  if (ran.empty()) throw Error("tune --device cuda: no candidate ran (" + cands.front().error + ")");
+  std::sort(ran.begin(), ran.end(), [](const TuneCandidate& a, const TuneCandidate& b) { return a.us < b.us; });
+  std::vector<TuneCandidate> finals(ran.begin(), ran.begin() + std::min<size_t>(3, ran.size()));
+  if (std::none_of(finals.begin(), finals.end(), is_def)) finals.push_back(dc);
+  std::vector<std::vector<double>> rounds(finals.size());
+  for (int round = 0; round < 3; ++round)
+    for (size_t i = 0; i < finals.size(); ++i) rounds[i].push_back(time(finals[i]));
+  size_t best = 0, def_i = 0;
+  for (size_t i = 0; i < finals.size(); ++i) {
+    finals[i].us = median(rounds[i]);
+    if (is_def(finals[i])) def_i = i;
+  }
+  for (size_t i = 0; i < finals.size(); ++i)
+    if (finals[i].us >= 0 && (finals[best].us < 0 || finals[i].us < finals[best].us)) best = i;
+  const double def_us = finals[def_i].us;
+  return {def_us >= 0 && finals[best].us > 0.97 * def_us ? finals[def_i] : finals[best], def_us};
+}
 
 }  // namespace
 
@@ -120,27 +151,10 @@ TuneResult tune_cuda_decode(const CudaTuneRequest& req, const CudaDeviceInfo& de
   if (progress) progress(int(cands.size()), int(cands.size()), TuneCandidate{});
   res.candidates = cands;
 
-  // Playoff: the three fastest and the cost model's choice, three interleaved rounds.
-  std::vector<TuneCandidate> ran;
-  for (const auto& c : cands)
-    if (c.us >= 0) ran.push_back(c);
-  if (ran.empty()) throw Error("tune --device cuda: no candidate ran (" + cands.front().error + ")");
-  std::sort(ran.begin(), ran.end(), [](const TuneCandidate& a, const TuneCandidate& b) { return a.us < b.us; });
-  std::vector<TuneCandidate> finals(ran.begin(), ran.begin() + std::min<size_t>(3, ran.size()));
   auto is_def = [&](const TuneCandidate& c) { return c.block_n == dc.block_n && c.partition_size == dc.partition_size; };
-  if (std::none_of(finals.begin(), finals.end(), is_def)) finals.push_back(dc);
-  std::vector<std::vector<double>> rounds(finals.size());
-  for (int round = 0; round < 3; ++round)
-    for (size_t i = 0; i < finals.size(); ++i) rounds[i].push_back(time_us(finals[i].block_n, finals[i].partition_size));
-  size_t best = 0, def_i = 0;
-  for (size_t i = 0; i < finals.size(); ++i) {
-    finals[i].us = median(rounds[i]);
-    if (is_def(finals[i])) def_i = i;
-  }
-  for (size_t i = 0; i < finals.size(); ++i)
-    if (finals[i].us >= 0 && (finals[best].us < 0 || finals[i].us < finals[best].us)) best = i;
-  const double def_us = finals[def_i].us;
-  const TuneCandidate& win = def_us >= 0 && finals[best].us > 0.97 * def_us ? finals[def_i] : finals[best];
+  const auto [win, def_us] = playoff(cands, is_def, dc, [&](const TuneCandidate& c) {
+    return time_us(c.block_n, c.partition_size);
+  });
   res.best.block_n = win.block_n;
   res.best.partition_size = win.partition_size;
   res.best.us = win.us;
@@ -217,6 +231,204 @@ CudaCandidateTimer cuda_decode_timer(const CudaTuneRequest& req, const CudaDevic
     for (int i = 0; i < req.reps; ++i) {
       const auto t0 = std::chrono::steady_clock::now();
       run_cuda_decode(plan, none, nullptr);
+      cuda_synchronize();
+      us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+    }
+    (void)buf;
+    return median(us);
+  };
+}
+
+// ---- CUDA prefill ----
+namespace {
+
+void check_prefill_request(const CudaPrefillTuneRequest& r) {
+  if (r.dtype != DType::BF16 && r.dtype != DType::F16)
+    throw Error("tune --device cuda --path prefill: the CUDA prefill kernels take bf16 or fp16, got " +
+                std::string(dtype_name(r.dtype)));
+  if (r.kv_heads < 1 || r.heads % r.kv_heads != 0)
+    throw Error("tune --device cuda: heads " + std::to_string(r.heads) + " must be a multiple of kv heads " +
+                std::to_string(r.kv_heads));
+  if (r.batch < 1 || r.len < 17 || r.reps < 1)
+    throw Error("tune --device cuda --path prefill: batch and reps must be positive and the length > 16 (shorter "
+                "calls run the decode kernel), got length " + std::to_string(r.len));
+}
+
+int64_t prefill_len(const CudaPrefillTuneRequest& r, const CudaDeviceInfo& dev) {
+  return cuda_prefill_tune_bucket(r, dev).lkv_bucket();  // the top of the bucket
+}
+
+}  // namespace
+
+runtime::TuningBucket cuda_prefill_tune_bucket(const CudaPrefillTuneRequest& r, const CudaDeviceInfo& dev) {
+  return cuda_prefill_bucket(r.dtype, r.head_dim, r.head_dim_v, int(r.heads / r.kv_heads), r.len, r.len,
+                             r.batch * r.heads, r.causal, dev);
+}
+
+std::vector<TuneCandidate> cuda_prefill_candidates(const CudaPrefillTuneRequest& r, const CudaDeviceInfo& dev) {
+  check_prefill_request(r);
+  const int group = int(r.heads / r.kv_heads);
+  std::vector<TuneCandidate> out;
+  auto add = [&](int use_wgmma, int bm, int bn) {
+    jit::KernelSpec s;
+    try {  // what the planner makes of the knobs (defaults filled in); skipped where it refuses
+      s = cuda_prefill_kernel_spec(r.dtype, r.head_dim, r.head_dim_v, group, dev, bm, bn, use_wgmma);
+    } catch (const Error&) {
+      return;
+    }
+    TuneCandidate c;
+    c.engine = cuda_prefill_engine_name(s);
+    c.block_m = s.block_m;
+    c.block_n = s.block_n;
+    for (const auto& o : out)
+      if (o.engine == c.engine && o.block_m == c.block_m && o.block_n == c.block_n) return;
+    out.push_back(c);
+  };
+  add(0, 0, 0);  // the default first
+  add(0, 128, 0);
+  add(0, 64, 32);
+  add(0, 128, 64);
+  if (cuda_wgmma_refusal(r.dtype, r.head_dim, r.head_dim_v, dev, 0, 0).empty()) {
+    for (auto [bm, bn] : {std::pair<int, int>{128, 128}, {128, 64}, {64, 64}, {64, 128}}) add(1, bm, bn);
+    for (auto [bm, bn] : {std::pair<int, int>{128, 64}, {64, 64}, {128, 128}}) add(2, bm, bn);
+  }
+  return out;
+}
+
+TuneResult tune_cuda_prefill(const CudaPrefillTuneRequest& req, const CudaDeviceInfo& dev,
+                             const CudaPrefillTimer& time_us, const TuneProgress& progress) {
+  check_prefill_request(req);
+  if (dev.name.empty()) throw Error("tune --device cuda: the GPU's name is unknown (it keys the database)");
+  const runtime::TuningBucket bucket = cuda_prefill_tune_bucket(req, dev);
+  TuneResult res;
+  res.bucket = bucket.key();
+  std::vector<TuneCandidate> cands = cuda_prefill_candidates(req, dev);
+  auto time = [&](const TuneCandidate& c) { return time_us(cuda_prefill_use_wgmma(c.engine), c.block_m, c.block_n); };
+  for (size_t i = 0; i < cands.size(); ++i) {
+    if (progress) progress(int(i), int(cands.size()), cands[i]);
+    try {
+      cands[i].us = time(cands[i]);
+    } catch (const std::exception& e) {  // cannot run, or a wrong result: never a winner
+      cands[i].us = -1;
+      cands[i].error = e.what();
+    }
+  }
+  if (progress) progress(int(cands.size()), int(cands.size()), TuneCandidate{});
+  res.candidates = cands;
+  const TuneCandidate dc = cands.front();
+  if (dc.us < 0) throw Error("tune --device cuda --path prefill: the default kernel did not run (" + dc.error + ")");
+  auto is_def = [&](const TuneCandidate& c) {
+    return c.engine == dc.engine && c.block_m == dc.block_m && c.block_n == dc.block_n;
+  };
+  const auto [win, def_us] = playoff(cands, is_def, dc, time);
+  res.best.engine = win.engine;
+  res.best.block_m = win.block_m;
+  res.best.block_n = win.block_n;
+  res.best.us = win.us;
+  res.best.default_us = def_us;
+  res.best.tuned_at = now_iso();
+  res.best.detail = std::to_string(cands.size()) + " candidates, " + std::to_string(req.reps) + " reps, on " +
+                    dev.name + " (" + std::to_string(dev.sm_count) + " SMs)";
+  if (req.store) {
+    runtime::TuningDb::global().store(bucket, res.best);
+    res.stored = true;
+  }
+  return res;
+}
+
+CudaPrefillTimer cuda_prefill_timer(const CudaPrefillTuneRequest& req, const CudaDeviceInfo& dev) {
+  check_prefill_request(req);
+  const int64_t L = prefill_len(req, dev), B = req.batch, Hq = req.heads, Hkv = req.kv_heads;
+  auto buf = std::make_shared<CudaAllocations>();
+  // A fixed pseudo-random pattern in [-1, 1) (bf16 / fp16 bits made on the host), so that wrong
+  // kernels give different outputs.
+  auto filled = [&](int64_t elems, uint32_t seed) {
+    std::vector<unsigned short> h(static_cast<size_t>(elems));
+    uint32_t x = seed * 2654435761u + 1;
+    for (auto& e : h) {
+      x = x * 1664525u + 1013904223u;
+      const float f = float(int32_t(x >> 8) - (1 << 23)) / float(1 << 23);
+      uint32_t u;
+      std::memcpy(&u, &f, 4);
+      e = req.dtype == DType::BF16 ? static_cast<unsigned short>((u + 0x7fff + ((u >> 16) & 1)) >> 16)
+                                   : static_cast<unsigned short>(0);
+      if (req.dtype == DType::F16) {
+        const _Float16 hf = static_cast<_Float16>(f);
+        std::memcpy(&e, &hf, 2);
+      }
+    }
+    void* d = buf->alloc(h.size() * 2);
+    cuda_copy_to_device(d, h.data(), h.size() * 2);
+    return d;
+  };
+  auto q = std::make_shared<TensorView>(contiguous_view(filled(B * Hq * L * req.head_dim, 1), req.dtype,
+                                                        {B, Hq, L, req.head_dim}));
+  auto k = std::make_shared<TensorView>(contiguous_view(filled(B * Hkv * L * req.head_dim, 2), req.dtype,
+                                                        {B, Hkv, L, req.head_dim}));
+  auto v = std::make_shared<TensorView>(contiguous_view(filled(B * Hkv * L * req.head_dim_v, 3), req.dtype,
+                                                        {B, Hkv, L, req.head_dim_v}));
+  const size_t out_elems = size_t(B * Hq * L * req.head_dim_v);
+  auto out = std::make_shared<TensorView>(
+      contiguous_view(buf->alloc(out_elems * 2), req.dtype, {B, Hq, L, req.head_dim_v}));
+  auto mods = std::make_shared<ModSet>();
+  auto mask = std::make_shared<FlexBlockMaskArgs>();
+  if (req.causal) {
+    mods->mask_mod = ir::binary(ir::Op::Ge, ir::variable(ir::Var::QIdx), ir::variable(ir::Var::KvIdx));
+    const CudaCausalMask cm = cuda_causal_mask(L, 128);
+    auto put = [&](const std::vector<int>& h) {
+      void* d = buf->alloc(h.size() * 4);
+      cuda_copy_to_device(d, h.data(), h.size() * 4);
+      return static_cast<const int*>(d);
+    };
+    mask->kv_num_blocks = put(cm.num);
+    mask->kv_indices = put(cm.idx);
+    mask->full_kv_num_blocks = put(cm.full_num);
+    mask->full_kv_indices = put(cm.full_idx);
+    mask->B = mask->H = 1;
+    mask->q_blocks = mask->kv_blocks = cm.blocks;
+    mask->q_block_size = mask->kv_block_size = cm.block;
+    mask->kv_indices_stride = mask->full_kv_indices_stride = cm.blocks;
+  }
+  auto reference = std::make_shared<std::vector<unsigned short>>();  // the default's output
+  auto to_float = [dt = req.dtype](unsigned short x) {
+    if (dt == DType::BF16) {
+      const uint32_t u = uint32_t(x) << 16;
+      float f;
+      std::memcpy(&f, &u, 4);
+      return f;
+    }
+    _Float16 h;
+    std::memcpy(&h, &x, 2);
+    return float(h);
+  };
+  return [=](int use_wgmma, int block_m, int block_n) -> double {
+    AttentionOptions opt;
+    opt.enable_gqa = Hq != Hkv;
+    opt.use_tuning = false;
+    opt.use_wgmma = use_wgmma;
+    opt.block_m = block_m;
+    opt.block_n = block_n;
+    CudaPrefillPlan plan = plan_cuda_prefill(*q, *k, *v, *out, nullptr, *mods, ModBindings{},
+                                             req.causal ? mask.get() : nullptr, opt, dev, nullptr);
+    run_cuda_prefill(plan, *mods, nullptr);  // compile, load, warm up
+    cuda_synchronize();
+    std::vector<unsigned short> got(out_elems);
+    cuda_copy_to_host(got.data(), out->data, out_elems * 2);
+    if (reference->empty()) {
+      *reference = std::move(got);  // the first candidate timed is the default
+    } else {
+      double worst = 0;
+      for (size_t i = 0; i < out_elems; ++i) {
+        const double d = std::fabs(double(to_float(got[i])) - double(to_float((*reference)[i])));
+        worst = std::isnan(d) ? INFINITY : std::max(worst, d);
+      }
+      if (worst > 3e-2)
+        throw Error("wrong result: max |out - default's| = " + std::to_string(worst) + " (" + plan.describe() + ")");
+    }
+    std::vector<double> us;
+    for (int i = 0; i < req.reps; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      run_cuda_prefill(plan, *mods, nullptr);
       cuda_synchronize();
       us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
     }

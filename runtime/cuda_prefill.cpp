@@ -11,6 +11,7 @@
 #include "runtime/bound_mods.h"
 #include "runtime/cuda_driver.h"
 #include "runtime/kernel_args.h"
+#include "runtime/tuning_db.h"
 
 namespace flexjit {
 namespace {
@@ -39,7 +40,7 @@ void check_cuda_rows(const TensorView& t, const std::string& who, const std::str
 std::string CudaPrefillPlan::describe() const {
   std::ostringstream os;
   os << spec.str() << ", grid " << grid[0] << "x" << grid[1] << "x" << grid[2] << ", " << block_threads
-     << " threads, " << (smem_bytes + 1023) / 1024 << " KiB smem";
+     << " threads, " << (smem_bytes + 1023) / 1024 << " KiB smem" << (knobs == "tuned" ? " (tuned)" : "");
   return os.str();
 }
 
@@ -51,6 +52,46 @@ CudaDeviceInfo cuda_device_info_for_arch(const std::string& arch) {
   else if (arch == "sm_86" || arch == "sm_89" || arch == "sm_120" || arch == "sm_121") d.max_smem_optin = 101376;
   else d.max_smem_optin = 232448;  // sm_90, sm_100, sm_103
   return d;
+}
+
+std::string cuda_prefill_engine_name(const jit::KernelSpec& s) {
+  return s.engine != PrefillEngine::Wgmma ? "mma" : s.kv_stages == 3 ? "wgmma2" : "wgmma";
+}
+
+int cuda_prefill_use_wgmma(const std::string& e) { return e == "mma" ? 0 : e == "wgmma" ? 1 : e == "wgmma2" ? 2 : -1; }
+
+runtime::TuningBucket cuda_prefill_bucket(DType dtype, int head_dim, int head_dim_v, int gqa_group, int64_t lq,
+                                          int64_t lkv, int64_t work, bool masked, const CudaDeviceInfo& dev) {
+  runtime::TuningBucket b;
+  b.path = "prefill";
+  b.dtype = dtype;
+  b.head_dim = head_dim;
+  b.head_dim_v = head_dim_v;
+  b.gqa_group = gqa_group;
+  b.lq = lq;
+  b.lkv = lkv;
+  b.work = work;
+  b.threads = dev.sm_count;  // the key's "threads": the GPU's SMs
+  b.engine = masked ? "cuda-mask" : "cuda";
+  b.cpu = "GPU " + (dev.name.empty() ? dev.arch : dev.name);
+  return b;
+}
+
+CudaCausalMask cuda_causal_mask(int64_t L, int block) {
+  CudaCausalMask m;
+  m.block = block;
+  m.blocks = (L + block - 1) / block;
+  const int64_t nb = m.blocks;
+  m.num.assign(size_t(nb), 1);
+  m.idx.assign(size_t(nb * nb), 0);
+  m.full_num.assign(size_t(nb), 0);
+  m.full_idx.assign(size_t(nb * nb), 0);
+  for (int64_t i = 0; i < nb; ++i) {
+    m.idx[size_t(i * nb)] = int(i);
+    m.full_num[size_t(i)] = int(i);
+    for (int64_t j = 0; j < i; ++j) m.full_idx[size_t(i * nb + j)] = int(j);
+  }
+  return m;
 }
 
 std::string cuda_wgmma_refusal(DType dtype, int head_dim, int head_dim_v, const CudaDeviceInfo& dev, int block_m,
@@ -202,14 +243,37 @@ CudaPrefillPlan plan_cuda_prefill(const TensorView& q, const TensorView& k, cons
   // ---- kernel spec: blocks and K/V stages that fit the device's shared memory ----
   CudaPrefillPlan p;
   // Default tiles must tile a BlockMask's blocks: the largest of 128 / 64 / 32 / 16 that divides them.
-  int block_m = opt.block_m, block_n = opt.block_n;
+  int block_m = opt.block_m, block_n = opt.block_n, use_wgmma_opt = opt.use_wgmma;
+  const bool masked = mask && mask->kv_num_blocks;
+  if (block_m > 0 || block_n > 0 || use_wgmma_opt >= 0) p.knobs = "user";
+#ifndef FLEXJIT_NO_CPU_BACKEND  // the database (JSON) is part of the full build
+  // A tuned engine and blocks for this GPU and bucket, where the call allows them.
+  if (p.knobs == "default" && opt.use_tuning && !dev.name.empty()) {
+    const runtime::TuningBucket bucket = cuda_prefill_bucket(q.dtype, static_cast<int>(D), static_cast<int>(Dv),
+                                                             static_cast<int>(Hq / Hkv), Lq, Lkv, B * Hq, masked, dev);
+    if (auto t = runtime::TuningDb::global().lookup(bucket)) {
+      const int w = cuda_prefill_use_wgmma(t->engine);
+      const bool fits_mask = !masked || (t->block_m > 0 && t->block_n > 0 && mask->q_block_size % t->block_m == 0 &&
+                                         mask->kv_block_size % t->block_n == 0);
+      const bool engine_ok =
+          w == 0 || (w > 0 && cuda_wgmma_refusal(q.dtype, static_cast<int>(D), static_cast<int>(Dv), dev, t->block_m,
+                                                 t->block_n).empty());
+      if (w >= 0 && fits_mask && engine_ok) {
+        block_m = t->block_m;
+        block_n = t->block_n;
+        use_wgmma_opt = w;
+        p.knobs = "tuned";
+      }
+    }
+  }
+#endif
   if (mask && mask->kv_num_blocks) {
     auto fit = [](int64_t size, int want) {
       int b = want;
       while (b > 16 && size % b != 0) b /= 2;
       return b;
     };
-    const int want_wgmma = cuda_resolve_wgmma(opt.use_wgmma, q.dtype, static_cast<int>(D), static_cast<int>(Dv), dev,
+    const int want_wgmma = cuda_resolve_wgmma(use_wgmma_opt, q.dtype, static_cast<int>(D), static_cast<int>(Dv), dev,
                                               block_m, block_n);
     const jit::KernelSpec def = cuda_prefill_kernel_spec(q.dtype, static_cast<int>(D), static_cast<int>(Dv),
                                                          static_cast<int>(Hq / Hkv), dev, block_m, block_n, want_wgmma);
@@ -217,7 +281,7 @@ CudaPrefillPlan plan_cuda_prefill(const TensorView& q, const TensorView& k, cons
     if (block_n <= 0) block_n = fit(mask->kv_block_size, def.block_n);
   }
   // Auto (-1) falls back to the mma.sync engine where the blocks (a BlockMask's) do not suit wgmma.
-  const int use_wgmma = cuda_resolve_wgmma(opt.use_wgmma, q.dtype, static_cast<int>(D), static_cast<int>(Dv), dev,
+  const int use_wgmma = cuda_resolve_wgmma(use_wgmma_opt, q.dtype, static_cast<int>(D), static_cast<int>(Dv), dev,
                                            block_m, block_n);
   p.spec = cuda_prefill_kernel_spec(q.dtype, static_cast<int>(D), static_cast<int>(Dv), static_cast<int>(Hq / Hkv),
                                     dev, block_m, block_n, use_wgmma);

@@ -5,11 +5,13 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "jit/instantiate.h"
 #include "jit/mods.h"
 #include "runtime/attention.h"
 #include "runtime/cuda_driver.h"
+#include "runtime/tuning_db.h"
 #include "templates/mod_abi.h"
 #include "templates/cuda/abi.cuh"
 
@@ -39,6 +41,7 @@ inline CudaDeviceInfo cuda_device_info(const CudaDeviceProps& p) {
 
 struct CudaPrefillPlan {
   jit::KernelSpec spec;        // backend Cuda, prefill: what get_cuda_binary compiles
+  std::string knobs = "default";  // where engine and blocks came from: "default", "user", "tuned"
   unsigned grid[3] = {0, 0, 0};  // (query blocks, Hq, B); any 0: nothing to launch
   unsigned block_threads = 0;
   int smem_bytes = 0;          // dynamic shared memory (opt-in above 48 KiB)
@@ -66,6 +69,27 @@ jit::KernelSpec cuda_prefill_kernel_spec(DType dtype, int head_dim, int head_dim
 // or the blocks (0 = default).
 std::string cuda_wgmma_refusal(DType dtype, int head_dim, int head_dim_v, const CudaDeviceInfo& dev, int block_m,
                                int block_n);
+// The engine a spec runs, by the tuning database's name: "mma", "wgmma" (USE_WGMMA=1), "wgmma2" (2).
+std::string cuda_prefill_engine_name(const jit::KernelSpec& spec);
+// The USE_WGMMA value of such a name; -1 for a name that is none of them.
+int cuda_prefill_use_wgmma(const std::string& engine_name);
+
+// The tuning-database bucket of a CUDA prefill call (runtime/cuda_autotune.h tunes it): the GPU's
+// model and SM count, dtype, head dims, GQA group, Lq / Lkv / B x Hq rounded up to powers of two,
+// and whether a BlockMask is given ("cuda-mask" / "cuda").
+runtime::TuningBucket cuda_prefill_bucket(DType dtype, int head_dim, int head_dim_v, int gqa_group, int64_t lq,
+                                          int64_t lkv, int64_t work, bool masked, const CudaDeviceInfo& dev);
+
+// A causal BlockMask for L x L in square blocks of `block` keys as host arrays (query block i:
+// block i partial, blocks 0 .. i-1 full; rows padded to `blocks` entries), for the GPU benchmark
+// and tuner to upload; fields as FlexBlockMaskArgs.
+struct CudaCausalMask {
+  int64_t blocks = 0;
+  int block = 128;
+  std::vector<int> num, idx, full_num, full_idx;
+};
+CudaCausalMask cuda_causal_mask(int64_t L, int block = 128);
+
 // use_wgmma as the call gives it (-1 auto: FLEXJIT_CUDA_WGMMA=1 turns the engine on where the call
 // allows it) resolved to 0 or 1 for these blocks.
 int cuda_resolve_wgmma(int use_wgmma, DType dtype, int head_dim, int head_dim_v, const CudaDeviceInfo& dev,
@@ -78,6 +102,9 @@ int cuda_resolve_wgmma(int use_wgmma, DType dtype, int head_dim, int head_dim_v,
 // range, 2 when a block mask's count or index is out of range (that entry is skipped, not read).
 // Buffers bound in `bind` must be device tensors. Throws flexjit::Error naming what is wrong
 // and how to fix it. Knobs: opt.block_m / opt.block_n (0 = default), opt.use_wgmma, opt.scale, opt.enable_gqa.
+// With none of block_m / block_n / use_wgmma given and opt.use_tuning, a tuning-database entry for
+// this GPU (dev.name) and bucket sets the engine and blocks (plan.knobs "tuned"), unless a
+// BlockMask's blocks or the call rule them out (full build only: the database is JSON).
 CudaPrefillPlan plan_cuda_prefill(const TensorView& q, const TensorView& k, const TensorView& v,
                                   const TensorView& out, const TensorView* lse, const ModSet& mods,
                                   const ModBindings& bind, const FlexBlockMaskArgs* mask,

@@ -133,7 +133,8 @@ bool parse_choice(const json& e, TunedChoice& c, std::string& why) {
       read_int(e, "block_m", kIntMax, bm, why) && read_int(e, "block_n", kIntMax, bn, why) &&
       read_int(e, "partition_size", std::numeric_limits<int64_t>::max(), c.partition_size, why) &&
       read_time(e, "us", c.us, why) && read_time(e, "default_us", c.default_us, why) &&
-      read_text(e, "tuned_at", c.tuned_at, why) && read_text(e, "detail", c.detail, why);
+      read_text(e, "tuned_at", c.tuned_at, why) && read_text(e, "detail", c.detail, why) &&
+      (!e.contains("engine") || read_text(e, "engine", c.engine, why));
   c.block_m = int(bm);
   c.block_n = int(bn);
   return ok;
@@ -182,6 +183,7 @@ std::string dump_db(const Entries& entries) {
         {"block_m", c.block_m}, {"block_n", c.block_n},       {"partition_size", c.partition_size},
         {"us", c.us},           {"default_us", c.default_us}, {"tuned_at", c.tuned_at},
         {"detail", c.detail}};
+    if (!c.engine.empty()) list[key]["engine"] = c.engine;
   }
   ojson j = {{"format", kFormat}, {"version", kVersion}, {"entries", std::move(list)}};
   // `replace`: a detail string with invalid UTF-8 must not make store() throw a JSON error.

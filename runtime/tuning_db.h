@@ -7,6 +7,7 @@
 //    "entries": {"<TuningBucket::key()>": {"block_m": 0, "block_n": 64, "partition_size": 512,
 //                "us": 41.5, "default_us": 57.0, "tuned_at": "2025-01-31T12:00:00Z",
 //                "detail": "12 candidates, 5 reps"}}}
+// and, for choices that name an engine (CUDA prefill), "engine": "wgmma2".
 // A file that is not this (bad JSON, another format or version, a malformed entry) is renamed to
 // tuning.json.bad-<unix time>-<pid> and the database starts empty; it is never a crash.
 #pragma once
@@ -55,6 +56,9 @@ struct TunedChoice {
   double default_us = 0;         // measured median time of the untuned default, same run
   std::string tuned_at;          // ISO-8601 UTC time of the measurement
   std::string detail;            // free text, e.g. "12 candidates, 5 reps"
+  // The kernel engine the choice runs on, where the bucket leaves it open (CUDA prefill: "mma",
+  // "wgmma", "wgmma2"); "" = not part of the choice. Stored only when set.
+  std::string engine;
 };
 
 // The CPU model name from /proc/cpuinfo ("model name" of the first CPU), trimmed, with runs of

@@ -208,24 +208,17 @@ int main(int argc, char** argv) {
         // has block i partial and blocks 0 .. i-1 full.
         const RegisteredMod& r = find_mod("causal");
         mods = mod_set_of(r.mod, r.kind);
-        const int64_t nb = (L + 127) / 128;
-        const size_t n1 = static_cast<size_t>(nb), n2 = static_cast<size_t>(nb * nb);
-        std::vector<int> num(n1), idx(n2, 0), fnum(n1), fidx(n2, 0);
-        for (int64_t i = 0; i < nb; ++i) {
-          num[size_t(i)] = 1;
-          idx[size_t(i * nb)] = int(i);
-          fnum[size_t(i)] = int(i);
-          for (int64_t j = 0; j < i; ++j) fidx[size_t(i * nb + j)] = int(j);
-        }
+        const CudaCausalMask cm = cuda_causal_mask(L, 128);
+        const int64_t nb = cm.blocks;
         auto put = [&](const std::vector<int>& h) {
           void* d = mem.alloc(h.size() * 4);
           cuda_copy_to_device(d, h.data(), h.size() * 4);
           return static_cast<const int*>(d);
         };
-        mask.kv_num_blocks = put(num);
-        mask.kv_indices = put(idx);
-        mask.full_kv_num_blocks = put(fnum);
-        mask.full_kv_indices = put(fidx);
+        mask.kv_num_blocks = put(cm.num);
+        mask.kv_indices = put(cm.idx);
+        mask.full_kv_num_blocks = put(cm.full_num);
+        mask.full_kv_indices = put(cm.full_idx);
         mask.B = mask.H = 1;
         mask.q_blocks = mask.kv_blocks = nb;
         mask.q_block_size = mask.kv_block_size = 128;

@@ -109,5 +109,78 @@ TEST(CudaAutotune, BadRequestsAndUnknownGpusAreClearErrors) {
   }
 }
 
+
+// ---- CUDA prefill: engine and blocks ----
+CudaPrefillPlan prefill_plan_for(const CudaDeviceInfo& dev, int64_t L, const AttentionOptions& base = {}) {
+  const TensorView q = contiguous_view(g_fake, DType::BF16, {1, 32, L, 128}), out = q;
+  const TensorView k = contiguous_view(g_fake, DType::BF16, {1, 8, L, 128}), v = k;
+  AttentionOptions opt = base;
+  opt.enable_gqa = true;
+  return plan_cuda_prefill(q, k, v, out, nullptr, ModSet{}, ModBindings{}, nullptr, opt, dev, nullptr);
+}
+
+TEST(CudaAutotune, PrefillStoresTheFastestCorrectEngineAndThePlannerUsesIt) {
+  CudaDeviceInfo dev;
+  dev.name = "Fake H100 (cuda_autotune_test prefill)";
+  dev.sm_count = 132;
+  CudaPrefillTuneRequest r;
+  r.len = 3000;  // bucket: up to 4096
+  r.causal = false;
+  const std::vector<TuneCandidate> cands = cuda_prefill_candidates(r, dev);
+  ASSERT_FALSE(cands.empty());
+  EXPECT_EQ(cands.front().engine, "mma") << "the default first";
+  std::set<std::string> engines;
+  for (const auto& c : cands) engines.insert(c.engine);
+  EXPECT_EQ(engines, (std::set<std::string>{"mma", "wgmma", "wgmma2"})) << "sm_90: all three engines";
+  // wgmma 128 x 128 is fastest but wrong; the pipelined 128 x 64 is next: it wins.
+  auto timer = [&](int use_wgmma, int bm, int bn) -> double {
+    if (use_wgmma == 1 && bm == 128 && bn == 128) throw Error("wrong result: max |out - default's| = 0.5");
+    if (use_wgmma == 2 && bm == 128 && bn == 64) return 40.0;
+    return use_wgmma ? 80.0 : 100.0;
+  };
+  AttentionOptions untuned;
+  untuned.use_tuning = false;  // (an earlier run's entry may be in the test cache)
+  EXPECT_EQ(prefill_plan_for(dev, 3000, untuned).knobs, "default");
+  EXPECT_EQ(prefill_plan_for(dev, 3000, untuned).spec.engine, PrefillEngine::Fma);
+  TuneResult res = tune_cuda_prefill(r, dev, timer);
+  EXPECT_TRUE(res.stored);
+  EXPECT_EQ(res.best.engine, "wgmma2");
+  EXPECT_EQ(res.best.block_m, 128);
+  EXPECT_EQ(res.best.block_n, 64);
+  EXPECT_DOUBLE_EQ(res.best.default_us, 100.0);
+  bool flagged = false;
+  for (const auto& c : res.candidates) flagged = flagged || (c.us < 0 && c.error.find("wrong result") == 0);
+  EXPECT_TRUE(flagged) << "the wrong candidate is listed with its error, never a winner";
+  EXPECT_NE(res.bucket.find("prefill"), std::string::npos) << res.bucket;
+
+  // Calls in the bucket on this GPU take it; given knobs, another GPU, or no tuning do not.
+  const CudaPrefillPlan tuned = prefill_plan_for(dev, 2500);
+  EXPECT_EQ(tuned.knobs, "tuned");
+  EXPECT_EQ(cuda_prefill_engine_name(tuned.spec), "wgmma2");
+  EXPECT_EQ(tuned.spec.block_m, 128);
+  EXPECT_EQ(tuned.spec.block_n, 64);
+  EXPECT_NE(tuned.describe().find("(tuned)"), std::string::npos);
+  AttentionOptions user;
+  user.use_wgmma = 0;
+  EXPECT_EQ(prefill_plan_for(dev, 2500, user).knobs, "user");
+  EXPECT_EQ(prefill_plan_for(dev, 2500, user).spec.engine, PrefillEngine::Fma);
+  AttentionOptions off;
+  off.use_tuning = false;
+  EXPECT_EQ(prefill_plan_for(dev, 2500, off).knobs, "default");
+  CudaDeviceInfo other = dev;
+  other.name = "Another fake GPU (cuda_autotune_test prefill)";
+  EXPECT_EQ(prefill_plan_for(other, 2500).knobs, "default");
+  EXPECT_EQ(prefill_plan_for(dev, 9000).knobs, "default") << "another length bucket";
+}
+
+TEST(CudaAutotune, PrefillOnAnA100TunesTheMmaTilesOnly) {
+  CudaDeviceInfo a100 = cuda_device_info_for_arch("sm_80");
+  a100.name = "Fake A100 (cuda_autotune_test prefill)";
+  CudaPrefillTuneRequest r;
+  for (const auto& c : cuda_prefill_candidates(r, a100)) EXPECT_EQ(c.engine, "mma");
+  r.len = 8;
+  EXPECT_THROW(cuda_prefill_candidates(r, a100), Error) << "16 rows or fewer run the decode kernel";
+}
+
 }  // namespace
 }  // namespace flexjit
