@@ -78,6 +78,21 @@ std::pair<TuneCandidate, double> playoff(const std::vector<TuneCandidate>& cands
   return {def_us >= 0 && finals[best].us > 0.97 * def_us ? finals[def_i] : finals[best], def_us};
 }
 
+// Both tuners' last step: the winner's times and provenance into res.best (its knobs are set by
+// the caller), stored under bucket when asked.
+void finish(TuneResult* res, const TuneCandidate& win, double def_us, int reps, bool store,
+            const runtime::TuningBucket& bucket, const CudaDeviceInfo& dev) {
+  res->best.us = win.us;
+  res->best.default_us = def_us;
+  res->best.tuned_at = now_iso();
+  res->best.detail = std::to_string(res->candidates.size()) + " candidates, " + std::to_string(reps) + " reps, on " +
+                     dev.name + " (" + std::to_string(dev.sm_count) + " SMs)";
+  if (store) {
+    runtime::TuningDb::global().store(bucket, res->best);
+    res->stored = true;
+  }
+}
+
 }  // namespace
 
 runtime::TuningBucket cuda_tune_bucket(const CudaTuneRequest& r, const CudaDeviceInfo& dev) {
@@ -157,15 +172,7 @@ TuneResult tune_cuda_decode(const CudaTuneRequest& req, const CudaDeviceInfo& de
   });
   res.best.block_n = win.block_n;
   res.best.partition_size = win.partition_size;
-  res.best.us = win.us;
-  res.best.default_us = def_us;
-  res.best.tuned_at = now_iso();
-  res.best.detail = std::to_string(cands.size()) + " candidates, " + std::to_string(req.reps) + " reps, on " +
-                    dev.name + " (" + std::to_string(dev.sm_count) + " SMs)";
-  if (req.store) {
-    runtime::TuningDb::global().store(bucket, res.best);
-    res.stored = true;
-  }
+  finish(&res, win, def_us, req.reps, req.store, bucket, dev);
   return res;
 }
 
@@ -324,15 +331,7 @@ TuneResult tune_cuda_prefill(const CudaPrefillTuneRequest& req, const CudaDevice
   res.best.engine = win.engine;
   res.best.block_m = win.block_m;
   res.best.block_n = win.block_n;
-  res.best.us = win.us;
-  res.best.default_us = def_us;
-  res.best.tuned_at = now_iso();
-  res.best.detail = std::to_string(cands.size()) + " candidates, " + std::to_string(req.reps) + " reps, on " +
-                    dev.name + " (" + std::to_string(dev.sm_count) + " SMs)";
-  if (req.store) {
-    runtime::TuningDb::global().store(bucket, res.best);
-    res.stored = true;
-  }
+  finish(&res, win, def_us, req.reps, req.store, bucket, dev);
   return res;
 }
 

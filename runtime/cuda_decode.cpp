@@ -35,20 +35,7 @@ std::string CudaDecodePlan::describe() const {
 
 runtime::TuningBucket cuda_decode_bucket(DType dtype, int head_dim, int head_dim_v, int gqa_group, int64_t lq,
                                          int64_t lkv, int64_t work, bool paged, const CudaDeviceInfo& dev) {
-  runtime::TuningBucket b;
-  b.path = "decode";
-  b.dtype = dtype;
-  b.head_dim = head_dim;
-  b.head_dim_v = head_dim_v;
-  b.gqa_group = gqa_group;
-  b.lq = lq;
-  b.lkv = lkv;
-  b.work = work;
-  b.paged = paged;
-  b.threads = dev.sm_count;  // the key's "threads": the GPU's SMs
-  b.engine = "cuda-mma";
-  b.cpu = "GPU " + (dev.name.empty() ? dev.arch : dev.name);
-  return b;
+  return cuda_tuning_bucket("decode", dtype, head_dim, head_dim_v, gqa_group, lq, lkv, work, paged, "cuda-mma", dev);
 }
 
 jit::KernelSpec cuda_decode_kernel_spec(DType dtype, int head_dim, int head_dim_v, int gqa_group,

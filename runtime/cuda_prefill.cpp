@@ -60,10 +60,11 @@ std::string cuda_prefill_engine_name(const jit::KernelSpec& s) {
 
 int cuda_prefill_use_wgmma(const std::string& e) { return e == "mma" ? 0 : e == "wgmma" ? 1 : e == "wgmma2" ? 2 : -1; }
 
-runtime::TuningBucket cuda_prefill_bucket(DType dtype, int head_dim, int head_dim_v, int gqa_group, int64_t lq,
-                                          int64_t lkv, int64_t work, bool masked, const CudaDeviceInfo& dev) {
+runtime::TuningBucket cuda_tuning_bucket(const std::string& path, DType dtype, int head_dim, int head_dim_v,
+                                         int gqa_group, int64_t lq, int64_t lkv, int64_t work, bool paged,
+                                         const std::string& engine, const CudaDeviceInfo& dev) {
   runtime::TuningBucket b;
-  b.path = "prefill";
+  b.path = path;
   b.dtype = dtype;
   b.head_dim = head_dim;
   b.head_dim_v = head_dim_v;
@@ -71,10 +72,17 @@ runtime::TuningBucket cuda_prefill_bucket(DType dtype, int head_dim, int head_di
   b.lq = lq;
   b.lkv = lkv;
   b.work = work;
+  b.paged = paged;
   b.threads = dev.sm_count;  // the key's "threads": the GPU's SMs
-  b.engine = masked ? "cuda-mask" : "cuda";
+  b.engine = engine;
   b.cpu = "GPU " + (dev.name.empty() ? dev.arch : dev.name);
   return b;
+}
+
+runtime::TuningBucket cuda_prefill_bucket(DType dtype, int head_dim, int head_dim_v, int gqa_group, int64_t lq,
+                                          int64_t lkv, int64_t work, bool masked, const CudaDeviceInfo& dev) {
+  return cuda_tuning_bucket("prefill", dtype, head_dim, head_dim_v, gqa_group, lq, lkv, work, false,
+                            masked ? "cuda-mask" : "cuda", dev);
 }
 
 CudaCausalMask cuda_causal_mask(int64_t L, int block) {

@@ -74,6 +74,11 @@ std::string cuda_prefill_engine_name(const jit::KernelSpec& spec);
 // The USE_WGMMA value of such a name; -1 for a name that is none of them.
 int cuda_prefill_use_wgmma(const std::string& engine_name);
 
+// A CUDA tuning-database bucket: `path` (decode / prefill), the call's sizes, `engine` (the key's
+// kernel family) and the GPU's model ("cpu" field) and SM count ("threads" field).
+runtime::TuningBucket cuda_tuning_bucket(const std::string& path, DType dtype, int head_dim, int head_dim_v,
+                                         int gqa_group, int64_t lq, int64_t lkv, int64_t work, bool paged,
+                                         const std::string& engine, const CudaDeviceInfo& dev);
 // The tuning-database bucket of a CUDA prefill call (runtime/cuda_autotune.h tunes it): the GPU's
 // model and SM count, dtype, head dims, GQA group, Lq / Lkv / B x Hq rounded up to powers of two,
 // and whether a BlockMask is given ("cuda-mask" / "cuda").
