@@ -161,6 +161,7 @@ CudaPlanSummary summary_of(const CudaPrefillPlan& p) {
   CudaPlanSummary s;
   s.spec = p.spec;
   s.path = "prefill";
+  s.split = p.knobs;  // "default", "user" or "tuned" (the report's tuning)
   return s;
 }
 CudaPlanSummary summary_of(const CudaDecodePlan& p) {
