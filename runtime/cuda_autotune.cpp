@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "runtime/cuda_driver.h"
+#include "score_mods/registry.h"
 
 namespace flexjit {
 namespace {
@@ -339,22 +340,14 @@ CudaPrefillTimer cuda_prefill_timer(const CudaPrefillTuneRequest& req, const Cud
   check_prefill_request(req);
   const int64_t L = prefill_len(req, dev), B = req.batch, Hq = req.heads, Hkv = req.kv_heads;
   auto buf = std::make_shared<CudaAllocations>();
-  // A fixed pseudo-random pattern in [-1, 1) (bf16 / fp16 bits made on the host), so that wrong
-  // kernels give different outputs.
+  // A fixed pseudo-random pattern in [-1, 1), so that wrong kernels give different outputs.
   auto filled = [&](int64_t elems, uint32_t seed) {
     std::vector<unsigned short> h(static_cast<size_t>(elems));
+    const TensorView hv = contiguous_view(h.data(), req.dtype, {elems});
     uint32_t x = seed * 2654435761u + 1;
-    for (auto& e : h) {
+    for (int64_t i = 0; i < elems; ++i) {
       x = x * 1664525u + 1013904223u;
-      const float f = float(int32_t(x >> 8) - (1 << 23)) / float(1 << 23);
-      uint32_t u;
-      std::memcpy(&u, &f, 4);
-      e = req.dtype == DType::BF16 ? static_cast<unsigned short>((u + 0x7fff + ((u >> 16) & 1)) >> 16)
-                                   : static_cast<unsigned short>(0);
-      if (req.dtype == DType::F16) {
-        const _Float16 hf = static_cast<_Float16>(f);
-        std::memcpy(&e, &hf, 2);
-      }
+      write_element_f64(hv, i, double(int32_t(x >> 8) - (1 << 23)) / double(1 << 23));
     }
     void* d = buf->alloc(h.size() * 2);
     cuda_copy_to_device(d, h.data(), h.size() * 2);
@@ -372,34 +365,11 @@ CudaPrefillTimer cuda_prefill_timer(const CudaPrefillTuneRequest& req, const Cud
   auto mods = std::make_shared<ModSet>();
   auto mask = std::make_shared<FlexBlockMaskArgs>();
   if (req.causal) {
-    mods->mask_mod = ir::binary(ir::Op::Ge, ir::variable(ir::Var::QIdx), ir::variable(ir::Var::KvIdx));
-    const CudaCausalMask cm = cuda_causal_mask(L, 128);
-    auto put = [&](const std::vector<int>& h) {
-      void* d = buf->alloc(h.size() * 4);
-      cuda_copy_to_device(d, h.data(), h.size() * 4);
-      return static_cast<const int*>(d);
-    };
-    mask->kv_num_blocks = put(cm.num);
-    mask->kv_indices = put(cm.idx);
-    mask->full_kv_num_blocks = put(cm.full_num);
-    mask->full_kv_indices = put(cm.full_idx);
-    mask->B = mask->H = 1;
-    mask->q_blocks = mask->kv_blocks = cm.blocks;
-    mask->q_block_size = mask->kv_block_size = cm.block;
-    mask->kv_indices_stride = mask->full_kv_indices_stride = cm.blocks;
+    const RegisteredMod& causal = find_mod("causal");
+    *mods = mod_set_of(causal.mod, causal.kind);
+    *mask = cuda_causal_mask(L, 128, buf.get());
   }
   auto reference = std::make_shared<std::vector<unsigned short>>();  // the default's output
-  auto to_float = [dt = req.dtype](unsigned short x) {
-    if (dt == DType::BF16) {
-      const uint32_t u = uint32_t(x) << 16;
-      float f;
-      std::memcpy(&f, &u, 4);
-      return f;
-    }
-    _Float16 h;
-    std::memcpy(&h, &x, 2);
-    return float(h);
-  };
   return [=](int use_wgmma, int block_m, int block_n) -> double {
     AttentionOptions opt;
     opt.enable_gqa = Hq != Hkv;
@@ -416,9 +386,11 @@ CudaPrefillTimer cuda_prefill_timer(const CudaPrefillTuneRequest& req, const Cud
     if (reference->empty()) {
       *reference = std::move(got);  // the first candidate timed is the default
     } else {
+      const TensorView gv = contiguous_view(got.data(), req.dtype, {int64_t(out_elems)}),
+                       rv = contiguous_view(reference->data(), req.dtype, {int64_t(out_elems)});
       double worst = 0;
-      for (size_t i = 0; i < out_elems; ++i) {
-        const double d = std::fabs(double(to_float(got[i])) - double(to_float((*reference)[i])));
+      for (int64_t i = 0; i < int64_t(out_elems); ++i) {
+        const double d = std::fabs(read_element_f64(gv, i) - read_element_f64(rv, i));
         worst = std::isnan(d) ? INFINITY : std::max(worst, d);
       }
       if (worst > 3e-2)

@@ -85,20 +85,28 @@ runtime::TuningBucket cuda_prefill_bucket(DType dtype, int head_dim, int head_di
                             masked ? "cuda-mask" : "cuda", dev);
 }
 
-CudaCausalMask cuda_causal_mask(int64_t L, int block) {
-  CudaCausalMask m;
-  m.block = block;
-  m.blocks = (L + block - 1) / block;
-  const int64_t nb = m.blocks;
-  m.num.assign(size_t(nb), 1);
-  m.idx.assign(size_t(nb * nb), 0);
-  m.full_num.assign(size_t(nb), 0);
-  m.full_idx.assign(size_t(nb * nb), 0);
+FlexBlockMaskArgs cuda_causal_mask(int64_t L, int block, CudaAllocations* mem) {
+  const int64_t nb = (L + block - 1) / block;
+  std::vector<int> num(size_t(nb), 1), idx(size_t(nb * nb), 0), full_num(size_t(nb), 0), full_idx(size_t(nb * nb), 0);
   for (int64_t i = 0; i < nb; ++i) {
-    m.idx[size_t(i * nb)] = int(i);
-    m.full_num[size_t(i)] = int(i);
-    for (int64_t j = 0; j < i; ++j) m.full_idx[size_t(i * nb + j)] = int(j);
+    idx[size_t(i * nb)] = int(i);
+    full_num[size_t(i)] = int(i);
+    for (int64_t j = 0; j < i; ++j) full_idx[size_t(i * nb + j)] = int(j);
   }
+  auto put = [&](const std::vector<int>& h) {
+    void* d = mem->alloc(h.size() * 4);
+    cuda_copy_to_device(d, h.data(), h.size() * 4);
+    return static_cast<const int*>(d);
+  };
+  FlexBlockMaskArgs m{};
+  m.kv_num_blocks = put(num);
+  m.kv_indices = put(idx);
+  m.full_kv_num_blocks = put(full_num);
+  m.full_kv_indices = put(full_idx);
+  m.B = m.H = 1;
+  m.q_blocks = m.kv_blocks = nb;
+  m.q_block_size = m.kv_block_size = block;
+  m.kv_indices_stride = m.full_kv_indices_stride = nb;
   return m;
 }
 

@@ -5,7 +5,6 @@
 #pragma once
 
 #include <string>
-#include <vector>
 
 #include "jit/instantiate.h"
 #include "jit/mods.h"
@@ -85,15 +84,10 @@ runtime::TuningBucket cuda_tuning_bucket(const std::string& path, DType dtype, i
 runtime::TuningBucket cuda_prefill_bucket(DType dtype, int head_dim, int head_dim_v, int gqa_group, int64_t lq,
                                           int64_t lkv, int64_t work, bool masked, const CudaDeviceInfo& dev);
 
-// A causal BlockMask for L x L in square blocks of `block` keys as host arrays (query block i:
-// block i partial, blocks 0 .. i-1 full; rows padded to `blocks` entries), for the GPU benchmark
-// and tuner to upload; fields as FlexBlockMaskArgs.
-struct CudaCausalMask {
-  int64_t blocks = 0;
-  int block = 128;
-  std::vector<int> num, idx, full_num, full_idx;
-};
-CudaCausalMask cuda_causal_mask(int64_t L, int block = 128);
+// A causal BlockMask for L x L in square blocks of `block` keys (query block i: block i partial,
+// blocks 0 .. i-1 full), its arrays uploaded into `mem` (which must outlive the launches that use
+// it), for the GPU benchmark and tuner. Needs a GPU (see runtime/cuda_driver.h).
+FlexBlockMaskArgs cuda_causal_mask(int64_t L, int block, CudaAllocations* mem);
 
 // use_wgmma as the call gives it (-1 auto: FLEXJIT_CUDA_WGMMA=1 turns the engine on where the call
 // allows it) resolved to 0 or 1 for these blocks.

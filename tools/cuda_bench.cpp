@@ -208,21 +208,7 @@ int main(int argc, char** argv) {
         // has block i partial and blocks 0 .. i-1 full.
         const RegisteredMod& r = find_mod("causal");
         mods = mod_set_of(r.mod, r.kind);
-        const CudaCausalMask cm = cuda_causal_mask(L, 128);
-        const int64_t nb = cm.blocks;
-        auto put = [&](const std::vector<int>& h) {
-          void* d = mem.alloc(h.size() * 4);
-          cuda_copy_to_device(d, h.data(), h.size() * 4);
-          return static_cast<const int*>(d);
-        };
-        mask.kv_num_blocks = put(cm.num);
-        mask.kv_indices = put(cm.idx);
-        mask.full_kv_num_blocks = put(cm.full_num);
-        mask.full_kv_indices = put(cm.full_idx);
-        mask.B = mask.H = 1;
-        mask.q_blocks = mask.kv_blocks = nb;
-        mask.q_block_size = mask.kv_block_size = 128;
-        mask.kv_indices_stride = mask.full_kv_indices_stride = nb;
+        mask = cuda_causal_mask(L, 128, &mem);
         mp = &mask;
       }
       // The mma.sync engine's default tile (64 x 64, a warp per m16 tile) and FA2's (128 rows, 4 warps
@@ -250,7 +236,7 @@ int main(int argc, char** argv) {
                         plan.describe().c_str());
           json += std::string(first ? "" : ",") + "\n    {\"mod\": \"" + mod + "\", \"L\": " + std::to_string(L) +
                   ", \"B\": " + std::to_string(B) + ", \"H\": " + std::to_string(H) + ", \"engine\": \"" +
-                  (plan.spec.engine != PrefillEngine::Wgmma ? "mma" : plan.spec.kv_stages == 3 ? "wgmma2" : "wgmma") + "\", \"block_m\": " +
+                  cuda_prefill_engine_name(plan.spec) + "\", \"block_m\": " +
                   std::to_string(plan.spec.block_m) + ", \"block_n\": " + std::to_string(plan.spec.block_n) +
                   ", \"ms\": " + std::to_string(ms) + ", \"tflops\": " + std::to_string(tflops) + "}";
           first = false;

@@ -194,7 +194,7 @@ void fill_report(AttentionReport* out, const CudaPlanSummary& plan, const CudaRu
   rep.block_m = plan.spec.block_m;
   rep.block_n = plan.spec.block_n;
   rep.gqa_group = plan.spec.gqa_group;
-  rep.engine = plan.spec.engine == PrefillEngine::Wgmma ? "wgmma" : "mma";
+  rep.engine = cuda_prefill_engine_name(plan.spec);  // mma / wgmma / wgmma2 (decode: mma)
   rep.dtype = dtype_name(plan.spec.dtype);
   rep.symbol = info.symbol;
   KernelUse use;

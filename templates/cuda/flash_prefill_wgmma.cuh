@@ -12,7 +12,7 @@
 // warpgroups share the K / V tiles. Per visited KV block of BLOCK_N keys:
 //   S  = Q K^T         wgmma m64n{BLOCK_N}k16, Q and K from shared memory (K-major descriptors),
 //                      HEAD_DIM / 16 k-steps accumulated in registers
-//   S  = score_mod(scale S), mask; m', P, alpha, l, O *= alpha   (fjc_block_softmax_row: the
+//   S  = score_mod(scale S), mask; m', P, alpha, l, O *= alpha   (fjc_block_softmax_p: the
 //                      accumulator layout is the mma.sync engine's, warp w holding rows 16 w..)
 //   O += P V           wgmma m64n{HEAD_DIM_V}k16 with P from registers (the S accumulators
 //                      re-packed as A fragments, as FA2 does for mma.sync) and V from shared
@@ -21,9 +21,9 @@
 // swizzled layout wgmma.cuh describes; each thread fences its copies into the async proxy before
 // the barrier that publishes a stage. Every wgmma batch is waited for before its registers are
 // read (S) or rescaled (O), and before the barrier that releases its stage.
-// Not (yet) done: overlapping one block's softmax with the next block's Q K^T inside a warpgroup
-// (FA3's intra-warpgroup pipelining), TMA loads and warp specialisation; two warpgroups per CTA let
-// the SM's schedulers overlap one's softmax with the other's MMAs.
+// FLEXJIT_KV_STAGES 3 is the pipelined schedule (USE_WGMMA=2; see its loop below). Not (yet) done:
+// TMA loads, warp specialisation, ping-pong between the warpgroups; two warpgroups per CTA let the
+// SM's schedulers overlap one's softmax with the other's MMAs.
 
 #if !defined(HEAD_DIM) || !defined(HEAD_DIM_V) || !defined(BLOCK_M) || !defined(BLOCK_N) || \
     !defined(GQA_GROUP) || !defined(FLEXJIT_ENTRY) || !defined(FLEXJIT_DTYPE) ||             \
