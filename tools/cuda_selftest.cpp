@@ -120,9 +120,7 @@ bool gpu_case(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lkv, int64
 int gpu_wgmma_probe() {
   int failed = 0;
   try {
-    const std::string src = "#define FLEXJIT_DTYPE 1\n" + jit::template_text("templates/mod_abi.h") +
-                            jit::template_text("templates/cuda/common.cuh") +
-                            jit::template_text("templates/cuda/wgmma.cuh") + testing::kWgmmaProbeKernel;
+    const std::string src = testing::wgmma_probe_source();
     const jit::CudaCompileResult r = jit::compile_cuda(src, "wgmma_probe.cu", "sm_90a");
     void* fn = cuda_load_function("flexjit-wgmma-probe", r.cubin, r.ptx, testing::kWgmmaProbeSymbol,
                                   testing::kWgmmaProbeSmem);

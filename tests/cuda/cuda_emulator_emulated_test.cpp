@@ -103,9 +103,7 @@ std::string& kernel_object() {
 Kernel kernel(const char* name) {
   std::string& object = kernel_object();
   if (object.empty()) {
-    const std::string src = "#define FLEXJIT_DTYPE 1\n" + jit::template_text("templates/cuda/emulate.cuh") +
-                            jit::template_text("templates/mod_abi.h") + jit::template_text("templates/cuda/common.cuh") +
-                            jit::template_text("templates/cuda/wgmma.cuh") + kKernels + testing::kWgmmaProbeKernel;
+    const std::string src = testing::wgmma_probe_source(jit::template_text("templates/cuda/emulate.cuh"), kKernels);
     object = jit::compile_cpp_to_object(src, "emulator_test.cpp").object;
   }
   return reinterpret_cast<Kernel>(jit::load_object(object, name));

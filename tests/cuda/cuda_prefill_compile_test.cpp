@@ -143,9 +143,7 @@ TEST(CudaPrefillCompile, WgmmaEngineCompilesForSm90aWithoutLocalMemory) {
 // The wgmma layout probe the GPU self-test runs (tests/support/wgmma_probe.h) compiles for sm_90a.
 TEST(CudaPrefillCompile, WgmmaLayoutProbeCompilesForSm90a) {
   SKIP_WITHOUT_NVRTC();
-  const std::string src = "#define FLEXJIT_DTYPE 1\n" + template_text("templates/mod_abi.h") +
-                          template_text("templates/cuda/common.cuh") + template_text("templates/cuda/wgmma.cuh") +
-                          testing::kWgmmaProbeKernel;
+  const std::string src = testing::wgmma_probe_source();
   const CudaCompileResult r = compile_cuda(src, "wgmma_probe.cu", "sm_90a");
   EXPECT_NE(r.ptx.find(".entry " + std::string(testing::kWgmmaProbeSymbol)), std::string::npos);
   EXPECT_NE(r.ptx.find("wgmma.mma_async.sync.aligned.m64n128k16"), std::string::npos);

@@ -20,6 +20,8 @@
 #include <string>
 #include <vector>
 
+#include "jit/instantiate.h"
+
 namespace flexjit::testing {
 
 struct WgmmaProbeArgs {  // the kernel's by-value parameter
@@ -96,6 +98,15 @@ extern "C" __global__ void flexjit_wgmma_probe(const struct WgmmaProbeArgs a) {
   if (a.mode == 5) fjc_wgmma_wait<0>();
 }
 )";
+
+// The probe's translation unit: the dtype macro, the templates it uses and the kernel. `prelude`
+// goes after the macro (templates/cuda/emulate.cuh for the CPU emulator, "" for NVRTC) and
+// `extra` before the probe (other test kernels compiled into the same object).
+inline std::string wgmma_probe_source(const std::string& prelude = "", const std::string& extra = "") {
+  return "#define FLEXJIT_DTYPE 1\n" + prelude + jit::template_text("templates/mod_abi.h") +
+         jit::template_text("templates/cuda/common.cuh") + jit::template_text("templates/cuda/wgmma.cuh") + extra +
+         kWgmmaProbeKernel;
+}
 
 inline unsigned short probe_bf16(float x) {
   unsigned u;
