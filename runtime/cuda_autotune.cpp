@@ -50,6 +50,24 @@ struct FakeCall {
   CudaDecodeKv kv;
 };
 
+// Both tuners' first round: each candidate timed once, in order, with progress; one that throws
+// (cannot run, or a wrong result) gets us = -1 and the error.
+void time_candidates(std::vector<TuneCandidate>* cands, const std::function<double(const TuneCandidate&)>& time,
+                     const TuneProgress& progress) {
+  const int n = int(cands->size());
+  for (int i = 0; i < n; ++i) {
+    TuneCandidate& c = (*cands)[size_t(i)];
+    if (progress) progress(i, n, c);
+    try {
+      c.us = time(c);
+    } catch (const std::exception& e) {
+      c.us = -1;
+      c.error = e.what();
+    }
+  }
+  if (progress) progress(n, n, TuneCandidate{});
+}
+
 // The playoff of both tuners: the three fastest candidates that ran and the default (dc), timed
 // again over three interleaved rounds; the winner is the fastest unless it beats the default by
 // less than 3%, then the default. Returns the winner (its time the playoff's median) and the
@@ -155,22 +173,12 @@ TuneResult tune_cuda_decode(const CudaTuneRequest& req, const CudaDeviceInfo& de
         return c.block_n == dc.block_n && c.partition_size == dc.partition_size;
       }))
     cands.push_back(dc);
-  for (size_t i = 0; i < cands.size(); ++i) {
-    if (progress) progress(int(i), int(cands.size()), cands[i]);
-    try {
-      cands[i].us = time_us(cands[i].block_n, cands[i].partition_size);
-    } catch (const std::exception& e) {
-      cands[i].us = -1;
-      cands[i].error = e.what();
-    }
-  }
-  if (progress) progress(int(cands.size()), int(cands.size()), TuneCandidate{});
+  auto time = [&](const TuneCandidate& c) { return time_us(c.block_n, c.partition_size); };
+  time_candidates(&cands, time, progress);
   res.candidates = cands;
 
   auto is_def = [&](const TuneCandidate& c) { return c.block_n == dc.block_n && c.partition_size == dc.partition_size; };
-  const auto [win, def_us] = playoff(cands, is_def, dc, [&](const TuneCandidate& c) {
-    return time_us(c.block_n, c.partition_size);
-  });
+  const auto [win, def_us] = playoff(cands, is_def, dc, time);
   res.best.block_n = win.block_n;
   res.best.partition_size = win.partition_size;
   finish(&res, win, def_us, req.reps, req.store, bucket, dev);
@@ -312,16 +320,7 @@ TuneResult tune_cuda_prefill(const CudaPrefillTuneRequest& req, const CudaDevice
   res.bucket = bucket.key();
   std::vector<TuneCandidate> cands = cuda_prefill_candidates(req, dev);
   auto time = [&](const TuneCandidate& c) { return time_us(cuda_prefill_use_wgmma(c.engine), c.block_m, c.block_n); };
-  for (size_t i = 0; i < cands.size(); ++i) {
-    if (progress) progress(int(i), int(cands.size()), cands[i]);
-    try {
-      cands[i].us = time(cands[i]);
-    } catch (const std::exception& e) {  // cannot run, or a wrong result: never a winner
-      cands[i].us = -1;
-      cands[i].error = e.what();
-    }
-  }
-  if (progress) progress(int(cands.size()), int(cands.size()), TuneCandidate{});
+  time_candidates(&cands, time, progress);  // a wrong result counts as one that cannot run: never a winner
   res.candidates = cands;
   const TuneCandidate dc = cands.front();
   if (dc.us < 0) throw Error("tune --device cuda --path prefill: the default kernel did not run (" + dc.error + ")");
