@@ -411,7 +411,8 @@ void run_cuda(const RunArgs& a) {
   const int zero = 0;
   cuda_copy_to_device(dflag, &zero, 4);
 
-  std::string describe;
+  std::string describe, tuning;
+  int64_t partition_size = 0, num_partitions = 0;
   CudaRunInfo info;
   double kernel_ms = 0;
   auto timed = [&](const std::function<void()>& call) {
@@ -438,12 +439,16 @@ void run_cuda(const RunArgs& a) {
     timed([&] { info = run_cuda_decode(plan, rm.mods, nullptr); });
     kernel_ms = timed([&] { run_cuda_decode(plan, rm.mods, nullptr); });
     describe = plan.describe();
+    tuning = plan.split;
+    partition_size = plan.partition_size;
+    num_partitions = plan.num_partitions;
   } else {
     CudaPrefillPlan plan = plan_cuda_prefill(dq, dk, dv, dout, &dlse, rm.mods, dev_bind, have_mask ? &dmask : nullptr,
                                              opt, dev, dflag);
     timed([&] { info = run_cuda_prefill(plan, rm.mods, nullptr); });
     kernel_ms = timed([&] { run_cuda_prefill(plan, rm.mods, nullptr); });
     describe = plan.describe();
+    tuning = plan.knobs;
   }
   int flag = 0;
   cuda_copy_to_host(&flag, dflag, 4);
@@ -466,8 +471,9 @@ void run_cuda(const RunArgs& a) {
                           : reference_attention(q.view, k.view, v.view, rm.mods, rm.bind, scale, false, rows);
     max_err = max_abs_error(out.view, ref, rows);
   }
-  std::printf("flexjit run: %s, q %s on %s (%s, %d SMs) %s -> %s\n", rm.describe.c_str(), q.view.shape_str().c_str(),
-              "cuda", props.arch.c_str(), props.sm_count, dtype_name(dtype), a.out.c_str());
+  std::printf("flexjit run: %s, q %s on cuda (%s, %s, %d SMs) %s -> %s\n", rm.describe.c_str(),
+              q.view.shape_str().c_str(), props.name.c_str(), props.arch.c_str(), props.sm_count, dtype_name(dtype),
+              a.out.c_str());
   std::printf("  backend cuda: %s\n  kernel %s: cache %s%s, run %.3f ms\n", describe.c_str(), info.symbol.c_str(),
               info.cache.c_str(), info.cache == "miss" ? (", compile " + fmt_ms(info.compile_ms)).c_str() : "",
               kernel_ms);
@@ -476,7 +482,10 @@ void run_cuda(const RunArgs& a) {
     nlohmann::json j;
     j["backend"] = "cuda";
     j["arch"] = props.arch;
+    j["device"] = props.name;
     j["sm_count"] = props.sm_count;
+    j["tuning"] = tuning;  // decode: where PARTITION_SIZE came from; prefill: engine and blocks
+    if (decode) j["partition_size"] = partition_size, j["num_partitions"] = num_partitions;
     j["path"] = decode ? "decode" : "prefill";
     j["paged"] = paged;
     j["plan"] = describe;
@@ -621,7 +630,8 @@ void add_run_command(CLI::App& app) {
   cmd->add_option("--device", a->device, "cpu (default) or cuda (bf16 / fp16 on the GPU; without one, a clear error)");
   cmd->add_option("--block-size", a->block_size, "BlockMask block size: N or QxKV (default 128)");
   cmd->add_option("--kernel-option", a->kernel_options, "NAME=VALUE kernel knob: BLOCK_M, BLOCK_N, USE_AMX (0/1), "
-                                                          "USE_DPBF16 (0/1), PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION (0/1)");
+                                                          "USE_DPBF16 (0/1), PARTITION_SIZE, FORCE_USE_FLEX_ATTENTION (0/1), "
+                                                          "USE_WGMMA (0/1/2, --device cuda on sm_90)");
   cmd->add_option("--report", a->report, "write a JSON report of what ran");
   cmd->add_option("--threads", a->threads, "worker threads (default: all cores)");
   cmd->add_flag("--check", a->check, "spot-check the result against a float64 reference");

@@ -55,7 +55,10 @@ void draw_progress(int done, int total, const TuneCandidate& next) {
   const bool playoff = done == total - 1;  // the last step re-times the finalists
   std::fprintf(stderr, "%s  [%s] %d/%d %s%s", tty ? "\r" : "", bar.c_str(), done, total,
                done == total ? "done" : playoff ? "playoff of the fastest and the default" : done == 0 ? "default " : "",
-               done == total || playoff ? "" : knobs_text(next.block_m, next.block_n, next.partition_size).c_str());
+               done == total || playoff ? ""
+                                        : ((next.engine.empty() ? "" : "ENGINE=" + next.engine + " ") +
+                                           knobs_text(next.block_m, next.block_n, next.partition_size))
+                                              .c_str());
   std::fprintf(stderr, tty ? "\033[K" : "\n");
   if (tty && done == total) std::fprintf(stderr, "\n");
   std::fflush(stderr);

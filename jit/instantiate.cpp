@@ -8,6 +8,7 @@
 #include "jit/cache.h"
 #include "jit/codegen.h"
 #include "jit/compile.h"
+#include "jit/emulation.h"
 #include "jit/nvrtc.h"
 
 namespace flexjit::jit {
@@ -263,23 +264,13 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
   return inst;
 }
 
-namespace {
-std::string make_source_with(const KernelSpec& spec, const ModSet& mods, const std::string& symbol,
-                             const char* prelude_file);
-}  // namespace
-
-std::string make_source(const KernelSpec& spec, const ModSet& mods, const std::string& symbol) {
-  return make_source_with(spec, mods, symbol, nullptr);
-}
-
 std::string make_emulation_source(const KernelSpec& spec, const ModSet& mods, const std::string& symbol) {
   FLEXJIT_CHECK(is_cuda(spec), "make_emulation_source takes CUDA kernel specs");
-  return make_source_with(spec, mods, symbol, "templates/cuda/emulate.cuh");
+  const char* prelude = "templates/cuda/emulate.cuh";
+  return with_emulation_prelude(make_source(spec, mods, symbol), prelude, template_text(prelude));
 }
 
-namespace {
-std::string make_source_with(const KernelSpec& spec, const ModSet& mods, const std::string& symbol,
-                             const char* prelude_file) {
+std::string make_source(const KernelSpec& spec, const ModSet& mods, const std::string& symbol) {
   std::vector<std::string> files = template_files(spec);
   if (spec.kind == KernelKind::Mods && !is_cuda(spec)) {
     // A precompilable prefix the same for every mod set (the ABI, cpu/common.h and the codegen
@@ -296,7 +287,6 @@ std::string make_source_with(const KernelSpec& spec, const ModSet& mods, const s
     return src;
   }
   std::string src = spec_defines(spec, symbol);
-  if (prelude_file) src += "// ---- " + std::string(prelude_file) + " ----\n" + template_text(prelude_file) + "\n";
   // The generated mod body goes before flash_block.cuh (the first file that calls the mods) of a CUDA TU, before
   // mods_local.h (which sizes its copies by the body's counts) and the kernel file of a Mods / ModsGrad TU.
   const size_t body_at =
@@ -312,6 +302,5 @@ std::string make_source_with(const KernelSpec& spec, const ModSet& mods, const s
   }
   return src;
 }
-}  // namespace
 
 }  // namespace flexjit::jit

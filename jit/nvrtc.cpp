@@ -32,6 +32,10 @@ struct Nvrtc {
   nvrtcResult (*cubin)(nvrtcProgram, char*) = nullptr;
   nvrtcResult (*destroy)(nvrtcProgram*) = nullptr;
   const char* (*error_string)(nvrtcResult) = nullptr;
+  // Not NVRTC's: a library standing in for NVRTC that makes other binaries (the emulated CUDA
+  // device's shim, tests/support/emulated_cuda_device.cpp) names itself here, and the name joins
+  // the version in every CUDA cache key, so its binaries never mix with NVRTC's in one cache.
+  const char* (*identity)() = nullptr;
   std::string error;  // why it could not be loaded (empty: loaded)
 };
 
@@ -84,6 +88,7 @@ const Nvrtc& nvrtc() {
     sym(n.cubin, "nvrtcGetCUBIN");
     sym(n.destroy, "nvrtcDestroyProgram");
     sym(n.error_string, "nvrtcGetErrorString");
+    n.identity = reinterpret_cast<const char* (*)()>(dlsym(h, "flexjit_nvrtc_identity"));
     if (!ok) n.error = "the loaded NVRTC lacks " + n.error + " (NVRTC 12 or newer is needed)";
     return n;
   }();
@@ -131,7 +136,7 @@ std::string nvrtc_version() {
   const Nvrtc& n = need_nvrtc();
   int major = 0, minor = 0;
   n.version(&major, &minor);
-  return std::to_string(major) + "." + std::to_string(minor);
+  return std::to_string(major) + "." + std::to_string(minor) + (n.identity ? std::string("+") + n.identity() : "");
 }
 
 std::vector<std::string> nvrtc_supported_archs() {

@@ -22,7 +22,9 @@ struct CudaCompileResult {
 // Whether libnvrtc can be loaded; when not, `why` says what was tried. Never throws.
 bool nvrtc_available(std::string* why = nullptr);
 
-// "13.0" (major.minor of the loaded NVRTC); throws flexjit::Error if NVRTC is unavailable.
+// "13.0" (major.minor of the loaded NVRTC; "13.0+<name>" when the library loaded through
+// FLEXJIT_NVRTC names itself, as the emulated CUDA device's shim does); part of every CUDA cache
+// key. Throws flexjit::Error if NVRTC is unavailable.
 std::string nvrtc_version();
 
 // The architectures this NVRTC can target, as "sm_75" ... (from nvrtcGetSupportedArchs).

@@ -50,14 +50,15 @@ struct FakeCall {
   CudaDecodeKv kv;
 };
 
-// Both tuners' first round: each candidate timed once, in order, with progress; one that throws
-// (cannot run, or a wrong result) gets us = -1 and the error.
+// Both tuners' first round: each candidate timed once, in order (the default first), one that
+// throws (cannot run, or a wrong result) gets us = -1 and the error. Progress as the CPU tuner's:
+// step i of n + 1 per candidate, step n the playoff (reported by playoff()), n + 1 the end.
 void time_candidates(std::vector<TuneCandidate>* cands, const std::function<double(const TuneCandidate&)>& time,
                      const TuneProgress& progress) {
   const int n = int(cands->size());
   for (int i = 0; i < n; ++i) {
     TuneCandidate& c = (*cands)[size_t(i)];
-    if (progress) progress(i, n, c);
+    if (progress) progress(i, n + 1, c);
     try {
       c.us = time(c);
     } catch (const std::exception& e) {
@@ -65,7 +66,6 @@ void time_candidates(std::vector<TuneCandidate>* cands, const std::function<doub
       c.error = e.what();
     }
   }
-  if (progress) progress(n, n, TuneCandidate{});
 }
 
 // The playoff of both tuners: the three fastest candidates that ran and the default (dc), timed
@@ -75,7 +75,10 @@ void time_candidates(std::vector<TuneCandidate>* cands, const std::function<doub
 std::pair<TuneCandidate, double> playoff(const std::vector<TuneCandidate>& cands,
                                          const std::function<bool(const TuneCandidate&)>& is_def,
                                          const TuneCandidate& dc,
-                                         const std::function<double(const TuneCandidate&)>& time) {
+                                         const std::function<double(const TuneCandidate&)>& time,
+                                         const TuneProgress& progress) {
+  const int n = int(cands.size());
+  if (progress) progress(n, n + 1, dc);
   std::vector<TuneCandidate> ran;
   for (const auto& c : cands)
     if (c.us >= 0) ran.push_back(c);
@@ -94,6 +97,7 @@ std::pair<TuneCandidate, double> playoff(const std::vector<TuneCandidate>& cands
   for (size_t i = 0; i < finals.size(); ++i)
     if (finals[i].us >= 0 && (finals[best].us < 0 || finals[i].us < finals[best].us)) best = i;
   const double def_us = finals[def_i].us;
+  if (progress) progress(n + 1, n + 1, dc);
   return {def_us >= 0 && finals[best].us > 0.97 * def_us ? finals[def_i] : finals[best], def_us};
 }
 
@@ -169,16 +173,14 @@ TuneResult tune_cuda_decode(const CudaTuneRequest& req, const CudaDeviceInfo& de
   TuneCandidate dc;
   dc.block_n = def.spec.block_n;
   dc.partition_size = def.partition_size;
-  if (std::none_of(cands.begin(), cands.end(), [&](const TuneCandidate& c) {
-        return c.block_n == dc.block_n && c.partition_size == dc.partition_size;
-      }))
-    cands.push_back(dc);
+  auto is_def = [&](const TuneCandidate& c) { return c.block_n == dc.block_n && c.partition_size == dc.partition_size; };
+  cands.erase(std::remove_if(cands.begin(), cands.end(), is_def), cands.end());
+  cands.insert(cands.begin(), dc);  // timed first, as the CPU tuner's default
   auto time = [&](const TuneCandidate& c) { return time_us(c.block_n, c.partition_size); };
   time_candidates(&cands, time, progress);
   res.candidates = cands;
 
-  auto is_def = [&](const TuneCandidate& c) { return c.block_n == dc.block_n && c.partition_size == dc.partition_size; };
-  const auto [win, def_us] = playoff(cands, is_def, dc, time);
+  const auto [win, def_us] = playoff(cands, is_def, dc, time, progress);
   res.best.block_n = win.block_n;
   res.best.partition_size = win.partition_size;
   finish(&res, win, def_us, req.reps, req.store, bucket, dev);
@@ -327,7 +329,7 @@ TuneResult tune_cuda_prefill(const CudaPrefillTuneRequest& req, const CudaDevice
   auto is_def = [&](const TuneCandidate& c) {
     return c.engine == dc.engine && c.block_m == dc.block_m && c.block_n == dc.block_n;
   };
-  const auto [win, def_us] = playoff(cands, is_def, dc, time);
+  const auto [win, def_us] = playoff(cands, is_def, dc, time, progress);
   res.best.engine = win.engine;
   res.best.block_m = win.block_m;
   res.best.block_n = win.block_n;

@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -48,11 +49,15 @@ struct Driver {
 const Driver& driver() {
   static const Driver d = [] {
     Driver out;
-    void* h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    // FLEXJIT_CUDA_DRIVER: another library with the driver API's C ABI, e.g. the emulated CUDA
+    // device of the tests (build/tests/libflexjit_emulated_cuda.so), which runs kernels on the CPU.
+    const char* env = std::getenv("FLEXJIT_CUDA_DRIVER");
+    const std::string lib = env && *env ? env : "libcuda.so.1";
+    void* h = dlopen(lib.c_str(), RTLD_NOW | RTLD_LOCAL);
     if (!h) {
       const char* e = dlerror();
-      out.status = std::string("no CUDA driver: libcuda.so.1 could not be loaded (") + (e ? e : "?") +
-                   "); install the NVIDIA driver on a machine with a GPU";
+      out.status = "no CUDA driver: " + lib + " could not be loaded (" + (e ? e : "?") + ")" +
+                   (env && *env ? "; FLEXJIT_CUDA_DRIVER names it" : "; install the NVIDIA driver on a machine with a GPU");
       return out;
     }
     using InitFn = int (*)(unsigned);
@@ -62,7 +67,7 @@ const Driver& driver() {
     auto count = reinterpret_cast<CountFn>(dlsym(h, "cuDeviceGetCount"));
     auto err_name = reinterpret_cast<NameFn>(dlsym(h, "cuGetErrorName"));
     if (!init || !count) {
-      out.status = "the loaded libcuda.so.1 lacks cuInit / cuDeviceGetCount";
+      out.status = "the loaded " + lib + " lacks cuInit / cuDeviceGetCount";
       return out;
     }
     int rc = init(0);

@@ -1040,5 +1040,160 @@ TEST_F(Cli, TuneDatabaseUnderConcurrencyAndTruncation) {
   expect_error_line(run_sub("tune", {"--heads", "6", "--kv-heads", "4"}), {"must be a positive multiple of kv heads"});
 }
 
+// ---------------------------------------------------------------- the emulated CUDA device
+
+// `--device cuda` end to end on the emulated CUDA device (tests/support/emulated_cuda_device.cpp:
+// the driver API and NVRTC for a machine without a GPU, kernels run by the CPU emulator): the
+// CLI's whole CUDA host path (NVRTC, the cache, module load, the shared-memory opt-in, launches,
+// copies, the error flag) for prefill on each engine, decode with a split and from a paged cache,
+// and both CUDA tuners, whose stored choice the next call takes. Outputs against the float64
+// reference. Timings through it measure the emulator: the tests check plumbing, never speed.
+class EmulatedCuda : public Cli {
+ protected:
+  void SetUp() override {
+    Cli::SetUp();
+    if (IsSkipped()) return;
+#ifndef FLEXJIT_EMULATED_CUDA_LIB
+    GTEST_SKIP() << "the emulated CUDA device was not built (needs Boost.Context: libboost-context-dev)";
+#else
+    std::string why;
+    if (!jit::nvrtc_available(&why)) GTEST_SKIP() << "no NVRTC: " << why;
+    env_.set("FLEXJIT_CUDA_DRIVER", FLEXJIT_EMULATED_CUDA_LIB);
+    env_.set("FLEXJIT_NVRTC", FLEXJIT_EMULATED_CUDA_LIB);
+    env_.set("FLEXJIT_CACHE_DIR", path("cache"));
+#endif
+  }
+
+  // Runs `args` and checks it succeeded on the emulated device; returns its report.
+  nlohmann::json run_ok(const std::vector<std::string>& args) {
+    Result r = run(args + std::vector<std::string>{"--device", "cuda", "--dtype", "bf16", "--report", path("r.json")});
+    EXPECT_TRUE(r.exited) << "signal " << r.signal << "\n" << r.err;
+    EXPECT_EQ(r.code, 0) << r.out << r.err;
+    if (r.code != 0) return {};
+    EXPECT_NE(r.out.find("flexjit emulated sm_90 (CPU emulator, not a GPU)"), std::string::npos) << r.out;
+    nlohmann::json j = nlohmann::json::parse(slurp(dir_ / "r.json"));
+    EXPECT_EQ(j.value("backend", ""), "cuda");
+    EXPECT_EQ(j.value("arch", ""), "sm_90");
+    EXPECT_NE(j.value("device", "").find("emulated"), std::string::npos) << j.dump(2);
+    return j;
+  }
+
+  // The float64 reference of registered mods on bf16-rounded inputs (the CLI's example buffers).
+  RefResult reference(const OwnedTensor& q, const OwnedTensor& k, const OwnedTensor& v, const char* score_mod,
+                      const char* mask_mod) {
+    ShapeInfo shape{q.view.sizes[0], q.view.sizes[1], k.view.sizes[1], q.view.sizes[2], k.view.sizes[2]};
+    std::vector<OwnedTensor> storage;
+    TracedMod sm = instantiate_example(find_mod(score_mod), shape, &storage);
+    TracedMod mm = instantiate_example(find_mod(mask_mod), shape, &storage);
+    auto [mods, bind] = combine(&sm, &mm);
+    OwnedTensor qb = to_bf16(q), kb = to_bf16(k), vb = to_bf16(v);
+    return reference_attention(qb.view, kb.view, vb.view, mods, bind, 1.0 / std::sqrt(double(q.view.sizes[3])));
+  }
+
+  ScopedEnv env_;
+};
+
+TEST_F(EmulatedCuda, PrefillOnEachEngine) {
+  OwnedTensor q = random_f32("q", {1, 6, 97, 64}, 21), k = random_f32("k", {1, 2, 129, 64}, 22),
+              v = random_f32("v", {1, 2, 129, 64}, 23);
+  write_qkv(q, k, v);
+  const RefResult ref = reference(q, k, v, "alibi", "causal");
+  for (const char* use : {"0", "1", "2"}) {
+    SCOPED_TRACE(std::string("USE_WGMMA=") + use);
+    nlohmann::json j = run_ok(qkv_args() + std::vector<std::string>{"--score-mod", "alibi", "--mask-mod", "causal",
+                                                                    "--enable-gqa", "--check", "--kernel-option",
+                                                                    std::string("USE_WGMMA=") + use});
+    const std::string plan = j.value("plan", "");
+    EXPECT_NE(plan.find(use[0] == '0' ? "ENGINE=mma ARCH=sm_90 " : "ENGINE=wgmma ARCH=sm_90a"), std::string::npos)
+        << plan;
+    if (use[0] == '2') EXPECT_NE(plan.find("KV_STAGES=3"), std::string::npos) << plan;
+    EXPECT_EQ(j.value("tuning", ""), "user");
+    EXPECT_EQ(j.value("cache", ""), "miss");
+    expect_matches(read_npy(dir_ / "O.npy"), ref, DType::BF16, plan);
+  }
+  // The same kernel again: the disk cache (a new process) serves the binary the emulator ran.
+  nlohmann::json again = run_ok(qkv_args() + std::vector<std::string>{"--score-mod", "alibi", "--mask-mod",
+                                                                      "causal", "--enable-gqa"});
+  EXPECT_EQ(again.value("cache", ""), "disk");
+  EXPECT_EQ(again.value("tuning", ""), "default");
+  expect_matches(read_npy(dir_ / "O.npy"), ref, DType::BF16, "from the disk cache");
+}
+
+TEST_F(EmulatedCuda, DecodeSplitAndPaged) {
+  OwnedTensor q = random_f32("q", {2, 6, 1, 64}, 31), k = random_f32("k", {2, 2, 300, 64}, 32),
+              v = random_f32("v", {2, 2, 300, 64}, 33);
+  write_qkv(q, k, v);
+  nlohmann::json j = run_ok(qkv_args() + std::vector<std::string>{"--score-mod", "alibi", "--mask-mod", "causal",
+                                                                  "--enable-gqa", "--kernel-option",
+                                                                  "PARTITION_SIZE=128", "--check"});
+  EXPECT_EQ(j.value("path", ""), "decode");
+  EXPECT_EQ(j.value("partition_size", 0), 128);
+  EXPECT_EQ(j.value("num_partitions", 0), 3);
+  EXPECT_EQ(j.value("tuning", ""), "user");
+  expect_matches(read_npy(dir_ / "O.npy"), reference(q, k, v, "alibi", "causal"), DType::BF16, "decode, 3 partitions");
+
+  // A paged cache with a shuffled table; pages no sequence uses hold NaN.
+  const int64_t B = 2, Hq = 6, Hkv = 2, D = 64, ps = 16, pages = 12, max_pages = 6;
+  OwnedTensor pq = random_f32("q", {B, Hq, 2, D}, 34);
+  OwnedTensor kc = random_f32("kc", {pages, ps, Hkv, D}, 35), vc = random_f32("vc", {pages, ps, Hkv, D}, 36);
+  const int32_t table[B * max_pages] = {7, 2, 9, 0, 11, -1, 4, 1, -1, -1, -1, -1};
+  const int32_t lens[B] = {70, 20};
+  for (int64_t p : {3, 5, 6, 8, 10})
+    for (int64_t i = 0; i < ps * Hkv * D; ++i) kc.data<float>()[p * ps * Hkv * D + i] = std::nanf("");
+  write_f32(dir_ / "pq.npy", pq);
+  write_f32(dir_ / "kc.npy", kc);
+  write_f32(dir_ / "vc.npy", vc);
+  write_npy(dir_ / "bt.npy", "<i4", {B, max_pages}, table, sizeof table);
+  write_npy(dir_ / "sl.npy", "<i4", {B}, lens, sizeof lens);
+  nlohmann::json p = run_ok({"--q", path("pq.npy"), "--k-cache", path("kc.npy"), "--v-cache", path("vc.npy"),
+                             "--block-table", path("bt.npy"), "--seq-lens", path("sl.npy"), "--out", path("O.npy"),
+                             "--enable-gqa", "--mask-mod", "causal", "--score-mod", "alibi", "--kernel-option",
+                             "PARTITION_SIZE=32", "--check"});
+  EXPECT_EQ(p.value("paged", false), true);
+  EXPECT_EQ(p.value("num_partitions", 0), 3);
+  OwnedTensor bt = OwnedTensor::make("bt", DType::I32, {B, max_pages}), sl = OwnedTensor::make("sl", DType::I32, {B});
+  std::memcpy(bt.bytes->data(), table, sizeof table);
+  std::memcpy(sl.bytes->data(), lens, sizeof lens);
+  ShapeInfo shape{B, Hq, Hkv, 70, 70};
+  std::vector<OwnedTensor> storage;
+  TracedMod sm = instantiate_example(find_mod("alibi"), shape, &storage);
+  TracedMod mm = instantiate_example(find_mod("causal"), shape, &storage);
+  auto [mods, bind] = combine(&sm, &mm);
+  OwnedTensor qb = to_bf16(pq), kb = to_bf16(kc), vb = to_bf16(vc);
+  RefResult ref = reference_paged_attention(qb.view, kb.view, vb.view, bt.view, sl.view, mods, bind,
+                                            1.0 / std::sqrt(double(D)));
+  expect_matches(read_npy(dir_ / "O.npy"), ref, DType::BF16, "paged decode");
+}
+
+// Both CUDA tuners time their candidates on the (emulated) device, store a choice under its name,
+// and the next call of that bucket plans with it ("tuned").
+TEST_F(EmulatedCuda, TunersStoreWhatTheNextCallUses) {
+  Result d = run_sub("tune", {"--device", "cuda", "--head-dim", "64", "--heads", "6", "--kv-heads", "2", "--lkv",
+                              "300", "--reps", "1", "--json", path("d.json")});
+  ASSERT_EQ(d.code, 0) << d.out << d.err;
+  EXPECT_NE(d.out.find("; stored"), std::string::npos) << d.out;
+  EXPECT_NE(d.err.find("default BLOCK_N="), std::string::npos) << d.err;
+  EXPECT_NE(d.err.find("playoff of the fastest and the default"), std::string::npos) << d.err;
+  for (const auto& c : nlohmann::json::parse(slurp(dir_ / "d.json"))[0]["candidates"])
+    EXPECT_EQ(c.value("error", "?"), "") << c.dump();
+  OwnedTensor q = random_f32("q", {1, 6, 1, 64}, 41), k = random_f32("k", {1, 2, 300, 64}, 42),
+              v = random_f32("v", {1, 2, 300, 64}, 43);
+  write_qkv(q, k, v);
+  nlohmann::json j = run_ok(qkv_args() + std::vector<std::string>{"--enable-gqa", "--check"});
+  EXPECT_EQ(j.value("tuning", ""), "tuned") << j.dump(2);
+
+  Result p = run_sub("tune", {"--device", "cuda", "--path", "prefill", "--head-dim", "64", "--heads", "2",
+                              "--kv-heads", "1", "--lkv", "128", "--reps", "1", "--json", path("p.json")});
+  ASSERT_EQ(p.code, 0) << p.out << p.err;
+  EXPECT_NE(p.err.find("ENGINE=wgmma2 "), std::string::npos) << "every engine is a candidate on sm_90:\n" << p.err;
+  for (const auto& c : nlohmann::json::parse(slurp(dir_ / "p.json"))[0]["candidates"])
+    EXPECT_EQ(c.value("error", "?"), "") << c.dump();
+  OwnedTensor pq = random_f32("q", {1, 2, 128, 64}, 44), pk = random_f32("k", {1, 1, 128, 64}, 45),
+              pv = random_f32("v", {1, 1, 128, 64}, 46);
+  write_qkv(pq, pk, pv);
+  nlohmann::json jp = run_ok(qkv_args() + std::vector<std::string>{"--enable-gqa", "--mask-mod", "causal", "--check"});
+  EXPECT_EQ(jp.value("tuning", ""), "tuned") << jp.dump(2);
+}
+
 }  // namespace
 }  // namespace flexjit
