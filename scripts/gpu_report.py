@@ -83,13 +83,14 @@ def kernel_tables(kb):
     lines = [f"Kernels alone (`flexjit_cuda_bench`, {kb.get('arch')}, {kb.get('sm_count')} SMs; copy "
              f"{kb.get('copy_gbs', 0):.0f} GB/s):", "",
              "| prefill | L | engine | BLOCK | ms | TFLOP/s |", "|---|---|---|---|---|---|"]
+    wrong = lambda r: " (WRONG output)" if r.get("ok") is False else ""
     for r in kb.get("prefill", []):
         lines.append(f"| {r['mod']} | {r['L']} | {r.get('engine', 'mma')} | {r['block_m']}x{r['block_n']} | "
-                     f"{r['ms']:.3f} | {r['tflops']:.0f} |")
+                     f"{r['ms']:.3f} | {r['tflops']:.0f}{wrong(r)} |")
     lines += ["", "| decode B | KV | layout | ms | GB/s | % of copy | partitions |", "|---|---|---|---|---|---|---|"]
     for r in kb.get("decode", []):
         lines.append(f"| {r['B']} | {r['kv']} | {'paged16' if r['paged'] else 'contiguous'} | {r['ms']:.3f} | "
-                     f"{r['gbs']:.0f} | {100 * r['copy_fraction']:.0f}% | {r['partitions']} |")
+                     f"{r['gbs']:.0f}{wrong(r)} | {100 * r['copy_fraction']:.0f}% | {r['partitions']} |")
     return lines
 
 
@@ -98,7 +99,8 @@ def engine_verdict(kb, selftest_ok):
     for the default (runtime/cuda_prefill.cpp cuda_resolve_wgmma / cuda_prefill_kernel_spec)."""
     cases = {}
     for r in kb.get("prefill", []):
-        cases.setdefault((r["mod"], r["L"]), []).append(r)
+        if r.get("ok") is not False:  # a kernel with a wrong output wins nothing
+            cases.setdefault((r["mod"], r["L"]), []).append(r)
     if not cases:
         return []
     wins, speedups = {}, []
@@ -154,6 +156,10 @@ def main():
         print(f"gpu_report: {args.outdir} holds no GPU measurement (skipped or missing): nothing to report")
         return 1
     gpu = ctx.get("gpu") or (kb or {}).get("device") or "a GPU (not named in the files)"
+    if "emulat" in gpu.lower():
+        print(f"gpu_report: {args.outdir} comes from {gpu}: its times measure the CPU emulator, "
+              "not a GPU; nothing to report")
+        return 1
     out = [f"Measured on {gpu} ({ctx.get('sm', check.get('arch', '?'))}, {ctx.get('sm_count', '?')} SMs), "
            f"{args.date}, commit {args.commit}, torch {ctx.get('torch', '?')}, CUDA {ctx.get('cuda', '?')}.", ""]
     if check:

@@ -6,10 +6,14 @@
 //   - prefill: bf16, D 128, causal (a causal BlockMask) and ALiBi, L 4k..16k, B x H = 128 heads,
 //     TFLOP/s (causal counted as half).
 // Times are medians of 5 repetitions of 10 back-to-back calls (host clock around a device
-// synchronisation). The torch baselines (torch.compile(flex_attention), SDPA) are measured by
+// synchronisation). Inputs are constant (bf16 2^-7), so every output element must be that value:
+// each case checks its output and says WRONG (JSON "ok": false) otherwise, so a kernel that skips
+// work can never pass as a fast one. The torch baselines (torch.compile(flex_attention), SDPA) are measured by
 // bench/cuda_prefill_bench.py in the same GPU session. Writes a table to stdout and JSON to the
 // path given.
-//   flexjit_cuda_bench OUT.json [--quick]
+//   flexjit_cuda_bench OUT.json [--quick | --smoke]
+// --smoke: tiny shapes, one timed call each: every path of the bench for the emulated CUDA device
+// (tests/support/emulated_cuda_device.cpp; its times measure the emulator, not a GPU).
 // Without a GPU it says so and exits 0.
 #include <algorithm>
 #include <chrono>
@@ -35,18 +39,35 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-// Milliseconds per call: the median over 5 repetitions of `calls` back-to-back calls.
+bool g_smoke = false;
+
+// Milliseconds per call: the median over 5 repetitions of `calls` back-to-back calls (--smoke: one
+// repetition of one call).
 double time_ms(const std::function<void()>& call, int calls = 10) {
   call();
   cuda_synchronize();
   std::vector<double> reps;
-  for (int r = 0; r < 5; ++r) {
+  if (g_smoke) calls = 1;
+  for (int r = 0; r < (g_smoke ? 1 : 5); ++r) {
     const auto t0 = std::chrono::steady_clock::now();
     for (int i = 0; i < calls; ++i) call();
     cuda_synchronize();
     reps.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / calls);
   }
   return median(reps);
+}
+
+constexpr unsigned short kOne = 0x3c00;  // bf16 2^-7: every input element
+
+// Whether every `stride`-th of `count` bf16 elements at device address p is kOne within one bf16
+// ulp (softmax weights sum to 1, so with constant V each output element is V's value; P is
+// rounded to bf16 for P V while the row sum is not, hence the ulp).
+bool output_is_constant(const void* p, size_t count, size_t stride = 1) {
+  std::vector<unsigned short> h(count);
+  cuda_copy_to_host(h.data(), p, count * 2);
+  for (size_t i = 0; i < count; i += stride)
+    if (h[i] < kOne - 1 || h[i] > kOne + 1) return false;
+  return true;
 }
 
 std::string json_escape(const std::string& s) {
@@ -59,7 +80,13 @@ std::string json_escape(const std::string& s) {
 
 int main(int argc, char** argv) {
   const std::string json_path = argc > 1 ? argv[1] : "cuda_bench.json";
-  const bool quick = argc > 2 && std::string(argv[2]) == "--quick";
+  const std::string mode = argc > 2 ? argv[2] : "";
+  const bool quick = mode == "--quick";
+  g_smoke = mode == "--smoke";
+  if (!mode.empty() && !quick && !g_smoke) {
+    std::printf("usage: flexjit_cuda_bench OUT.json [--quick | --smoke]\n");
+    return 2;
+  }
   const std::string status = cuda_driver_status();
   if (!status.empty()) {
     std::printf("cuda bench: SKIPPED, no GPU (%s)\n", status.c_str());
@@ -69,27 +96,32 @@ int main(int argc, char** argv) {
   cuda_use_primary_context();
   const CudaDeviceProps props = cuda_current_device_props();
   const CudaDeviceInfo dev = cuda_device_info(props);
-  std::printf("cuda bench: %s, %d SMs\n", props.arch.c_str(), props.sm_count);
+  std::printf("cuda bench: %s, %s, %d SMs%s\n", props.name.c_str(), props.arch.c_str(), props.sm_count,
+              g_smoke ? " (--smoke: tiny shapes, one call each; not a measurement)" : "");
   std::string json = "{\n  \"device\": \"" + json_escape(props.name) + "\", \"arch\": \"" + props.arch +
                      "\", \"sm_count\": " + std::to_string(props.sm_count);
 
   // ---- the copy ceiling ----
-  const size_t copy_bytes = size_t(1) << 30;
+  const size_t copy_bytes = size_t(1) << (g_smoke ? 24 : 30);
   auto copy_mem = std::make_unique<CudaAllocations>();
   void* a = copy_mem->alloc(copy_bytes);
   void* b = copy_mem->alloc(copy_bytes);
-  cuda_fill_u16(a, 0x3c00, copy_bytes / 2);
+  cuda_fill_u16(a, kOne, copy_bytes / 2);
   const double copy_ms = time_ms([&] { cuda_copy_device_to_device(b, a, copy_bytes); });
   const double copy_gbs = 2.0 * double(copy_bytes) / (copy_ms * 1e6);  // read + write
   copy_mem.reset();
-  std::printf("  device-to-device copy: %.0f GB/s (bytes read + written per second, 1 GiB)\n", copy_gbs);
+  std::printf("  device-to-device copy: %.0f GB/s (bytes read + written per second, %zu MiB)\n", copy_gbs,
+              copy_bytes >> 20);
   json += ",\n  \"copy_gbs\": " + std::to_string(copy_gbs);
 
   // ---- decode: Llama-3.1-8B heads ----
   const int64_t Hq = 32, Hkv = 8, D = 128;
-  const std::vector<int64_t> batches = quick ? std::vector<int64_t>{1, 16} : std::vector<int64_t>{1, 4, 16, 64};
-  const std::vector<int64_t> lens = quick ? std::vector<int64_t>{4096, 32768}
-                                          : std::vector<int64_t>{4096, 16384, 65536, 131072};
+  const std::vector<int64_t> batches = g_smoke ? std::vector<int64_t>{2}
+                                       : quick ? std::vector<int64_t>{1, 16}
+                                               : std::vector<int64_t>{1, 4, 16, 64};
+  const std::vector<int64_t> lens = g_smoke ? std::vector<int64_t>{640}
+                                    : quick ? std::vector<int64_t>{4096, 32768}
+                                            : std::vector<int64_t>{4096, 16384, 65536, 131072};
   int64_t max_tokens = 0;
   for (int64_t B : batches)
     for (int64_t L : lens) max_tokens = std::max(max_tokens, B * L);
@@ -97,8 +129,8 @@ int main(int argc, char** argv) {
   auto kv_mem = std::make_unique<CudaAllocations>();
   void* kbuf = kv_mem->alloc(kv_elems * 2);
   void* vbuf = kv_mem->alloc(kv_elems * 2);
-  cuda_fill_u16(kbuf, 0x3c00, kv_elems);  // bf16 2^-7: finite values
-  cuda_fill_u16(vbuf, 0x3c00, kv_elems);
+  cuda_fill_u16(kbuf, kOne, kv_elems);
+  cuda_fill_u16(vbuf, kOne, kv_elems);
   json += ",\n  \"decode\": [";
   std::printf("  decode bf16 Hq %lld Hkv %lld D %lld (GB/s of K and V read; %% of the copy bandwidth)\n", (long long)Hq,
               (long long)Hkv, (long long)D);
@@ -111,7 +143,7 @@ int main(int argc, char** argv) {
         CudaAllocations mem;  // this case's
         void* q = mem.alloc(size_t(B * Hq * D) * 2);
         void* out = mem.alloc(size_t(B * Hq * D) * 2);
-        cuda_fill_u16(q, 0x3c00, size_t(B * Hq * D));
+        cuda_fill_u16(q, kOne, size_t(B * Hq * D));
         TensorView qv = contiguous_view(q, DType::BF16, {B, Hq, 1, D}), ov = contiguous_view(out, DType::BF16, {B, Hq, 1, D});
         TensorView kv_k, kv_v, table, seq;
         void* dtable = nullptr;
@@ -149,12 +181,15 @@ int main(int argc, char** argv) {
           const double ms = time_ms([&] { run_cuda_decode(plan, none, nullptr); });
           const double bytes = 2.0 * double(B * L * Hkv * D) * 2;
           const double gbs = bytes / (ms * 1e6);
-          std::snprintf(line, sizeof line, "    %-6lld %-8lld %-11s %9.3f %9.0f %6.0f%%  %s", (long long)B, (long long)L,
-                        paged ? "paged16" : "contiguous", ms, gbs, 100 * gbs / copy_gbs, plan.describe().c_str());
+          const bool ok = output_is_constant(out, size_t(B * Hq * D));
+          std::snprintf(line, sizeof line, "    %-6lld %-8lld %-11s %9.3f %9.0f %6.0f%%  %s%s", (long long)B,
+                        (long long)L, paged ? "paged16" : "contiguous", ms, gbs, 100 * gbs / copy_gbs,
+                        ok ? "" : "WRONG output  ", plan.describe().c_str());
           json += std::string(first ? "" : ",") + "\n    {\"B\": " + std::to_string(B) + ", \"kv\": " + std::to_string(L) +
                   ", \"paged\": " + (paged ? "true" : "false") + ", \"ms\": " + std::to_string(ms) +
                   ", \"gbs\": " + std::to_string(gbs) + ", \"copy_fraction\": " + std::to_string(gbs / copy_gbs) +
-                  ", \"partitions\": " + std::to_string(plan.num_partitions) + ", \"plan\": \"" +
+                  ", \"partitions\": " + std::to_string(plan.num_partitions) + ", \"ok\": " +
+                  (ok ? "true" : "false") + ", \"plan\": \"" +
                   json_escape(plan.describe()) + "\"}";
           first = false;
         } catch (const std::exception& e) {
@@ -169,20 +204,22 @@ int main(int argc, char** argv) {
 
   // ---- prefill: bf16 D 128, 128 heads ----
   json += ",\n  \"prefill\": [";
-  std::printf("  prefill bf16 D 128, B x H = 128 heads (TFLOP/s; causal counted as half)\n");
+  std::printf("  prefill bf16 D 128, B x H = %d heads (TFLOP/s; causal counted as half)\n", g_smoke ? 2 : 128);
   std::printf("    %-7s %-7s %9s %9s  %s\n", "mod", "L", "ms", "TFLOP/s", "plan");
   first = true;
-  const std::vector<int64_t> plens = quick ? std::vector<int64_t>{4096} : std::vector<int64_t>{4096, 8192, 16384};
+  const std::vector<int64_t> plens = g_smoke ? std::vector<int64_t>{256}
+                                     : quick ? std::vector<int64_t>{4096}
+                                             : std::vector<int64_t>{4096, 8192, 16384};
   for (int64_t L : plens)
     for (const std::string mod : {"causal", "alibi"}) {
-      const int64_t B = 8, H = 16;
+      const int64_t B = g_smoke ? 1 : 8, H = g_smoke ? 2 : 16;
       const size_t elems = size_t(B * H * L * D);
       CudaAllocations mem;  // this case's
       void* q = mem.alloc(elems * 2);
       void* k = mem.alloc(elems * 2);
       void* v = mem.alloc(elems * 2);
       void* o = mem.alloc(elems * 2);
-      for (void* p : {q, k, v}) cuda_fill_u16(p, 0x3c00, elems);
+      for (void* p : {q, k, v}) cuda_fill_u16(p, kOne, elems);
       TensorView qv = contiguous_view(q, DType::BF16, {B, H, L, D}), kvv = contiguous_view(k, DType::BF16, {B, H, L, D}),
                  vv = contiguous_view(v, DType::BF16, {B, H, L, D}), ov = contiguous_view(o, DType::BF16, {B, H, L, D});
       ModSet mods;
@@ -232,13 +269,15 @@ int main(int argc, char** argv) {
           const double ms = time_ms([&] { run_cuda_prefill(plan, mods, nullptr); }, 5);
           const double flops = 4.0 * double(B * H) * double(L) * double(L) * double(D) * (mod == "causal" ? 0.5 : 1.0);
           const double tflops = flops / (ms * 1e9);
-          std::snprintf(line, sizeof line, "    %-7s %-7lld %9.3f %9.1f  %s", mod.c_str(), (long long)L, ms, tflops,
-                        plan.describe().c_str());
+          const bool ok = output_is_constant(o, elems, 61);
+          std::snprintf(line, sizeof line, "    %-7s %-7lld %9.3f %9.1f  %s%s", mod.c_str(), (long long)L, ms, tflops,
+                        ok ? "" : "WRONG output  ", plan.describe().c_str());
           json += std::string(first ? "" : ",") + "\n    {\"mod\": \"" + mod + "\", \"L\": " + std::to_string(L) +
                   ", \"B\": " + std::to_string(B) + ", \"H\": " + std::to_string(H) + ", \"engine\": \"" +
                   cuda_prefill_engine_name(plan.spec) + "\", \"block_m\": " +
                   std::to_string(plan.spec.block_m) + ", \"block_n\": " + std::to_string(plan.spec.block_n) +
-                  ", \"ms\": " + std::to_string(ms) + ", \"tflops\": " + std::to_string(tflops) + "}";
+                  ", \"ms\": " + std::to_string(ms) + ", \"tflops\": " + std::to_string(tflops) +
+                  ", \"ok\": " + (ok ? "true" : "false") + "}";
           first = false;
         } catch (const std::exception& e) {
           std::snprintf(line, sizeof line, "    %-7s %-7lld FAILED: %s", mod.c_str(), (long long)L, e.what());

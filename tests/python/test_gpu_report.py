@@ -23,6 +23,14 @@ def test_nothing_measured_is_not_a_report(tmp_path):
     assert r.returncode == 1 and "nothing to report" in r.stdout
 
 
+def test_the_emulated_device_is_never_reported(tmp_path):
+    kb = dict(device="flexjit emulated sm_90 (CPU emulator, not a GPU)", arch="sm_90", sm_count=132,
+              copy_gbs=3.0, decode=[], prefill=[dict(mod="causal", L=256, B=1, H=2, engine="mma", block_m=64,
+                                                      block_n=64, ms=900.0, tflops=0.0001, ok=True)])
+    r = report(tmp_path, {"cuda_bench.json": kb})
+    assert r.returncode == 1 and "not a GPU" in r.stdout and "TFLOP" not in r.stdout
+
+
 def test_rows_are_judged_against_the_bars(tmp_path):
     prefill = dict(context=CTX, compile={"causal": {"cold": dict(compile_ms=1500.0), "disk": dict(compile_ms=30.0)}},
                    results=[dict(case="causal", L=4096, B=8, H=16, impl="torch.compile(flex)", ms=1.0, tflops=400.0),
