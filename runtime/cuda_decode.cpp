@@ -24,6 +24,23 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
+int64_t cuda_decode_cost_model_partition(int64_t lkv, int64_t base_ctas, int64_t step, int64_t min_size,
+                                         int64_t slots) {
+  const int64_t L = std::max<int64_t>(lkv, 1), base = std::max<int64_t>(base_ctas, 1);
+  slots = std::max<int64_t>(slots, 1);
+  auto round_up = [&](int64_t x) { return ceil_div(x, step) * step; };
+  // A CTA's time ~ its keys; CTAs beyond `slots` wait for a slot: the grid takes about
+  // waves x keys per partition, so a split whose last wave is nearly empty costs almost a wave.
+  auto cost = [&](int64_t size) { return ceil_div(base * ceil_div(L, size), slots) * size; };
+  int64_t best = round_up(L);
+  const int64_t max_parts = std::min<int64_t>(1024, ceil_div(L, std::max<int64_t>(min_size, 1)));
+  for (int64_t parts = 2; parts <= max_parts; ++parts) {
+    const int64_t size = std::max(round_up(ceil_div(L, parts)), round_up(min_size));
+    if (double(cost(size)) < 0.97 * double(cost(best))) best = size;  // fewer partitions unless 3% faster
+  }
+  return best;
+}
+
 std::string CudaDecodePlan::describe() const {
   std::ostringstream os;
   os << spec.str() << ", grid " << grid[0] << "x" << grid[1] << "x" << grid[2] << ", " << block_threads << " threads, "
@@ -198,16 +215,13 @@ CudaDecodePlan plan_cuda_decode(const TensorView& q, const CudaDecodeKv& kv, con
     p.partition_size = opt.partition_size;
     p.split = "user";
   } else {
-    // CTAs that fit on an SM at once (by shared memory), times the SMs: one full wave at least.
-    const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(8, dev.max_smem_optin / std::max(1, p.smem_bytes)));
-    const int64_t want = std::max<int64_t>(1, dev.sm_count) * per_sm;
-    const int64_t base = B * units * row_tiles;
-    const int64_t parts = std::max<int64_t>(1, ceil_div(want, base));
+    // CTAs that fit on an SM at once (by shared memory), times the SMs, are the slots a wave fills.
     // Each warp gets a few blocks, and a partition at least 256 keys: splitting further costs more
     // in the merge than it gains.
+    const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(8, dev.max_smem_optin / std::max(1, p.smem_bytes)));
     const int64_t min_size = std::max<int64_t>(256, step * s.warps * 2);
-    int64_t size = std::max<int64_t>(min_size, ceil_div(std::max<int64_t>(Lkv, 1), parts));
-    p.partition_size = ceil_div(size, step) * step;
+    p.partition_size = cuda_decode_cost_model_partition(Lkv, B * units * row_tiles, step, min_size,
+                                                        std::max<int64_t>(1, dev.sm_count) * per_sm);
     p.split = "cost model";
   }
   p.num_partitions = std::max<int64_t>(1, ceil_div(Lkv, p.partition_size));

@@ -66,12 +66,20 @@ runtime::TuningBucket cuda_decode_bucket(DType dtype, int head_dim, int head_dim
 // mod indexed a buffer out of range; 2: a page index or sequence length out of range), or null.
 // Knobs: opt.block_n (0 = 32), opt.partition_size; when the user sets neither and opt.use_tuning,
 // the tuning database's entry for cuda_decode_bucket on this GPU (dev.name; `flexjit tune --device
-// cuda` writes it; full build only), else the cost model: enough CTAs to fill dev.sm_count SMs.
+// cuda` writes it; full build only), else the cost model (cuda_decode_cost_model_partition).
 // plan.split says which ("user", "tuned", "cost model"). Throws flexjit::Error saying what is wrong.
 CudaDecodePlan plan_cuda_decode(const TensorView& q, const CudaDecodeKv& kv, const TensorView& out,
                                 const TensorView* lse, const ModSet& mods, const ModBindings& bind,
                                 const FlexBlockMaskArgs* mask, const AttentionOptions& opt,
                                 const CudaDeviceInfo& dev, int* error_flag);
+
+// The cost model's PARTITION_SIZE for `lkv` keys when the grid has `base_ctas` CTAs per partition
+// (B x head units x row tiles) and `slots` CTAs run at once (SMs x CTAs per SM): the split with the
+// least waves x keys per partition (wave quantisation: 136 CTAs on 132 slots take two waves), at
+// least min_size keys a partition, a multiple of `step` (BLOCK_N); more partitions only when >= 3%
+// better. Exposed for its tests.
+int64_t cuda_decode_cost_model_partition(int64_t lkv, int64_t base_ctas, int64_t step, int64_t min_size,
+                                         int64_t slots);
 
 // Points the plan at `workspace` (plan.workspace_bytes of device memory, 16-byte aligned; null
 // is fine when workspace_bytes is 0). Throws if the plan needs one and none is given.

@@ -63,6 +63,8 @@ FJC_DEV fj_i64 fjc_block_at(const struct FjcWalk& w, int i, bool* partial) {
 // ---- a CTA's place in the call ----
 // (b, h, first query row) of this CTA (grid x = query blocks of BLOCK_M, y = Hq, z = B) and the
 // bases of its q rows and of its KV head's k and v (head h / GQA_GROUP; a KV batch of 1 broadcast).
+// Query blocks go last to first: CTAs start in blockIdx order, and under causal-like masks the
+// last rows have the most keys, so the longest CTAs start first and the grid's tail is short ones.
 struct FjcPrefillCta {
   fj_i64 b, h, q0;
   const fjc_u16* q;
@@ -71,7 +73,7 @@ struct FjcPrefillCta {
 };
 FJC_DEV struct FjcPrefillCta fjc_prefill_cta(const struct FlexCudaPrefillArgs& a) {
   struct FjcPrefillCta c;
-  c.b = blockIdx.z, c.h = blockIdx.y, c.q0 = (fj_i64)blockIdx.x * BLOCK_M;
+  c.b = blockIdx.z, c.h = blockIdx.y, c.q0 = (fj_i64)(gridDim.x - 1 - blockIdx.x) * BLOCK_M;
   const fj_i64 hkv = c.h / GQA_GROUP, bk = a.Bkv == 1 ? 0 : c.b;
   c.q = (const fjc_u16*)a.q + c.b * a.q_strides[0] + c.h * a.q_strides[1] + c.q0 * a.q_strides[2];
   c.k = (const fjc_u16*)a.k + bk * a.k_strides[0] + hkv * a.k_strides[1];

@@ -218,6 +218,12 @@ TEST(CudaEmulator, WgmmaComputesABFromSwizzledTilesAndRegisters) {
     std::string where;
     EXPECT_LE(testing::wgmma_probe_error(mode, c, d, &where), 1e-4) << where;
   }
+  // The diagnostic mode (LBO and SBO swapped) reads another layout: it must disagree, or it could
+  // not tell on a GPU which reading holds.
+  const testing::WgmmaProbeCase c = testing::wgmma_probe_case(8);
+  std::vector<float> d(c.d_elems, -1.0f);
+  ASSERT_EQ(run_probe(8, c, &d), "");
+  EXPECT_GT(testing::wgmma_probe_error(8, c, d, nullptr), 0.1);
 }
 
 TEST(CudaEmulator, WgmmaMisuseIsReported) {

@@ -10,6 +10,9 @@
 //   mode 6: the same at 128 columns: k-steps 4..7 start in the second atom - S = Q K^T at D 128;
 //   mode 1: D (64 x 128) = 0.5 + P V, P (A's first 16 columns) from registers, V [16][128]
 //           MN-major across two atoms (LBO) - the engine's O += P V;
+//   mode 8 (a diagnostic): mode 1 with LBO and SBO swapped, the other reading of an MN-major
+//           descriptor; it must disagree where mode 1 agrees (it does under the emulator), so on
+//           a GPU where mode 1 fails, mode 8 agreeing says which field wgmma.cuh has backwards;
 //   misuse (emulator only): 2 no wgmma.fence; 3 no wgmma.wait_group; 4 the B tile overwritten
 //           before the wait; 5 the accumulators read before the wait; 7 the copies not fenced
 //           into the async proxy.
@@ -47,14 +50,14 @@ extern "C" __global__ void flexjit_wgmma_probe(const struct WgmmaProbeArgs a) {
   const int kd = a.mode == 6 ? 128 : 64;  // A's (and K-major B's) columns
   if (kd == 128) fjc_load_rows_sw128<64, 128, 128>(sA, [&](int r) { return a.a + r * 128; }, 64, t, a.a);
   else fjc_load_rows_sw128<64, 64, 128>(sA, [&](int r) { return a.a + r * 64; }, 64, t, a.a);
-  if (a.mode == 1) fjc_load_rows_sw128<16, 128, 128>(sB, [&](int r) { return a.b + r * 128; }, 16, t, a.b);
+  if (a.mode == 1 || a.mode == 8) fjc_load_rows_sw128<16, 128, 128>(sB, [&](int r) { return a.b + r * 128; }, 16, t, a.b);
   else if (kd == 128) fjc_load_rows_sw128<64, 128, 128>(sB, [&](int r) { return a.b + r * 128; }, 64, t, a.b);
   else fjc_load_rows_sw128<64, 64, 128>(sB, [&](int r) { return a.b + r * 64; }, 64, t, a.b);
   fjc_cp_async_commit();
   fjc_cp_async_wait<0>();
   if (a.mode != 7) fjc_fence_proxy_async();
   __syncthreads();
-  if (a.mode == 1) {
+  if (a.mode == 1 || a.mode == 8) {
     float o[16][4];
 #pragma unroll
     for (int j = 0; j < 16; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.5f;
@@ -66,7 +69,8 @@ extern "C" __global__ void flexjit_wgmma_probe(const struct WgmmaProbeArgs a) {
     }
     fjc_wgmma_hold(o);
     fjc_wgmma_fence();
-    FjcWgmma<128>::rs<1>(o, pa, fjc_wgmma_desc(fjc_smem(sB), 16 * 128, 1024), 1);
+    const unsigned atom = 16 * 128, group = 1024;  // V's next 64 columns; its next 8 keys
+    FjcWgmma<128>::rs<1>(o, pa, a.mode == 8 ? fjc_wgmma_desc(fjc_smem(sB), group, atom) : fjc_wgmma_desc(fjc_smem(sB), atom, group), 1);
     fjc_wgmma_commit();
     fjc_wgmma_wait<0>();
     fjc_wgmma_hold(o);
@@ -130,7 +134,7 @@ inline WgmmaProbeCase wgmma_probe_case(int mode) {
   const int kd = mode == 6 ? 128 : 64;
   c.a.resize(size_t(64 * kd));
   for (size_t i = 0; i < c.a.size(); ++i) c.a[i] = probe_bf16(std::sin(0.37f * float(i)));
-  if (mode == 1) {
+  if (mode == 1 || mode == 8) {
     c.b.resize(16 * 128);
     for (size_t i = 0; i < c.b.size(); ++i) c.b[i] = probe_bf16(std::cos(0.23f * float(i)) + 0.01f * float(i % 128));
     c.d_elems = 64 * 128;
@@ -142,7 +146,7 @@ inline WgmmaProbeCase wgmma_probe_case(int mode) {
   return c;
 }
 
-// The largest |D - reference| of a run of `mode` (modes 0, 1, 6), and where ("" when it is 0).
+// The largest |D - reference| of a run of `mode` (modes 0, 1, 6, 8), and where ("" when it is 0).
 inline double wgmma_probe_error(int mode, const WgmmaProbeCase& c, const std::vector<float>& d, std::string* where) {
   double worst = 0;
   auto check = [&](int m, int n, double want, float got) {
@@ -153,7 +157,7 @@ inline double wgmma_probe_error(int mode, const WgmmaProbeCase& c, const std::ve
                           ", want " + std::to_string(want);
     }
   };
-  if (mode == 1) {
+  if (mode == 1 || mode == 8) {
     for (int m = 0; m < 64; ++m)
       for (int n = 0; n < 128; ++n) {
         double want = 0.5;
@@ -177,6 +181,7 @@ inline const char* wgmma_probe_what(int mode) {
     case 0: return "K-major A and B, one 128-byte-swizzled atom, 32-byte descriptor steps (S = Q K^T, D 64)";
     case 6: return "K-major A and B across two atoms (S = Q K^T, D 128)";
     case 1: return "A from registers, MN-major B across two atoms by LBO (O += P V)";
+    case 8: return "diagnostic: mode 1 with LBO and SBO swapped (must disagree where mode 1 agrees)";
   }
   return "misuse";
 }
