@@ -113,10 +113,8 @@ FJC_DEV void fjc_prefill_store_rows(const float (&o)[kOT][4], const float (&m_ru
 #pragma unroll
     for (int t = 0; t < kOT; ++t) {
       const int col = t * 8 + (lane % 4) * 2;
-      if (col < HEAD_DIM_V) {  // Dv is a multiple of 8: col + 1 is in range too
-        orow[col] = fjc_to_elem(o[t][2 * r] * inv);
-        orow[col + 1] = fjc_to_elem(o[t][2 * r + 1] * inv);
-      }
+      if (col < HEAD_DIM_V)  // Dv is a multiple of 8: col + 1 is in range too; rows are 16-byte aligned
+        *(unsigned*)(orow + col) = fjc_pack2(o[t][2 * r] * inv, o[t][2 * r + 1] * inv);
     }
     if (a.lse != nullptr && lane % 4 == 0)
       a.lse[b * a.lse_strides[0] + h * a.lse_strides[1] + q_idx * a.lse_strides[2]] =

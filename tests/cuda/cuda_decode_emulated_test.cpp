@@ -174,6 +174,9 @@ void run_case(const Case& c) {
                                                       {range_of(q), range_of(k), range_of(v)}),
                              [&] { partitions(plan.args); }, &stats);
   ASSERT_EQ(err, "") << "the emulated partition kernel failed";
+  // The padded / swizzled shared layouts exist so that ldmatrix never conflicts on banks.
+  EXPECT_EQ(stats.ldmatrix_conflicted_phases, 0u) << "of " << stats.ldmatrix_phases << " ldmatrix phases, worst "
+                                                  << stats.ldmatrix_worst_ways << "-way: " << plan.describe();
   if (plan.num_partitions > 1) {
     err = emu::run(testing::emulated_launch(plan.merge_grid, plan.merge_threads, 0), [&] { merge(plan.args); });
     ASSERT_EQ(err, "") << "the emulated merge failed";

@@ -121,12 +121,13 @@ float from_bf16(unsigned short h) {
   return f;
 }
 
-std::string run(Kernel k, Args a, unsigned threads, int smem, std::vector<emu::Range> readable = {}) {
+std::string run(Kernel k, Args a, unsigned threads, int smem, std::vector<emu::Range> readable = {},
+                emu::Stats* stats = nullptr) {
   emu::Launch l;
   l.block_threads = threads;
   l.smem_bytes = smem;
   l.readable = std::move(readable);
-  return emu::run(l, [&] { k(a); });
+  return emu::run(l, [&] { k(a); }, stats);
 }
 
 TEST(CudaEmulator, MmaAndLdmatrixComputeABInBothOperandLayouts) {
@@ -142,7 +143,13 @@ TEST(CudaEmulator, MmaAndLdmatrixComputeABInBothOperandLayouts) {
     SCOPED_TRACE(mode == 0 ? "B as [n][k]" : "B as [k][n], ldmatrix .trans");
     std::vector<float> D(128, -1.0f);
     Args a{A.data(), mode == 0 ? Bnk.data() : Bkn.data(), D.data(), nullptr, mode};
-    ASSERT_EQ(run(kernel("emu_mma"), a, 32, 1024), "");
+    emu::Stats stats;
+    ASSERT_EQ(run(kernel("emu_mma"), a, 32, 1024, {}, &stats), "");
+    // Bank conflicts: A's 32-byte rows put rows r and r + 4 of each matrix on one group of banks
+    // (2-way, all 4 phases); B as [n][k] likewise; B as [k][n] has 16-byte rows: none.
+    EXPECT_EQ(stats.ldmatrix_phases, 8u);
+    EXPECT_EQ(stats.ldmatrix_conflicted_phases, mode == 0 ? 8u : 4u);
+    EXPECT_EQ(stats.ldmatrix_worst_ways, 2u);
     for (int m = 0; m < 16; ++m)
       for (int n = 0; n < 8; ++n) {
         double want = 0.5;

@@ -123,10 +123,14 @@ void run_case(const Case& c) {
   emu::Stats stats;
   const std::string err = emu::run(launch, [&] { fn(plan.args); }, &stats);
   const auto t2 = std::chrono::steady_clock::now();
-  std::printf("  %s: compile %.0f ms, emulated %llu CTAs (%llu collectives) in %.0f ms\n", plan.describe().c_str(),
-              std::chrono::duration<double, std::milli>(t1 - t0).count(), (unsigned long long)stats.ctas,
-              (unsigned long long)stats.collectives, std::chrono::duration<double, std::milli>(t2 - t1).count());
+  std::printf("  %s: compile %.0f ms, emulated %llu CTAs (%llu collectives, %llu ldmatrix phases) in %.0f ms\n",
+              plan.describe().c_str(), std::chrono::duration<double, std::milli>(t1 - t0).count(),
+              (unsigned long long)stats.ctas, (unsigned long long)stats.collectives,
+              (unsigned long long)stats.ldmatrix_phases, std::chrono::duration<double, std::milli>(t2 - t1).count());
   ASSERT_EQ(err, "") << "the emulated kernel failed";
+  // The padded / swizzled shared layouts exist so that ldmatrix never conflicts on banks.
+  EXPECT_EQ(stats.ldmatrix_conflicted_phases, 0u) << "of " << stats.ldmatrix_phases << " ldmatrix phases, worst "
+                                                  << stats.ldmatrix_worst_ways << "-way: " << plan.describe();
   if (c.corrupt_mask) {
     EXPECT_EQ(error_flag, 2) << "a bad block mask raises bit 2";
     return;  // the rows it touched are undefined; nothing was read out of bounds

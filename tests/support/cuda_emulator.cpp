@@ -473,12 +473,30 @@ void fjemu_ldmatrix(unsigned* r, const void* row_address, int num, int trans) {
   w.addr[lane] = row_address;
   arrive(w, [&] {
     unsigned short m[4][8][8];
-    for (int i = 0; i < w.num; ++i)
+    for (int i = 0; i < w.num; ++i) {
       for (int row = 0; row < 8; ++row) {
         const void* p = w.addr[8 * i + row];
         check_smem_address(p, 16, "ldmatrix");
         std::memcpy(m[i][row], p, 16);
       }
+      // Bank conflicts of this matrix's phase: distinct rows per group of 4 banks.
+      uintptr_t chunk[8];  // 16-byte chunk index of each row; rows on one chunk are one access
+      for (int row = 0; row < 8; ++row)
+        chunk[row] = static_cast<uintptr_t>(static_cast<const unsigned char*>(w.addr[8 * i + row]) - s.smem_window) / 16;
+      unsigned ways = 1;
+      for (int row = 0; row < 8; ++row) {
+        unsigned distinct = 0;  // distinct chunks on row's banks among rows 0..row, row's own included
+        for (int other = 0; other <= row; ++other) {
+          bool first = chunk[other] % 8 == chunk[row] % 8;
+          for (int prev = 0; first && prev < other; ++prev) first = chunk[prev] != chunk[other];
+          distinct += first ? 1 : 0;
+        }
+        ways = std::max(ways, distinct);
+      }
+      ++s.stats.ldmatrix_phases;
+      if (ways > 1) ++s.stats.ldmatrix_conflicted_phases;
+      s.stats.ldmatrix_worst_ways = std::max(s.stats.ldmatrix_worst_ways, ways);
+    }
     const unsigned first = me.tid / 32 * 32;
     for (unsigned l = 0; l < 32; ++l)
       for (int i = 0; i < w.num; ++i) {

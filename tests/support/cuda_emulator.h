@@ -22,7 +22,8 @@
 //     a read before the wait (+ barrier), or a new load into a stage another warp still reads,
 //     shows as NaN in the output;
 //   - every ldmatrix and cp.async address lies inside the CTA's dynamic shared memory and is
-//     16-byte aligned; a cp.async source lies inside one of the launch's readable ranges.
+//     16-byte aligned; a cp.async source lies inside one of the launch's readable ranges;
+//   - ldmatrix's shared-memory bank conflicts are counted (Stats), for tests that require none.
 // What it does not model: timing, bank conflicts, register pressure, the exact rounding of
 // tensor-core accumulation (fp32 here) and of CUDA's math functions (the host's libm here).
 // Passing here means the kernel's logic and data layouts are right as the PTX ISA describes
@@ -51,6 +52,11 @@ struct Launch {
 
 struct Stats {
   uint64_t ctas = 0, collectives = 0, switches = 0;
+  // Shared-memory bank conflicts of ldmatrix: each 8 x 8 matrix is one phase whose 8 row addresses
+  // (16 bytes each) hit banks 4 ((addr / 16) % 8) .. +3; a phase with two distinct rows on one
+  // group of banks is conflicted, and takes `ways` passes (the most distinct rows on one group).
+  uint64_t ldmatrix_phases = 0, ldmatrix_conflicted_phases = 0;
+  unsigned ldmatrix_worst_ways = 0;
 };
 
 // Runs `thread_body` once per CUDA thread of every CTA (CTAs one after another; in each, the
