@@ -161,6 +161,17 @@ class ScopedEnv {
   std::vector<Saved> saved_;
 };
 
+// A paged decode call (Cli::write_paged_case writes its files): q [2, 6, 2, D], caches of 12 pages
+// of 16 keys (Hkv 2) whose pages no sequence uses hold NaN, a shuffled block table, lengths {70, 20}.
+struct PagedCase {
+  static constexpr int64_t B = 2, Hq = 6, Hkv = 2, ps = 16, pages = 12, max_pages = 6;
+  static constexpr int32_t table[B * max_pages] = {7, 2, 9, 0, 11, -1, 4, 1, -1, -1, -1, -1};
+  static constexpr int32_t lens[B] = {70, 20};
+  int64_t D = 0;
+  OwnedTensor q, kc, vc;
+  std::vector<std::string> args;
+};
+
 class Cli : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -248,6 +259,25 @@ class Cli : public ::testing::Test {
     return r;
   }
 
+  // Writes a PagedCase's files (q.npy, kc.npy, vc.npy, bt.npy, sl.npy); its `args` are the CLI's
+  // paged inputs and --out O.npy.
+  PagedCase write_paged_case(int64_t D, uint64_t seed) {
+    PagedCase c;
+    c.D = D;
+    c.q = random_f32("q", {c.B, c.Hq, 2, D}, seed);
+    c.kc = random_f32("kc", {c.pages, c.ps, c.Hkv, D}, seed + 1);
+    c.vc = random_f32("vc", {c.pages, c.ps, c.Hkv, D}, seed + 2);
+    for (int64_t p : {3, 5, 6, 8, 10})
+      for (int64_t i = 0; i < c.ps * c.Hkv * D; ++i) c.kc.data<float>()[p * c.ps * c.Hkv * D + i] = std::nanf("");
+    write_f32(dir_ / "q.npy", c.q);
+    write_f32(dir_ / "kc.npy", c.kc);
+    write_f32(dir_ / "vc.npy", c.vc);
+    write_npy(dir_ / "bt.npy", "<i4", {c.B, c.max_pages}, PagedCase::table, sizeof PagedCase::table);
+    write_npy(dir_ / "sl.npy", "<i4", {c.B}, PagedCase::lens, sizeof PagedCase::lens);
+    c.args = {"--q", path("q.npy"), "--k-cache", path("kc.npy"), "--v-cache", path("vc.npy"), "--block-table",
+              path("bt.npy"), "--seq-lens", path("sl.npy"), "--out", path("O.npy"), "--enable-gqa"};
+    return c;
+  }
   fs::path exe_, dir_;
   bool via_path_ = false;
 };
@@ -281,6 +311,22 @@ void expect_matches(const Npy& got, const RefResult& ref, DType dtype, const std
       ADD_FAILURE() << what << ": out[" << i << "] = " << got.data[i] << ", reference " << g;
   }
   EXPECT_EQ(bad, 0) << what;
+}
+
+// A PagedCase's float64 reference with alibi + causal (the CLI's example slopes), absolute positions; on
+// bf16-rounded inputs for a bf16 run.
+RefResult paged_reference(const PagedCase& c, bool bf16) {
+  OwnedTensor bt = OwnedTensor::make("bt", DType::I32, {c.B, c.max_pages}), sl = OwnedTensor::make("sl", DType::I32, {c.B});
+  std::memcpy(bt.bytes->data(), PagedCase::table, sizeof PagedCase::table);
+  std::memcpy(sl.bytes->data(), PagedCase::lens, sizeof PagedCase::lens);
+  ShapeInfo shape{c.B, c.Hq, c.Hkv, 70, 70};
+  std::vector<OwnedTensor> storage;
+  TracedMod sm = instantiate_example(find_mod("alibi"), shape, &storage);
+  TracedMod mm = instantiate_example(find_mod("causal"), shape, &storage);
+  auto [mods, bind] = combine(&sm, &mm);
+  const OwnedTensor q = bf16 ? to_bf16(c.q) : c.q, kc = bf16 ? to_bf16(c.kc) : c.kc, vc = bf16 ? to_bf16(c.vc) : c.vc;
+  return reference_paged_attention(q.view, kc.view, vc.view, bt.view, sl.view, mods, bind,
+                                   1.0 / std::sqrt(double(c.D)));
 }
 
 // A failed run: exited (no signal) non-zero, stderr one line starting "flexjit: error: " (a
@@ -853,21 +899,9 @@ TEST_F(Cli, LateErrorsLeaveNoPartialOutput) {
 // only the pages its block table names, checks itself against the float64 reference and
 // reports the decode path and its knobs.
 TEST_F(Cli, PagedDecodeWithReportAndCheck) {
-  const int64_t B = 2, Hq = 6, Hkv = 2, D = 32, ps = 16, pages = 12, max_pages = 6;
-  OwnedTensor q = random_f32("q", {B, Hq, 2, D}, 1);
-  OwnedTensor kc = random_f32("kc", {pages, ps, Hkv, D}, 2), vc = random_f32("vc", {pages, ps, Hkv, D}, 3);
-  const int32_t table[B * max_pages] = {7, 2, 9, 0, 11, -1, 4, 1, -1, -1, -1, -1};
-  const int32_t lens[B] = {70, 20};
-  for (int64_t p : {3, 5, 6, 8, 10})  // pages no sequence uses
-    for (int64_t i = 0; i < ps * Hkv * D; ++i) kc.data<float>()[p * ps * Hkv * D + i] = std::nanf("");
-  write_f32(dir_ / "q.npy", q);
-  write_f32(dir_ / "kc.npy", kc);
-  write_f32(dir_ / "vc.npy", vc);
-  write_npy(dir_ / "bt.npy", "<i4", {B, max_pages}, table, sizeof table);
-  write_npy(dir_ / "sl.npy", "<i4", {B}, lens, sizeof lens);
-  const std::vector<std::string> paged = {"--q", path("q.npy"), "--k-cache", path("kc.npy"), "--v-cache",
-                                          path("vc.npy"), "--block-table", path("bt.npy"), "--seq-lens",
-                                          path("sl.npy"), "--out", path("O.npy"), "--enable-gqa"};
+  const PagedCase c = write_paged_case(32, 1);
+  const int64_t B = c.B, max_pages = c.max_pages;
+  const std::vector<std::string>& paged = c.args;
   Result r = run(paged + std::vector<std::string>{"--mask-mod", "causal", "--score-mod", "alibi", "--check",
                                                   "--kernel-option", "PARTITION_SIZE=32", "--report", path("r.json")});
   ASSERT_TRUE(r.exited) << "signal " << r.signal << "\n" << r.err;
@@ -883,17 +917,7 @@ TEST_F(Cli, PagedDecodeWithReportAndCheck) {
   EXPECT_LT(j.value("check_max_abs_error", 1.0), 1e-4);
 
   // The output against the float64 reference of the same tables (absolute positions).
-  OwnedTensor bt = OwnedTensor::make("bt", DType::I32, {B, max_pages}), sl = OwnedTensor::make("sl", DType::I32, {B});
-  std::memcpy(bt.bytes->data(), table, sizeof table);
-  std::memcpy(sl.bytes->data(), lens, sizeof lens);
-  ShapeInfo shape{B, Hq, Hkv, 70, 70};
-  std::vector<OwnedTensor> storage;
-  TracedMod sm = instantiate_example(find_mod("alibi"), shape, &storage);
-  TracedMod mm = instantiate_example(find_mod("causal"), shape, &storage);
-  auto [mods, bind] = combine(&sm, &mm);
-  RefResult ref = reference_paged_attention(q.view, kc.view, vc.view, bt.view, sl.view, mods, bind,
-                                            1.0 / std::sqrt(double(D)));
-  expect_matches(read_npy(dir_ / "O.npy"), ref, DType::F32, "paged alibi+causal");
+  expect_matches(read_npy(dir_ / "O.npy"), paged_reference(c, false), DType::F32, "paged alibi+causal");
 
   // Bad tables and mixed inputs are one-line errors, with nothing written.
   fs::remove(dir_ / "O.npy");
@@ -905,7 +929,7 @@ TEST_F(Cli, PagedDecodeWithReportAndCheck) {
                     {"--k-cache needs --v-cache too"});
   expect_error_line(run(paged + std::vector<std::string>{"--k", path("kc.npy")}), {"not both"});
   expect_error_line(run({"--q", path("q.npy"), "--out", path("O.npy")}), {"give the keys and values"});
-  write_npy(dir_ / "bt.npy", "<i4", {B, max_pages}, table, sizeof table);
+  write_npy(dir_ / "bt.npy", "<i4", {B, max_pages}, PagedCase::table, sizeof PagedCase::table);
   expect_error_line(run(paged + std::vector<std::string>{"--kernel-option", "PARTITION_SIZE=24"}),
                     {"multiple of the page size 16"});
   expect_error_line(run(paged + std::vector<std::string>{"--kernel-option", "FORCE_USE_FLEX_ATTENTION=1"}),
@@ -1133,36 +1157,12 @@ TEST_F(EmulatedCuda, DecodeSplitAndPaged) {
   expect_matches(read_npy(dir_ / "O.npy"), reference(q, k, v, "alibi", "causal"), DType::BF16, "decode, 3 partitions");
 
   // A paged cache with a shuffled table; pages no sequence uses hold NaN.
-  const int64_t B = 2, Hq = 6, Hkv = 2, D = 64, ps = 16, pages = 12, max_pages = 6;
-  OwnedTensor pq = random_f32("q", {B, Hq, 2, D}, 34);
-  OwnedTensor kc = random_f32("kc", {pages, ps, Hkv, D}, 35), vc = random_f32("vc", {pages, ps, Hkv, D}, 36);
-  const int32_t table[B * max_pages] = {7, 2, 9, 0, 11, -1, 4, 1, -1, -1, -1, -1};
-  const int32_t lens[B] = {70, 20};
-  for (int64_t p : {3, 5, 6, 8, 10})
-    for (int64_t i = 0; i < ps * Hkv * D; ++i) kc.data<float>()[p * ps * Hkv * D + i] = std::nanf("");
-  write_f32(dir_ / "pq.npy", pq);
-  write_f32(dir_ / "kc.npy", kc);
-  write_f32(dir_ / "vc.npy", vc);
-  write_npy(dir_ / "bt.npy", "<i4", {B, max_pages}, table, sizeof table);
-  write_npy(dir_ / "sl.npy", "<i4", {B}, lens, sizeof lens);
-  nlohmann::json p = run_ok({"--q", path("pq.npy"), "--k-cache", path("kc.npy"), "--v-cache", path("vc.npy"),
-                             "--block-table", path("bt.npy"), "--seq-lens", path("sl.npy"), "--out", path("O.npy"),
-                             "--enable-gqa", "--mask-mod", "causal", "--score-mod", "alibi", "--kernel-option",
-                             "PARTITION_SIZE=32", "--check"});
+  const PagedCase c = write_paged_case(64, 34);
+  nlohmann::json p = run_ok(c.args + std::vector<std::string>{"--mask-mod", "causal", "--score-mod", "alibi",
+                                                              "--kernel-option", "PARTITION_SIZE=32", "--check"});
   EXPECT_EQ(p.value("paged", false), true);
   EXPECT_EQ(p.value("num_partitions", 0), 3);
-  OwnedTensor bt = OwnedTensor::make("bt", DType::I32, {B, max_pages}), sl = OwnedTensor::make("sl", DType::I32, {B});
-  std::memcpy(bt.bytes->data(), table, sizeof table);
-  std::memcpy(sl.bytes->data(), lens, sizeof lens);
-  ShapeInfo shape{B, Hq, Hkv, 70, 70};
-  std::vector<OwnedTensor> storage;
-  TracedMod sm = instantiate_example(find_mod("alibi"), shape, &storage);
-  TracedMod mm = instantiate_example(find_mod("causal"), shape, &storage);
-  auto [mods, bind] = combine(&sm, &mm);
-  OwnedTensor qb = to_bf16(pq), kb = to_bf16(kc), vb = to_bf16(vc);
-  RefResult ref = reference_paged_attention(qb.view, kb.view, vb.view, bt.view, sl.view, mods, bind,
-                                            1.0 / std::sqrt(double(D)));
-  expect_matches(read_npy(dir_ / "O.npy"), ref, DType::BF16, "paged decode");
+  expect_matches(read_npy(dir_ / "O.npy"), paged_reference(c, true), DType::BF16, "paged decode");
 }
 
 // Both CUDA tuners time their candidates on the (emulated) device, store a choice under its name,
