@@ -13,7 +13,12 @@
 # all) so that the check fits 10-minute calls: e.g. GPU_CHECK_PARTS=selftest,kbench, then
 # GPU_CHECK_PARTS=torch,bench in a second call (the builds are incremental); GPU_CHECK_TORCH_BENCH=0
 # is the same as leaving out bench. GPU_CHECK_COMMIT names the commit for gpu_report.md.
-# On a machine without a GPU it runs too and says that the GPU parts were skipped.
+# GPU_CHECK_KBENCH_ARGS passes --quick or --smoke to flexjit_cuda_bench.
+# On a machine without a GPU it runs too and says that the GPU parts were skipped. With the
+# emulated CUDA device of the full build's tests, its GPU branches run too (a rehearsal; nothing
+# it measures is a GPU figure, and gpu_report.py refuses it):
+#   FLEXJIT_CUDA_DRIVER=$PWD/build/tests/libflexjit_emulated_cuda.so FLEXJIT_NVRTC=$FLEXJIT_CUDA_DRIVER \
+#   GPU_CHECK_PARTS=selftest,kbench GPU_CHECK_KBENCH_ARGS=--smoke scripts/gpu_check.sh /tmp/gpucheck-emu
 #
 #   scripts/gpu_check.sh OUTDIR [ARCH]     ARCH: sm_90 (H100/H200) by default, or the GPU's own
 set -uo pipefail
@@ -28,6 +33,9 @@ say "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short H
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$log"
   arch=${2:-sm_$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '.')}
+elif [[ -n "${FLEXJIT_CUDA_DRIVER:-}" ]]; then
+  say "gpu_check: no nvidia-smi; FLEXJIT_CUDA_DRIVER=$FLEXJIT_CUDA_DRIVER stands in for the CUDA driver"
+  arch=${2:-sm_90}
 else
   say "gpu_check: no nvidia-smi: no GPU here; GPU runs will be SKIPPED"
   arch=${2:-sm_90}
@@ -84,7 +92,8 @@ fi
 # The kernels' own benchmark (no torch): the copy ceiling, decode GB/s, prefill TFLOP/s.
 kbench_rc=-1
 if want kbench; then
-  timeout 300 ./build-gpu/flexjit_cuda_bench "$out/cuda_bench.json" 2>&1 | tee "$out/cuda_bench.log" | tee -a "$log"
+  timeout 300 ./build-gpu/flexjit_cuda_bench "$out/cuda_bench.json" ${GPU_CHECK_KBENCH_ARGS:-} 2>&1 |
+    tee "$out/cuda_bench.log" | tee -a "$log"
   kbench_rc=${PIPESTATUS[0]}
   [[ $kbench_rc -eq 124 ]] && say "gpu_check: flexjit_cuda_bench ran past 300 s and was stopped"
 fi

@@ -157,7 +157,7 @@ def main():
         return 1
     gpu = ctx.get("gpu") or (kb or {}).get("device") or "a GPU (not named in the files)"
     if "emulat" in gpu.lower():
-        print(f"gpu_report: {args.outdir} comes from {gpu}: its times measure the CPU emulator, "
+        print(f"gpu_report: {', '.join(args.outdir)} comes from {gpu}: its times measure the CPU emulator, "
               "not a GPU; nothing to report")
         return 1
     out = [f"Measured on {gpu} ({ctx.get('sm', check.get('arch', '?'))}, {ctx.get('sm_count', '?')} SMs), "

@@ -14,7 +14,7 @@
 //   flexjit_cuda_bench OUT.json [--quick | --smoke]
 // --smoke: tiny shapes, one timed call each: every path of the bench for the emulated CUDA device
 // (tests/support/emulated_cuda_device.cpp; its times measure the emulator, not a GPU).
-// Without a GPU it says so and exits 0.
+// Without a GPU it says so and exits 0; with one, 1 when a case failed or its output was wrong.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -98,6 +98,7 @@ int main(int argc, char** argv) {
   const CudaDeviceInfo dev = cuda_device_info(props);
   std::printf("cuda bench: %s, %s, %d SMs%s\n", props.name.c_str(), props.arch.c_str(), props.sm_count,
               g_smoke ? " (--smoke: tiny shapes, one call each; not a measurement)" : "");
+  int bad_cases = 0;  // WRONG outputs and cases that failed: the exit status says so
   std::string json = "{\n  \"device\": \"" + json_escape(props.name) + "\", \"arch\": \"" + props.arch +
                      "\", \"sm_count\": " + std::to_string(props.sm_count);
 
@@ -182,6 +183,7 @@ int main(int argc, char** argv) {
           const double bytes = 2.0 * double(B * L * Hkv * D) * 2;
           const double gbs = bytes / (ms * 1e6);
           const bool ok = output_is_constant(out, size_t(B * Hq * D));
+          bad_cases += ok ? 0 : 1;
           std::snprintf(line, sizeof line, "    %-6lld %-8lld %-11s %9.3f %9.0f %6.0f%%  %s%s", (long long)B,
                         (long long)L, paged ? "paged16" : "contiguous", ms, gbs, 100 * gbs / copy_gbs,
                         ok ? "" : "WRONG output  ", plan.describe().c_str());
@@ -193,6 +195,7 @@ int main(int argc, char** argv) {
                   json_escape(plan.describe()) + "\"}";
           first = false;
         } catch (const std::exception& e) {
+          ++bad_cases;
           std::snprintf(line, sizeof line, "    %-6lld %-8lld %-11s FAILED: %s", (long long)B, (long long)L,
                         paged ? "paged16" : "contiguous", e.what());
         }
@@ -270,6 +273,7 @@ int main(int argc, char** argv) {
           const double flops = 4.0 * double(B * H) * double(L) * double(L) * double(D) * (mod == "causal" ? 0.5 : 1.0);
           const double tflops = flops / (ms * 1e9);
           const bool ok = output_is_constant(o, elems, 61);
+          bad_cases += ok ? 0 : 1;
           std::snprintf(line, sizeof line, "    %-7s %-7lld %9.3f %9.1f  %s%s", mod.c_str(), (long long)L, ms, tflops,
                         ok ? "" : "WRONG output  ", plan.describe().c_str());
           json += std::string(first ? "" : ",") + "\n    {\"mod\": \"" + mod + "\", \"L\": " + std::to_string(L) +
@@ -280,6 +284,7 @@ int main(int argc, char** argv) {
                   ", \"ok\": " + (ok ? "true" : "false") + "}";
           first = false;
         } catch (const std::exception& e) {
+          ++bad_cases;
           std::snprintf(line, sizeof line, "    %-7s %-7lld FAILED: %s", mod.c_str(), (long long)L, e.what());
         }
         std::printf("%s\n", line);
@@ -288,6 +293,7 @@ int main(int argc, char** argv) {
     }
   json += "\n  ]\n}\n";
   std::ofstream(json_path) << json;
-  std::printf("cuda bench: wrote %s\n", json_path.c_str());
-  return 0;
+  std::printf("cuda bench: wrote %s%s\n", json_path.c_str(),
+              bad_cases ? (" (" + std::to_string(bad_cases) + " cases WRONG or FAILED)").c_str() : "");
+  return bad_cases ? 1 : 0;
 }
