@@ -1,8 +1,9 @@
 // Where a CUDA kernel's NVRTC text takes templates/cuda/emulate.cuh to run on the CPU emulator
 // (tests/support/cuda_emulator): after its leading #define lines and comments (the spec macros,
-// which emulate.cuh reads), before the first template file (a "// ---- " line) or code line. One rule for the two users:
-// jit::make_emulation_source and the emulated CUDA device (tests/support/emulated_cuda_device.cpp),
-// which only sees the text NVRTC compiled. Header-only, no dependencies.
+// which emulate.cuh reads), before the first template file (a "// ---- " line) or code line.
+// One rule for its two users: jit::make_emulation_source and the emulated CUDA device
+// (tests/support/emulated_cuda_device.cpp), which sees only the text NVRTC compiled.
+// Header-only, no dependencies.
 #pragma once
 
 #include <string>
