@@ -8,30 +8,16 @@
 #include <regex>
 #include <sstream>
 
+#include "jit/nvrtc_abi.h"
 #include "jit/types.h"
 
 namespace flexjit::jit {
 namespace {
 
-// NVRTC's C ABI (nvrtc.h), declared here so that no CUDA header is needed to build flexjit.
-using nvrtcResult = int;  // 0 = NVRTC_SUCCESS
-using nvrtcProgram = struct NvrtcProgramOpaque*;
+using nvrtcResult = nvrtc_abi::Result;
+using nvrtcProgram = nvrtc_abi::Program;
 
-struct Nvrtc {
-  nvrtcResult (*version)(int*, int*) = nullptr;
-  nvrtcResult (*num_archs)(int*) = nullptr;
-  nvrtcResult (*archs)(int*) = nullptr;
-  nvrtcResult (*create)(nvrtcProgram*, const char*, const char*, int, const char* const*,
-                        const char* const*) = nullptr;
-  nvrtcResult (*compile)(nvrtcProgram, int, const char* const*) = nullptr;
-  nvrtcResult (*log_size)(nvrtcProgram, size_t*) = nullptr;
-  nvrtcResult (*log)(nvrtcProgram, char*) = nullptr;
-  nvrtcResult (*ptx_size)(nvrtcProgram, size_t*) = nullptr;
-  nvrtcResult (*ptx)(nvrtcProgram, char*) = nullptr;
-  nvrtcResult (*cubin_size)(nvrtcProgram, size_t*) = nullptr;
-  nvrtcResult (*cubin)(nvrtcProgram, char*) = nullptr;
-  nvrtcResult (*destroy)(nvrtcProgram*) = nullptr;
-  const char* (*error_string)(nvrtcResult) = nullptr;
+struct Nvrtc : nvrtc_abi::Functions {
   // Not NVRTC's: a library standing in for NVRTC that makes other binaries (the emulated CUDA
   // device's shim, tests/support/emulated_cuda_device.cpp) names itself here, and the name joins
   // the version in every CUDA cache key, so its binaries never mix with NVRTC's in one cache.
@@ -67,29 +53,9 @@ const Nvrtc& nvrtc() {
                 ". Install the CUDA toolkit's NVRTC or set FLEXJIT_NVRTC to the library's path";
       return n;
     }
-    bool ok = true;
-    auto sym = [&](auto& fn, const char* name) {
-      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(h, name));
-      if (!fn) {
-        ok = false;
-        n.error += std::string(n.error.empty() ? "" : ", ") + name;
-      }
-    };
-    sym(n.version, "nvrtcVersion");
-    sym(n.num_archs, "nvrtcGetNumSupportedArchs");
-    sym(n.archs, "nvrtcGetSupportedArchs");
-    sym(n.create, "nvrtcCreateProgram");
-    sym(n.compile, "nvrtcCompileProgram");
-    sym(n.log_size, "nvrtcGetProgramLogSize");
-    sym(n.log, "nvrtcGetProgramLog");
-    sym(n.ptx_size, "nvrtcGetPTXSize");
-    sym(n.ptx, "nvrtcGetPTX");
-    sym(n.cubin_size, "nvrtcGetCUBINSize");
-    sym(n.cubin, "nvrtcGetCUBIN");
-    sym(n.destroy, "nvrtcDestroyProgram");
-    sym(n.error_string, "nvrtcGetErrorString");
+    const std::string missing = nvrtc_abi::bind(h, &n);
     n.identity = reinterpret_cast<const char* (*)()>(dlsym(h, "flexjit_nvrtc_identity"));
-    if (!ok) n.error = "the loaded NVRTC lacks " + n.error + " (NVRTC 12 or newer is needed)";
+    if (!missing.empty()) n.error = "the loaded NVRTC lacks " + missing + " (NVRTC 12 or newer is needed)";
     return n;
   }();
   return lib;

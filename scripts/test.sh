@@ -18,6 +18,8 @@ PY
   [[ -n "$nvrtc" ]] && export FLEXJIT_NVRTC=$nvrtc
 fi
 echo "test.sh: NVRTC for the CUDA compile tests: ${FLEXJIT_NVRTC:-/usr/local/cuda (or none: those tests skip)}"
+# The emulated CUDA device's tests point FLEXJIT_NVRTC at its shim, which forwards to this one.
+[[ -n "${FLEXJIT_NVRTC:-}" && -z "${FLEXJIT_EMULATED_REAL_NVRTC:-}" ]] && export FLEXJIT_EMULATED_REAL_NVRTC=$FLEXJIT_NVRTC
 ctest --test-dir build --output-on-failure -j 2 "$@"
 # The CUDA-only configuration (FLEXJIT_CPU_BACKEND=OFF: what a GPU host without LLVM builds) must
 # build, and compile every built-in mod's CUDA kernel through the whole pipeline (no GPU needed).

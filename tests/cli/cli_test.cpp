@@ -1082,6 +1082,9 @@ class EmulatedCuda : public Cli {
 #else
     std::string why;
     if (!jit::nvrtc_available(&why)) GTEST_SKIP() << "no NVRTC: " << why;
+    // The shim forwards to the NVRTC this process found (e.g. the torch wheel's, via FLEXJIT_NVRTC).
+    if (const char* e = std::getenv("FLEXJIT_NVRTC"); e && *e && !std::getenv("FLEXJIT_EMULATED_REAL_NVRTC"))
+      env_.set("FLEXJIT_EMULATED_REAL_NVRTC", e);
     env_.set("FLEXJIT_CUDA_DRIVER", FLEXJIT_EMULATED_CUDA_LIB);
     env_.set("FLEXJIT_NVRTC", FLEXJIT_EMULATED_CUDA_LIB);
     env_.set("FLEXJIT_CACHE_DIR", path("cache"));
