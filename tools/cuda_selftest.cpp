@@ -3,6 +3,9 @@
 // the same again from the cache, then a launch plan. Prints one line per step; exit 0 = all
 // compiled. Usage: flexjit_cuda_selftest [ARCH=sm_90]; its cache is a fresh temporary directory.
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <thread>
 #include <cmath>
 #include <cstdio>
 #include <vector>
@@ -275,30 +278,58 @@ int main(int argc, char** argv) {
   std::printf("cuda selftest: NVRTC %s, arch %s, GPU: %s\n", jit::nvrtc_version().c_str(), arch.c_str(),
               gpu.empty() ? (std::to_string(cuda_device_count()) + " device(s)").c_str() : gpu.c_str());
   int failures = 0;
+  // Every built-in mod's prefill (mma.sync; on sm_90 also the wgmma engine's two schedules, for
+  // sm_90a) and decode kernel: compiled on all cores (NVRTC takes ~1 s a kernel: on a GPU host,
+  // minutes of a short session otherwise), then each found again in the disk cache.
+  struct Job {
+    std::string name;
+    jit::KernelSpec spec;
+    ModSet mods;
+  };
+  std::vector<Job> jobs;
+  const CudaDeviceInfo target = cuda_device_info_for_arch(arch);
+  for (const std::string& name : builtin_mod_names()) {
+    const RegisteredMod& r = find_mod(name);
+    std::vector<jit::KernelSpec> specs = {cuda_prefill_kernel_spec(DType::BF16, 128, 128, 4, target),
+                                          cuda_decode_kernel_spec(DType::BF16, 128, 128, 4, target)};
+    if (cuda_wgmma_refusal(DType::BF16, 128, 128, target, 0, 0).empty())
+      for (int use : {1, 2}) specs.push_back(cuda_prefill_kernel_spec(DType::BF16, 128, 128, 4, target, 0, 0, use));
+    for (const jit::KernelSpec& spec : specs) jobs.push_back({name, spec, mod_set_of(r.mod, r.kind)});
+  }
   for (int pass = 0; pass < 2; ++pass) {
-    for (const std::string& name : builtin_mod_names()) {
-      const RegisteredMod& r = find_mod(name);
-      const ModSet mods = mod_set_of(r.mod, r.kind);
-      // Prefill (mma.sync; on sm_90 also the wgmma engine, compiled for sm_90a) and decode.
-      const CudaDeviceInfo target = cuda_device_info_for_arch(arch);
-      std::vector<jit::KernelSpec> specs = {cuda_prefill_kernel_spec(DType::BF16, 128, 128, 4, target),
-                                            cuda_decode_kernel_spec(DType::BF16, 128, 128, 4, target)};
-      if (cuda_wgmma_refusal(DType::BF16, 128, 128, target, 0, 0).empty())
-        for (int use : {1, 2}) specs.push_back(cuda_prefill_kernel_spec(DType::BF16, 128, 128, 4, target, 0, 0, use));
-      for (const jit::KernelSpec& spec : specs) {
-        try {
-          jit::CudaBinary b = jit::get_cuda_binary(spec, mods);
-          const bool ok = b.cubin.size() > 4 && b.cubin.compare(0, 4, "\x7f" "ELF") == 0 && !b.ptx.empty() &&
-                          (pass == 0 ? b.cache == "miss" : b.cache == "disk");
-          std::printf("  %-16s %s %-5s %6.0f ms  %s\n", name.c_str(), ok ? "ok  " : "FAIL", b.cache.c_str(),
-                      b.compile_ms, b.symbol.c_str());
-          failures += ok ? 0 : 1;
-        } catch (const std::exception& e) {
-          std::printf("  %-16s FAIL %s\n", name.c_str(), e.what());
-          ++failures;
-        }
+    std::vector<std::string> lines(jobs.size());
+    std::vector<int> bad(jobs.size(), 0);
+    auto compile = [&](size_t i) {
+      char line[512];
+      try {
+        jit::CudaBinary b = jit::get_cuda_binary(jobs[i].spec, jobs[i].mods);
+        const bool ok = b.cubin.size() > 4 && b.cubin.compare(0, 4, "\x7f" "ELF") == 0 && !b.ptx.empty() &&
+                        (pass == 0 ? b.cache == "miss" : b.cache == "disk");
+        std::snprintf(line, sizeof line, "  %-16s %s %-5s %6.0f ms  %s", jobs[i].name.c_str(), ok ? "ok  " : "FAIL",
+                      b.cache.c_str(), b.compile_ms, b.symbol.c_str());
+        bad[i] = ok ? 0 : 1;
+      } catch (const std::exception& e) {
+        std::snprintf(line, sizeof line, "  %-16s FAIL %s", jobs[i].name.c_str(), e.what());
+        bad[i] = 1;
       }
+      lines[i] = line;
+    };
+    const auto t0 = std::chrono::steady_clock::now();
+    std::atomic<size_t> next{0};
+    std::vector<std::thread> pool;
+    const unsigned n = pass == 0 ? std::max(1u, std::min(16u, std::thread::hardware_concurrency())) : 1;
+    for (unsigned t = 0; t < n; ++t)
+      pool.emplace_back([&] {
+        for (size_t i = next++; i < jobs.size(); i = next++) compile(i);
+      });
+    for (std::thread& t : pool) t.join();
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      std::printf("%s\n", lines[i].c_str());
+      failures += bad[i];
     }
+    std::printf("  %s: %zu kernels in %.1f s on %u thread%s\n", pass == 0 ? "compiled" : "found in the disk cache",
+                jobs.size(), std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), n,
+                n == 1 ? "" : "s");
   }
   // A launch plan for a Llama-style call (pointers are placeholders: nothing is launched).
   alignas(16) static unsigned char fake[64];
