@@ -16,6 +16,7 @@
 // (tests/support/emulated_cuda_device.cpp; its times measure the emulator, not a GPU).
 // Without a GPU it says so and exits 0; with one, 1 when a case failed or its output was wrong.
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -23,8 +24,11 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
+#include "jit/pipeline.h"
 #include "runtime/cuda_decode.h"
 #include "runtime/cuda_driver.h"
 #include "runtime/cuda_prefill.h"
@@ -76,6 +80,92 @@ std::string json_escape(const std::string& s) {
   return o;
 }
 
+// The prefill variants timed per case: the mma.sync engine's default tile (64 x 64, a warp per
+// m16 tile) and FA2's (128 rows, 4 warps of two tiles); on sm_90 the wgmma engine's default
+// (128 x 128: two warpgroups sharing K / V, one CTA per SM), one-warpgroup tiles (64 x 64 fits two
+// CTAs per SM, whose softmax and MMAs can overlap) and the pipelined schedule (USE_WGMMA=2: three
+// stages, 128 x 64).
+struct Variant {
+  int block_m, block_n, use_wgmma;
+};
+std::vector<Variant> prefill_variants(const CudaDeviceInfo& dev, int64_t D) {
+  std::vector<Variant> v = {{0, 0, 0}, {128, 0, 0}};
+  if (cuda_wgmma_refusal(DType::BF16, int(D), int(D), dev, 0, 0).empty())
+    v.insert(v.end(), {{0, 0, 1}, {64, 64, 1}, {64, 128, 1}, {0, 0, 2}});
+  return v;
+}
+AttentionOptions variant_options(const Variant& var) {
+  AttentionOptions opt;
+  opt.block_m = var.block_m;
+  opt.block_n = var.block_n;
+  opt.use_wgmma = var.use_wgmma;
+  return opt;
+}
+
+// A prefill case's mods: "alibi" (its example slopes, bound on the host) or "causal" (mask_mod).
+ModSet bench_mods(const std::string& mod, int64_t B, int64_t H, int64_t L, ModBindings* bind,
+                  std::vector<OwnedTensor>* storage) {
+  const RegisteredMod& r = find_mod(mod);
+  if (mod != "alibi") return mod_set_of(r.mod, r.kind);
+  ShapeInfo shape;
+  shape.B = B, shape.Hq = H, shape.Hkv = H, shape.Lq = L, shape.Lkv = L;
+  TracedMod t = instantiate_example(r, shape, storage);
+  *bind = t.bindings;
+  return mod_set_of(t, r.kind);
+}
+
+// Compiles every kernel the bench will run, on all cores (up to 16), before any timing: NVRTC
+// takes ~1 s a kernel, which one at a time would cost a short GPU session ~15 s. Planning never
+// dereferences the views' pointers.
+void prewarm(const CudaDeviceInfo& dev, int64_t D, int64_t Hq, int64_t Hkv, const std::vector<int64_t>& plens) {
+  alignas(64) static unsigned char fake[64];
+  std::vector<std::pair<jit::KernelSpec, ModSet>> jobs;
+  std::vector<OwnedTensor> storage;
+  for (bool paged : {false, true}) {
+    TensorView q = contiguous_view(fake, DType::BF16, {1, Hq, 1, D}), k, table, lens;
+    CudaDecodeKv kv;
+    if (paged) {
+      k = contiguous_view(fake, DType::BF16, {256, 16, Hkv, D});
+      table = contiguous_view(fake, DType::I32, {1, 256});
+      lens = contiguous_view(fake, DType::I32, {1});
+      kv.block_table = &table, kv.seq_lens = &lens, kv.max_seq_len = 4096;
+    } else {
+      k = contiguous_view(fake, DType::BF16, {1, Hkv, 4096, D});
+    }
+    kv.k = kv.v = &k;
+    AttentionOptions opt;
+    opt.enable_gqa = true;
+    jobs.push_back({plan_cuda_decode(q, kv, q, nullptr, ModSet{}, ModBindings{}, nullptr, opt, dev, nullptr).spec,
+                    ModSet{}});
+  }
+  for (int64_t L : plens)
+    for (const std::string mod : {"causal", "alibi"}) {
+      ModBindings bind;
+      const ModSet mods = bench_mods(mod, 1, 2, L, &bind, &storage);
+      const TensorView t = contiguous_view(fake, DType::BF16, {1, 2, L, D});
+      for (const Variant& var : prefill_variants(dev, D)) try {
+          jobs.push_back({plan_cuda_prefill(t, t, t, t, nullptr, mods, bind, nullptr, variant_options(var), dev,
+                                            nullptr).spec,
+                          mods});
+        } catch (const std::exception&) {  // the timed run reports it
+        }
+    }
+  const auto t0 = std::chrono::steady_clock::now();
+  std::atomic<size_t> next{0};
+  std::vector<std::thread> pool;
+  const unsigned n = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
+  for (unsigned i = 0; i < n; ++i)
+    pool.emplace_back([&] {
+      for (size_t j = next++; j < jobs.size(); j = next++) try {
+          jit::get_cuda_binary(jobs[j].first, jobs[j].second);
+        } catch (const std::exception&) {  // the timed run reports it
+        }
+    });
+  for (std::thread& t : pool) t.join();
+  std::printf("  compiled or found %zu kernels in %.1f s on %u threads\n", jobs.size(),
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), n);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -117,6 +207,10 @@ int main(int argc, char** argv) {
 
   // ---- decode: Llama-3.1-8B heads ----
   const int64_t Hq = 32, Hkv = 8, D = 128;
+  const std::vector<int64_t> plens = g_smoke ? std::vector<int64_t>{256}
+                                     : quick ? std::vector<int64_t>{4096}
+                                             : std::vector<int64_t>{4096, 8192, 16384};
+  prewarm(dev, D, Hq, Hkv, plens);
   const std::vector<int64_t> batches = g_smoke ? std::vector<int64_t>{2}
                                        : quick ? std::vector<int64_t>{1, 16}
                                                : std::vector<int64_t>{1, 4, 16, 64};
@@ -210,9 +304,6 @@ int main(int argc, char** argv) {
   std::printf("  prefill bf16 D 128, B x H = %d heads (TFLOP/s; causal counted as half)\n", g_smoke ? 2 : 128);
   std::printf("    %-7s %-7s %9s %9s  %s\n", "mod", "L", "ms", "TFLOP/s", "plan");
   first = true;
-  const std::vector<int64_t> plens = g_smoke ? std::vector<int64_t>{256}
-                                     : quick ? std::vector<int64_t>{4096}
-                                             : std::vector<int64_t>{4096, 8192, 16384};
   for (int64_t L : plens)
     for (const std::string mod : {"causal", "alibi"}) {
       const int64_t B = g_smoke ? 1 : 8, H = g_smoke ? 2 : 16;
@@ -225,47 +316,20 @@ int main(int argc, char** argv) {
       for (void* p : {q, k, v}) cuda_fill_u16(p, kOne, elems);
       TensorView qv = contiguous_view(q, DType::BF16, {B, H, L, D}), kvv = contiguous_view(k, DType::BF16, {B, H, L, D}),
                  vv = contiguous_view(v, DType::BF16, {B, H, L, D}), ov = contiguous_view(o, DType::BF16, {B, H, L, D});
-      ModSet mods;
       ModBindings bind;
       std::vector<OwnedTensor> storage;
+      const ModSet mods = bench_mods(mod, B, H, L, &bind, &storage);
+      for (auto& [name, view] : bind.buffers) view = mem.upload(view);  // alibi's slopes, on the device
       FlexBlockMaskArgs mask{};
       const FlexBlockMaskArgs* mp = nullptr;
-      if (mod == "alibi") {
-        const RegisteredMod& r = find_mod("alibi");
-        ShapeInfo shape;
-        shape.B = B, shape.Hq = H, shape.Hkv = H, shape.Lq = L, shape.Lkv = L;
-        TracedMod t = instantiate_example(r, shape, &storage);
-        mods = mod_set_of(t, r.kind);
-        bind = t.bindings;
-        for (auto& [name, view] : bind.buffers) {  // the slopes, on the device
-          const size_t bytes = size_t(view.numel()) * dtype_size(view.dtype);
-          void* d = mem.alloc(bytes);
-          cuda_copy_to_device(d, view.data, bytes);
-          view.data = d;
-        }
-      } else {
-        // causal: mask_mod q_idx >= kv_idx with a causal BlockMask of 128 x 128 blocks: q-block i
-        // has block i partial and blocks 0 .. i-1 full.
-        const RegisteredMod& r = find_mod("causal");
-        mods = mod_set_of(r.mod, r.kind);
+      if (mod == "causal") {
+        // mask_mod q_idx >= kv_idx with a causal BlockMask of 128 x 128 blocks: q-block i has block
+        // i partial and blocks 0 .. i-1 full.
         mask = cuda_causal_mask(L, 128, &mem);
         mp = &mask;
       }
-      // The mma.sync engine's default tile (64 x 64, a warp per m16 tile) and FA2's (128 rows, 4 warps
-      // of two tiles); on sm_90 the wgmma engine's default (128 x 128: two warpgroups sharing K / V,
-      // one CTA per SM), one-warpgroup tiles (64 x 64 fits two CTAs per SM, whose softmax and
-      // MMAs can overlap) and the pipelined schedule (USE_WGMMA=2: three stages, 128 x 64).
-      struct Variant {
-        int block_m, block_n, use_wgmma;
-      };
-      std::vector<Variant> variants = {{0, 0, 0}, {128, 0, 0}};
-      if (cuda_wgmma_refusal(DType::BF16, int(D), int(D), dev, 0, 0).empty())
-        variants.insert(variants.end(), {{0, 0, 1}, {64, 64, 1}, {64, 128, 1}, {0, 0, 2}});
-      for (const Variant& var : variants) {
-        AttentionOptions opt;
-        opt.block_m = var.block_m;
-        opt.block_n = var.block_n;
-        opt.use_wgmma = var.use_wgmma;
+      for (const Variant& var : prefill_variants(dev, D)) {
+        const AttentionOptions opt = variant_options(var);
         char line[512];
         try {
           CudaPrefillPlan plan = plan_cuda_prefill(qv, kvv, vv, ov, nullptr, mods, bind, mp, opt, dev, nullptr);
