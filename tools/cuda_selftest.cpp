@@ -4,6 +4,7 @@
 // compiled. Usage: flexjit_cuda_selftest [ARCH=sm_90]; its cache is a fresh temporary directory.
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <chrono>
 #include <thread>
 #include <cmath>
@@ -32,8 +33,8 @@ using namespace flexjit;
 
 // A registered mod (or "all_masked": a mask_mod keeping nothing) with its example buffers for
 // `shape` bound on the host (*host) and on the device (*dev).
-ModSet case_mods(const std::string& name, const ShapeInfo& shape, std::vector<OwnedTensor>* storage,
-                 ModBindings* host, ModBindings* dev, CudaAllocations* mem) {
+ModSet host_case_mods(const std::string& name, const ShapeInfo& shape, std::vector<OwnedTensor>* storage,
+                      ModBindings* host) {
   ModSet mods;
   if (name == "all_masked") {
     mods.mask_mod = ir::binary(ir::Op::Gt, ir::variable(ir::Var::KvIdx),
@@ -44,6 +45,11 @@ ModSet case_mods(const std::string& name, const ShapeInfo& shape, std::vector<Ow
     mods = mod_set_of(t, r.kind);
     *host = t.bindings;
   }
+  return mods;
+}
+ModSet case_mods(const std::string& name, const ShapeInfo& shape, std::vector<OwnedTensor>* storage,
+                 ModBindings* host, ModBindings* dev, CudaAllocations* mem) {
+  const ModSet mods = host_case_mods(name, shape, storage, host);
   *dev = *host;
   for (auto& [n, view] : dev->buffers) view = mem->upload(view);
   return mods;
@@ -259,6 +265,20 @@ bool gpu_decode_case(int64_t Hq, int64_t Hkv, int64_t Lq, const std::vector<int6
   return ok;
 }
 
+// Runs job(i) for i in [0, n) on up to 16 threads (NVRTC compiles of distinct kernels run in
+// parallel; the cache compiles each key once).
+void on_all_cores(size_t n, const std::function<void(size_t)>& job, unsigned* threads = nullptr) {
+  std::atomic<size_t> next{0};
+  std::vector<std::thread> pool;
+  const unsigned t = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
+  for (unsigned i = 0; i < t; ++i)
+    pool.emplace_back([&] {
+      for (size_t j = next++; j < n; j = next++) job(j);
+    });
+  for (std::thread& th : pool) th.join();
+  if (threads) *threads = t;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -315,14 +335,9 @@ int main(int argc, char** argv) {
       lines[i] = line;
     };
     const auto t0 = std::chrono::steady_clock::now();
-    std::atomic<size_t> next{0};
-    std::vector<std::thread> pool;
-    const unsigned n = pass == 0 ? std::max(1u, std::min(16u, std::thread::hardware_concurrency())) : 1;
-    for (unsigned t = 0; t < n; ++t)
-      pool.emplace_back([&] {
-        for (size_t i = next++; i < jobs.size(); i = next++) compile(i);
-      });
-    for (std::thread& t : pool) t.join();
+    unsigned n = 1;
+    if (pass == 0) on_all_cores(jobs.size(), compile, &n);
+    else for (size_t i = 0; i < jobs.size(); ++i) compile(i);
     for (size_t i = 0; i < jobs.size(); ++i) {
       std::printf("%s\n", lines[i].c_str());
       failures += bad[i];
@@ -361,20 +376,11 @@ int main(int argc, char** argv) {
                          {1, 3, 1, 129, 129, 128, "alibi"}, {1, 4, 2, 97, 4097, 64, "softcap"},
                          {1, 2, 2, 129, 17, 256, "sliding_window"}, {2, 4, 4, 200, 200, 64, "document"},
                          {1, 4, 4, 64, 64, 128, "all_masked"},      {1, 8, 8, 1000, 1000, 128, "prefix_lm"}};
-      for (const C& c : cases) failures += gpu_case(c.B, c.Hq, c.Hkv, c.Lq, c.Lkv, c.D, c.mod, props) ? 0 : 1;
       // The wgmma engine (sm_90: Hopper) on the same kinds of case, its head dims (multiples of 64).
-      if (cuda_wgmma_refusal(DType::BF16, 128, 128, cuda_device_info(props), 0, 0).empty()) {
-        failures += gpu_wgmma_probe();
-        const C wcases[] = {{1, 4, 4, 1, 1, 64, ""},          {2, 6, 2, 17, 97, 128, "causal"},
-                            {1, 3, 1, 129, 129, 128, "alibi"}, {1, 4, 2, 97, 4097, 64, "softcap"},
-                            {1, 2, 2, 129, 17, 256, "sliding_window"}, {2, 4, 4, 200, 200, 64, "document"},
-                            {1, 4, 4, 64, 64, 128, "all_masked"},      {1, 8, 8, 1000, 1000, 128, "prefix_lm"}};
-        for (int use : {1, 2})  // 2: the pipelined schedule
-          for (const C& c : wcases)
-            failures += gpu_case(c.B, c.Hq, c.Hkv, c.Lq, c.Lkv, c.D, c.mod, props, use) ? 0 : 1;
-      } else {
-        std::printf("  wgmma engine: SKIPPED (%s is not sm_90)\n", props.arch.c_str());
-      }
+      const C wcases[] = {{1, 4, 4, 1, 1, 64, ""},          {2, 6, 2, 17, 97, 128, "causal"},
+                          {1, 3, 1, 129, 129, 128, "alibi"}, {1, 4, 2, 97, 4097, 64, "softcap"},
+                          {1, 2, 2, 129, 17, 256, "sliding_window"}, {2, 4, 4, 200, 200, 64, "document"},
+                          {1, 4, 4, 64, 64, 128, "all_masked"},      {1, 8, 8, 1000, 1000, 128, "prefix_lm"}};
       // Decoding: KV 1, P-1, P, P+1, 4097 and 65536 around P = 256; GQA 1, 3, 4, 8; paged caches
       // (shuffled pages, an empty sequence); the cost model's split (partition 0).
       struct DC { int64_t Hq, Hkv, Lq; std::vector<int64_t> lens; int64_t D, page, partition; const char* mod; };
@@ -388,6 +394,53 @@ int main(int argc, char** argv) {
                            {32, 8, 1, {1000, 0, 37, 4097}, 128, 16, 256, "alibi"},
                            {32, 8, 4, {5000, 64, 129}, 128, 64, 0, "causal"},
                            {8, 8, 1, {2000}, 256, 16, 0, "softcap"}};
+      const bool hopper = cuda_wgmma_refusal(DType::BF16, 128, 128, cuda_device_info(props), 0, 0).empty();
+      // Every case's kernel compiled on all cores first (one at a time, NVRTC's ~1 s each would cost
+      // a short GPU session half a minute); a spec that differs from the case's plan only wastes a
+      // compile.
+      {
+        const CudaDeviceInfo dev = cuda_device_info(props);
+        std::vector<std::pair<jit::KernelSpec, ModSet>> warm;
+        std::vector<OwnedTensor> storage;
+        auto add = [&](int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lkv, int64_t D, const char* mod,
+                       bool decode, int use) {
+          ShapeInfo shape;
+          shape.B = B, shape.Hq = Hq, shape.Hkv = Hkv, shape.Lq = Lq, shape.Lkv = Lkv;
+          ModBindings bind;
+          const ModSet mods = host_case_mods(mod, shape, &storage, &bind);
+          const int group = int(Hq / Hkv);
+          warm.push_back({decode ? cuda_decode_kernel_spec(DType::BF16, int(D), int(D), group, dev)
+                                 : cuda_prefill_kernel_spec(DType::BF16, int(D), int(D), group, dev, 0, 0, use),
+                          mods});
+        };
+        for (const C& c : cases) add(c.B, c.Hq, c.Hkv, c.Lq, c.Lkv, c.D, c.mod, false, 0);
+        for (int use : {1, 2})
+          for (const C& c : wcases)
+            if (hopper) add(c.B, c.Hq, c.Hkv, c.Lq, c.Lkv, c.D, c.mod, false, use);
+        for (const DC& c : dcases) {
+          const int64_t max_len = *std::max_element(c.lens.begin(), c.lens.end());
+          add(int64_t(c.lens.size()), c.Hq, c.Hkv, c.page > 0 ? max_len : c.Lq, max_len, c.D, c.mod, true, 0);
+        }
+        const auto t0 = std::chrono::steady_clock::now();
+        unsigned n = 1;
+        on_all_cores(warm.size(), [&](size_t i) {
+          try {
+            jit::get_cuda_binary(warm[i].first, warm[i].second);
+          } catch (const std::exception&) {  // the case reports it
+          }
+        }, &n);
+        std::printf("  the cases' %zu kernels compiled in %.1f s on %u threads\n", warm.size(),
+                    std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), n);
+      }
+      for (const C& c : cases) failures += gpu_case(c.B, c.Hq, c.Hkv, c.Lq, c.Lkv, c.D, c.mod, props) ? 0 : 1;
+      if (hopper) {
+        failures += gpu_wgmma_probe();
+        for (int use : {1, 2})  // 2: the pipelined schedule
+          for (const C& c : wcases)
+            failures += gpu_case(c.B, c.Hq, c.Hkv, c.Lq, c.Lkv, c.D, c.mod, props, use) ? 0 : 1;
+      } else {
+        std::printf("  wgmma engine: SKIPPED (%s is not sm_90)\n", props.arch.c_str());
+      }
       for (const DC& c : dcases)
         failures += gpu_decode_case(c.Hq, c.Hkv, c.Lq, c.lens, c.D, c.page, c.partition, c.mod, props) ? 0 : 1;
     } catch (const std::exception& e) {
