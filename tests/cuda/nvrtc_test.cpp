@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "jit/codegen.h"
@@ -20,6 +21,37 @@ namespace {
 
 
 const std::vector<std::string> kArchs = {"sm_80", "sm_90"};
+
+// The self-test and the kernel bench compile on several threads at once (tools/): NVRTC must give
+// each program the same CUBIN as a compile on its own.
+TEST(Nvrtc, ConcurrentCompilesMatchSequentialOnes) {
+  SKIP_WITHOUT_NVRTC();
+  auto source = [](int i) {
+    std::string s = "extern \"C\" __global__ void fj_k" + std::to_string(i) + "(float* x) { float a = x[threadIdx.x];";
+    for (int j = 0; j < 24; ++j) s += " a = a * " + std::to_string(j + i) + ".5f + __expf(a * 0.01f);";
+    return s + " x[threadIdx.x] = a; }\n";
+  };
+  constexpr int kPrograms = 6, kThreads = 6, kRounds = 2;
+  std::vector<std::string> alone;
+  for (int i = 0; i < kPrograms; ++i) alone.push_back(compile_cuda(source(i), "k.cu", "sm_90").cubin);
+  std::vector<std::string> errors(kThreads);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < kThreads; ++t)
+    pool.emplace_back([&, t] {
+      try {
+        for (int r = 0; r < kRounds; ++r)
+          for (int i = 0; i < kPrograms; ++i) {
+            const int p = (i + t) % kPrograms;
+            if (compile_cuda(source(p), "k.cu", "sm_90").cubin != alone[size_t(p)])
+              errors[size_t(t)] = "program " + std::to_string(p) + " compiled to another CUBIN";
+          }
+      } catch (const std::exception& e) {
+        errors[size_t(t)] = e.what();
+      }
+    });
+  for (std::thread& t : pool) t.join();
+  for (const std::string& e : errors) EXPECT_EQ(e, "");
+}
 
 TEST(Nvrtc, CompilesPtxAndCubinForAmpereAndHopper) {
   SKIP_WITHOUT_NVRTC();
