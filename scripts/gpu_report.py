@@ -87,10 +87,39 @@ def kernel_tables(kb):
     for r in kb.get("prefill", []):
         lines.append(f"| {r['mod']} | {r['L']} | {r.get('engine', 'mma')} | {r['block_m']}x{r['block_n']} | "
                      f"{r['ms']:.3f} | {r['tflops']:.0f}{wrong(r)} |")
-    lines += ["", "| decode B | KV | layout | ms | GB/s | % of copy | partitions |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| decode B | KV | layout | variant | ms | GB/s | % of copy | partitions |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in kb.get("decode", []):
-        lines.append(f"| {r['B']} | {r['kv']} | {'paged16' if r['paged'] else 'contiguous'} | {r['ms']:.3f} | "
+        lines.append(f"| {r['B']} | {r['kv']} | {'paged16' if r['paged'] else 'contiguous'} | "
+                     f"{r.get('variant', 'cost model')} | {r['ms']:.3f} | "
                      f"{r['gbs']:.0f}{wrong(r)} | {100 * r['copy_fraction']:.0f}% | {r['partitions']} |")
+    return lines
+
+
+def decode_verdict(kb):
+    """Which decode variant (the cost model's split, BLOCK_N 64, twice / half the partitions) the
+    kernel bench found fastest per case, and by how much over the cost model: what to change in
+    runtime/cuda_decode.cpp (the GPU host cannot build the tuner)."""
+    cases = {}
+    for r in kb.get("decode", []):
+        if r.get("ok") is not False:
+            cases.setdefault((r["B"], r["kv"], r["paged"]), []).append(r)
+    wins, gains = {}, []
+    for rows in cases.values():
+        best = min(rows, key=lambda r: r["ms"])
+        wins[best.get("variant", "cost model")] = wins.get(best.get("variant", "cost model"), 0) + 1
+        model = next((r for r in rows if r.get("variant", "cost model") == "cost model"), None)
+        if model:
+            gains.append((model["ms"] / best["ms"], best))
+    if not cases:
+        return []
+    lines = ["Fastest decode variant per case: " + ", ".join(
+        f"{k} {v}/{len(cases)}" for k, v in sorted(wins.items(), key=lambda kv: -kv[1])) + "."]
+    worst = max(gains, key=lambda g: g[0]) if gains else None
+    if worst and worst[0] > 1.03:
+        b = worst[1]
+        lines.append(f"Largest gain over the cost model: {worst[0]:.2f}x ({b.get('variant')} at B {b['B']}, "
+                     f"KV {b['kv']}, {'paged' if b['paged'] else 'contiguous'}).")
     return lines
 
 
@@ -172,7 +201,7 @@ def main():
     if kb:
         out += kernel_tables(kb) + [""]
         ok = "(0 failures)" in check.get("result", "")
-        out += engine_verdict(kb, ok) + [""]
+        out += engine_verdict(kb, ok) + decode_verdict(kb) + [""]
     print("\n".join(out))
     return 0
 

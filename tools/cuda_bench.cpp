@@ -133,10 +133,13 @@ void prewarm(const CudaDeviceInfo& dev, int64_t D, int64_t Hq, int64_t Hkv, cons
       k = contiguous_view(fake, DType::BF16, {1, Hkv, 4096, D});
     }
     kv.k = kv.v = &k;
-    AttentionOptions opt;
-    opt.enable_gqa = true;
-    jobs.push_back({plan_cuda_decode(q, kv, q, nullptr, ModSet{}, ModBindings{}, nullptr, opt, dev, nullptr).spec,
-                    ModSet{}});
+    for (int block_n : {0, 64}) {
+      AttentionOptions opt;
+      opt.enable_gqa = true;
+      opt.block_n = block_n;
+      jobs.push_back({plan_cuda_decode(q, kv, q, nullptr, ModSet{}, ModBindings{}, nullptr, opt, dev, nullptr).spec,
+                      ModSet{}});
+    }
   }
   for (int64_t L : plens)
     for (const std::string mod : {"causal", "alibi"}) {
@@ -229,7 +232,8 @@ int main(int argc, char** argv) {
   json += ",\n  \"decode\": [";
   std::printf("  decode bf16 Hq %lld Hkv %lld D %lld (GB/s of K and V read; %% of the copy bandwidth)\n", (long long)Hq,
               (long long)Hkv, (long long)D);
-  std::printf("    %-6s %-8s %-11s %9s %9s %7s  %s\n", "B", "KV", "layout", "ms", "GB/s", "copy%", "plan");
+  std::printf("    %-6s %-8s %-11s %9s %9s %7s  %-13s %s\n", "B", "KV", "layout", "ms", "GB/s", "copy%", "variant",
+              "plan");
   bool first = true;
   for (int64_t B : batches)
     for (int64_t L : lens)
@@ -266,35 +270,59 @@ int main(int argc, char** argv) {
         }
         kv.k = &kv_k;
         kv.v = &kv_v;
+        // The cost model's plan, then what a GPU run should compare it with (the tuner cannot be
+        // built on a GPU host without LLVM / JSON): BLOCK_N 64, and twice / half as many partitions.
         AttentionOptions opt;
         opt.enable_gqa = true;
-        char line[512];
+        const ModSet none;
+        std::vector<std::pair<std::string, AttentionOptions>> variants = {{"cost model", opt}};
         try {
-          CudaDecodePlan plan = plan_cuda_decode(qv, kv, ov, nullptr, ModSet{}, ModBindings{}, nullptr, opt, dev, nullptr);
-          set_cuda_decode_workspace(plan, plan.workspace_bytes ? mem.alloc(plan.workspace_bytes) : nullptr);
-          const ModSet none;
-          const double ms = time_ms([&] { run_cuda_decode(plan, none, nullptr); });
-          const double bytes = 2.0 * double(B * L * Hkv * D) * 2;
-          const double gbs = bytes / (ms * 1e6);
-          const bool ok = output_is_constant(out, size_t(B * Hq * D));
-          bad_cases += ok ? 0 : 1;
-          std::snprintf(line, sizeof line, "    %-6lld %-8lld %-11s %9.3f %9.0f %6.0f%%  %s%s", (long long)B,
-                        (long long)L, paged ? "paged16" : "contiguous", ms, gbs, 100 * gbs / copy_gbs,
-                        ok ? "" : "WRONG output  ", plan.describe().c_str());
-          json += std::string(first ? "" : ",") + "\n    {\"B\": " + std::to_string(B) + ", \"kv\": " + std::to_string(L) +
-                  ", \"paged\": " + (paged ? "true" : "false") + ", \"ms\": " + std::to_string(ms) +
-                  ", \"gbs\": " + std::to_string(gbs) + ", \"copy_fraction\": " + std::to_string(gbs / copy_gbs) +
-                  ", \"partitions\": " + std::to_string(plan.num_partitions) + ", \"ok\": " +
-                  (ok ? "true" : "false") + ", \"plan\": \"" +
-                  json_escape(plan.describe()) + "\"}";
-          first = false;
-        } catch (const std::exception& e) {
-          ++bad_cases;
-          std::snprintf(line, sizeof line, "    %-6lld %-8lld %-11s FAILED: %s", (long long)B, (long long)L,
-                        paged ? "paged16" : "contiguous", e.what());
+          const CudaDecodePlan base = plan_cuda_decode(qv, kv, ov, nullptr, none, ModBindings{}, nullptr, opt, dev, nullptr);
+          AttentionOptions wide = opt;
+          wide.block_n = 64;
+          variants.push_back({"BLOCK_N 64", wide});
+          if (base.partition_size >= 2 * base.spec.block_n && base.partition_size / 2 >= 256) {
+            AttentionOptions more = opt;
+            more.partition_size = base.partition_size / 2 / base.spec.block_n * base.spec.block_n;
+            variants.push_back({"partitions x2", more});
+          }
+          if (base.num_partitions > 1) {
+            AttentionOptions fewer = opt;
+            fewer.partition_size = base.partition_size * 2;
+            variants.push_back({"partitions /2", fewer});
+          }
+        } catch (const std::exception&) {  // the cost model's run below reports it
         }
-        std::printf("%s\n", line);
-        std::fflush(stdout);
+        for (const auto& [variant, vopt] : variants) {
+          char line[512];
+          try {
+            CudaDecodePlan plan = plan_cuda_decode(qv, kv, ov, nullptr, none, ModBindings{}, nullptr, vopt, dev, nullptr);
+            set_cuda_decode_workspace(plan, plan.workspace_bytes ? mem.alloc(plan.workspace_bytes) : nullptr);
+            cuda_fill_u16(out, 0xffff, size_t(B * Hq * D));  // NaN: a variant that writes nothing shows
+            const double ms = time_ms([&] { run_cuda_decode(plan, none, nullptr); });
+            const double bytes = 2.0 * double(B * L * Hkv * D) * 2;
+            const double gbs = bytes / (ms * 1e6);
+            const bool ok = output_is_constant(out, size_t(B * Hq * D));
+            bad_cases += ok ? 0 : 1;
+            std::snprintf(line, sizeof line, "    %-6lld %-8lld %-11s %9.3f %9.0f %6.0f%%  %-13s %s%s", (long long)B,
+                          (long long)L, paged ? "paged16" : "contiguous", ms, gbs, 100 * gbs / copy_gbs,
+                          variant.c_str(), ok ? "" : "WRONG output  ", plan.describe().c_str());
+            json += std::string(first ? "" : ",") + "\n    {\"B\": " + std::to_string(B) +
+                    ", \"kv\": " + std::to_string(L) + ", \"paged\": " + (paged ? "true" : "false") +
+                    ", \"variant\": \"" + variant + "\", \"block_n\": " + std::to_string(plan.spec.block_n) +
+                    ", \"partition_size\": " + std::to_string(plan.partition_size) + ", \"ms\": " +
+                    std::to_string(ms) + ", \"gbs\": " + std::to_string(gbs) + ", \"copy_fraction\": " +
+                    std::to_string(gbs / copy_gbs) + ", \"partitions\": " + std::to_string(plan.num_partitions) +
+                    ", \"ok\": " + (ok ? "true" : "false") + ", \"plan\": \"" + json_escape(plan.describe()) + "\"}";
+            first = false;
+          } catch (const std::exception& e) {
+            ++bad_cases;
+            std::snprintf(line, sizeof line, "    %-6lld %-8lld %-11s %-13s FAILED: %s", (long long)B, (long long)L,
+                          paged ? "paged16" : "contiguous", variant.c_str(), e.what());
+          }
+          std::printf("%s\n", line);
+          std::fflush(stdout);
+        }
       }
   json += "\n  ]";
   kv_mem.reset();

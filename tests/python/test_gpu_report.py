@@ -83,3 +83,16 @@ def test_the_kernel_bench_names_the_fastest_engine(tmp_path):
     assert "Fastest prefill kernel per case: wgmma2 128x64 2/2." in r.stdout
     assert "median 1.75x, range 1.50x-2.00x" in r.stdout
     assert "(they did)." in r.stdout
+
+
+def test_the_kernel_bench_names_the_fastest_decode_variant(tmp_path):
+    row = lambda v, ms, ok=True: dict(B=1, kv=65536, paged=False, variant=v, ms=ms, gbs=1.0, copy_fraction=0.5,
+                                      partitions=16, ok=ok)
+    kb = dict(device="Fixture GPU", arch="sm_90", sm_count=132, copy_gbs=4000.0, prefill=[],
+              decode=[row("cost model", 2.0), row("BLOCK_N 64", 1.6), row("partitions x2", 1.0, ok=False)])
+    r = report(tmp_path, {"cuda_bench.json": kb})
+    assert r.returncode == 0, r.stderr
+    assert "| 1 | 65536 | contiguous | BLOCK_N 64 | 1.600 |" in r.stdout
+    assert "1.0 (WRONG output)" not in r.stdout and "| 1 (WRONG output) |" in r.stdout
+    assert "Fastest decode variant per case: BLOCK_N 64 1/1." in r.stdout  # the wrong one wins nothing
+    assert "Largest gain over the cost model: 1.25x (BLOCK_N 64 at B 1, KV 65536, contiguous)." in r.stdout
