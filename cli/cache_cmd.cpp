@@ -1,17 +1,16 @@
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
 #include <mutex>
 #include <set>
-#include <thread>
 #include <vector>
 
 #include "cli/commands.h"
 #include "cli/mods_from_args.h"
 #include "jit/cache.h"
+#include "jit/executor.h"
 #include "jit/nvrtc.h"
 #include "jit/pipeline.h"
 #include "runtime/attention.h"
@@ -52,52 +51,46 @@ void warm(const WarmArgs& w) {
           if (lq < 1) throw Error("cache warm --lq " + std::to_string(lq) + ": use a query length >= 1");
           jobs.push_back({parse_dtype(dt), d, g, lq});
         }
-  std::atomic<size_t> next{0};
   std::mutex out_mu;
   int failures = 0;
   std::set<std::string> keys;  // every kernel these shapes use (guarded by out_mu)
-  auto worker = [&] {
-    for (size_t i; (i = next++) < jobs.size();) {
-      const Job& j = jobs[i];
-      OwnedTensor q = OwnedTensor::make("q", j.dtype, {1, j.group, j.lq, j.d});
-      OwnedTensor kv = OwnedTensor::make("kv", j.dtype, {1, 1, 1, j.d});
-      OwnedTensor out = OwnedTensor::make("out", j.dtype, {1, j.group, j.lq, j.d});
-      AttentionOptions opt;
-      opt.enable_gqa = j.group > 1;
-      opt.num_threads = 1;  // the jobs themselves use the cores
-      AttentionReport rep;
-      std::string line = std::string(dtype_name(j.dtype)) + " D=" + std::to_string(j.d) +
-                         " GQA=" + std::to_string(j.group) + " Lq=" + std::to_string(j.lq) + ": ";
-      try {
-        auto t0 = std::chrono::steady_clock::now();
-        flex_attention(q.view, kv.view, kv.view, out.view, nullptr, ModSet{}, ModBindings{}, nullptr, opt, &rep);
-        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-        char buf[64];
-        std::snprintf(buf, sizeof(buf), " (%.0f ms)", ms);
-        {
-          std::lock_guard<std::mutex> lock(out_mu);
-          for (const auto& k : rep.kernels) keys.insert(k.key);
-        }
-        line += (rep.cache == "miss"       ? "compiled"
-                 : rep.cache == "disk"     ? "on disk"
-                 : rep.cache == "prebuilt" ? "prebuilt (" + jit::KernelCache::global().prebuilt_dir() + ")"
-                                           : "in memory") +
-                std::string(buf) + " " + rep.symbol + " BLOCK " + std::to_string(rep.block_m) + "x" +
-                std::to_string(rep.block_n) + " " + rep.engine;
-      } catch (const std::exception& e) {
-        line += std::string("failed: ") + e.what();
+  auto compile = [&](size_t i) {
+    const Job& j = jobs[i];
+    OwnedTensor q = OwnedTensor::make("q", j.dtype, {1, j.group, j.lq, j.d});
+    OwnedTensor kv = OwnedTensor::make("kv", j.dtype, {1, 1, 1, j.d});
+    OwnedTensor out = OwnedTensor::make("out", j.dtype, {1, j.group, j.lq, j.d});
+    AttentionOptions opt;
+    opt.enable_gqa = j.group > 1;
+    opt.num_threads = 1;  // the jobs themselves use the cores
+    AttentionReport rep;
+    std::string line = std::string(dtype_name(j.dtype)) + " D=" + std::to_string(j.d) +
+                       " GQA=" + std::to_string(j.group) + " Lq=" + std::to_string(j.lq) + ": ";
+    try {
+      auto t0 = std::chrono::steady_clock::now();
+      flex_attention(q.view, kv.view, kv.view, out.view, nullptr, ModSet{}, ModBindings{}, nullptr, opt, &rep);
+      const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      char buf[64];
+      std::snprintf(buf, sizeof(buf), " (%.0f ms)", ms);
+      {
         std::lock_guard<std::mutex> lock(out_mu);
-        ++failures;
+        for (const auto& k : rep.kernels) keys.insert(k.key);
       }
+      line += (rep.cache == "miss"       ? "compiled"
+               : rep.cache == "disk"     ? "on disk"
+               : rep.cache == "prebuilt" ? "prebuilt (" + jit::KernelCache::global().prebuilt_dir() + ")"
+                                         : "in memory") +
+              std::string(buf) + " " + rep.symbol + " BLOCK " + std::to_string(rep.block_m) + "x" +
+              std::to_string(rep.block_n) + " " + rep.engine;
+    } catch (const std::exception& e) {
+      line += std::string("failed: ") + e.what();
       std::lock_guard<std::mutex> lock(out_mu);
-      std::printf("%s\n", line.c_str());
-      std::fflush(stdout);
+      ++failures;
     }
+    std::lock_guard<std::mutex> lock(out_mu);
+    std::printf("%s\n", line.c_str());
+    std::fflush(stdout);
   };
-  const unsigned n = std::max(1u, std::min<unsigned>(std::thread::hardware_concurrency(), unsigned(jobs.size())));
-  std::vector<std::thread> threads;
-  for (unsigned t = 0; t < n; ++t) threads.emplace_back(worker);
-  for (auto& t : threads) t.join();
+  jit::for_each_on_cores(jobs.size(), compile);
   std::printf("%zu attention kernels ready in %s\n", jobs.size() - failures, jit::KernelCache::global().dir().c_str());
   if (failures) throw Error(std::to_string(failures) + " of " + std::to_string(jobs.size()) + " kernels failed (see above)");
   if (w.prune) {

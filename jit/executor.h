@@ -10,8 +10,13 @@
 // thread use the default.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <thread>
+#include <vector>
 
 namespace flexjit::jit {
 
@@ -35,5 +40,23 @@ class ScopedExecutor {
 // if one is installed, else the first here and the others on threads of their own. A piece that
 // throws has its first exception rethrown here after every piece has finished.
 void run_side_by_side(int n, const std::function<void(int)>& piece);
+
+// Runs job(i) for every i in [0, n) on a bounded pool: min(hardware threads, n, max_threads when
+// > 0) threads, at least one, each taking the next index until none is left; returns the pool's
+// size. For batches of independent compiles (`flexjit cache warm`, the CUDA self-test and bench),
+// where run_side_by_side's thread per piece would start them all at once. job must not throw.
+inline unsigned for_each_on_cores(size_t n, const std::function<void(size_t)>& job, unsigned max_threads = 0) {
+  unsigned t = std::max(1u, std::thread::hardware_concurrency());
+  if (max_threads > 0) t = std::min(t, max_threads);
+  t = unsigned(std::max<size_t>(1, std::min<size_t>(t, n)));
+  std::atomic<size_t> next{0};
+  std::vector<std::thread> pool;
+  for (unsigned i = 0; i < t; ++i)
+    pool.emplace_back([&] {
+      for (size_t j = next++; j < n; j = next++) job(j);
+    });
+  for (std::thread& th : pool) th.join();
+  return t;
+}
 
 }  // namespace flexjit::jit

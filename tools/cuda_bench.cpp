@@ -16,7 +16,6 @@
 // (tests/support/emulated_cuda_device.cpp; its times measure the emulator, not a GPU).
 // Without a GPU it says so and exits 0; with one, 1 when a case failed or its output was wrong.
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -24,10 +23,10 @@
 #include <functional>
 #include <memory>
 #include <string>
-#include <thread>
 #include <utility>
 #include <vector>
 
+#include "jit/executor.h"
 #include "jit/pipeline.h"
 #include "runtime/cuda_decode.h"
 #include "runtime/cuda_driver.h"
@@ -154,17 +153,12 @@ void prewarm(const CudaDeviceInfo& dev, int64_t D, int64_t Hq, int64_t Hkv, cons
         }
     }
   const auto t0 = std::chrono::steady_clock::now();
-  std::atomic<size_t> next{0};
-  std::vector<std::thread> pool;
-  const unsigned n = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
-  for (unsigned i = 0; i < n; ++i)
-    pool.emplace_back([&] {
-      for (size_t j = next++; j < jobs.size(); j = next++) try {
-          jit::get_cuda_binary(jobs[j].first, jobs[j].second);
-        } catch (const std::exception&) {  // the timed run reports it
-        }
-    });
-  for (std::thread& t : pool) t.join();
+  const unsigned n = jit::for_each_on_cores(jobs.size(), [&](size_t j) {
+    try {
+      jit::get_cuda_binary(jobs[j].first, jobs[j].second);
+    } catch (const std::exception&) {  // the timed run reports it
+    }
+  }, 16);
   std::printf("  compiled or found %zu kernels in %.1f s on %u threads\n", jobs.size(),
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), n);
 }

@@ -3,10 +3,8 @@
 // the same again from the cache, then a launch plan. Prints one line per step; exit 0 = all
 // compiled. Usage: flexjit_cuda_selftest [ARCH=sm_90]; its cache is a fresh temporary directory.
 #include <algorithm>
-#include <atomic>
 #include <functional>
 #include <chrono>
-#include <thread>
 #include <cmath>
 #include <cstdio>
 #include <vector>
@@ -18,6 +16,7 @@
 #include <unistd.h>
 
 #include "jit/cache.h"
+#include "jit/executor.h"
 #include "jit/nvrtc.h"
 #include "jit/pipeline.h"
 #include "runtime/cuda_decode.h"
@@ -265,20 +264,6 @@ bool gpu_decode_case(int64_t Hq, int64_t Hkv, int64_t Lq, const std::vector<int6
   return ok;
 }
 
-// Runs job(i) for i in [0, n) on up to 16 threads (NVRTC compiles of distinct kernels run in
-// parallel; the cache compiles each key once).
-void on_all_cores(size_t n, const std::function<void(size_t)>& job, unsigned* threads = nullptr) {
-  std::atomic<size_t> next{0};
-  std::vector<std::thread> pool;
-  const unsigned t = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
-  for (unsigned i = 0; i < t; ++i)
-    pool.emplace_back([&] {
-      for (size_t j = next++; j < n; j = next++) job(j);
-    });
-  for (std::thread& th : pool) th.join();
-  if (threads) *threads = t;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -336,7 +321,7 @@ int main(int argc, char** argv) {
     };
     const auto t0 = std::chrono::steady_clock::now();
     unsigned n = 1;
-    if (pass == 0) on_all_cores(jobs.size(), compile, &n);
+    if (pass == 0) n = jit::for_each_on_cores(jobs.size(), compile, 16);
     else for (size_t i = 0; i < jobs.size(); ++i) compile(i);
     for (size_t i = 0; i < jobs.size(); ++i) {
       std::printf("%s\n", lines[i].c_str());
@@ -422,13 +407,12 @@ int main(int argc, char** argv) {
           add(int64_t(c.lens.size()), c.Hq, c.Hkv, c.page > 0 ? max_len : c.Lq, max_len, c.D, c.mod, true, 0);
         }
         const auto t0 = std::chrono::steady_clock::now();
-        unsigned n = 1;
-        on_all_cores(warm.size(), [&](size_t i) {
+        const unsigned n = jit::for_each_on_cores(warm.size(), [&](size_t i) {
           try {
             jit::get_cuda_binary(warm[i].first, warm[i].second);
           } catch (const std::exception&) {  // the case reports it
           }
-        }, &n);
+        }, 16);
         std::printf("  the cases' %zu kernels compiled in %.1f s on %u threads\n", warm.size(),
                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), n);
       }
