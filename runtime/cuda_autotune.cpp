@@ -101,10 +101,15 @@ std::pair<TuneCandidate, double> playoff(const std::vector<TuneCandidate>& cands
   return {def_us >= 0 && finals[best].us > 0.97 * def_us ? finals[def_i] : finals[best], def_us};
 }
 
-// Both tuners' last step: the winner's times and provenance into res.best (its knobs are set by
-// the caller), stored under bucket when asked.
+// Both tuners' last step: the winner's knobs (decode: BLOCK_N and PARTITION_SIZE; prefill: the
+// engine and blocks; the others are 0 / "", not part of the choice), times and provenance into
+// res.best, stored under bucket when asked.
 void finish(TuneResult* res, const TuneCandidate& win, double def_us, int reps, bool store,
             const runtime::TuningBucket& bucket, const CudaDeviceInfo& dev) {
+  res->best.engine = win.engine;
+  res->best.block_m = win.block_m;
+  res->best.block_n = win.block_n;
+  res->best.partition_size = win.partition_size;
   res->best.us = win.us;
   res->best.default_us = def_us;
   res->best.tuned_at = now_iso();
@@ -181,8 +186,6 @@ TuneResult tune_cuda_decode(const CudaTuneRequest& req, const CudaDeviceInfo& de
   res.candidates = cands;
 
   const auto [win, def_us] = playoff(cands, is_def, dc, time, progress);
-  res.best.block_n = win.block_n;
-  res.best.partition_size = win.partition_size;
   finish(&res, win, def_us, req.reps, req.store, bucket, dev);
   return res;
 }
@@ -330,9 +333,6 @@ TuneResult tune_cuda_prefill(const CudaPrefillTuneRequest& req, const CudaDevice
     return c.engine == dc.engine && c.block_m == dc.block_m && c.block_n == dc.block_n;
   };
   const auto [win, def_us] = playoff(cands, is_def, dc, time, progress);
-  res.best.engine = win.engine;
-  res.best.block_m = win.block_m;
-  res.best.block_n = win.block_n;
   finish(&res, win, def_us, req.reps, req.store, bucket, dev);
   return res;
 }
