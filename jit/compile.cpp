@@ -155,6 +155,11 @@ void apply_target_spec(CpuTarget& t, const std::string& spec) {
   // Clang's driver turns on 512-bit EVEX encodings with AVX-512 unless told -evex512 (LLVM 18+);
   // the CPU tables leave it out, and without it 16-lane vectors change the call ABI.
   if (map.lookup("avx512f") && spec.find("-evex512") == std::string::npos) map["evex512"] = true;
+  // A host whose CPUID reports AVX10.1 at 256 bits only (seen under a hypervisor on an AMX host)
+  // next to evex512: Clang warns that +avx10.1-256 with 512-bit EVEX is an invalid combination
+  // and promotes it to avx10.1-512, a feature the host does not report. AVX10.1 only names a set
+  // of AVX-512 features, each of which the map sets on its own, so the umbrella is left out.
+  if (map.lookup("evex512") && map.lookup("avx10.1-256") && !map.lookup("avx10.1-512")) map["avx10.1-256"] = false;
   std::vector<std::string> missing;
   std::vector<std::string> names;
   for (const auto& kv : map) names.push_back(kv.getKey().str());
