@@ -187,8 +187,9 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
     if (spec.kind == KernelKind::Decode && !is_cuda(spec) && (!fma || spec.block_n % 16 != 0 || spec.block_m < 1))
       throw Error("the decode kernel needs BLOCK_N a multiple of 16, BLOCK_M >= 1 and the default engine, got " +
                   spec.str());
-    if (spec.engine == PrefillEngine::Amx && (spec.dtype != DType::BF16 || spec.block_n % 32 != 0))
-      throw Error("the AMX engine needs bf16 and BLOCK_N a multiple of 32, got " + spec.str());
+    if (spec.engine == PrefillEngine::Amx &&
+        ((spec.dtype != DType::BF16 && spec.dtype != DType::F16) || spec.block_n % 32 != 0))
+      throw Error("the AMX engine needs bf16 or fp16 and BLOCK_N a multiple of 32, got " + spec.str());
     if (spec.engine == PrefillEngine::Dpbf16 && spec.dtype != DType::BF16)
       throw Error("the vdpbf16ps engine needs bf16, got " + spec.str());
     if (spec.head_dim < 1 || spec.head_dim > 256 || spec.head_dim_v < 1 || spec.head_dim_v > 256)

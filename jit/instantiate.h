@@ -36,7 +36,7 @@ struct KernelSpec {
   int block_m = 32;          // BLOCK_M
   int block_n = 64;          // BLOCK_N
   int gqa_group = 1;         // GQA_GROUP = Hq / Hkv
-  // CPU Prefill: the matmul engine (templates/cpu/prefill_<engine>.h); Amx and Dpbf16 are bf16 only.
+  // CPU Prefill: the matmul engine (templates/cpu/prefill_<engine>.h); Amx is bf16 and fp16, Dpbf16 bf16 only.
   PrefillEngine engine = PrefillEngine::Fma;
   Backend backend = Backend::Cpu;
   std::string arch;   // Cuda: "sm_80", "sm_90", ... (what NVRTC compiles for)

@@ -15,7 +15,8 @@ int dtype_size(DType t);              // bytes per element
 bool dtype_is_float(DType t);
 
 // The CPU prefill kernel's matmul engine, templates/cpu/prefill_<name>.h: AVX-512 FMAs on fp32
-// (every dtype), AMX tiles (bf16), or AVX512-BF16 vdpbf16ps (bf16, hosts without AMX).
+// (every dtype), AMX tiles (bf16; fp16 as bf16 hi + lo halves), or AVX512-BF16 vdpbf16ps (bf16,
+// hosts without AMX).
 // Fma, Amx, Dpbf16: the CPU prefill kernel's; Wgmma: the CUDA prefill kernel's sm_90a engine (its
 // default, mma.sync, is spelled Fma in a CUDA KernelSpec).
 enum class PrefillEngine : uint8_t { Fma, Amx, Dpbf16, Wgmma };

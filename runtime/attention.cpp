@@ -74,15 +74,16 @@ void check_inputs(const TensorView& q, const TensorView& k, const TensorView& v,
 // An upper bound on the attention kernel's per-thread stack scratch (FjkTile of the engine in
 // templates/cpu/prefill_<engine>.h). FMA: query rows padded to 16, KV rows and output features
 // padded to a register group of at most 24, packed rows padded to 16 plus one cache line. AMX:
-// query rows padded to 16, D and Dv to 32; fp32 S^T and O, bf16 K, P and VNNI Q, V. vdpbf16ps:
+// query rows padded to 16, D and Dv to 32; fp32 S^T and O, bf16 K, P and VNNI Q, V (fp16: each
+// of those four twice, hi and lo words). vdpbf16ps:
 // the FMA engine's shapes with Q, K, P and V held as bf16 pairs (dwords).
 // The templates static_assert 1 MiB; checking here turns a compile error into a plain message.
-int64_t tile_scratch_bound(int64_t D, int64_t Dv, int64_t bm, int64_t bn, PrefillEngine engine) {
+int64_t tile_scratch_bound(DType dtype, int64_t D, int64_t Dv, int64_t bm, int64_t bn, PrefillEngine engine) {
   auto up = [](int64_t x, int64_t g) { return (x + g - 1) / g * g; };
   const int64_t mp = up(bm, 16);
   if (engine == PrefillEngine::Amx) {
-    const int64_t dp = up(D, 32), dvp = up(Dv, 32);
-    return 2 * dp * mp + 4 * bn * mp + 2 * bn * dp + 2 * mp * bn + 2 * bn * dvp + 4 * mp * dvp + 4096;
+    const int64_t dp = up(D, 32), dvp = up(Dv, 32), halves = dtype == DType::F16 ? 2 : 1;
+    return halves * (2 * dp * mp + 2 * bn * dp + 2 * mp * bn + 2 * bn * dvp) + 4 * bn * mp + 4 * mp * dvp + 4096;
   }
   const int64_t np = bn + 23, dvp = Dv + 23;
   if (engine == PrefillEngine::Dpbf16) {
@@ -149,11 +150,20 @@ bool dpbf16_available(std::string* why) {
 
 PrefillEngine preferred_prefill_engine(DType dtype, const AttentionOptions& opt) {
   const bool bf16 = dtype == DType::BF16;
+  if (dtype == DType::F16) {
+    // fp16 runs on AMX tiles as bf16 hi + lo halves, three products per step
+    // (templates/cpu/prefill_amx.h); vdpbf16ps takes bf16 only.
+    REQUIRE(opt.use_dpbf16 != 1, "USE_DPBF16=1 needs bf16 inputs, got fp16 (fp16 uses AMX where the host has it)");
+    std::string no_amx;
+    const bool amx_ok = opt.use_amx != 0 && amx_available(&no_amx);
+    REQUIRE(opt.use_amx != 1 || amx_ok, "USE_AMX=1 but " + no_amx);
+    return amx_ok ? PrefillEngine::Amx : PrefillEngine::Fma;
+  }
   // An explicit USE_AMX=1 outranks the environment's preference for vdpbf16ps.
   const int want_dp = opt.use_dpbf16 >= 0 ? opt.use_dpbf16 : opt.use_amx == 1 ? -1 : dpbf16_env();
   REQUIRE(!(opt.use_amx == 1 && want_dp == 1),
           "USE_AMX=1 and USE_DPBF16=1 each require a different engine; set one of them");
-  REQUIRE(opt.use_amx != 1 || bf16, std::string("USE_AMX=1 needs bf16 inputs, got ") + dtype_name(dtype));
+  REQUIRE(opt.use_amx != 1 || bf16, std::string("USE_AMX=1 needs bf16 or fp16 inputs, got ") + dtype_name(dtype));
   REQUIRE(opt.use_dpbf16 != 1 || bf16, std::string("USE_DPBF16=1 needs bf16 inputs, got ") + dtype_name(dtype));
   if (!bf16) return PrefillEngine::Fma;
   std::string no_amx, no_dp;
@@ -188,17 +198,18 @@ void check_attention_inputs(const TensorView& q, const TensorView& k, const Tens
   check_inputs(q, k, v, out, lse, opt);
 }
 
-PrefillEngine prefill_engine_for_blocks(PrefillEngine preferred, int bm, int bn, int64_t D, int64_t Dv,
-                                        const AttentionOptions& opt, const char* what) {
+PrefillEngine prefill_engine_for_blocks(PrefillEngine preferred, DType dtype, int bm, int bn, int64_t D,
+                                        int64_t Dv, const AttentionOptions& opt, const char* what) {
   auto fail_here = [&](const std::string& msg) { throw Error(std::string(what) + ": " + msg); };
   // The AMX engine pairs KV rows by 32 (P V's left operand); other blocks fall back to
   // vdpbf16ps where the host has it.
   PrefillEngine engine = preferred;
   if (engine == PrefillEngine::Amx && bn % 32 != 0) {
     if (opt.use_amx == 1) fail_here("USE_AMX=1 needs BLOCK_N to be a multiple of 32, got " + std::to_string(bn));
-    engine = opt.use_dpbf16 != 0 && dpbf16_available() ? PrefillEngine::Dpbf16 : PrefillEngine::Fma;
+    engine = dtype == DType::BF16 && opt.use_dpbf16 != 0 && dpbf16_available() ? PrefillEngine::Dpbf16
+                                                                                : PrefillEngine::Fma;
   }
-  const int64_t scratch = tile_scratch_bound(D, Dv, bm, bn, engine);
+  const int64_t scratch = tile_scratch_bound(dtype, D, Dv, bm, bn, engine);
   if (scratch > (int64_t(1) << 20))
     fail_here("BLOCK_M x BLOCK_N = " + std::to_string(bm) + "x" + std::to_string(bn) + " with D=" +
               std::to_string(D) + ", Dv=" + std::to_string(Dv) + " needs up to " + std::to_string(scratch / 1024) +
@@ -284,7 +295,8 @@ void flex_attention(const TensorView& q, const TensorView& k, const TensorView& 
     runtime::check_block_mask(*block_mask, q.sizes[0], q.sizes[1], q.sizes[2], k.sizes[2], bm, bn, "flex_attention");  // before anything compiles
   }
   const PrefillEngine engine =
-      runtime::prefill_engine_for_blocks(preferred, bm, bn, q.sizes[3], v.sizes[3], opt, "flex_attention");
+      runtime::prefill_engine_for_blocks(preferred, q.dtype, bm, bn, q.sizes[3], v.sizes[3], opt,
+                                        "flex_attention");
   runtime::PrefillKernels pk = runtime::get_prefill_kernels(q.dtype, int(q.sizes[3]), int(v.sizes[3]), bm, bn,
                                                             int(group), engine, mods);
   const FlexModKernels& mk = pk.mods;

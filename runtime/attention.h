@@ -28,9 +28,10 @@ struct AttentionOptions {
   // false: knobs not given above come from the cost model even where the tuning database (see
   // `flexjit tune`) has an entry for the call's shape (reproducible runs, benchmarks).
   bool use_tuning = true;
-  // bf16 matmuls on AMX tiles: -1 = when the host has AMX-BF16 and the OS grants the tile
-  // state (and FLEXJIT_AMX is not 0), 0 = never, 1 = required (an error where unavailable).
-  // Needs BLOCK_N a multiple of 32; other dtypes always use the FMA engine.
+  // bf16 and fp16 matmuls on AMX tiles (fp16 split into bf16 hi + lo halves, three products):
+  // -1 = when the host has AMX-BF16 and the OS grants the tile state (and FLEXJIT_AMX is not 0),
+  // 0 = never, 1 = required (an error where unavailable). Needs BLOCK_N a multiple of 32; fp32
+  // always uses the FMA engine.
   int use_amx = -1;
   // bf16 matmuls on AVX512-BF16's vdpbf16ps (templates/cpu/prefill_dpbf16.h), the engine for
   // hosts without AMX: -1 = where the host has AVX512-BF16 and AMX is not used (and
@@ -118,7 +119,7 @@ void paged_flex_attention(const TensorView& q, const TensorView& k_cache, const 
                           const TensorView* lse, const ModSet& mods, const ModBindings& bind,
                           const AttentionOptions& opt = {}, AttentionReport* report = nullptr);
 
-// Whether bf16 kernels can use AMX tiles in this process: the host CPU has AMX-TILE, AMX-BF16 and
+// Whether bf16 and fp16 kernels can use AMX tiles in this process: the host CPU has AMX-TILE, AMX-BF16 and
 // AVX512-BF16, Linux granted the tile data state (arch_prctl, asked once), and the environment
 // does not say FLEXJIT_AMX=0. `why` (optional) gets the reason when it cannot.
 bool amx_available(std::string* why = nullptr);

@@ -32,11 +32,12 @@ void check_attention_inputs(const TensorView& q, const TensorView& k, const Tens
 void record_kernels(AttentionReport& rep, const std::vector<jit::KernelHandle>& kernels, double kernels_ms);
 
 // The prefill kernel's engine for the chosen blocks: `preferred` (preferred_prefill_engine),
-// except that AMX needs BLOCK_N a multiple of 32 (else vdpbf16ps where it can run, else FMA).
+// except that AMX needs BLOCK_N a multiple of 32 (else, for bf16, vdpbf16ps where it can run;
+// else FMA).
 // Checks the tile's per-thread scratch. Throws flexjit::Error prefixed by `what` (USE_AMX=1 with
 // a BLOCK_N it cannot take, blocks too large for D / Dv).
-PrefillEngine prefill_engine_for_blocks(PrefillEngine preferred, int bm, int bn, int64_t D, int64_t Dv,
-                                        const AttentionOptions& opt, const char* what);
+PrefillEngine prefill_engine_for_blocks(PrefillEngine preferred, DType dtype, int bm, int bn, int64_t D,
+                                        int64_t Dv, const AttentionOptions& opt, const char* what);
 
 // A prefill call's kernels: [0] the attention kernel, [1] the mod set's (when it has a mod),
 // the mods table filled from it (all null / 0 when the set has no mod), and the wall time of

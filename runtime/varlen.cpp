@@ -219,7 +219,7 @@ void varlen_attention(const TensorView& q, const TensorView& k, const TensorView
   REQUIRE(bm >= 1 && bm <= 256 && bn >= 1 && bn <= 512,
           "BLOCK_M must be in 1..256 and BLOCK_N in 1..512, got " + str(bm) + "x" + str(bn));
   const PrefillEngine engine =
-      runtime::prefill_engine_for_blocks(preferred, bm, bn, D, Dv, opt, "flash_attn_varlen_func");
+      runtime::prefill_engine_for_blocks(preferred, q.dtype, bm, bn, D, Dv, opt, "flash_attn_varlen_func");
 
   // Work items (sequence, q-block), dearest first (cost: key blocks visited, plus a block's worth
   // of per-item work), so the long sequences start first and short ones fill in behind them.

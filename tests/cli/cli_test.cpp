@@ -829,7 +829,7 @@ TEST_F(Cli, BadOptions) {
   expect_error_line(run(qkv_args() + std::vector<std::string>{"--kernel-option", "USE_AMX=yes"}),
                     {"USE_AMX must be 0 or 1", "'yes'"});
   expect_error_line(run(qkv_args() + std::vector<std::string>{"--kernel-option", "USE_AMX=1"}),
-                    {"USE_AMX=1 needs bf16 inputs", "fp32"});
+                    {"USE_AMX=1 needs bf16 or fp16 inputs", "fp32"});
   expect_error_line(run(qkv_args() + std::vector<std::string>{"--kernel-option", "BLOCK_M=zero"}),
                     {"BLOCK_M", "'zero' is not a positive integer"});
   // No GPU here: the error says what is missing (or, on a GPU host, that launching is not built

@@ -124,20 +124,25 @@ def test_tails_scale_and_kernel_options():
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
 
 
-def test_use_amx_kernel_option_picks_the_bf16_engine():
-    # bf16 with USE_AMX 0 (FMA engine) and 1 (AMX tiles; skipped visibly where the host or OS lacks
-    # them): both match PyTorch's fp32 flex_attention; USE_AMX on fp32 is refused with a message.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_use_amx_kernel_option_picks_the_engine(dtype):
+    # bf16 and fp16 with USE_AMX 0 (FMA engine) and 1 (AMX tiles; fp16 as bf16 hi + lo halves;
+    # skipped visibly where the host or OS lacks them): both match PyTorch's fp32 flex_attention,
+    # out and fp32 LSE; USE_AMX on fp32 is refused with a message.
     mod = make_mod("alibi")
-    q, k, v = qkv(torch.bfloat16, lq=97, lkv=300, seed=2)
-    ref, _ = torch_reference(mod, q, k, v, lq=97, lkv=300)
-    out = call(mod, q, k, v, kernel_options={"USE_AMX": 0})
-    torch.testing.assert_close(out.float(), ref.float(), **TOL[torch.bfloat16])
+    q, k, v = qkv(dtype, lq=97, lkv=300, seed=2)
+    ref, ref_lse = torch_reference(mod, q, k, v, lq=97, lkv=300)
+    tol = TOL[torch.bfloat16] if dtype == torch.bfloat16 else dict(atol=2e-3, rtol=2e-3)
+    out, lse = call(mod, q, k, v, return_lse=True, kernel_options={"USE_AMX": 0})
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
     try:
-        out = call(mod, q, k, v, kernel_options={"USE_AMX": 1})
+        out, lse = call(mod, q, k, v, return_lse=True, kernel_options={"USE_AMX": 1})
     except ValueError as e:
         pytest.skip(f"AMX engine unavailable here: {e}")
-    torch.testing.assert_close(out.float(), ref.float(), **TOL[torch.bfloat16])
-    with pytest.raises(ValueError, match="USE_AMX=1 needs bf16"):
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="USE_AMX=1 needs bf16 or fp16"):
         call(mod, *qkv(torch.float32), kernel_options={"USE_AMX": 1})
 
 

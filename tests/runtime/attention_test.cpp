@@ -307,7 +307,9 @@ INSTANTIATE_TEST_SUITE_P(Special, Numerics, ::testing::ValuesIn(special_cases())
                          [](const auto& info) { return name_of(info.param); });
 
 // The bf16 engines side by side: AMX tiles (use_amx 1, skipped visibly on hosts without AMX),
-// vdpbf16ps (use_dpbf16 1, skipped visibly without AVX512-BF16) and the FMA engine (both 0).
+// vdpbf16ps (use_dpbf16 1, skipped visibly without AVX512-BF16) and the FMA engine (both 0); and
+// the fp16 ones: AMX tiles on bf16 hi + lo halves (use_amx 1; its fp32 LSE, held to 2e-5, shows
+// the three products keep fp32-grade scores) and the FMA engine (use_amx 0).
 // Shapes that hit the engines' padding and fallbacks: D and Dv not multiples of 32 (K packed,
 // not read in place), odd D and Dv (half-empty bf16 pairs), strided K/V (scalar packing), an odd
 // number of 16-row query tiles (BLOCK_M 48), BLOCK_N 32 and odd BLOCK_N, KV tails of odd
@@ -315,9 +317,14 @@ INSTANTIATE_TEST_SUITE_P(Special, Numerics, ::testing::ValuesIn(special_cases())
 // scaled before the softmax) and buffer-reading mods.
 std::vector<Case> amx_cases() {
   std::vector<Case> out;
-  for (auto [amx, dp] : {std::pair{1, -1}, std::pair{0, 1}, std::pair{0, 0}}) {
+  struct Engine {
+    DType dtype;
+    int amx, dp;
+  };
+  for (auto [dtype, amx, dp] : {Engine{DType::BF16, 1, -1}, Engine{DType::BF16, 0, 1}, Engine{DType::BF16, 0, 0},
+                                Engine{DType::F16, 1, -1}, Engine{DType::F16, 0, -1}}) {
     Case c;
-    c.dtype = DType::BF16;
+    c.dtype = dtype;
     c.use_amx = amx;
     c.use_dpbf16 = dp;
     c.Hq = c.Hkv = 2;
@@ -412,7 +419,7 @@ std::string engine_error(DType dt, int use_amx, int use_dpbf16, int block_n = 0)
   return std::string("no error");
 }
 
-// bf16 takes the AMX engine wherever the host allows it, other dtypes never; USE_AMX=1 says
+// bf16 and fp16 take the AMX engine wherever the host allows it, fp32 never; USE_AMX=1 says
 // plainly why it cannot be honoured.
 TEST(Amx, EngineChoiceAndErrors) {
   auto call = [](DType dt, int use_amx, int block_n) { return engine_of(dt, use_amx, -1, block_n) == "amx"; };
@@ -423,12 +430,18 @@ TEST(Amx, EngineChoiceAndErrors) {
   EXPECT_FALSE(call(DType::BF16, 0, 0));
   EXPECT_FALSE(call(DType::F32, -1, 0));
   EXPECT_FALSE(call(DType::BF16, -1, 48));  // BLOCK_N not a multiple of 32: not the AMX engine
-  EXPECT_NE(engine_error(DType::F32, 1, -1).find("USE_AMX=1 needs bf16 inputs"), std::string::npos);
+  EXPECT_EQ(call(DType::F16, -1, 0), avail);
+  EXPECT_FALSE(call(DType::F16, 0, 0));
+  EXPECT_EQ(engine_of(DType::F16, -1, -1, 48), "fma");  // never vdpbf16ps: that engine is bf16 only
+  EXPECT_NE(engine_error(DType::F32, 1, -1).find("USE_AMX=1 needs bf16 or fp16 inputs"), std::string::npos);
   if (avail) {
     EXPECT_TRUE(call(DType::BF16, 1, 0));
+    EXPECT_TRUE(call(DType::F16, 1, 0));
     EXPECT_NE(engine_error(DType::BF16, 1, -1, 48).find("multiple of 32"), std::string::npos);
+    EXPECT_NE(engine_error(DType::F16, 1, -1, 48).find("multiple of 32"), std::string::npos);
   } else {
     EXPECT_NE(engine_error(DType::BF16, 1, -1).find(why), std::string::npos);
+    EXPECT_NE(engine_error(DType::F16, 1, -1).find(why), std::string::npos);
   }
 }
 
@@ -442,7 +455,8 @@ TEST(Dpbf16, EngineChoiceAndErrors) {
   EXPECT_EQ(engine_of(DType::BF16, -1, -1, 0), amx ? "amx" : avail ? "dpbf16" : "fma");
   EXPECT_EQ(engine_of(DType::BF16, 0, 0, 0), "fma");
   EXPECT_EQ(engine_of(DType::F32, -1, -1, 0), "fma");
-  EXPECT_EQ(engine_of(DType::F16, -1, -1, 0), "fma");
+  EXPECT_EQ(engine_of(DType::F16, -1, -1, 0), amx ? "amx" : "fma");
+  EXPECT_NE(engine_error(DType::F16, -1, 1).find("USE_DPBF16=1 needs bf16 inputs"), std::string::npos);
   EXPECT_EQ(engine_of(DType::BF16, -1, -1, 48), avail ? "dpbf16" : "fma");  // no AMX at BLOCK_N 48
   EXPECT_NE(engine_error(DType::F32, -1, 1).find("USE_DPBF16=1 needs bf16 inputs"), std::string::npos);
   EXPECT_NE(engine_error(DType::BF16, 1, 1).find("set one of them"), std::string::npos);

@@ -247,6 +247,19 @@ TEST(Errors, Options) {
   g.opt.block_m = 256;
   g.opt.block_n = 512;
   expect_error([&] { g.run(); }, {"256x512", "D=128", "over the kernel's 1 MiB"});
+  // fp16 on AMX holds hi and lo halves of Q, K, P and V: blocks bf16 could take may not fit.
+  if (amx_available()) {
+    Call h;
+    h.q = tensor(DType::F16, {1, 1, 4, 256}, 1);
+    h.k = tensor(DType::F16, {1, 1, 4, 256}, 2);
+    h.v = tensor(DType::F16, {1, 1, 4, 256}, 3);
+    h.out = tensor(DType::F16, {1, 1, 4, 256});
+    h.with_lse = false;
+    h.opt.force_prefill = true;
+    h.opt.block_m = 128;
+    h.opt.block_n = 256;
+    expect_error([&] { h.run(); }, {"128x256", "D=256", "over the kernel's 1 MiB"});
+  }
 }
 
 TEST(Errors, BlockMaskForOtherLengths) {
