@@ -291,10 +291,21 @@ static inline void fjk_pack_p(const float* __restrict st, int nvalid, int npad,
 }
 
 // ---- S^T = K Q^T on tiles ----
+// One block of products: accumulator 0 += 4 x 6, 1 += 4 x 7, 2 += 5 x 6, 3 += 5 x 7 (left tiles
+// 4, 5; right tiles 6, 7), leaving out the second left (kLeft2 = false) or right tile.
+template <bool kLeft2, bool kRight2>
+static inline void fjk_tdp_block() {
+  FJK_TDP(0, 4, 6);
+  if (kRight2) FJK_TDP(1, 4, 7);
+  if (kLeft2) FJK_TDP(2, 5, 6);
+  if (kLeft2 && kRight2) FJK_TDP(3, 5, 7);
+}
+
 // Accumulators: tile 0 = (n0, m0), 1 = (n0, m0 + 16), 2 = (n0 + 16, m0), 3 = (n0 + 16, m0 + 16);
-// kTwo = false leaves out the second query tile (an odd number of 16-row query tiles). Product
-// pass s (fp16: three) reads the lo words of K on pass 1 (at kbase + 2 kKLo bytes: fp16's K is
-// always packed) and of Q on pass 2.
+// kTwo = false leaves out the second query tile (an odd number of 16-row query tiles). fp16 runs
+// its three products per step in the order that reloads fewest tiles (8 loads, not 12):
+// khi.qlo, khi.qhi (K kept), klo.qhi (Q kept); the lo words of K are at kbase + 2 kKLo bytes
+// (fp16's K is always packed), of Q at qv + kQLo.
 template <bool kTwo>
 static inline void fjk_qk_tiles(const char* kbase, fj_i64 kstride, const fjk_u32* qv, float* st,
                                 int n0, int m0) {
@@ -305,21 +316,23 @@ static inline void fjk_qk_tiles(const char* kbase, fj_i64 kstride, const fjk_u32
     __builtin_ia32_tilezero(3);
   }
   FJK_ROLLED_LOOP
-  for (int s = 0; s < kSplit; ++s) {
-    const char* kb = kbase + (s == 1 ? 2 * kKLo : 0);
-    const fjk_u32* q = qv + (s == 2 ? kQLo : 0);
-    FJK_ROLLED_LOOP
-    for (int c = 0; c < kDP / 32; ++c) {
-      FJK_TLOAD(4, kb + n0 * kstride + 64 * c, kstride);
-      FJK_TLOAD(5, kb + (n0 + 16) * kstride + 64 * c, kstride);
-      FJK_TLOAD(6, q + 16 * c * kMP + m0, 4 * kMP);
-      FJK_TDP(0, 4, 6);
-      FJK_TDP(2, 5, 6);
-      if (kTwo) {
-        FJK_TLOAD(7, q + 16 * c * kMP + m0 + 16, 4 * kMP);
-        FJK_TDP(1, 4, 7);
-        FJK_TDP(3, 5, 7);
-      }
+  for (int c = 0; c < kDP / 32; ++c) {
+    const char* k = kbase + n0 * kstride + 64 * c;
+    const fjk_u32* q = qv + 16 * c * kMP + m0;
+    FJK_TLOAD(4, k, kstride);
+    FJK_TLOAD(5, k + 16 * kstride, kstride);
+    if (kSplit > 1) {
+      FJK_TLOAD(6, q + kQLo, 4 * kMP);
+      if (kTwo) FJK_TLOAD(7, q + kQLo + 16, 4 * kMP);
+      fjk_tdp_block<true, kTwo>();
+    }
+    FJK_TLOAD(6, q, 4 * kMP);
+    if (kTwo) FJK_TLOAD(7, q + 16, 4 * kMP);
+    fjk_tdp_block<true, kTwo>();
+    if (kSplit > 1) {
+      FJK_TLOAD(4, k + 2 * kKLo, kstride);
+      FJK_TLOAD(5, k + 2 * kKLo + 16 * kstride, kstride);
+      fjk_tdp_block<true, kTwo>();
     }
   }
   FJK_TSTORE(0, st + n0 * kMP + m0, 4 * kMP);
@@ -331,8 +344,10 @@ static inline void fjk_qk_tiles(const char* kbase, fj_i64 kstride, const fjk_u32
 }
 
 // ---- O += P V on tiles ----
-// Accumulators: tile 0 = (m0, dv0), 1 = (m0, dv0 + 16), 2 = (m0 + 16, dv0), 3 = (m0 + 16, dv0 + 16).
-// Product pass s (fp16: three) reads the lo words of P on pass 1 and of V on pass 2.
+// Accumulators: tile 0 = (m0, dv0), 1 = (m0, dv0 + 16), 2 = (m0 + 16, dv0), 3 = (m0 + 16, dv0 + 16),
+// so the left tiles 4, 5 are P (rows m0, m0 + 16) and the right ones 6, 7 are V (dv0, dv0 + 16);
+// with kTwo = false tile 5 is unused. fp16: phi.vlo, phi.vhi (P kept), plo.vhi (V kept), as in
+// Q K^T; the lo words are at pb + kPLo and vb + kVLo.
 template <bool kTwo>
 static inline void fjk_pv_tiles(const unsigned short* pb, const fjk_u32* vb, float* ob, int npad,
                                 int m0, int dv0) {
@@ -343,21 +358,23 @@ static inline void fjk_pv_tiles(const unsigned short* pb, const fjk_u32* vb, flo
     FJK_TLOAD(3, ob + (m0 + 16) * kDVP + dv0 + 16, 4 * kDVP);
   }
   FJK_ROLLED_LOOP
-  for (int s = 0; s < kSplit; ++s) {
-    const unsigned short* p = pb + (s == 1 ? kPLo : 0);
-    const fjk_u32* v = vb + (s == 2 ? kVLo : 0);
-    FJK_ROLLED_LOOP
-    for (int n0 = 0; n0 < npad; n0 += 32) {
-      FJK_TLOAD(4, p + m0 * kNP + n0, 2 * kNP);
-      FJK_TLOAD(6, v + n0 / 2 * kDVP + dv0, 4 * kDVP);
-      FJK_TLOAD(7, v + n0 / 2 * kDVP + dv0 + 16, 4 * kDVP);
-      FJK_TDP(0, 4, 6);
-      FJK_TDP(1, 4, 7);
-      if (kTwo) {
-        FJK_TLOAD(5, p + (m0 + 16) * kNP + n0, 2 * kNP);
-        FJK_TDP(2, 5, 6);
-        FJK_TDP(3, 5, 7);
-      }
+  for (int n0 = 0; n0 < npad; n0 += 32) {
+    const unsigned short* p = pb + m0 * kNP + n0;
+    const fjk_u32* v = vb + n0 / 2 * kDVP + dv0;
+    FJK_TLOAD(4, p, 2 * kNP);
+    if (kTwo) FJK_TLOAD(5, p + 16 * kNP, 2 * kNP);
+    if (kSplit > 1) {
+      FJK_TLOAD(6, v + kVLo, 4 * kDVP);
+      FJK_TLOAD(7, v + kVLo + 16, 4 * kDVP);
+      fjk_tdp_block<kTwo, true>();
+    }
+    FJK_TLOAD(6, v, 4 * kDVP);
+    FJK_TLOAD(7, v + 16, 4 * kDVP);
+    fjk_tdp_block<kTwo, true>();
+    if (kSplit > 1) {
+      FJK_TLOAD(4, p + kPLo, 2 * kNP);
+      if (kTwo) FJK_TLOAD(5, p + kPLo + 16 * kNP, 2 * kNP);
+      fjk_tdp_block<kTwo, true>();
     }
   }
   FJK_TSTORE(0, ob + m0 * kDVP + dv0, 4 * kDVP);

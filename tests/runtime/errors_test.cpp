@@ -225,41 +225,26 @@ TEST(Errors, Options) {
   dp.opt.block_n = 32;
   dp.opt.partition_size = 48;
   expect_error([&] { dp.run(); }, {"PARTITION_SIZE must be a positive multiple of 32", "got 48"});
-  // Blocks in range whose stack scratch would not fit: a message, not a compile error.
-  Call f;
-  f.q = tensor(DType::F32, {1, 1, 4, 256}, 1);
-  f.k = tensor(DType::F32, {1, 1, 4, 256}, 2);
-  f.v = tensor(DType::F32, {1, 1, 4, 256}, 3);
-  f.out = tensor(DType::F32, {1, 1, 4, 256});
-  f.with_lse = false;
-  f.opt.force_prefill = true;
-  f.opt.block_m = 256;
-  f.opt.block_n = 512;
-  expect_error([&] { f.run(); }, {"256x512", "D=256", "over the kernel's 1 MiB", "use smaller blocks"});
+  // Blocks in range whose stack scratch would not fit: a message, not a compile error. A prefill
+  // call of one 4-row head with the given dtype, D and blocks.
+  auto big_blocks = [](DType dt, int64_t D, int bm, int bn) {
+    Call c;
+    c.q = tensor(dt, {1, 1, 4, D}, 1);
+    c.k = tensor(dt, {1, 1, 4, D}, 2);
+    c.v = tensor(dt, {1, 1, 4, D}, 3);
+    c.out = tensor(dt, {1, 1, 4, D});
+    c.with_lse = false;
+    c.opt.force_prefill = true;
+    c.opt.block_m = bm;
+    c.opt.block_n = bn;
+    expect_error([&] { c.run(); }, {std::to_string(bm) + "x" + std::to_string(bn), "D=" + std::to_string(D),
+                                    "over the kernel's 1 MiB", "use smaller blocks"});
+  };
+  big_blocks(DType::F32, 256, 256, 512);
   // The same for bf16, whose AMX engine lays its scratch out differently (bf16 P, VNNI V).
-  Call g;
-  g.q = tensor(DType::BF16, {1, 1, 4, 128}, 1);
-  g.k = tensor(DType::BF16, {1, 1, 4, 128}, 2);
-  g.v = tensor(DType::BF16, {1, 1, 4, 128}, 3);
-  g.out = tensor(DType::BF16, {1, 1, 4, 128});
-  g.with_lse = false;
-  g.opt.force_prefill = true;
-  g.opt.block_m = 256;
-  g.opt.block_n = 512;
-  expect_error([&] { g.run(); }, {"256x512", "D=128", "over the kernel's 1 MiB"});
+  big_blocks(DType::BF16, 128, 256, 512);
   // fp16 on AMX holds hi and lo halves of Q, K, P and V: blocks bf16 could take may not fit.
-  if (amx_available()) {
-    Call h;
-    h.q = tensor(DType::F16, {1, 1, 4, 256}, 1);
-    h.k = tensor(DType::F16, {1, 1, 4, 256}, 2);
-    h.v = tensor(DType::F16, {1, 1, 4, 256}, 3);
-    h.out = tensor(DType::F16, {1, 1, 4, 256});
-    h.with_lse = false;
-    h.opt.force_prefill = true;
-    h.opt.block_m = 128;
-    h.opt.block_n = 256;
-    expect_error([&] { h.run(); }, {"128x256", "D=256", "over the kernel's 1 MiB"});
-  }
+  if (amx_available()) big_blocks(DType::F16, 256, 128, 256);
 }
 
 TEST(Errors, BlockMaskForOtherLengths) {
