@@ -6,7 +6,7 @@
 The engines table (scripts/engines_bench.sh, scripts/engines_report.py) puts flexjit's engines
 and targets next to libtorch SDPA, both timed by build/bench/prefill_bench, and next to
 `torch.compile(flex_attention)`, timed here: the same cases (B 1, H 8, L = Lq = Lkv 2048 and
-8192, D 64 and 128, fp32 and bf16; no mod, causal as a BlockMask of 128 x 128 blocks, ALiBi as a
+8192, D 64 and 128, fp32, bf16 and fp16; no mod, causal as a BlockMask of 128 x 128 blocks, ALiBi as a
 score_mod over captured fp32 slopes 2^(-8 (h+1) / H), as the registry's "alibi" example), the same
 effective-FLOP count (bench/flops.h: 4 * B * H * L^2 * D over the blocks the BlockMask visits,
 so a causal case counts the diagonal blocks whole), and the same output rows: one benchmark per
@@ -28,7 +28,7 @@ import sys
 import time
 
 B, H, BLOCK = 1, 8, 128
-DTYPES = ["fp32", "bf16"]
+DTYPES = ["fp32", "bf16", "fp16"]
 HEAD_DIMS = [64, 128]
 LENGTHS = [2048, 8192]
 MODS = ["none", "causal", "alibi"]
@@ -58,7 +58,7 @@ def main(argv=None):
     flex = None
     rows = []
     for dtype in DTYPES:
-        tdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         for D in HEAD_DIMS:
             for L in LENGTHS:
                 for mods in MODS:

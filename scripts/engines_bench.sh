@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Issue 12's engines benchmark in one run on this host: every CPU engine and compile target this
-# host can execute, for prefill fp32 and bf16 (D 64/128, L 2048/8192, none/causal/ALiBi) and
+# host can execute, for prefill fp32, bf16 and fp16 (D 64/128, L 2048/8192, none/causal/ALiBi) and
 # decode, next to libtorch SDPA (timed by the same prefill_bench / decode_bench processes) and
 # torch.compile(flex_attention) (bench/engines_torch.py), as one Markdown table plus the JSONs.
 #
 #   scripts/engines_bench.sh OUTDIR [--quick]
 #
-# Runs, in order (the machine should be otherwise idle; ~25 minutes on 2 cores, --quick: L 2048
+# Runs, in order (the machine should be otherwise idle; ~35 minutes on 2 cores, --quick: L 2048
 # only, one repetition, no decode, a few minutes):
 #   prefill-host.json     the host target, each dtype on its default engine (AMX or vdpbf16ps for
-#                         bf16 where present), with SDPA;
-#   prefill-host-fma.json bf16 on the FMA engine (FLEXJIT_AMX=0 FLEXJIT_DPBF16=0), only where the
-#                         default bf16 engine is another one;
+#                         bf16 where present, AMX for fp16 where present), with SDPA;
+#   prefill-host-fma.json bf16 (and fp16 on AMX hosts) on the FMA engine (FLEXJIT_AMX=0
+#                         FLEXJIT_DPBF16=0), only where the default engine is another one;
 #   prefill-v3.json       FLEXJIT_CPU_TARGET=x86-64-v3 (AVX2 + FMA, 16 registers) where the host is
 #                         AVX-512 (on an AVX2 host it is one more build of the same kind);
 #   prefill-v4.json       FLEXJIT_CPU_TARGET=x86-64-v4 where the host can run it and is not it;
@@ -19,7 +19,7 @@
 #   decode.json           decode_bench (Llama-3.1-8B attention and MQA, KV 8k/32k, contiguous and
 #                         paged) with SDPA;
 #   engines.md            scripts/engines_report.py over the prefill files, then the decode table.
-# Each prefill JSON records the instruction ceilings (512- and 256-bit FMA, vdpbf16ps) that run
+# Each prefill JSON records the instruction ceilings (512- and 256-bit FMA, vdpbf16ps, AMX) that run
 # measured; the table's percentages are against the ceiling of the engine's own instruction.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -50,13 +50,15 @@ trap 'rm -rf "$FLEXJIT_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR"' EXIT
 
 files=()
 log "prefill, host target, default engines, with SDPA"
-"$BENCH/prefill_bench" --benchmark_filter="prefill/(fp32|bf16)/$CASES/(flexjit|sdpa)" "${AGG[@]}" \
+"$BENCH/prefill_bench" --benchmark_filter="prefill/(fp32|bf16|fp16)/$CASES/(flexjit|sdpa)" "${AGG[@]}" \
   --benchmark_out="$OUT/prefill-host.json" >/dev/null
 files+=("$OUT/prefill-host.json")
 
 if has avx512_bf16 || has amx_bf16; then
-  log "prefill bf16 on the FMA engine (FLEXJIT_AMX=0 FLEXJIT_DPBF16=0)"
-  FLEXJIT_AMX=0 FLEXJIT_DPBF16=0 "$BENCH/prefill_bench" --benchmark_filter="prefill/bf16/$CASES/flexjit" "${AGG[@]}" \
+  fma_dtypes=bf16
+  has amx_bf16 && fma_dtypes='(bf16|fp16)'
+  log "prefill $fma_dtypes on the FMA engine (FLEXJIT_AMX=0 FLEXJIT_DPBF16=0)"
+  FLEXJIT_AMX=0 FLEXJIT_DPBF16=0 "$BENCH/prefill_bench" --benchmark_filter="prefill/$fma_dtypes/$CASES/flexjit" "${AGG[@]}" \
     --benchmark_out="$OUT/prefill-host-fma.json" >/dev/null
   files+=("$OUT/prefill-host-fma.json")
 else

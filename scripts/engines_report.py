@@ -43,7 +43,7 @@ def main(paths):
         ctx, rs = rows(p)
         ceilings.append((p, ctx.get("flexjit_cpu_target", "?"), ctx.get("flexjit_ceiling_fma512_gflops"),
                          ctx.get("flexjit_ceiling_fma256_gflops"), ctx.get("flexjit_ceiling_dpbf16_gflops"),
-                         ctx.get("flexjit_git_sha"), ctx.get("flexjit_cpu_model")))
+                         ctx.get("flexjit_ceiling_amx_gflops"), ctx.get("flexjit_git_sha"), ctx.get("flexjit_cpu_model")))
         for case, col, gf, pct in rs:
             shape = case.split("/", 1)[1]  # D/L/mods (dtype goes into the column)
             if col not in cols:
@@ -80,7 +80,8 @@ def main(paths):
         for (d, base), xs in spans.items():
             print(f"- {default[d]} over {d} {base}: {min(xs):.2f}x - {max(xs):.2f}x over {len(xs)} cases")
     print()
-    print("Ceilings measured by each run (GFLOP/s, 2 threads): file, target, fma512, fma256, vdpbf16ps, commit, CPU")
+    print("Ceilings measured by each run (GFLOP/s, 2 threads): file, target, fma512, fma256, vdpbf16ps, "
+          "AMX tdpbf16ps (fp16 on AMX is held to a third of it: three products each), commit, CPU")
     for c in ceilings:
         print("- " + ", ".join(str(x) for x in c))
 
