@@ -121,11 +121,15 @@ TEST(CrossCompile, X86EnginesCompileWhereTheHostCannotRunThem) {
     PrefillEngine engine;
     const char* cpu;
     const char* instruction;  // in the assembly ("" : none expected)
+    DType dtype = DType::BF16;
   };
   const std::string dir = ::testing::TempDir();
   int n = 0;
   for (const Case& c : std::vector<Case>{
            {"prefill amx", KernelKind::Prefill, PrefillEngine::Amx, "sapphirerapids", "tdpbf16ps"},
+           // fp16 on AMX: bf16 hi / lo halves (vcvtne2ps2bf16 splits them), three tile products.
+           {"prefill amx fp16", KernelKind::Prefill, PrefillEngine::Amx, "sapphirerapids", "vcvtne2ps2bf16",
+            DType::F16},
            {"prefill dpbf16", KernelKind::Prefill, PrefillEngine::Dpbf16, "znver4", "vdpbf16ps"},
            {"backward dpbf16", KernelKind::Backward, PrefillEngine::Dpbf16, "znver4", "vdpbf16ps"},
            {"decode bf16", KernelKind::Decode, PrefillEngine::Fma, "znver4", "vdpbf16ps"},
@@ -134,7 +138,7 @@ TEST(CrossCompile, X86EnginesCompileWhereTheHostCannotRunThem) {
     SCOPED_TRACE(c.what);
     KernelSpec s;
     s.kind = c.kind;
-    s.dtype = DType::BF16;
+    s.dtype = c.dtype;
     s.head_dim = s.head_dim_v = 128;
     s.block_m = c.kind == KernelKind::Decode ? 16 : 64;
     s.block_n = c.kind == KernelKind::Decode ? 128 : 64;
