@@ -71,31 +71,6 @@ void check_inputs(const TensorView& q, const TensorView& k, const TensorView& v,
   runtime::check_mod_index_range(q.sizes[0], Hq, q.sizes[2], k.sizes[2], "flex_attention");
 }
 
-// An upper bound on the attention kernel's per-thread stack scratch (FjkTile of the engine in
-// templates/cpu/prefill_<engine>.h). FMA: query rows padded to 16, KV rows and output features
-// padded to a register group of at most 24, packed rows padded to 16 plus one cache line. AMX:
-// query rows padded to 16, D and Dv to 32; fp32 S^T and O, bf16 K, P and VNNI Q, V (fp16: each
-// of those four twice, hi and lo words). vdpbf16ps:
-// the FMA engine's shapes with Q, K, P and V held as bf16 pairs (dwords).
-// The templates static_assert 1 MiB; checking here turns a compile error into a plain message.
-int64_t tile_scratch_bound(DType dtype, int64_t D, int64_t Dv, int64_t bm, int64_t bn, PrefillEngine engine) {
-  auto up = [](int64_t x, int64_t g) { return (x + g - 1) / g * g; };
-  const int64_t mp = up(bm, 16);
-  if (engine == PrefillEngine::Amx) {
-    const int64_t dp = up(D, 32), dvp = up(Dv, 32), halves = dtype == DType::F16 ? 2 : 1;
-    return halves * (2 * dp * mp + 2 * bn * dp + 2 * mp * bn + 2 * bn * dvp) + 4 * bn * mp + 4 * mp * dvp + 4096;
-  }
-  const int64_t np = bn + 23, dvp = Dv + 23;
-  if (engine == PrefillEngine::Dpbf16) {
-    const int64_t dpairs = (D + 1) / 2, npairs = (bn + 1) / 2;
-    const int64_t dwords = dpairs * mp + np * mp + npairs * mp + dvp * mp + np * (up(dpairs, 16) + 16) +
-                           npairs * (up(dvp, 16) + 16);
-    return dwords * 4 + 4096;
-  }
-  const int64_t floats = D * mp + np * mp + dvp * mp + np * (up(D, 16) + 16) + bn * (up(dvp, 16) + 16);
-  return floats * 4 + 4096;  // + the softmax state vectors and alignment
-}
-
 // FLEXJIT_DPBF16: "0" refuses the vdpbf16ps engine, "1" prefers it over AMX; else -1 (auto).
 int dpbf16_env() {
   const char* env = std::getenv("FLEXJIT_DPBF16");
@@ -192,6 +167,31 @@ void default_blocks(int head_dim, DType dtype, int64_t q_len, int* block_m, int*
 }
 
 namespace runtime {
+
+// An upper bound on the attention kernel's per-thread stack scratch (FjkTile of the engine in
+// templates/cpu/prefill_<engine>.h). FMA: query rows padded to 16, KV rows and output features
+// padded to a register group of at most 24, packed rows padded to 16 plus one cache line. AMX:
+// query rows padded to 16, D and Dv to 32; fp32 S^T and O, bf16 K, P and VNNI Q, V (fp16: each
+// of those four twice, hi and lo words). vdpbf16ps:
+// the FMA engine's shapes with Q, K, P and V held as bf16 pairs (dwords).
+// The templates static_assert 1 MiB; checking here turns a compile error into a plain message.
+int64_t tile_scratch_bound(DType dtype, int64_t D, int64_t Dv, int64_t bm, int64_t bn, PrefillEngine engine) {
+  auto up = [](int64_t x, int64_t g) { return (x + g - 1) / g * g; };
+  const int64_t mp = up(bm, 16);
+  if (engine == PrefillEngine::Amx) {
+    const int64_t dp = up(D, 32), dvp = up(Dv, 32), halves = dtype == DType::F16 ? 2 : 1;
+    return halves * (2 * dp * mp + 2 * bn * dp + 2 * mp * bn + 2 * bn * dvp) + 4 * bn * mp + 4 * mp * dvp + 4096;
+  }
+  const int64_t np = bn + 23, dvp = Dv + 23;
+  if (engine == PrefillEngine::Dpbf16) {
+    const int64_t dpairs = (D + 1) / 2, npairs = (bn + 1) / 2;
+    const int64_t dwords = dpairs * mp + np * mp + npairs * mp + dvp * mp + np * (up(dpairs, 16) + 16) +
+                           npairs * (up(dvp, 16) + 16);
+    return dwords * 4 + 4096;
+  }
+  const int64_t floats = D * mp + np * mp + dvp * mp + np * (up(D, 16) + 16) + bn * (up(dvp, 16) + 16);
+  return floats * 4 + 4096;  // + the softmax state vectors and alignment
+}
 
 void check_attention_inputs(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                             const TensorView* lse, const AttentionOptions& opt) {

@@ -31,6 +31,10 @@ void check_attention_inputs(const TensorView& q, const TensorView& k, const Tens
 // fetching them all.
 void record_kernels(AttentionReport& rep, const std::vector<jit::KernelHandle>& kernels, double kernels_ms);
 
+// An upper bound on the prefill kernel's per-thread tile scratch (bytes) for these blocks and
+// engine; the kernel allows 1 MiB (templates/cpu/prefill_<engine>.h static_assert it).
+int64_t tile_scratch_bound(DType dtype, int64_t D, int64_t Dv, int64_t bm, int64_t bn, PrefillEngine engine);
+
 // The prefill kernel's engine for the chosen blocks: `preferred` (preferred_prefill_engine),
 // except that AMX needs BLOCK_N a multiple of 32 (else, for bf16, vdpbf16ps where it can run;
 // else FMA).
