@@ -124,26 +124,19 @@ bool dpbf16_available(std::string* why) {
 }
 
 PrefillEngine preferred_prefill_engine(DType dtype, const AttentionOptions& opt) {
-  const bool bf16 = dtype == DType::BF16;
-  if (dtype == DType::F16) {
-    // fp16 runs on AMX tiles as bf16 hi + lo halves, three products per step
-    // (templates/cpu/prefill_amx.h); vdpbf16ps takes bf16 only.
-    REQUIRE(opt.use_dpbf16 != 1, "USE_DPBF16=1 needs bf16 inputs, got fp16 (fp16 uses AMX where the host has it)");
-    std::string no_amx;
-    const bool amx_ok = opt.use_amx != 0 && amx_available(&no_amx);
-    REQUIRE(opt.use_amx != 1 || amx_ok, "USE_AMX=1 but " + no_amx);
-    return amx_ok ? PrefillEngine::Amx : PrefillEngine::Fma;
-  }
+  // bf16 and fp16 (as bf16 hi + lo halves, three products per step: templates/cpu/prefill_amx.h)
+  // run on AMX tiles; vdpbf16ps takes bf16 only, so FLEXJIT_DPBF16 does not apply to fp16.
+  const bool bf16 = dtype == DType::BF16, amx_dtype = bf16 || dtype == DType::F16;
   // An explicit USE_AMX=1 outranks the environment's preference for vdpbf16ps.
-  const int want_dp = opt.use_dpbf16 >= 0 ? opt.use_dpbf16 : opt.use_amx == 1 ? -1 : dpbf16_env();
+  const int want_dp = opt.use_dpbf16 >= 0 ? opt.use_dpbf16 : opt.use_amx == 1 || !bf16 ? -1 : dpbf16_env();
   REQUIRE(!(opt.use_amx == 1 && want_dp == 1),
           "USE_AMX=1 and USE_DPBF16=1 each require a different engine; set one of them");
-  REQUIRE(opt.use_amx != 1 || bf16, std::string("USE_AMX=1 needs bf16 or fp16 inputs, got ") + dtype_name(dtype));
+  REQUIRE(opt.use_amx != 1 || amx_dtype, std::string("USE_AMX=1 needs bf16 or fp16 inputs, got ") + dtype_name(dtype));
   REQUIRE(opt.use_dpbf16 != 1 || bf16, std::string("USE_DPBF16=1 needs bf16 inputs, got ") + dtype_name(dtype));
-  if (!bf16) return PrefillEngine::Fma;
+  if (!amx_dtype) return PrefillEngine::Fma;
   std::string no_amx, no_dp;
   const bool amx_ok = opt.use_amx != 0 && want_dp != 1 && amx_available(&no_amx);
-  const bool dp_ok = want_dp != 0 && dpbf16_available(&no_dp);
+  const bool dp_ok = bf16 && want_dp != 0 && dpbf16_available(&no_dp);
   REQUIRE(opt.use_amx != 1 || amx_ok, "USE_AMX=1 but " + no_amx);
   REQUIRE(want_dp != 1 || dp_ok,
           (opt.use_dpbf16 == 1 ? "USE_DPBF16=1" : "FLEXJIT_DPBF16=1") + std::string(" but ") + no_dp +
@@ -210,7 +203,7 @@ PrefillEngine prefill_engine_for_blocks(PrefillEngine preferred, DType dtype, in
                                                                                 : PrefillEngine::Fma;
   }
   const int64_t scratch = tile_scratch_bound(dtype, D, Dv, bm, bn, engine);
-  if (scratch > (int64_t(1) << 20))
+  if (scratch > kTileScratchLimit)
     fail_here("BLOCK_M x BLOCK_N = " + std::to_string(bm) + "x" + std::to_string(bn) + " with D=" +
               std::to_string(D) + ", Dv=" + std::to_string(Dv) + " needs up to " + std::to_string(scratch / 1024) +
               " KiB of per-thread scratch, over the kernel's 1 MiB; use smaller "

@@ -164,7 +164,7 @@ std::vector<TuneCandidate> prefill_candidates(const PrefillShape& s) {
   // bf16 256 x 256 up to 14%. Calls with a BlockMask of 128-row blocks fall back to 128 (its gcd).
   if (s.engine == PrefillEngine::Amx && s.lq >= 256)
     for (int bn : {128, 256})
-      if (runtime::tile_scratch_bound(s.dtype, s.head_dim, s.head_dim_v, 256, bn, s.engine) <= (int64_t(1) << 20))
+      if (runtime::tile_scratch_bound(s.dtype, s.head_dim, s.head_dim_v, 256, bn, s.engine) <= runtime::kTileScratchLimit)
         out.push_back({256, bn, 0, 0, ""});
   return out;
 }

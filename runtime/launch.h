@@ -32,7 +32,8 @@ void check_attention_inputs(const TensorView& q, const TensorView& k, const Tens
 void record_kernels(AttentionReport& rep, const std::vector<jit::KernelHandle>& kernels, double kernels_ms);
 
 // An upper bound on the prefill kernel's per-thread tile scratch (bytes) for these blocks and
-// engine; the kernel allows 1 MiB (templates/cpu/prefill_<engine>.h static_assert it).
+// engine; the kernel allows kTileScratchLimit (templates/cpu/prefill_<engine>.h static_assert it).
+constexpr int64_t kTileScratchLimit = int64_t(1) << 20;
 int64_t tile_scratch_bound(DType dtype, int64_t D, int64_t Dv, int64_t bm, int64_t bn, PrefillEngine engine);
 
 // The prefill kernel's engine for the chosen blocks: `preferred` (preferred_prefill_engine),
