@@ -69,12 +69,14 @@ static inline void fjk_from_f32(float x, unsigned short* dst) {
   *dst = (unsigned short)(x != x ? 0x7fc0u : r);
 }
 
+// 16 bf16 (their bits) -> fp32 lanes: bf16 is the high half of an fp32.
+static inline fj_v16f fjk_bf16_to_f32(fj_v16h h) {
+  return __builtin_bit_cast(fj_v16f, __builtin_convertvector(h, fj_v16u) << 16);
+}
+
 // 16 contiguous elements -> fp32 lanes.
 static inline fj_v16f fjk_load16(const float* p) { return *(const fj_v16f_u*)p; }
-static inline fj_v16f fjk_load16(const unsigned short* p) {
-  fj_v16u u = __builtin_convertvector(*(const fj_v16h_u*)p, fj_v16u);
-  return __builtin_bit_cast(fj_v16f, u << 16);
-}
+static inline fj_v16f fjk_load16(const unsigned short* p) { return fjk_bf16_to_f32(*(const fj_v16h_u*)p); }
 static inline fj_v16f fjk_load16(const _Float16* p) {
   return __builtin_convertvector(*(const fj_v16e_u*)p, fj_v16f);
 }

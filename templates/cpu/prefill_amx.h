@@ -32,7 +32,7 @@
 //   P V = Phi.Vhi + Phi.Vlo + Plo.Vhi.
 // So fp16 gets fp32-accumulated products with ~2^-16 relative error, well below fp16's own
 // input rounding (2^-11), at three times the bf16 tile work. The hi and lo halves are separate
-// arrays (qv / qv + kQLo, ...) and each product pass is one more trip of the tile loops below.
+// arrays (qv / qv + kQLo, ...); each step of the tile loops below runs all three products.
 
 #if FLEXJIT_DTYPE == 1
 static constexpr int kSplit = 1;  // one bf16 product per step
@@ -101,9 +101,6 @@ static inline void fjk_split1(fjk_elem x, unsigned short* hi, unsigned short* lo
   fjk_from_f32(f, hi);
   fjk_from_f32(f - fjk_to_f32(*hi), lo);
 #endif
-}
-static inline fj_v16f fjk_bf16_to_f32(fj_v16h h) {
-  return __builtin_bit_cast(fj_v16f, __builtin_convertvector(h, fj_v16u) << 16);
 }
 // 32 fp32 values (a: the first 16, b: the next 16) as bf16 words hi and lo: hi = bf16(x),
 // lo = bf16(x - hi) (x - hi is exact in fp32); hi + lo == x for fp16 values, and within 2^-17
