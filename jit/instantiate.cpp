@@ -95,12 +95,17 @@ std::vector<std::string> template_files(const KernelSpec& s) {
   if (s.kind == KernelKind::Backward)
     return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/split.h", "templates/cpu/elem.h",
             "templates/cpu/flash_backward.h"};
+  if (s.kind == KernelKind::Decode && s.engine == PrefillEngine::Amx)
+    return {"templates/mod_abi.h", "templates/cpu/common.h",    "templates/cpu/split.h",
+            "templates/cpu/elem.h", "templates/cpu/amx_tiles.h", "templates/cpu/decode_amx.h",
+            "templates/cpu/flash_decode.h"};
   if (s.kind == KernelKind::Decode)
     return {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/split.h", "templates/cpu/elem.h",
             "templates/cpu/decode_dot.h", "templates/cpu/flash_decode.h"};
   std::vector<std::string> files = {"templates/mod_abi.h", "templates/cpu/common.h", "templates/cpu/split.h",
                                     "templates/cpu/elem.h", "templates/cpu/prefill_item.h"};
-  if (s.engine != PrefillEngine::Amx) files.push_back("templates/cpu/prefill_lanes.h");  // FMA, vdpbf16ps
+  files.push_back(s.engine == PrefillEngine::Amx ? "templates/cpu/amx_tiles.h"           // the tiles' steps
+                                                 : "templates/cpu/prefill_lanes.h");  // FMA, vdpbf16ps
   files.push_back(std::string("templates/cpu/prefill_") + engine_name(s.engine) + ".h");
   files.push_back("templates/cpu/flash_prefill.h");
   return files;
@@ -137,8 +142,8 @@ std::string KernelSpec::str() const {
        << " BLOCK_M=" << block_m << " BLOCK_N=" << block_n << " GQA_GROUP=" << gqa_group
        << " ENGINE="
        << (backend == Backend::Cuda ? (engine == PrefillEngine::Wgmma ? "wgmma" : "mma")
-           : kind == KernelKind::Decode ? "dot"
-                                        : engine_name(engine));
+           : kind == KernelKind::Decode && engine == PrefillEngine::Fma ? "dot"
+                                                                          : engine_name(engine));
   if (backend == Backend::Cuda) os << " ARCH=" << arch << " KV_STAGES=" << kv_stages;
   if (backend == Backend::Cuda) os << " WARPS=" << warps;
   return os.str();
@@ -184,8 +189,9 @@ Instantiation plan(const KernelSpec& spec, const ModSet& mods, const std::string
          is_cuda(spec)))
       throw Error("the backward kernel runs on CPU with the FMA engine, or vdpbf16ps for bf16; got " + spec.str());
     const bool fma = spec.engine == PrefillEngine::Fma;
-    if (spec.kind == KernelKind::Decode && !is_cuda(spec) && (!fma || spec.block_n % 16 != 0 || spec.block_m < 1))
-      throw Error("the decode kernel needs BLOCK_N a multiple of 16, BLOCK_M >= 1 and the default engine, got " +
+    if (spec.kind == KernelKind::Decode && !is_cuda(spec) &&
+        (!(fma || spec.engine == PrefillEngine::Amx) || spec.block_n % 16 != 0 || spec.block_m < 1))
+      throw Error("the decode kernel needs BLOCK_N a multiple of 16, BLOCK_M >= 1 and the dot or AMX engine, got " +
                   spec.str());
     if (spec.engine == PrefillEngine::Amx &&
         ((spec.dtype != DType::BF16 && spec.dtype != DType::F16) || spec.block_n % 32 != 0))

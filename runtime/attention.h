@@ -30,8 +30,9 @@ struct AttentionOptions {
   bool use_tuning = true;
   // bf16 and fp16 matmuls on AMX tiles (fp16 split into bf16 hi + lo halves, three products):
   // -1 = when the host has AMX-BF16 and the OS grants the tile state (and FLEXJIT_AMX is not 0),
-  // 0 = never, 1 = required (an error where unavailable). Needs BLOCK_N a multiple of 32; fp32
-  // always uses the FMA engine.
+  // for decode calls only from runtime::kDecodeAmxMinRows query rows per KV head (GQA group x
+  // Lq; 4 for paged caches), 0 = never, 1 = required (an error where unavailable). Needs BLOCK_N a multiple of 32;
+  // fp32 always uses the FMA (prefill) or dot (decode) engine.
   int use_amx = -1;
   // bf16 matmuls on AVX512-BF16's vdpbf16ps (templates/cpu/prefill_dpbf16.h), the engine for
   // hosts without AMX: -1 = where the host has AVX512-BF16 and AMX is not used (and
@@ -95,7 +96,7 @@ struct AttentionReport {
 //
 // Dispatch: the call runs the flash-decoding kernel (templates/cpu/flash_decode.h: KV split into
 // partitions that run in parallel, merged after) when Lq <= 16, opt.force_prefill is off,
-// neither opt.use_amx nor opt.use_dpbf16 is 1 (those engines are the prefill kernel's), the last dims of k and v are
+// opt.use_dpbf16 is not 1 (that engine is the prefill kernel's), the last dims of k and v are
 // contiguous and a given block_mask has q_block_size >= Lq and a kv_block_size that is a
 // multiple of 16; otherwise the prefill kernel (flash_prefill.h).
 void flex_attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,

@@ -51,7 +51,8 @@ DecodeShape decode_shape(const TuneRequest& r, int64_t lkv) {
   s.rows = pack ? s.gqa_group * r.lq : r.lq;
   s.lkv = lkv;
   const int64_t heads = pack ? r.kv_heads : r.heads;
-  const int64_t per_item = runtime::decode_heads_per_item(r.paged, false, heads, s.rows, 0);
+  s.engine = runtime::preferred_decode_engine(r.dtype, s.rows, r.paged, AttentionOptions{}, "tune");  // as the runtime does
+  const int64_t per_item = runtime::decode_heads_per_item(r.paged, false, heads, s.rows, 0, s.engine);
   s.units = r.batch * ((heads + per_item - 1) / per_item);  // as runtime/decode.cpp counts them
   s.paged = r.paged;
   s.page_size = r.paged ? r.page_size : 0;

@@ -35,8 +35,8 @@ float* workspace(size_t floats) {
 
 bool decode_applies(const TensorView& q, const TensorView& k, const TensorView& v, const BlockMask* block_mask,
                     const AttentionOptions& opt) {
-  // USE_AMX=1 and USE_DPBF16=1 ask for prefill kernel engines; the decode kernel has its own.
-  if (opt.force_prefill || opt.use_amx == 1 || opt.use_dpbf16 == 1 || q.sizes[2] > 16) return false;
+  // USE_DPBF16=1 asks for a prefill kernel engine (the decode kernel has the dot and AMX engines).
+  if (opt.force_prefill || opt.use_dpbf16 == 1 || q.sizes[2] > 16) return false;
   if (k.strides[3] != 1 || v.strides[3] != 1) return false;
   if (block_mask && (block_mask->q_block_size < q.sizes[2] || block_mask->kv_block_size % 16 != 0)) return false;
   return true;
@@ -74,8 +74,9 @@ void run_decode(const TensorView& q, const DecodeKv& kv, const TensorView& out, 
   // A paged cache's slots interleave the KV heads ([page, slot, Hkv, D]): per head, a row every
   // Hkv * D elements, and every 4 KB page visited once per head. Items that hold several head
   // units read each page once for all of them (runtime/tuning.h decode_heads_per_item).
-  const int64_t per_item = decode_heads_per_item(paged, mask_reads_h, heads, rows, opt.block_m);
-  const int64_t chunks = ceil_div(heads, per_item);
+  // Many rows per unit: AMX tiles where the host has them (runtime/tuning.h).
+  PrefillEngine engine = preferred_decode_engine(q.dtype, rows, paged, opt, who);
+  int64_t per_item = decode_heads_per_item(paged, mask_reads_h, heads, rows, opt.block_m, engine);
 
   DecodeShape shape;
   shape.dtype = q.dtype;
@@ -85,10 +86,11 @@ void run_decode(const TensorView& q, const DecodeKv& kv, const TensorView& out, 
   shape.lq = Lq;
   shape.rows = rows;
   shape.lkv = max_len;
-  shape.units = B * chunks;
+  shape.units = B * ceil_div(heads, per_item);
   shape.paged = paged;
   shape.page_size = paged ? k.sizes[1] : 0;
   shape.threads = planned_threads(opt);
+  shape.engine = engine;
   DecodeKnobs knobs = plan_decode(shape, opt);
   knobs.block_m = int(std::min<int64_t>(knobs.block_m, rows));
   // A given BlockMask's KV blocks must be whole numbers of kernel blocks.
@@ -101,6 +103,12 @@ void run_decode(const TensorView& q, const DecodeKv& kv, const TensorView& out, 
     finish_partitions(shape, &knobs);
   }
   if (block_mask) check_block_mask(*block_mask, B, Hq, Lq, max_len, 1, knobs.block_n, who);
+  // The blocks may rule AMX out (BLOCK_N not a multiple of 32, scratch): then the dot engine,
+  // whose items may hold a different number of head units.
+  const PrefillEngine planned = engine;
+  engine = decode_engine_for_blocks(engine, q.dtype, D, Dv, knobs.block_m, knobs.block_n, opt, who);
+  if (engine != planned) per_item = decode_heads_per_item(paged, mask_reads_h, heads, rows, opt.block_m, engine);
+  const int64_t chunks = ceil_div(heads, per_item);
 
   jit::KernelSpec spec;
   spec.kind = jit::KernelKind::Decode;
@@ -110,6 +118,7 @@ void run_decode(const TensorView& q, const DecodeKv& kv, const TensorView& out, 
   spec.block_m = knobs.block_m;
   spec.block_n = knobs.block_n;
   spec.gqa_group = int(group);
+  spec.engine = engine;
   const bool any_mod = mods.has_score_mod() || mods.has_mask_mod();
   jit::KernelSpec mods_spec;
   mods_spec.kind = jit::KernelKind::Mods;
@@ -164,7 +173,7 @@ void run_decode(const TensorView& q, const DecodeKv& kv, const TensorView& out, 
   a.mod = bound.args();
 
   const int64_t row_blocks = ceil_div(rows, knobs.block_m);
-  FLEXJIT_CHECK(per_item == 1 || (row_blocks == 1 && per_item <= decode_max_units(knobs.block_m)),
+  FLEXJIT_CHECK(per_item == 1 || (row_blocks == 1 && per_item <= decode_max_units(knobs.block_m, engine)),
                 "head units per decode item fit the kernel's scratch");
   a.heads_per_item = per_item;
   const int64_t np = knobs.num_partitions;
@@ -221,7 +230,7 @@ void run_decode(const TensorView& q, const DecodeKv& kv, const TensorView& out, 
     rep.block_n = knobs.block_n;
     rep.gqa_group = int(group);
     rep.pack_gqa = pack;
-    rep.engine = "dot";
+    rep.engine = engine == PrefillEngine::Amx ? "amx" : "dot";
     rep.dtype = dtype_name(q.dtype);
     *report = rep;
   }

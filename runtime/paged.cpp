@@ -46,7 +46,6 @@ void paged_flex_attention(const TensorView& q, const TensorView& k_cache, const 
                     "speculative verification); got Lq=" + num(Lq) + ". Run longer queries (prefill) with "
                     "flex_attention on contiguous K/V");
   REQUIRE(!opt.force_prefill, "FORCE_USE_FLEX_ATTENTION has no paged form: the prefill kernel reads contiguous K/V");
-  REQUIRE(opt.use_amx != 1, "USE_AMX=1 has no paged form: the AMX engine is the prefill kernel's");
   REQUIRE(k_cache.sizes[3] == D, "k_cache head dim " + num(k_cache.sizes[3]) + " differs from q's " + num(D));
   REQUIRE(v_cache.sizes[0] == pages && v_cache.sizes[1] == page_size && v_cache.sizes[2] == Hkv,
           "v_cache must match k_cache in [num_pages, page_size, Hkv]: k_cache " + k_cache.shape_str() + ", v_cache " +

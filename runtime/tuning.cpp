@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <numeric>
 
+#include "runtime/launch.h"
+
 namespace flexjit::runtime {
 namespace {
 
@@ -22,8 +24,9 @@ int64_t partition_quantum(const DecodeShape& s, int block_n) {
 
 }  // namespace
 
-int decode_max_units(int block_m) {
-  // decode_dot.h: kRC = fjk_pick_rc(BLOCK_M), kRP = round_up(BLOCK_M, kRC), kMaxUnits.
+int decode_max_units(int block_m, PrefillEngine engine) {
+  // decode_amx.h: kMP = round_up(BLOCK_M, 16); decode_dot.h: kRC = fjk_pick_rc(BLOCK_M),
+  // kRP = round_up(BLOCK_M, kRC). kMaxUnits = clamp(128 / rows padded, 1, 16).
   auto rc_of = [](int m) {
     if (m <= 4) return m;
     int best = 8;
@@ -31,14 +34,55 @@ int decode_max_units(int block_m) {
     if (round_up(m, 4) < round_up(m, best)) best = 4;
     return best;
   };
-  const int rp = int(round_up(block_m, rc_of(block_m)));
+  const int rp = int(engine == PrefillEngine::Amx ? round_up(block_m, 16) : round_up(block_m, rc_of(block_m)));
   return std::clamp(128 / rp, 1, 16);
 }
 
-int64_t decode_heads_per_item(bool paged, bool mask_reads_h, int64_t heads, int64_t rows, int user_block_m) {
+int64_t decode_heads_per_item(bool paged, bool mask_reads_h, int64_t heads, int64_t rows, int user_block_m,
+                              PrefillEngine engine) {
   const int64_t bm = std::min<int64_t>(user_block_m ? user_block_m : 64, rows);
   if (!paged || mask_reads_h || rows > bm) return 1;
-  return std::min<int64_t>(heads, decode_max_units(int(bm)));
+  return std::min<int64_t>(heads, decode_max_units(int(bm), engine));
+}
+
+int64_t decode_amx_scratch_bytes(DType dtype, int64_t D, int64_t Dv, int64_t block_m, int64_t block_n) {
+  // FjkDecTile: per unit q (VNNI pairs), o, m, l, alpha; per tile s, kb (32 keys), pb, vb, the
+  // zero row and four row-pointer arrays.
+  const int64_t mp = round_up(block_m, 16), dp = round_up(D, 32), dvp = round_up(Dv, 32);
+  const int64_t halves = dtype == DType::F16 ? 2 : 1, units = decode_max_units(int(block_m), PrefillEngine::Amx);
+  const int64_t per_unit = halves * 2 * dp * mp + 4 * mp * dvp + 3 * 4 * mp;
+  return units * per_unit + 4 * block_n * mp + halves * (2 * 32 * dp + 2 * mp * block_n + 2 * block_n * dvp) +
+         2 * std::max(dp, dvp) + 4 * 8 * block_n + 4096;
+}
+
+PrefillEngine preferred_decode_engine(DType dtype, int64_t rows, bool paged, const AttentionOptions& opt,
+                                      const std::string& who) {
+  const bool amx_dtype = dtype == DType::BF16 || dtype == DType::F16;
+  const int64_t min_rows = paged ? kDecodeAmxMinRowsPaged : kDecodeAmxMinRows;
+  if (opt.use_amx == 0 || (opt.use_amx != 1 && (!amx_dtype || rows < min_rows))) return PrefillEngine::Fma;
+  if (!amx_dtype)
+    throw Error(who + ": USE_AMX=1 needs bf16 or fp16 inputs, got " + dtype_name(dtype));
+  std::string no_amx;
+  if (!amx_available(&no_amx)) {
+    if (opt.use_amx == 1) throw Error(who + ": USE_AMX=1 but " + no_amx);
+    return PrefillEngine::Fma;
+  }
+  return PrefillEngine::Amx;
+}
+
+PrefillEngine decode_engine_for_blocks(PrefillEngine preferred, DType dtype, int64_t D, int64_t Dv, int block_m,
+                                       int block_n, const AttentionOptions& opt, const std::string& who) {
+  if (preferred != PrefillEngine::Amx) return preferred;
+  std::string why;
+  if (block_n % 32 != 0)
+    why = "the AMX decode engine needs BLOCK_N a multiple of 32, got " + std::to_string(block_n);
+  else if (decode_amx_scratch_bytes(dtype, D, Dv, block_m, block_n) > kTileScratchLimit)
+    why = "the AMX decode engine's scratch for D " + std::to_string(D) + ", Dv " + std::to_string(Dv) +
+          ", BLOCK_M " + std::to_string(block_m) + ", BLOCK_N " + std::to_string(block_n) +
+          " exceeds 1 MiB; pass a smaller BLOCK_N or BLOCK_M";
+  if (why.empty()) return PrefillEngine::Amx;
+  if (opt.use_amx == 1) throw Error(who + ": USE_AMX=1 but " + why);
+  return PrefillEngine::Fma;
 }
 
 int planned_threads(const AttentionOptions& opt) {
@@ -104,7 +148,7 @@ TuningBucket decode_bucket(const DecodeShape& s) {
   b.work = s.units;
   b.paged = s.paged;
   b.threads = s.threads;
-  b.engine = "dot";
+  b.engine = s.engine == PrefillEngine::Amx ? "amx" : "dot";
   return b;
 }
 

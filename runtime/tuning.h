@@ -23,6 +23,9 @@ struct DecodeShape {
   bool paged = false;
   int64_t page_size = 0;    // paged only: PARTITION_SIZE must be a multiple of it
   int threads = 1;
+  // The decode kernel's engine: Fma = the dot engine (templates/cpu/decode_dot.h), Amx = AMX
+  // tiles (templates/cpu/decode_amx.h; BLOCK_N a multiple of 32). See preferred_decode_engine.
+  PrefillEngine engine = PrefillEngine::Fma;
 };
 
 struct DecodeKnobs {
@@ -47,19 +50,45 @@ DecodeKnobs default_decode_knobs(const DecodeShape& s);
 // size, at least one block) and fills num_partitions.
 void finish_partitions(const DecodeShape& s, DecodeKnobs* k);
 
-// The tuning database bucket of a decode shape (engine "dot").
+// The tuning database bucket of a decode shape (engine "dot" or "amx").
 TuningBucket decode_bucket(const DecodeShape& s);
 
 // How many head units one decode work item can hold for a kernel of BLOCK_M rows per unit: the
-// decode kernel's kMaxUnits (templates/cpu/decode_dot.h; a unit's rows padded to its register
-// tile, 128 rows and 16 units at most). Must match the template; the decode tests run items of
-// the most units each BLOCK_M allows.
-int decode_max_units(int block_m);
+// decode kernel's kMaxUnits (templates/cpu/decode_dot.h: a unit's rows padded to its register
+// tile; decode_amx.h: to whole 16-row tiles; 128 rows and 16 units at most). Must match the
+// templates; the decode tests run items of the most units each BLOCK_M allows.
+int decode_max_units(int block_m, PrefillEngine engine = PrefillEngine::Fma);
 
 // Head units per decode work item: more than one for paged caches (whose slots interleave the
 // KV heads, so an item reads each page once for all its heads) when a unit's `rows` fit one
 // row block (BLOCK_M: the user's, else up to 64) and the mask does not differ by head.
-int64_t decode_heads_per_item(bool paged, bool mask_reads_h, int64_t heads, int64_t rows, int user_block_m);
+int64_t decode_heads_per_item(bool paged, bool mask_reads_h, int64_t heads, int64_t rows, int user_block_m,
+                              PrefillEngine engine = PrefillEngine::Fma);
+
+// The AMX decode engine's per-thread scratch (bytes; templates/cpu/decode_amx.h FjkDecTile, an
+// upper bound, with the most head units an item of BLOCK_M rows holds); the kernel allows
+// kTileScratchLimit.
+int64_t decode_amx_scratch_bytes(DType dtype, int64_t D, int64_t Dv, int64_t block_m, int64_t block_n);
+
+// Query rows per decode work unit from which the AMX engine is the default where it can run
+// (contiguous / paged KV): below it decoding is bound by reading K and V and the dot engine
+// reads them faster. Measured on the AMX host (bf16, D 128, KV 16k-32k, caches flushed), AMX over
+// dot: contiguous 0.74-0.77x at 1-2 rows, 0.89-0.90x at 4, 1.0-1.15x at 8, 1.5-2.1x at 32;
+// paged (pages of 16) 0.78x at 1 row, 0.95-0.97x at 2, 1.05-1.25x at 4, 1.5-1.8x at 8, 2.5x at 16.
+constexpr int64_t kDecodeAmxMinRows = 8, kDecodeAmxMinRowsPaged = 4;
+
+// The decode kernel's engine for a call with `rows` query rows per unit: AMX tiles for bf16 and
+// fp16 where the host allows them (amx_available) and opt.use_amx is 1, or -1 with rows >=
+// kDecodeAmxMinRows (paged: kDecodeAmxMinRowsPaged); else the dot engine (Fma). Throws flexjit::Error, prefixed by `who`, when
+// USE_AMX=1 cannot be honoured (dtype, host). BLOCK_N and the scratch are checked once the
+// blocks are known (decode_engine_for_blocks).
+PrefillEngine preferred_decode_engine(DType dtype, int64_t rows, bool paged, const AttentionOptions& opt,
+                                      const std::string& who);
+
+// `preferred` for the chosen blocks: AMX needs BLOCK_N a multiple of 32 and its scratch within
+// kTileScratchLimit; otherwise the dot engine, or an error (prefixed by `who`) under USE_AMX=1.
+PrefillEngine decode_engine_for_blocks(PrefillEngine preferred, DType dtype, int64_t D, int64_t Dv, int block_m,
+                                       int block_n, const AttentionOptions& opt, const std::string& who);
 
 // The threads a call runs on: opt.num_threads if set, else TBB's default concurrency.
 int planned_threads(const AttentionOptions& opt);

@@ -34,7 +34,7 @@ __all__ = ["flex_attention", "paged_flex_attention", "flash_attn_varlen_func", "
 _LIB_NAME = "libflexjit_torch_ops.so"
 _KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "USE_AMX", "USE_DPBF16", "PARTITION_SIZE", "FORCE_USE_FLEX_ATTENTION",
                    "USE_WGMMA")
-_PAGED_KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "PARTITION_SIZE")
+_PAGED_KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "PARTITION_SIZE", "USE_AMX")
 _VARLEN_KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "USE_AMX", "USE_DPBF16")
 _loaded = None
 
@@ -100,8 +100,8 @@ def _kernel_options(op, kernel_options, known):
     unknown = sorted(set(options) - set(known))
     if unknown:
         hint = ""
-        if op == "paged_flex_attention" and set(unknown) & {"USE_AMX", "USE_DPBF16", "FORCE_USE_FLEX_ATTENTION"}:
-            hint = ("; USE_AMX, USE_DPBF16 and FORCE_USE_FLEX_ATTENTION pick the prefill kernel, which reads contiguous K/V: "
+        if op == "paged_flex_attention" and set(unknown) & {"USE_DPBF16", "FORCE_USE_FLEX_ATTENTION"}:
+            hint = ("; USE_DPBF16 and FORCE_USE_FLEX_ATTENTION pick the prefill kernel, which reads contiguous K/V: "
                     "drop them, or gather the pages and call flex_attention")
         raise ValueError(f"flexjit.{op}: unknown kernel_options {unknown}; known: {list(known)}{hint}")
     force = options.get("FORCE_USE_FLEX_ATTENTION", False)
@@ -228,8 +228,10 @@ def paged_flex_attention(query, k_cache, v_cache, block_table, seq_lens, score_m
     works unchanged. The mask_mod is a mod, not a BlockMask: the block mask is
     built per call over each sequence's own length. Registered mods' missing buffers are made for
     max(seq_lens) positions.
-    kernel_options: BLOCK_M / BLOCK_N (decode kernel tiles) and PARTITION_SIZE (keys per split-KV
-    partition, a multiple of page_size; 0 / unset: tuned or cost model).
+    kernel_options: BLOCK_M / BLOCK_N (decode kernel tiles), PARTITION_SIZE (keys per split-KV
+    partition, a multiple of page_size; 0 / unset: tuned or cost model) and USE_AMX (0 / 1: the
+    decode kernel's AMX engine never / required; unset: bf16 / fp16 from 4 query rows per KV head
+    where the host has AMX).
 
     CUDA: fp32 / bf16 / fp16 query and caches on one CUDA device run the CUDA flash-decoding
     kernel (block_table / seq_lens on that device or the CPU; seq_lens on the CPU sizes the grid by
@@ -244,7 +246,7 @@ def paged_flex_attention(query, k_cache, v_cache, block_table, seq_lens, score_m
         query, k_cache, v_cache, block_table, seq_lens, score_text, mask_text, buf, buf_names,
         par_names, par_values, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse,
         BLOCK_M=options.get("BLOCK_M", 0), BLOCK_N=options.get("BLOCK_N", 0),
-        PARTITION_SIZE=int(options.get("PARTITION_SIZE", 0)))
+        PARTITION_SIZE=int(options.get("PARTITION_SIZE", 0)), USE_AMX=int(options.get("USE_AMX", -1)))
     return (out, lse) if return_lse else out
 
 

@@ -706,7 +706,7 @@ std::tuple<at::Tensor, at::Tensor> paged_flex_attention_cuda(
     const at::Tensor& seq_lens, const std::string& score_mod_text, const std::string& mask_mod_text,
     const Tensors& buffers, const Names& buffer_names, const Names& param_names, at::ArrayRef<double> param_values,
     std::optional<double> scale, bool enable_gqa, bool return_lse, int64_t BLOCK_M, int64_t BLOCK_N,
-    int64_t PARTITION_SIZE) {
+    int64_t PARTITION_SIZE, int64_t USE_AMX) {
   return surface_errors("flexjit.paged_flex_attention", [&] {
     if (query.dim() != 4 || k_cache.dim() != 4 || v_cache.dim() != 4)
       throw Error("query must be 4-D [B, Hq, Lq, D] and k_cache, v_cache 4-D [num_pages, page_size, Hkv, D]");
@@ -718,7 +718,8 @@ std::tuple<at::Tensor, at::Tensor> paged_flex_attention_cuda(
     const ShapeInfo shape{query.size(0), query.size(1), k_cache.size(2), cap, cap};
     auto [mods, bind] = op_mods(score_mod_text, mask_mod_text, buffers, buffer_names, param_names, param_values,
                                 query, shape, &keep);
-    const FlexOptions opt = op_options(scale, enable_gqa, return_lse, BLOCK_M, BLOCK_N, PARTITION_SIZE);
+    FlexOptions opt = op_options(scale, enable_gqa, return_lse, BLOCK_M, BLOCK_N, PARTITION_SIZE);
+    if (USE_AMX >= 0) opt.kernel_options["USE_AMX"] = USE_AMX;  // refused on CUDA with the reason
     FlexResult r = cuda_paged_flex_attention(query, k_cache, v_cache, block_table, seq_lens, mods, bind, opt);
     at::Tensor lse = r.lse.defined() ? r.lse : at::empty({0}, query.options().dtype(at::kFloat));
     return std::make_tuple(r.out, lse);

@@ -59,8 +59,9 @@ struct FlexOptions {
   std::optional<double> scale;       // default 1/sqrt(D)
   bool enable_gqa = false;
   bool return_lse = false;
-  // BLOCK_M, BLOCK_N: kernel tiles (0 = default). USE_AMX: 0 / 1 forbids / requires bf16 AMX
-  // tiles (unset: where available). USE_DPBF16: the same for AVX512-BF16's vdpbf16ps (unset:
+  // BLOCK_M, BLOCK_N: kernel tiles (0 = default). USE_AMX: 0 / 1 forbids / requires bf16 / fp16
+  // AMX tiles, in the prefill and the decode kernel (unset: where available; decode from 8 rows
+  // per KV head, 4 on a paged cache). USE_DPBF16: the same for AVX512-BF16's vdpbf16ps (unset:
   // where available and AMX is not used). PARTITION_SIZE: keys per split-KV partition of the decode
   // kernel (>= 0; 0 = tuned or cost model). FORCE_USE_FLEX_ATTENTION: 1 runs the prefill kernel
   // where the decode kernel would apply (PyTorch's option of that name). See AttentionOptions.
@@ -96,8 +97,9 @@ FlexResult flex_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
 // block mask is built per call over each sequence's own length. A registered mod's buffers that
 // are not given are made for ShapeInfo{B, Hq, Hkv, max_len, max_len}, max_len = max(seq_lens),
 // because they are indexed by absolute positions. seq_lens[b] = 0 (an unused batch slot) gives
-// out 0 and lse -inf. options.kernel_options takes BLOCK_M, BLOCK_N and PARTITION_SIZE (a
-// multiple of page_size); FORCE_USE_FLEX_ATTENTION=1 and USE_AMX=1 are refused (no paged form).
+// out 0 and lse -inf. options.kernel_options takes BLOCK_M, BLOCK_N, PARTITION_SIZE (a
+// multiple of page_size) and USE_AMX (the decode kernel's AMX engine: 0 never, 1 required);
+// FORCE_USE_FLEX_ATTENTION=1 is refused (no paged form).
 // Returns out [B, Hq, Lq, Dv] in q's dtype and, with return_lse, lse [B, Hq, Lq] fp32.
 // Throws flexjit::Error on bad input (shapes, dtypes, a page index out of range, ...).
 FlexResult paged_flex_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

@@ -117,7 +117,7 @@ inline std::tuple<at::Tensor, at::Tensor> paged_flex_attention_meta(
     const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& block_table, const at::Tensor& seq_lens, const std::string&,
     const std::string&, const Tensors&, const Names&, const Names&, at::ArrayRef<double>,
-    std::optional<double>, bool, bool return_lse, int64_t, int64_t, int64_t) {
+    std::optional<double>, bool, bool return_lse, int64_t, int64_t, int64_t, int64_t) {
   TORCH_CHECK_VALUE(query.dim() == 4, "flexjit.paged_flex_attention: query must be 4-D [B, Hq, Lq, D], got ",
                     query.dim(), "-D");
   for (auto [t, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}})
@@ -169,6 +169,6 @@ std::tuple<at::Tensor, at::Tensor> paged_flex_attention_cuda(
     const at::Tensor& seq_lens, const std::string& score_mod_text, const std::string& mask_mod_text,
     const Tensors& buffers, const Names& buffer_names, const Names& param_names, at::ArrayRef<double> param_values,
     std::optional<double> scale, bool enable_gqa, bool return_lse, int64_t BLOCK_M, int64_t BLOCK_N,
-    int64_t PARTITION_SIZE);
+    int64_t PARTITION_SIZE, int64_t USE_AMX);
 
 }  // namespace flexjit::ops

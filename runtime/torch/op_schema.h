@@ -34,7 +34,7 @@ inline void define_flexjit_ops(torch::Library& m) {
         "Tensor seq_lens, str score_mod=\"\", str mask_mod=\"\", Tensor[]? buffers=None, "
         "str[]? buffer_names=None, str[]? param_names=None, float[] param_values=[], "
         "float? scale=None, bool enable_gqa=False, bool return_lse=False, int BLOCK_M=0, "
-        "int BLOCK_N=0, int PARTITION_SIZE=0) -> (Tensor out, Tensor lse)",
+        "int BLOCK_N=0, int PARTITION_SIZE=0, int USE_AMX=-1) -> (Tensor out, Tensor lse)",
         {at::Tag::pt2_compliant_tag});
   m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float? softmax_scale=None, bool causal=False, "

@@ -345,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor> paged_flex_attention_cpu(
     const at::Tensor& block_table, const at::Tensor& seq_lens, const std::string& score_mod_text,
     const std::string& mask_mod_text, const Tensors& buffers, const Names& buffer_names,
     const Names& param_names, at::ArrayRef<double> param_values, std::optional<double> scale,
-    bool enable_gqa, bool return_lse, int64_t BLOCK_M, int64_t BLOCK_N, int64_t PARTITION_SIZE) {
+    bool enable_gqa, bool return_lse, int64_t BLOCK_M, int64_t BLOCK_N, int64_t PARTITION_SIZE, int64_t USE_AMX) {
   return surface_errors("flexjit.paged_flex_attention", [&] {
     ModArgs args = collect(buffers, buffer_names, param_names, param_values);
     ModRef sm = make(score_mod_text, ModKind::Score, args),
@@ -357,6 +357,7 @@ std::tuple<at::Tensor, at::Tensor> paged_flex_attention_cpu(
     opt.return_lse = return_lse;
     if (BLOCK_M) opt.kernel_options["BLOCK_M"] = BLOCK_M;
     if (BLOCK_N) opt.kernel_options["BLOCK_N"] = BLOCK_N;
+    if (USE_AMX >= 0) opt.kernel_options["USE_AMX"] = USE_AMX;
     set_decode_options(PARTITION_SIZE, false, &opt);
     FlexResult r = paged_flex_attention(query, k_cache, v_cache, block_table, seq_lens, sm, mm, opt);
     at::Tensor lse = r.lse.defined() ? r.lse : at::empty({0}, query.options().dtype(at::kFloat));
@@ -377,11 +378,11 @@ std::tuple<at::Tensor, at::Tensor> paged_flex_attention_autograd(
     const at::Tensor& block_table, const at::Tensor& seq_lens, const std::string& score_mod_text,
     const std::string& mask_mod_text, const Tensors& buffers, const Names& buffer_names,
     const Names& param_names, at::ArrayRef<double> param_values, std::optional<double> scale,
-    bool enable_gqa, bool return_lse, int64_t BLOCK_M, int64_t BLOCK_N, int64_t PARTITION_SIZE) {
+    bool enable_gqa, bool return_lse, int64_t BLOCK_M, int64_t BLOCK_N, int64_t PARTITION_SIZE, int64_t USE_AMX) {
   auto r = NoBackward<PagedFlexAttentionOp>::apply(
       query, k_cache, v_cache, block_table, seq_lens, score_mod_text, mask_mod_text, buffers,
       buffer_names, param_names, param_values, scale, enable_gqa, return_lse, BLOCK_M, BLOCK_N,
-      PARTITION_SIZE);
+      PARTITION_SIZE, USE_AMX);
   return std::make_tuple(r[0], r[1]);
 }
 

@@ -67,6 +67,8 @@ static constexpr int kDVFull = HEAD_DIM_V / kLane, kDVTail = HEAD_DIM_V % kLane;
 static constexpr int kDVV = FJK_DEC_BF16DOT ? 2 * kDVChunks : kDVChunks;  // O vectors per row
 static constexpr int kDVP = 16 * kDVV;                               // O row stride
 static constexpr int kNP = BLOCK_N;                                  // S row stride
+// S element (row r, key n) of the driver's score block: s[r * kDecLdM + n * kDecLdN].
+static constexpr fj_i64 kDecLdN = 1, kDecLdM = kNP;
 
 // Register tiles. With AVX-512 (32 registers, one per 16-lane vector): rows per tile BLOCK_M
 // itself up to 4, else whichever of 8, 6, 4 pads least; kRC * kNR Q K^T accumulators and
@@ -182,12 +184,21 @@ static inline fj_v16f fjk_load_part(const fjk_elem* p) {
 static inline fj_v32bf fjk_load32bf(const unsigned short* p) {
   return __builtin_bit_cast(fj_v32bf, *(const fj_v32h_u*)p);
 }
+// x86: a masked load (AVX512-BW; masked-off elements are not read). A copy into a zeroed buffer
+// instead becomes a <kCount x bfloat> load that LLVM 19 cannot legalise for odd counts ("Do not
+// know how to soft promote this operator's operand": the process aborts).
 template <int kCount>
 static inline fj_v32bf fjk_load32bf_part(const unsigned short* p) {
+#if FJK_DEC_X86
+  typedef short fj_v32s __attribute__((vector_size(64)));
+  const fj_v32s v = __builtin_ia32_loaddquhi512_mask((const fj_v32s*)p, (fj_v32s){}, (unsigned)((1ull << kCount) - 1));
+  return __builtin_bit_cast(fj_v32bf, v);
+#else
   alignas(64) unsigned short tmp[32] = {};
   FJK_SCALAR_LOOP
   for (int i = 0; i < kCount; ++i) tmp[i] = p[i];
   return __builtin_bit_cast(fj_v32bf, *(const fj_v32h*)tmp);
+#endif
 }
 template <int kCount>
 static inline fj_v32bf fjk_load32bf_chunk(const unsigned short* p) {
@@ -413,10 +424,11 @@ static inline void fjk_pv_tile(struct FjkDecTile* t, const struct FjkDecUnit* u,
 #pragma clang loop unroll(full)
     for (int c = 0; c < kDC / 2; ++c) {
       constexpr int kLeft = HEAD_DIM_V - 32 * kChunk0;  // elements of V from this tile's start
-      const fj_v32h a = __builtin_bit_cast(fj_v32h, c * 32 + 32 <= kLeft ? fjk_load32bf(va + 32 * c)
-                                                        : fjk_load32bf_chunk<kDVTail ? kDVTail : 32>(va + 32 * c));
-      const fj_v32h b = __builtin_bit_cast(fj_v32h, c * 32 + 32 <= kLeft ? fjk_load32bf(vb + 32 * c)
-                                                        : fjk_load32bf_chunk<kDVTail ? kDVTail : 32>(vb + 32 * c));
+      const bool whole = c * 32 + 32 <= kLeft;
+      const fj_v32h a = whole ? __builtin_bit_cast(fj_v32h, fjk_load32bf(va + 32 * c))
+                              : __builtin_bit_cast(fj_v32h, fjk_load32bf_chunk<kDVTail ? kDVTail : 32>(va + 32 * c));
+      const fj_v32h b = whole ? __builtin_bit_cast(fj_v32h, fjk_load32bf(vb + 32 * c))
+                              : __builtin_bit_cast(fj_v32h, fjk_load32bf_chunk<kDVTail ? kDVTail : 32>(vb + 32 * c));
       // (V[n][d], V[n+1][d]) pairs: d = 8k + i (lo) and 8k + 4 + i (hi), k < 4, i < 4.
       lo[c] = __builtin_bit_cast(fj_v32bf, __builtin_shufflevector(a, b, 0, 32, 1, 33, 2, 34, 3, 35, 8, 40, 9, 41, 10,
                                                                    42, 11, 43, 16, 48, 17, 49, 18, 50, 19, 51, 24,
@@ -532,6 +544,7 @@ static inline void fjk_dec_engine_begin(struct FjkDecTile* t) {
   __builtin_memset(t->zero_row, 0, sizeof(t->zero_row));
   __builtin_memset(t->q, 0, sizeof(t->q));  // padding rows and columns stay 0
 }
+static inline void fjk_dec_engine_end(struct FjkDecTile* t) { (void)t; }
 // O = 0 and the softmax state of the rows of `units` units.
 static inline void fjk_dec_item_begin(struct FjkDecTile* t, int units) {
   __builtin_memset(t->o, 0, sizeof(float) * units * kRP * kDVP);

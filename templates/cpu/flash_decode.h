@@ -1,8 +1,9 @@
 // CPU flash decoding with FlexAttention score_mod / mask_mod: the driver.
 //
 // Preceded in the TU by the spec macros (FLEXJIT_DTYPE, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
-// GQA_GROUP, FLEXJIT_ENTRY), mod_abi.h, cpu/common.h, cpu/elem.h and the engine
-// cpu/decode_dot.h (scratch, Q K^T, softmax, P V). Like the prefill kernel it contains no mod
+// GQA_GROUP, FLEXJIT_ENTRY), mod_abi.h, cpu/common.h, cpu/elem.h and one engine (scratch, Q K^T,
+// softmax, P V): cpu/decode_dot.h (vectors along the head dim) or cpu/decode_amx.h (AMX tiles,
+// after cpu/amx_tiles.h). Like the prefill kernel it contains no mod
 // code: the mods are the separately compiled FlexApplyModsFn, called once per visited block.
 //
 // One work item = the rows of one (b, head chunk, row block) against one partition of the
@@ -105,14 +106,14 @@ static inline void fjk_dec_rows(const struct FlexDecodeArgs* a, const struct Fjk
 }
 
 // score_mod and mask_mod on unit u's S rows [0, mvalid) x keys [0, nvalid): one call per run of
-// rows of one query head (keys contiguous: FlexModTile with ld = 1).
+// rows of one query head (in the engine's layout: FlexModTile ld = kDecLdN, ld_m = kDecLdM).
 static inline void fjk_dec_apply_mods(const struct FlexDecodeArgs* a, const struct FjkDecItem* it, int u,
                                       struct FjkDecTile* t, fj_i64 kv0, int nvalid, bool partial) {
   const bool mask = partial && a->has_mask_mod;
   if (a->apply_mods == nullptr || !(mask || a->has_score_mod)) return;
   struct FlexModTile tile;
-  tile.ld = 1;
-  tile.ld_m = kNP;
+  tile.ld = kDecLdN;
+  tile.ld_m = kDecLdM;
   tile.b = it->b;
   tile.kv0 = kv0;
   tile.nvalid = nvalid;
@@ -121,7 +122,7 @@ static inline void fjk_dec_apply_mods(const struct FlexDecodeArgs* a, const stru
     const fj_i64 q = fjk_dec_query(it, r);
     const fj_i64 left = it->packed ? it->lq - q : it->mvalid - r;
     const int run = left < it->mvalid - r ? (int)left : it->mvalid - r;
-    tile.s = t->s + r * kNP;
+    tile.s = t->s + r * kDecLdM;
     tile.h = fjk_dec_head(it, u, r);
     tile.q0 = it->qoff + q;
     tile.mvalid = run;
@@ -279,5 +280,6 @@ extern "C" void FLEXJIT_ENTRY(const struct FlexDecodeArgs* a, fj_i64 begin, fj_i
   struct FjkDecTile t;
   fjk_dec_engine_begin(&t);
   for (fj_i64 item = begin; item < end; ++item) fjk_dec_run_item(a, &t, item);
+  fjk_dec_engine_end(&t);
 }
 #endif  // FLEXJIT_PART != 1

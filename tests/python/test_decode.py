@@ -127,6 +127,30 @@ def test_paged_matches_torch_flex_attention_on_gathered_kv(name, page_size, lq, 
     torch.testing.assert_close(alone, out, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("page_size", [16, 8], ids=["page16", "page8"])
+def test_use_amx_decode_engine_matches_torch(page_size, dtype):
+    # The decode kernel's engines through the paged op: USE_AMX 0 (the dot engine) and 1 (AMX
+    # tiles: 4 query rows x a GQA group of 4 = 16 rows per KV head; skipped visibly where the
+    # host or OS lacks AMX) both match PyTorch's fp32 flex_attention on the gathered K/V.
+    k_cache, v_cache, block_table, seq_lens, k_full, v_full = make_paged(dtype, page_size)
+    q = make_q(dtype, 4)
+    mod = Mod("alibi", LENS, 4)
+    ref, ref_lse = torch_reference(mod, q, k_full, v_full, LENS)
+    tol = TOL[torch.bfloat16] if dtype == torch.bfloat16 else dict(atol=2e-3, rtol=2e-3)
+    for use_amx in (0, 1):
+        try:
+            out, lse = paged(mod, q, k_cache, v_cache, block_table, seq_lens, return_lse=True,
+                             kernel_options={"USE_AMX": use_amx})
+        except ValueError as e:
+            if use_amx == 1:
+                pytest.skip(f"AMX engine unavailable here: {e}")
+            raise
+        assert not out.isnan().any(), "a NaN slot no sequence owns was read"
+        torch.testing.assert_close(out.float(), ref, **tol)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
 def test_unused_slot_gives_zeros_and_lse_minus_inf():
     k_cache, v_cache, block_table, seq_lens, _, _ = make_paged(torch.float32, 16, lens=[0, 33, 0])
     q = make_q(torch.float32, 1, B=3)

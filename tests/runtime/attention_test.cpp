@@ -101,7 +101,7 @@ void run_case(const Case& c) {
   if (c.use_amx >= 0) EXPECT_EQ(rep.engine == "amx", c.use_amx == 1) << "engine";
   if (c.use_amx == 0 && c.use_dpbf16 >= 0 && rep.path == "prefill")
     EXPECT_EQ(rep.engine, c.use_dpbf16 == 1 ? "dpbf16" : "fma");
-  const bool decode = c.Lq <= 16 && !c.force_prefill && c.use_amx != 1 && c.use_dpbf16 != 1 &&
+  const bool decode = c.Lq <= 16 && !c.force_prefill && c.use_dpbf16 != 1 &&
                       (!mp || (mp->q_block_size >= c.Lq && mp->kv_block_size % 16 == 0));
   EXPECT_EQ(rep.path, decode ? "decode" : "prefill") << "the dispatch rule";
 

@@ -36,7 +36,16 @@ struct DecodeCase {
   int block_n = 0;        // BLOCK_N (0: the planner's)
   int page_size = 0;      // 0: contiguous KV; else paged
   std::string score_mod, mask_mod;
+  int use_amx = -1;       // AttentionOptions::use_amx (1: the AMX engine, skipped visibly where unavailable)
 };
+
+// Skips (visibly) a case that forces the AMX engine on a host without it; else the engine the
+// report must name for use_amx 0 / 1 ("" for -1: the runtime's choice).
+std::string expected_engine(int use_amx) {
+  std::string why;
+  if (use_amx == 1 && !amx_available(&why)) return "skip: " + why;
+  return use_amx == 1 ? "amx" : use_amx == 0 ? "dot" : "";
+}
 
 std::string clean(const std::string& s) {
   std::string o;
@@ -54,6 +63,7 @@ std::string name_of(const DecodeCase& c) {
   if (c.page_size) n += "_page" + std::to_string(c.page_size);
   if (!c.score_mod.empty()) n += "_s_" + clean(c.score_mod);
   if (!c.mask_mod.empty()) n += "_m_" + clean(c.mask_mod);
+  if (c.use_amx >= 0) n += "_amx" + std::to_string(c.use_amx);
   return n;
 }
 
@@ -61,6 +71,8 @@ std::string name_of(const DecodeCase& c) {
 
 void run_contiguous(const DecodeCase& c) {
   SCOPED_TRACE(name_of(c));
+  const std::string engine = expected_engine(c.use_amx);
+  if (engine.rfind("skip", 0) == 0) GTEST_SKIP() << "AMX decode engine not testable here: " << engine;
   OwnedTensor q = make_tensor(c.dtype, c.B, c.Hq, c.Lq, c.D, false, 11);
   OwnedTensor k = make_tensor(c.dtype, c.B, c.Hkv, c.Lkv, c.D, false, 22);
   OwnedTensor v = make_tensor(c.dtype, c.B, c.Hkv, c.Lkv, c.Dv, false, 33);
@@ -77,9 +89,11 @@ void run_contiguous(const DecodeCase& c) {
   opt.enable_gqa = c.Hq != c.Hkv;
   opt.partition_size = c.partition;
   opt.block_n = c.block_n;
+  opt.use_amx = c.use_amx;
   AttentionReport rep;
   flex_attention(q.view, k.view, v.view, out.view, &lse.view, mods, bind, nullptr, opt, &rep);
   EXPECT_EQ(rep.path, "decode");
+  if (!engine.empty()) EXPECT_EQ(rep.engine, engine);
   if (c.partition) {
     EXPECT_EQ(rep.partition_size, c.Lkv > c.partition ? c.partition : (c.Lkv + rep.block_n - 1) / rep.block_n * rep.block_n);
     EXPECT_EQ(rep.num_partitions, (c.Lkv + rep.partition_size - 1) / rep.partition_size);
@@ -173,6 +187,69 @@ std::vector<DecodeCase> mod_cases() {
 INSTANTIATE_TEST_SUITE_P(Mods, Contiguous, ::testing::ValuesIn(mod_cases()),
                          [](const auto& info) { return name_of(info.param); });
 
+// The AMX engine (use_amx 1; skipped visibly on hosts without AMX) on the shapes that reach its
+// fallbacks and padding: bf16 and fp16 (split into hi + lo halves); D a multiple of 32 (K read
+// in place), D 80 / odd D 33 (K packed; odd Dv leaves half-empty V pairs), Dv != D, D 256; row
+// counts 1 (one 16-row tile mostly padding), 3 x 5 = 15, 8, 4 x 16 = 64 (two query tile pairs)
+// and 8 x 16 = 128 (two row blocks); KV 1, 17, 97, 129, 4097 and each side of a partition;
+// BLOCK_N 32 and 256; every built-in mod with GQA; fully masked rows and wholly masked
+// partitions. The same cases on the dot engine (use_amx 0) are the control.
+std::vector<DecodeCase> amx_cases() {
+  std::vector<DecodeCase> out;
+  int i = 0;
+  for (int amx : {1, 0})
+    for (DType dt : {DType::BF16, DType::F16}) {
+      struct Shape {
+        int D, Dv, Hq, Hkv;
+        int64_t Lq, Lkv, partition;
+        int block_n;
+      };
+      for (Shape sh : {Shape{128, 128, 8, 1, 1, 4097, 0, 0}, Shape{64, 64, 6, 2, 5, 129, 64, 32},
+                       Shape{80, 48, 8, 1, 1, 97, 0, 0}, Shape{33, 17, 3, 1, 5, 17, 0, 0},
+                       Shape{256, 256, 4, 4, 1, 1, 0, 0}, Shape{64, 64, 4, 1, 16, 1000, 256, 256},
+                       Shape{128, 128, 8, 1, 16, 300, 128, 64}, Shape{64, 64, 8, 1, 2, 127, 128, 0},
+                       Shape{64, 64, 8, 1, 2, 128, 128, 0}, Shape{64, 64, 8, 1, 2, 129, 128, 0}}) {
+        DecodeCase c;
+        c.dtype = dt;
+        c.use_amx = amx;
+        c.D = sh.D;
+        c.Dv = sh.Dv;
+        c.Hq = sh.Hq;
+        c.Hkv = sh.Hkv;
+        c.Lq = sh.Lq;
+        c.Lkv = sh.Lkv;
+        c.partition = sh.partition;
+        c.block_n = sh.block_n;
+        c.B = i++ % 3 == 0 ? 2 : 1;
+        out.push_back(c);
+      }
+      // Mods (every built-in, a buffer mod among them), fully masked rows, masked partitions.
+      DecodeCase m;
+      m.dtype = dt;
+      m.use_amx = amx;
+      m.B = 2;
+      m.Hq = 8;
+      m.Hkv = 2;
+      m.Lq = 3;
+      m.Lkv = 1500;
+      m.partition = 256;
+      for (const std::string& name : builtin_mod_names()) {
+        DecodeCase x = m;
+        (find_mod(name).kind == ModKind::Score ? x.score_mod : x.mask_mod) = name;
+        out.push_back(x);
+      }
+      DecodeCase x = m;
+      x.mask_mod = "q_idx % 2 == 1";  // rows 0 and 2 of every head fully masked
+      out.push_back(x);
+      x.mask_mod = "kv_idx >= 300 && kv_idx < 700";  // wholly masked partitions
+      x.score_mod = "softcap";
+      out.push_back(x);
+    }
+  return out;
+}
+INSTANTIATE_TEST_SUITE_P(Amx, Contiguous, ::testing::ValuesIn(amx_cases()),
+                         [](const auto& info) { return name_of(info.param); });
+
 // ---- paged KV ----
 
 // A paged cache holding B sequences of lengths `lens`: random keys in pages of a shuffled order;
@@ -230,6 +307,7 @@ struct PagedCase {
   int64_t partition = 0;
   int block_n = 0;
   std::string score_mod, mask_mod;
+  int use_amx = -1;
 };
 
 std::string paged_name(const PagedCase& c) {
@@ -240,11 +318,14 @@ std::string paged_name(const PagedCase& c) {
   if (c.block_n) n += "_N" + std::to_string(c.block_n);
   if (!c.score_mod.empty()) n += "_s_" + clean(c.score_mod);
   if (!c.mask_mod.empty()) n += "_m_" + clean(c.mask_mod);
+  if (c.use_amx >= 0) n += "_amx" + std::to_string(c.use_amx);
   return n;
 }
 
 void run_paged(const PagedCase& c) {
   SCOPED_TRACE(paged_name(c));
+  const std::string engine = expected_engine(c.use_amx);
+  if (engine.rfind("skip", 0) == 0) GTEST_SKIP() << "AMX decode engine not testable here: " << engine;
   const int64_t B = int64_t(c.lens.size());
   PagedKv kv = make_paged(c.dtype, c.lens, c.Hkv, c.D, c.Dv, c.page_size, 5);
   OwnedTensor q = make_tensor(c.dtype, B, c.Hq, c.Lq, c.D, false, 7);
@@ -261,10 +342,12 @@ void run_paged(const PagedCase& c) {
   opt.enable_gqa = c.Hq != c.Hkv;
   opt.partition_size = c.partition;
   opt.block_n = c.block_n;
+  opt.use_amx = c.use_amx;
   AttentionReport rep;
   paged_flex_attention(q.view, kv.k_cache.view, kv.v_cache.view, kv.block_table.view, kv.seq_lens.view, out.view,
                        &lse.view, mods, bind, opt, &rep);
   EXPECT_EQ(rep.path, "decode");
+  if (!engine.empty()) EXPECT_EQ(rep.engine, engine);
   EXPECT_TRUE(rep.paged);
   EXPECT_EQ(rep.partition_size % c.page_size, 0);
   const double scale = 1.0 / std::sqrt(double(c.D));
@@ -337,6 +420,56 @@ std::vector<PagedCase> paged_cases() {
   return out;
 }
 INSTANTIATE_TEST_SUITE_P(Pages, Paged, ::testing::ValuesIn(paged_cases()),
+                         [](const auto& info) { return paged_name(info.param); });
+
+// The AMX engine on paged caches: pages of 16 and 64 keys (K tiles read in place, 16 keys per
+// tile), of 8 and 1 (K packed through the row pointers), shuffled; items of several head units
+// (MHA: 16-row units of one row, 8 units per item); mods at absolute positions; bf16 and fp16.
+std::vector<PagedCase> amx_paged_cases() {
+  std::vector<PagedCase> out;
+  int i = 0;
+  for (int amx : {1, 0})
+    for (int ps : {16, 64, 8, 1}) {
+      PagedCase c;
+      c.use_amx = amx;
+      c.page_size = ps;
+      c.Lq = i % 2 ? 4 : 1;
+      c.Hkv = 2;
+      c.Hq = 16;
+      c.lens = {ps * 9 + 5, c.Lq, 0, 2 * ps + 40};
+      c.partition = ps == 64 ? 128 : 64;
+      c.dtype = i % 4 == 1 ? DType::F16 : DType::BF16;  // fp16 always packs K: bf16 reaches the in-place tiles
+      c.D = c.Dv = i % 4 < 2 ? 128 : 64;
+      ++i;
+      out.push_back(c);
+    }
+  for (int amx : {1, 0}) {
+    PagedCase m;
+    m.use_amx = amx;
+    m.dtype = DType::BF16;
+    m.Lq = 4;
+    m.Hq = 12;
+    m.Hkv = 3;
+    m.lens = {700, 350, 4};
+    m.partition = 128;
+    for (auto [sm, mm] : {std::pair<std::string, std::string>{"alibi", "causal"}, {"softcap", "sliding_window"},
+                          {"rel_pos", "document"}, {"", "q_idx % 2 == 0 && kv_idx <= q_idx"}}) {
+      PagedCase x = m;
+      x.score_mod = sm;
+      x.mask_mod = mm;
+      out.push_back(x);
+    }
+    PagedCase u;  // MHA, 20 KV heads: items of 8 one-row units (AMX) or 16 (dot)
+    u.use_amx = amx;
+    u.dtype = DType::F16;
+    u.Hq = u.Hkv = 20;
+    u.lens = {300, 129};
+    u.partition = 64;
+    out.push_back(u);
+  }
+  return out;
+}
+INSTANTIATE_TEST_SUITE_P(Amx, Paged, ::testing::ValuesIn(amx_paged_cases()),
                          [](const auto& info) { return paged_name(info.param); });
 
 // Bad tables and knobs are clear errors, never reads out of bounds.
@@ -484,6 +617,63 @@ TEST(Dispatch, PathAndKnobSources) {
 // The cost model: no split where units already fill the threads, a split into partitions of at
 // least 256 keys where they do not (up to 4 items per thread while partitions keep 1024 keys),
 // every partition a multiple of BLOCK_N and the page size.
+// The decode engine: AMX tiles for bf16 / fp16 from 8 query rows per KV head (4 on a paged
+// cache) where the host has AMX, else the dot engine; USE_AMX 0 / 1 refuses / requires it, with
+// the reason when it cannot run (dtype, host, BLOCK_N, scratch); fp32 never uses it.
+TEST(Dispatch, DecodeEngineChoice) {
+  std::string no_amx;
+  const bool amx = amx_available(&no_amx);
+  auto engine = [](DType dt, int hq, int lq, bool paged, int use_amx, int block_n = 0, int D = 64,
+                   int block_m = 0) -> std::string {
+    const int hkv = 2;
+    OwnedTensor q = make_tensor(dt, 1, hq, lq, D, false, 1);
+    OwnedTensor out = OwnedTensor::make("o", dt, {1, hq, lq, D});
+    auto [mods, bind] = combine(nullptr, nullptr);
+    AttentionOptions opt;
+    opt.enable_gqa = true;
+    opt.use_amx = use_amx;
+    opt.block_n = block_n;
+    opt.block_m = block_m;
+    AttentionReport rep;
+    try {
+      if (paged) {
+        PagedKv kv = make_paged(dt, {600}, hkv, D, D, 16, 3);
+        paged_flex_attention(q.view, kv.k_cache.view, kv.v_cache.view, kv.block_table.view, kv.seq_lens.view,
+                             out.view, nullptr, mods, bind, opt, &rep);
+      } else {
+        OwnedTensor kv = make_tensor(dt, 1, hkv, 600, D, false, 2);
+        flex_attention(q.view, kv.view, kv.view, out.view, nullptr, mods, bind, nullptr, opt, &rep);
+      }
+    } catch (const Error& e) {
+      return std::string("error: ") + e.what();
+    }
+    EXPECT_EQ(rep.path, "decode");
+    return rep.engine;
+  };
+  const std::string tiles = amx ? "amx" : "dot";
+  EXPECT_EQ(engine(DType::BF16, 8, 1, false, -1), "dot");   // 4 rows per KV head, contiguous
+  EXPECT_EQ(engine(DType::BF16, 16, 1, false, -1), tiles);  // 8 rows
+  EXPECT_EQ(engine(DType::F16, 8, 2, false, -1), tiles);    // 4 x 2 rows
+  EXPECT_EQ(engine(DType::BF16, 8, 1, true, -1), tiles);    // 4 rows, paged
+  EXPECT_EQ(engine(DType::BF16, 4, 1, true, -1), "dot");    // 2 rows, paged
+  EXPECT_EQ(engine(DType::F32, 16, 4, false, -1), "dot");
+  EXPECT_EQ(engine(DType::BF16, 16, 1, false, 0), "dot");
+  EXPECT_EQ(engine(DType::BF16, 16, 1, false, -1, 48), "dot");  // BLOCK_N 48: not for the tiles
+  EXPECT_NE(engine(DType::F32, 2, 1, false, 1).find("USE_AMX=1 needs bf16 or fp16 inputs"), std::string::npos);
+  if (!amx) {
+    EXPECT_NE(engine(DType::BF16, 2, 1, true, 1).find("USE_AMX=1 but " + no_amx), std::string::npos);
+    return;
+  }
+  EXPECT_EQ(engine(DType::BF16, 2, 1, false, 1), "amx");  // one row, forced
+  EXPECT_EQ(engine(DType::F16, 2, 1, true, 1), "amx");
+  EXPECT_NE(engine(DType::BF16, 16, 1, false, 1, 48).find("USE_AMX=1 but the AMX decode engine needs BLOCK_N a multiple "
+                                                          "of 32, got 48"),
+            std::string::npos);
+  const std::string big = engine(DType::F16, 16, 16, false, 1, 512, 256, 128);  // 128 rows, D 256, BLOCK_N 512
+  EXPECT_NE(big.find("exceeds 1 MiB"), std::string::npos) << big;
+  EXPECT_EQ(engine(DType::F16, 16, 16, false, -1, 512, 256, 128), "dot");  // the same blocks, not forced
+}
+
 TEST(Dispatch, CostModelSplitsOnlyWhenThreadsWouldIdle) {
   runtime::DecodeShape s;
   s.lkv = 32768;
