@@ -31,7 +31,7 @@ struct AttentionOptions {
   // bf16 and fp16 matmuls on AMX tiles (fp16 split into bf16 hi + lo halves, three products):
   // -1 = when the host has AMX-BF16 and the OS grants the tile state (and FLEXJIT_AMX is not 0),
   // for decode calls only from runtime::kDecodeAmxMinRows query rows per KV head (GQA group x
-  // Lq; 4 for paged caches), 0 = never, 1 = required (an error where unavailable). Needs BLOCK_N a multiple of 32;
+  // Lq; bf16 on paged caches from 4, fp16 from 16), 0 = never, 1 = required (an error where unavailable). Needs BLOCK_N a multiple of 32;
   // fp32 always uses the FMA (prefill) or dot (decode) engine.
   int use_amx = -1;
   // bf16 matmuls on AVX512-BF16's vdpbf16ps (templates/cpu/prefill_dpbf16.h), the engine for

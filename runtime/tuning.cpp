@@ -58,7 +58,7 @@ int64_t decode_amx_scratch_bytes(DType dtype, int64_t D, int64_t Dv, int64_t blo
 PrefillEngine preferred_decode_engine(DType dtype, int64_t rows, bool paged, const AttentionOptions& opt,
                                       const std::string& who) {
   const bool amx_dtype = dtype == DType::BF16 || dtype == DType::F16;
-  const int64_t min_rows = paged ? kDecodeAmxMinRowsPaged : kDecodeAmxMinRows;
+  const int64_t min_rows = dtype == DType::F16 ? kDecodeAmxMinRowsF16 : paged ? kDecodeAmxMinRowsPaged : kDecodeAmxMinRows;
   if (opt.use_amx == 0 || (opt.use_amx != 1 && (!amx_dtype || rows < min_rows))) return PrefillEngine::Fma;
   if (!amx_dtype)
     throw Error(who + ": USE_AMX=1 needs bf16 or fp16 inputs, got " + dtype_name(dtype));

@@ -71,15 +71,18 @@ int64_t decode_heads_per_item(bool paged, bool mask_reads_h, int64_t heads, int6
 int64_t decode_amx_scratch_bytes(DType dtype, int64_t D, int64_t Dv, int64_t block_m, int64_t block_n);
 
 // Query rows per decode work unit from which the AMX engine is the default where it can run
-// (contiguous / paged KV): below it decoding is bound by reading K and V and the dot engine
-// reads them faster. Measured on the AMX host (bf16, D 128, KV 16k-32k, caches flushed), AMX over
-// dot: contiguous 0.74-0.77x at 1-2 rows, 0.89-0.90x at 4, 1.0-1.15x at 8, 1.5-2.1x at 32;
-// paged (pages of 16) 0.78x at 1 row, 0.95-0.97x at 2, 1.05-1.25x at 4, 1.5-1.8x at 8, 2.5x at 16.
-constexpr int64_t kDecodeAmxMinRows = 8, kDecodeAmxMinRowsPaged = 4;
+// (bf16 contiguous / bf16 paged / fp16): below it decoding is bound by reading K and V and the
+// dot engine reads them faster. Measured on the AMX host (bench/decode_engines.py: D 128, KV
+// 16k-32k, caches flushed), AMX over dot, bf16: contiguous 0.76-0.77x at 1-2 rows, 0.88-0.89x
+// at 4, 1.14-1.19x at 8, 1.8-1.9x at 16-32; paged (pages of 16) 0.79x at 1 row, 1.06x at 2,
+// 1.15-1.30x at 4, 1.7-1.85x at 8, 2.45x at 16. fp16 (three tile products per product, K always
+// packed) crosses later: 0.77x / 1.0x at 8 rows contiguous / paged, 1.17x / 1.21x at 16.
+constexpr int64_t kDecodeAmxMinRows = 8, kDecodeAmxMinRowsPaged = 4, kDecodeAmxMinRowsF16 = 16;
 
 // The decode kernel's engine for a call with `rows` query rows per unit: AMX tiles for bf16 and
 // fp16 where the host allows them (amx_available) and opt.use_amx is 1, or -1 with rows >=
-// kDecodeAmxMinRows (paged: kDecodeAmxMinRowsPaged); else the dot engine (Fma). Throws flexjit::Error, prefixed by `who`, when
+// kDecodeAmxMinRows (bf16 paged: kDecodeAmxMinRowsPaged; fp16: kDecodeAmxMinRowsF16); else the
+// dot engine (Fma). Throws flexjit::Error, prefixed by `who`, when
 // USE_AMX=1 cannot be honoured (dtype, host). BLOCK_N and the scratch are checked once the
 // blocks are known (decode_engine_for_blocks).
 PrefillEngine preferred_decode_engine(DType dtype, int64_t rows, bool paged, const AttentionOptions& opt,

@@ -230,8 +230,8 @@ def paged_flex_attention(query, k_cache, v_cache, block_table, seq_lens, score_m
     max(seq_lens) positions.
     kernel_options: BLOCK_M / BLOCK_N (decode kernel tiles), PARTITION_SIZE (keys per split-KV
     partition, a multiple of page_size; 0 / unset: tuned or cost model) and USE_AMX (0 / 1: the
-    decode kernel's AMX engine never / required; unset: bf16 / fp16 from 4 query rows per KV head
-    where the host has AMX).
+    decode kernel's AMX engine never / required; unset: bf16 from 4 query rows per KV head, fp16
+    from 16, where the host has AMX).
 
     CUDA: fp32 / bf16 / fp16 query and caches on one CUDA device run the CUDA flash-decoding
     kernel (block_table / seq_lens on that device or the CPU; seq_lens on the CPU sizes the grid by

@@ -61,7 +61,7 @@ struct FlexOptions {
   bool return_lse = false;
   // BLOCK_M, BLOCK_N: kernel tiles (0 = default). USE_AMX: 0 / 1 forbids / requires bf16 / fp16
   // AMX tiles, in the prefill and the decode kernel (unset: where available; decode from 8 rows
-  // per KV head, 4 on a paged cache). USE_DPBF16: the same for AVX512-BF16's vdpbf16ps (unset:
+  // per KV head, bf16 on a paged cache from 4, fp16 from 16). USE_DPBF16: the same for AVX512-BF16's vdpbf16ps (unset:
   // where available and AMX is not used). PARTITION_SIZE: keys per split-KV partition of the decode
   // kernel (>= 0; 0 = tuned or cost model). FORCE_USE_FLEX_ATTENTION: 1 runs the prefill kernel
   // where the decode kernel would apply (PyTorch's option of that name). See AttentionOptions.

@@ -617,8 +617,8 @@ TEST(Dispatch, PathAndKnobSources) {
 // The cost model: no split where units already fill the threads, a split into partitions of at
 // least 256 keys where they do not (up to 4 items per thread while partitions keep 1024 keys),
 // every partition a multiple of BLOCK_N and the page size.
-// The decode engine: AMX tiles for bf16 / fp16 from 8 query rows per KV head (4 on a paged
-// cache) where the host has AMX, else the dot engine; USE_AMX 0 / 1 refuses / requires it, with
+// The decode engine: AMX tiles for bf16 from 8 query rows per KV head (4 on a paged cache), fp16
+// from 16, where the host has AMX, else the dot engine; USE_AMX 0 / 1 refuses / requires it, with
 // the reason when it cannot run (dtype, host, BLOCK_N, scratch); fp32 never uses it.
 TEST(Dispatch, DecodeEngineChoice) {
   std::string no_amx;
@@ -653,7 +653,8 @@ TEST(Dispatch, DecodeEngineChoice) {
   const std::string tiles = amx ? "amx" : "dot";
   EXPECT_EQ(engine(DType::BF16, 8, 1, false, -1), "dot");   // 4 rows per KV head, contiguous
   EXPECT_EQ(engine(DType::BF16, 16, 1, false, -1), tiles);  // 8 rows
-  EXPECT_EQ(engine(DType::F16, 8, 2, false, -1), tiles);    // 4 x 2 rows
+  EXPECT_EQ(engine(DType::F16, 8, 4, false, -1), tiles);    // fp16: 4 x 4 rows
+  EXPECT_EQ(engine(DType::F16, 8, 2, true, -1), "dot");     // fp16: 8 rows, paged
   EXPECT_EQ(engine(DType::BF16, 8, 1, true, -1), tiles);    // 4 rows, paged
   EXPECT_EQ(engine(DType::BF16, 4, 1, true, -1), "dot");    // 2 rows, paged
   EXPECT_EQ(engine(DType::F32, 16, 4, false, -1), "dot");
