@@ -4,6 +4,7 @@
 //   decode/<dtype>/<shape>/KV<L>/<layout>/<impl>
 //     dtype   bf16, fp32 (q, caches and out)
 //     shape   llama8b_b1, llama8b_b4   Llama-3.1-8B's attention: Hq 32, Hkv 8, D 128, B 1 / 4
+//             llama70b_b1              Llama-3.1-70B's: Hq 64, Hkv 8 (GQA group 8), D 128, B 1
 //             mqa_b1                   MQA: Hq 32, Hkv 1, D 128, B 1
 //     L       4096, 8192, 16384, 32768 keys per sequence
 //     layout  contig                   k, v [B, Hkv, L, D]
@@ -13,6 +14,8 @@
 //             model       the cost model's knobs, whatever the tuning database holds
 //             p128        PARTITION_SIZE=128, the fixed default the tuner is measured against
 //             nosplit     one partition per sequence (PARTITION_SIZE >= L): no split-KV
+//             dot         bf16 only: USE_AMX=0, the dot engine, where the runtime would pick the
+//                         AMX engine (8+ query rows per KV head on an AMX host; else the same)
 //             prefill     contig only: FORCE_USE_FLEX_ATTENTION, the prefill kernel with the GQA
 //                         group packed in one tile (what decode calls ran before split-KV)
 //             sdpa        contig only: at::scaled_dot_product_attention(enable_gqa=true)
@@ -67,7 +70,10 @@ struct Shape {
   const char* name;
   int64_t B, Hq, Hkv, D;
 };
-constexpr Shape kShapes[] = {{"llama8b_b1", 1, 32, 8, 128}, {"llama8b_b4", 4, 32, 8, 128}, {"mqa_b1", 1, 32, 1, 128}};
+constexpr Shape kShapes[] = {{"llama8b_b1", 1, 32, 8, 128},
+                             {"llama8b_b4", 4, 32, 8, 128},
+                             {"llama70b_b1", 1, 64, 8, 128},
+                             {"mqa_b1", 1, 32, 1, 128}};
 
 struct Case {
   DType dtype;
@@ -146,7 +152,7 @@ CaseData& case_data(const Case& c) {
   return *cached;
 }
 
-enum class Impl { kFlexjit, kModel, kP128, kNoSplit, kPrefill };
+enum class Impl { kFlexjit, kModel, kP128, kNoSplit, kPrefill, kDot };
 
 AttentionReport run_flexjit(CaseData& d, const Case& c, Impl impl) {
   AttentionOptions opt;
@@ -156,6 +162,7 @@ AttentionReport run_flexjit(CaseData& d, const Case& c, Impl impl) {
   if (impl == Impl::kP128) opt.partition_size = 128;
   if (impl == Impl::kNoSplit) opt.partition_size = d.c.L;
   if (impl == Impl::kPrefill) opt.force_prefill = true;
+  if (impl == Impl::kDot) opt.use_amx = 0;
   ModSet none;
   AttentionReport rep;
   if (c.paged)  // d holds both layouts of the keys; d.c is the case that made it
@@ -218,7 +225,8 @@ void bm_flexjit(benchmark::State& state, Case c, Impl impl) {
     state.counters["num_partitions"] = double(rep.num_partitions);
     state.counters["block_n"] = rep.block_n;
     state.counters["tuned"] = rep.tuning == "tuned" ? 1 : 0;
-    state.SetLabel(rep.path + " " + rep.tuning);
+    state.counters["amx"] = rep.engine == "amx" ? 1 : 0;
+    state.SetLabel(rep.path + " " + rep.tuning + " " + rep.engine);
   } catch (const std::exception& e) {
     state.SkipWithError(e.what());
   }
@@ -272,6 +280,7 @@ void register_all() {
           reg("model", Impl::kModel);
           reg("p128", Impl::kP128);
           reg("nosplit", Impl::kNoSplit);
+          if (dtype == DType::BF16) reg("dot", Impl::kDot);
           if (!paged) {
             reg("prefill", Impl::kPrefill);
 #if FLEXJIT_BENCH_TORCH

@@ -9,8 +9,9 @@ One row per case (dtype / shape / KV length / layout): flexjit's time with the p
 its GB/s of K+V and % of the DRAM read bandwidth measured right before each call (the
 benchmark's paired measurement), the knobs it used and where they came from, and its speed
 over each other implementation of the case (> 1: flexjit faster): the cost model's knobs
-(`model`), a fixed PARTITION_SIZE of 128 (`p128`), no split (`nosplit`), the forced prefill
-kernel and libtorch SDPA. Medians of the repetitions.
+(`model`), a fixed PARTITION_SIZE of 128 (`p128`), no split (`nosplit`), the dot engine where
+flexjit ran the AMX one (`dot`, bf16), the forced prefill kernel and libtorch SDPA. Medians of
+the repetitions.
 """
 
 import argparse
@@ -34,7 +35,7 @@ def load(path):
         case, impl = name.rsplit("/", 1)
         ms = b["real_time"] * {"ms": 1.0, "us": 1e-3, "ns": 1e-6, "s": 1e3}[b["time_unit"]]
         rows[case][impl] = dict(ms=ms, **{k: b[k] for k in ("GBps", "pct_of_dram", "dram_GBps", "partition_size",
-                                                            "num_partitions", "block_n", "tuned") if k in b})
+                                                            "num_partitions", "block_n", "tuned", "amx") if k in b})
     return data.get("context", {}), rows
 
 
@@ -60,8 +61,10 @@ def main(argv=None):
     ctx, rows = load(a.json)
     print(f"decode_bench at {ctx.get('flexjit_git_sha', '?')}, {ctx.get('flexjit_cpu_model', '?')}, "
           f"{ctx.get('flexjit_threads', '?')} threads, {ctx.get('date', '')}\n")
-    print("| case | flexjit ms | GB/s | % of DRAM | DRAM GB/s | knobs | ×model | ×p128 | ×nosplit | ×prefill | ×SDPA |")
-    print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    impls = ("model", "p128", "nosplit", "dot", "prefill", "sdpa")
+    print("| case | flexjit ms | GB/s | % of DRAM | DRAM GB/s | knobs | ×model | ×p128 | ×nosplit | ×dot | ×prefill "
+          "| ×SDPA |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     summary = defaultdict(list)
     for case in sorted(rows, key=lambda c: (c.split("/")[1], c.split("/")[2], int(c.split("/")[3][2:]), c)):
         r = rows[case]
@@ -69,8 +72,8 @@ def main(argv=None):
         if not f:
             continue
         knobs = (f"P={int(f.get('partition_size', 0))} x{int(f.get('num_partitions', 0))} N={int(f.get('block_n', 0))} "
-                 f"{'tuned' if f.get('tuned') else 'model'}")
-        rs = {k: ratio(r, k) for k in ("model", "p128", "nosplit", "prefill", "sdpa")}
+                 f"{'tuned' if f.get('tuned') else 'model'} {'amx' if f.get('amx') else 'dot'}")
+        rs = {k: ratio(r, k) for k in impls}
         for k, v in rs.items():
             summary[k].append(v)
         summary["pct_of_dram"].append(f.get("pct_of_dram"))
@@ -80,7 +83,7 @@ def main(argv=None):
             summary["mqa_split_over_nosplit"].append(rs["nosplit"])
         print(f"| {case} | {f['ms']:.3f} | {f.get('GBps', 0):.1f} "
               f"| {fmt(f.get('pct_of_dram'), '.0f')} | {fmt(f.get('dram_GBps'), '.1f')} | {knobs} | "
-              + " | ".join(fmt(rs[k]) for k in ("model", "p128", "nosplit", "prefill", "sdpa")) + " |")
+              + " | ".join(fmt(rs[k]) for k in impls) + " |")
     out = {k: dict(geomean=geomean(v), min=min((x for x in v if x), default=None),
                    max=max((x for x in v if x), default=None)) for k, v in summary.items()}
     print("\n**Summary** (geomean, min-max): " + "; ".join(
