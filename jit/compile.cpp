@@ -20,6 +20,8 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -48,7 +50,9 @@
 #include "llvm/Object/Archive.h"
 #include "llvm/Object/ArchiveWriter.h"
 #include "llvm/Passes/PassBuilder.h"
+#include "llvm/Support/CrashRecoveryContext.h"
 #include "llvm/Support/Error.h"
+#include "llvm/Support/ErrorHandling.h"
 #include "llvm/Support/MemoryBuffer.h"
 #include "llvm/Support/TargetSelect.h"
 #include "llvm/Support/VirtualFileSystem.h"
@@ -85,6 +89,49 @@ void init_llvm_once() {
     llvm::InitializeNativeTargetAsmPrinter();
     llvm::InitializeNativeTargetAsmParser();  // kernels may contain inline asm
   });
+}
+
+// ---- LLVM's fatal errors ----
+// Some backend bugs end in report_fatal_error, which aborts the process (LLVM 19 on a
+// <17 x bfloat> load: "Do not know how to soft promote this operator's operand", which a bf16
+// decode kernel with an odd Dv once produced). A kernel compile must fail instead, so each runs
+// inside a CrashRecoveryContext: the fatal-error handler records the reason for the compiling
+// thread, the abort() that follows is caught (CrashRecoveryContext::Enable handles SIGABRT, and
+// re-raises any signal outside a recovering thread) and unwinds to RunSafely. What the aborted
+// compile held is leaked, never reused.
+thread_local std::string* t_fatal_reason = nullptr;
+
+void on_llvm_fatal_error(void*, const char* reason, bool) {
+  if (t_fatal_reason != nullptr) {
+    *t_fatal_reason = reason;
+    return;  // report_fatal_error aborts next: caught by the thread's CrashRecoveryContext
+  }
+  llvm::errs() << "LLVM ERROR: " << reason << "\n";  // LLVM's own message elsewhere
+}
+
+// Runs `body` (which may throw: rethrown here); false when LLVM failed fatally inside it, the
+// reason in *reason.
+bool run_recovering(const std::function<void()>& body, std::string* reason) {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    llvm::install_fatal_error_handler(on_llvm_fatal_error, nullptr);
+    llvm::CrashRecoveryContext::Enable();
+  });
+  std::exception_ptr thrown;
+  std::string fatal;
+  t_fatal_reason = &fatal;
+  llvm::CrashRecoveryContext crc;
+  const bool ok = crc.RunSafely([&] {
+    try {
+      body();
+    } catch (...) {
+      thrown = std::current_exception();
+    }
+  });
+  t_fatal_reason = nullptr;
+  if (thrown) std::rethrow_exception(thrown);
+  if (!ok) *reason = fatal.empty() ? std::string("a crash inside LLVM") : fatal;
+  return ok;
 }
 
 // What kernels are compiled for: the host as LLVM sees it, or FLEXJIT_CPU_TARGET. The CPU name
@@ -586,39 +633,56 @@ CompileResult compile_one(const std::string& text, const std::string& source_nam
 
   CompileResult result;
   result.prefix_pch = prefix != nullptr;
-  llvm::LLVMContext ctx;  // declared before the module: the module must die first
-  std::string diags;
-  bool ok = false;
-  auto t0 = Clock::now();
-  std::unique_ptr<llvm::Module> module = run_frontend(text, path, part, ctx, diags, ok, pl, prefix);
-  result.frontend_ms = ms_since(t0);
-  if (!ok) {
-    throw flexjit::Error("flexjit: Clang could not compile the generated kernel source " +
-                         source_name + ":\n" + diags);
+  auto ctx = std::make_unique<llvm::LLVMContext>();  // declared before the module: the module must die first
+  std::unique_ptr<llvm::Module> module;
+  std::unique_ptr<llvm::TargetMachine> tm;
+  std::string fatal;
+  const bool recovered_ok = run_recovering(
+      [&] {
+        std::string diags;
+        bool ok = false;
+        auto t0 = Clock::now();
+        module = run_frontend(text, path, part, *ctx, diags, ok, pl, prefix);
+        result.frontend_ms = ms_since(t0);
+        if (!ok) {
+          throw flexjit::Error("flexjit: Clang could not compile the generated kernel source " + source_name + ":\n" +
+                               diags);
+        }
+        result.log = diags;
+
+        std::string err;
+        tm = make_target_machine(*pl.target, err);
+        if (!tm) throw flexjit::Error("flexjit: no LLVM target for " + pl.target->triple + " (" + err + ")");
+        module->setDataLayout(tm->createDataLayout());
+
+        t0 = Clock::now();
+        optimize_module(*module, *tm);
+        result.optimize_ms = ms_since(t0);
+
+        // Nothing runs an object's static constructors in this JIT (no ORC platform runtime), so a
+        // dynamic initializer that survived O3 would silently leave a global uninitialized.
+        if (module->getNamedGlobal("llvm.global_ctors")) {
+          throw flexjit::Error("flexjit: " + source_name +
+                               " has global objects with dynamic initialization, which the JIT does "
+                               "not run; make them constexpr or move them into the kernel function");
+        }
+
+        t0 = Clock::now();
+        bool emitted = emit_object(*module, *tm, result.object);
+        result.codegen_ms = ms_since(t0);
+        FLEXJIT_CHECK(emitted, "the TargetMachine can emit object files");
+      },
+      &fatal);
+  if (!recovered_ok) {
+    // LLVM stopped mid-pass: its objects may be inconsistent, so they are leaked, not destroyed.
+    (void)module.release();
+    (void)tm.release();
+    (void)ctx.release();
+    throw flexjit::Error("flexjit: LLVM failed on the generated kernel source " + source_name + ": " + fatal +
+                         " (a compiler bug for this kernel, not a problem with the inputs; the process carries on). "
+                         "Other kernel options (BLOCK_N, BLOCK_M, USE_AMX=0 / USE_DPBF16=0) compile a different "
+                         "kernel; please report it with the source");
   }
-  result.log = diags;
-
-  std::string err;
-  std::unique_ptr<llvm::TargetMachine> tm = make_target_machine(*pl.target, err);
-  if (!tm) throw flexjit::Error("flexjit: no LLVM target for " + pl.target->triple + " (" + err + ")");
-  module->setDataLayout(tm->createDataLayout());
-
-  t0 = Clock::now();
-  optimize_module(*module, *tm);
-  result.optimize_ms = ms_since(t0);
-
-  // Nothing runs an object's static constructors in this JIT (no ORC platform runtime), so a
-  // dynamic initializer that survived O3 would silently leave a global uninitialized.
-  if (module->getNamedGlobal("llvm.global_ctors")) {
-    throw flexjit::Error("flexjit: " + source_name +
-                         " has global objects with dynamic initialization, which the JIT does "
-                         "not run; make them constexpr or move them into the kernel function");
-  }
-
-  t0 = Clock::now();
-  bool emitted = emit_object(*module, *tm, result.object);
-  result.codegen_ms = ms_since(t0);
-  FLEXJIT_CHECK(emitted, "the TargetMachine can emit object files");
   return result;
 }
 
