@@ -163,7 +163,8 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     Calls with up to 16 query rows (decoding) run the flash-decoding kernel, which splits the keys
     into partitions that run in parallel and merges them; longer ones the prefill kernel.
     kernel_options: BLOCK_M / BLOCK_N kernel tiles (they must divide the BlockMask's blocks);
-        USE_AMX 0 / 1 forbids / requires bf16 matmuls on AMX tiles (default: where available);
+        USE_AMX 0 / 1 forbids / requires bf16 / fp16 matmuls on AMX tiles, prefill and decode
+        (default: where available; decode from 8 query rows per KV head, 16 for fp16);
         USE_DPBF16 0 / 1 forbids / requires them on AVX512-BF16's vdpbf16ps (default: where
         available and AMX is not used);
         USE_WGMMA 0 / 1 forbids / requires the CUDA prefill's wgmma engine on sm_90 GPUs, 2 its
