@@ -121,6 +121,7 @@ void run_once(const TuneRequest& r, Inputs& in, const TuneCandidate& c) {
   opt.block_n = c.block_n;
   opt.partition_size = c.partition_size;
   opt.force_prefill = r.path == "prefill";
+  if (c.engine == "amx" || c.engine == "dot") opt.use_amx = c.engine == "amx" ? 1 : 0;  // decode candidates
   ModSet none;
   if (r.paged)
     paged_flex_attention(in.q.view, in.k_cache.view, in.v_cache.view, in.table.view, in.lens.view, in.out.view,
@@ -142,7 +143,12 @@ double time_candidate(const TuneRequest& r, Inputs& in, const TuneCandidate& c) 
   return us[us.size() / 2];
 }
 
+// Decode: BLOCK_N x PARTITION_SIZE, and where AMX can run (bf16 / fp16 on an AMX host) each on
+// both engines, "dot" and "amx": the rows from which the tiles win were measured on one host
+// (runtime/tuning.h); the winner's engine is stored with its knobs.
 std::vector<TuneCandidate> decode_candidates(const TuneRequest& r, int64_t lkv) {
+  std::vector<std::string> engines = {""};
+  if ((r.dtype == DType::BF16 || r.dtype == DType::F16) && amx_available()) engines = {"dot", "amx"};
   std::vector<TuneCandidate> out;
   for (int bn : {64, 128, 256}) {
     const int64_t quantum = r.paged ? std::lcm(int64_t(bn), r.page_size) : int64_t(bn);
@@ -150,7 +156,8 @@ std::vector<TuneCandidate> decode_candidates(const TuneRequest& r, int64_t lkv) 
     for (int64_t p = 128; p < lkv; p *= 2)
       if (p % quantum == 0 && (lkv + p - 1) / p <= 1024) sizes.push_back(p);
     sizes.push_back((lkv + quantum - 1) / quantum * quantum);  // one partition: no split
-    for (int64_t p : sizes) out.push_back({0, bn, p, 0, ""});
+    for (int64_t p : sizes)
+      for (const std::string& e : engines) out.push_back({0, bn, p, 0, "", e});
   }
   return out;
 }
@@ -251,6 +258,7 @@ TuneResult tune(const TuneRequest& r, const TuneProgress& progress) {
   res.best.block_m = w.block_m;
   res.best.block_n = w.block_n;
   res.best.partition_size = w.partition_size;
+  res.best.engine = w.engine;
   res.best.us = w.us;
   res.best.default_us = finals[0].us;
   res.best.tuned_at = now_iso8601();

@@ -45,7 +45,7 @@ struct TuneCandidate {
   int64_t partition_size = 0;
   double us = 0;           // median; < 0: the candidate could not run (error holds why)
   std::string error;
-  std::string engine;      // CUDA prefill: "mma", "wgmma", "wgmma2"; "" elsewhere
+  std::string engine;      // CUDA prefill: "mma", "wgmma", "wgmma2"; CPU decode on an AMX host: "dot", "amx"; else ""
 };
 
 struct TuneResult {

@@ -103,9 +103,14 @@ void run_decode(const TensorView& q, const DecodeKv& kv, const TensorView& out, 
     finish_partitions(shape, &knobs);
   }
   if (block_mask) check_block_mask(*block_mask, B, Hq, Lq, max_len, 1, knobs.block_n, who);
-  // The blocks may rule AMX out (BLOCK_N not a multiple of 32, scratch): then the dot engine,
-  // whose items may hold a different number of head units.
+  // A tuned entry may name the engine that won on this host (`flexjit tune` times both); then the
+  // blocks may rule AMX out (BLOCK_N not a multiple of 32, scratch): the dot engine, whose items
+  // may hold a different number of head units.
   const PrefillEngine planned = engine;
+  if (opt.use_amx < 0 && knobs.engine == "dot") engine = PrefillEngine::Fma;
+  if (opt.use_amx < 0 && knobs.engine == "amx" && (q.dtype == DType::BF16 || q.dtype == DType::F16) &&
+      amx_available())
+    engine = PrefillEngine::Amx;
   engine = decode_engine_for_blocks(engine, q.dtype, D, Dv, knobs.block_m, knobs.block_n, opt, who);
   if (engine != planned) per_item = decode_heads_per_item(paged, mask_reads_h, heads, rows, opt.block_m, engine);
   const int64_t chunks = ceil_div(heads, per_item);

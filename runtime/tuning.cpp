@@ -166,6 +166,7 @@ DecodeKnobs plan_decode(const DecodeShape& s, const AttentionOptions& opt) {
         k.block_n = t->block_n;
         k.partition_size = t->partition_size;
         k.tuning = "tuned";
+        if (t->engine == "dot" || t->engine == "amx") k.engine = t->engine;
         finish_partitions(s, &k);
       }
     }

@@ -34,6 +34,9 @@ struct DecodeKnobs {
   int64_t partition_size = 0;   // keys per partition (multiple of BLOCK_N and of the page size)
   int64_t num_partitions = 1;
   std::string tuning;           // "user", "tuned" or "default": where PARTITION_SIZE and BLOCK_N came from
+  // A tuned entry's engine ("dot" or "amx": `flexjit tune` times both where AMX can run); "" =
+  // the runtime's choice (preferred_decode_engine). Honoured unless USE_AMX is given.
+  std::string engine;
 };
 
 // The decode knobs of a call: kernel options first (opt.partition_size, opt.block_m, opt.block_n),

@@ -57,7 +57,8 @@ struct TunedChoice {
   std::string tuned_at;          // ISO-8601 UTC time of the measurement
   std::string detail;            // free text, e.g. "12 candidates, 5 reps"
   // The kernel engine the choice runs on, where the bucket leaves it open (CUDA prefill: "mma",
-  // "wgmma", "wgmma2"); "" = not part of the choice. Stored only when set.
+  // "wgmma", "wgmma2"; CPU decode on AMX hosts: "dot", "amx"); "" = not part of the choice.
+  // Stored only when set.
   std::string engine;
 };
 

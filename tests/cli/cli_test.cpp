@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "jit/parser.h"
+#include "runtime/attention.h"
 #include "runtime/reference.h"
 #include "runtime/varlen.h"
 #include "score_mods/registry.h"
@@ -1012,6 +1013,35 @@ TEST_F(Cli, ForcePrefillOnADecodeShape) {
   for (size_t i = 0; i < a.data.size(); ++i) ASSERT_NEAR(a.data[i], b.data[i], 2e-6) << i;
   expect_error_line(run(qkv_args() + std::vector<std::string>{"--kernel-option", "FORCE_USE_FLEX_ATTENTION=2"}),
                     {"FORCE_USE_FLEX_ATTENTION must be 0 or 1"});
+}
+
+// `flexjit tune` of a bf16 decode bucket on an AMX host times both decode engines, and a run in
+// the bucket follows the engine its entry names, whichever it is (the entry is edited to each in
+// turn). Skips visibly without AMX.
+TEST_F(Cli, TunedDecodeEngineIsFollowed) {
+  std::string no_amx;
+  if (!amx_available(&no_amx)) GTEST_SKIP() << "one decode engine only here: " << no_amx;
+  ScopedEnv env;
+  env.set("FLEXJIT_CACHE_DIR", path("cache"));
+  Result t = run_sub("tune", {"--path", "decode", "--dtype", "bf16", "--head-dim", "32", "--heads", "8", "--kv-heads",
+                              "1", "--lkv", "512", "--reps", "1"});
+  ASSERT_EQ(t.code, 0) << t.out << t.err;
+  EXPECT_NE(t.err.find("ENGINE=dot "), std::string::npos) << "both engines are candidates:\n" << t.err;
+  EXPECT_NE(t.err.find("ENGINE=amx "), std::string::npos) << "both engines are candidates:\n" << t.err;
+  const std::string db = path("cache") + "/tuning.json";
+  write_qkv(random_f32("q", {1, 8, 1, 32}, 1), random_f32("k", {1, 1, 400, 32}, 2), random_f32("v", {1, 1, 400, 32}, 3));
+  for (const std::string engine : {"dot", "amx"}) {
+    nlohmann::json j = nlohmann::json::parse(slurp(db));
+    ASSERT_EQ(j["entries"].size(), 1u) << j.dump(2);
+    for (auto& [key, e] : j["entries"].items()) e["engine"] = engine;
+    { std::ofstream(db, std::ios::trunc) << j.dump(2); }
+    Result r = run(qkv_args() + std::vector<std::string>{"--dtype", "bf16", "--enable-gqa", "--report", path("r.json"),
+                                                         "--check"});
+    ASSERT_EQ(r.code, 0) << r.err;
+    nlohmann::json rep = nlohmann::json::parse(slurp(dir_ / "r.json"));
+    EXPECT_EQ(rep.value("tuning", ""), "tuned") << rep.dump(2);
+    EXPECT_EQ(rep["knobs"].value("ENGINE", ""), engine) << rep.dump(2);
+  }
 }
 
 // `flexjit tune`: two processes tuning at once both land in the database; a later run in a
