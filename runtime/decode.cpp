@@ -112,7 +112,10 @@ void run_decode(const TensorView& q, const DecodeKv& kv, const TensorView& out, 
       amx_available())
     engine = PrefillEngine::Amx;
   engine = decode_engine_for_blocks(engine, q.dtype, D, Dv, knobs.block_m, knobs.block_n, opt, who);
-  if (engine != planned) per_item = decode_heads_per_item(paged, mask_reads_h, heads, rows, opt.block_m, engine);
+  if (engine != planned) {
+    if (!opt.block_m) knobs.block_m = decode_default_block_m(engine, rows);
+    per_item = decode_heads_per_item(paged, mask_reads_h, heads, rows, opt.block_m, engine);
+  }
   const int64_t chunks = ceil_div(heads, per_item);
 
   jit::KernelSpec spec;

@@ -15,7 +15,7 @@ int64_t round_up(int64_t x, int64_t m) { return ceil_div(x, m) * m; }
 
 // The query rows per work item: all of a unit's rows up to 64 (more rows per item read the
 // keys fewer times; the scratch stays well under its 1 MiB).
-int default_block_m(const DecodeShape& s) { return int(std::min<int64_t>(s.rows, 64)); }
+int default_block_m(const DecodeShape& s) { return decode_default_block_m(s.engine, s.rows); }
 
 // The unit every partition size must be a multiple of.
 int64_t partition_quantum(const DecodeShape& s, int block_n) {
@@ -23,6 +23,10 @@ int64_t partition_quantum(const DecodeShape& s, int block_n) {
 }
 
 }  // namespace
+
+int decode_default_block_m(PrefillEngine engine, int64_t rows) {
+  return int(std::min<int64_t>(rows, engine == PrefillEngine::Amx ? 128 : 64));
+}
 
 int decode_max_units(int block_m, PrefillEngine engine) {
   // decode_amx.h: kMP = round_up(BLOCK_M, 16); decode_dot.h: kRC = fjk_pick_rc(BLOCK_M),
@@ -40,7 +44,7 @@ int decode_max_units(int block_m, PrefillEngine engine) {
 
 int64_t decode_heads_per_item(bool paged, bool mask_reads_h, int64_t heads, int64_t rows, int user_block_m,
                               PrefillEngine engine) {
-  const int64_t bm = std::min<int64_t>(user_block_m ? user_block_m : 64, rows);
+  const int64_t bm = user_block_m ? std::min<int64_t>(user_block_m, rows) : decode_default_block_m(engine, rows);
   if (!paged || mask_reads_h || rows > bm) return 1;
   return std::min<int64_t>(heads, decode_max_units(int(bm), engine));
 }
