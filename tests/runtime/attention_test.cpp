@@ -351,6 +351,11 @@ std::vector<Case> amx_cases() {
     x.Lq = 5;
     x.mask_mod = "sliding_window";
     out.push_back(x);
+    x.Lq = 3;  // decode with a given BlockMask of 64-key blocks (the kernel's BLOCK_N follows them)
+    x.Lkv = 1000;
+    x.mask_mod = "document";
+    x.mask_block = 64;
+    out.push_back(x);
     x = c;
     x.D = x.Dv = 64;
     x.Lq = x.Lkv = 200;
