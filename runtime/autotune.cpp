@@ -121,7 +121,7 @@ void run_once(const TuneRequest& r, Inputs& in, const TuneCandidate& c) {
   opt.block_n = c.block_n;
   opt.partition_size = c.partition_size;
   opt.force_prefill = r.path == "prefill";
-  if (c.engine == "amx" || c.engine == "dot") opt.use_amx = c.engine == "amx" ? 1 : 0;  // decode candidates
+  if (r.path == "decode" && !c.engine.empty()) opt.use_amx = c.engine == runtime::decode_engine_name(PrefillEngine::Amx);
   ModSet none;
   if (r.paged)
     paged_flex_attention(in.q.view, in.k_cache.view, in.v_cache.view, in.table.view, in.lens.view, in.out.view,
@@ -148,7 +148,8 @@ double time_candidate(const TuneRequest& r, Inputs& in, const TuneCandidate& c) 
 // (runtime/tuning.h); the winner's engine is stored with its knobs.
 std::vector<TuneCandidate> decode_candidates(const TuneRequest& r, int64_t lkv) {
   std::vector<std::string> engines = {""};
-  if ((r.dtype == DType::BF16 || r.dtype == DType::F16) && amx_available()) engines = {"dot", "amx"};
+  if (runtime::decode_amx_possible(r.dtype))
+    engines = {runtime::decode_engine_name(PrefillEngine::Fma), runtime::decode_engine_name(PrefillEngine::Amx)};
   std::vector<TuneCandidate> out;
   for (int bn : {64, 128, 256}) {
     const int64_t quantum = r.paged ? std::lcm(int64_t(bn), r.page_size) : int64_t(bn);

@@ -107,9 +107,8 @@ void run_decode(const TensorView& q, const DecodeKv& kv, const TensorView& out, 
   // blocks may rule AMX out (BLOCK_N not a multiple of 32, scratch): the dot engine, whose items
   // may hold a different number of head units.
   const PrefillEngine planned = engine;
-  if (opt.use_amx < 0 && knobs.engine == "dot") engine = PrefillEngine::Fma;
-  if (opt.use_amx < 0 && knobs.engine == "amx" && (q.dtype == DType::BF16 || q.dtype == DType::F16) &&
-      amx_available())
+  if (opt.use_amx < 0 && knobs.engine == decode_engine_name(PrefillEngine::Fma)) engine = PrefillEngine::Fma;
+  if (opt.use_amx < 0 && knobs.engine == decode_engine_name(PrefillEngine::Amx) && decode_amx_possible(q.dtype))
     engine = PrefillEngine::Amx;
   engine = decode_engine_for_blocks(engine, q.dtype, D, Dv, knobs.block_m, knobs.block_n, opt, who);
   if (engine != planned) {
@@ -238,7 +237,7 @@ void run_decode(const TensorView& q, const DecodeKv& kv, const TensorView& out, 
     rep.block_n = knobs.block_n;
     rep.gqa_group = int(group);
     rep.pack_gqa = pack;
-    rep.engine = engine == PrefillEngine::Amx ? "amx" : "dot";
+    rep.engine = decode_engine_name(engine);
     rep.dtype = dtype_name(q.dtype);
     *report = rep;
   }

@@ -13,10 +13,6 @@ namespace {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t x, int64_t m) { return ceil_div(x, m) * m; }
 
-// The query rows per work item: all of a unit's rows up to 64 (more rows per item read the
-// keys fewer times; the scratch stays well under its 1 MiB).
-int default_block_m(const DecodeShape& s) { return decode_default_block_m(s.engine, s.rows); }
-
 // The unit every partition size must be a multiple of.
 int64_t partition_quantum(const DecodeShape& s, int block_n) {
   return s.paged && s.page_size > 0 ? std::lcm(int64_t(block_n), s.page_size) : int64_t(block_n);
@@ -58,6 +54,10 @@ int64_t decode_amx_scratch_bytes(DType dtype, int64_t D, int64_t Dv, int64_t blo
   return units * per_unit + 4 * block_n * mp + halves * (2 * 32 * dp + 2 * mp * block_n + 2 * block_n * dvp) +
          2 * std::max(dp, dvp) + 4 * 8 * block_n + 4096;
 }
+
+const char* decode_engine_name(PrefillEngine engine) { return engine == PrefillEngine::Amx ? "amx" : "dot"; }
+
+bool decode_amx_possible(DType dtype) { return (dtype == DType::BF16 || dtype == DType::F16) && amx_available(); }
 
 PrefillEngine preferred_decode_engine(DType dtype, int64_t rows, bool paged, const AttentionOptions& opt,
                                       const std::string& who) {
@@ -103,7 +103,7 @@ void finish_partitions(const DecodeShape& s, DecodeKnobs* k) {
 
 DecodeKnobs default_decode_knobs(const DecodeShape& s) {
   DecodeKnobs k;
-  k.block_m = default_block_m(s);
+  k.block_m = decode_default_block_m(s.engine, s.rows);
   k.block_n = 128;
   k.tuning = "default";
   // Items = units x row blocks x partitions, each ~partition_size keys. With too few items some
@@ -152,7 +152,7 @@ TuningBucket decode_bucket(const DecodeShape& s) {
   b.work = s.units;
   b.paged = s.paged;
   b.threads = s.threads;
-  b.engine = s.engine == PrefillEngine::Amx ? "amx" : "dot";
+  b.engine = decode_engine_name(s.engine);
   return b;
 }
 
@@ -170,7 +170,8 @@ DecodeKnobs plan_decode(const DecodeShape& s, const AttentionOptions& opt) {
         k.block_n = t->block_n;
         k.partition_size = t->partition_size;
         k.tuning = "tuned";
-        if (t->engine == "dot" || t->engine == "amx") k.engine = t->engine;
+        if (t->engine == decode_engine_name(PrefillEngine::Fma) || t->engine == decode_engine_name(PrefillEngine::Amx))
+          k.engine = t->engine;
         finish_partitions(s, &k);
       }
     }

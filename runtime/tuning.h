@@ -89,6 +89,13 @@ int64_t decode_amx_scratch_bytes(DType dtype, int64_t D, int64_t Dv, int64_t blo
 // packed) crosses later: 0.77x / 1.0x at 8 rows contiguous / paged, 1.17x / 1.21x at 16.
 constexpr int64_t kDecodeAmxMinRows = 8, kDecodeAmxMinRowsPaged = 4, kDecodeAmxMinRowsF16 = 16;
 
+// "amx" or "dot": the decode engine's name in --report, tuning buckets and tuned entries.
+const char* decode_engine_name(PrefillEngine engine);
+
+// Whether the AMX decode engine can run a call of this dtype here (bf16 / fp16, amx_available);
+// preferred_decode_engine checks the same, with the reason, where USE_AMX=1 asks for it.
+bool decode_amx_possible(DType dtype);
+
 // The decode kernel's engine for a call with `rows` query rows per unit: AMX tiles for bf16 and
 // fp16 where the host allows them (amx_available) and opt.use_amx is 1, or -1 with rows >=
 // kDecodeAmxMinRows (bf16 paged: kDecodeAmxMinRowsPaged; fp16: kDecodeAmxMinRowsF16); else the

@@ -75,8 +75,6 @@ static_assert(sizeof(struct FjkTileConfig) == 64, "tile configuration is 64 byte
 #define FJK_TSTORE(tile, ptr, stride_bytes) __builtin_ia32_tilestored64(tile, (void*)(ptr), (fj_i64)(stride_bytes))
 #define FJK_TDP(c, a, b) __builtin_ia32_tdpbf16ps(c, a, b)
 
-// ---- packing ----
-
 // ---- the fp16 split (kSplit = 3): x = hi + lo, both bf16 ----
 
 // One element's bf16 words: bf16 as it is (lo unused); fp16 as hi = bf16(x), lo = bf16(x - hi).
@@ -369,7 +367,6 @@ static inline void fjk_pv_tiles(const unsigned short* pb, const fjk_u32* vb, flo
     FJK_TSTORE(3, ob + (m0 + 16) * kDVP + dv0 + 16, 4 * kDVP);
   }
 }
-
 
 // ---- per-block steps (both engines) ----
 

@@ -185,4 +185,65 @@ static inline double fjk_log2(float x) {
   return (double)e + 2.0 * t * s * 1.4426950408889634;  // log2(m) = ln(m) / ln 2
 }
 
+// ---- S^T [n][kStride] (kVecs vectors per key) times c in place, keys [0, nvalid) ----
+template <int kVecs, int kStride>
+static inline void fjk_scale_st(float* st, int nvalid, float c) {
+  FJK_ROLLED_LOOP
+  for (int n = 0; n < nvalid; ++n)
+    for (int i = 0; i < kVecs; ++i) fjk_store(st + n * kStride + 16 * i, fjk_load(st + n * kStride + 16 * i) * c);
+}
+
+// ---- online softmax over one block of S^T (base 2) ----
+// S^T [n][kStride] fp32: keys n down, query rows along the lanes of kVecs vectors per key (the
+// prefill kernel's layout, and the AMX decode engine's). The scores are c * S^T (c > 0; c = 1
+// when S^T is already scaled). Updates the running row max m and sum l, turns S^T rows
+// [0, nvalid) into P^T in place and returns alpha = 2^(m_old - m_new) per row. Returns false,
+// leaving m, l and S^T alone, when every score of every real row (`valid` lanes) is -inf: the
+// block adds nothing (P = 0), so the caller skips P V (masked-out sub-blocks of causal
+// diagonals, masked partitions).
+template <int kVecs, int kStride>
+static inline bool fjk_softmax_st(float* st, int nvalid, float c, fj_v16f* m, fj_v16f* l, const fj_v16i* valid,
+                                  fj_v16f* alpha) {
+  fj_v16f mx[kVecs];
+  for (int i = 0; i < kVecs; ++i) mx[i] = fjk_splat(FJK_NEG_INF);
+  FJK_ROLLED_LOOP
+  for (int n = 0; n < nvalid; ++n)
+    for (int i = 0; i < kVecs; ++i) mx[i] = fjk_max(mx[i], fjk_load(st + n * kStride + 16 * i));
+  bool any = false;
+  for (int i = 0; i < kVecs; ++i) any |= fjk_any((mx[i] != FJK_NEG_INF) & valid[i]);
+  if (!any) return false;
+
+  fj_v16f ref[kVecs];
+  FJK_ROLLED_LOOP
+  for (int i = 0; i < kVecs; ++i) {
+    // The reference max moves only when a score passes it by more than 8 (base 2): P stays
+    // <= 2^8 (fp32 has room to spare) and most blocks leave alpha = 1, so engines that rescale O
+    // in memory rarely do. The result is exact either way: l and O share the reference, and
+    // the LSE uses it. (c > 0: max(c s) = c max(s); m = -inf takes any finite max.)
+    const fj_v16f m_blk = mx[i] * c;
+    fj_v16f m_new = m_blk > m[i] + 8.0f ? m_blk : m[i];
+    // -inf guard: a row with no finite score yet has m_new = -inf, and 2^(s - m_new) would
+    // be 2^(-inf - -inf) = NaN. Such a row uses 0 as its reference instead: all its
+    // s are -inf, so P = 2^-inf = 0 and alpha = 2^(-inf - 0) = 0 (O and l are still 0).
+    ref[i] = m_new == FJK_NEG_INF ? fjk_splat(0.0f) : m_new;
+    alpha[i] = fjk_exp2(m[i] - ref[i]);  // m_old = -inf gives 0: nothing to rescale
+    m[i] = m_new;
+  }
+  // One 16-row vector group at a time, down the block (rolled both ways: one inlined exp2 in
+  // the kernel instead of kVecs, which cut the AMX kernel's compile by ~15% at no measured cost).
+  FJK_ROLLED_LOOP
+  for (int i = 0; i < kVecs; ++i) {
+    fj_v16f sum = fjk_splat(0.0f);
+    float* p = st + 16 * i;
+    FJK_ROLLED_LOOP
+    for (int n = 0; n < nvalid; ++n, p += kStride) {
+      const fj_v16f e = fjk_exp2(fjk_load(p) * c - ref[i]);  // masked s = -inf gives exactly 0
+      fjk_store(p, e);
+      sum += e;
+    }
+    l[i] = l[i] * alpha[i] + sum;
+  }
+  return true;
+}
+
 #endif  // FLEXJIT_CPU_COMMON_H

@@ -99,46 +99,27 @@ static inline void fjk_dec_scores(struct FjkDecTile* t, const struct FjkDecUnit*
     }
     fjk_amx_scores32(k0, k1, kstride, 2 * kKLo, u->q, t->s + n0 * kMP);
   }
-  const float c = t->qscale;
-  FJK_ROLLED_LOOP
-  for (int n = 0; n < nvalid; ++n)
-    FJK_ROLLED_LOOP
-    for (int i = 0; i < kMV; ++i) fjk_store(t->s + n * kMP + 16 * i, fjk_load(t->s + n * kMP + 16 * i) * c);
+  fjk_scale_st<kMV, kMP>(t->s, nvalid, t->qscale);  // cpu/common.h
 }
 
 // ---- online softmax over one block (base 2; scores already scaled) ----
-// Vectors run along the rows m (S^T layout): the row max is a vector max down the keys. Updates
-// m and l of the unit's rows, turns S^T into P^T in place and sets alpha. Returns false when no
-// real row kept any key of the block (the caller skips P V; the state is left as it was).
+// cpu/common.h fjk_softmax_st on the unit's rows (S^T layout: the row max is a vector max down
+// the keys). Updates m and l of the unit's rows, turns S^T into P^T in place and sets alpha.
+// Returns false when no real row kept any key of the block (the caller skips P V; the state is
+// left as it was).
 static inline bool fjk_dec_softmax(struct FjkDecTile* t, const struct FjkDecUnit* u, int mvalid, int nvalid) {
-  fj_v16f mx[kMV];
-  for (int i = 0; i < kMV; ++i) mx[i] = fjk_splat(FJK_NEG_INF);
-  FJK_ROLLED_LOOP
-  for (int n = 0; n < nvalid; ++n)
-    for (int i = 0; i < kMV; ++i) mx[i] = fjk_max(mx[i], fjk_load(t->s + n * kMP + 16 * i));
-  bool any = false;
-  for (int i = 0; i < kMV; ++i) any |= fjk_any((mx[i] != FJK_NEG_INF) & (fjk_iota() + (float)(16 * i) < (float)mvalid));
-  if (!any) return false;
-  FJK_ROLLED_LOOP
+  fj_v16f m[kMV], l[kMV], alpha[kMV];
+  fj_v16i valid[kMV];
   for (int i = 0; i < kMV; ++i) {
-    // As in the other drivers: the reference max moves only when a score passes it by more than
-    // 8, so P stays <= 2^8 and most blocks leave O alone (alpha = 1). A row with nothing kept yet
-    // uses 0 as its reference (its s are all -inf: P = 0, alpha = 0).
-    const fj_v16f m_old = fjk_load(u->m + 16 * i);
-    const fj_v16f m_new = mx[i] > m_old + 8.0f ? mx[i] : m_old;
-    const fj_v16f ref = m_new == FJK_NEG_INF ? fjk_splat(0.0f) : m_new;
-    const fj_v16f alpha = fjk_exp2(m_old - ref);
-    fjk_store(u->m + 16 * i, m_new);
-    fjk_store(u->alpha + 16 * i, alpha);
-    fj_v16f sum = fjk_splat(0.0f);
-    float* p = t->s + 16 * i;
-    FJK_ROLLED_LOOP
-    for (int n = 0; n < nvalid; ++n, p += kMP) {
-      const fj_v16f e = fjk_exp2(fjk_load(p) - ref);  // s = -inf gives exactly 0
-      fjk_store(p, e);
-      sum += e;
-    }
-    fjk_store(u->l + 16 * i, fjk_load(u->l + 16 * i) * alpha + sum);
+    m[i] = fjk_load(u->m + 16 * i);
+    l[i] = fjk_load(u->l + 16 * i);
+    valid[i] = fjk_iota() + (float)(16 * i) < (float)mvalid;
+  }
+  if (!fjk_softmax_st<kMV, kMP>(t->s, nvalid, 1.0f, m, l, valid, alpha)) return false;
+  for (int i = 0; i < kMV; ++i) {
+    fjk_store(u->m + 16 * i, m[i]);
+    fjk_store(u->l + 16 * i, l[i]);
+    fjk_store(u->alpha + 16 * i, alpha[i]);
   }
   return true;
 }

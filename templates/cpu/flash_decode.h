@@ -11,8 +11,8 @@
 // KV head's GQA group, or one query head), each with its own online softmax; the visit of a
 // block runs them one after the other, so a paged cache's pages (whose slots interleave the KV
 // heads) are read once for all their heads instead of once per head. Per visited block of
-// BLOCK_N keys and per unit the steps are the prefill kernel's (flash_prefill.h), on S instead
-// of S^T:
+// BLOCK_N keys and per unit the steps are the prefill kernel's (flash_prefill.h), on S (the dot
+// engine) or S^T (the AMX engine, whose softmax is the prefill kernel's, cpu/common.h):
 //   S   = (scale [* log2 e]) Q K^T;  S = score_mod(S), mask  (-inf where masked)
 //   m'  = max(m, rowmax S);  P = 2^(S - m');  alpha = 2^(m - m')
 //   l   = l * alpha + rowsum P;  O = O * alpha + P V

@@ -67,64 +67,6 @@ static inline void fjk_apply_mods(float* st, const struct FlexPrefillArgs* a,
   }
 }
 
-// ---- scaling raw scores (engines with kFjkScoresScaled == false) ----
-// The softmax folds a positive qscale into its exp2 argument for free; the mods need scaled
-// scores, and a zero or negative qscale cannot be folded into the row max, so those scale S^T
-// in place first.
-static inline void fjk_scale_scores(float* st, int nvalid, float c) {
-  FJK_ROLLED_LOOP
-  for (int n = 0; n < nvalid; ++n)
-    for (int i = 0; i < kMV; ++i) fjk_store(st + n * kMP + 16 * i, fjk_load(st + n * kMP + 16 * i) * c);
-}
-
-// ---- online softmax over one block ----
-// The scores are c * S^T (c > 0; c = 1 when S^T is already scaled). Updates m and l, turns
-// S^T into P^T in place and returns alpha = 2^(m_old - m_new) per row.
-// Returns false when every score of every real row is -inf: the block adds nothing (P = 0,
-// alpha = 1), so the caller skips P V (masked-out sub-blocks of causal diagonals).
-static inline bool fjk_softmax_block(struct FjkTile* t, int nvalid, float c, fj_v16f* alpha) {
-  fj_v16f mx[kMV];
-  for (int i = 0; i < kMV; ++i) mx[i] = fjk_splat(FJK_NEG_INF);
-  FJK_ROLLED_LOOP
-  for (int n = 0; n < nvalid; ++n)
-    for (int i = 0; i < kMV; ++i) mx[i] = fjk_max(mx[i], fjk_load(t->st + n * kMP + 16 * i));
-  bool any = false;
-  for (int i = 0; i < kMV; ++i) any |= fjk_any((mx[i] != FJK_NEG_INF) & t->valid[i]);
-  if (!any) return false;
-
-  fj_v16f ref[kMV];
-  FJK_ROLLED_LOOP
-  for (int i = 0; i < kMV; ++i) {
-    // The reference max moves only when a score passes it by more than 8 (base 2): P stays
-    // <= 2^8 (fp32 has room to spare) and most blocks leave alpha = 1, so engines that rescale O
-    // in memory rarely do. The result is exact either way: l and O share the reference, and
-    // the LSE uses it. (c > 0: max(c s) = c max(s); m = -inf takes any finite max.)
-    const fj_v16f m_blk = mx[i] * c;
-    fj_v16f m_new = m_blk > t->m[i] + 8.0f ? m_blk : t->m[i];
-    // -inf guard: a row with no finite score yet has m_new = -inf, and 2^(s - m_new) would
-    // be 2^(-inf - -inf) = NaN. Such a row uses 0 as its reference instead: all its
-    // s are -inf, so P = 2^-inf = 0 and alpha = 2^(-inf - 0) = 0 (O and l are still 0).
-    ref[i] = m_new == FJK_NEG_INF ? fjk_splat(0.0f) : m_new;
-    alpha[i] = fjk_exp2(t->m[i] - ref[i]);  // m_old = -inf gives 0: nothing to rescale
-    t->m[i] = m_new;
-  }
-  // One 16-row vector group at a time, down the block (rolled both ways: one inlined exp2 in
-  // the kernel instead of kMV, which cut the AMX kernel's compile by ~15% at no measured cost).
-  FJK_ROLLED_LOOP
-  for (int i = 0; i < kMV; ++i) {
-    fj_v16f sum = fjk_splat(0.0f);
-    float* p = t->st + 16 * i;
-    FJK_ROLLED_LOOP
-    for (int n = 0; n < nvalid; ++n, p += kMP) {
-      const fj_v16f e = fjk_exp2(fjk_load(p) * c - ref[i]);  // masked s = -inf gives exactly 0
-      fjk_store(p, e);
-      sum += e;
-    }
-    t->l[i] = t->l[i] * alpha[i] + sum;
-  }
-  return true;
-}
-
 // ---- one KV block of BLOCK_N columns starting at kv0 ----
 // partial: evaluate mask_mod per element (full blocks skip it). Columns >= Lkv are never
 // scored: the softmax and P V loops stop at nvalid. next_kv0: the block visited next (-1:
@@ -143,17 +85,20 @@ FJK_SPLIT_LINKAGE __attribute__((noinline)) void fjk_visit_block(const struct Fl
   const int nvalid = left < BLOCK_N ? (int)left : BLOCK_N;
 
   fjk_block_scores(a, it, t, kv0, nvalid, next_kv0);
+  // Engines with kFjkScoresScaled == false return raw q.k. The softmax folds a positive qscale
+  // into its exp2 argument for free; the mods need scaled scores, and a zero or negative qscale
+  // cannot be folded into the row max, so those scale S^T in place first (cpu/common.h).
   float c = 1.0f;  // what the softmax still multiplies the scores by
   if (!kFjkScoresScaled) {
     if ((a->apply_mods != nullptr && a->has_score_mod) || !(it->qscale > 0.0f))
-      fjk_scale_scores(t->st, nvalid, it->qscale);
+      fjk_scale_st<kMV, kMP>(t->st, nvalid, it->qscale);
     else
       c = it->qscale;
   }
   fjk_apply_mods(t->st, a, it, kv0, nvalid, partial);
 
   fj_v16f alpha[kMV];
-  if (!fjk_softmax_block(t, nvalid, c, alpha)) return;
+  if (!fjk_softmax_st<kMV, kMP>(t->st, nvalid, c, t->m, t->l, t->valid, alpha)) return;  // cpu/common.h
   fjk_block_pv(a, it, t, alpha, kv0, nvalid, next_kv0);
 }
 #endif  // FLEXJIT_PART != 2
